@@ -1,0 +1,172 @@
+"""The `specdec` command line: generate, models, run-job (workflow cells), ingest, query, dashboard, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from specdec import __version__
+
+EXIT_USAGE = 2
+
+
+def fail(message: str) -> int:
+    print(f"specdec: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def auto_device(name: str) -> str:
+    import torch
+
+    if name != "auto":
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device '{name}' requested but no CUDA GPU is visible (torch.cuda.is_available() is "
+                             "False); use --device cpu")
+        return name
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def add_decode_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default="smollm2-135m", help="target model alias (default: %(default)s)")
+    p.add_argument("--draft", default=None, help="draft model alias (speculative, hf-assisted)")
+    p.add_argument("--strategy", default="baseline",
+                   help="baseline | speculative | ngram | hf-generate | hf-assisted | hf-ngram (default: %(default)s)")
+    p.add_argument("--k", type=int, default=4, help="draft length: tokens proposed per verify pass (default: 4)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--draft-sampling", default="greedy", choices=["greedy", "sample"],
+                   help="with temperature > 0: the draft proposes its argmax or samples (default: greedy)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--no-cache", action="store_true", help="baseline without a KV cache (re-encode every step)")
+    p.add_argument("--ignore-eos", action="store_true", help="always generate max-new-tokens tokens")
+    p.add_argument("--ngram-max", type=int, default=3, help="ngram: longest suffix n-gram looked up (default: 3)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda:N (default: auto)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed short generations before the measured one")
+
+
+def settings_from_args(args):
+    from specdec.decoding import DecodeSettings
+
+    return DecodeSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, k=args.k, draft_sampling=args.draft_sampling, seed=args.seed,
+                          use_cache=not args.no_cache, stop_at_eos=not args.ignore_eos, ngram_max=args.ngram_max)
+
+
+def cmd_generate(args) -> int:
+    from specdec.models import ModelError, encode_prompt, load_registry
+    from specdec.runner import SettingsError, check_settings, generate, load_pair, warm_up
+
+    s = settings_from_args(args)
+    try:
+        registry = load_registry(args.models)
+        check_settings(args.strategy, args.draft, s, registry, args.target)
+        if args.prompt is None and args.prompt_file is None:
+            raise SettingsError("give the prompt with --prompt TEXT or --prompt-file FILE")
+        prompt = args.prompt if args.prompt is not None else open(args.prompt_file).read()
+        if not prompt.strip():
+            raise SettingsError("the prompt is empty")
+        device = auto_device(args.device)
+        pair = load_pair(args.target, args.draft, registry, device=device)
+        if args.warmup:
+            warm_up(pair, args.strategy, encode_prompt(pair.target, prompt), s, args.warmup)
+        record = generate(pair, args.strategy, prompt, s)
+    except (ModelError, SettingsError, ValueError, OSError) as exc:
+        return fail(str(exc))
+    if args.json:
+        out = {"target": args.target, "draft": args.draft, "strategy": args.strategy, "device": device,
+               "settings": vars(s), **record}
+        print(json.dumps(out))
+    else:
+        print(record["text"])
+        alpha = record["acceptance_rate"]
+        print(f"[{record['new_tokens']} tokens, {record['tokens_per_s']:.1f} tok/s, TTFT {record['ttft_s']*1000:.0f} ms"
+              + (f", acceptance {alpha:.2f}, {record['mean_accepted_tokens']:.2f} tokens/step" if alpha is not None
+                 else "") + "]", file=sys.stderr)
+    return 0
+
+
+def cmd_models(args) -> int:
+    from specdec.models import ModelError, availability, load_registry
+
+    try:
+        registry = load_registry(args.models)
+    except ModelError as exc:
+        return fail(str(exc))
+    rows = []
+    for alias, spec in sorted(registry.items()):
+        ok, where = availability(spec)
+        rows.append({"alias": alias, "available": ok, "source": spec.source, "dtype": spec.dtype, "detail": where})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    width = max(len(r["alias"]) for r in rows)
+    for r in rows:
+        print(f"{r['alias']:<{width}}  {'yes' if r['available'] else 'no ':<3}  {r['dtype']:<8}  {r['source']}"
+              + ("" if r["available"] else f"  ({r['detail']})"))
+    return 0
+
+
+def cmd_run_job(args) -> int:
+    from specdec.job import run_job
+
+    return run_job(args.job, args.out)
+
+
+def delegate(module: str, func: str, argv: list[str]) -> int:
+    import importlib
+
+    return importlib.import_module(module).__dict__[func](argv) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="specdec", description="Benchmark speculative decoding of LLMs.")
+    p.add_argument("--version", action="version", version=f"specdec {__version__}")
+    p.add_argument("--models", default=None, metavar="FILE", help="YAML file adding or overriding model aliases")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="decode one prompt with one strategy and print the text or a JSON record")
+    add_decode_args(g)
+    g.add_argument("--prompt", default=None)
+    g.add_argument("--prompt-file", default=None)
+    g.add_argument("--json", action="store_true", help="print one JSON object with every metric")
+    g.set_defaults(func=cmd_generate)
+
+    m = sub.add_parser("models", help="list model aliases and whether each can be loaded here")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_models)
+
+    j = sub.add_parser("run-job", help="run one workflow cell from a job JSON and write its result file")
+    j.add_argument("--job", required=True)
+    j.add_argument("--out", required=True)
+    j.set_defaults(func=cmd_run_job)
+
+    for name, help_text in (("ingest", "insert result files into the DuckDB store"),
+                            ("query", "run read-only SQL against the store"),
+                            ("dashboard", "start the Streamlit dashboard"),
+                            ("bench", "ours vs transformers, side by side")):
+        d = sub.add_parser(name, help=help_text, add_help=False)
+        d.add_argument("rest", nargs=argparse.REMAINDER)
+    return p
+
+
+DELEGATED = {"ingest": ("specdec.db.ingest", "main"), "query": ("specdec.db.query", "main_query"),
+             "dashboard": ("specdec.dashboard.launch", "main"), "bench": ("specdec.bench", "main")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    if args.command in DELEGATED:
+        module, func = DELEGATED[args.command]
+        rest = list(args.rest)
+        if args.models and args.command == "bench":
+            rest = ["--models", args.models] + rest
+        return delegate(module, func, rest)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,320 @@
+"""Decoding loops: autoregressive baseline and lossless speculative decoding (draft model or n-gram lookup).
+
+Flat functions in the spirit of gpt-fast's generate.py. Conventions shared by every loop:
+
+* `committed` is the list of token ids accepted so far (prompt + generated). A model's KV cache always holds
+  exactly `committed[:n]` for some n it tracks; each forward feeds the tokens the cache has not seen yet.
+* The target's cache holds `committed[:-1]`: the last committed token is the one the next verify pass starts
+  from, so a verify pass of k drafts is one forward over k + 1 tokens.
+* After a rejection the caches are cropped (transformers' `DynamicCache.crop`) to the accepted prefix; nothing
+  is recomputed.
+* temperature == 0 means greedy: accept while the target's argmax equals the draft, then take the target's
+  argmax, so the output is token-identical to the greedy baseline. temperature > 0 uses exact speculative
+  sampling (Leviathan et al. 2022 / Chen et al. 2023): accept draft x with probability min(1, p(x)/q(x)),
+  otherwise sample from normalise(max(0, p - q)); when all drafts are accepted sample a bonus token from p.
+  A deterministic proposal (greedy draft, n-gram lookup) is a one-hot q, for which the same rule is exact.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class DecodeSettings:
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    k: int = 4                      # draft length: tokens proposed per target verify pass
+    draft_sampling: str = "greedy"  # with temperature > 0: draft proposes its argmax ('greedy') or samples ('sample')
+    seed: int = 0
+    use_cache: bool = True          # baseline only: False re-encodes the whole sequence every step
+    stop_at_eos: bool = True
+    ngram_max: int = 3              # prompt lookup: longest suffix n-gram searched for, then shorter ones
+    ngram_min: int = 1
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class Trace:
+    """What one generation did; metrics.py turns it into a record."""
+    tokens: list[int] = field(default_factory=list)
+    ttft_s: float = 0.0
+    wall_s: float = 0.0
+    target_passes: int = 0
+    draft_passes: int = 0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    steps: int = 0                  # verify passes after the prefill
+    proposed_per_position: list[int] = field(default_factory=list)
+    accepted_per_position: list[int] = field(default_factory=list)
+    stop_reason: str = "max_new_tokens"
+    draft_units: int = 0            # forwards of the draft model, or proposal slots for model-free drafting
+
+
+class Clock:
+    """perf_counter that waits for queued GPU work first, so a reading covers the kernels it claims to."""
+
+    def __init__(self, device: torch.device | str):
+        self.cuda = torch.device(device).type == "cuda"
+
+    def __call__(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+
+def new_cache(model):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def rollback(cache, keep: int) -> None:
+    """Drop cached positions past `keep` (transformers >= 5 crops by a negative count)."""
+    extra = cache.get_seq_length() - keep
+    if extra > 0:
+        cache.crop(-extra)
+
+
+@torch.inference_mode()
+def forward(model, ids: list[int], cache, n_logits: int = 1, vocab: int | None = None) -> torch.Tensor:
+    """Logits for the last `n_logits` positions of `ids` ([n_logits, vocab], float32), extending `cache`."""
+    input_ids = torch.tensor([ids], dtype=torch.long, device=model.device)
+    out = model(input_ids=input_ids, past_key_values=cache, use_cache=cache is not None, logits_to_keep=n_logits)
+    logits = out.logits[0, -n_logits:]
+    if vocab is not None:
+        logits = logits[:, :vocab]
+    return logits.float()
+
+
+def logits_to_probs(logits: torch.Tensor, s: DecodeSettings) -> torch.Tensor:
+    """Temperature, top-k and top-p (nucleus) applied row-wise; the result is the distribution sampled from."""
+    logits = logits / s.temperature
+    if s.top_k and s.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, s.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop = cum - torch.softmax(sorted_logits, dim=-1) >= s.top_p  # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.softmax(logits, dim=-1)
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator) -> int:
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def select_token(logits: torch.Tensor, s: DecodeSettings, generator: torch.Generator) -> int:
+    """Next token from one row of logits: argmax when greedy, else a sample from the processed distribution."""
+    if s.greedy:
+        return int(logits.argmax())
+    return sample(logits_to_probs(logits, s), generator)
+
+
+def make_generator(s: DecodeSettings, device) -> torch.Generator:
+    device = torch.device(device)
+    gen = torch.Generator(device=device if device.type == "cuda" else "cpu")
+    gen.manual_seed(s.seed)
+    return gen
+
+
+def hit_eos(tokens: list[int], eos_ids: set[int]) -> int | None:
+    """Index of the first end-of-sequence token in `tokens`, or None."""
+    for i, tok in enumerate(tokens):
+        if tok in eos_ids:
+            return i
+    return None
+
+
+def prefill(model, prompt_ids: list[int], cache, s, generator, vocab=None) -> int:
+    """Encode the prompt and choose the first new token (its latency is the time to first token)."""
+    return select_token(forward(model, prompt_ids, cache, 1, vocab)[0], s, generator)
+
+
+def baseline_decode(model, prompt_ids: list[int], s: DecodeSettings, eos_ids: set[int]) -> Trace:
+    """Plain autoregressive decoding: one target forward per token (with a KV cache unless use_cache=False)."""
+    clock, generator = Clock(model.device), make_generator(s, model.device)
+    trace = Trace()
+    start = clock()
+    cache = new_cache(model) if s.use_cache else None
+    token = prefill(model, prompt_ids, cache, s, generator)
+    trace.ttft_s = clock() - start
+    trace.tokens, trace.target_passes = [token], 1
+    while True:
+        if s.stop_at_eos and token in eos_ids:
+            trace.stop_reason = "eos"
+            break
+        if len(trace.tokens) >= s.max_new_tokens:
+            break
+        ids = [token] if s.use_cache else prompt_ids + trace.tokens
+        token = select_token(forward(model, ids, cache, 1)[0], s, generator)
+        trace.tokens.append(token)
+        trace.target_passes += 1
+    trace.wall_s = clock() - start
+    trace.steps = trace.target_passes - 1
+    return trace
+
+
+def verify(target_logits: torch.Tensor, drafts: list[int], draft_probs: torch.Tensor | None,
+           s: DecodeSettings, generator: torch.Generator) -> tuple[int, int]:
+    """Decide how many drafts the target accepts and the token that follows them.
+
+    target_logits: [len(drafts) + 1, V], row i scores the position of drafts[i] (last row: the bonus position).
+    draft_probs: [len(drafts), V] proposal distributions q, or None for deterministic proposals (one-hot q).
+    Returns (number accepted, next token): the correction after a rejection, or the bonus token.
+    """
+    n = len(drafts)
+    if s.greedy:
+        predicted = target_logits.argmax(dim=-1).tolist()
+        accepted = 0
+        while accepted < n and predicted[accepted] == drafts[accepted]:
+            accepted += 1
+        return accepted, predicted[accepted]
+    p = logits_to_probs(target_logits, s)
+    if n:
+        idx = torch.tensor(drafts, device=p.device)
+        rows = torch.arange(n, device=p.device)
+        p_x = p[rows, idx]
+        q_x = draft_probs[rows, idx] if draft_probs is not None else torch.ones_like(p_x)
+        u = torch.rand(n, generator=generator, device=generator.device).to(p.device)
+        rejected = (u * q_x >= p_x).tolist()  # accept iff u < p(x)/q(x), without dividing by q(x)
+        for i, is_rejected in enumerate(rejected):
+            if is_rejected:
+                if draft_probs is not None:
+                    residual = (p[i] - draft_probs[i]).clamp_min(0)
+                else:
+                    residual = p[i].clone()
+                    residual[drafts[i]] = 0
+                total = residual.sum()
+                # total == 0 only when p == q, where rejection has probability 0; guard against rounding.
+                residual = residual / total if total > 0 else p[i]
+                return i, sample(residual, generator)
+    return n, sample(p[n], generator)
+
+
+@dataclass
+class DraftModelState:
+    """A draft model and its KV cache; `cached` is how many tokens the cache holds (a prefix of committed + drafts)."""
+    model: object
+    vocab: int | None = None
+    cache: object = None
+    cached: int = 0
+
+
+def propose_with_draft(state: DraftModelState, committed: list[int], k: int, s: DecodeSettings,
+                       generator, eos_ids: set[int], trace: Trace):
+    """Draft up to k tokens autoregressively. Returns (tokens, q rows or None when proposals are deterministic).
+
+    The first forward feeds every committed token the draft has not seen (usually the last accepted token, or
+    two after a fully accepted block), so no separate catch-up pass is needed. The last draft token is never fed:
+    if it is accepted it is caught up at the next step.
+    """
+    sampled = not s.greedy and s.draft_sampling == "sample"
+    logits = forward(state.model, committed[state.cached:], state.cache, 1, state.vocab)[0]
+    trace.draft_passes += 1
+    trace.draft_units += 1
+    tokens, q_rows = [], []
+    for i in range(k):
+        if sampled:
+            q = logits_to_probs(logits, s)
+            token = sample(q, generator)
+            q_rows.append(q)
+        else:
+            token = int(logits.argmax())
+        tokens.append(token)
+        if token in eos_ids or i == k - 1:
+            break
+        logits = forward(state.model, [token], state.cache, 1, state.vocab)[0]
+        trace.draft_passes += 1
+        trace.draft_units += 1
+    state.cached = len(committed) + len(tokens) - 1  # every draft token but the last has been fed
+    return tokens, (torch.stack(q_rows) if sampled else None)
+
+
+def propose_ngram(history: np.ndarray, length: int, k: int, s: DecodeSettings, eos_ids: set[int]) -> list[int]:
+    """Prompt lookup: find the latest earlier occurrence of the sequence's last n tokens (n = ngram_max down to
+    ngram_min) and propose the k tokens that followed it. Drafts stop after an end-of-sequence token."""
+    seq = history[:length]
+    for n in range(min(s.ngram_max, length - 1), s.ngram_min - 1, -1):
+        suffix = seq[length - n:]
+        # windows[i] = seq[i:i+n] for every start i whose window ends before the suffix itself
+        windows = np.lib.stride_tricks.sliding_window_view(seq[:length - 1], n)
+        hits = np.flatnonzero((windows == suffix).all(axis=1))
+        if hits.size:
+            start = int(hits[-1]) + n
+            drafts = seq[start:start + k].tolist()
+            eos_at = hit_eos(drafts, eos_ids)
+            return drafts[:eos_at + 1] if eos_at is not None else drafts
+    return []
+
+
+def speculative_decode(target, prompt_ids: list[int], s: DecodeSettings, eos_ids: set[int],
+                       draft: DraftModelState | None = None, vocab: int | None = None) -> Trace:
+    """Speculative decoding with a draft model (`draft`) or, when draft is None, n-gram prompt lookup."""
+    clock, generator = Clock(target.device), make_generator(s, target.device)
+    trace = Trace(proposed_per_position=[0] * s.k, accepted_per_position=[0] * s.k)
+    start = clock()
+    target_cache = new_cache(target)
+    token = prefill(target, prompt_ids, target_cache, s, generator, vocab)
+    trace.ttft_s = clock() - start
+    trace.target_passes = 1
+    committed = list(prompt_ids) + [token]
+    n_prompt = len(prompt_ids)
+    if draft is not None:
+        draft.cache, draft.cached = new_cache(draft.model), 0
+        history = None
+    else:
+        history = np.zeros(n_prompt + s.max_new_tokens + s.k + 1, dtype=np.int64)
+        history[:len(committed)] = committed
+    done = s.stop_at_eos and token in eos_ids
+    if done:
+        trace.stop_reason = "eos"
+    while not done and len(committed) - n_prompt < s.max_new_tokens:
+        remaining = s.max_new_tokens - (len(committed) - n_prompt)
+        k = min(s.k, remaining - 1)  # never draft past max_new_tokens: the verify pass adds one more token
+        t0 = clock()
+        if k <= 0:
+            drafts, q = [], None
+        elif draft is not None:
+            drafts, q = propose_with_draft(draft, committed, k, s, generator, eos_ids, trace)
+        else:
+            drafts, q = propose_ngram(history, len(committed), k, s, eos_ids), None
+            trace.draft_units += k
+        t1 = clock()
+        logits = forward(target, [committed[-1]] + drafts, target_cache, len(drafts) + 1, vocab)
+        accepted, token = verify(logits, drafts, q, s, generator)
+        t2 = clock()
+        trace.draft_s += t1 - t0
+        trace.verify_s += t2 - t1
+        trace.target_passes += 1
+        trace.steps += 1
+        for i in range(len(drafts)):
+            trace.proposed_per_position[i] += 1
+        for i in range(accepted):
+            trace.accepted_per_position[i] += 1
+        new = drafts[:accepted] + [token]
+        eos_at = hit_eos(new, eos_ids) if s.stop_at_eos else None
+        if eos_at is not None:
+            new, done, trace.stop_reason = new[:eos_at + 1], True, "eos"
+        before = len(committed)
+        committed.extend(new)
+        rollback(target_cache, before + accepted)  # the cache now holds committed[:-1]
+        if draft is not None:
+            draft.cached = min(draft.cached, before + accepted)
+            rollback(draft.cache, draft.cached)
+        else:
+            history[before:len(committed)] = new
+    trace.wall_s = clock() - start
+    trace.tokens = committed[n_prompt:]
+    return trace

@@ -1,0 +1,76 @@
+"""Turning a decoding trace into the per-generation record every strategy reports (see docs/results.md)."""
+
+from __future__ import annotations
+
+import hashlib
+import resource
+import sys
+
+import torch
+
+from specdec.decoding import Trace
+
+
+def token_hash(token_ids: list[int]) -> str:
+    return hashlib.sha256(",".join(map(str, token_ids)).encode()).hexdigest()
+
+
+def leviathan_speedup(alpha: float | None, k: int | None, c: float | None) -> float | None:
+    """Expected walltime improvement (1 − α^(k+1)) / ((1 − α)(k·c + 1)) (Leviathan et al. 2022, Theorem 3.8)."""
+    if alpha is None or k is None or c is None or k < 1:
+        return None
+    expected_tokens = k + 1 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+    return expected_tokens / (k * c + 1)
+
+
+def reset_peak_memory(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device) -> tuple[int, str]:
+    """CUDA: max bytes allocated since the last reset. CPU: the process's peak resident set size (a high-water
+    mark over the process's life, so it includes model loading)."""
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024), "process_rss_peak"
+
+
+def make_record(trace: Trace, k: int | None, prompt_tokens: int, text: str | None = None,
+                speculative: bool = False) -> dict:
+    """Every metric of one generation; fields that do not apply to the strategy are None."""
+    new_tokens = len(trace.tokens)
+    wall = trace.wall_s
+    record = {
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "stop_reason": trace.stop_reason,
+        "wall_s": wall,
+        "tokens_per_s": new_tokens / wall if wall > 0 else None,
+        "ttft_s": trace.ttft_s,
+        # time per output token after the first (the decode phase), as serving benchmarks report it
+        "tpot_s": (wall - trace.ttft_s) / (new_tokens - 1) if new_tokens > 1 else None,
+        "target_forward_passes": trace.target_passes,
+        "draft_forward_passes": trace.draft_passes if speculative else None,
+        "draft_s": trace.draft_s if speculative else None,
+        "verify_s": trace.verify_s if speculative else None,
+        "mean_accepted_tokens": new_tokens / trace.target_passes if trace.target_passes else None,
+        "proposed_tokens": None, "accepted_tokens": None, "acceptance_rate": None,
+        "proposed_per_position": None, "accepted_per_position": None,
+        "cost_ratio_c": None, "leviathan_speedup": None,
+        "token_ids": list(trace.tokens),
+        "token_hash": token_hash(trace.tokens),
+        "text": text,
+    }
+    if speculative:
+        proposed, accepted = sum(trace.proposed_per_position), sum(trace.accepted_per_position)
+        alpha = accepted / proposed if proposed else None
+        c = None
+        if trace.draft_units and trace.steps and trace.verify_s > 0:
+            c = (trace.draft_s / trace.draft_units) / (trace.verify_s / trace.steps)
+        record.update(proposed_tokens=proposed, accepted_tokens=accepted, acceptance_rate=alpha,
+                      proposed_per_position=list(trace.proposed_per_position),
+                      accepted_per_position=list(trace.accepted_per_position),
+                      cost_ratio_c=c, leviathan_speedup=leviathan_speedup(alpha, k, c))
+    return record

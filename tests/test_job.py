@@ -1,0 +1,109 @@
+"""One workflow cell: models loaded once, every prompt × repeat recorded, failures stored, GPUs claimed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from specdec import devices
+from specdec.devices import DeviceError, DeviceInfo, claim_gpus
+from specdec.job import run_cell, run_job
+from specdec.prompts import PromptFileError, load_prompts
+from tiny import save_tiny_pair
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    return save_tiny_pair(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    rows = [{"id": "a", "category": "qa", "prompt": "what is two plus two?"},
+            {"id": "b", "category": "repetitive", "prompt": "la la la la la la", "turns": ["again: la la la"]}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def job(prompt_file, models, **kw):
+    return {"target": "tiny-target", "strategy": "baseline", "prompts_file": str(prompt_file), "models": models,
+            "max_new_tokens": 12, "repeats": 2, "warmup": 1, "stop_at_eos": False, **kw}
+
+
+def test_a_cell_records_every_prompt_and_repeat_with_provenance(prompt_file, tiny_models):
+    doc = run_cell(job(prompt_file, tiny_models, draft="tiny-draft", strategy="speculative", k=3))
+    run, rows = doc["run"], doc["measurements"]
+    assert doc["format"] == "specdec-result/1" and run["status"] == "ok"
+    assert [(r["prompt_id"], r["repeat"]) for r in rows] == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
+    assert all(r["status"] == "ok" and r["acceptance_rate"] is not None for r in rows)
+    assert rows[2]["new_tokens"] == 24  # two turns of 12 tokens each
+    for key in ("run_id", "host", "torch_version", "transformers_version", "specdec_version", "cpu_name",
+                "git_commit", "started_utc", "finished_utc"):
+        assert key in run
+    assert run["params"]["k"] == 3 and run["params"]["target_source"].startswith("path:")
+    assert run["devices"] == ["cpu"] and run["gpu_count"] == 0
+
+
+def test_missing_weights_become_failed_rows_not_a_crash(prompt_file, tiny_models, tmp_path):
+    models = {**tiny_models, "gone": {"path": str(tmp_path / "nowhere")}}
+    out = tmp_path / "r.json"
+    assert run_job(job(prompt_file, models, target="gone"), out) == 0
+    doc = json.loads(out.read_text())
+    assert doc["run"]["status"] == "failed" and "not available" in doc["run"]["error"]
+    assert len(doc["measurements"]) == 4 and all(m["status"] == "failed" for m in doc["measurements"])
+
+
+def test_asking_for_gpus_on_a_cpu_machine_fails_the_cell_clearly(prompt_file, tiny_models, monkeypatch):
+    monkeypatch.setattr(devices, "visible_gpus", lambda: [])
+    doc = run_cell(job(prompt_file, tiny_models, gpus=2))
+    assert doc["run"]["status"] == "failed"
+    assert "asks for 2 GPU(s) but this machine has 0" in doc["run"]["error"]
+
+
+def test_gpu_claims_are_distinct_and_released(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECDEC_GPU_LOCK_DIR", str(tmp_path))
+    inventory = [DeviceInfo(i, f"uuid-{i}", "A100", 40 << 30) for i in range(4)]
+    first = claim_gpus(2, inventory)
+    second = claim_gpus(2, inventory)
+    assert set(first.indices).isdisjoint(second.indices) and len(first.indices) == 2
+    with pytest.raises(DeviceError, match="could not claim 1 free GPU"):
+        claim_gpus(1, inventory, timeout_s=0.2, poll_s=0.05)
+    first.release()
+    assert claim_gpus(2, inventory, timeout_s=1).indices == first.indices
+    with pytest.raises(DeviceError, match="asks for 5 GPU"):
+        claim_gpus(5, inventory)
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"id": "x", "category": "qa"}', "'prompt' must be a non-empty string"),
+    ('{"id": "x", "category": "qa", "prompt": "p"', "not valid JSON"),
+    ('{"id": "x", "category": "qa", "prompt": "p", "colour": 1}', "unknown key(s) ['colour']"),
+])
+def test_prompt_file_errors_name_the_line(tmp_path, line, message):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "ok", "category": "qa", "prompt": "fine"}\n' + line + "\n")
+    with pytest.raises(PromptFileError, match=r"p\.jsonl:2") as err:
+        load_prompts(path)
+    assert message in str(err.value)
+
+
+def test_duplicate_prompt_ids_are_refused(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "a", "category": "qa", "prompt": "x"}\n{"id": "a", "category": "qa", "prompt": "y"}\n')
+    with pytest.raises(PromptFileError, match="duplicate prompt id 'a'"):
+        load_prompts(path)
+
+
+def test_the_shipped_prompt_suite_is_valid():
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent / "prompts"
+    suite = load_prompts(root / "suite.jsonl")
+    per_category = {}
+    for p in suite:
+        per_category[p["category"]] = per_category.get(p["category"], 0) + 1
+    assert len(per_category) >= 8 and min(per_category.values()) >= 8
+    training = load_prompts(root / "training.jsonl")
+    assert not {p["prompt"] for p in suite} & {p["prompt"] for p in training}
