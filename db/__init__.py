@@ -1,0 +1,1 @@
+"""The DuckDB results store: SQLAlchemy schema, SQL views, ingest and read-only queries."""

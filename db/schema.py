@@ -1,0 +1,118 @@
+"""SQLAlchemy models of the results store: `runs` (one row per result file) and `measurements` (one per prompt × repeat).
+
+The columns follow docs/results.md one to one. JSON lists (`gpu_names`, `devices`, `token_ids`, the per-position
+counts) and the raw `params` object are stored as JSON *text*, not DuckDB LIST/JSON types: text survives any
+client (pandas, the dashboard, a CSV export) unchanged and DuckDB can still parse it with `json_extract`/`from_json`
+when someone needs to. There are no surrogate integer ids: `run_id` (a uuid4 hex chosen by the job) is the key, so
+re-ingesting a file can be recognised, and `measurements` is keyed by `(run_id, prompt_id, repeat)`.
+
+Times are `TIMESTAMP` (without time zone) holding UTC: the result files are all UTC, and a naive column avoids
+DuckDB converting to the reader's local zone (which `TIMESTAMPTZ` does on display).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import BigInteger, Boolean, DateTime, Double, ForeignKey, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Run(Base):
+    """One ingested result file: the `run` object of the file, with `params` flattened into columns."""
+
+    __tablename__ = "runs"
+
+    run_id: Mapped[str] = mapped_column(String, primary_key=True)
+    workflow_run_id: Mapped[str | None] = mapped_column(String)
+    started_utc: Mapped[datetime] = mapped_column(DateTime, nullable=False)
+    finished_utc: Mapped[datetime | None] = mapped_column(DateTime)
+    status: Mapped[str] = mapped_column(String, nullable=False)
+    error: Mapped[str | None] = mapped_column(Text)
+    git_commit: Mapped[str | None] = mapped_column(String)
+    git_dirty: Mapped[bool | None] = mapped_column(Boolean)
+    host: Mapped[str] = mapped_column(String, nullable=False)
+    cpu_name: Mapped[str | None] = mapped_column(String)
+    cpu_count: Mapped[int | None] = mapped_column(Integer)
+    gpu_names: Mapped[str | None] = mapped_column(Text)  # JSON list as text
+    gpu_count: Mapped[int | None] = mapped_column(Integer)
+    cuda_version: Mapped[str | None] = mapped_column(String)
+    driver_version: Mapped[str | None] = mapped_column(String)
+    torch_version: Mapped[str | None] = mapped_column(String)
+    transformers_version: Mapped[str | None] = mapped_column(String)
+    specdec_version: Mapped[str | None] = mapped_column(String)
+    python_version: Mapped[str | None] = mapped_column(String)
+    seed: Mapped[int | None] = mapped_column(BigInteger)
+    config_hash: Mapped[str | None] = mapped_column(String)
+    devices: Mapped[str | None] = mapped_column(Text)  # JSON list as text
+    # params, flattened: these are what the views group and match baselines on.
+    cell: Mapped[str | None] = mapped_column(String)
+    target: Mapped[str] = mapped_column(String, nullable=False)
+    draft: Mapped[str | None] = mapped_column(String)
+    strategy: Mapped[str] = mapped_column(String, nullable=False)
+    k: Mapped[int | None] = mapped_column(Integer)
+    gpus: Mapped[int] = mapped_column(Integer, nullable=False)
+    temperature: Mapped[float] = mapped_column(Double, nullable=False)
+    top_p: Mapped[float] = mapped_column(Double, nullable=False)
+    top_k: Mapped[int] = mapped_column(Integer, nullable=False)
+    draft_sampling: Mapped[str | None] = mapped_column(String)
+    use_cache: Mapped[bool | None] = mapped_column(Boolean)
+    max_new_tokens: Mapped[int] = mapped_column(Integer, nullable=False)
+    repeats: Mapped[int | None] = mapped_column(Integer)
+    warmup: Mapped[int | None] = mapped_column(Integer)
+    dtype: Mapped[str | None] = mapped_column(String)
+    params_json: Mapped[str] = mapped_column(Text, nullable=False)  # the whole params object, sources included
+    result_file: Mapped[str] = mapped_column(Text, nullable=False)
+    ingested_utc: Mapped[datetime] = mapped_column(DateTime, nullable=False)
+
+
+class Measurement(Base):
+    """One decode of one prompt (one repeat) within a run; failed decodes are rows too, with `status = 'failed'`."""
+
+    __tablename__ = "measurements"
+
+    run_id: Mapped[str] = mapped_column(String, ForeignKey("runs.run_id"), primary_key=True)
+    prompt_id: Mapped[str] = mapped_column(String, primary_key=True)
+    repeat: Mapped[int] = mapped_column(Integer, primary_key=True)
+    category: Mapped[str | None] = mapped_column(String)
+    status: Mapped[str] = mapped_column(String, nullable=False)
+    error: Mapped[str | None] = mapped_column(Text)
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    new_tokens: Mapped[int | None] = mapped_column(Integer)
+    stop_reason: Mapped[str | None] = mapped_column(String)
+    wall_s: Mapped[float | None] = mapped_column(Double)
+    tokens_per_s: Mapped[float | None] = mapped_column(Double)
+    ttft_s: Mapped[float | None] = mapped_column(Double)
+    tpot_s: Mapped[float | None] = mapped_column(Double)
+    target_forward_passes: Mapped[int | None] = mapped_column(Integer)
+    draft_forward_passes: Mapped[int | None] = mapped_column(Integer)
+    draft_s: Mapped[float | None] = mapped_column(Double)
+    verify_s: Mapped[float | None] = mapped_column(Double)
+    proposed_tokens: Mapped[int | None] = mapped_column(Integer)
+    accepted_tokens: Mapped[int | None] = mapped_column(Integer)
+    acceptance_rate: Mapped[float | None] = mapped_column(Double)
+    mean_accepted_tokens: Mapped[float | None] = mapped_column(Double)
+    proposed_per_position: Mapped[str | None] = mapped_column(Text)  # JSON list as text
+    accepted_per_position: Mapped[str | None] = mapped_column(Text)  # JSON list as text
+    cost_ratio_c: Mapped[float | None] = mapped_column(Double)
+    leviathan_speedup: Mapped[float | None] = mapped_column(Double)
+    peak_memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    memory_kind: Mapped[str | None] = mapped_column(String)
+    token_ids: Mapped[str | None] = mapped_column(Text)  # JSON list as text
+    token_hash: Mapped[str | None] = mapped_column(String)
+    text: Mapped[str | None] = mapped_column(Text)
+
+
+runs = Run.__table__
+measurements = Measurement.__table__
+
+# Fields of a result file that the store keeps as JSON text rather than as a scalar column.
+RUN_JSON_FIELDS = ("gpu_names", "devices")
+MEASUREMENT_JSON_FIELDS = ("proposed_per_position", "accepted_per_position", "token_ids")
+# params keys flattened into `runs` columns (everything else stays in params_json only).
+PARAM_COLUMNS = ("cell", "target", "draft", "strategy", "k", "gpus", "temperature", "top_p", "top_k",
+                 "draft_sampling", "use_cache", "max_new_tokens", "repeats", "warmup", "dtype")

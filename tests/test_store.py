@@ -1,0 +1,488 @@
+"""The results store: validation, all-or-nothing ingest, the speedup/cell_summary/failures views, and read-only queries.
+
+Everything runs on small synthetic result files built here, with numbers chosen so the expected speedups and
+medians can be worked out by hand (see `SPEC_TPS` / `BASE_TPS`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from specdec.db import ingest as ingest_cli
+from specdec.db.query import (QueryError, UnsafeSQLError, _execute_read_only, check_sql, format_table, main_query,
+                              run_query)
+from specdec.db.store import (IngestReport, ResultFileError, default_db_path, engine_for, ingest, init_db,
+                              load_result_file)
+
+PROMPTS = ("p1", "p2", "p3")
+# tokens/s per prompt, per repeat (repeat 0, repeat 1).
+BASE_TPS = {"p1": (10.0, 12.0), "p2": (20.0, 20.0), "p3": (8.0, 10.0)}  # medians 11, 20, 9
+SPEC_TPS = {"p1": (22.0, 22.0), "p2": (30.0, 34.0), "p3": (18.0, 18.0)}
+# Hand-computed: spec tokens/s ÷ baseline median, per (prompt, repeat).
+EXPECTED_SPEEDUP = {("p1", 0): 2.0, ("p1", 1): 2.0, ("p2", 0): 1.5, ("p2", 1): 1.7, ("p3", 0): 2.0, ("p3", 1): 2.0}
+BASE_HASH = {"p1": "h-p1", "p2": "h-p2", "p3": "h-p3"}
+SPEC_HASH = {"p1": "h-p1", "p2": "h-p2", "p3": "h-p3-different"}  # greedy outputs match on p1, p2 only
+ACCEPTANCE = {"p1": 0.8, "p2": 0.6, "p3": 0.4}
+MEAN_ACCEPTED = {"p1": 3.0, "p2": 2.5, "p3": 2.0}
+COST_C = {"p1": 0.1, "p2": 0.2, "p3": 0.3}
+
+
+def make_result(run_id: str, strategy: str, tps: dict | None, hashes: dict | None = None, *, draft=None, k=None,
+                started="2026-11-23T07:30:00Z", status="ok", error=None, host="h1", target="tiny") -> dict:
+    """A valid specdec-result/1 document: 3 prompts × 2 repeats, greedy. `tps=None` makes a failed job."""
+    speculative = strategy != "baseline"
+    measurements = []
+    for prompt in PROMPTS:
+        for repeat in range(2):
+            row = {"prompt_id": prompt, "category": "qa", "repeat": repeat, "status": "failed", "error": error,
+                   "prompt_tokens": None, "new_tokens": None, "stop_reason": None, "wall_s": None,
+                   "tokens_per_s": None, "ttft_s": None, "tpot_s": None, "target_forward_passes": None,
+                   "draft_forward_passes": None, "draft_s": None, "verify_s": None, "proposed_tokens": None,
+                   "accepted_tokens": None, "acceptance_rate": None, "mean_accepted_tokens": None,
+                   "proposed_per_position": None, "accepted_per_position": None, "cost_ratio_c": None,
+                   "leviathan_speedup": None, "peak_memory_bytes": None, "memory_kind": None, "token_ids": None,
+                   "token_hash": None, "text": None}
+            if tps is not None:
+                rate = tps[prompt][repeat]
+                row.update(status="ok", error=None, prompt_tokens=12, new_tokens=32, stop_reason="max_new_tokens",
+                           wall_s=32 / rate, tokens_per_s=rate, ttft_s=0.05, tpot_s=1 / rate,
+                           target_forward_passes=32, peak_memory_bytes=5_000_000_000, memory_kind="process_rss_peak",
+                           token_ids=[5, 6, 7], token_hash=hashes[prompt], text="abc")
+                if speculative:
+                    row.update(draft_forward_passes=40, draft_s=0.1, verify_s=0.5, proposed_tokens=40,
+                               accepted_tokens=32, acceptance_rate=ACCEPTANCE[prompt],
+                               mean_accepted_tokens=MEAN_ACCEPTED[prompt], proposed_per_position=[10, 10, 10, 10],
+                               accepted_per_position=[9, 8, 8, 7], cost_ratio_c=COST_C[prompt],
+                               leviathan_speedup=1.9)
+            measurements.append(row)
+    return {
+        "format": "specdec-result/1",
+        "run": {
+            "run_id": run_id, "workflow_run_id": "wf-1", "started_utc": started, "finished_utc": started,
+            "status": status, "error": error, "git_commit": "abc123", "git_dirty": False, "host": host,
+            "cpu_name": "Test CPU", "cpu_count": 2, "gpu_names": [], "gpu_count": 0, "cuda_version": None,
+            "driver_version": None, "torch_version": "2.13.0+cpu", "transformers_version": "5.23.0",
+            "specdec_version": "0.1.0", "python_version": "3.11.7", "seed": 0, "config_hash": "cfg",
+            "devices": ["cpu"],
+            "params": {"cell": f"{target}-{strategy}-{draft}-{k}", "target": target, "draft": draft,
+                       "strategy": strategy, "k": k, "gpus": 0, "temperature": 0.0, "top_p": 1.0, "top_k": 0,
+                       "draft_sampling": "greedy", "use_cache": True, "max_new_tokens": 32, "repeats": 2,
+                       "warmup": 1, "prompts_file": "prompts/suite.jsonl", "target_source": "test",
+                       "draft_source": None, "dtype": "float32"},
+        },
+        "measurements": measurements,
+    }
+
+
+def write(folder: Path, name: str, doc: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def standard_files(folder: Path) -> list[Path]:
+    """A baseline run (k=4 on purpose: draft_length must still be NULL), a speculative run and a failed run."""
+    return [
+        write(folder, "base.json", make_result("run-base", "baseline", BASE_TPS, BASE_HASH, k=4)),
+        write(folder, "spec.json", make_result("run-spec", "speculative", SPEC_TPS, SPEC_HASH, draft="tiny-draft",
+                                               k=4, started="2026-11-23T08:00:00Z")),
+        write(folder, "failed.json", make_result("run-fail", "speculative", None, draft="missing", k=4,
+                                                 status="failed", error="draft weights not found")),
+    ]
+
+
+def count(db: Path, table: str) -> int:
+    return int(run_query(f"SELECT count(*) AS n FROM {table}", db)["n"][0])
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One store with the three standard runs, shared by the read-only tests."""
+    folder = tmp_path_factory.mktemp("store")
+    files = standard_files(folder / "results")
+    db = folder / "db" / "specdec.duckdb"
+    report = ingest(db, files)
+    return db, files, report
+
+
+# ------------------------------------------------------------------------------------------------ ingest
+
+def test_ingest_counts(store):
+    db, files, report = store
+    assert report == IngestReport(files=3, new_runs=3, skipped_runs=0, measurement_rows=18, failed_rows=6)
+    assert count(db, "runs") == 3
+    assert count(db, "measurements") == 18
+
+
+def test_columns_are_typed_and_lists_stored_as_json_text(store):
+    db, _, _ = store
+    row = run_query("SELECT r.started_utc, r.git_dirty, r.temperature, r.devices, r.params_json, m.token_ids, "
+                    "m.proposed_per_position, m.peak_memory_bytes, typeof(m.peak_memory_bytes) AS mem_type, "
+                    "typeof(r.started_utc) AS time_type "
+                    "FROM runs r JOIN measurements m USING (run_id) "
+                    "WHERE r.run_id = 'run-spec' AND m.prompt_id = 'p1' AND m.repeat = 0", db).iloc[0]
+    assert str(row["started_utc"]) == "2026-11-23 08:00:00"
+    assert row["time_type"] == "TIMESTAMP" and row["mem_type"] == "BIGINT"
+    assert row["git_dirty"] is False or row["git_dirty"] == False  # noqa: E712 (numpy bool)
+    assert row["temperature"] == 0.0 and row["peak_memory_bytes"] == 5_000_000_000
+    assert json.loads(row["devices"]) == ["cpu"]
+    assert json.loads(row["token_ids"]) == [5, 6, 7]
+    assert json.loads(row["proposed_per_position"]) == [10, 10, 10, 10]
+    assert json.loads(row["params_json"])["prompts_file"] == "prompts/suite.jsonl"
+
+
+def test_reingest_adds_nothing(tmp_path):
+    files = standard_files(tmp_path / "results")
+    db = tmp_path / "s.duckdb"
+    ingest(db, files)
+    again = ingest(db, files)
+    assert again == IngestReport(files=3, new_runs=0, skipped_runs=3, measurement_rows=0, failed_rows=0)
+    assert count(db, "runs") == 3 and count(db, "measurements") == 18
+
+
+def test_bad_file_aborts_whole_ingest(tmp_path):
+    db = tmp_path / "s.duckdb"
+    files = standard_files(tmp_path / "results")
+    ingest(db, files[:1])
+    good = write(tmp_path / "more", "good.json", make_result("run-new", "baseline", BASE_TPS, BASE_HASH))
+    doc = make_result("run-bad", "baseline", BASE_TPS, BASE_HASH)
+    del doc["run"]["host"]
+    bad = write(tmp_path / "more", "bad.json", doc)
+    with pytest.raises(ResultFileError) as err:
+        ingest(db, [good, bad])
+    message = str(err.value)
+    assert "bad.json" in message and "run.host" in message and "missing" in message
+    assert "\n" not in message
+    assert count(db, "runs") == 1 and count(db, "measurements") == 6  # the good file went in neither
+
+
+def test_bad_file_never_creates_the_store(tmp_path):
+    bad = write(tmp_path, "bad.json", {"format": "specdec-result/1", "run": {}, "measurements": []})
+    with pytest.raises(ResultFileError, match=r"bad\.json: run\.run_id: missing"):
+        ingest(tmp_path / "db" / "s.duckdb", [bad])
+    assert not (tmp_path / "db").exists()
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda d: d.update(format="specdec-result/2"), "format"),
+    (lambda d: d["run"]["params"].pop("temperature"), "run.params.temperature"),
+    (lambda d: d["run"]["params"].update(top_k="zero"), "run.params.top_k"),
+    (lambda d: d["run"].update(started_utc="yesterday"), "run.started_utc"),
+    (lambda d: d["run"].update(status="done"), "run.status"),
+    (lambda d: d["measurements"][2].update(tokens_per_s="fast"), "measurements[2].tokens_per_s"),
+    (lambda d: d["measurements"][1].pop("repeat"), "measurements[1].repeat"),
+    (lambda d: d["measurements"][1].update(repeat=0), "measurements[1]"),  # duplicate (p1, 0)
+    (lambda d: d["measurements"][0].update(token_ids="1,2"), "measurements[0].token_ids"),
+])
+def test_validation_names_the_field(tmp_path, mutate, field):
+    doc = make_result("r", "baseline", BASE_TPS, BASE_HASH)
+    mutate(doc)
+    path = write(tmp_path, "x.json", doc)
+    with pytest.raises(ResultFileError) as err:
+        load_result_file(path)
+    assert str(err.value).startswith(f"{path}: {field}:")
+
+
+def test_invalid_json_is_a_result_file_error(tmp_path):
+    path = tmp_path / "truncated.json"
+    path.write_text('{"format": "specdec-result/1", "run": {')
+    with pytest.raises(ResultFileError, match="truncated.json: not valid JSON"):
+        load_result_file(path)
+
+
+def test_database_error_rolls_back_every_file(tmp_path):
+    """A value that passes validation but not DuckDB (an INTEGER overflow) fails the insert of measurements
+    after the runs were inserted: the transaction must leave no run behind."""
+    db = tmp_path / "s.duckdb"
+    good = write(tmp_path, "good.json", make_result("run-a", "baseline", BASE_TPS, BASE_HASH))
+    doc = make_result("run-b", "baseline", BASE_TPS, BASE_HASH)
+    doc["measurements"][0]["prompt_tokens"] = 2 ** 40
+    overflow = write(tmp_path, "overflow.json", doc)
+    with pytest.raises(Exception):
+        ingest(db, [good, overflow])
+    assert count(db, "runs") == 0 and count(db, "measurements") == 0
+
+
+def test_ingest_cli_recurses_folders(tmp_path, capsys):
+    standard_files(tmp_path / "results" / "nested")
+    db = tmp_path / "cli.duckdb"
+    assert ingest_cli.main(["--db", str(db), str(tmp_path / "results")]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out == (f"ingested 3 result files into {db}: 3 new runs, 0 already stored (skipped), "
+                   f"18 measurements (6 failed)")
+    assert ingest_cli.main(["--db", str(db), str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_default_db_path(monkeypatch):
+    monkeypatch.delenv("SPECDEC_DB", raising=False)
+    assert default_db_path() == Path("db/specdec.duckdb")
+    monkeypatch.setenv("SPECDEC_DB", "/tmp/elsewhere.duckdb")
+    assert default_db_path() == Path("/tmp/elsewhere.duckdb")
+
+
+def test_init_db_is_idempotent(tmp_path):
+    db = tmp_path / "deep" / "folder" / "s.duckdb"
+    init_db(db)
+    init_db(db)
+    names = set(run_query("SELECT table_name FROM information_schema.tables", db)["table_name"])
+    assert {"runs", "measurements", "speedup", "cell_summary", "failures"} <= names
+
+
+# ------------------------------------------------------------------------------------------------ views
+
+def test_speedup_view(store):
+    db, _, _ = store
+    df = run_query("SELECT * FROM speedup WHERE strategy = 'speculative' ORDER BY prompt_id, repeat", db)
+    assert len(df) == 6  # the failed run contributes nothing
+    for _, row in df.iterrows():
+        assert row["speedup"] == pytest.approx(EXPECTED_SPEEDUP[(row["prompt_id"], row["repeat"])])
+    assert list(df["baseline_tokens_per_s"]) == pytest.approx([11, 11, 20, 20, 9, 9])
+    assert list(df["matches_baseline"]) == [True, True, True, True, False, False]
+    assert set(df["draft_length"]) == {4} and set(df["draft"]) == {"tiny-draft"}
+    expected_columns = ["run_id", "host", "target", "draft", "strategy", "draft_length", "gpus", "temperature",
+                        "top_p", "top_k", "max_new_tokens", "prompt_id", "category", "repeat", "new_tokens",
+                        "tokens_per_s", "baseline_tokens_per_s", "speedup", "acceptance_rate",
+                        "mean_accepted_tokens", "matches_baseline", "ttft_s", "tpot_s", "peak_memory_bytes",
+                        "cost_ratio_c", "leviathan_speedup", "started_utc"]
+    assert list(df.columns) == expected_columns
+
+
+def test_speedup_view_baseline_rows(store):
+    db, _, _ = store
+    df = run_query("SELECT * FROM speedup WHERE strategy = 'baseline' ORDER BY prompt_id, repeat", db)
+    assert list(df["speedup"]) == pytest.approx([10 / 11, 12 / 11, 1.0, 1.0, 8 / 9, 10 / 9])
+    assert df["draft_length"].isna().all()  # k = 4 in the file, but a baseline does not draft
+    assert list(df["matches_baseline"]) == [True] * 6
+
+
+def test_cell_summary(store):
+    db, _, _ = store
+    df = run_query("SELECT * FROM cell_summary ORDER BY strategy", db)
+    assert list(df["strategy"]) == ["baseline", "speculative"]
+    spec = df.iloc[1]
+    assert spec["n_runs"] == 1 and spec["n_measurements"] == 6
+    # speedups sorted: 1.5, 1.7, 2, 2, 2, 2 → median 2; quantile_cont p25 at position 1.25 → 1.7 + 0.25·0.3.
+    assert spec["speedup_median"] == pytest.approx(2.0)
+    assert spec["speedup_p25"] == pytest.approx(1.775)
+    assert spec["speedup_p75"] == pytest.approx(2.0)
+    assert spec["speedup_min"] == pytest.approx(1.5) and spec["speedup_max"] == pytest.approx(2.0)
+    assert spec["tokens_per_s_median"] == pytest.approx(22.0)  # 18 18 22 22 30 34
+    assert spec["baseline_tokens_per_s_median"] == pytest.approx(11.0)  # 9 9 11 11 20 20
+    assert spec["acceptance_rate_median"] == pytest.approx(0.6)
+    assert spec["mean_accepted_tokens_median"] == pytest.approx(2.5)
+    assert spec["match_share"] == pytest.approx(4 / 6)
+    assert spec["leviathan_speedup_median"] == pytest.approx(1.9)
+    assert spec["cost_ratio_c_median"] == pytest.approx(0.2)
+    base = df.iloc[0]
+    assert base["speedup_median"] == pytest.approx(1.0) and base["match_share"] == pytest.approx(1.0)
+    assert math.isnan(base["acceptance_rate_median"])
+
+
+def test_failures_view(store):
+    db, _, _ = store
+    df = run_query("SELECT * FROM failures ORDER BY prompt_id, repeat", db)
+    assert list(df.columns) == ["run_id", "host", "cell", "target", "draft", "strategy", "k", "prompt_id", "repeat",
+                                "error"]
+    assert len(df) == 6
+    assert set(df["run_id"]) == {"run-fail"} and set(df["error"]) == {"draft weights not found"}
+    assert list(df["prompt_id"]) == ["p1", "p1", "p2", "p2", "p3", "p3"]
+
+
+def test_most_recent_baseline_wins(tmp_path):
+    """An older baseline run (10× faster, different hashes) must not be used once a newer one exists."""
+    db = tmp_path / "s.duckdb"
+    old = {p: (v[0] * 10, v[1] * 10) for p, v in BASE_TPS.items()}
+    files = standard_files(tmp_path / "results")
+    files.append(write(tmp_path / "results", "old.json",
+                       make_result("run-old", "baseline", old, {p: "x" for p in PROMPTS}, started="2026-11-01T00:00:00Z")))
+    ingest(db, files)
+    df = run_query("SELECT prompt_id, repeat, speedup, matches_baseline FROM speedup WHERE strategy = 'speculative' "
+                   "ORDER BY prompt_id, repeat", db)
+    assert list(df["speedup"]) == pytest.approx([EXPECTED_SPEEDUP[(p, r)] for p in PROMPTS for r in (0, 1)])
+    assert list(df["matches_baseline"]) == [True, True, True, True, False, False]
+    old_rows = run_query("SELECT speedup FROM speedup WHERE run_id = 'run-old' ORDER BY prompt_id, repeat", db)
+    assert list(old_rows["speedup"]) == pytest.approx([100 / 11, 120 / 11, 10, 10, 80 / 9, 100 / 9])
+
+
+def test_no_baseline_means_null_speedup(tmp_path):
+    db = tmp_path / "s.duckdb"
+    ingest(db, [write(tmp_path, "s.json", make_result("r", "speculative", SPEC_TPS, SPEC_HASH, draft="d", k=3,
+                                                      host="other"))])
+    df = run_query("SELECT speedup, baseline_tokens_per_s, matches_baseline FROM speedup", db)
+    assert len(df) == 6 and df.isna().all().all()
+
+
+def test_sampling_runs_have_no_match_flag(tmp_path):
+    db = tmp_path / "s.duckdb"
+    base = make_result("b", "baseline", BASE_TPS, BASE_HASH)
+    spec = make_result("s", "speculative", SPEC_TPS, SPEC_HASH, draft="d", k=3)
+    for doc in (base, spec):
+        doc["run"]["params"]["temperature"] = 0.7
+    ingest(db, [write(tmp_path, "b.json", base), write(tmp_path, "s.json", spec)])
+    df = run_query("SELECT speedup, matches_baseline FROM speedup WHERE strategy = 'speculative' "
+                   "ORDER BY prompt_id, repeat", db)
+    assert list(df["speedup"]) == pytest.approx([EXPECTED_SPEEDUP[(p, r)] for p in PROMPTS for r in (0, 1)])
+    assert df["matches_baseline"].isna().all()
+
+
+# ------------------------------------------------------------------------------------------------ queries
+
+REFUSED = {
+    "DELETE FROM runs": "DELETE",
+    "UPDATE runs SET host = 'x'": "UPDATE",
+    "INSERT INTO runs SELECT * FROM runs": "INSERT",
+    "DROP VIEW speedup": "DROP",
+    "CREATE TABLE t AS SELECT 1": "CREATE",
+    "ALTER TABLE runs ADD COLUMN x INT": "ALTER",
+    "ATTACH '/tmp/other.duckdb' AS o": "ATTACH",
+    "COPY runs TO '/tmp/runs.csv'": "COPY",
+    "PRAGMA database_list": "PRAGMA",
+    "SET threads = 1": "SET",
+    "INSTALL httpfs": "INSTALL",
+    "SELECT 1; DELETE FROM runs": "multiple statements",
+    "SELECT 1; SELECT 2": "multiple statements",
+    "WITH x AS (SELECT 1) DELETE FROM runs": "DELETE",
+    "SELECT * FROM read_csv('/etc/passwd')": "read_csv()",
+    "SELECT * FROM read_text('/etc/hostname')": "read_text()",
+    "SELECT * FROM glob('/etc/*')": "glob()",
+    "SELECT * FROM '/etc/passwd'": "file path '/etc/passwd' in FROM",
+    "SELECT * FROM runs, '/etc/passwd'": "file path '/etc/passwd' in FROM",
+    "SELECT * FROM query('SELECT 1')": "query()",
+    # A string trick that fools a tokeniser unaware of E'' strings: DuckDB sees two statements.
+    "SELECT e'\\' '; DELETE FROM runs; --'": "multiple statements",
+}
+
+
+@pytest.mark.parametrize("sql", list(REFUSED))
+def test_check_sql_refuses(sql):
+    with pytest.raises(UnsafeSQLError) as err:
+        check_sql(sql)
+    message = str(err.value)
+    assert message.startswith("refused: ") and REFUSED[sql] in message and "read-only" in message
+    assert "\n" not in message
+
+
+def test_run_query_refuses_before_touching_the_store(store):
+    db, _, _ = store
+    with pytest.raises(UnsafeSQLError, match="DELETE"):
+        run_query("DELETE FROM measurements", db)
+    assert count(db, "measurements") == 18
+
+
+def test_accepts_read_only_queries(store):
+    db, _, _ = store
+    df = run_query("SELECT count(*) AS n FROM failures WHERE error <> 'please delete; drop table runs' -- delete\n", db)
+    assert df["n"][0] == 6
+    df = run_query("WITH fast AS (SELECT * FROM speedup WHERE speedup >= 2) "
+                   "SELECT prompt_id, count(*) AS n FROM fast WHERE strategy = 'speculative' GROUP BY prompt_id "
+                   "ORDER BY prompt_id;", db)
+    assert df.to_dict("list") == {"prompt_id": ["p1", "p3"], "n": [2, 2]}
+    assert list(run_query("FROM runs SELECT run_id ORDER BY run_id", db)["run_id"]) == ["run-base", "run-fail",
+                                                                                        "run-spec"]
+    assert len(run_query("SELECT * FROM measurements", db, limit=4)) == 4
+
+
+@pytest.mark.parametrize("sql, why", [
+    ("DELETE FROM runs", "read-only"),
+    ("SELECT 1; DELETE FROM runs", "read-only"),
+    ("CREATE TABLE evil AS SELECT 1", "read-only"),
+    ("SELECT * FROM read_csv('{csv}')", "disabled"),
+    ("SELECT * FROM '{csv}'", "disabled"),  # a replacement scan: DuckDB would read the file
+    ("SELECT * FROM read_text('/etc/hostname')", "disabled"),
+    ("ATTACH '{folder}/other.duckdb' AS o", "disabled"),
+    ("SET enable_external_access = true", "locked"),
+])
+def test_execution_layer_stops_what_the_text_check_would(store, tmp_path, sql, why):
+    """Bypass check_sql: the read-only, no-external-access connection alone must refuse."""
+    db, _, _ = store
+    csv_file = tmp_path / "secret.csv"
+    csv_file.write_text("a,b\n1,2\n")
+    with pytest.raises(QueryError) as err:
+        _execute_read_only(sql.format(csv=csv_file, folder=tmp_path), db)
+    assert why in str(err.value)
+    assert count(db, "runs") == 3
+
+
+def test_execution_layer_cannot_copy_out(store, tmp_path):
+    db, _, _ = store
+    target = tmp_path / "leak.csv"
+    with pytest.raises(QueryError):
+        _execute_read_only(f"COPY runs TO '{target}'", db)
+    assert not target.exists()
+
+
+def test_timeout_interrupts(store):
+    db, _, _ = store
+    with pytest.raises(QueryError, match="timed out"):
+        run_query("SELECT count(*) FROM range(100000000000) a WHERE a % 7 = 3", db, timeout_s=0.2)
+
+
+def test_missing_store_message(tmp_path, capsys):
+    missing = tmp_path / "nothing.duckdb"
+    with pytest.raises(QueryError) as err:
+        run_query("SELECT 1", missing)
+    assert str(err.value) == f"no results store at {missing}: run `snakemake --cores 2` (or `specdec ingest`) first"
+    assert main_query(["SELECT 1", "--db", str(missing)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == f"error: {err.value}" and captured.out == ""
+    assert not missing.exists()  # a query must not create an empty store
+
+
+def test_main_query_csv(store, capsys):
+    db, _, _ = store
+    sql = ("SELECT prompt_id, repeat, speedup, matches_baseline FROM speedup WHERE strategy = 'speculative' "
+           "ORDER BY prompt_id, repeat")
+    assert main_query([sql, "--db", str(db), "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [r["prompt_id"] for r in rows] == ["p1", "p1", "p2", "p2", "p3", "p3"]
+    assert [float(r["speedup"]) for r in rows] == pytest.approx([2.0, 2.0, 1.5, 1.7, 2.0, 2.0])
+    assert [r["matches_baseline"] for r in rows] == ["True", "True", "True", "True", "False", "False"]
+
+
+def test_main_query_json(store, capsys):
+    db, _, _ = store
+    sql = ("SELECT strategy, last_started_utc, speedup_median, acceptance_rate_median FROM cell_summary "
+           "ORDER BY strategy")
+    assert main_query([sql, "--db", str(db), "--format", "json", "--limit", "5"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["strategy"] for r in rows] == ["baseline", "speculative"]
+    assert rows[1]["last_started_utc"].startswith("2026-11-23T08:00:00")
+    assert [r["speedup_median"] for r in rows] == pytest.approx([1.0, 2.0])
+    assert rows[0]["acceptance_rate_median"] is None and rows[1]["acceptance_rate_median"] == pytest.approx(0.6)
+
+
+def test_main_query_refusal_and_table(store, capsys):
+    db, _, _ = store
+    assert main_query(["DROP TABLE runs", "--db", str(db)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: refused: DROP") and err.count("\n") == 1
+    assert main_query(["SELECT run_id, status FROM runs ORDER BY run_id", "--db", str(db)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["run_id", "status"] and out[1].split() == ["run-base", "ok"]
+    assert out[-1] == "(3 rows)"
+
+
+def test_format_table_empty():
+    import pandas as pd
+
+    assert format_table(pd.DataFrame({"a": [], "b": []}), "table") == "a  b\n(0 rows)"
+    assert format_table(pd.DataFrame({"a": [1]}), "json") == '[{"a":1}]'
+
+
+def test_engine_releases_the_file_lock(tmp_path):
+    """NullPool: after a connection closes, a read-only open of the same file (another config) must work."""
+    db = tmp_path / "s.duckdb"
+    init_db(db)
+    engine = engine_for(db)
+    with engine.connect() as conn:
+        conn.exec_driver_sql("SELECT 1")
+    assert count(db, "runs") == 0  # would fail with a configuration/lock conflict if the writer were still open
+    engine.dispose()
