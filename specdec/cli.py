@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from specdec import __version__
@@ -156,15 +157,38 @@ DELEGATED = {"ingest": ("specdec.db.ingest", "main"), "query": ("specdec.db.quer
              "dashboard": ("specdec.dashboard.launch", "main"), "bench": ("specdec.bench", "main")}
 
 
+def command_index(argv: list[str]) -> int:
+    """Index of the subcommand in argv: the first word that is neither a top-level option nor --models' value."""
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        i += 2 if argv[i] == "--models" else 1
+    return i
+
+
 def main(argv: list[str] | None = None) -> int:
+    cli_run = argv is None
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    at = command_index(argv)
+    if at < len(argv) and argv[at] in DELEGATED:
+        # Hand everything after the command over untouched: argparse's REMAINDER drops leading options, so
+        # `specdec dashboard --db PATH` or `specdec ingest --db PATH results/` would fail to parse.
+        args = build_parser().parse_args(argv[:at + 1])
+        args.rest = argv[at + 1:]
+    else:
+        args = build_parser().parse_args(argv)
     if args.command in DELEGATED:
         module, func = DELEGATED[args.command]
         rest = list(args.rest)
         if args.models and args.command == "bench":
             rest = ["--models", args.models] + rest
-        return delegate(module, func, rest)
+        code = delegate(module, func, rest)
+        if args.command in ("ingest", "query") and cli_run:
+            # duckdb 2.0's bindings print dozens of spurious "nanobind: leaked ..." lines at interpreter teardown;
+            # these commands keep no state worth tearing down, so a real CLI run exits right after flushing.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
     return args.func(args)
 
 

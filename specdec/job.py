@@ -77,7 +77,8 @@ def provenance(job: dict) -> dict:
     import torch
     import transformers
 
-    commit, dirty = git_state()
+    # The commit of the specdec code that ran (an editable install: the repository), not of the working directory.
+    commit, dirty = git_state(str(Path(__file__).resolve().parent))
     return {
         "git_commit": commit, "git_dirty": dirty, "host": socket.gethostname(), "cpu_name": cpu_name(),
         "cpu_count": os.cpu_count(), "gpu_names": [], "gpu_count": 0,

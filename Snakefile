@@ -1,0 +1,16 @@
+# specdec benchmark matrix: `snakemake --cores 2` (local, profiles/default) or `--profile profiles/slurm`.
+# Every cell of config.yaml's matrix becomes one `specdec run-job` writing one result file; a single ingest step
+# then inserts all of them into the DuckDB store (DuckDB allows one writer process; jobs never open it).
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/decode.smk"
+include: "workflow/rules/store.smk"
+
+
+rule all:
+    input:
+        INGESTED,
+    default_target: True

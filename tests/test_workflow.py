@@ -1,0 +1,281 @@
+"""The Snakemake matrix: config checks, expansion and pruning, and real end-to-end runs on tiny models.
+
+The end-to-end tests run `snakemake` as a subprocess on the repository's Snakefile in a temporary working
+directory, with tiny random models saved there, so they exercise exactly what a user runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+import yaml
+
+from tiny import save_tiny_pair
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "workflow"))
+import matrix  # noqa: E402
+
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
+             "--profile", str(REPO / "profiles" / "default")]
+
+
+def base_config(models: dict, prompts: str = "prompts.jsonl", **overrides) -> dict:
+    config = {
+        "models": models,
+        "pairs": [{"target": "tiny-target", "draft": "tiny-draft"}],
+        "prompts": prompts,
+        "strategies": ["baseline", "speculative", "ngram"],
+        "draft_lengths": [2, 3],
+        "gpus": [0],
+        "generation": {"max_new_tokens": 12, "temperatures": [0.0], "seed": 0, "repeats": 2, "warmup": 0},
+        "db": "store.duckdb",
+        "tag": "t1",
+        "host": "testhost",
+    }
+    config.update(overrides)
+    return config
+
+
+PROMPTS = [
+    {"id": "a1", "category": "code", "prompt": "def add(a, b): return a + b"},
+    {"id": "a2", "category": "repetitive", "prompt": "la la la la la la la la"},
+    {"id": "a3", "category": "qa", "prompt": "what is the capital of France?"},
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    return save_tiny_pair(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture
+def workdir(tmp_path, tiny_models):
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    return tmp_path
+
+
+def write_config(workdir: Path, config: dict) -> Path:
+    path = workdir / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def snakemake(workdir: Path, *args, timeout=600, **popen) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SPECDEC_GPU_LOCK_DIR": str(workdir / "locks")}
+    return subprocess.run([*SNAKEMAKE, "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"),
+                           "--cores", "2", *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def rows(db: Path, sql: str):
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+# --- expansion and pruning (no Snakemake, no models) ---------------------------------------------------------
+
+def test_matrix_prunes_invalid_cells_and_shares_baselines(tiny_models):
+    config = base_config(tiny_models, strategies=["baseline", "speculative", "ngram", "hf-generate"],
+                         pairs=[{"target": "tiny-target", "draft": "tiny-draft"},
+                                {"target": "tiny-target", "draft": "tiny-target"},
+                                {"target": "tiny-draft"}],
+                         gpus=[0, 2])
+    config["generation"]["temperatures"] = [0.0, 0.7]
+    cells = matrix.expand_cells(config)
+    by_strategy = {}
+    for name, cell in cells.items():
+        assert cell["cell"] == name
+        by_strategy.setdefault(cell["strategy"], []).append(cell)
+    # baseline: no draft, no k; one per target x gpus x temperature, shared by both pairs of tiny-target
+    assert all(c["draft"] is None and c["k"] is None for c in by_strategy["baseline"])
+    assert len(by_strategy["baseline"]) == 2 * 2 * 2
+    assert len(by_strategy["hf-generate"]) == 2 * 2 * 2
+    # ngram: no draft model; per target x k x gpus x temperature
+    assert all(c["draft"] is None for c in by_strategy["ngram"])
+    assert len(by_strategy["ngram"]) == 2 * 2 * 2 * 2
+    # speculative: only pairs with a draft (2 of 3), per k x gpus x temperature
+    assert {(c["target"], c["draft"]) for c in by_strategy["speculative"]} == {
+        ("tiny-target", "tiny-draft"), ("tiny-target", "tiny-target")}
+    assert len(by_strategy["speculative"]) == 2 * 2 * 2 * 2
+    # cell hashes identify the parameters; equal parameters never get two names
+    assert len({c["config_hash"] for c in cells.values()}) == len(cells)
+
+
+def test_cell_parameters_do_not_depend_on_unrelated_config(tiny_models):
+    # Adding a strategy or a model alias must not change (and so rerun) the cells that already exist.
+    small = matrix.expand_cells(base_config(tiny_models))
+    bigger = base_config({**tiny_models, "other": {"path": "/nowhere"}},
+                         strategies=["baseline", "speculative", "ngram", "hf-ngram"])
+    big = matrix.expand_cells(bigger)
+    assert set(small) < set(big)
+    for name, cell in small.items():
+        assert big[name] == cell
+
+
+@pytest.mark.parametrize("change, field", [
+    (lambda c: c.update(strategies=["baseline", "medusa-magic"]), "strategies: unknown strategy 'medusa-magic'"),
+    (lambda c: c["pairs"].append({"target": "no-such-model"}), "pairs[1].target:"),
+    (lambda c: c.update(prompts="missing.jsonl"), "prompts: prompt file 'missing.jsonl' does not exist"),
+    (lambda c: c.update(pairs=[{"target": "tiny-target"}]), "strategies: speculative need a draft model"),
+    (lambda c: c.update(categories=["poetry"]), "prompts: the selection"),
+])
+def test_semantic_config_errors_name_the_field(workdir, tiny_models, monkeypatch, change, field):
+    monkeypatch.chdir(workdir)
+    config = base_config(tiny_models)
+    change(config)
+    with pytest.raises(matrix.ConfigError) as info:
+        matrix.check_config(config)
+    message = str(info.value)
+    assert message.startswith(field.split(":")[0]) and field in message and "\n" not in message
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda c: c.update(colour="blue"), "(top level): Additional properties are not allowed ('colour' was unexpected)"),
+    (lambda c: c.update(draft_lengths=[0, 2]), "draft_lengths.0: 0 is less than the minimum of 1"),
+    (lambda c: c["generation"].update(max_new_tokens="many"), "generation.max_new_tokens: 'many' is not of type"),
+    (lambda c: c["pairs"][0].update(drafts="x"), "pairs.0: Additional properties are not allowed"),
+])
+def test_schema_errors_are_one_line_naming_the_field(tiny_models, change, expected):
+    from snakemake.utils import validate
+
+    config = base_config(tiny_models)
+    change(config)
+    with pytest.raises(Exception) as info:
+        validate(config, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
+    line = matrix.schema_error_line(info.value)
+    assert expected in line and "\n" not in line
+
+
+@pytest.mark.parametrize("path", ["config.yaml", "config/suite.yaml", "config/gpu-pythia.yaml"])
+def test_the_shipped_configs_are_valid(path, monkeypatch):
+    from snakemake.utils import validate
+
+    config = yaml.safe_load((REPO / path).read_text())
+    validate(config, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
+    monkeypatch.chdir(REPO)
+    prompts = matrix.check_config(config)
+    cells = matrix.expand_cells(config)
+    if path == "config.yaml":  # the default run must stay short on a 2-core CPU
+        assert 1 <= len(prompts) <= 8 and 1 <= len(cells) <= 12
+
+
+# --- Snakemake itself ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda c: c.update(draft_lengths=[0]), "config error: draft_lengths.0: 0 is less than the minimum of 1"),
+    (lambda c: c.update(pairs=[{"target": "nope"}]), "config error: pairs[0].target: unknown model alias 'nope'"),
+])
+def test_snakemake_refuses_a_bad_config_before_any_job(workdir, tiny_models, edit, expected):
+    config = base_config(tiny_models)
+    edit(config)
+    write_config(workdir, config)
+    result = snakemake(workdir, "-n")
+    assert result.returncode != 0
+    assert expected in result.stdout + result.stderr
+    assert not (workdir / "results").exists()
+
+
+def test_malformed_prompt_line_is_refused_by_snakemake(workdir, tiny_models):
+    (workdir / "prompts.jsonl").write_text(json.dumps(PROMPTS[0]) + "\n{not json\n")
+    write_config(workdir, base_config(tiny_models))
+    result = snakemake(workdir, "-n")
+    assert result.returncode != 0
+    assert "config error: prompts: prompts.jsonl:2: not valid JSON" in result.stdout + result.stderr
+
+
+def test_end_to_end_rows_history_and_idempotent_ingest(workdir, tiny_models):
+    config = base_config(tiny_models)
+    write_config(workdir, config)
+    result = snakemake(workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    db = workdir / "store.duckdb"
+    cells = matrix.expand_cells(config)
+    assert len(cells) == 1 + 2 + 2  # baseline, speculative k2/k3, ngram k2/k3
+    n_rows = len(cells) * len(PROMPTS) * 2
+    assert rows(db, "SELECT count(*), count(DISTINCT run_id) FROM measurements") == [(n_rows, len(cells))]
+    assert rows(db, "SELECT count(*) FROM measurements WHERE status <> 'ok'") == [(0,)]
+    # provenance and the job's parameters are on every run
+    run = rows(db, "SELECT host, git_commit IS NOT NULL, torch_version, config_hash, params_json FROM runs "
+                   "WHERE strategy = 'speculative' AND k = 3")[0]
+    assert run[1] and run[2] and run[3] == cells["tiny-target__tiny-draft__speculative__k3__g0__t0"]["config_hash"]
+    assert json.loads(run[4])["draft"] == "tiny-draft"
+    # greedy speculative output is identical to the shared baseline, for every prompt and repeat
+    assert rows(db, "SELECT count(*), bool_and(matches_baseline) FROM speedup "
+                    "WHERE strategy IN ('speculative', 'ngram')") == [(8 * 3, True)]
+    assert "Best speedup per pair and strategy" in result.stdout + result.stderr
+
+    # nothing to do when nothing changed; forcing the ingest again adds no row
+    again = snakemake(workdir, "--forcerun", "ingest")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert rows(db, "SELECT count(*) FROM measurements") == [(n_rows,)]
+
+    # a new tag measures again and appends: history is kept
+    write_config(workdir, base_config(tiny_models, tag="t2", strategies=["baseline"]))
+    third = snakemake(workdir)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert rows(db, "SELECT count(*), count(DISTINCT run_id) FROM measurements") == [
+        (n_rows + len(PROMPTS) * 2, len(cells) + 1)]
+
+
+def test_failed_cells_are_stored_and_the_rest_of_the_matrix_runs(workdir, tiny_models):
+    models = {**tiny_models, "gone": {"path": str(workdir / "no-such-model"), "dtype": "float32"}}
+    config = base_config(models, pairs=[{"target": "tiny-target", "draft": "gone"}],
+                         strategies=["baseline", "speculative"], draft_lengths=[2], gpus=[0, 1])
+    config["generation"]["repeats"] = 1
+    write_config(workdir, config)
+    result = snakemake(workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    db = workdir / "store.duckdb"
+    by_cell = dict(rows(db, "SELECT r.cell, string_agg(DISTINCT m.status) || ' ' || coalesce(any_value(m.error), '') "
+                            "FROM runs r JOIN measurements m USING (run_id) GROUP BY r.cell"))
+    assert by_cell["tiny-target__baseline__g0__t0"].startswith("ok")
+    # missing draft weights: every prompt is a failed row carrying the error
+    assert by_cell["tiny-target__gone__speculative__k2__g0__t0"].startswith("failed")
+    assert "no-such-model" in by_cell["tiny-target__gone__speculative__k2__g0__t0"]
+    # a GPU cell on a machine without GPUs fails clearly instead of running on the CPU
+    assert by_cell["tiny-target__baseline__g1__t0"].startswith("failed")
+    assert "GPU" in by_cell["tiny-target__baseline__g1__t0"]
+    assert rows(db, "SELECT count(*) FROM failures") == [(3 * len(PROMPTS),)]
+
+
+def test_a_killed_run_resumes_with_only_the_missing_cells(workdir, tiny_models):
+    config = base_config(tiny_models)
+    config["generation"].update(max_new_tokens=24, repeats=1)
+    write_config(workdir, config)
+    cells_dir = workdir / "results" / "t1" / "testhost" / "cells"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([*SNAKEMAKE, "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"),
+                             "--cores", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (cells_dir.exists() and any(cells_dir.glob("*.json"))):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # what `kill PID` sends; Snakemake stops its running job and unlocks
+    proc.wait(timeout=120)
+    done_before = {p.name: p.read_text() for p in cells_dir.glob("*.json")}
+    total = len(matrix.expand_cells(config))
+    assert 1 <= len(done_before) < total, "the kill should land between the first and the last cell"
+    assert not (workdir / "store.duckdb").exists() or rows(workdir / "store.duckdb",
+                                                           "SELECT count(*) FROM measurements") == [(0,)]
+
+    result = snakemake(workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # cells finished before the kill were kept, not recomputed
+    for name, text in done_before.items():
+        assert (cells_dir / name).read_text() == text
+    run_ids = {json.loads(t)["run"]["run_id"] for t in done_before.values()}
+    stored = {r[0] for r in rows(workdir / "store.duckdb", "SELECT run_id FROM runs")}
+    assert run_ids <= stored and len(stored) == total
+    assert rows(workdir / "store.duckdb", "SELECT count(*), count(DISTINCT (run_id, prompt_id, \"repeat\")) "
+                                          "FROM measurements") == [(total * len(PROMPTS), total * len(PROMPTS))]

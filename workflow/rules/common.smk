@@ -1,0 +1,38 @@
+# Config validation and the cell matrix. Runs when the Snakefile is parsed, i.e. before any job starts.
+import json
+import re
+import sys
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
+import matrix  # noqa: E402  (workflow/matrix.py: checks and expansion, no decoding logic)
+
+
+def fail_config(message):
+    # One line naming the field; raised as a WorkflowError so Snakemake prints it without a traceback.
+    raise WorkflowError(f"config error: {message}")
+
+
+try:
+    validate(config, "../schemas/config.schema.yaml")
+except WorkflowError as exc:
+    fail_config(matrix.schema_error_line(exc))
+try:
+    PROMPTS = matrix.check_config(config)  # paths are relative to the working directory, as for the jobs
+    CELLS = matrix.expand_cells(config)
+except matrix.ConfigError as exc:
+    fail_config(str(exc))
+
+HOST = matrix.host_label(config)
+RUN_DIR = f"{config['results']}/{config['tag']}/{HOST}"
+INGESTED = f"{RUN_DIR}/ingested.txt"
+
+
+def cell_result(name):
+    return f"{RUN_DIR}/cells/{name}.json"
+
+
+wildcard_constraints:
+    cell="|".join(re.escape(name) for name in CELLS) or "no-cells",
