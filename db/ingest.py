@@ -8,6 +8,7 @@ stderr with exit status 2.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -35,11 +36,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="specdec ingest", description="Insert result files into the DuckDB store "
                                      "(one transaction; runs already stored are skipped).")
     parser.add_argument("--db", default=None, help="store path (default: $SPECDEC_DB or db/specdec.duckdb)")
+    parser.add_argument("--prices", default=None, metavar="JSON",
+                        help='replace the device price table, e.g. \'{"A100": 1.29, "cpu": 0.05}\' (price per hour)')
     parser.add_argument("paths", nargs="+", metavar="FILE_OR_DIR", help="result files, or folders to search for *.json")
     args = parser.parse_args(argv)
     db_path = Path(args.db) if args.db else default_db_path()
     try:
-        report = ingest(db_path, collect_result_files(args.paths))
+        try:
+            prices = json.loads(args.prices) if args.prices is not None else None
+        except json.JSONDecodeError as exc:
+            raise ResultFileError(f"--prices is not valid JSON ({exc.msg})") from None
+        report = ingest(db_path, collect_result_files(args.paths), prices=prices)
     except ResultFileError as exc:
         print(f"error: {exc} (nothing was ingested)", file=sys.stderr)
         return 2

@@ -65,6 +65,9 @@ class Run(Base):
     repeats: Mapped[int | None] = mapped_column(Integer)
     warmup: Mapped[int | None] = mapped_column(Integer)
     dtype: Mapped[str | None] = mapped_column(String)
+    gpu_mode: Mapped[str | None] = mapped_column(String)
+    slurm_job_id: Mapped[str | None] = mapped_column(String)
+    extra_json: Mapped[str | None] = mapped_column(Text)  # run fields without a column of their own (JSON object)
     params_json: Mapped[str] = mapped_column(Text, nullable=False)  # the whole params object, sources included
     result_file: Mapped[str] = mapped_column(Text, nullable=False)
     ingested_utc: Mapped[datetime] = mapped_column(DateTime, nullable=False)
@@ -105,9 +108,26 @@ class Measurement(Base):
     token_ids: Mapped[str | None] = mapped_column(Text)  # JSON list as text
     token_hash: Mapped[str | None] = mapped_column(String)
     text: Mapped[str | None] = mapped_column(Text)
+    extra_json: Mapped[str | None] = mapped_column(Text)  # fields without a column of their own (JSON object)
+
+
+class Price(Base):
+    """Hourly price of a device (config `prices`), replaced by every ingest that is given prices.
+
+    Prices live apart from the measurements so a new rental price changes the cost figures without re-measuring.
+    `device` matches a run's device names by case-insensitive substring ("A100" matches "NVIDIA A100-SXM4-40GB";
+    the longest match wins); "cpu" prices CPU-only runs.
+    """
+
+    __tablename__ = "prices"
+
+    device: Mapped[str] = mapped_column(String, primary_key=True)
+    price_per_hour: Mapped[float] = mapped_column(Double, nullable=False)
+    updated_utc: Mapped[datetime] = mapped_column(DateTime, nullable=False)
 
 
 runs = Run.__table__
+prices = Price.__table__
 measurements = Measurement.__table__
 
 # Fields of a result file that the store keeps as JSON text rather than as a scalar column.
@@ -115,4 +135,6 @@ RUN_JSON_FIELDS = ("gpu_names", "devices")
 MEASUREMENT_JSON_FIELDS = ("proposed_per_position", "accepted_per_position", "token_ids")
 # params keys flattened into `runs` columns (everything else stays in params_json only).
 PARAM_COLUMNS = ("cell", "target", "draft", "strategy", "k", "gpus", "temperature", "top_p", "top_k",
-                 "draft_sampling", "use_cache", "max_new_tokens", "repeats", "warmup", "dtype")
+                 "draft_sampling", "use_cache", "max_new_tokens", "repeats", "warmup", "dtype", "gpu_mode")
+# Filled by the store from whatever a result file carries beyond the columns, so no recorded field is lost.
+EXTRA_FIELD = "extra_json"

@@ -25,14 +25,15 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.pool import NullPool
 
-from specdec.db.schema import (MEASUREMENT_JSON_FIELDS, PARAM_COLUMNS, RUN_JSON_FIELDS, Base, measurements,
+from specdec.db.schema import (EXTRA_FIELD, MEASUREMENT_JSON_FIELDS, PARAM_COLUMNS, RUN_JSON_FIELDS, Base, measurements,
                                runs)
+from specdec.db.schema import prices as prices_table
 
 RESULT_FORMAT = "specdec-result/1"
 VIEWS_SQL = Path(__file__).with_name("views.sql")
 STATUSES = ("ok", "failed")
 # `runs` columns the store fills in itself rather than reading from the file's `run` object.
-STORE_ONLY = ("params_json", "result_file", "ingested_utc")
+STORE_ONLY = ("params_json", "result_file", "ingested_utc", EXTRA_FIELD)
 
 # Fields without which a row cannot be stored or matched to its baseline; they must be present and not null.
 # Every other documented field may be null or absent (stored as NULL), so a runner that cannot measure
@@ -218,7 +219,7 @@ def load_result_file(path: str | os.PathLike) -> dict:
         for column in measurements.columns:
             if column.name in MEASUREMENT_JSON_FIELDS:
                 _check_list(path, f"{where}.{column.name}", row.get(column.name))
-            elif column.name != "run_id":
+            elif column.name not in ("run_id", EXTRA_FIELD):
                 _check_value(path, f"{where}.{column.name}", column, row.get(column.name))
         key = (row["prompt_id"], row["repeat"])
         if key in seen:
@@ -231,6 +232,12 @@ def load_result_file(path: str | os.PathLike) -> dict:
 
 def _json_text(value) -> str | None:
     return None if value is None else json.dumps(value)
+
+
+def _extra_json(obj: dict, stored: set) -> str | None:
+    """The fields of `obj` that have no column (e.g. a placement plan, per-device memory), as one JSON object."""
+    extra = {k: v for k, v in obj.items() if k not in stored}
+    return json.dumps(extra, sort_keys=True, default=str) if extra else None
 
 
 def _number(value):
@@ -256,6 +263,7 @@ def run_row(doc: dict, result_file: str, ingested_utc: datetime) -> dict:
             value = _parse_utc(value)
         row[name] = _number(value)
     row["params_json"] = json.dumps(params, sort_keys=True)
+    row[EXTRA_FIELD] = _extra_json(run, set(row) | {"params"})
     row["result_file"] = result_file
     row["ingested_utc"] = ingested_utc
     return row
@@ -273,19 +281,34 @@ def measurement_rows(doc: dict) -> list[dict]:
                 value = _json_text(value)
             row[column.name] = _number(value)
         row["run_id"] = run_id
+        row[EXTRA_FIELD] = _extra_json(m, set(row))
         out.append(row)
     return out
 
 
 # ---------------------------------------------------------------------------------------------------- ingest
 
-def ingest(db_path: str | os.PathLike, result_paths: Iterable[str | os.PathLike]) -> IngestReport:
+def check_prices(prices) -> dict[str, float]:
+    """Config `prices`: device name (or substring, or "cpu") -> price per hour, a number >= 0."""
+    if not isinstance(prices, dict):
+        raise ResultFileError(f"prices must be an object of device name -> price per hour, got {_show(prices)}")
+    for device, price in prices.items():
+        if not isinstance(device, str) or not device.strip():
+            raise ResultFileError(f"prices: device names must be non-empty strings, got {_show(device)}")
+        if isinstance(price, bool) or not isinstance(price, (int, float)) or not math.isfinite(price) or price < 0:
+            raise ResultFileError(f"prices.{device}: must be a number >= 0 (price per hour), got {_show(price)}")
+    return {device: float(price) for device, price in prices.items()}
+
+
+def ingest(db_path: str | os.PathLike, result_paths: Iterable[str | os.PathLike],
+           prices: dict | None = None) -> IngestReport:
     """Insert result files into the store at `db_path` (created if missing) in one transaction.
 
     All files are validated first (ResultFileError on the first bad one, before the database is opened). Runs
     whose run_id is already stored, or appears earlier in the same batch, are skipped. Any database error rolls
-    the whole batch back.
+    the whole batch back. `prices`, when given, replaces the `prices` table in the same transaction.
     """
+    prices = check_prices(prices) if prices is not None else None
     paths = [str(p) for p in result_paths]
     docs = [(p, load_result_file(p)) for p in paths]
     report = IngestReport(files=len(docs))
@@ -309,6 +332,11 @@ def ingest(db_path: str | os.PathLike, result_paths: Iterable[str | os.PathLike]
                 conn.execute(sa.insert(runs), new_runs)
             if new_measurements:
                 conn.execute(sa.insert(measurements), new_measurements)
+            if prices is not None:
+                conn.execute(sa.delete(prices_table))
+                if prices:
+                    conn.execute(sa.insert(prices_table), [{"device": d, "price_per_hour": p, "updated_utc": now}
+                                                           for d, p in prices.items()])
     finally:
         engine.dispose()
     report.new_runs = len(new_runs)

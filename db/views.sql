@@ -16,13 +16,35 @@
 -- a speedup around 1.0 (their own median), older baseline runs show drift against the newest one.
 -- Rows with no baseline at all are kept, with NULL baseline_tokens_per_s / speedup / matches_baseline.
 -- Key columns are compared with IS NOT DISTINCT FROM so a NULL in e.g. top_k still matches.
+-- cost_per_mtok = price of the run's devices per hour (run_cost, from the `prices` table) ÷ tokens per hour × 1e6: the cost of a
+-- million generated tokens at this row's speed (NULL when no price was configured).
 -- draft_length is k for strategies that draft (NULL for baseline and hf-generate, whatever k says).
+-- run_cost: what the devices of each run cost per hour, from the `prices` table (config `prices`, replaced by
+-- each workflow ingest). Every device of the run (its GPUs, or 'cpu' for a CPU run) takes the price of the
+-- longest price key contained in its name, case-insensitively; NULL unless every device has a price.
+CREATE OR REPLACE VIEW run_cost AS
+WITH run_devices AS (
+    SELECT run_id, unnest(CASE WHEN coalesce(gpu_count, 0) > 0 THEN from_json(gpu_names, '["VARCHAR"]')
+                               ELSE ['cpu'] END) AS device
+    FROM runs
+),
+priced AS (
+    SELECT d.run_id, d.device,
+           (SELECT p.price_per_hour FROM prices AS p WHERE contains(lower(d.device), lower(p.device))
+            ORDER BY length(p.device) DESC LIMIT 1) AS price_per_hour
+    FROM run_devices AS d
+)
+SELECT run_id, CASE WHEN count(price_per_hour) = count(*) THEN sum(price_per_hour) END AS cost_per_hour
+FROM priced
+GROUP BY run_id;
+
 CREATE OR REPLACE VIEW speedup AS
 WITH ok AS (
     SELECT m.*, r.host, r.target, r.draft, r.strategy, r.k, r.gpus, r.temperature, r.top_p, r.top_k,
-           r.max_new_tokens, r.started_utc
+           r.max_new_tokens, r.started_utc, c.cost_per_hour
     FROM measurements AS m
     JOIN runs AS r ON r.run_id = m.run_id
+    LEFT JOIN run_cost AS c ON c.run_id = m.run_id
     WHERE m.status = 'ok'
 ),
 baseline_runs AS (
@@ -49,7 +71,8 @@ SELECT
     o.tokens_per_s / nullif(b.baseline_tokens_per_s, 0) AS speedup,
     o.acceptance_rate, o.mean_accepted_tokens,
     CASE WHEN o.temperature = 0 THEN o.token_hash = b.baseline_token_hash END AS matches_baseline,
-    o.ttft_s, o.tpot_s, o.peak_memory_bytes, o.cost_ratio_c, o.leviathan_speedup, o.started_utc
+    o.ttft_s, o.tpot_s, o.peak_memory_bytes, o.cost_ratio_c, o.leviathan_speedup, o.started_utc,
+    o.cost_per_hour * 1e6 / 3600.0 / nullif(o.tokens_per_s, 0) AS cost_per_mtok
 FROM ok AS o
 LEFT JOIN latest_baseline AS b
     ON  b.host IS NOT DISTINCT FROM o.host
@@ -83,6 +106,7 @@ SELECT
     avg(CAST(matches_baseline AS DOUBLE)) AS match_share,
     median(leviathan_speedup) AS leviathan_speedup_median,
     median(cost_ratio_c) AS cost_ratio_c_median,
+    median(cost_per_mtok) AS cost_per_mtok_median,
     max(started_utc) AS last_started_utc
 FROM speedup
 GROUP BY host, target, draft, strategy, draft_length, gpus, temperature, top_p, top_k, max_new_tokens;

@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -251,7 +252,7 @@ def test_speedup_view(store):
                         "top_p", "top_k", "max_new_tokens", "prompt_id", "category", "repeat", "new_tokens",
                         "tokens_per_s", "baseline_tokens_per_s", "speedup", "acceptance_rate",
                         "mean_accepted_tokens", "matches_baseline", "ttft_s", "tpot_s", "peak_memory_bytes",
-                        "cost_ratio_c", "leviathan_speedup", "started_utc"]
+                        "cost_ratio_c", "leviathan_speedup", "started_utc", "cost_per_mtok"]
     assert list(df.columns) == expected_columns
 
 
@@ -486,3 +487,48 @@ def test_engine_releases_the_file_lock(tmp_path):
         conn.exec_driver_sql("SELECT 1")
     assert count(db, "runs") == 0  # would fail with a configuration/lock conflict if the writer were still open
     engine.dispose()
+
+
+# ------------------------------------------------------------------------------------------- cost, extra fields
+
+def test_cost_per_million_tokens_from_device_prices(tmp_path):
+    gpu_doc = make_result("run-gpu", "baseline", BASE_TPS, BASE_HASH, host="h2")
+    gpu_doc["run"].update(gpu_names=["NVIDIA A100-SXM4-40GB", "NVIDIA A100-SXM4-40GB"], gpu_count=2)
+    files = standard_files(tmp_path / "results") + [write(tmp_path / "results", "gpu.json", gpu_doc)]
+    db = tmp_path / "specdec.duckdb"
+    ingest(db, files)  # no prices yet: cost is unknown, not zero
+    assert run_query("SELECT count(cost_per_mtok) AS n FROM speedup", db)["n"][0] == 0
+
+    # the longest matching key wins; a CPU run takes the "cpu" price
+    ingest(db, [], prices={"A100": 2.0, "A100-SXM4-40GB": 1.5, "cpu": 0.36})
+    rows = run_query("SELECT run_id, tokens_per_s, cost_per_mtok FROM speedup", db)
+    for run_id, tps, cost in rows.itertuples(index=False):
+        per_hour = 2 * 1.5 if run_id == "run-gpu" else 0.36
+        assert cost == pytest.approx(per_hour / (tps * 3600) * 1e6)
+    summary = run_query("SELECT cost_per_mtok_median AS c FROM cell_summary WHERE host = 'h2'", db)
+    costs = [3.0 / (tps * 3600) * 1e6 for pair in BASE_TPS.values() for tps in pair]
+    assert summary["c"][0] == pytest.approx(statistics.median(costs))
+
+    # prices are replaced, not merged; a device without a price leaves the run's cost unknown
+    ingest(db, [], prices={"H100": 4.0})
+    assert run_query("SELECT count(cost_per_mtok) AS n FROM speedup", db)["n"][0] == 0
+    assert count(db, "runs") == 4  # re-ingesting to change prices touched no run
+
+
+def test_bad_prices_are_refused_before_the_store_is_touched(tmp_path):
+    db = tmp_path / "specdec.duckdb"
+    with pytest.raises(ResultFileError, match=r"prices.A100: must be a number >= 0"):
+        ingest(db, standard_files(tmp_path / "results"), prices={"A100": -1})
+    assert not db.exists()
+
+
+def test_fields_without_a_column_are_kept_as_json(tmp_path):
+    doc = make_result("run-x", "baseline", BASE_TPS, BASE_HASH)
+    doc["run"]["placement"] = {"mode": "pipeline", "per_device_bytes": [1, 2]}
+    doc["measurements"][0]["peak_memory_per_device"] = {"cuda:0": 123}
+    db = tmp_path / "specdec.duckdb"
+    ingest(db, [write(tmp_path, "x.json", doc)])
+    run_extra = run_query("SELECT extra_json FROM runs", db)["extra_json"][0]
+    assert json.loads(run_extra) == {"placement": {"mode": "pipeline", "per_device_bytes": [1, 2]}}
+    extra = run_query("SELECT extra_json FROM measurements WHERE prompt_id = 'p1' AND \"repeat\" = 0", db)
+    assert json.loads(extra["extra_json"][0]) == {"peak_memory_per_device": {"cuda:0": 123}}

@@ -1,6 +1,7 @@
 # Config validation and the cell matrix. Runs when the Snakefile is parsed, i.e. before any job starts.
 import json
 import re
+import shlex
 import sys
 
 from snakemake.exceptions import WorkflowError

@@ -1,5 +1,7 @@
 # The only step that writes the DuckDB store: every result file of this tag and host, in one transaction.
 # Runs already stored are skipped by run id, so re-running it (or a resumed workflow) never duplicates a row.
+# It also replaces the store's device price table with the config's `prices`, if any (a price change re-runs only
+# this step, not the measurements).
 
 
 rule ingest:
@@ -9,10 +11,12 @@ rule ingest:
         INGESTED,
     params:
         db=config["db"],
+        # Only when the config sets prices, so a config without them leaves the stored table alone.
+        prices=f"--prices {shlex.quote(json.dumps(config['prices'], sort_keys=True))}" if config["prices"] else "",
     log:
         f"logs/{config['tag']}/{HOST}/ingest.log",
     shell:
-        "specdec ingest --db {params.db:q} {input:q} 2>&1 | tee {log:q} {output:q}"
+        "specdec ingest --db {params.db:q} {params.prices} {input:q} 2>&1 | tee {log:q} {output:q}"
 
 
 SUMMARY_SQL = """
