@@ -1,0 +1,513 @@
+"""One function per dashboard page: `page_x(db, filters)`. All SQL lives in queries.py; here we only shape and draw."""
+
+from __future__ import annotations
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from specdec.dashboard import queries as q
+from specdec.dashboard.queries import Filters
+from specdec.db.query import QueryError, UnsafeSQLError, run_query
+
+# What fills an empty store, from the repository root: the default matrix (its last step ingests), or ingesting
+# result files that already exist. Both write the default store ($SPECDEC_DB or db/specdec.duckdb).
+FILL_COMMANDS = ("snakemake --cores 2", "specdec ingest results/")
+CHART_HEIGHT = 340
+LEGEND_ROWS = 30  # entries a legend lists before "… N entries"
+MANY_SERIES = 16  # above this, a chart of one line/bar per cell needs the filters to be readable
+HEATMAP_WIDTH = 560  # px shared by side-by-side heat maps, beside LABEL_LIMIT px of labels
+MAX_TABLE_ROWS = 2000  # rows a long listing shows on the page; its CSV download has them all
+LABEL_LIMIT = 440  # px of a y-axis label before it is cut with "…"; series labels are long
+
+# A fixed colour per strategy (Tableau 10), so a strategy looks the same whatever the filters leave on the page.
+STRATEGY_COLORS = {"baseline": "#4e79a7", "speculative": "#e15759", "ngram": "#59a14f", "hf-generate": "#bab0ac",
+                   "hf-assisted": "#f28e2b", "hf-ngram": "#76b7b2"}
+OTHER_COLORS = ["#b07aa1", "#edc948", "#ff9da7", "#9c755f"]
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def series_label(df: pd.DataFrame, with_k: bool = False) -> pd.Series:
+    """"target ← draft · strategy", plus host / GPUs / temperature only when those vary in `df`, so lines that
+    mix machines or sampling settings never collapse into one."""
+    has_draft = df.draft.notna() & (df.draft.astype(str) != "")
+    # vectorised: the by-prompt tables have one row per cell × prompt, tens of thousands on a big store
+    label = (df.target.astype(str) + (" ← " + df.draft.astype(str)).where(has_draft, "")
+             + " · " + df.strategy.astype(str))
+    if with_k:
+        label += df.draft_length.map(lambda k: "" if pd.isna(k) else f" · k={int(k)}")
+    for col, fmt in (("host", "{}"), ("gpus", "{} GPU"), ("temperature", "T={}"), ("top_p", "top-p={}"),
+                     ("top_k", "top-k={}"), ("max_new_tokens", "{} new tokens")):
+        if col in df and df[col].nunique(dropna=False) > 1:
+            label += " · " + df[col].map(lambda v: fmt.format(v))
+    return label
+
+
+
+def series_color(domain, field: str = "series", title: str = "pair · strategy") -> alt.Color:
+    """One colour per series, the same in every chart of a page (`domain`: all the page's series, in order), and
+    a legend below the chart with full labels (they are long: pair · strategy · k · ...)."""
+    domain = list(dict.fromkeys(domain))
+    scheme = "category10" if len(domain) <= 10 else "tableau20"
+    return alt.Color(f"{field}:N", title=title, scale=alt.Scale(scheme=scheme, domain=domain),
+                     legend=alt.Legend(orient="bottom", columns=1, labelLimit=0, symbolOpacity=1,
+                                       symbolLimit=LEGEND_ROWS))
+
+
+def strategy_colors(strategies) -> list[str]:
+    others = iter(OTHER_COLORS * (1 + len(strategies) // len(OTHER_COLORS)))
+    return [STRATEGY_COLORS.get(name) or next(others) for name in strategies]
+
+
+def with_legend(plot_height: int, legend_rows: int) -> int:
+    """Chart height for a plot of `plot_height` px above a one-column legend: Streamlit sizes a stretched chart
+    with autosize "fit", which counts the legend and axis titles inside the height."""
+    return plot_height + 60 + 16 * min(legend_rows, LEGEND_ROWS + 1)
+
+
+def many_series_hint(n: int) -> None:
+    if n > MANY_SERIES:
+        st.caption(f"{n} cells in one chart: narrow them with the sidebar filters (pair, strategy, host, GPUs, "
+                   "temperature) for a readable view; the table lists them all.")
+
+
+def cell_heatmaps(df: pd.DataFrame, x: str, x_title: str, panels, text: bool = True):
+    """Heat maps side by side, one per (metric, title, number format): a row per cell (`series`), a column per
+    value of `x`, the number written in each square when there is room. Cell labels on the first only; unlike
+    grouped bars this stays readable with a hundred cells. One panel stretches to the page; several share
+    HEATMAP_WIDTH px (Vega-Lite cannot stretch a concatenation)."""
+    rows = sorted(df.series.unique())
+    n_x = df[x].nunique()
+    column = max(6, min(46, HEATMAP_WIDTH // (len(panels) * n_x)))
+    text = text and column >= 30
+    charts = []
+    for i, (metric, title, fmt) in enumerate(panels):
+        lo, hi = float(df[metric].min()), float(df[metric].max())
+        base = alt.Chart(df).encode(
+            y=alt.Y("series:N", title=None, sort=rows, axis=alt.Axis(labelLimit=LABEL_LIMIT) if i == 0 else None),
+            x=alt.X(f"{x}:N", title=x_title, axis=alt.Axis(labelAngle=0 if n_x <= 6 else -45 if n_x <= 24 else -90,
+                                                            labelOverlap="greedy")))
+        layer = base.mark_rect().encode(
+            color=alt.Color(f"{metric}:Q", title=title, scale=alt.Scale(scheme="viridis"),
+                            legend=alt.Legend(orient="top", gradientLength=160)),
+            tooltip=["series", x, alt.Tooltip(f"{metric}:Q", format=".3f"), "n"])
+        if text:  # dark squares (low values in viridis) get white numbers
+            layer += base.mark_text(fontSize=11).encode(
+                text=alt.Text(f"{metric}:Q", format=fmt),
+                color=alt.condition(f"datum['{metric}'] < {(lo + hi) / 2!r}", alt.value("white"), alt.value("black")))
+        charts.append(layer.properties(width=column * n_x, height=20 * len(rows)))
+    if len(charts) == 1:  # stretched: autosize "fit" counts the legend and axis labels in the height
+        return charts[0].properties(width="container", height=20 * len(rows) + 160)
+    return alt.hconcat(*charts, spacing=24).resolve_scale(color="independent")
+
+
+def show(chart, where=st) -> None:
+    """theme=None: Streamlit's chart theme replaces our colour scheme and legend settings. Side-by-side charts
+    keep the panel widths they were given (Vega-Lite cannot stretch a concatenation to the container)."""
+    width = "content" if isinstance(chart, (alt.HConcatChart, alt.ConcatChart)) else "stretch"
+    where.altair_chart(chart, width=width, theme=None)
+
+
+def table(df: pd.DataFrame, **kwargs) -> None:
+    """st.dataframe with floats shown to 3 decimals (medians of ratios carry float noise otherwise)."""
+    config = {c: st.column_config.NumberColumn(c, format="%.3f") for c in df.columns
+              if pd.api.types.is_float_dtype(df[c])}
+    config.update(kwargs.pop("column_config", {}))
+    st.dataframe(df, hide_index=True, column_config=config, **kwargs)
+
+
+def csv_download(df: pd.DataFrame, name: str, key: str) -> None:
+    st.download_button("Download CSV", df.to_csv(index=False).encode(), file_name=name, mime="text/csv", key=key,
+                       on_click="ignore")
+
+
+def no_rows(f: Filters, what: str = "cells") -> None:
+    if any(getattr(f, name) for name in q.FILTER_NAMES):
+        st.info(f"No {what} match the sidebar filters. Clear a filter to see more.")
+    else:  # runs exist (or the empty-store page would show), but none gave this kind of figure
+        st.info(f"No {what} in the store yet. The Runs page lists every run and failure.")
+
+
+def baseline_rule(y: float = 1.0) -> alt.Chart:
+    return alt.Chart(pd.DataFrame({"y": [y]})).mark_rule(strokeDash=[6, 4], color="gray").encode(y="y:Q")
+
+
+def fmt_k(k) -> str:
+    return "—" if pd.isna(k) else str(int(k))
+
+
+# ---------------------------------------------------------------------------------------------- empty store
+
+def page_empty(db: str, status: dict, chosen: bool = False) -> None:
+    """The store is missing or has no runs: say exactly which commands fill it. `chosen`: the user picked this
+    store with --db, so the default-store commands alone would fill a different file."""
+    st.title("specdec dashboard")
+    what = "does not exist yet" if not status["exists"] else "has no runs yet"
+    st.warning(f"The results store `{db}` {what}.")
+    st.markdown("Fill it from the repository root. Run the benchmark matrix (its last step ingests the results):")
+    st.code(FILL_COMMANDS[0], language="bash")
+    st.markdown("or, if result files already exist, insert them into the store:")
+    st.code(FILL_COMMANDS[1], language="bash")
+    if chosen:  # both commands above write the default store ($SPECDEC_DB or db/specdec.duckdb)
+        st.markdown(f"This dashboard reads `{db}` (from `--db`), not the default store; fill that one with:")
+        st.code(f"specdec ingest --db {db} results/", language="bash")
+    st.markdown("Then reload this page. To open another store: `specdec dashboard --db PATH`.")
+
+
+# ---------------------------------------------------------------------------------------------- overview
+
+def page_overview(db: str, f: Filters) -> None:
+    st.header("Overview")
+    c = q.cells(db, f)
+    # cells that draft (a draft length) and have a baseline to compare with (a speedup)
+    spec = c[c.draft_length.notna() & c.speedup.notna()]
+    if spec.empty:
+        no_rows(f, "speculative cells with a baseline")
+        return
+    top = spec.iloc[0]  # cells() is ordered by median speedup, fastest first
+    pair = q.pair_label(q.pair_key(top.target, top.draft if isinstance(top.draft, str) else None))
+    # two rows of cards: strategy and pair names are long and a fifth of the width cuts them short
+    cards = st.columns(4, border=True)
+    cards[0].metric("Best speedup", f"{top.speedup:.2f}×",
+                    help="Median over prompts and repeats of tokens/s ÷ the baseline's tokens/s, best cell")
+    cards[1].metric("Draft length k", fmt_k(top.draft_length))
+    cards[2].metric("Acceptance rate", "—" if pd.isna(top.acceptance_rate) else f"{top.acceptance_rate:.1%}",
+                    help="Median accepted ÷ proposed draft tokens in that cell")
+    cards[3].metric("Predicted (Leviathan)",
+                    "—" if pd.isna(top.predicted_speedup) else f"{top.predicted_speedup:.2f}×",
+                    help="(1 − α^(k+1)) / ((1 − α)(k·c + 1)) from the cell's median α and draft cost ratio c")
+    names = st.columns([1.3, 3], border=True)
+    names[0].metric("Strategy", top.strategy)
+    names[1].metric("Pair (target ← draft)", pair)
+    why = (f" Why: acceptance α = {top.acceptance_rate:.2f} and draft cost c = {top.cost_ratio_c:.3f} predict "
+           f"{top.predicted_speedup:.2f}×; measured {top.speedup:.2f}×."
+           if pd.notna(top.predicted_speedup) else "")
+    st.caption(f"Host {top.host}, {int(top.gpus)} GPU(s), temperature {top.temperature}; "
+               f"speedup p25–p75 {top.speedup_p25:.2f}–{top.speedup_p75:.2f} over {int(top.n)} measurements; "
+               f"{top.tokens_per_s:.1f} tok/s vs baseline {top.baseline_tokens_per_s:.1f} tok/s." + why)
+
+    st.subheader("Best draft length per pair × strategy")
+    b = q.best_k(db, f)
+    b.insert(0, "pair", [q.pair_label(q.pair_key(t, d if isinstance(d, str) else None))
+                         for t, d in zip(b.target, b.draft)])
+    # settings that are the same in every row add nothing to the table
+    constant = [c for c in ("host", "gpus", "temperature", "top_p", "top_k", "max_new_tokens") if b[c].nunique() <= 1]
+    unpriced = [] if b.cost_per_mtok.notna().any() else ["cost_per_mtok"]  # no device prices configured
+    table(b.drop(columns=["target", "draft", *constant, *unpriced]), column_config={
+        "cost_per_mtok": st.column_config.NumberColumn("cost per 1M tokens", format="%.4f"),
+        "best_k": st.column_config.NumberColumn("best k", format="%d"),
+        "speedup": st.column_config.NumberColumn("speedup", format="%.2f×"),
+        "predicted_speedup": st.column_config.NumberColumn("predicted", format="%.2f×"),
+        "acceptance_rate": st.column_config.NumberColumn("acceptance", format="percent"),
+        "tokens_per_s": st.column_config.NumberColumn("tok/s", format="%.1f"),
+        "baseline_tokens_per_s": st.column_config.NumberColumn("baseline tok/s", format="%.1f")})
+    if constant:
+        st.caption("All rows: " + ", ".join(f"{c} = {b[c].iloc[0]}" for c in constant) + ".")
+
+    status = q.store_status(db)
+    s = st.columns(3)
+    s[0].metric("Runs in store", status["runs"])
+    s[1].metric("Measurements", status["measurements"])
+    s[2].metric("Failed measurements", status["failed_measurements"])
+
+
+# ---------------------------------------------------------------------------------------------- speedup vs k
+
+def page_speedup(db: str, f: Filters) -> None:
+    st.header("Speedup vs draft length")
+    c = q.cells(db, f)
+    d = c[(c.strategy != "baseline") & c.draft_length.notna()].copy()
+    if d.empty:
+        no_rows(f, "cells with a draft length")
+        return
+    d["series"] = series_label(d)
+    n_series = d.series.nunique()
+    # bands of many series overlap into one smear: off by default then (the table keeps the spread)
+    spread = st.radio("Band", ["p25–p75", "min–max", "none"], index=0 if n_series <= 8 else 2, horizontal=True,
+                      key="speedup_band", help="Spread of the per-measurement speedup over prompts and repeats")
+    lo, hi = ("speedup_min", "speedup_max") if spread == "min–max" else ("speedup_p25", "speedup_p75")
+    many_series_hint(n_series)
+    base = alt.Chart(d).encode(x=alt.X("draft_length:Q", title="draft length k", axis=alt.Axis(tickMinStep=1)),
+                               color=series_color(d.series))
+    line = base.mark_line(point=True).encode(
+        y=alt.Y("speedup:Q", title="speedup over baseline (×)"),
+        tooltip=["series", "draft_length", alt.Tooltip("speedup:Q", format=".2f"),
+                 alt.Tooltip(f"{lo}:Q", format=".2f"), alt.Tooltip(f"{hi}:Q", format=".2f"),
+                 alt.Tooltip("acceptance_rate:Q", format=".2f"), "n"])
+    layers = [line, baseline_rule()]
+    if spread != "none":
+        layers.insert(0, base.mark_area(opacity=0.2).encode(y=f"{lo}:Q", y2=f"{hi}:Q"))
+    show(alt.layer(*layers).properties(height=with_legend(CHART_HEIGHT, n_series + 1)))
+    st.caption("Line: median speedup of the cell" + ("" if spread == "none" else f"; band: {spread} over prompts "
+               "and repeats") + ". Dashed rule: the baseline (1.0×). Strategies without a draft length (baseline, "
+               "hf-generate) are not drawn.")
+    table(d[["series", "draft_length", "speedup", lo, hi, "acceptance_rate", "mean_accepted_tokens",
+             "tokens_per_s", "baseline_tokens_per_s", "n"]])
+
+
+# ---------------------------------------------------------------------------------------------- acceptance
+
+def page_acceptance(db: str, f: Filters) -> None:
+    st.header("Acceptance")
+    cat = q.acceptance_by(db, f, "category")
+    if cat.empty:
+        no_rows(f, "measurements with acceptance figures")
+        return
+    cat["series"] = series_label(cat, with_k=True)
+    colors = sorted(cat.series.unique())  # one colour per cell on every chart of this page
+    st.subheader("By category")
+    many_series_hint(len(colors))
+    show(cell_heatmaps(cat, "category", "prompt category",
+                       [("acceptance_rate", "acceptance rate (median)", ".2f"),
+                        ("mean_accepted_tokens", "mean accepted tokens per step (median)", ".2f")]))
+
+    st.subheader("Acceptance per draft position")
+    pos = q.acceptance_per_position(db, f)
+    if pos.empty:
+        st.info("No per-position counts in the filtered cells (hf-* runners do not report them).")
+    else:
+        pos["series"] = series_label(pos, with_k=True)
+        chart = alt.Chart(pos).mark_line(point=True).encode(
+            x=alt.X("position:Q", title="draft position (1 = first proposed token)", axis=alt.Axis(tickMinStep=1)),
+            y=alt.Y("acceptance:Q", title="accepted ÷ proposed", scale=alt.Scale(domain=[0, 1])),
+            color=series_color(colors, title="pair · strategy · k"),
+            tooltip=["series", "position", "accepted", "proposed", alt.Tooltip("acceptance:Q", format=".3f")])
+        show(chart.properties(height=with_legend(CHART_HEIGHT, pos.series.nunique() + 1)))
+        st.caption("Per-position counts summed over every prompt and repeat of the cell. Each target step "
+                   "proposes all k positions; position i counts as accepted when drafts 1..i all were, so the "
+                   "curve shows how far into a draft the target keeps agreeing.")
+
+    st.subheader("By prompt")
+    by_prompt = q.acceptance_by(db, f, "prompt")
+    by_prompt["series"] = series_label(by_prompt, with_k=True)
+    show(cell_heatmaps(by_prompt, "prompt_id", "prompt", [("acceptance_rate", "acceptance rate (median)", ".2f")]))
+    table(by_prompt[["series", "category", "prompt_id", "acceptance_rate", "mean_accepted_tokens",
+                            "speedup", "n"]])
+
+
+# ---------------------------------------------------------------------------------------------- prediction
+
+def page_predicted(db: str, f: Filters) -> None:
+    st.header("Predicted vs measured speedup")
+    c = q.cells(db, f)
+    d = c[c.predicted_speedup.notna() & c.speedup.notna()].copy()
+    if d.empty:
+        no_rows(f, "cells with a Leviathan prediction")
+        return
+    d["series"] = series_label(d)
+    d["measured_over_predicted"] = d.speedup / d.predicted_speedup
+    many_series_hint(d.series.nunique())
+    hi = float(max(d.speedup.max(), d.predicted_speedup.max(), 1.0)) * 1.05
+    diag = alt.Chart(pd.DataFrame({"x": [0.0, hi], "y": [0.0, hi]})).mark_line(
+        strokeDash=[6, 4], color="gray").encode(x="x:Q", y="y:Q")
+    points = alt.Chart(d).mark_point(filled=True, size=90).encode(
+        x=alt.X("predicted_speedup:Q", title="predicted (Leviathan) speedup ×", scale=alt.Scale(domain=[0, hi])),
+        y=alt.Y("speedup:Q", title="measured speedup ×", scale=alt.Scale(domain=[0, hi])),
+        color=series_color(d.series), shape=alt.Shape("strategy:N", legend=alt.Legend(orient="bottom")),
+        tooltip=["series", "draft_length", alt.Tooltip("predicted_speedup:Q", format=".2f"),
+                 alt.Tooltip("speedup:Q", format=".2f"), alt.Tooltip("acceptance_rate:Q", format=".2f"),
+                 alt.Tooltip("cost_ratio_c:Q", format=".3f")])
+    legend_rows = d.series.nunique() + d.strategy.nunique() + 2
+    show((diag + points).properties(height=with_legend(CHART_HEIGHT + 60, legend_rows)))
+    st.caption("Prediction: (1 − α^(k+1)) / ((1 − α)(k·c + 1)) from the cell's median acceptance α and cost "
+               "ratio c. "
+               "Points below the dashed y = x line lose time to overhead the model ignores (sampling, cache "
+               "rollback, Python); above it, the draft is cheaper in practice than c suggests.")
+    table(d[["series", "draft_length", "predicted_speedup", "speedup", "measured_over_predicted",
+             "acceptance_rate", "cost_ratio_c", "leviathan_speedup_median", "n"]])
+    st.caption("leviathan_speedup_median: the median of the per-measurement predictions (each from that "
+               "decode's own α and c), as in the cell_summary view.")
+
+
+# ---------------------------------------------------------------------------------------------- latency
+
+def page_latency(db: str, f: Filters) -> None:
+    st.header("Latency and memory")
+    c = q.cells(db, f)
+    if c.empty:
+        no_rows(f)
+        return
+    d = c.copy()
+    d["cell"] = series_label(d, with_k=True)
+    d["ttft_ms"] = d.ttft_s * 1000
+    d["tpot_ms"] = d.tpot_s * 1000
+    d["peak_memory_mib"] = d.peak_memory_bytes / 2**20
+    order = d.sort_values("tokens_per_s", ascending=False).cell.tolist()  # the same row order in every chart
+    strategies = sorted(d.strategy.unique())
+    # four bar panels side by side sharing one row per cell, so the long cell labels are drawn once
+    figures = (("tokens_per_s", "tokens / s", ".1f"), ("ttft_ms", "time to first token, ms", ".1f"),
+               ("tpot_ms", "time per output token, ms", ".1f"), ("peak_memory_mib", "peak memory, MiB", ".0f"))
+    panels = []
+    for i, (metric, title, fmt) in enumerate(figures):
+        panels.append(alt.Chart(d).mark_bar().encode(
+            y=alt.Y("cell:N", title=None, sort=order, axis=alt.Axis(labelLimit=LABEL_LIMIT) if i == 0 else None),
+            x=alt.X(f"{metric}:Q", title=title, axis=alt.Axis(orient="top", tickCount=4)),
+            color=alt.Color("strategy:N", scale=alt.Scale(domain=strategies, range=strategy_colors(strategies)),
+                            legend=alt.Legend(orient="top", direction="horizontal")),
+            tooltip=["cell", alt.Tooltip(f"{metric}:Q", format=fmt), "n"],
+        ).properties(width=125, height=18 * len(d)))
+    many_series_hint(len(d))
+    show(alt.hconcat(*panels, spacing=12))
+    st.caption("Medians over every prompt and repeat of a cell. Peak memory is what the runner recorded: CUDA max "
+               "allocated on a GPU, the process's peak RSS on a CPU (which includes model loading).")
+    cost = ["cost_per_mtok"] if d.cost_per_mtok.notna().any() else []  # only when device prices are configured
+    table(d[["cell", "tokens_per_s", "baseline_tokens_per_s", "ttft_ms", "tpot_ms", "peak_memory_mib", *cost, "n"]],
+          column_config={"cost_per_mtok": st.column_config.NumberColumn("cost per 1M tokens", format="%.4f")})
+
+
+# ---------------------------------------------------------------------------------------------- scaling
+
+def page_scaling(db: str, f: Filters) -> None:
+    st.header("Scaling with GPU count")
+    c = q.cells(db, f)
+    if c.empty:
+        no_rows(f)
+        return
+    d = c.copy()
+    # GPU count is the x axis here, so keep it out of the series label
+    d["series"] = series_label(d.drop(columns=["gpus"]), with_k=True)
+    counts = d.groupby("series").gpus.nunique()
+    if d.gpus.nunique() < 2:
+        st.info(f"Only one GPU count ({int(d.gpus.iloc[0])}) in the filtered data; run the matrix with more GPU "
+                "counts to see scaling.")
+        chart_data = d
+    else:  # a cell measured at one GPU count only has no line to draw; it stays in the table
+        chart_data = d[d.series.isin(counts[counts > 1].index)]
+        single = int((counts <= 1).sum())
+        if single:
+            st.caption(f"Charted: the {int((counts > 1).sum())} series measured at two or more GPU counts; "
+                       f"{single} measured at one count are in the table below.")
+    colors = sorted(chart_data.series.unique())
+    many_series_hint(len(colors))
+    for metric, title in (("speedup", "speedup over baseline ×"), ("tokens_per_s", "tokens / s (median)")):
+        chart = alt.Chart(chart_data).mark_line(point=True).encode(
+            x=alt.X("gpus:Q", title="GPUs", axis=alt.Axis(tickMinStep=1)), y=alt.Y(f"{metric}:Q", title=title),
+            color=series_color(colors, title="pair · strategy · k"),
+            tooltip=["series", "gpus", alt.Tooltip(f"{metric}:Q", format=".2f"), "n"])
+        layers = chart + baseline_rule() if metric == "speedup" else chart
+        show(layers.properties(height=with_legend(CHART_HEIGHT - 60, len(colors) + 1)))
+    table(d.sort_values(["series", "gpus"])[["series", "gpus", "speedup", "tokens_per_s", "baseline_tokens_per_s",
+                                              "n"]])
+
+
+# ---------------------------------------------------------------------------------------------- losslessness
+
+def page_losslessness(db: str, f: Filters) -> None:
+    st.header("Losslessness")
+    st.caption("Greedy speculative decoding must reproduce the baseline's tokens exactly. Share of outputs whose "
+               "token hash equals the baseline's, per cell (sampled runs are not compared).")
+    c = q.cells(db, f)
+    d = c[(c.compared > 0) & (c.strategy != "baseline")].copy()
+    if d.empty:
+        no_rows(f, "greedy cells with a baseline")
+        return
+    d["cell"] = series_label(d, with_k=True)
+    chart = alt.Chart(d).mark_bar().encode(
+        y=alt.Y("cell:N", title=None, axis=alt.Axis(labelLimit=LABEL_LIMIT)),
+        x=alt.X("share_identical:Q", title="share identical to baseline", scale=alt.Scale(domain=[0, 1]),
+                axis=alt.Axis(format="%")),
+        color=alt.condition("datum.share_identical < 1", alt.value("#d62728"), alt.value("#2ca02c")),
+        tooltip=["cell", alt.Tooltip("share_identical:Q", format=".1%"), "compared", "mismatches"])
+    show(chart.properties(height=max(60, 22 * len(d)) + 50))
+    table(d[["cell", "share_identical", "compared", "mismatches"]],
+          column_config={"share_identical": st.column_config.NumberColumn("identical", format="percent")})
+
+    mm = q.mismatches(db, f)
+    st.subheader(f"Mismatches ({len(mm)})")
+    if mm.empty:
+        st.success("Every compared output is identical to its baseline.")
+    else:
+        if len(mm) > MAX_TABLE_ROWS:
+            st.caption(f"The first {MAX_TABLE_ROWS} are shown; the CSV has all {len(mm)}.")
+        table(mm.head(MAX_TABLE_ROWS))
+        csv_download(mm, "mismatches.csv", "dl_mismatches")
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+RUN_COLUMNS = ["started_utc", "status", "cell", "host", "git_commit", "git_dirty", "gpu_count", "gpu_names",
+               "cpu_name", "cuda_version", "driver_version", "torch_version", "transformers_version",
+               "specdec_version", "python_version", "ok_measurements", "failed_measurements", "error", "target",
+               "draft", "strategy", "k", "gpus", "temperature", "top_p", "top_k", "max_new_tokens", "repeats",
+               "run_id", "finished_utc", "ingested_utc", "params_json", "result_file"]
+
+
+def page_runs(db: str, f: Filters) -> None:
+    st.header("Runs")
+    r = q.runs(db, f)
+    if r.empty:
+        no_rows(f, "runs")
+        return
+    # provenance first, whatever else the store keeps after it
+    order = [c for c in RUN_COLUMNS if c in r.columns] + [c for c in r.columns if c not in RUN_COLUMNS]
+    r = r[order]
+    st.caption(f"{len(r)} runs, {int((r.status != 'ok').sum())} failed. (The category filter does not apply to "
+               "runs.)")
+    table(r)
+    csv_download(r, "runs.csv", "dl_runs")
+    fail = q.failures(db, f)
+    st.subheader(f"Failed measurements ({int(fail.measurements.sum()) if len(fail) else 0})")
+    if fail.empty:
+        st.success("No failed measurements.")
+    else:
+        st.caption("The `failures` view, one row per run and error.")
+        table(fail)
+        csv_download(fail, "failures.csv", "dl_failures")
+
+
+# ---------------------------------------------------------------------------------------------- SQL console
+
+DEFAULT_SQL = ("SELECT target, draft, strategy, draft_length, median(speedup) AS speedup\n"
+               "FROM speedup GROUP BY ALL ORDER BY speedup DESC")
+
+
+def page_sql(db: str, f: Filters) -> None:
+    st.header("SQL console")
+    st.caption("Read-only: one query (SELECT, WITH, FROM, DESCRIBE, ...); writes, DDL, ATTACH, COPY and functions "
+               "that read files are refused. Tables `runs`, `measurements`; views `speedup`, `cell_summary`, "
+               "`failures`. The sidebar filters do not apply here.")
+    with st.form("sql_form"):
+        sql = st.text_area("SQL", value=DEFAULT_SQL, height=140, key="sql_text")
+        a, b = st.columns(2)
+        limit = a.number_input("Row limit", min_value=1, max_value=1_000_000, value=1000, step=100, key="sql_limit")
+        timeout = b.number_input("Time limit (s)", min_value=1, max_value=600, value=10, key="sql_timeout")
+        submitted = st.form_submit_button("Run")
+    if submitted or "sql_result" not in st.session_state:  # the example query runs when the page first opens
+        st.session_state["sql_result"] = run_console(sql, db, int(limit), float(timeout))
+    kind, payload = st.session_state.get("sql_result", (None, None))
+    if kind == "refused":
+        st.error(payload)
+    elif kind == "failed":
+        st.error(f"Query failed: {payload}")
+    elif kind == "ok":
+        note = " — row limit reached, there may be more" if len(payload) >= int(limit) else ""
+        st.caption(f"{len(payload)} rows{note}")
+        table(payload)
+        csv_download(payload, "query.csv", "dl_sql")
+    with st.expander("Schema"):
+        table(q.schema(db))
+
+
+def run_console(sql: str, db: str, limit: int, timeout: float) -> tuple[str, object]:
+    """("ok", DataFrame) | ("refused", reason) | ("failed", message): an error is text on the page, not a
+    traceback. Not cached: the user asked for this run."""
+    try:
+        return "ok", run_query(sql, db, limit=limit, timeout_s=timeout)
+    except UnsafeSQLError as exc:  # check_sql's reason: what was refused and what is allowed
+        return "refused", str(exc)
+    except QueryError as exc:  # a typo, an unknown column, the time limit: one line from DuckDB
+        return "failed", str(exc)
+
+
+PAGES = {
+    "overview": ("Overview", page_overview),
+    "speedup": ("Speedup vs draft length", page_speedup),
+    "acceptance": ("Acceptance", page_acceptance),
+    "predicted": ("Predicted vs measured", page_predicted),
+    "latency": ("Latency and memory", page_latency),
+    "scaling": ("Scaling", page_scaling),
+    "losslessness": ("Losslessness", page_losslessness),
+    "runs": ("Runs", page_runs),
+    "sql": ("SQL console", page_sql),
+}
