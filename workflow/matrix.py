@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import socket
 
@@ -130,4 +131,10 @@ def expand_cells(config: dict) -> dict[str, dict]:
 
 
 def host_label(config: dict) -> str:
-    return SAFE.sub("_", config.get("host") or socket.gethostname())
+    """The host part of result paths: the config's `host`, else the machine that started the workflow.
+
+    Cluster jobs parse the Snakefile again on their compute node; the label is handed to them in the environment
+    (Slurm exports it), so their output paths are the ones the submitting Snakemake expects.
+    """
+    label = config.get("host") or os.environ.setdefault("SPECDEC_HOST_LABEL", socket.gethostname())
+    return SAFE.sub("_", label)
