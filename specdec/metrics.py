@@ -15,12 +15,29 @@ def token_hash(token_ids: list[int]) -> str:
     return hashlib.sha256(",".join(map(str, token_ids)).encode()).hexdigest()
 
 
-def leviathan_speedup(alpha: float | None, k: int | None, c: float | None) -> float | None:
-    """Expected walltime improvement (1 − α^(k+1)) / ((1 − α)(k·c + 1)) (Leviathan et al. 2022, Theorem 3.8)."""
+def expected_tokens(alpha: float, n: int) -> float:
+    """Tokens one verify pass of n drafts yields when each is accepted with probability α: (1 − α^(n+1)) / (1 − α)."""
+    return n + 1 if alpha >= 1 else (1 - alpha ** (n + 1)) / (1 - alpha)
+
+
+def leviathan_speedup(alpha: float | None, k: int | None, c: float | None,
+                      proposed_per_position: list[int] | None = None, steps: int | None = None) -> float | None:
+    """Expected walltime improvement (1 − α^(k+1)) / ((1 − α)(k·c + 1)) (Leviathan et al. 2022, Theorem 3.8).
+
+    With `proposed_per_position` and `steps` (verify passes), the same model is applied to the draft lengths the
+    run actually used: n-gram lookup often proposes fewer than k tokens or none, and the last block is cut at
+    max_new_tokens. Then the prediction is Σ_steps E(n) ÷ Σ_steps (n·c + 1) over each step's draft length n.
+    """
     if alpha is None or k is None or c is None or k < 1:
         return None
-    expected_tokens = k + 1 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
-    return expected_tokens / (k * c + 1)
+    if proposed_per_position and steps:
+        # steps that proposed at least i + 1 drafts -> steps that proposed exactly n drafts
+        at_least = list(proposed_per_position) + [0]
+        exactly = [steps - at_least[0]] + [at_least[n - 1] - at_least[n] for n in range(1, len(at_least))]
+        tokens = sum(m * expected_tokens(alpha, n) for n, m in enumerate(exactly))
+        cost = sum(m * (n * c + 1) for n, m in enumerate(exactly))
+        return tokens / cost if cost else None
+    return expected_tokens(alpha, k) / (k * c + 1)
 
 
 def reset_peak_memory(device) -> None:
@@ -69,8 +86,11 @@ def make_record(trace: Trace, k: int | None, prompt_tokens: int, text: str | Non
         c = None
         if trace.draft_units and trace.steps and trace.verify_s > 0:
             c = (trace.draft_s / trace.draft_units) / (trace.verify_s / trace.steps)
+        per_step = len(trace.proposed_per_position) == k  # per-position counts (our loops), not one total
         record.update(proposed_tokens=proposed, accepted_tokens=accepted, acceptance_rate=alpha,
                       proposed_per_position=list(trace.proposed_per_position),
                       accepted_per_position=list(trace.accepted_per_position),
-                      cost_ratio_c=c, leviathan_speedup=leviathan_speedup(alpha, k, c))
+                      cost_ratio_c=c,
+                      leviathan_speedup=leviathan_speedup(alpha, k, c, trace.proposed_per_position if per_step
+                                                          else None, trace.steps))
     return record
