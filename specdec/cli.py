@@ -30,9 +30,11 @@ def auto_device(name: str) -> str:
 
 def add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="smollm2-135m", help="target model alias (default: %(default)s)")
-    p.add_argument("--draft", default=None, help="draft model alias (speculative, hf-assisted)")
+    p.add_argument("--draft", default=None, help="draft model alias (speculative, hf-assisted), or a trained drafter "
+                   "<target>+eagle / <target>+medusa (speculative, tree, speculative-heuristic/-confidence)")
     p.add_argument("--strategy", default="baseline",
-                   help="baseline | speculative | ngram | hf-generate | hf-assisted | hf-ngram (default: %(default)s)")
+                   help="baseline | speculative | ngram | tree | speculative-heuristic | speculative-confidence | "
+                        "hf-generate | hf-assisted | hf-ngram (default: %(default)s)")
     p.add_argument("--k", type=int, default=4, help="draft length: tokens proposed per verify pass (default: 4)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -116,6 +118,12 @@ def cmd_run_job(args) -> int:
     return run_job(args.job, args.out)
 
 
+def cmd_train_drafter(args) -> int:
+    from specdec.train import cmd_train_drafter as train
+
+    return train(args)
+
+
 def delegate(module: str, func: str, argv: list[str]) -> int:
     import importlib
 
@@ -143,6 +151,27 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--job", required=True)
     j.add_argument("--out", required=True)
     j.set_defaults(func=cmd_run_job)
+
+    t = sub.add_parser("train-drafter", help="train an EAGLE-style drafter or Medusa heads for a target (cached)",
+                       description="Defaults of the training settings: specdec.drafters.DrafterSettings.")
+    t.add_argument("--target", default="smollm2-135m", help="target model alias (default: %(default)s)")
+    t.add_argument("--kind", required=True, help="eagle | medusa")
+    t.add_argument("--budget-minutes", type=float, default=None, help="wall-clock cap for data + training")
+    t.add_argument("--out", default=None, help="drafter folder (default: <drafters dir>/<target>+<kind>-<hash>)")
+    t.add_argument("--drafters-dir", default=None,
+                   help="root of the drafter cache (default: $SPECDEC_DRAFTERS_DIR or results/drafters)")
+    t.add_argument("--print-dir", action="store_true", help="print the drafter folder for these settings and exit")
+    t.add_argument("--force", action="store_true", help="retrain even if the folder holds a trained drafter")
+    t.add_argument("--prompts-file", default=None, help="training prompts (default: prompts/training.jsonl)")
+    t.add_argument("--gen-tokens", type=int, default=None, help="greedy target tokens per training prompt")
+    t.add_argument("--vocab", type=int, default=None, help="draft head rows (0 = the full vocabulary)")
+    t.add_argument("--heads", type=int, default=None, help="medusa heads")
+    t.add_argument("--epochs", type=int, default=None)
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--device", default="cpu", help="cpu | cuda:N (default: cpu)")
+    t.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's choice; 1 is far faster on an oversubscribed CPU)")
+    t.set_defaults(func=cmd_train_drafter)
 
     for name, help_text in (("ingest", "insert result files into the DuckDB store"),
                             ("query", "run read-only SQL against the store"),

@@ -221,8 +221,10 @@ def _load_gguf(gguf_path: Path, dtype: str, trust_remote_code: bool):
     return model, tokenizer
 
 
-def load_model(spec: ModelSpec, device: str = "cpu", device_map=None, max_memory=None) -> LoadedModel:
-    """Load weights and tokenizer for an alias; failures are ModelError with a one-line, actionable message."""
+def load_model(spec: ModelSpec, device: str = "cpu", device_map=None, max_memory=None,
+               tp_plan: str | None = None) -> LoadedModel:
+    """Load weights and tokenizer for an alias; failures are ModelError with a one-line, actionable message.
+    tp_plan="auto" shards the model with transformers' tensor-parallel plan (inside torchrun, see parallel.py)."""
     import time
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -260,12 +262,16 @@ def load_model(spec: ModelSpec, device: str = "cpu", device_map=None, max_memory
             tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
             if device_map is not None:
                 kwargs.update(device_map=device_map, max_memory=max_memory)
+            if tp_plan is not None:
+                from specdec.parallel import tensor_parallel_kwargs
+
+                kwargs.update(tensor_parallel_kwargs(tp_plan))
             model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype(spec.dtype), **kwargs)
     except ModelError:
         raise
     except OSError as exc:
         raise ModelError(unavailable_message(spec, str(exc).splitlines()[0])) from None
-    if device_map is None:
+    if device_map is None and tp_plan is None:
         model.to(device)
     model.eval()
     model.requires_grad_(False)

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from specdec import metrics
+from specdec import drafting, metrics
 from specdec.decoding import DecodeSettings, DraftModelState, baseline_decode, speculative_decode
+from specdec.drafters import DrafterError, find_drafter, load_drafter, parse_alias
 from specdec.hf_runners import HF_STRATEGIES, hf_decode
 from specdec.models import LoadedModel, ModelError, check_same_vocab, encode_prompt, load_model, resolve
 
-STRATEGIES = ("baseline", "speculative", "ngram") + HF_STRATEGIES
-NEEDS_DRAFT = ("speculative", "hf-assisted")
-USES_K = ("speculative", "ngram", "hf-assisted", "hf-ngram")
+STRATEGIES = ("baseline", "speculative", "ngram") + drafting.STRATEGIES + HF_STRATEGIES
+NEEDS_DRAFT = ("speculative", "hf-assisted") + drafting.STRATEGIES
+USES_K = ("speculative", "ngram", "hf-assisted", "hf-ngram") + drafting.STRATEGIES
+TRAINED_DRAFTER_STRATEGIES = ("speculative",) + drafting.STRATEGIES  # a draft slot may name `<target>+eagle|medusa`
 DRAFT_SAMPLING = ("greedy", "sample")
 
 
@@ -44,8 +46,21 @@ def check_settings(strategy: str, draft: str | None, s: DecodeSettings, registry
         raise SettingsError(f"use_cache=false is only measured for the baseline strategy, not '{strategy}'")
     if not 1 <= s.ngram_min <= s.ngram_max:
         raise SettingsError(f"need 1 <= ngram_min <= ngram_max, got {s.ngram_min} and {s.ngram_max}")
+    try:
+        trained = parse_alias(draft)
+    except DrafterError as exc:
+        raise SettingsError(str(exc)) from None
+    if trained and strategy not in TRAINED_DRAFTER_STRATEGIES:
+        raise SettingsError(f"strategy '{strategy}' cannot use the trained drafter '{draft}'; use one of "
+                            f"{', '.join(TRAINED_DRAFTER_STRATEGIES)}")
+    if trained and target and trained[0] != target:
+        raise SettingsError(f"drafter '{draft}' belongs to target '{trained[0]}', not '{target}': use "
+                            f"'{target}+{trained[1]}'")
+    if (trained or strategy in drafting.STRATEGIES) and s.draft_sampling != "greedy":
+        raise SettingsError(f"'{strategy}' with draft '{draft}' proposes the draft's top tokens (exact at any "
+                            "temperature): use draft_sampling greedy")
     if registry is not None:
-        for alias in (target, draft):
+        for alias in (target, None if trained else draft):
             if alias:
                 try:
                     resolve(alias, registry)
@@ -55,20 +70,26 @@ def check_settings(strategy: str, draft: str | None, s: DecodeSettings, registry
 
 @dataclass
 class Pair:
-    """A loaded target, an optional loaded draft, and the logit rows they share."""
+    """A loaded target, an optional loaded draft, and the logit rows they share (or a trained drafter)."""
     target: LoadedModel
     draft: LoadedModel | None = None
     vocab: int | None = None
+    drafter: object = None  # drafters.Drafter when the draft slot names `<target>+eagle|medusa`
 
 
 def load_pair(target_alias: str, draft_alias: str | None, registry: dict, device: str = "cpu",
-              device_map=None, max_memory=None) -> Pair:
-    """With a device_map the target is placed by accelerate; the draft always sits whole on `device` (a small
-    draft loses more to cross-device hops than it gains from being split)."""
+              device_map=None, max_memory=None, tp_plan: str | None = None, drafters_dir=None,
+              drafter_settings: dict | None = None) -> Pair:
+    """With a device_map the target is placed by accelerate (with tp_plan, sharded by transformers' tensor
+    parallelism); the draft always sits whole on `device` (a small draft loses more to cross-device hops than it
+    gains from being split). A trained drafter is looked up (and its absence reported) before any model loads."""
+    folder = find_drafter(draft_alias, drafters_dir, drafter_settings) if parse_alias(draft_alias) else None
     target = load_model(resolve(target_alias, registry), device=device, device_map=device_map,
-                        max_memory=max_memory)
+                        max_memory=max_memory, tp_plan=tp_plan)
     if not draft_alias:
         return Pair(target)
+    if folder is not None:
+        return Pair(target, drafter=load_drafter(folder, target.model))
     draft = load_model(resolve(draft_alias, registry), device=device)
     vocab = check_same_vocab(target, draft)
     t_rows = target.model.get_output_embeddings().weight.shape[0]
@@ -81,6 +102,9 @@ def decode(pair: Pair, strategy: str, prompt_ids: list[int], s: DecodeSettings):
     eos = set(target.eos_token_ids)
     if strategy == "baseline":
         return baseline_decode(target.model, prompt_ids, s, eos)
+    if strategy in drafting.STRATEGIES or pair.drafter is not None:
+        return drafting.decode(strategy, target.model, prompt_ids, s, eos, pair.draft.model if pair.draft else None,
+                               pair.drafter, pair.vocab)
     if strategy == "speculative":
         state = DraftModelState(pair.draft.model, vocab=pair.vocab)
         return speculative_decode(target.model, prompt_ids, s, eos, draft=state, vocab=pair.vocab)
@@ -116,12 +140,28 @@ def _generate(pair: Pair, strategy: str, prompt, s: DecodeSettings, turns) -> di
         trace = decode(pair, strategy, ids, s)
         text = tok.decode(trace.tokens, skip_special_tokens=True)
         records.append(_record(trace, strategy, s, len(ids), text))
-    return records[0] if len(records) == 1 else merge_turns(records, s.k if strategy in USES_K else None)
+    if len(records) == 1:
+        return records[0]
+    steps = sum(r["target_forward_passes"] - 1 for r in records)
+    return merge_turns(records, prediction_k(strategy, s, sum(r["proposed_tokens"] or 0 for r in records), steps))
+
+
+def prediction_k(strategy: str, s: DecodeSettings, proposed: int, steps: int) -> float | None:
+    """The k of a merged record's Leviathan prediction: the fixed k, or for trees and dynamic lengths the mean
+    number of draft positions per verify step (treated as a chain of that length)."""
+    if strategy not in USES_K:
+        return None
+    if strategy in drafting.STRATEGIES:
+        return proposed / steps if steps else None
+    return s.k
 
 
 def _record(trace, strategy: str, s: DecodeSettings, prompt_tokens: int, text: str | None) -> dict:
     speculative = strategy in USES_K
-    record = metrics.make_record(trace, s.k if speculative else None, prompt_tokens, text, speculative)
+    k = s.k if speculative else None
+    if strategy in drafting.STRATEGIES:  # lengths vary per step: metrics' per-step prediction over the lengths used
+        k = len(trace.proposed_per_position)
+    record = metrics.make_record(trace, k, prompt_tokens, text, speculative)
     if strategy in HF_STRATEGIES:  # transformers does not expose which draft position was rejected
         record["proposed_per_position"] = record["accepted_per_position"] = None
     return record

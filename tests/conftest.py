@@ -1,5 +1,38 @@
+import json
 import sys
 from pathlib import Path
 
+import pytest
+
 # tests/tiny.py (tiny random models) is imported by several test modules
 sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import noisy_copy, save_tiny_pair, tiny_target  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def target():
+    """A tiny random Llama target (rebuilt per module: decoding prepares models in place)."""
+    return tiny_target()
+
+
+@pytest.fixture(scope="module")
+def draft(target):
+    """A draft that often disagrees with `target`: its weights with 30 % noise."""
+    return noisy_copy(target, 0.3)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """The tiny target and draft saved to disk, as a `models:` mapping of aliases to folders."""
+    return save_tiny_pair(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    """Two prompts, the second with a follow-up turn."""
+    path = tmp_path / "prompts.jsonl"
+    rows = [{"id": "a", "category": "qa", "prompt": "what is two plus two?"},
+            {"id": "b", "category": "repetitive", "prompt": "la la la la la la", "turns": ["again: la la la"]}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path

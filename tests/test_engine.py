@@ -14,19 +14,9 @@ import specdec.decoding as decoding
 from specdec.decoding import DecodeSettings, DraftModelState, baseline_decode, rollback, speculative_decode
 from specdec.hf_runners import hf_decode
 from specdec.metrics import leviathan_speedup, make_record
-from tiny import EOS, VOCAB, noisy_copy, prompts, tiny_config, tiny_target
+from tiny import EOS, noisy_copy, prompts, tiny_config
 
 from transformers import LlamaForCausalLM
-
-
-@pytest.fixture(scope="module")
-def target():
-    return tiny_target()
-
-
-@pytest.fixture(scope="module")
-def draft(target):
-    return noisy_copy(target, 0.3)
 
 
 def spec(target, draft, p, s, eos=frozenset({EOS})):

@@ -1,0 +1,166 @@
+"""Trained drafters: names and folders, training on a tiny model, save/load, greedy losslessness of chains and
+trees with EAGLE and Medusa drafters, and running them as workflow cells."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import pytest
+import torch
+import yaml
+
+from specdec import drafting
+from specdec.cli import main as cli_main
+from specdec.decoding import DecodeSettings, baseline_decode
+from specdec.drafters import (DrafterError, DrafterSettings, attach, drafter_dir, find_drafter, load_drafter,
+                              new_module, parse_alias)
+from specdec.job import run_cell
+from specdec.models import load_model, load_registry
+from specdec.runner import SettingsError, check_settings, load_pair
+from specdec.train import generate_sequences, train, train_drafter
+from tiny import EOS, prompts, save_tiny_pair, tiny_target
+
+SMALL = DrafterSettings(gen_tokens=20, vocab=40, epochs=12, batch_size=4, lr=3e-3, val_every=4, budget_minutes=2)
+
+
+def test_alias_and_folder_naming(monkeypatch, tmp_path):
+    assert parse_alias("smollm2-135m+eagle") == ("smollm2-135m", "eagle")
+    assert parse_alias("smollm2-135m") is None and parse_alias(None) is None
+    with pytest.raises(DrafterError, match="kind one of"):
+        parse_alias("smollm2-135m+hydra")
+    monkeypatch.delenv("SPECDEC_DRAFTERS_DIR", raising=False)
+    folder = drafter_dir("smollm2-135m", "eagle")
+    assert folder.parent.as_posix() == "results/drafters" and folder.name.startswith("smollm2-135m+eagle-")
+    assert drafter_dir("smollm2-135m", "eagle", {}) == folder  # same settings, same folder
+    assert drafter_dir("smollm2-135m", "eagle", {"vocab": 4096}) != folder
+    assert drafter_dir("smollm2-135m", "medusa") != folder
+    monkeypatch.setenv("SPECDEC_DRAFTERS_DIR", str(tmp_path))
+    assert drafter_dir("smollm2-135m", "eagle").parent == tmp_path
+    with pytest.raises(DrafterError, match="unknown drafter setting"):
+        drafter_dir("smollm2-135m", "eagle", {"lerning_rate": 1})
+
+
+@pytest.mark.parametrize("strategy, draft, sampling, message", [
+    ("hf-assisted", "smollm2-135m+eagle", "greedy", "cannot use the trained drafter"),
+    ("speculative", "pythia-70m+eagle", "greedy", "belongs to target 'pythia-70m'"),
+    ("tree", "smollm2-135m+medusa", "sample", "draft_sampling greedy"),
+    ("speculative", "smollm2-135m+lookahead", "greedy", "kind one of"),
+    ("tree", None, "greedy", "needs a draft model"),
+])
+def test_drafter_settings_errors(strategy, draft, sampling, message):
+    s = DecodeSettings(k=4, draft_sampling=sampling)
+    with pytest.raises(SettingsError, match=message):
+        check_settings(strategy, draft, s, load_registry(), "smollm2-135m")
+
+
+def test_untrained_drafter_names_the_command_that_trains_it(tmp_path):
+    with pytest.raises(DrafterError, match=r"specdec train-drafter --target smollm2-135m --kind medusa"):
+        load_pair("smollm2-135m", "smollm2-135m+medusa", load_registry(), drafters_dir=tmp_path)
+
+
+@pytest.fixture(scope="module")
+def tiny_env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("drafters")
+    models = save_tiny_pair(root / "models")
+    prompt_file = root / "train.jsonl"
+    texts = ["hello there, how are you?", "count: one two three four", "la la la la la", "abc abc abc abc",
+             "the quick brown fox", "a b c d e f g", "please repeat: xyz xyz", "tell me a story"]
+    prompt_file.write_text("".join(json.dumps({"id": f"t{i}", "category": "qa", "prompt": t}) + "\n"
+                                   for i, t in enumerate(texts)))
+    return {"root": root, "models": models, "prompts": prompt_file,
+            "settings": DrafterSettings(**{**SMALL.__dict__, "prompts_file": str(prompt_file)})}
+
+
+@pytest.mark.parametrize("kind", ["eagle", "medusa"])
+def test_training_lowers_the_loss_and_round_trips(tiny_env, kind):
+    loaded = load_model(load_registry(tiny_env["models"])["tiny-target"])
+    folder = train_drafter(loaded, kind, tiny_env["settings"], tiny_env["root"])
+    meta = json.loads((folder / "drafter.json").read_text())
+    training = meta["training"]
+    # the same training prompts scored before and after (medusa's floor is the random target's high entropy)
+    assert training["loss_after"] < training["loss_before"] - (0.5 if kind == "eagle" else 0.2)
+    settings = tiny_env["settings"]
+    assert len(training["val_top1_by_depth"]) == (settings.unroll if kind == "eagle" else settings.heads)
+    assert meta["target"] == "tiny-target" and meta["settings"]["vocab"] == 40 and training["head_rows"] == 40
+    assert folder == drafter_dir("tiny-target", kind, tiny_env["settings"], tiny_env["root"])
+    # the saved drafter gives the trained module's outputs
+    loaded_drafter = load_drafter(folder, loaded.model)
+    assert loaded_drafter.kind == kind
+    fresh = new_module(kind, loaded.model, None, 4)
+    saved = load_drafter(folder, loaded.model).module.state_dict()
+    assert set(saved) == set(fresh.state_dict())
+    feats = torch.randn(1, 5, loaded.model.config.hidden_size)
+    if kind == "eagle":
+        emb = torch.randn(1, 5, loaded.model.config.hidden_size)
+        out = loaded_drafter.module(emb, feats, torch.arange(5))[0]
+        assert not torch.allclose(out, fresh(emb, feats, torch.arange(5))[0])
+    # a second call finds the trained drafter instead of training again
+    assert train_drafter(loaded, kind, tiny_env["settings"], tiny_env["root"]) == folder
+    assert find_drafter(f"tiny-target+{kind}", tiny_env["root"], tiny_env["settings"]) == folder
+
+
+@pytest.fixture(scope="module")
+def float64_drafters():
+    """EAGLE and Medusa drafters briefly trained on a float64 tiny target (float64 keeps greedy identity a test of
+    the algorithm rather than of rounding)."""
+    target = tiny_target()
+    loaded = types.SimpleNamespace(model=target, eos_token_ids=[EOS])
+    ps = prompts(12, seed=11)
+    seqs, feats = generate_sequences(loaded, ps, 24)
+    data = {"tokens": [torch.tensor(s) for s in seqs], "feats": feats, "prompt_lengths": [len(p) for p in ps]}
+    settings = DrafterSettings(vocab=0, epochs=15, batch_size=4, lr=3e-3, val_every=6)
+    out = {}
+    for kind in ("eagle", "medusa"):
+        drafter, _ = train(kind, loaded, settings, data, deadline=float("inf"))
+        out[kind] = attach(kind, drafter.module.eval().requires_grad_(False), target)
+    return target, out
+
+
+@pytest.mark.parametrize("kind", ["eagle", "medusa"])
+@pytest.mark.parametrize("strategy", ["speculative", "tree", "speculative-heuristic", "speculative-confidence"])
+def test_greedy_trained_drafters_match_baseline(float64_drafters, kind, strategy):
+    target, drafters = float64_drafters
+    accepted = 0
+    for p in prompts(4, seed=13):
+        for k in (2, 4):
+            s = DecodeSettings(max_new_tokens=24, k=k)
+            base = baseline_decode(target, p, s, {EOS}).tokens
+            trace = drafting.decode(strategy, target, p, s, {EOS}, drafter=drafters[kind])
+            assert trace.tokens == base, f"{kind} {strategy} k={k}"
+            accepted += sum(trace.accepted_per_position)
+    assert accepted > 0  # the drafters propose something the target takes: both paths run
+
+
+def test_trained_drafters_as_workflow_cells(tiny_env, tmp_path):
+    """`specdec train-drafter` through the CLI, then cells that name `tiny-target+eagle` / `+medusa`."""
+    models_file = tmp_path / "models.yaml"
+    models_file.write_text(yaml.safe_dump(tiny_env["models"]))
+    s = tiny_env["settings"]
+    argv = ["--models", str(models_file), "train-drafter", "--target", "tiny-target", "--kind", "eagle",
+            "--drafters-dir", str(tiny_env["root"]), "--prompts-file", s.prompts_file, "--gen-tokens",
+            str(s.gen_tokens), "--vocab", str(s.vocab), "--epochs", str(s.epochs), "--budget-minutes", "2"]
+    settings = {"prompts_file": s.prompts_file, "gen_tokens": s.gen_tokens, "vocab": s.vocab, "epochs": s.epochs,
+                "budget_minutes": 2.0}
+    assert cli_main(argv) == 0
+    expected = drafter_dir("tiny-target", "eagle", settings, tiny_env["root"])  # CLI flags over the defaults
+    assert (expected / "drafter.json").is_file()
+    for kind in ("eagle", "medusa"):
+        if kind == "medusa":
+            assert cli_main(argv[:6] + ["medusa"] + argv[7:]) == 0
+        job = {"target": "tiny-target", "draft": f"tiny-target+{kind}", "prompts_file": str(tiny_env["prompts"]),
+               "models": tiny_env["models"], "max_new_tokens": 10, "repeats": 1, "warmup": 1, "k": 3,
+               "stop_at_eos": False, "prompt_ids": ["t0", "t2"], "drafters_dir": str(tiny_env["root"]),
+               "drafter_settings": settings}
+        for strategy in ("speculative", "tree", "speculative-heuristic"):
+            doc = run_cell({**job, "strategy": strategy})
+            assert doc["run"]["status"] == "ok", doc["run"]["error"]
+            assert doc["run"]["params"]["draft_source"].startswith("drafter:")
+            for row in doc["measurements"]:
+                assert row["status"] == "ok" and row["new_tokens"] == 10
+                for key in ("acceptance_rate", "mean_accepted_tokens", "draft_s", "verify_s", "cost_ratio_c",
+                            "proposed_per_position", "accepted_per_position"):
+                    assert row[key] is not None, key
+    missing = run_cell({**job, "drafter_settings": {"vocab": 7}, "strategy": "tree"})
+    assert missing["run"]["status"] == "failed"
+    assert "specdec train-drafter --target tiny-target --kind medusa" in missing["run"]["error"]
