@@ -19,17 +19,18 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from specdec import __version__
+from specdec import __version__, drafters
 from specdec.decoding import DecodeSettings
 from specdec.models import encode_prompt, load_registry
 from specdec.prompts import load_prompts, select
-from specdec.runner import check_settings, generate, load_pair, warm_up
+from specdec.runner import USES_K, check_settings, generate, load_pair, warm_up
 
 FORMAT = "specdec-result/1"
 JOB_DEFAULTS = dict(draft=None, k=None, gpus=0, temperature=0.0, top_p=1.0, top_k=0, draft_sampling="greedy",
                     use_cache=True, max_new_tokens=128, repeats=1, warmup=1, seed=0, stop_at_eos=True,
                     ngram_max=3, prompt_ids=None, categories=None, per_category=None, models=None,
-                    config_hash=None, workflow_run_id=None, cell=None, gpu_mode="pipeline")
+                    config_hash=None, workflow_run_id=None, cell=None, gpu_mode="pipeline",
+                    drafters_dir=None, drafter_settings=None)  # trained drafters: cache root, training settings
 
 
 def utc_now() -> str:
@@ -86,6 +87,7 @@ def provenance(job: dict) -> dict:
         "torch_version": torch.__version__, "transformers_version": transformers.__version__,
         "specdec_version": __version__, "python_version": platform.python_version(),
         "seed": job["seed"], "config_hash": job["config_hash"], "devices": ["cpu"],
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),  # set when the cell ran as a cluster job
     }
 
 
@@ -116,10 +118,14 @@ def failed_rows(prompts: list[dict], repeats: int, error: str) -> list[dict]:
 
 
 def run_cell(job: dict, progress=None) -> dict:
-    """Run one cell and return the result document (never raises for model or decoding failures)."""
-    from specdec import devices
+    """Run one cell and return the result document (never raises for model or decoding failures).
+
+    Inside a tensor-parallel worker (see parallel.py) it runs this rank's share and raises instead, so torchrun
+    stops every rank and the parent process stores the failure."""
+    from specdec import devices, parallel
 
     job = read_job(job)
+    worker = parallel.in_worker()
     run = {"run_id": uuid.uuid4().hex, "workflow_run_id": job["workflow_run_id"], "started_utc": utc_now(),
            "status": "ok", "error": None, **provenance(job)}
     params = {key: job[key] for key in ("cell", "target", "draft", "strategy", "k", "gpus", "temperature", "top_p",
@@ -133,19 +139,41 @@ def run_cell(job: dict, progress=None) -> dict:
     try:
         registry = load_registry(job["models"])
         check_settings(job["strategy"], job["draft"], s, registry, job["target"])
-        claim = devices.claim_gpus(job["gpus"])
-        run.update(gpu_names=claim.names, gpu_count=len(claim.indices), devices=claim.devices)
+        check_gpu_mode(job)
         target_spec = registry[job["target"]]
+        trained = drafters.parse_alias(job["draft"])  # `<target>+eagle|medusa`: no registry entry, a folder
+        draft_spec = registry[job["draft"]] if job["draft"] and not trained else None
         params.update(target_source=target_spec.source, dtype=target_spec.dtype,
-                      draft_source=registry[job["draft"]].source if job["draft"] else None)
-        placement = {}
-        if len(claim.indices) > 1:  # pipeline: the target's layers split over the claimed GPUs, balanced by memory
-            placement = {"device_map": "balanced",
-                         "max_memory": devices.pipeline_device_map_memory(claim, devices.visible_gpus())}
-        pair = load_pair(job["target"], job["draft"], registry, device=claim.devices[0], **placement)
+                      draft_source=draft_spec.source if draft_spec else None)
+        if trained:
+            params["draft_source"] = "drafter:" + str(drafters.drafter_dir(*trained, job["drafter_settings"],
+                                                                          job["drafters_dir"]))
+        if worker:
+            pair = parallel.load_pair_tensor_parallel(job["target"], job["draft"], registry)
+            used = [parallel.worker_device()]
+        else:
+            claim = devices.claim_gpus(job["gpus"])
+            run.update(gpu_names=claim.names, gpu_count=len(claim.indices), devices=claim.devices)
+            inventory = devices.visible_gpus() if claim.indices else []
+            placement = devices.plan_cell(target_spec, draft_spec, job["gpu_mode"], claim, inventory,
+                                          job["max_new_tokens"], s.k if job["strategy"] in USES_K else 0)
+            run["placement"] = placement.record()
+            if placement.mode == "tensor":  # the same cell again, on one process per GPU
+                document = parallel.run_under_torchrun(job, len(claim.indices), claim.indices)
+                claim.release()
+                return merge_worker_document(document, run, claim)
+            kwargs = ({"device_map": "balanced", "max_memory": placement.max_memory}
+                      if placement.mode == "pipeline" else {})
+            pair = load_pair(job["target"], job["draft"], registry, device=claim.devices[0], **kwargs,
+                             drafters_dir=job["drafters_dir"], drafter_settings=job["drafter_settings"])
+            used = claim.devices
+        # weights as loaded, before decoding's first call repacks CPU layers into non-parameter buffers
+        weights = devices.loaded_bytes([pair.target.model] + ([pair.draft.model] if pair.draft else []), used)
         if job["warmup"]:
             warm_up(pair, job["strategy"], encode_prompt(pair.target, prompts[0]["prompt"]), s, job["warmup"])
     except Exception as exc:  # the cell fails as a whole; record why on every row it would have produced
+        if worker:
+            raise
         run.update(status="failed", error=one_line(exc))
         measurements = failed_rows(prompts, job["repeats"], run["error"])
         if claim:
@@ -153,22 +181,60 @@ def run_cell(job: dict, progress=None) -> dict:
         run["finished_utc"] = utc_now()
         return {"format": FORMAT, "run": run, "measurements": measurements}
 
+    devices.reset_peak_memory(used)
+    peaks = [0] * len(used)
     for p in prompts:
         for repeat in range(job["repeats"]):
             row = {"prompt_id": p["id"], "category": p["category"], "repeat": repeat, "status": "ok", "error": None}
             try:
                 row.update(generate(pair, job["strategy"], p["prompt"], replace(s, seed=s.seed + repeat), p["turns"]))
             except Exception as exc:  # e.g. out of memory on one long prompt: keep going with the next
+                if worker:  # the other ranks are waiting inside a collective: only stopping them all is safe
+                    raise
                 row.update(status="failed", error=one_line(exc))
                 _free_cuda()
+            peaks = [max(a, b) for a, b in zip(peaks, devices.peak_memory_per_device(used))]
             measurements.append(row)
             if progress:
                 progress(row)
-    claim.release()
+    if worker:
+        used, peaks, weights = [sum(x, []) for x in zip(*parallel.gather((used, peaks, weights)))]
+    else:
+        claim.release()
+    run.update(devices=used, device_peak_memory_bytes=peaks, device_weight_bytes=weights)
     if all(m["status"] == "failed" for m in measurements):
         run.update(status="failed", error=measurements[0]["error"])
     run["finished_utc"] = utc_now()
     return {"format": FORMAT, "run": run, "measurements": measurements}
+
+
+def check_gpu_mode(job: dict) -> None:
+    """Checks of the multi-GPU settings that need neither models nor devices."""
+    from specdec.devices import GPU_MODES, DeviceError
+
+    if job["gpu_mode"] not in GPU_MODES:
+        raise DeviceError(f"gpu_mode must be one of {', '.join(GPU_MODES)}, got {job['gpu_mode']!r}")
+    if not isinstance(job["gpus"], int) or job["gpus"] < 0:
+        raise DeviceError(f"gpus must be an integer >= 0 (0 = CPU), got {job['gpus']!r}")
+    if job["gpu_mode"] == "tensor" and job["gpus"] > 1:
+        from specdec.parallel import TENSOR_STRATEGIES
+
+        if job["strategy"] not in TENSOR_STRATEGIES or drafters.parse_alias(job["draft"]):
+            raise DeviceError(f"gpu_mode tensor runs {', '.join(TENSOR_STRATEGIES)} with a draft model from the "
+                              f"registry (whole on rank 0), not '{job['strategy']}' with draft {job['draft']!r}: "
+                              "use gpu_mode: pipeline for this cell")
+
+
+def merge_worker_document(document: dict, run: dict, claim) -> dict:
+    """Rank 0's document, with what only the parent knows: the claimed devices and the memory estimate.
+    Workers report their own devices (cuda:<local rank> after CUDA_VISIBLE_DEVICES); the parent's claim names
+    the same GPUs by this machine's indices."""
+    worker_run = document["run"]
+    on_gpus = all(d.startswith("cuda") for d in worker_run.get("devices") or [])
+    worker_run.update(run_id=run["run_id"], started_utc=run["started_utc"], gpu_names=claim.names,
+                      gpu_count=len(claim.indices), placement=run["placement"],
+                      devices=claim.devices if on_gpus else worker_run.get("devices"))
+    return document
 
 
 def _free_cuda() -> None:

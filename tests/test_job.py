@@ -10,21 +10,7 @@ from specdec import devices
 from specdec.devices import DeviceError, DeviceInfo, claim_gpus
 from specdec.job import run_cell, run_job
 from specdec.prompts import PromptFileError, load_prompts
-from tiny import save_tiny_pair
 
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    return save_tiny_pair(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture
-def prompt_file(tmp_path):
-    path = tmp_path / "prompts.jsonl"
-    rows = [{"id": "a", "category": "qa", "prompt": "what is two plus two?"},
-            {"id": "b", "category": "repetitive", "prompt": "la la la la la la", "turns": ["again: la la la"]}]
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
 
 
 def job(prompt_file, models, **kw):
