@@ -6,6 +6,7 @@ configfile: "config.yaml"
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/drafters.smk"
 include: "workflow/rules/decode.smk"
 include: "workflow/rules/store.smk"
 

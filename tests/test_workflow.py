@@ -18,7 +18,7 @@ import duckdb
 import pytest
 import yaml
 
-from tiny import save_tiny_pair
+
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "workflow"))
@@ -50,11 +50,6 @@ PROMPTS = [
     {"id": "a2", "category": "repetitive", "prompt": "la la la la la la la la"},
     {"id": "a3", "category": "qa", "prompt": "what is the capital of France?"},
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    return save_tiny_pair(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture
@@ -279,3 +274,35 @@ def test_a_killed_run_resumes_with_only_the_missing_cells(workdir, tiny_models):
     assert run_ids <= stored and len(stored) == total
     assert rows(workdir / "store.duckdb", "SELECT count(*), count(DISTINCT (run_id, prompt_id, \"repeat\")) "
                                           "FROM measurements") == [(total * len(PROMPTS), total * len(PROMPTS))]
+
+
+def test_trained_drafters_are_trained_once_and_used_by_their_cells(workdir, tiny_models):
+    config = base_config(tiny_models, pairs=[{"target": "tiny-target", "draft": "tiny-target+eagle"}],
+                         strategies=["baseline", "speculative", "hf-assisted"], draft_lengths=[3],
+                         drafter_settings={"prompts_file": "prompts.jsonl", "gen_tokens": 16, "vocab": 40,
+                                           "epochs": 4, "budget_minutes": 1})
+    config["generation"]["repeats"] = 1
+    write_config(workdir, config)
+    cells = matrix.expand_cells(config)
+    # hf-assisted cannot drive a drafter specdec trained itself: pruned, not run
+    assert sorted(c["strategy"] for c in cells.values()) == ["baseline", "speculative"]
+    result = snakemake(workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folders = list((workdir / "results" / "drafters").glob("tiny-target+eagle-*/drafter.json"))
+    assert len(folders) == 1
+    db = workdir / "store.duckdb"
+    assert rows(db, "SELECT count(*), bool_and(matches_baseline) FROM speedup WHERE strategy = 'speculative'") == [
+        (len(PROMPTS), True)]
+    assert rows(db, "SELECT count(*) FROM speedup WHERE strategy = 'speculative' AND acceptance_rate IS NULL") == [
+        (0,)]
+    # nothing changed: the drafter is not trained again
+    trained_at = folders[0].stat().st_mtime
+    again = snakemake(workdir)
+    assert again.returncode == 0 and folders[0].stat().st_mtime == trained_at
+
+
+def test_a_drafter_for_another_target_is_a_config_error(tiny_models):
+    config = base_config(tiny_models, pairs=[{"target": "tiny-target", "draft": "tiny-draft+eagle"}])
+    with pytest.raises(matrix.ConfigError, match=r"pairs\[0\]\.draft: drafter 'tiny-draft\+eagle' is trained for "
+                                                  r"'tiny-draft', not for the pair's target 'tiny-target'"):
+        matrix.check_config(config)

@@ -43,10 +43,34 @@ def schema_error_line(exc: BaseException) -> str:
 
 
 def strategy_table():
-    """(all strategies, those that need a draft model, those that take k) from the engine, the single source."""
+    """(all strategies, those that need a draft, those that take k) from the engine, the single source."""
     from specdec import runner
 
     return tuple(runner.STRATEGIES), tuple(runner.NEEDS_DRAFT), tuple(runner.USES_K)
+
+
+def trained_drafter(alias: str | None):
+    """(target, kind) when a draft alias names a drafter specdec trains itself (`<target>+eagle|medusa`)."""
+    from specdec.drafters import parse_alias
+
+    return parse_alias(alias)
+
+
+def drafter_strategies() -> tuple:
+    from specdec import runner
+
+    return tuple(runner.TRAINED_DRAFTER_STRATEGIES)
+
+
+def drafters_root(config: dict) -> str:
+    return f"{config.get('results', 'results')}/drafters"
+
+
+def drafter_folder(config: dict, target: str, kind: str) -> str:
+    """Where the workflow's train_drafter rule puts (and the cells find) this target's drafter."""
+    from specdec.drafters import drafter_dir
+
+    return str(drafter_dir(target, kind, config.get("drafter_settings") or None, drafters_root(config)))
 
 
 def check_config(config: dict) -> list[dict]:
@@ -62,10 +86,23 @@ def check_config(config: dict) -> list[dict]:
         registry = load_registry(config.get("models") or {})
     except (ModelError, ValueError, TypeError) as exc:
         raise ConfigError(f"models: {exc}") from None
+    from specdec.drafters import DrafterError, DrafterSettings
+
+    try:
+        DrafterSettings.from_dict(config.get("drafter_settings"))
+    except (DrafterError, TypeError) as exc:
+        raise ConfigError(f"drafter_settings: {exc}") from None
     for i, pair in enumerate(config["pairs"]):
+        try:
+            trained = trained_drafter(pair.get("draft"))
+        except DrafterError as exc:
+            raise ConfigError(f"pairs[{i}].draft: {exc}") from None
+        if trained and trained[0] != pair["target"]:
+            raise ConfigError(f"pairs[{i}].draft: drafter '{pair['draft']}' is trained for '{trained[0]}', not for "
+                              f"the pair's target '{pair['target']}'; use '{pair['target']}+{trained[1]}'")
         for role in ("target", "draft"):
             alias = pair.get(role)
-            if alias:
+            if alias and not (role == "draft" and trained):
                 try:
                     resolve(alias, registry)
                 except ModelError as exc:
@@ -114,6 +151,9 @@ def expand_cells(config: dict) -> dict[str, dict]:
             if strategy in needs_draft and not draft:
                 continue  # pruned: this pair has no draft model
             cell_draft = draft if strategy in needs_draft else None
+            trained = trained_drafter(cell_draft)
+            if trained and strategy not in drafter_strategies():
+                continue  # pruned: e.g. hf-assisted cannot drive a drafter specdec trained itself
             ks = config["draft_lengths"] if strategy in uses_k else [None]
             for k in ks:
                 for gpus in config["gpus"]:
@@ -124,6 +164,9 @@ def expand_cells(config: dict) -> dict[str, dict]:
                         # Only the aliases this cell uses, so editing another model's entry reruns nothing here.
                         used = {a: extra_models[a] for a in (target, cell_draft) if a in extra_models}
                         cell["models"] = used or None
+                        if trained:  # only drafter cells carry these, so other cells do not rerun when they change
+                            cell["drafters_dir"] = drafters_root(config)
+                            cell["drafter_settings"] = config.get("drafter_settings") or None
                         # Hash of the cell's own parameters: Snakemake reruns a cell exactly when this changes.
                         cell["config_hash"] = config_hash(cell)
                         cells[name] = cell

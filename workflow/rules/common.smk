@@ -37,3 +37,12 @@ def cell_result(name):
 
 wildcard_constraints:
     cell="|".join(re.escape(name) for name in CELLS) or "no-cells",
+
+
+def workflow_threads(wildcards=None):
+    # Cluster executors define no total core count; there profiles/slurm sets the threads per job instead.
+    try:
+        cores = workflow.cores
+    except Exception:
+        cores = None
+    return cores if isinstance(cores, int) else 4

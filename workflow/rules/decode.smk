@@ -6,17 +6,13 @@
 def cell_threads(wildcards):
     # CPU cells take every core Snakemake may use, so they run one at a time and measure the whole machine
     # instead of two cells fighting over two cores. GPU cells need a core or two to feed their device.
-    # Cluster executors define no total core count; there profiles/slurm sets the threads per cell instead.
-    try:
-        cores = workflow.cores
-    except Exception:
-        cores = None
-    if not isinstance(cores, int):
-        cores = 4
+    cores = workflow_threads()
     return cores if CELLS[wildcards.cell]["gpus"] == 0 else min(2, cores)
 
 
 rule run_cell:
+    input:
+        drafter_input,
     output:
         cell_result("{cell}"),
     log:
