@@ -72,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="smollm2-135m", help="target model alias (default: %(default)s)")
     p.add_argument("--draft", action="append", default=None, metavar="ALIAS[:LAYERS]",
                    help="draft for the strategies that need one; repeat for several. ALIAS:N is the alias cut to "
-                        "its first N decoder layers (plus its final norm and head). Default: the target itself")
+                        "its first N decoder layers (plus its final norm and head); TARGET+eagle or TARGET+medusa "
+                        "is a drafter trained with `specdec train-drafter`. Default: the target itself")
+    p.add_argument("--drafters-dir", default=None,
+                   help="where trained drafters live (default: $SPECDEC_DRAFTERS_DIR or results/drafters)")
     p.add_argument("--runners", default=",".join(DEFAULT_RUNNERS),
                    help="comma-separated strategies from specdec.runner.STRATEGIES, or 'all' (default: %(default)s)")
     p.add_argument("--prompts", default=None, metavar="FILE", help="prompt JSONL (default: prompts/suite.jsonl)")
@@ -107,6 +110,13 @@ def split_list(text: str | None) -> list[str]:
 
 
 def parse_draft(spec: str) -> tuple[str, int | None]:
+    from specdec.drafters import DrafterError, parse_alias
+
+    try:
+        if parse_alias(spec):  # a trained drafter: no layer cut
+            return spec, None
+    except DrafterError as exc:
+        raise BenchError(str(exc)) from None
     alias, _, layers = spec.partition(":")
     if not layers:
         return alias, None
@@ -134,7 +144,8 @@ def check_args(args, registry) -> tuple[list[Cell], object, list[dict]]:
     """Every check that needs no model: runners, drafts, settings, prompts. Returns (cells, settings, prompts)."""
     from specdec.models import ModelError, resolve
     from specdec.prompts import PromptFileError, load_prompts, select
-    from specdec.runner import NEEDS_DRAFT, STRATEGIES, SettingsError, check_settings
+    from specdec.drafters import DrafterError, find_drafter, parse_alias
+    from specdec.runner import NEEDS_DRAFT, STRATEGIES, TRAINED_DRAFTER_STRATEGIES, SettingsError, check_settings
 
     if args.repeats < 1:
         raise BenchError(f"--repeats must be >= 1, got {args.repeats}")
@@ -155,12 +166,17 @@ def check_args(args, registry) -> tuple[list[Cell], object, list[dict]]:
     try:
         resolve(args.target, registry)
         for spec in drafts:
-            resolve(parse_draft(spec)[0], registry)
-    except ModelError as exc:
+            if parse_alias(spec):
+                find_drafter(spec, args.drafters_dir)  # trained already? (else: the command that trains it)
+            else:
+                resolve(parse_draft(spec)[0], registry)
+    except (ModelError, DrafterError) as exc:
         raise BenchError(str(exc)) from None
     cells = []
     for strategy in dict.fromkeys(strategies):
         for draft in (drafts if strategy in NEEDS_DRAFT else [None]):
+            if draft and parse_alias(draft) and strategy not in TRAINED_DRAFTER_STRATEGIES:
+                continue  # e.g. transformers' hf-assisted cannot drive a drafter specdec trained
             try:
                 check_settings(strategy, parse_draft(draft)[0] if draft else None, s, registry, args.target)
             except SettingsError as exc:
@@ -244,10 +260,13 @@ class Loaded:
     kv_per_token: dict    # (engine, draft spec) -> KV bytes per token, target + draft
 
 
-def load_models(target_alias: str, cells: list[Cell], registry, device: str, stock_kernels: bool) -> Loaded:
+def load_models(target_alias: str, cells: list[Cell], registry, device: str, stock_kernels: bool,
+                drafters_dir=None) -> Loaded:
     """One stock target load; every engine and draft gets its own copy, so no runner shares weights with
-    another (a self-draft is a second copy of the target, as a separately loaded draft would be)."""
+    another (a self-draft is a second copy of the target, as a separately loaded draft would be). A trained
+    drafter reads its engine's target (features, embedding, LM head), as it does in a workflow cell."""
     from specdec.decoding import prepare_model
+    from specdec.drafters import find_drafter, load_drafter, parse_alias
     from specdec.models import LoadedModel, ModelError, check_same_vocab, load_model, resolve
     from specdec.runner import Pair
 
@@ -277,6 +296,15 @@ def load_models(target_alias: str, cells: list[Cell], registry, device: str, sto
                     kv[key] = kv_bytes_per_token(engine_target.model)
                     pairs[key] = Pair(engine_target)
                     continue
+                if parse_alias(spec):
+                    drafter = load_drafter(find_drafter(spec, drafters_dir), engine_target.model)
+                    cfg = drafter.module.config()
+                    weights[key] = parameter_bytes(engine_target.model) + parameter_bytes(drafter.module)
+                    # an EAGLE layer caches keys and values of one layer; Medusa heads cache nothing
+                    kv[key] = kv_bytes_per_token(engine_target.model) + (
+                        2 * cfg["hidden"] * 4 if drafter.kind == "eagle" else 0)
+                    pairs[key] = Pair(engine_target, drafter=drafter)
+                    continue
                 alias, layers = parse_draft(spec)
                 if alias == target_alias:
                     base = target
@@ -302,14 +330,11 @@ def load_models(target_alias: str, cells: list[Cell], registry, device: str, sto
 
 def run_once(loaded: Loaded, cell: Cell, prompt_ids: list[int], s):
     """One generation → (record, trace), timed by the strategy's own loop."""
-    from specdec import metrics
-    from specdec.runner import USES_K, decode
+    from specdec.runner import decode, record_of
 
     pair = loaded.pairs[(cell.engine, cell.draft)]
     trace = decode(pair, cell.strategy, prompt_ids, s)
-    speculative = cell.strategy in USES_K
-    record = metrics.make_record(trace, s.k if speculative else None, len(prompt_ids), None, speculative)
-    return record, trace
+    return record_of(trace, cell.strategy, s, len(prompt_ids), None), trace
 
 
 def run_interleaved(loaded: Loaded, cells: list[Cell], encoded: list[list[int]], s, repeats: int, warmup: int,
@@ -357,9 +382,11 @@ def summarise_cell(cell: Cell, runs: list[dict], k: int) -> dict:
     predicted = None
     if speculative and alpha is not None and c is not None and steps:
         per_position = [r["proposed_per_position"] for r in records]
-        if all(p is not None and len(p) == k for p in per_position):  # ours: each step's draft length is known
-            predicted = leviathan_speedup(alpha, k, c, [sum(col) for col in zip(*per_position)], steps)
-        else:  # transformers reports totals only: use the mean draft length per verify pass
+        depth = len(per_position[0] or [])  # k, or the deepest draft a tree / dynamic length can reach
+        # ours: per-position counts, so each step's draft length is known (transformers reports totals only)
+        if cell.engine == "specdec" and depth and all(p is not None and len(p) == depth for p in per_position):
+            predicted = leviathan_speedup(alpha, depth, c, [sum(col) for col in zip(*per_position)], steps)
+        else:  # totals only: the mean draft length per verify pass stands in for k
             n = proposed / steps
             predicted = expected_tokens(alpha, n) / (n * c + 1)
     return {
@@ -494,7 +521,7 @@ def probe_memory(spec: dict) -> dict:
 
     gc.collect()
     start = resident()
-    loaded = load_models(spec["target"], [cell], registry, device, spec["stock_kernels"])
+    loaded = load_models(spec["target"], [cell], registry, device, spec["stock_kernels"], spec.get("drafters_dir"))
     gc.collect()
     after_load = resident()
     key = (cell.engine, cell.draft)
@@ -512,7 +539,8 @@ def probe_memory(spec: dict) -> dict:
     seq = len(spec["prompt_ids"]) + record["new_tokens"] + (s.k if cell.strategy != "baseline" else 0)
     weights, kv = loaded.weights_bytes[key], loaded.kv_per_token[key] * seq
     pair = loaded.pairs[key]
-    held = held_bytes([pair.target.model] + ([pair.draft.model] if pair.draft else []))
+    held = held_bytes([pair.target.model] + ([pair.draft.model] if pair.draft else [])
+                      + ([pair.drafter.module] if pair.drafter else []))
     peak = held + (peak_run - before_run)
     return {"cell": cell.name, "peak_bytes": peak, "held_bytes": held, "run_bytes": peak_run - before_run,
             "loaded_rss_bytes": after_load - start, "warmup_bytes": before_run - after_load,
@@ -528,7 +556,7 @@ def measure_memory(cells: list[Cell], args, s, prompt_ids: list[int], log=print)
     for cell in cells:
         spec = {"strategy": cell.strategy, "draft": cell.draft, "target": args.target, "models": args.models,
                 "device": args.device, "threads": args.threads, "stock_kernels": args.stock_kernels,
-                "prompt_ids": prompt_ids, "settings": {k: getattr(args, k) for k in SETTINGS_ARGS}}
+                "drafters_dir": args.drafters_dir, "prompt_ids": prompt_ids, "settings": {k: getattr(args, k) for k in SETTINGS_ARGS}}
         out = subprocess.run([sys.executable, "-m", "specdec.bench", "--probe-memory", json.dumps(spec)],
                              capture_output=True, text=True, env=env, timeout=1800)
         lines = out.stdout.strip().splitlines()
@@ -682,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         started = time.perf_counter()
-        loaded = load_models(args.target, cells, registry, args.device, args.stock_kernels)
+        loaded = load_models(args.target, cells, registry, args.device, args.stock_kernels, args.drafters_dir)
         any_pair = next(iter(loaded.pairs.values()))
         encoded = [encode_prompt(any_pair.target, p["prompt"]) for p in prompts]
         runs = run_interleaved(loaded, cells, encoded, s, args.repeats, args.warmup)

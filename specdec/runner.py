@@ -130,7 +130,7 @@ def _generate(pair: Pair, strategy: str, prompt, s: DecodeSettings, turns) -> di
     tok = pair.target.tokenizer
     if not isinstance(prompt, str):  # raw token ids (tests, tiny models without a tokenizer)
         trace = decode(pair, strategy, list(prompt), s)
-        return _record(trace, strategy, s, len(prompt), None)
+        return record_of(trace, strategy, s, len(prompt), None)
     messages = [{"role": "user", "content": prompt}]
     records = []
     for i, turn in enumerate([prompt] + list(turns or [])):
@@ -139,7 +139,7 @@ def _generate(pair: Pair, strategy: str, prompt, s: DecodeSettings, turns) -> di
         ids = encode_prompt(pair.target, messages)
         trace = decode(pair, strategy, ids, s)
         text = tok.decode(trace.tokens, skip_special_tokens=True)
-        records.append(_record(trace, strategy, s, len(ids), text))
+        records.append(record_of(trace, strategy, s, len(ids), text))
     if len(records) == 1:
         return records[0]
     steps = sum(r["target_forward_passes"] - 1 for r in records)
@@ -156,7 +156,8 @@ def prediction_k(strategy: str, s: DecodeSettings, proposed: int, steps: int) ->
     return s.k
 
 
-def _record(trace, strategy: str, s: DecodeSettings, prompt_tokens: int, text: str | None) -> dict:
+def record_of(trace, strategy: str, s: DecodeSettings, prompt_tokens: int, text: str | None) -> dict:
+    """One generation's metrics record, with the strategy's conventions for k and per-position counts."""
     speculative = strategy in USES_K
     k = s.k if speculative else None
     if strategy in drafting.STRATEGIES:  # lengths vary per step: metrics' per-step prediction over the lengths used

@@ -164,3 +164,31 @@ def test_trained_drafters_as_workflow_cells(tiny_env, tmp_path):
     missing = run_cell({**job, "drafter_settings": {"vocab": 7}, "strategy": "tree"})
     assert missing["run"]["status"] == "failed"
     assert "specdec train-drafter --target tiny-target --kind medusa" in missing["run"]["error"]
+
+
+def test_bench_runs_trained_drafters_beside_the_baseline(tiny_env, capsys, tmp_path):
+    from specdec import bench
+
+    loaded = load_model(load_registry(tiny_env["models"])["tiny-target"])
+    quick = DrafterSettings(**{**tiny_env["settings"].__dict__, "epochs": 2})
+    # bench looks drafters up under the default settings' folder: put a quickly trained one there
+    train_drafter(loaded, "eagle", quick, tmp_path, out=drafter_dir("tiny-target", "eagle", None, tmp_path))
+    models_file = tmp_path / "models.yaml"
+    models_file.write_text(yaml.safe_dump(tiny_env["models"]))
+    code = bench.main(["--models", str(models_file), "--target", "tiny-target", "--prompts", str(tiny_env["prompts"]),
+                       "--prompt-ids", "t0,t3", "--draft", "tiny-target+eagle", "--drafters-dir", str(tmp_path),
+                       "--runners", "baseline,speculative,tree,hf-assisted", "--k", "3", "--max-new-tokens", "8",
+                       "--ignore-eos", "--repeats", "1", "--warmup", "0"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    cells = ["baseline", "speculative@tiny-target+eagle", "tree@tiny-target+eagle"]  # hf-assisted cannot use it
+    assert list(result["tokens_per_s"]) == cells
+    for name in cells[1:]:
+        assert result["identical_to_baseline"][name] == 1.0
+        assert result["leviathan"][name]["predicted"] > 0
+        memory = result["memory"][name]
+        assert "error" not in memory and memory["peak_bytes"] > memory["weights_bytes"] > 0
+    code = bench.main(["--models", str(models_file), "--target", "tiny-target", "--draft", "tiny-target+medusa",
+                       "--drafters-dir", str(tmp_path)])
+    assert code == 2 and "specdec train-drafter --target tiny-target --kind medusa" in capsys.readouterr().err
