@@ -213,13 +213,15 @@ def draft_decode(target, prompt_ids: list[int], s: DecodeSettings, eos_ids: set[
         t1 = clock()
         before = len(committed) - 1  # the target's cache holds committed[:-1]; the root goes in slot `before`
         logits, hidden = forward_tree(target, committed[-1], tree, cache, vocab)
+        t_forward = clock()
         path, token = verify_tree(logits, tree, s, generator)
+        t2 = clock()
         keep_path(cache, before, path)
         rows = torch.tensor([0] + [i + 1 for i in path], device=hidden.device)
         feats[before:before + len(rows)] = hidden.index_select(0, rows)
-        t2 = clock()
         trace.draft_s += t1 - t0
         trace.verify_s += t2 - t1
+        trace.accept_s += t2 - t_forward
         trace.target_passes += 1
         trace.steps += 1
         for d in range(tree.depth):
@@ -233,6 +235,7 @@ def draft_decode(target, prompt_ids: list[int], s: DecodeSettings, eos_ids: set[
         committed.extend(new)
         if policy == "heuristic":
             k = next_k_heuristic(k, len(path), tree.depth, k_max)
+        trace.rollback_s += clock() - t2  # KV compaction and bookkeeping, as in decoding.speculative_decode
     trace.wall_s = clock() - start
     trace.tokens = committed[n_prompt:]
     return trace
