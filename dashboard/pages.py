@@ -194,7 +194,10 @@ def page_overview(db: str, f: Filters) -> None:
     # settings that are the same in every row add nothing to the table
     constant = [c for c in ("host", "gpus", "temperature", "top_p", "top_k", "max_new_tokens") if b[c].nunique() <= 1]
     unpriced = [] if b.cost_per_mtok.notna().any() else ["cost_per_mtok"]  # no device prices configured
-    table(b.drop(columns=["target", "draft", *constant, *unpriced]), column_config={
+    shown = b.drop(columns=["target", "draft", *constant, *unpriced])
+    varying = [c for c in ("host", "gpus", "temperature", "top_p", "top_k", "max_new_tokens") if c in shown.columns]
+    lead = ["pair", "strategy", *varying]  # what tells two rows of one pair and strategy apart comes first
+    table(shown[lead + [c for c in shown.columns if c not in lead]], column_config={
         "cost_per_mtok": st.column_config.NumberColumn("cost per 1M tokens", format="%.4f"),
         "best_k": st.column_config.NumberColumn("best k", format="%d"),
         "speedup": st.column_config.NumberColumn("speedup", format="%.2f×"),
