@@ -243,13 +243,10 @@ def held_bytes(models) -> int:
 
 
 def kv_bytes_per_token(model) -> int:
-    """layers × 2 (K and V) × kv_heads × head_dim × bytes per element."""
-    cfg = model.config.get_text_config(decoder=True)
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    element = next(model.parameters()).element_size()
-    return cfg.num_hidden_layers * 2 * kv_heads * head_dim * element
+    """layers × 2 (K and V) × kv_heads × head_dim × bytes per element, at the model's own dtype."""
+    from specdec.devices import kv_cache_bytes
+
+    return kv_cache_bytes(model.config, 1, next(model.parameters()).element_size())
 
 
 @dataclass
@@ -267,7 +264,7 @@ def load_models(target_alias: str, cells: list[Cell], registry, device: str, sto
     drafter reads its engine's target (features, embedding, LM head), as it does in a workflow cell."""
     from specdec.decoding import prepare_model
     from specdec.drafters import find_drafter, load_drafter, parse_alias
-    from specdec.models import LoadedModel, ModelError, check_same_vocab, load_model, resolve
+    from specdec.models import LoadedModel, ModelError, load_model, resolve, verify_rows
     from specdec.runner import Pair
 
     def copy_of(loaded: LoadedModel, model=None) -> LoadedModel:
@@ -313,13 +310,10 @@ def load_models(target_alias: str, cells: list[Cell], registry, device: str, sto
                         base_drafts[alias] = load_model(resolve(alias, registry), device=device)
                     base = base_drafts[alias]
                 draft = replace(base, model=truncate_layers(base.model, layers)) if layers else copy_of(base)
-                vocab = check_same_vocab(engine_target, draft)
-                t_rows = engine_target.model.get_output_embeddings().weight.shape[0]
-                d_rows = draft.model.get_output_embeddings().weight.shape[0]
+                vocab = verify_rows(engine_target, draft)
                 weights[key] = parameter_bytes(engine_target.model) + parameter_bytes(draft.model)
                 kv[key] = kv_bytes_per_token(engine_target.model) + kv_bytes_per_token(draft.model)
-                pairs[key] = Pair(engine_target, ready(draft, engine),
-                                  vocab if (t_rows != vocab or d_rows != vocab) else None)
+                pairs[key] = Pair(engine_target, ready(draft, engine), vocab)
             ready(engine_target, engine)
     except ModelError as exc:
         raise BenchError(str(exc)) from None
@@ -379,13 +373,17 @@ def summarise_cell(cell: Cell, runs: list[dict], k: int) -> dict:
     speculative = any(r["proposed_tokens"] is not None for r in records)
     passes = sum(r["target_forward_passes"] for r in records)
     steps = sum(run["trace"].steps for run in runs)
-    predicted = None
+    predicted, by_position = None, None
+    per_position = [r["proposed_per_position"] for r in records]
+    depth = len(per_position[0] or [])  # k, or the deepest draft a tree / dynamic length can reach
+    # ours: per-position counts, so each step's draft length is known (transformers reports totals only)
+    if cell.engine == "specdec" and depth and all(p is not None and len(p) == depth for p in per_position):
+        proposed_at = [sum(col) for col in zip(*per_position)]
+        accepted_at = [sum(col) for col in zip(*(r["accepted_per_position"] for r in records))]
+        by_position = [a / p if p else None for a, p in zip(accepted_at, proposed_at)]
     if speculative and alpha is not None and c is not None and steps:
-        per_position = [r["proposed_per_position"] for r in records]
-        depth = len(per_position[0] or [])  # k, or the deepest draft a tree / dynamic length can reach
-        # ours: per-position counts, so each step's draft length is known (transformers reports totals only)
-        if cell.engine == "specdec" and depth and all(p is not None and len(p) == depth for p in per_position):
-            predicted = leviathan_speedup(alpha, depth, c, [sum(col) for col in zip(*per_position)], steps)
+        if by_position is not None:
+            predicted = leviathan_speedup(alpha, depth, c, proposed_at, steps)
         else:  # totals only: the mean draft length per verify pass stands in for k
             n = proposed / steps
             predicted = expected_tokens(alpha, n) / (n * c + 1)
@@ -394,6 +392,7 @@ def summarise_cell(cell: Cell, runs: list[dict], k: int) -> dict:
         "runs": len(runs), "new_tokens": tokens, "wall_s": wall,
         "tokens_per_s": tokens / wall if wall > 0 else None,
         "acceptance_rate": alpha,
+        "acceptance_by_position": by_position,  # accepted ÷ proposed at draft position 1, 2, … (trees: depth)
         "mean_accepted_tokens": sum(r["new_tokens"] for r in records) / passes if passes else None,
         "cost_ratio_c": c,
         "leviathan_prediction": predicted,
@@ -737,6 +736,8 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": summary["ratios"],
         "speedup": {n: r["speedup"] for n, r in cells_out.items()},
         "leviathan": summary["leviathan"],
+        "acceptance_by_position": {n: r["acceptance_by_position"] for n, r in cells_out.items()
+                                   if r["acceptance_by_position"] is not None},
         "identical_to_baseline": {n: r["identical_to_baseline"] for n, r in cells_out.items()},
         "step_breakdown_ms": {n: r["step_breakdown"] for n, r in cells_out.items() if r["step_breakdown"]},
         "memory": memory,

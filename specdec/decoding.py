@@ -24,6 +24,7 @@ rollback is a length change.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -81,7 +82,9 @@ class Clock:
         return time.perf_counter()
 
 
+@functools.cache
 def _growing_layer_class():
+    """Defined on first use: importing transformers' cache module is deferred like every other transformers import."""
     from transformers.cache_utils import DynamicLayer
 
     class GrowingLayer(DynamicLayer):
@@ -145,20 +148,15 @@ def _growing_layer_class():
     return GrowingLayer
 
 
-_GROWING_LAYER = None
-
-
 def new_cache(model, capacity: int | None = None):
     """An empty KV cache for `model`: transformers' DynamicCache layout (sliding-window layers stay as they are)
     with every full-attention layer in a pre-allocated buffer of `capacity` positions (grown by doubling)."""
-    global _GROWING_LAYER
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
     cache = DynamicCache(config=model.config)
-    if _GROWING_LAYER is None:
-        _GROWING_LAYER = _growing_layer_class()
-    cache.layers = [_GROWING_LAYER(capacity=capacity or 256) if type(layer) is DynamicLayer else layer
+    growing = _growing_layer_class()
+    cache.layers = [growing(capacity=capacity or 256) if type(layer) is DynamicLayer else layer
                     for layer in cache.layers]
     return cache
 

@@ -317,8 +317,6 @@ def reset_peak_memory(devices: list[str]) -> None:
             torch.cuda.reset_peak_memory_stats(torch.device(d))
 
 
-
-
 def plan_cell(target_spec, draft_spec, mode: str, claim: Claim, inventory: list[DeviceInfo], max_new_tokens: int,
               k: int = 0) -> Placement:
     """The memory check and placement of one cell, from configs only (no weights are read)."""

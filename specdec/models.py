@@ -313,6 +313,14 @@ def check_same_vocab(target: LoadedModel, draft: LoadedModel) -> int:
     return shared
 
 
+def verify_rows(target: LoadedModel, draft: LoadedModel) -> int | None:
+    """check_same_vocab, then the logit rows verification must keep: None when both heads have exactly those
+    rows (nothing to slice), else the shared count."""
+    shared = check_same_vocab(target, draft)
+    rows = {m.model.get_output_embeddings().weight.shape[0] for m in (target, draft)}
+    return None if rows == {shared} else shared
+
+
 def encode_prompt(loaded: LoadedModel, messages: list[dict] | str) -> list[int]:
     """Token ids for a prompt: the chat template for chat models (per the alias), raw text otherwise."""
     tok = loaded.tokenizer

@@ -125,7 +125,7 @@ def load_pair_tensor_parallel(target_alias: str, draft_alias: str | None, regist
     import torch
     import torch.distributed as dist
 
-    from specdec.models import LoadedModel, check_same_vocab, load_model, resolve
+    from specdec.models import LoadedModel, load_model, resolve, verify_rows
     from specdec.runner import Pair, load_pair
 
     device = init_worker()
@@ -138,10 +138,8 @@ def load_pair_tensor_parallel(target_alias: str, draft_alias: str | None, regist
     if rank() == 0:
         try:
             draft = load_model(spec, device=device)
-            shared = check_same_vocab(target, draft)
             rows = draft.model.get_output_embeddings().weight.shape[0]
-            t_rows = target.model.get_output_embeddings().weight.shape[0]
-            meta = torch.tensor([1, rows, shared if (t_rows != shared or rows != shared) else 0], device=device)
+            meta = torch.tensor([1, rows, verify_rows(target, draft) or 0], device=device)
         except Exception as exc:  # tell the other ranks before raising, so none waits for a draft that never comes
             error = exc
     dist.broadcast(meta, src=0)

@@ -8,7 +8,7 @@ from specdec import drafting, metrics
 from specdec.decoding import DecodeSettings, DraftModelState, baseline_decode, speculative_decode
 from specdec.drafters import DrafterError, find_drafter, load_drafter, parse_alias
 from specdec.hf_runners import HF_STRATEGIES, hf_decode
-from specdec.models import LoadedModel, ModelError, check_same_vocab, encode_prompt, load_model, resolve
+from specdec.models import LoadedModel, ModelError, encode_prompt, load_model, resolve, verify_rows
 
 STRATEGIES = ("baseline", "speculative", "ngram") + drafting.STRATEGIES + HF_STRATEGIES
 NEEDS_DRAFT = ("speculative", "hf-assisted") + drafting.STRATEGIES
@@ -91,10 +91,7 @@ def load_pair(target_alias: str, draft_alias: str | None, registry: dict, device
     if folder is not None:
         return Pair(target, drafter=load_drafter(folder, target.model))
     draft = load_model(resolve(draft_alias, registry), device=device)
-    vocab = check_same_vocab(target, draft)
-    t_rows = target.model.get_output_embeddings().weight.shape[0]
-    d_rows = draft.model.get_output_embeddings().weight.shape[0]
-    return Pair(target, draft, vocab if (t_rows != vocab or d_rows != vocab) else None)
+    return Pair(target, draft, verify_rows(target, draft))
 
 
 def decode(pair: Pair, strategy: str, prompt_ids: list[int], s: DecodeSettings):

@@ -162,6 +162,8 @@ def test_summary_uses_medians_over_repeats_and_the_leviathan_model_of_the_steps_
                                  "speculative@d/hf-assisted@d": pytest.approx((20 / 3) / (20 / 10))}
     spec = rows["speculative@d"]
     assert spec["acceptance_rate"] == pytest.approx(4 / 6)
+    assert spec["acceptance_by_position"] == pytest.approx([3 / 4, 1 / 2])
+    assert rows["hf-assisted@d"]["acceptance_by_position"] is None  # transformers reports totals only
     c = (0.6 / 6) / (1.0 / 5)  # one draft forward ÷ one verify forward
     assert spec["cost_ratio_c"] == pytest.approx(c)
     # 5 steps: 1 proposed nothing, 2 proposed one draft, 2 proposed two

@@ -186,6 +186,7 @@ def test_bench_runs_trained_drafters_beside_the_baseline(tiny_env, capsys, tmp_p
     assert list(result["tokens_per_s"]) == cells
     for name in cells[1:]:
         assert result["identical_to_baseline"][name] == 1.0
+        assert len(result["acceptance_by_position"][name]) == 3  # k = 3 draft positions (tree: depths)
         assert result["leviathan"][name]["predicted"] > 0
         memory = result["memory"][name]
         assert "error" not in memory and memory["peak_bytes"] > memory["weights_bytes"] > 0

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
 
 REPO = Path(__file__).parent.parent
 
@@ -38,7 +37,6 @@ def resources_of(log: str, rule: str) -> dict:
 
 
 def test_the_slurm_profile_asks_for_the_cells_gpus_model_memory_runtime_and_cpus(tmp_path):
-    pytest.importorskip("snakemake_executor_plugin_slurm", reason="pip install -e '.[slurm]' for the slurm profile")
     from snakemake_executor_plugin_slurm.utils import set_gres_string
     from snakemake_executor_plugin_slurm_jobstep import get_cpu_setting
 

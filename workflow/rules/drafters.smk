@@ -8,10 +8,6 @@ for _cell in CELLS.values():
     if _trained:
         DRAFTER_JOBS[matrix.drafter_folder(config, *_trained)] = _trained
 
-DRAFTER_FLAGS = {"prompts_file": "--prompts-file", "gen_tokens": "--gen-tokens", "vocab": "--vocab",
-                 "heads": "--heads", "epochs": "--epochs", "seed": "--seed", "budget_minutes": "--budget-minutes"}
-
-
 def drafter_input(wildcards):
     trained = matrix.trained_drafter(CELLS[wildcards.cell]["draft"])
     return [f"{matrix.drafter_folder(config, *trained)}/drafter.json"] if trained else []
@@ -20,8 +16,8 @@ def drafter_input(wildcards):
 def train_drafter_args(wildcards):
     target, kind = DRAFTER_JOBS[wildcards.folder]
     args = ["--target", target, "--kind", kind, "--out", wildcards.folder]
-    for key, value in (config.get("drafter_settings") or {}).items():
-        args += [DRAFTER_FLAGS[key], str(value)]
+    for key, value in (config.get("drafter_settings") or {}).items():  # the schema allows only keys with a flag
+        args += ["--" + key.replace("_", "-"), str(value)]
     return " ".join(shlex.quote(a) for a in args)
 
 
