@@ -3,8 +3,9 @@
 Every runner (a strategy, with a draft where it needs one) decodes the same prompts with the same pair, k and
 sampling settings. Runs are interleaved: each repeat walks the prompts, and for each prompt every runner decodes
 it once, in an order that rotates with the repeat, so load from other processes hits every runner alike. Numbers
-are medians over repeats. Our runners use models prepared by `decoding.prepare_model` (oneDNN linear kernels on
-a CPU); transformers' runners use separate, stock copies of the same weights.
+are medians over repeats. Our runners use models prepared by `decoding.prepare_model` (on a CPU: linear kernels
+chosen per CPU, see `decoding.linear_kernels`); transformers' runners use separate, stock copies of the same
+weights.
 
 Output: one table per concern (speed, where the time goes, memory) and, as the last line, one JSON object.
 Peak memory is measured per runner in a fresh subprocess (see `probe_memory`), because a process's peak RSS only
@@ -699,6 +700,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
+    from specdec.decoding import linear_kernels
     from specdec.models import ModelError, encode_prompt, load_registry
 
     try:
@@ -725,13 +727,15 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"specdec bench: target {args.target}, drafts {', '.join(args.draft or [args.target])}, k={s.k}, "
               f"temperature {s.temperature}, {len(prompts)} prompts x {args.repeats} repeats, "
               f"max {s.max_new_tokens} new tokens, {torch.get_num_threads()} threads, device {args.device}"
-              + (", STOCK kernels for ours (ablation)" if args.stock_kernels else ""))
+              + (", STOCK kernels for ours (ablation)" if args.stock_kernels
+                 else f", our CPU linear kernels: {linear_kernels()}" if args.device == "cpu" else ""))
     print_tables(summary, memory, profiles, header)
     cells_out = summary["cells"]
     result = {
         "target": args.target, "drafts": args.draft or [args.target], "k": s.k, "temperature": s.temperature,
         "max_new_tokens": s.max_new_tokens, "prompts": [p["id"] for p in prompts], "repeats": args.repeats,
         "device": args.device, "threads": torch.get_num_threads(), "stock_kernels": args.stock_kernels,
+        "linear_kernels": None if args.stock_kernels or args.device != "cpu" else linear_kernels(),
         "tokens_per_s": {n: r["tokens_per_s"] for n, r in cells_out.items()},
         "ratios": summary["ratios"],
         "speedup": {n: r["speedup"] for n, r in cells_out.items()},

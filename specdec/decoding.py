@@ -14,17 +14,19 @@ Flat functions in the spirit of gpt-fast's generate.py. Conventions shared by ev
   otherwise sample from normalise(max(0, p - q)); when all drafts are accepted sample a bonus token from p.
   A deterministic proposal (greedy draft, n-gram lookup) is a one-hot q, for which the same rule is exact.
 
-Speed (see `specdec bench`): both loops first call `prepare_model`, which on a CPU swaps float32 linear layers to
-oneDNN kernels with pre-packed weights. With transformers' stock layers (MKL) a 5-token verify pass of SmolLM2-135M
-cost 1.7x a 1-token step on the 2-core EPYC this was tuned on; with pre-packed oneDNN weights both are about twice
-as fast and the verify pass costs ~1.3x a step, which is what speculative decoding needs. KV caches are
-pre-allocated buffers (`GrowingLayer`): a step writes in place instead of concatenating the whole cache, and a
-rollback is a length change.
+Speed (see `specdec bench`): both loops first call `prepare_model`, which on a CPU with float32 weights sends the
+output head through oneDNN (a 5-row head pass: 14-18 ms instead of MKL's 25 ms on a Xeon), lets verify passes share
+KV heads in attention, and picks the decoder linear kernels per CPU (`linear_kernels`): on AMD, pre-packed oneDNN
+weights (a 1-token step of SmolLM2-135M 76 -> 38 ms on a 2-core EPYC, where MKL's small-matrix paths are slow); on
+Intel, MKL itself (1-row products 1.2-1.9x faster than packed oneDNN on a Sapphire Rapids Xeon, 5-row ones on par).
+KV caches are pre-allocated buffers (`GrowingLayer`): a step writes in place instead of concatenating the whole
+cache, and a rollback is a length change.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -240,13 +242,43 @@ def fast_kernels_available(model) -> bool:
             and getattr(model, "hf_device_map", None) is None)
 
 
-def prepare_model(model):
+LINEAR_KERNELS = ("auto", "mkl", "onednn")
+
+
+def cpu_vendor() -> str:
+    """The CPU vendor string from /proc/cpuinfo ('GenuineIntel', 'AuthenticAMD', ...), '' where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def linear_kernels() -> str:
+    """Which kernels run the decoder's float32 linear layers on this CPU: 'mkl' (transformers' stock nn.Linear)
+    or 'onednn' (PackedLinear). $SPECDEC_CPU_LINEAR=mkl|onednn overrides the choice; 'auto' (the default) picks
+    MKL on Intel CPUs and pre-packed oneDNN elsewhere, from measurements on both (module docstring, README)."""
+    choice = os.environ.get("SPECDEC_CPU_LINEAR", "auto").strip().lower() or "auto"
+    if choice not in LINEAR_KERNELS:
+        raise ValueError(f"SPECDEC_CPU_LINEAR must be one of {', '.join(LINEAR_KERNELS)}, got '{choice}'")
+    if choice != "auto":
+        return choice
+    if not torch.backends.mkl.is_available():
+        return "onednn"
+    return "mkl" if cpu_vendor() == "GenuineIntel" else "onednn"
+
+
+def prepare_model(model, linear: str | None = None):
     """Make `model` fast for our decoding loops, in place and once (later calls return at once).
 
-    On a CPU with float32 weights: every linear layer but the output head becomes a PackedLinear (its dense
-    weight is freed, so memory does not grow), the output head a DenseOneDNNLinear, and SDPA attention becomes
-    `sdpa_gqa_attention`. Elsewhere (GPU, float16, float64, accelerate device maps, tensor parallelism) the model
-    is left as it is. Outputs agree with the stock layers to float32 rounding (another summation order).
+    On a CPU with float32 weights: the output head becomes a DenseOneDNNLinear, SDPA attention becomes
+    `sdpa_gqa_attention`, and with `linear` == 'onednn' (default: `linear_kernels()`) every other linear layer
+    becomes a PackedLinear (its dense weight is freed, so memory does not grow); with 'mkl' they stay as they
+    are. Elsewhere (GPU, float16, float64, accelerate device maps, tensor parallelism) the model is left as it
+    is. Outputs agree with the stock layers to float32 rounding (another summation order).
     Call it on any model a new decoding loop runs on; prepared models still work with transformers' generate().
     """
     if getattr(model, "_specdec_prepared", False):
@@ -254,6 +286,7 @@ def prepare_model(model):
     model._specdec_prepared = True
     if not fast_kernels_available(model):
         return model
+    pack = (linear or linear_kernels()) == "onednn"
     use_gqa_attention(model)
     output = model.get_output_embeddings()
     embedding = model.get_input_embeddings()
@@ -262,11 +295,13 @@ def prepare_model(model):
         for name, child in list(parent.named_children()):
             if type(child) is not torch.nn.Linear or child.weight.dtype != torch.float32:
                 continue
-            keep_dense = child is output or child.weight is tied
-            setattr(parent, name, DenseOneDNNLinear(child) if keep_dense else PackedLinear(child))
+            if child is output or child.weight is tied:
+                setattr(parent, name, DenseOneDNNLinear(child))
+            elif pack:
+                setattr(parent, name, PackedLinear(child))
     # Weights loaded from safetensors are views of one memory-mapped file: while any of them lives, every page
-    # of the file that was read (all of it, after packing) stays resident. Copying the few remaining tensors
-    # (embeddings, norms) into ordinary memory lets the mapping go, so the model holds one copy of its weights.
+    # of the file that was read stays resident. Copying the tensors into ordinary memory lets the mapping go,
+    # so the model holds one copy of its weights.
     with torch.no_grad():
         for param in model.parameters():
             param.data = param.data.clone()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from specdec import drafting, metrics
+from specdec import decoding, drafting, metrics
 from specdec.decoding import DecodeSettings, DraftModelState, baseline_decode, speculative_decode
 from specdec.drafters import DrafterError, find_drafter, load_drafter, parse_alias
 from specdec.hf_runners import HF_STRATEGIES, hf_decode
@@ -46,6 +46,10 @@ def check_settings(strategy: str, draft: str | None, s: DecodeSettings, registry
         raise SettingsError(f"use_cache=false is only measured for the baseline strategy, not '{strategy}'")
     if not 1 <= s.ngram_min <= s.ngram_max:
         raise SettingsError(f"need 1 <= ngram_min <= ngram_max, got {s.ngram_min} and {s.ngram_max}")
+    try:
+        decoding.linear_kernels()  # a bad $SPECDEC_CPU_LINEAR fails here, before any model loads
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
     try:
         trained = parse_alias(draft)
     except DrafterError as exc:

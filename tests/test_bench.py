@@ -15,6 +15,7 @@ import specdec.models
 from specdec import bench, decoding
 from specdec.decoding import DecodeSettings, DraftModelState, Trace, baseline_decode, speculative_decode
 from specdec.metrics import expected_tokens, leviathan_speedup, make_record
+from specdec.runner import SettingsError, check_settings
 from tiny import EOS, noisy_copy, prompts, save_tiny_pair, tiny_target
 
 
@@ -191,14 +192,20 @@ def test_leviathan_per_step_model_reduces_to_the_paper_formula_for_a_fixed_k():
 
 # --- engine speed work keeps outputs --------------------------------------------------------------------------
 
-def test_prepared_float32_model_matches_stock_and_frees_dense_weights():
+@pytest.mark.parametrize("linear", ["onednn", "mkl"])
+def test_prepared_float32_model_matches_stock(linear):
     stock = tiny_target(dtype=torch.float32)
-    prepared = decoding.prepare_model(copy.deepcopy(stock))
+    prepared = decoding.prepare_model(copy.deepcopy(stock), linear=linear)
     assert decoding.prepare_model(prepared) is prepared  # idempotent
     kinds = {type(m).__name__ for m in prepared.modules()}
-    assert "PackedLinear" in kinds and "DenseOneDNNLinear" in kinds and "Linear" not in kinds
-    packed_bytes = sum(p.numel() for p in prepared.parameters())
-    assert packed_bytes < sum(p.numel() for p in stock.parameters()) / 2  # no dense copy of the packed layers kept
+    assert "DenseOneDNNLinear" in kinds
+    if linear == "onednn":
+        assert "PackedLinear" in kinds and "Linear" not in kinds
+        packed_bytes = sum(p.numel() for p in prepared.parameters())
+        assert packed_bytes < sum(p.numel() for p in stock.parameters()) / 2  # no dense copy of packed layers kept
+    else:
+        assert "PackedLinear" not in kinds and "Linear" in kinds
+        assert sum(p.numel() for p in prepared.parameters()) == sum(p.numel() for p in stock.parameters())
     ids = prompts(1, seed=3)[0] + [5, 6, 7]
     torch.testing.assert_close(decoding.forward(prepared, ids, None, 4), decoding.forward(stock, ids, None, 4),
                                rtol=1e-4, atol=1e-4)
@@ -206,10 +213,26 @@ def test_prepared_float32_model_matches_stock_and_frees_dense_weights():
     torch.testing.assert_close(layer.weight, stock.model.layers[0].mlp.up_proj.weight)
 
 
-def test_prepared_models_decode_like_stock_ones():
+def test_linear_kernels_follow_the_cpu_vendor_unless_overridden(monkeypatch):
+    monkeypatch.delenv("SPECDEC_CPU_LINEAR", raising=False)
+    monkeypatch.setattr(decoding, "cpu_vendor", lambda: "AuthenticAMD")
+    assert decoding.linear_kernels() == "onednn"
+    monkeypatch.setattr(decoding, "cpu_vendor", lambda: "GenuineIntel")
+    assert decoding.linear_kernels() == ("mkl" if torch.backends.mkl.is_available() else "onednn")
+    monkeypatch.setenv("SPECDEC_CPU_LINEAR", "onednn")
+    assert decoding.linear_kernels() == "onednn"
+    monkeypatch.setenv("SPECDEC_CPU_LINEAR", "fast")
+    with pytest.raises(ValueError, match="SPECDEC_CPU_LINEAR must be one of auto, mkl, onednn, got 'fast'"):
+        decoding.linear_kernels()
+    with pytest.raises(SettingsError, match="SPECDEC_CPU_LINEAR"):  # before any model loads
+        check_settings("baseline", None, DecodeSettings())
+
+
+@pytest.mark.parametrize("linear", ["onednn", "mkl"])
+def test_prepared_models_decode_like_stock_ones(linear):
     stock_target = tiny_target(dtype=torch.float32)
-    target = decoding.prepare_model(copy.deepcopy(stock_target))
-    draft = decoding.prepare_model(noisy_copy(stock_target, 0.3))
+    target = decoding.prepare_model(copy.deepcopy(stock_target), linear=linear)
+    draft = decoding.prepare_model(noisy_copy(stock_target, 0.3), linear=linear)
     stock_target._specdec_prepared = True  # keep this one on the stock layers, as the reference
     for p in prompts(4, seed=21):
         s = DecodeSettings(max_new_tokens=24, k=3, stop_at_eos=False)
