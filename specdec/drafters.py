@@ -44,7 +44,7 @@ class DrafterError(ValueError):
 class DrafterSettings:
     """Everything that changes a trained drafter; its hash names the drafter's folder."""
     prompts_file: str = "prompts/training.jsonl"  # disjoint from prompts/suite.jsonl
-    gen_tokens: int = 256        # greedy target tokens generated per training prompt (the training text)
+    gen_tokens: int = 128        # greedy target tokens generated per training prompt (the training text)
     vocab: int = 8192            # rows of the draft head (0 = the full vocabulary)
     heads: int = 4               # medusa: number of heads
     unroll: int = 2              # eagle: training passes, pass d feeding the draft its own pass d-1 predictions
@@ -80,7 +80,13 @@ def drafters_root(root: str | Path | None = None) -> Path:
 
 
 def settings_hash(target: str, kind: str, settings: DrafterSettings) -> str:
-    key = json.dumps({"target": target, "kind": kind, **asdict(settings)}, sort_keys=True)
+    """Hash of everything a drafter is trained from: target, kind, settings and the training prompts' contents
+    (an edited prompt file names a new folder, so a stale drafter is never picked up)."""
+    try:
+        prompts = hashlib.sha256(Path(settings.prompts_file).read_bytes()).hexdigest()
+    except OSError:
+        prompts = None  # training will fail on the missing file; the name only has to be stable until then
+    key = json.dumps({"target": target, "kind": kind, **asdict(settings), "prompts_sha256": prompts}, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:10]
 
 

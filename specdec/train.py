@@ -2,7 +2,7 @@
 its final hidden states over them, then an EAGLE-style layer or Medusa heads trained against the target's
 next-token distributions.
 
-Data: prompts/training.jsonl (64 prompts, no text shared with the benchmark suite), first turn only, through the
+Data: prompts/training.jsonl (256 prompts, no text shared with the benchmark suite), first turn only, through the
 target's chat template; `gen_tokens` greedy tokens each, generated in batches; features computed in batches over
 prompt + generation. The data is cached next to the drafters (keyed by target, prompt file contents and length),
 so the second kind trains without regenerating it. Every `val_every`-th prompt is held out; the reported
@@ -36,7 +36,7 @@ from specdec.prompts import load_prompts
 CE_WEIGHT = 1.0         # EAGLE loss = feature regression + CE_WEIGHT × cross-entropy against the target's distribution
                         # (EAGLE uses 0.1 with far more data; here top-1 agreement on held-out prompts was better
                         # with 1.0)
-GENERATE_BATCH = 32     # prompts per batched generation
+GENERATE_BATCH = 64     # prompts per batched generation (on 2 cores: ~190 tok/s at 64 rows, ~140 at 32)
 
 
 def log(message: str) -> None:

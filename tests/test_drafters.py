@@ -39,6 +39,13 @@ def test_alias_and_folder_naming(monkeypatch, tmp_path):
     assert drafter_dir("smollm2-135m", "eagle").parent == tmp_path
     with pytest.raises(DrafterError, match="unknown drafter setting"):
         drafter_dir("smollm2-135m", "eagle", {"lerning_rate": 1})
+    # the training prompts' contents are part of the name: an edited file means a new drafter
+    prompts = tmp_path / "train.jsonl"
+    prompts.write_text('{"id": "a", "category": "qa", "prompt": "Why is the sky blue?"}\n')
+    before = drafter_dir("smollm2-135m", "eagle", {"prompts_file": str(prompts)})
+    assert drafter_dir("smollm2-135m", "eagle", {"prompts_file": str(prompts)}) == before
+    prompts.write_text('{"id": "a", "category": "qa", "prompt": "Why is the sea blue?"}\n')
+    assert drafter_dir("smollm2-135m", "eagle", {"prompts_file": str(prompts)}) != before
 
 
 @pytest.mark.parametrize("strategy, draft, sampling, message", [

@@ -1,6 +1,7 @@
 # Drafters specdec trains itself (`<target>+eagle`, `<target>+medusa` in a pair's draft slot): trained once per
 # target, kind and training settings into results/drafters/<target>+<kind>-<settings hash>/, then reused by every
-# cell that names them. Changing `drafter_settings` changes the folder, so the drafter is trained again.
+# cell that names them. Changing `drafter_settings` or the training prompts changes the folder, so the drafter is
+# trained again.
 
 DRAFTER_JOBS = {}  # drafter folder -> (target, kind), for every drafter a cell uses
 for _cell in CELLS.values():
