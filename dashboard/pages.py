@@ -191,12 +191,13 @@ def page_overview(db: str, f: Filters) -> None:
     b = q.best_k(db, f)
     b.insert(0, "pair", [q.pair_label(q.pair_key(t, d if isinstance(d, str) else None))
                          for t, d in zip(b.target, b.draft)])
-    # settings that are the same in every row add nothing to the table
-    constant = [c for c in ("host", "gpus", "temperature", "top_p", "top_k", "max_new_tokens") if b[c].nunique() <= 1]
+    # settings that are the same in every row add nothing to the table; the others tell two rows of one pair
+    # and strategy apart, so they come first
+    settings = ("host", "gpus", "temperature", "top_p", "top_k", "max_new_tokens")
+    constant = [c for c in settings if b[c].nunique() <= 1]
     unpriced = [] if b.cost_per_mtok.notna().any() else ["cost_per_mtok"]  # no device prices configured
     shown = b.drop(columns=["target", "draft", *constant, *unpriced])
-    varying = [c for c in ("host", "gpus", "temperature", "top_p", "top_k", "max_new_tokens") if c in shown.columns]
-    lead = ["pair", "strategy", *varying]  # what tells two rows of one pair and strategy apart comes first
+    lead = ["pair", "strategy", *(c for c in settings if c not in constant)]
     table(shown[lead + [c for c in shown.columns if c not in lead]], column_config={
         "cost_per_mtok": st.column_config.NumberColumn("cost per 1M tokens", format="%.4f"),
         "best_k": st.column_config.NumberColumn("best k", format="%d"),

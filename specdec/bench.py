@@ -724,18 +724,19 @@ def main(argv: list[str] | None = None) -> int:
         memory = measure_memory(cells, args, s, longest) if args.memory == "subprocess" else {}
     except (BenchError, ModelError, ValueError, OSError) as exc:
         return fail(" ".join(str(exc).split()))
+    kernels = None if args.stock_kernels or args.device != "cpu" else linear_kernels()
     header = (f"specdec bench: target {args.target}, drafts {', '.join(args.draft or [args.target])}, k={s.k}, "
               f"temperature {s.temperature}, {len(prompts)} prompts x {args.repeats} repeats, "
               f"max {s.max_new_tokens} new tokens, {torch.get_num_threads()} threads, device {args.device}"
               + (", STOCK kernels for ours (ablation)" if args.stock_kernels
-                 else f", our CPU linear kernels: {linear_kernels()}" if args.device == "cpu" else ""))
+                 else f", our CPU linear kernels: {kernels}" if kernels else ""))
     print_tables(summary, memory, profiles, header)
     cells_out = summary["cells"]
     result = {
         "target": args.target, "drafts": args.draft or [args.target], "k": s.k, "temperature": s.temperature,
         "max_new_tokens": s.max_new_tokens, "prompts": [p["id"] for p in prompts], "repeats": args.repeats,
         "device": args.device, "threads": torch.get_num_threads(), "stock_kernels": args.stock_kernels,
-        "linear_kernels": None if args.stock_kernels or args.device != "cpu" else linear_kernels(),
+        "linear_kernels": kernels,
         "tokens_per_s": {n: r["tokens_per_s"] for n, r in cells_out.items()},
         "ratios": summary["ratios"],
         "speedup": {n: r["speedup"] for n, r in cells_out.items()},
