@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from specdec.drafters import (KINDS, DrafterError, DrafterSettings, attach, drafter_dir, drafters_root, new_module,
                               save_drafter)
+from specdec.decoding import new_cache
 from specdec.models import encode_prompt
 from specdec.prompts import load_prompts
 
@@ -61,8 +62,6 @@ def generate_sequences(loaded, prompt_ids: list[list[int]], gen_tokens: int):
     end-of-sequence token). A sequence holds the tokens that were fed to the target (the last generated token is
     not, but the feature that predicts it is). A plain batched greedy loop (left padding, explicit position ids):
     transformers' generate() spent ~4x the model time per step here on a CPU."""
-    from transformers import DynamicCache
-
     model = loaded.model
     device = model.device
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # similar lengths share a batch
@@ -79,19 +78,20 @@ def generate_sequences(loaded, prompt_ids: list[list[int]], gen_tokens: int):
             mask[r, width - len(prompt_ids[i]):] = 1
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        cache = DynamicCache(config=model.config)
+        cache = new_cache(model, width + gen_tokens)  # in place: DynamicCache's per-step copies cost ~30 %
         seqs = [list(prompt_ids[i]) for i in rows]
         feats: list[list[torch.Tensor]] = [[] for _ in rows]
         for step in range(gen_tokens):
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                         use_cache=True, logits_to_keep=1, output_hidden_states=True)
             hidden = out.hidden_states[-1].to(torch.float16).cpu()
+            fed = ids[:, 0].tolist() if step else None  # one device sync per step, not one per row
             for r, i in enumerate(rows):
                 if step == 0:
                     feats[r].append(hidden[r, width - len(prompt_ids[i]):])
                 else:
                     feats[r].append(hidden[r, -1:])
-                    seqs[r].append(int(ids[r, 0]))
+                    seqs[r].append(fed[r])
             ids = out.logits[:, -1].argmax(-1, keepdim=True)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             positions = positions[:, -1:] + 1
@@ -179,23 +179,30 @@ def unroll_attend(length: int, depth: int) -> torch.Tensor:
     return torch.cat([i <= j - depth] + [i == j - depth + e for e in range(1, depth + 1)], dim=1)
 
 
+def on_device(batch, device) -> tuple[torch.Tensor, ...]:
+    """A CPU batch moved to where the drafter trains (the device of the target's LM head)."""
+    return tuple(t.to(device, non_blocking=True) for t in batch)
+
+
 def eagle_losses(module, embed, head_w: torch.Tensor, batch, unroll: int, full_w: torch.Tensor | None = None):
     """Summed loss over the unrolled passes, plus per-pass (correct, counted) top-1 agreement with the target's
-    argmax (over the full vocabulary when `full_w` is given, else over the reduced head) on generated positions."""
-    tokens, feats, valid, generated = batch
+    argmax (over the full vocabulary when `full_w` is given, else over the reduced head) on generated positions.
+    Runs on head_w's device (the module must be there too); the embedding may sit on another device."""
+    device = head_w.device
+    tokens, feats, valid, generated = on_device(batch, device)
     length = tokens.shape[1] - 1
     with torch.no_grad():
-        emb = embed(tokens[:, 1:]).float()
+        emb = embed(tokens[:, 1:].to(embed.weight.device)).float().to(device)
         f_in, f_target = feats[:, :-1], feats[:, 1:]
         p_target = torch.softmax(f_target @ head_w.T, dim=-1)
         want = (f_target @ (full_w if full_w is not None else head_w).T).argmax(-1)
-    positions = torch.arange(length)
+    positions = torch.arange(length, device=device)
     keys, values, total, stats = [], [], 0.0, []
     out = None
     for depth in range(unroll):
         inputs = f_in if depth == 0 else torch.cat([f_in[:, :1], out[:, :-1]], dim=1)
         past = None if depth == 0 else (torch.cat(keys, dim=2), torch.cat(values, dim=2))
-        attend = None if depth == 0 else unroll_attend(length, depth)
+        attend = None if depth == 0 else unroll_attend(length, depth).to(device)
         out, k, v = module(emb, inputs, positions, past, attend)
         keys.append(k)
         values.append(v)
@@ -217,7 +224,7 @@ def eagle_losses(module, embed, head_w: torch.Tensor, batch, unroll: int, full_w
 def medusa_losses(module, head_w: torch.Tensor, batch, full_w: torch.Tensor | None = None):
     """Per head h (predicting x_{t+h+2} from F_t): cross-entropy against the target's distribution at t+h+1,
     weighted 0.8^h as in Medusa; backward is done per head (independent graphs) to bound memory."""
-    tokens, feats, valid, generated = batch
+    tokens, feats, valid, generated = on_device(batch, head_w.device)
     stats, total = [], 0.0
     for h, block in enumerate(module.blocks):
         shift = h + 1
@@ -285,10 +292,11 @@ def train(kind: str, loaded, settings: DrafterSettings, data: dict, deadline: fl
     train_ids = [i for i in range(n) if i not in set(val)] or val
     vocab = model.get_output_embeddings().weight.shape[0]
     ids = reduced_vocab([data["tokens"][i] for i in train_ids], settings.vocab, vocab, loaded.eos_token_ids)
-    module = new_module(kind, model, ids, settings.heads).float().train()
+    module = new_module(kind, model, ids, settings.heads).float()
     drafter = attach(kind, module, model)
     _, head_w = drafter.head()
     head_w = head_w.detach()
+    module.to(head_w.device).train()  # trains where the target's LM head is (a GPU when the target is on one)
     optimizer = torch.optim.AdamW(module.parameters(), lr=settings.lr, weight_decay=0.0)
     per_epoch = math.ceil(len(train_ids) / settings.batch_size)
     planned = settings.epochs * per_epoch
