@@ -121,7 +121,21 @@ def cmd_run_job(args) -> int:
 def cmd_train_drafter(args) -> int:
     from specdec.train import cmd_train_drafter as train
 
-    return train(args)
+    from specdec import devices
+
+    claim = None
+    try:
+        if args.device == "auto":  # a free GPU, claimed like a cell's (lock files), else the CPU
+            claim = devices.claim_gpus(1) if devices.visible_gpus() else None
+            args.device = claim.devices[0] if claim else "cpu"
+        else:
+            args.device = auto_device(args.device)  # before the target loads: no CUDA is a one-line error
+        return train(args)
+    except (ValueError, devices.DeviceError) as exc:
+        return fail(str(exc))
+    finally:
+        if claim:
+            claim.release()
 
 
 def delegate(module: str, func: str, argv: list[str]) -> int:
@@ -168,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--heads", type=int, default=None, help="medusa heads")
     t.add_argument("--epochs", type=int, default=None)
     t.add_argument("--seed", type=int, default=None)
-    t.add_argument("--device", default="cpu", help="cpu | cuda:N (default: cpu)")
+    t.add_argument("--device", default="cpu", help="cpu | cuda:N | auto = a free GPU if there is one, else the CPU "
+                   "(default: cpu); the drafter trains where the target is")
     t.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's choice; 1 is far faster on an oversubscribed CPU)")
     t.set_defaults(func=cmd_train_drafter)

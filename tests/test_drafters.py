@@ -146,7 +146,8 @@ def test_trained_drafters_as_workflow_cells(tiny_env, tmp_path):
     s = tiny_env["settings"]
     argv = ["--models", str(models_file), "train-drafter", "--target", "tiny-target", "--kind", "eagle",
             "--drafters-dir", str(tiny_env["root"]), "--prompts-file", s.prompts_file, "--gen-tokens",
-            str(s.gen_tokens), "--vocab", str(s.vocab), "--epochs", str(s.epochs), "--budget-minutes", "2"]
+            str(s.gen_tokens), "--vocab", str(s.vocab), "--epochs", str(s.epochs), "--budget-minutes", "2",
+            "--device", "auto"]  # no GPU here: auto trains on the CPU
     settings = {"prompts_file": s.prompts_file, "gen_tokens": s.gen_tokens, "vocab": s.vocab, "epochs": s.epochs,
                 "budget_minutes": 2.0}
     assert cli_main(argv) == 0
@@ -171,6 +172,15 @@ def test_trained_drafters_as_workflow_cells(tiny_env, tmp_path):
     missing = run_cell({**job, "drafter_settings": {"vocab": 7}, "strategy": "tree"})
     assert missing["run"]["status"] == "failed"
     assert "specdec train-drafter --target tiny-target --kind medusa" in missing["run"]["error"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_train_drafter_on_a_missing_gpu_is_a_one_line_error(tmp_path, capsys):
+    code = cli_main(["train-drafter", "--target", "smollm2-135m", "--kind", "eagle", "--device", "cuda",
+                     "--drafters-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "device 'cuda' requested but no CUDA GPU is visible" in err and len(err.splitlines()) == 1
+    assert not any(tmp_path.iterdir())  # nothing trained, nothing written
 
 
 def test_bench_runs_trained_drafters_beside_the_baseline(tiny_env, capsys, tmp_path):

@@ -301,6 +301,21 @@ def test_trained_drafters_are_trained_once_and_used_by_their_cells(workdir, tiny
     assert again.returncode == 0 and folders[0].stat().st_mtime == trained_at
 
 
+def test_a_drafter_that_gpu_cells_use_trains_on_a_gpu(workdir, tiny_models):
+    config = base_config(tiny_models, pairs=[{"target": "tiny-target", "draft": "tiny-target+eagle"}],
+                         strategies=["speculative"], draft_lengths=[3],
+                         drafter_settings={"prompts_file": "prompts.jsonl", "gen_tokens": 16})
+    for gpus, expected in (([0], False), ([0, 1], True)):
+        config["gpus"] = gpus
+        write_config(workdir, config)
+        result = snakemake(workdir, "-n", "-p")
+        assert result.returncode == 0, result.stderr[-3000:]
+        train_job = result.stdout[result.stdout.index("rule train_drafter"):]
+        train_job = train_job[:train_job.index("rule run_cell")] if "rule run_cell" in train_job else train_job
+        assert ("--device auto" in train_job) is expected, train_job
+        assert ("gpu=1" in train_job) is expected, train_job
+
+
 def test_a_drafter_for_another_target_is_a_config_error(tiny_models):
     config = base_config(tiny_models, pairs=[{"target": "tiny-target", "draft": "tiny-draft+eagle"}])
     with pytest.raises(matrix.ConfigError, match=r"pairs\[0\]\.draft: drafter 'tiny-draft\+eagle' is trained for "

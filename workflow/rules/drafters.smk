@@ -4,10 +4,14 @@
 # trained again.
 
 DRAFTER_JOBS = {}  # drafter folder -> (target, kind), for every drafter a cell uses
+DRAFTER_ON_GPU = set()  # folders of drafters that a GPU cell uses: they train on a GPU too
 for _cell in CELLS.values():
     _trained = matrix.trained_drafter(_cell["draft"])
     if _trained:
-        DRAFTER_JOBS[matrix.drafter_folder(config, *_trained)] = _trained
+        _folder = matrix.drafter_folder(config, *_trained)
+        DRAFTER_JOBS[_folder] = _trained
+        if _cell["gpus"] > 0:
+            DRAFTER_ON_GPU.add(_folder)
 
 def drafter_input(wildcards):
     trained = matrix.trained_drafter(CELLS[wildcards.cell]["draft"])
@@ -17,6 +21,8 @@ def drafter_input(wildcards):
 def train_drafter_args(wildcards):
     target, kind = DRAFTER_JOBS[wildcards.folder]
     args = ["--target", target, "--kind", kind, "--out", wildcards.folder]
+    if wildcards.folder in DRAFTER_ON_GPU:
+        args += ["--device", "auto"]  # the GPU the job was given (Slurm), or a free one claimed locally
     for key, value in (config.get("drafter_settings") or {}).items():  # the schema allows only keys with a flag
         args += ["--" + key.replace("_", "-"), str(value)]
     return " ".join(shlex.quote(a) for a in args)
@@ -41,6 +47,8 @@ rule train_drafter:
         models=drafter_models_json,
     threads: workflow_threads
     resources:
+        gpu=lambda wildcards: int(wildcards.folder in DRAFTER_ON_GPU),
+        gpu_model=config["resources"].get("gpu_model") or "",
         mem_mb=config["resources"].get("mem_mb", 16000),
         runtime=config["resources"].get("runtime", 120),
     shell:
