@@ -29,6 +29,8 @@ from specdec.tree import Tree, build_tree, forward_masked, forward_tree, keep_pa
 
 STRATEGIES = ("tree", "speculative-heuristic", "speculative-confidence")
 TREE_WIDTH = 4              # tree strategy: children per expanded node, and nodes expanded per depth
+TREE_MAX_DEPTH = 6          # tree strategy: k is the node budget (verify rows); depth stops at EAGLE's default of 6
+                            # draft passes, so a GPU can verify EAGLE-2-sized trees (k = 60) without 60 passes
 HEURISTIC_K_MAX = 16        # heuristic schedule: k never grows past max(this, the starting k)
 CONFIDENCE_THRESHOLD = 0.4  # confidence stop: transformers' default assistant_confidence_threshold
 
@@ -36,6 +38,11 @@ CONFIDENCE_THRESHOLD = 0.4  # confidence stop: transformers' default assistant_c
 def next_k_heuristic(k: int, accepted: int, proposed: int, k_max: int) -> int:
     """transformers' "heuristic" schedule: +2 after a block the target accepted whole, −1 (floor 1) otherwise."""
     return min(k + 2, k_max) if accepted == proposed else max(1, k - 1)
+
+
+def max_depth(budget: int, width: int) -> int:
+    """How deep a proposal may go: a chain (width 1) as deep as its budget, a tree at most TREE_MAX_DEPTH."""
+    return budget if width == 1 else min(budget, TREE_MAX_DEPTH)
 
 
 def top(logits: torch.Tensor, width: int, ids: torch.Tensor | None = None) -> list[tuple[list[int], list[float]]]:
@@ -88,7 +95,8 @@ class DraftModelProposer:
                                     attend, vocab=self.vocab)
             return top(out, width)
 
-        tree, expansions = build_tree(top(logits, width)[0], expand, budget, width, budget, stop_tokens, min_prob)
+        tree, expansions = build_tree(top(logits, width)[0], expand, budget, width, max_depth(budget, width),
+                                      stop_tokens, min_prob)
         rollback(self.cache, n)
         trace.draft_passes += 1 + expansions
         trace.draft_units += 1 + expansions
@@ -138,7 +146,7 @@ class EagleProposer:
             return top(out @ self.head_w.T, width, self.ids)
 
         tree, expansions = build_tree(top(root[None] @ self.head_w.T, width, self.ids)[0], expand, budget, width,
-                                      budget, stop_tokens, min_prob)
+                                      max_depth(budget, width), stop_tokens, min_prob)
         self.keys, self.values = self.keys[:, :, :n], self.values[:, :, :n]
         trace.draft_passes += 1 + expansions
         trace.draft_units += 1 + expansions
@@ -158,7 +166,7 @@ class MedusaProposer:
     def propose(self, committed, feats, budget, width, stop_tokens, min_prob, trace) -> Tree:
         per_depth = top(self.module(feats[len(committed) - 2].float()) @ self.head_w.T, width, self.ids)
         tree, _ = build_tree(per_depth[0], lambda frontier, partial: [per_depth[partial.depths[f]] for f in frontier],
-                             budget, width, min(budget, self.module.heads), stop_tokens, min_prob)
+                             budget, width, min(max_depth(budget, width), self.module.heads), stop_tokens, min_prob)
         trace.draft_passes += 1
         trace.draft_units += 1
         return tree

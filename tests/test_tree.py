@@ -4,6 +4,7 @@ best-first tree building, exact sampling, greedy losslessness, and the draft-len
 from __future__ import annotations
 
 import collections
+import copy
 import math
 
 import pytest
@@ -198,6 +199,26 @@ def test_greedy_draft_model_strategies_match_baseline(target, draft, strategy):
             acc = sum(trace.accepted_per_position)
             accepted, rejected = accepted + acc, rejected + trace.steps - (trace.steps if acc else 0)
     assert accepted > 50
+
+
+def test_large_trees_stop_at_the_depth_cap_and_chains_do_not(target, draft):
+    """k is the node budget: a k = 20 tree uses up to 20 verify rows but at most TREE_MAX_DEPTH draft passes; a
+    k = 10 chain still drafts 10 deep. Both stay token-identical to the baseline. The draft is made overconfident
+    (its logits scaled up), so best-first trees would grow as deep as their budget without the cap."""
+    confident = copy.deepcopy(draft)
+    with torch.no_grad():
+        confident.get_output_embeddings().weight.mul_(50.0)
+    for width, k, deepest in ((drafting.TREE_WIDTH, 20, drafting.TREE_MAX_DEPTH), (1, 10, 10)):
+        proposer = drafting.DraftModelProposer(confident)
+        trees = []
+        propose = proposer.propose
+        proposer.propose = lambda *a: trees.append(propose(*a)) or trees[-1]
+        for p in prompts(3, seed=8):
+            s = DecodeSettings(max_new_tokens=30, k=k, stop_at_eos=False)
+            assert draft_decode(target, p, s, set(), proposer, width).tokens == \
+                baseline_decode(target, p, s, set()).tokens
+        assert max(t.depth for t in trees) == deepest
+        assert max(len(t) for t in trees) == k
 
 
 def test_greedy_tree_stops_exactly_at_eos_and_max_tokens(target, draft):
