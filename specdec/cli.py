@@ -119,23 +119,23 @@ def cmd_run_job(args) -> int:
 
 
 def cmd_train_drafter(args) -> int:
+    from specdec import devices
     from specdec.train import cmd_train_drafter as train
 
-    from specdec import devices
-
-    claim = None
     try:
-        if args.device == "auto":  # a free GPU, claimed like a cell's (lock files), else the CPU
-            claim = devices.claim_gpus(1) if devices.visible_gpus() else None
-            args.device = claim.devices[0] if claim else "cpu"
+        if args.device == "auto":  # a free GPU, claimed like a cell's (lock files); no GPU: an empty claim, the CPU
+            gpus = devices.visible_gpus()
+            claim = devices.claim_gpus(min(1, len(gpus)), gpus)
+            args.device = claim.devices[0]
         else:
+            claim = devices.claim_gpus(0)
             args.device = auto_device(args.device)  # before the target loads: no CUDA is a one-line error
-        return train(args)
     except (ValueError, devices.DeviceError) as exc:
         return fail(str(exc))
+    try:
+        return train(args)
     finally:
-        if claim:
-            claim.release()
+        claim.release()
 
 
 def delegate(module: str, func: str, argv: list[str]) -> int:

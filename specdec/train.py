@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from specdec.decoding import new_cache
 from specdec.drafters import (KINDS, DrafterError, DrafterSettings, attach, drafter_dir, drafters_root, new_module,
                               save_drafter)
-from specdec.decoding import new_cache
 from specdec.models import encode_prompt
 from specdec.prompts import load_prompts
 
