@@ -9,6 +9,7 @@ import streamlit as st
 from specdec.dashboard import queries as q
 from specdec.dashboard.queries import Filters
 from specdec.db.query import QueryError, UnsafeSQLError, run_query
+from specdec.strategies import STRATEGIES
 
 # What fills an empty store, from the repository root: the default matrix (its last step ingests), or ingesting
 # result files that already exist. Both write the default store ($SPECDEC_DB or db/specdec.duckdb).
@@ -21,9 +22,8 @@ MAX_TABLE_ROWS = 2000  # rows a long listing shows on the page; its CSV download
 LABEL_LIMIT = 440  # px of a y-axis label before it is cut with "…"; series labels are long
 
 # A fixed colour per strategy (Tableau 10), so a strategy looks the same whatever the filters leave on the page.
-STRATEGY_COLORS = {"baseline": "#4e79a7", "speculative": "#e15759", "ngram": "#59a14f", "hf-generate": "#bab0ac",
-                   "hf-assisted": "#f28e2b", "hf-ngram": "#76b7b2"}
-OTHER_COLORS = ["#b07aa1", "#edc948", "#ff9da7", "#9c755f"]
+STRATEGY_COLORS = {name: s.color for name, s in STRATEGIES.items()}
+OTHER_COLORS = ["#9c755f", "#d37295", "#a0cbe8", "#8cd17d"]  # strategies the registry no longer has
 
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -7,14 +7,8 @@ import json
 import os
 import sys
 
-from specdec import __version__
-
-EXIT_USAGE = 2
-
-
-def fail(message: str) -> int:
-    print(f"specdec: error: {message}", file=sys.stderr)
-    return EXIT_USAGE
+from specdec import __version__, fail
+from specdec.strategies import describe
 
 
 def auto_device(name: str) -> str:
@@ -33,9 +27,11 @@ def add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft", default=None, help="draft model alias (speculative, hf-assisted), or a trained drafter "
                    "<target>+eagle / <target>+medusa (speculative, tree, speculative-heuristic/-confidence)")
     p.add_argument("--strategy", default="baseline",
-                   help="baseline | speculative | ngram | tree | speculative-heuristic | speculative-confidence | "
-                        "hf-generate | hf-assisted | hf-ngram (default: %(default)s)")
-    p.add_argument("--k", type=int, default=4, help="draft length: tokens proposed per verify pass (default: 4)")
+                   help=f"one of: {describe()} (default: %(default)s)")
+    p.add_argument("--k", type=int, default=4,
+                   help="draft length: tokens proposed per verify pass; trees: the deepest position (default: 4)")
+    p.add_argument("--tree-budget", type=int, default=None,
+                   help="tree strategies: draft nodes verified per pass (default: k)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
@@ -50,19 +46,13 @@ def add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed short generations before the measured one")
 
 
-def settings_from_args(args):
-    from specdec.decoding import DecodeSettings
-
-    return DecodeSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, k=args.k, draft_sampling=args.draft_sampling, seed=args.seed,
-                          use_cache=not args.no_cache, stop_at_eos=not args.ignore_eos, ngram_max=args.ngram_max)
-
 
 def cmd_generate(args) -> int:
+    from specdec.decoding import DecodeSettings
     from specdec.models import ModelError, encode_prompt, load_registry
     from specdec.runner import SettingsError, check_settings, generate, load_pair, warm_up
 
-    s = settings_from_args(args)
+    s = DecodeSettings.from_mapping(args)
     try:
         registry = load_registry(args.models)
         check_settings(args.strategy, args.draft, s, registry, args.target)

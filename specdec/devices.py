@@ -20,6 +20,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from specdec import models
+from specdec.metrics import peak_memory
+
 GPU_MODES = ("pipeline", "tensor")
 GiB = 1 << 30
 RESERVE_FRACTION = 0.1       # of each device's free memory, kept for activations and allocator slack
@@ -132,53 +135,6 @@ def claim_gpus(n: int, inventory: list[DeviceInfo] | None = None, timeout_s: flo
 
 # ------------------------------------------------------------------------------------------- memory planning
 
-def is_gguf(spec) -> bool:
-    return bool(spec.package or spec.gguf_file or (spec.path and str(spec.path).endswith(".gguf")))
-
-
-def gguf_path(spec) -> Path:
-    """The GGUF file of a packaged or local GGUF alias (ModelError, as load_model raises, when it is missing)."""
-    from specdec import models
-
-    if spec.package:
-        return models.package_gguf_path(spec)
-    base = Path(spec.path).expanduser() if spec.path else None
-    path = (base / spec.gguf_file if spec.gguf_file else base) if base else None
-    if path is None or not path.is_file():  # hub GGUF repositories: the file lives in the hub cache
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(spec.hub, spec.gguf_file, revision=spec.revision) if spec.hub else None
-        if not isinstance(found, str):
-            raise models.ModelError(models.unavailable_message(spec, f"GGUF file {path or spec.gguf_file} is not here"))
-        path = Path(found)
-    return path
-
-
-def model_config(spec):
-    """The transformers config of an alias without loading weights (None for a GGUF file not yet converted)."""
-    from transformers import AutoConfig
-
-    from specdec import models
-
-    if is_gguf(spec):
-        converted = models._converted_cache_dir(gguf_path(spec), spec.dtype)
-        return AutoConfig.from_pretrained(converted) if (converted / "config.json").is_file() else None
-    if spec.path:
-        source, local_only = Path(spec.path).expanduser(), True
-        if not source.is_dir():
-            raise models.ModelError(models.unavailable_message(spec, f"local directory {source} does not exist"))
-    else:  # as load_model does: the cache if it has the model, else the hub if it is reachable
-        source, local_only = spec.hub, models._hub_is_cached(spec)
-        if not local_only and not models._hub_reachable():
-            raise models.ModelError(models.unavailable_message(
-                spec, f"{spec.hub} is not in the local Hugging Face cache and the hub is unreachable"))
-    try:
-        return AutoConfig.from_pretrained(source, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
-                                          local_files_only=local_only)
-    except OSError as exc:
-        raise models.ModelError(models.unavailable_message(spec, str(exc).splitlines()[0])) from None
-
-
 def dtype_bytes(spec, config) -> int:
     import torch
 
@@ -196,7 +152,7 @@ def weight_bytes(spec, config) -> int:
     if config is None:  # a GGUF file: count its tensors' elements (dequantised on load)
         import gguf
 
-        return sum(int(t.n_elements) for t in gguf.GGUFReader(gguf_path(spec)).tensors) * dtype_bytes(spec, None)
+        return sum(int(t.n_elements) for t in gguf.GGUFReader(models.gguf_path(spec)).tensors) * dtype_bytes(spec, None)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
     return sum(p.numel() for p in model.parameters()) * dtype_bytes(spec, config)
@@ -216,7 +172,7 @@ def kv_cache_bytes(config, tokens: int, element_bytes: int) -> int:
 
 def model_bytes(spec, max_new_tokens: int, k: int = 0) -> tuple[int, object]:
     """Estimated bytes to hold a model and its KV cache for one generation; also returns its config."""
-    config = model_config(spec)
+    config = models.model_config(spec)
     tokens = PROMPT_ALLOWANCE + max_new_tokens + k + 1
     return weight_bytes(spec, config) + kv_cache_bytes(config, tokens, dtype_bytes(spec, config)), config
 
@@ -303,8 +259,6 @@ def peak_memory_per_device(devices: list[str]) -> list[int]:
     """Peak bytes allocated by torch on each device since its last reset (CPU: the process's peak resident set)."""
     import torch
 
-    from specdec.metrics import peak_memory
-
     return [int(torch.cuda.max_memory_allocated(torch.device(d))) if d.startswith("cuda") else peak_memory(d)[0]
             for d in devices]
 
@@ -317,13 +271,25 @@ def reset_peak_memory(devices: list[str]) -> None:
             torch.cuda.reset_peak_memory_stats(torch.device(d))
 
 
+def tensor_parallel_problem(config, n: int) -> str | None:
+    """Why a model cannot be split n ways by transformers' tensor parallelism, or None if it can."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if not getattr(text, "base_model_tp_plan", None):
+        return (f"{type(config).__name__} has no tensor-parallel plan in transformers (base_model_tp_plan); "
+                "use gpu_mode: pipeline for this target")
+    heads = getattr(text, "num_attention_heads", 0) or 0
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    if heads % n or kv_heads % n:
+        return (f"tensor parallel over {n} GPUs needs the attention heads ({heads}) and key/value heads "
+                f"({kv_heads}) to divide by {n}; use gpus that divide both, or gpu_mode: pipeline")
+    return None
+
+
 def plan_cell(target_spec, draft_spec, mode: str, claim: Claim, inventory: list[DeviceInfo], max_new_tokens: int,
               k: int = 0) -> Placement:
     """The memory check and placement of one cell, from configs only (no weights are read)."""
-    from specdec.parallel import tensor_parallel_problem
-
     n = len(claim.indices)
-    if n > 1 and is_gguf(target_spec):
+    if n > 1 and models.is_gguf(target_spec):
         raise DeviceError(f"target '{target_spec.alias}' is a GGUF file, which loads on one device only; splitting "
                           "it over GPUs needs a transformers checkpoint (hub id or directory): use gpus: 1")
     target_bytes, config = model_bytes(target_spec, max_new_tokens, k)

@@ -75,6 +75,15 @@ def parse_alias(alias: str | None) -> tuple[str, str] | None:
     return target, kind
 
 
+def parse_for_target(alias: str | None, target: str | None) -> tuple[str, str] | None:
+    """parse_alias, and a drafter trained for another target is refused: it reads that target's features."""
+    trained = parse_alias(alias)
+    if trained and target and trained[0] != target:
+        raise DrafterError(f"drafter '{alias}' is trained for target '{trained[0]}', not '{target}': use "
+                           f"'{target}+{trained[1]}'")
+    return trained
+
+
 def drafters_root(root: str | Path | None = None) -> Path:
     return Path(root or os.environ.get(ROOT_ENV) or DEFAULT_ROOT)
 

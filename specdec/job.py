@@ -19,16 +19,17 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from specdec import __version__, drafters
+from specdec import __version__, devices, drafters, parallel
 from specdec.decoding import DecodeSettings
 from specdec.models import encode_prompt, load_registry
 from specdec.prompts import load_prompts, select
-from specdec.runner import USES_K, check_settings, generate, load_pair, warm_up
+from specdec.runner import check_settings, generate, load_pair, warm_up
+from specdec.strategies import STRATEGIES, names
 
 FORMAT = "specdec-result/1"
-JOB_DEFAULTS = dict(draft=None, k=None, gpus=0, temperature=0.0, top_p=1.0, top_k=0, draft_sampling="greedy",
-                    use_cache=True, max_new_tokens=128, repeats=1, warmup=1, seed=0, stop_at_eos=True,
-                    ngram_max=3, prompt_ids=None, categories=None, per_category=None, models=None,
+JOB_DEFAULTS = dict(draft=None, k=None, tree_budget=None, gpus=0, temperature=0.0, top_p=1.0, top_k=0,
+                    draft_sampling="greedy", use_cache=True, max_new_tokens=128, repeats=1, warmup=1, seed=0,
+                    stop_at_eos=True, ngram_max=3, prompt_ids=None, categories=None, per_category=None, models=None,
                     config_hash=None, workflow_run_id=None, cell=None, gpu_mode="pipeline",
                     drafters_dir=None, drafter_settings=None)  # trained drafters: cache root, training settings
 
@@ -92,10 +93,7 @@ def provenance(job: dict) -> dict:
 
 
 def settings_for(job: dict) -> DecodeSettings:
-    return DecodeSettings(max_new_tokens=job["max_new_tokens"], temperature=job["temperature"], top_p=job["top_p"],
-                          top_k=job["top_k"], k=job["k"] or 1, draft_sampling=job["draft_sampling"],
-                          seed=job["seed"], use_cache=job["use_cache"], stop_at_eos=job["stop_at_eos"],
-                          ngram_max=job["ngram_max"])
+    return DecodeSettings.from_mapping({**job, "k": job["k"] or 1})
 
 
 def read_job(spec: str | dict) -> dict:
@@ -122,14 +120,12 @@ def run_cell(job: dict, progress=None) -> dict:
 
     Inside a tensor-parallel worker (see parallel.py) it runs this rank's share and raises instead, so torchrun
     stops every rank and the parent process stores the failure."""
-    from specdec import devices, parallel
-
     job = read_job(job)
     worker = parallel.in_worker()
     run = {"run_id": uuid.uuid4().hex, "workflow_run_id": job["workflow_run_id"], "started_utc": utc_now(),
            "status": "ok", "error": None, **provenance(job)}
-    params = {key: job[key] for key in ("cell", "target", "draft", "strategy", "k", "gpus", "temperature", "top_p",
-                                        "top_k", "draft_sampling", "use_cache", "max_new_tokens", "repeats",
+    params = {key: job[key] for key in ("cell", "target", "draft", "strategy", "k", "tree_budget", "gpus",
+                                        "temperature", "top_p", "top_k", "draft_sampling", "use_cache", "max_new_tokens", "repeats",
                                         "warmup", "prompts_file", "stop_at_eos", "ngram_max", "gpu_mode")}
     run["params"] = params
     prompts = select(load_prompts(job["prompts_file"]), job["prompt_ids"], job["categories"], job["per_category"])
@@ -156,7 +152,7 @@ def run_cell(job: dict, progress=None) -> dict:
             run.update(gpu_names=claim.names, gpu_count=len(claim.indices), devices=claim.devices)
             inventory = devices.visible_gpus() if claim.indices else []
             placement = devices.plan_cell(target_spec, draft_spec, job["gpu_mode"], claim, inventory,
-                                          job["max_new_tokens"], s.k if job["strategy"] in USES_K else 0)
+                                          job["max_new_tokens"], s.k if STRATEGIES[job["strategy"]].uses_k else 0)
             run["placement"] = placement.record()
             if placement.mode == "tensor":  # the same cell again, on one process per GPU
                 document = parallel.run_under_torchrun(job, len(claim.indices), claim.indices)
@@ -210,19 +206,16 @@ def run_cell(job: dict, progress=None) -> dict:
 
 def check_gpu_mode(job: dict) -> None:
     """Checks of the multi-GPU settings that need neither models nor devices."""
-    from specdec.devices import GPU_MODES, DeviceError
-
-    if job["gpu_mode"] not in GPU_MODES:
-        raise DeviceError(f"gpu_mode must be one of {', '.join(GPU_MODES)}, got {job['gpu_mode']!r}")
+    if job["gpu_mode"] not in devices.GPU_MODES:
+        raise devices.DeviceError(f"gpu_mode must be one of {', '.join(devices.GPU_MODES)}, got {job['gpu_mode']!r}")
     if not isinstance(job["gpus"], int) or job["gpus"] < 0:
-        raise DeviceError(f"gpus must be an integer >= 0 (0 = CPU), got {job['gpus']!r}")
+        raise devices.DeviceError(f"gpus must be an integer >= 0 (0 = CPU), got {job['gpus']!r}")
     if job["gpu_mode"] == "tensor" and job["gpus"] > 1:
-        from specdec.parallel import TENSOR_STRATEGIES
-
-        if job["strategy"] not in TENSOR_STRATEGIES or drafters.parse_alias(job["draft"]):
-            raise DeviceError(f"gpu_mode tensor runs {', '.join(TENSOR_STRATEGIES)} with a draft model from the "
-                              f"registry (whole on rank 0), not '{job['strategy']}' with draft {job['draft']!r}: "
-                              "use gpu_mode: pipeline for this cell")
+        tensor = names(tensor_parallel=True)
+        if job["strategy"] not in tensor or drafters.parse_alias(job["draft"]):
+            raise devices.DeviceError(f"gpu_mode tensor runs {', '.join(tensor)} with a draft model from the "
+                                      f"registry (whole on rank 0), not '{job['strategy']}' with draft {job['draft']!r}: "
+                                      "use gpu_mode: pipeline for this cell")
 
 
 def merge_worker_document(document: dict, run: dict, claim) -> dict:

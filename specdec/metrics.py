@@ -94,3 +94,33 @@ def make_record(trace: Trace, k: int | None, prompt_tokens: int, text: str | Non
                       leviathan_speedup=leviathan_speedup(alpha, k, c, trace.proposed_per_position if per_step
                                                           else None, trace.steps))
     return record
+
+
+def pool(records: list[dict]) -> dict:
+    """Acceptance pooled over several generations of one strategy (turns of a conversation, prompts × repeats of
+    a bench cell): α = Σ accepted ÷ Σ proposed, α per draft position, tokens per target pass, the median c, and
+    Leviathan's prediction over the draft lengths the runs actually used (from per-position counts), or, where a
+    runner reports totals only, for a chain of the mean draft length."""
+    steps = sum(r["target_forward_passes"] - 1 for r in records)
+    passes = sum(r["target_forward_passes"] for r in records)
+    out = {"steps": steps, "mean_accepted_tokens": sum(r["new_tokens"] for r in records) / passes if passes else None,
+           "acceptance_rate": None, "acceptance_by_position": None, "proposed_per_position": None,
+           "accepted_per_position": None, "cost_ratio_c": None, "leviathan_speedup": None}
+    if any(r["proposed_tokens"] is None for r in records):
+        return out
+    proposed, accepted = sum(r["proposed_tokens"] for r in records), sum(r["accepted_tokens"] for r in records)
+    alpha = accepted / proposed if proposed else None
+    cs = sorted(r["cost_ratio_c"] for r in records if r["cost_ratio_c"] is not None)
+    c = (cs[(len(cs) - 1) // 2] + cs[len(cs) // 2]) / 2 if cs else None
+    out.update(acceptance_rate=alpha, cost_ratio_c=c)
+    positions = [r["proposed_per_position"] for r in records]
+    if positions[0] and all(p is not None and len(p) == len(positions[0]) for p in positions):
+        proposed_at = [sum(col) for col in zip(*positions)]
+        accepted_at = [sum(col) for col in zip(*(r["accepted_per_position"] for r in records))]
+        out.update(proposed_per_position=proposed_at, accepted_per_position=accepted_at,
+                   acceptance_by_position=[a / p if p else None for a, p in zip(accepted_at, proposed_at)],
+                   leviathan_speedup=leviathan_speedup(alpha, len(proposed_at), c, proposed_at, steps))
+    elif alpha is not None and c is not None and steps:
+        n = proposed / steps
+        out["leviathan_speedup"] = expected_tokens(alpha, n) / (n * c + 1)
+    return out

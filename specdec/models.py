@@ -14,6 +14,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -221,40 +222,86 @@ def _load_gguf(gguf_path: Path, dtype: str, trust_remote_code: bool):
     return model, tokenizer
 
 
+def is_gguf(spec: ModelSpec) -> bool:
+    return bool(spec.package or spec.gguf_file or (spec.path and str(spec.path).endswith(".gguf")))
+
+
+def gguf_path(spec: ModelSpec) -> Path:
+    """The GGUF file of a packaged, local or hub-cached GGUF alias (ModelError when it is not here)."""
+    if spec.package:
+        return package_gguf_path(spec)
+    base = Path(spec.path).expanduser() if spec.path else None
+    path = (base / spec.gguf_file if spec.gguf_file else base) if base else None
+    if path is None or not path.is_file():  # hub GGUF repositories: the file lives in the hub cache
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(spec.hub, spec.gguf_file, revision=spec.revision) if spec.hub else None
+        if not isinstance(found, str):
+            raise ModelError(unavailable_message(spec, f"GGUF file {path or spec.gguf_file} is not here"))
+        path = Path(found)
+    return path
+
+
+def checkpoint_source(spec: ModelSpec) -> tuple[str | Path, bool]:
+    """Where a transformers checkpoint loads from and whether only local files may be used: the alias's
+    directory, else the hub cache if it has the model, else the hub if it is reachable (ModelError otherwise)."""
+    if spec.path:
+        where = Path(spec.path).expanduser()
+        if not where.is_dir():
+            raise ModelError(unavailable_message(spec, f"local directory {where} does not exist"))
+        return where, True
+    if _hub_is_cached(spec):
+        return spec.hub, True
+    if not _hub_reachable():
+        raise ModelError(unavailable_message(
+            spec, f"{spec.hub} is not in the local Hugging Face cache and the hub is unreachable"))
+    return spec.hub, False
+
+
+def loads_local_gguf(spec: ModelSpec) -> bool:
+    """Packaged or local GGUF files are dequantised once and cached (hub GGUF repos go through from_pretrained)."""
+    return bool(spec.package or (spec.path and (spec.gguf_file or str(spec.path).endswith(".gguf"))))
+
+
+def model_config(spec: ModelSpec):
+    """The transformers config of an alias without loading weights (None for a GGUF file not yet converted)."""
+    from transformers import AutoConfig
+
+    if is_gguf(spec):
+        converted = _converted_cache_dir(gguf_path(spec), spec.dtype)
+        return AutoConfig.from_pretrained(converted) if (converted / "config.json").is_file() else None
+    where, local_only = checkpoint_source(spec)
+    try:
+        return AutoConfig.from_pretrained(where, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
+                                          local_files_only=local_only)
+    except OSError as exc:
+        raise ModelError(unavailable_message(spec, str(exc).splitlines()[0])) from None
+
+
+def tensor_parallel_kwargs(tp_plan: str) -> dict:
+    """from_pretrained arguments for a tensor-parallel load (transformers 5 takes a DistributedConfig; older
+    releases took tp_plan directly)."""
+    try:
+        from transformers.distributed import DistributedConfig
+    except ImportError:
+        return {"tp_plan": tp_plan}
+    return {"distributed_config": DistributedConfig(tp_plan=tp_plan)}
+
+
 def load_model(spec: ModelSpec, device: str = "cpu", device_map=None, max_memory=None,
                tp_plan: str | None = None) -> LoadedModel:
     """Load weights and tokenizer for an alias; failures are ModelError with a one-line, actionable message.
     tp_plan="auto" shards the model with transformers' tensor-parallel plan (inside torchrun, see parallel.py)."""
-    import time
-
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per tensor, per load, drowns the workflow's own progress
     start = time.perf_counter()
     try:
-        if spec.package or (spec.path and (spec.gguf_file or str(spec.path).endswith(".gguf"))):
-            if spec.package:
-                gguf_path = package_gguf_path(spec)
-            else:
-                base = Path(spec.path).expanduser()
-                gguf_path = base / spec.gguf_file if spec.gguf_file else base
-                if not gguf_path.is_file():
-                    raise ModelError(unavailable_message(spec, f"GGUF file {gguf_path} does not exist"))
-            model, tokenizer = _load_gguf(gguf_path, spec.dtype, spec.trust_remote_code)
+        if loads_local_gguf(spec):
+            model, tokenizer = _load_gguf(gguf_path(spec), spec.dtype, spec.trust_remote_code)
         else:
-            if spec.path:
-                where = Path(spec.path).expanduser()
-                if not where.is_dir():
-                    raise ModelError(unavailable_message(spec, f"local directory {where} does not exist"))
-                local_only = True
-            else:
-                where = spec.hub
-                local_only = _hub_is_cached(spec)
-                if not local_only and not _hub_reachable():
-                    raise ModelError(unavailable_message(
-                        spec, f"{spec.hub} is not in the local Hugging Face cache and the hub is unreachable"))
+            where, local_only = checkpoint_source(spec)
             kwargs = dict(trust_remote_code=spec.trust_remote_code, revision=spec.revision,
                           local_files_only=local_only)
             if spec.gguf_file:
@@ -263,8 +310,6 @@ def load_model(spec: ModelSpec, device: str = "cpu", device_map=None, max_memory
             if device_map is not None:
                 kwargs.update(device_map=device_map, max_memory=max_memory)
             if tp_plan is not None:
-                from specdec.parallel import tensor_parallel_kwargs
-
                 kwargs.update(tensor_parallel_kwargs(tp_plan))
             model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype(spec.dtype), **kwargs)
     except ModelError:
@@ -313,7 +358,7 @@ def check_same_vocab(target: LoadedModel, draft: LoadedModel) -> int:
     return shared
 
 
-def verify_rows(target: LoadedModel, draft: LoadedModel) -> int | None:
+def shared_logit_rows(target: LoadedModel, draft: LoadedModel) -> int | None:
     """check_same_vocab, then the logit rows verification must keep: None when both heads have exactly those
     rows (nothing to slice), else the shared count."""
     shared = check_same_vocab(target, draft)

@@ -25,39 +25,16 @@ import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
+import torch
+
+from specdec.models import LoadedModel, load_model, resolve, shared_logit_rows
+from specdec.runner import Pair, load_pair
+
 WORKER_ENV = "SPECDEC_TP_WORKER"
-# Strategies whose every model call is a plain forward pass: the target's are collective, the draft's go through
-# RankZeroDraft. (hf-assisted needs a whole draft model on every rank; tree and dynamic drafting, and trained
-# drafters, call models in ways RankZeroDraft does not forward.)
-TENSOR_STRATEGIES = ("baseline", "speculative", "ngram", "hf-generate", "hf-ngram")
 
 
 class ParallelError(RuntimeError):
     """The tensor-parallel workers failed (one-line message with the first rank's error)."""
-
-
-def tensor_parallel_kwargs(tp_plan: str) -> dict:
-    """from_pretrained arguments for a tensor-parallel load (transformers 5 takes a DistributedConfig; older
-    releases took tp_plan directly)."""
-    try:
-        from transformers.distributed import DistributedConfig
-    except ImportError:
-        return {"tp_plan": tp_plan}
-    return {"distributed_config": DistributedConfig(tp_plan=tp_plan)}
-
-
-def tensor_parallel_problem(config, n: int) -> str | None:
-    """Why a model cannot be split n ways by transformers' tensor parallelism, or None if it can."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if not getattr(text, "base_model_tp_plan", None):
-        return (f"{type(config).__name__} has no tensor-parallel plan in transformers (base_model_tp_plan); "
-                "use gpu_mode: pipeline for this target")
-    heads = getattr(text, "num_attention_heads", 0) or 0
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    if heads % n or kv_heads % n:
-        return (f"tensor parallel over {n} GPUs needs the attention heads ({heads}) and key/value heads "
-                f"({kv_heads}) to divide by {n}; use gpus that divide both, or gpu_mode: pipeline")
-    return None
 
 
 def in_worker() -> bool:
@@ -69,14 +46,11 @@ def rank() -> int:
 
 
 def worker_device() -> str:
-    import torch
-
     return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
 
 
 def init_worker() -> str:
     """Join the process group (NCCL on GPUs, gloo on CPUs) and return this rank's device."""
-    import torch
     import torch.distributed as dist
 
     device = worker_device()
@@ -95,6 +69,7 @@ class RankZeroDraft:
     def __init__(self, model, rows: int, device: str):
         self.model, self.rows, self.device = model, rows, device
         self.config = getattr(model, "config", None)
+        self.dtype = getattr(model, "dtype", None) or torch.float32  # tree masks are built in it on every rank
 
     def parameters(self):
         return self.model.parameters() if self.model is not None else iter(())
@@ -106,13 +81,11 @@ class RankZeroDraft:
             raise AttributeError(name)
         return getattr(model, name)
 
-    def __call__(self, input_ids, past_key_values=None, use_cache=True, logits_to_keep=1):
-        import torch
+    def __call__(self, input_ids, logits_to_keep=1, **kwargs):
         import torch.distributed as dist
 
-        if self.model is not None:
-            out = self.model(input_ids=input_ids, past_key_values=past_key_values, use_cache=use_cache,
-                             logits_to_keep=logits_to_keep)
+        if self.model is not None:  # kwargs: cache, positions and tree masks, as decoding.forward passes them
+            out = self.model(input_ids=input_ids, logits_to_keep=logits_to_keep, **kwargs)
             logits = out.logits[:, -logits_to_keep:].float().contiguous()
         else:
             logits = torch.empty(1, logits_to_keep, self.rows, dtype=torch.float32, device=self.device)
@@ -122,11 +95,7 @@ class RankZeroDraft:
 
 def load_pair_tensor_parallel(target_alias: str, draft_alias: str | None, registry: dict):
     """Inside a worker: the target sharded over all ranks, the draft whole on rank 0 (see RankZeroDraft)."""
-    import torch
     import torch.distributed as dist
-
-    from specdec.models import LoadedModel, load_model, resolve, verify_rows
-    from specdec.runner import Pair, load_pair
 
     device = init_worker()
     target = load_pair(target_alias, None, registry, device=device, tp_plan="auto").target
@@ -139,7 +108,7 @@ def load_pair_tensor_parallel(target_alias: str, draft_alias: str | None, regist
         try:
             draft = load_model(spec, device=device)
             rows = draft.model.get_output_embeddings().weight.shape[0]
-            meta = torch.tensor([1, rows, verify_rows(target, draft) or 0], device=device)
+            meta = torch.tensor([1, rows, shared_logit_rows(target, draft) or 0], device=device)
         except Exception as exc:  # tell the other ranks before raising, so none waits for a draft that never comes
             error = exc
     dist.broadcast(meta, src=0)
@@ -181,7 +150,7 @@ def run_under_torchrun(job: dict, nproc: int, indices: list[int]) -> dict:
             env["CUDA_VISIBLE_DEVICES"] = child_visible_devices(indices)
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "specdec.parallel", str(job_path), str(out)]
+               "-m", "specdec.tp_worker", str(job_path), str(out)]
         code = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL).returncode
         if code != 0 or not out.is_file():
             errors = sorted(tmp.glob("rank*.error"))
@@ -190,35 +159,3 @@ def run_under_torchrun(job: dict, nproc: int, indices: list[int]) -> dict:
         return json.loads(out.read_text())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def worker_main(argv: list[str]) -> int:
-    """Entry point of every rank (python -m specdec.parallel JOB OUT under torchrun)."""
-    import torch.distributed as dist
-
-    from specdec.job import one_line, read_job, run_cell, write_atomic
-
-    job_path, out = argv
-    out = Path(out)
-    try:
-        job = read_job(job_path)
-        progress = None
-        if rank() == 0:
-            def progress(row):
-                status = f"{row['tokens_per_s']:6.1f} tok/s" if row["status"] == "ok" else f"FAILED {row['error']}"
-                print(f"  {job['cell'] or job['strategy']}  {row['prompt_id']:<10} r{row['repeat']}  {status}",
-                      file=sys.stderr, flush=True)
-        document = run_cell(job, progress)
-        if rank() == 0:
-            write_atomic(out, document)
-    except BaseException as exc:
-        traceback.print_exc()
-        (out.parent / f"rank{rank()}.error").write_text(f"rank {rank()}: {one_line(exc)}")
-        return 1
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(worker_main(sys.argv[1:]))

@@ -1,19 +1,20 @@
-"""Strategies by name: argument checks (before any model loads), model loading, and one generation → one record."""
+"""Strategies by name (strategies.py): argument checks (before any model loads), pair loading, and one
+generation → one record."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
-from specdec import decoding, drafting, metrics
-from specdec.decoding import DecodeSettings, DraftModelState, baseline_decode, speculative_decode
-from specdec.drafters import DrafterError, find_drafter, load_drafter, parse_alias
-from specdec.hf_runners import HF_STRATEGIES, hf_decode
-from specdec.models import LoadedModel, ModelError, encode_prompt, load_model, resolve, verify_rows
+from specdec import metrics
+from specdec.decoding import DecodeSettings, baseline_decode
+from specdec.drafters import DrafterError, find_drafter, load_drafter, parse_for_target
+from specdec.hf_reference import hf_decode
+from specdec.kernels import linear_kernels
+from specdec.models import LoadedModel, ModelError, encode_prompt, load_model, resolve, shared_logit_rows
+from specdec.proposers import DraftLength, make_proposer
+from specdec.speculative import speculative_decode
+from specdec.strategies import NAMES, STRATEGIES, names
 
-STRATEGIES = ("baseline", "speculative", "ngram") + drafting.STRATEGIES + HF_STRATEGIES
-NEEDS_DRAFT = ("speculative", "hf-assisted") + drafting.STRATEGIES
-USES_K = ("speculative", "ngram", "hf-assisted", "hf-ngram") + drafting.STRATEGIES
-TRAINED_DRAFTER_STRATEGIES = ("speculative",) + drafting.STRATEGIES  # a draft slot may name `<target>+eagle|medusa`
 DRAFT_SAMPLING = ("greedy", "sample")
 
 
@@ -25,13 +26,18 @@ def check_settings(strategy: str, draft: str | None, s: DecodeSettings, registry
                    target: str | None = None) -> None:
     """Every check that needs no model, so bad arguments fail in milliseconds."""
     if strategy not in STRATEGIES:
-        raise SettingsError(f"unknown strategy '{strategy}'; choose one of: {', '.join(STRATEGIES)}")
-    if strategy in NEEDS_DRAFT and not draft:
+        raise SettingsError(f"unknown strategy '{strategy}'; choose one of: {', '.join(NAMES)}")
+    st = STRATEGIES[strategy]
+    if st.needs_draft and not draft:
         raise SettingsError(f"strategy '{strategy}' needs a draft model: add --draft ALIAS")
-    if strategy not in NEEDS_DRAFT and draft:
+    if not st.needs_draft and draft:
         raise SettingsError(f"strategy '{strategy}' uses no draft model (got draft '{draft}'): drop --draft")
-    if strategy in USES_K and (not isinstance(s.k, int) or s.k < 1):
+    if st.uses_k and (not isinstance(s.k, int) or s.k < 1):
         raise SettingsError(f"draft length k must be an integer >= 1, got {s.k!r}")
+    if s.tree_budget is not None and (not st.tree or not isinstance(s.tree_budget, int) or s.tree_budget < 1):
+        raise SettingsError(f"tree budget must be an integer >= 1 and is used by tree strategies "
+                            f"({', '.join(n for n in NAMES if STRATEGIES[n].tree)}) only, got {s.tree_budget!r} "
+                            f"for '{strategy}'")
     if s.temperature < 0:
         raise SettingsError(f"temperature must be >= 0 (0 = greedy), got {s.temperature}")
     if not 0 < s.top_p <= 1:
@@ -47,20 +53,14 @@ def check_settings(strategy: str, draft: str | None, s: DecodeSettings, registry
     if not 1 <= s.ngram_min <= s.ngram_max:
         raise SettingsError(f"need 1 <= ngram_min <= ngram_max, got {s.ngram_min} and {s.ngram_max}")
     try:
-        decoding.linear_kernels()  # a bad $SPECDEC_CPU_LINEAR fails here, before any model loads
-    except ValueError as exc:
+        linear_kernels()  # a bad $SPECDEC_CPU_LINEAR fails here, before any model loads
+        trained = parse_for_target(draft, target)
+    except (ValueError, DrafterError) as exc:
         raise SettingsError(str(exc)) from None
-    try:
-        trained = parse_alias(draft)
-    except DrafterError as exc:
-        raise SettingsError(str(exc)) from None
-    if trained and strategy not in TRAINED_DRAFTER_STRATEGIES:
+    if trained and not st.takes_trained_drafter:
         raise SettingsError(f"strategy '{strategy}' cannot use the trained drafter '{draft}'; use one of "
-                            f"{', '.join(TRAINED_DRAFTER_STRATEGIES)}")
-    if trained and target and trained[0] != target:
-        raise SettingsError(f"drafter '{draft}' belongs to target '{trained[0]}', not '{target}': use "
-                            f"'{target}+{trained[1]}'")
-    if (trained or strategy in drafting.STRATEGIES) and s.draft_sampling != "greedy":
+                            f"{', '.join(names(draft='model-or-drafter'))}")
+    if (trained or st.tree or st.length != "fixed") and s.draft_sampling != "greedy":
         raise SettingsError(f"'{strategy}' with draft '{draft}' proposes the draft's top tokens (exact at any "
                             "temperature): use draft_sampling greedy")
     if registry is not None:
@@ -79,6 +79,7 @@ class Pair:
     draft: LoadedModel | None = None
     vocab: int | None = None
     drafter: object = None  # drafters.Drafter when the draft slot names `<target>+eagle|medusa`
+    memory: dict = field(default_factory=dict)  # what model-free proposers learn across this pair's generations
 
 
 def load_pair(target_alias: str, draft_alias: str | None, registry: dict, device: str = "cpu",
@@ -87,7 +88,8 @@ def load_pair(target_alias: str, draft_alias: str | None, registry: dict, device
     """With a device_map the target is placed by accelerate (with tp_plan, sharded by transformers' tensor
     parallelism); the draft always sits whole on `device` (a small draft loses more to cross-device hops than it
     gains from being split). A trained drafter is looked up (and its absence reported) before any model loads."""
-    folder = find_drafter(draft_alias, drafters_dir, drafter_settings) if parse_alias(draft_alias) else None
+    folder = find_drafter(draft_alias, drafters_dir, drafter_settings) if parse_for_target(draft_alias, target_alias) \
+        else None
     target = load_model(resolve(target_alias, registry), device=device, device_map=device_map,
                         max_memory=max_memory, tp_plan=tp_plan)
     if not draft_alias:
@@ -95,25 +97,28 @@ def load_pair(target_alias: str, draft_alias: str | None, registry: dict, device
     if folder is not None:
         return Pair(target, drafter=load_drafter(folder, target.model))
     draft = load_model(resolve(draft_alias, registry), device=device)
-    return Pair(target, draft, verify_rows(target, draft))
+    return Pair(target, draft, shared_logit_rows(target, draft))
 
 
 def decode(pair: Pair, strategy: str, prompt_ids: list[int], s: DecodeSettings):
-    target = pair.target
-    eos = set(target.eos_token_ids)
-    if strategy == "baseline":
-        return baseline_decode(target.model, prompt_ids, s, eos)
-    if strategy in drafting.STRATEGIES or pair.drafter is not None:
-        return drafting.decode(strategy, target.model, prompt_ids, s, eos, pair.draft.model if pair.draft else None,
-                               pair.drafter, pair.vocab)
-    if strategy == "speculative":
-        state = DraftModelState(pair.draft.model, vocab=pair.vocab)
-        return speculative_decode(target.model, prompt_ids, s, eos, draft=state, vocab=pair.vocab)
-    if strategy == "ngram":
-        return speculative_decode(target.model, prompt_ids, s, eos)
-    return hf_decode(strategy, target.model, prompt_ids, s, target.eos_token_ids,
-                     draft=pair.draft.model if pair.draft else None,
-                     pad_id=getattr(target.tokenizer, "pad_token_id", None))
+    """One generation of `prompt_ids` with a loaded pair → Trace."""
+    return decode_models(strategy, pair.target.model, prompt_ids, s, pair.target.eos_token_ids,
+                         pair.draft.model if pair.draft else None, pair.drafter, pair.vocab,
+                         getattr(pair.target.tokenizer, "pad_token_id", None), pair.memory.setdefault(strategy, {}))
+
+
+def decode_models(strategy: str, target, prompt_ids: list[int], s: DecodeSettings, eos_ids, draft_model=None,
+                  drafter=None, vocab: int | None = None, pad_id: int | None = None, memory: dict | None = None):
+    """One generation with the strategy's engine, proposer and draft-length policy → Trace."""
+    st = STRATEGIES[strategy]
+    if st.engine == "transformers":
+        return hf_decode(strategy, target, prompt_ids, s, sorted(eos_ids), draft=draft_model, pad_id=pad_id)
+    eos = set(eos_ids)
+    if st.proposer is None:
+        return baseline_decode(target, prompt_ids, s, eos)
+    proposer = make_proposer(st.proposer, s, draft_model, drafter, vocab, memory)
+    length = DraftLength(s, st.length, st.width, eos if s.stop_at_eos else ())
+    return speculative_decode(target, prompt_ids, s, eos, proposer, length, vocab)
 
 
 def generate(pair: Pair, strategy: str, prompt: str | list[int], s: DecodeSettings,
@@ -141,30 +146,16 @@ def _generate(pair: Pair, strategy: str, prompt, s: DecodeSettings, turns) -> di
         trace = decode(pair, strategy, ids, s)
         text = tok.decode(trace.tokens, skip_special_tokens=True)
         records.append(record_of(trace, strategy, s, len(ids), text))
-    if len(records) == 1:
-        return records[0]
-    steps = sum(r["target_forward_passes"] - 1 for r in records)
-    return merge_turns(records, prediction_k(strategy, s, sum(r["proposed_tokens"] or 0 for r in records), steps))
-
-
-def prediction_k(strategy: str, s: DecodeSettings, proposed: int, steps: int) -> float | None:
-    """The k of a merged record's Leviathan prediction: the fixed k, or for trees and dynamic lengths the mean
-    number of draft positions per verify step (treated as a chain of that length)."""
-    if strategy not in USES_K:
-        return None
-    if strategy in drafting.STRATEGIES:
-        return proposed / steps if steps else None
-    return s.k
+    return records[0] if len(records) == 1 else merge_turns(records)
 
 
 def record_of(trace, strategy: str, s: DecodeSettings, prompt_tokens: int, text: str | None) -> dict:
     """One generation's metrics record, with the strategy's conventions for k and per-position counts."""
-    speculative = strategy in USES_K
-    k = s.k if speculative else None
-    if strategy in drafting.STRATEGIES:  # lengths vary per step: metrics' per-step prediction over the lengths used
-        k = len(trace.proposed_per_position)
-    record = metrics.make_record(trace, k, prompt_tokens, text, speculative)
-    if strategy in HF_STRATEGIES:  # transformers does not expose which draft position was rejected
+    st = STRATEGIES[strategy]
+    # trees and dynamic lengths: metrics' per-step prediction over the depths actually used
+    k = (s.k if st.fixed_length else len(trace.proposed_per_position)) if st.uses_k else None
+    record = metrics.make_record(trace, k, prompt_tokens, text, st.uses_k)
+    if st.engine == "transformers":  # transformers does not expose which draft position was rejected
         record["proposed_per_position"] = record["accepted_per_position"] = None
     return record
 
@@ -173,14 +164,18 @@ SUMMED = ("new_tokens", "wall_s", "target_forward_passes", "draft_forward_passes
           "proposed_tokens", "accepted_tokens", "prompt_tokens")
 
 
-def merge_turns(records: list[dict], k: int | None) -> dict:
+def merge_turns(records: list[dict]) -> dict:
+    """One record for a conversation: counts and times summed over turns, acceptance pooled (metrics.pool)."""
     merged = dict(records[0])
     for key in SUMMED:
         values = [r[key] for r in records]
         merged[key] = None if any(v is None for v in values) else sum(values)
-    for key in ("proposed_per_position", "accepted_per_position"):
-        if records[0][key] is not None:
-            merged[key] = [sum(col) for col in zip(*(r[key] for r in records))]
+    pooled = metrics.pool(records)
+    for key in ("mean_accepted_tokens", "acceptance_rate", "cost_ratio_c", "leviathan_speedup"):
+        merged[key] = pooled[key]
+    if records[0]["proposed_per_position"] is not None:
+        merged["proposed_per_position"] = pooled["proposed_per_position"]
+        merged["accepted_per_position"] = pooled["accepted_per_position"]
     merged["token_ids"] = [t for r in records for t in r["token_ids"]]
     merged["token_hash"] = metrics.token_hash(merged["token_ids"])
     merged["text"] = "\n\n".join(r["text"] or "" for r in records)
@@ -189,13 +184,6 @@ def merge_turns(records: list[dict], k: int | None) -> dict:
     merged["ttft_s"] = records[0]["ttft_s"]
     decode_tokens = merged["new_tokens"] - len(records)
     merged["tpot_s"] = (sum(r["wall_s"] - r["ttft_s"] for r in records) / decode_tokens) if decode_tokens > 0 else None
-    if merged["target_forward_passes"]:
-        merged["mean_accepted_tokens"] = merged["new_tokens"] / merged["target_forward_passes"]
-    if merged["proposed_tokens"]:
-        merged["acceptance_rate"] = merged["accepted_tokens"] / merged["proposed_tokens"]
-        cs = [r["cost_ratio_c"] for r in records if r["cost_ratio_c"] is not None]
-        merged["cost_ratio_c"] = sum(cs) / len(cs) if cs else None
-        merged["leviathan_speedup"] = metrics.leviathan_speedup(merged["acceptance_rate"], k, merged["cost_ratio_c"])
     return merged
 
 

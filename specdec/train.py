@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from specdec import fail
 from specdec.decoding import new_cache
 from specdec.drafters import (KINDS, DrafterError, DrafterSettings, attach, drafter_dir, drafters_root, new_module,
                               save_drafter)
@@ -378,10 +379,6 @@ def cmd_train_drafter(args) -> int:
     """`specdec train-drafter`: checks everything cheap first, then loads the target and trains."""
     from specdec.models import ModelError, load_model, load_registry, resolve
     from specdec.prompts import PromptFileError
-
-    def fail(message: str) -> int:
-        print(f"specdec: error: {message}", file=sys.stderr)
-        return 2
 
     try:
         settings = settings_from_args(args)

@@ -1,18 +1,10 @@
-"""Token trees: best-first draft trees, tree attention masks, one-forward verification, KV compaction.
+"""Token trees: best-first draft trees, tree attention masks, the verify forward, KV compaction.
 
 A tree's root is the last committed token (the target has not seen it yet); its nodes are draft tokens, numbered
 so that a parent always comes before its children. Verifying a tree is one target forward over [root] + nodes:
 node i sits at position `cached + depth(i)` and attends to the cached prefix, the root, its ancestors and itself
 (tree attention as in SpecInfer and Medusa). A chain of k drafts is the tree in which node i's parent is i − 1.
-
-Verification walks down from the root: at each visited node the target picks its next token (argmax when greedy,
-a sample from its processed distribution otherwise); if a child carries that token the walk descends into it,
-else the token is emitted and the walk ends. Every emitted token is therefore exactly what the target would have
-produced after the accepted prefix — greedy output is token-identical to the baseline, and with temperature > 0
-each token is a sample from the target's distribution. This is SpecInfer's multi-step speculative sampling
-(Miao et al. 2023, arXiv:2305.09781) for deterministic proposals: accepting child x_i after rejecting siblings
-x_1..x_{i-1} has probability p(x_i) / (1 − Σ_{j<i} p(x_j)), i.e. one draw from p. Trees are therefore built from
-the draft's top-k tokens only (never sampled drafts), which keeps them exact at any temperature.
+The acceptance rules are in verify.py.
 """
 
 from __future__ import annotations
@@ -22,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specdec.decoding import DecodeSettings, logits_to_probs, rollback, sample
+from specdec.decoding import forward, rollback
 
 
 @dataclass
@@ -58,61 +50,15 @@ def ancestor_mask(parents: list[int]) -> torch.Tensor:
     return mask
 
 
-def additive_mask(attend: torch.Tensor, dtype, device) -> torch.Tensor:
-    """A bool [q, kv] "may attend" matrix as the 4-D additive float mask transformers passes through unchanged."""
-    mask = torch.zeros(attend.shape, dtype=dtype, device=device)
-    mask.masked_fill_(~attend.to(device), torch.finfo(dtype).min)
-    return mask[None, None]
-
-
-@torch.inference_mode()
-def forward_masked(model, ids: list[int], positions: list[int], cache, attend: torch.Tensor | None = None,
-                   logit_rows: list[int] | None = None, vocab: int | None = None):
-    """One forward of a transformers causal LM over `ids` at `positions`, extending `cache`.
-
-    attend: bool [len(ids), cached + len(ids)] or None for plain causal attention. Returns (logits of
-    `logit_rows` (default: all) as float32, final hidden states [len(ids), hidden] — the LM head's input).
-    """
-    device = model.device
-    mask = None if attend is None else additive_mask(attend, model.dtype, device)
-    keep = torch.tensor(logit_rows if logit_rows is not None else range(len(ids)), device=device)
-    out = model(input_ids=torch.tensor([ids], device=device), position_ids=torch.tensor([positions], device=device),
-                attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=keep,
-                output_hidden_states=True)
-    logits = out.logits[0]
-    if vocab is not None:
-        logits = logits[:, :vocab]
-    return logits.float(), out.hidden_states[-1][0]
-
-
-def forward_tree(model, root: int, tree: Tree, cache, vocab: int | None = None):
-    """Verify pass: logits and hidden states for [root] + tree nodes (row 0 = root, row i + 1 = node i)."""
+def forward_tree(model, root: int, tree: Tree, cache, vocab: int | None = None, hidden: bool = False):
+    """Verify pass: logits (and hidden states) for [root] + tree nodes (row 0 = root, row i + 1 = node i)."""
     cached = cache.get_seq_length()
     positions = [cached] + [cached + d for d in tree.depths]
     attend = None
     if not is_chain(tree):  # a chain's tree mask is the causal mask
         visible = torch.ones(len(tree) + 1, cached, dtype=torch.bool)
         attend = torch.cat([visible, ancestor_mask(tree.parents)], dim=1)
-    return forward_masked(model, [root] + tree.tokens, positions, cache, attend, vocab=vocab)
-
-
-def verify_tree(logits: torch.Tensor, tree: Tree, s: DecodeSettings, generator) -> tuple[list[int], int]:
-    """Walk the tree with the target's choices (see module docstring). logits: [len(tree) + 1, V], row 0 = root.
-    Returns (accepted node indices from depth 1 down, the next token after them)."""
-    children: list[dict[int, int]] = [{} for _ in range(len(tree) + 1)]
-    for i, (token, parent) in enumerate(zip(tree.tokens, tree.parents)):
-        children[parent + 1].setdefault(token, i)
-    path, row = [], 0
-    while True:
-        if s.greedy:
-            token = int(logits[row].argmax())
-        else:
-            token = sample(logits_to_probs(logits[row:row + 1], s)[0], generator)
-        node = children[row].get(token)
-        if node is None:
-            return path, token
-        path.append(node)
-        row = node + 1
+    return forward(model, [root] + tree.tokens, cache, len(tree) + 1, vocab, positions, attend, hidden)
 
 
 @torch.inference_mode()

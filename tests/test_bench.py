@@ -12,10 +12,10 @@ import torch
 import yaml
 
 import specdec.models
-from specdec import bench, decoding
-from specdec.decoding import DecodeSettings, DraftModelState, Trace, baseline_decode, speculative_decode
+from specdec import bench, decoding, kernels, measure
+from specdec.decoding import DecodeSettings, Trace, baseline_decode
 from specdec.metrics import expected_tokens, leviathan_speedup, make_record
-from specdec.runner import SettingsError, check_settings
+from specdec.runner import SettingsError, check_settings, decode_models
 from tiny import EOS, noisy_copy, prompts, save_tiny_pair, tiny_target
 
 
@@ -129,20 +129,22 @@ def test_bad_arguments_fail_in_one_line_before_any_model_loads(tiny_setup, capsy
 # --- aggregation, on synthetic runs (exact numbers, no timing) --------------------------------------------------
 
 def fake_run(prompt, repeat, tokens, wall, k=None, proposed=None, accepted=None, steps=0, draft_s=0.0,
-             verify_s=0.0):
+             verify_s=0.0, totals_only=False):
     steps = steps if k else tokens - 1  # plain decoding: every token after the first is one step
     trace = Trace(tokens=list(range(3, 3 + tokens)), wall_s=wall, ttft_s=wall / 10, steps=steps,
                   target_passes=steps + 1 if k else tokens, draft_s=draft_s, verify_s=verify_s,
                   proposed_per_position=proposed or [], accepted_per_position=accepted or [],
                   draft_units=sum(proposed or []))
     record = make_record(trace, k, 5, speculative=k is not None)
+    if totals_only:  # as runner.record_of reports transformers' runners
+        record["proposed_per_position"] = record["accepted_per_position"] = None
     return {"prompt": prompt, "repeat": repeat, "record": record, "trace": trace}
 
 
 def test_summary_uses_medians_over_repeats_and_the_leviathan_model_of_the_steps_taken():
     s = DecodeSettings(k=2)
-    cells = [bench.Cell("baseline"), bench.Cell("speculative", "d"), bench.Cell("hf-generate"),
-             bench.Cell("hf-assisted", "d")]
+    cells = [measure.Cell("baseline"), measure.Cell("speculative", "d"), measure.Cell("hf-generate"),
+             measure.Cell("hf-assisted", "d")]
     runs = {
         # prompt 0: walls 1, 3, 2 -> median 2; prompt 1: walls 4, 4, 9 -> median 4; 10 tokens each
         "baseline": [fake_run(p, r, 10, w) for p, walls in enumerate([(1, 3, 2), (4, 4, 9)])
@@ -152,9 +154,9 @@ def test_summary_uses_medians_over_repeats_and_the_leviathan_model_of_the_steps_
                           for r, w in enumerate(walls)],
         "hf-generate": [fake_run(p, r, 10, 4.0) for p in range(2) for r in range(3)],
         "hf-assisted@d": [fake_run(p, r, 10, 5.0, k=2, proposed=[8], accepted=[4], steps=5, draft_s=0.5,
-                                   verify_s=1.0) for p in range(2) for r in range(3)],
+                                   verify_s=1.0, totals_only=True) for p in range(2) for r in range(3)],
     }
-    summary = bench.summarise(cells, runs, s)
+    summary = measure.summarise(cells, runs, s)
     rows = summary["cells"]
     assert rows["baseline"]["tokens_per_s"] == pytest.approx(20 / 6)
     assert rows["speculative@d"]["tokens_per_s"] == pytest.approx(20 / 3)
@@ -195,8 +197,8 @@ def test_leviathan_per_step_model_reduces_to_the_paper_formula_for_a_fixed_k():
 @pytest.mark.parametrize("linear", ["onednn", "mkl"])
 def test_prepared_float32_model_matches_stock(linear):
     stock = tiny_target(dtype=torch.float32)
-    prepared = decoding.prepare_model(copy.deepcopy(stock), linear=linear)
-    assert decoding.prepare_model(prepared) is prepared  # idempotent
+    prepared = kernels.prepare_model(copy.deepcopy(stock), linear=linear)
+    assert kernels.prepare_model(prepared) is prepared  # idempotent
     kinds = {type(m).__name__ for m in prepared.modules()}
     assert "DenseOneDNNLinear" in kinds
     if linear == "onednn":
@@ -207,7 +209,7 @@ def test_prepared_float32_model_matches_stock(linear):
         assert "PackedLinear" not in kinds and "Linear" in kinds
         assert sum(p.numel() for p in prepared.parameters()) == sum(p.numel() for p in stock.parameters())
     ids = prompts(1, seed=3)[0] + [5, 6, 7]
-    torch.testing.assert_close(decoding.forward(prepared, ids, None, 4), decoding.forward(stock, ids, None, 4),
+    torch.testing.assert_close(decoding.forward(prepared, ids, None, 4)[0], decoding.forward(stock, ids, None, 4)[0],
                                rtol=1e-4, atol=1e-4)
     layer = prepared.model.layers[0].mlp.up_proj
     torch.testing.assert_close(layer.weight, stock.model.layers[0].mlp.up_proj.weight)
@@ -215,15 +217,15 @@ def test_prepared_float32_model_matches_stock(linear):
 
 def test_linear_kernels_follow_the_cpu_vendor_unless_overridden(monkeypatch):
     monkeypatch.delenv("SPECDEC_CPU_LINEAR", raising=False)
-    monkeypatch.setattr(decoding, "cpu_vendor", lambda: "AuthenticAMD")
-    assert decoding.linear_kernels() == "onednn"
-    monkeypatch.setattr(decoding, "cpu_vendor", lambda: "GenuineIntel")
-    assert decoding.linear_kernels() == ("mkl" if torch.backends.mkl.is_available() else "onednn")
+    monkeypatch.setattr(kernels, "cpu_vendor", lambda: "AuthenticAMD")
+    assert kernels.linear_kernels() == "onednn"
+    monkeypatch.setattr(kernels, "cpu_vendor", lambda: "GenuineIntel")
+    assert kernels.linear_kernels() == ("mkl" if torch.backends.mkl.is_available() else "onednn")
     monkeypatch.setenv("SPECDEC_CPU_LINEAR", "onednn")
-    assert decoding.linear_kernels() == "onednn"
+    assert kernels.linear_kernels() == "onednn"
     monkeypatch.setenv("SPECDEC_CPU_LINEAR", "fast")
     with pytest.raises(ValueError, match="SPECDEC_CPU_LINEAR must be one of auto, mkl, onednn, got 'fast'"):
-        decoding.linear_kernels()
+        kernels.linear_kernels()
     with pytest.raises(SettingsError, match="SPECDEC_CPU_LINEAR"):  # before any model loads
         check_settings("baseline", None, DecodeSettings())
 
@@ -231,20 +233,20 @@ def test_linear_kernels_follow_the_cpu_vendor_unless_overridden(monkeypatch):
 @pytest.mark.parametrize("linear", ["onednn", "mkl"])
 def test_prepared_models_decode_like_stock_ones(linear):
     stock_target = tiny_target(dtype=torch.float32)
-    target = decoding.prepare_model(copy.deepcopy(stock_target), linear=linear)
-    draft = decoding.prepare_model(noisy_copy(stock_target, 0.3), linear=linear)
+    target = kernels.prepare_model(copy.deepcopy(stock_target), linear=linear)
+    draft = kernels.prepare_model(noisy_copy(stock_target, 0.3), linear=linear)
     stock_target._specdec_prepared = True  # keep this one on the stock layers, as the reference
     for p in prompts(4, seed=21):
         s = DecodeSettings(max_new_tokens=24, k=3, stop_at_eos=False)
         expected = baseline_decode(stock_target, p, s, {EOS}).tokens
         assert baseline_decode(target, p, s, {EOS}).tokens == expected
-        assert speculative_decode(target, p, s, {EOS}, draft=DraftModelState(draft)).tokens == expected
-        assert speculative_decode(target, p, s, {EOS}).tokens == expected
+        assert decode_models("speculative", target, p, s, {EOS}, draft_model=draft).tokens == expected
+        assert decode_models("ngram", target, p, s, {EOS}).tokens == expected
 
 
 def test_float64_models_are_left_as_they_are():
     model = tiny_target()  # float64: oneDNN linear kernels do not apply
-    decoding.prepare_model(model)
+    kernels.prepare_model(model)
     assert any(type(m) is torch.nn.Linear for m in model.modules())
 
 
@@ -254,8 +256,8 @@ def test_growing_cache_survives_growth_and_rollbacks():
     cache = decoding.new_cache(target, capacity=4)  # forces several regrowths
     decoding.forward(target, history, cache)
     for fed, keep in (([5, 6, 7], 1), ([8, 9], 2), ([10] * 20, 20), ([11, 12, 13], 0)):
-        out = decoding.forward(target, fed, cache, len(fed))
-        fresh = decoding.forward(target, history + fed, None, len(fed))
+        out = decoding.forward(target, fed, cache, len(fed))[0]
+        fresh = decoding.forward(target, history + fed, None, len(fed))[0]
         torch.testing.assert_close(out, fresh, rtol=0, atol=1e-9)
         history = history + fed[:keep]  # as after a verify pass that accepted `keep` tokens
         decoding.rollback(cache, len(history))

@@ -12,7 +12,8 @@ from specdec import devices
 from specdec.devices import GiB, Claim, DeviceError, DeviceInfo, plan_placement
 from specdec.job import run_cell
 from specdec.models import ModelSpec
-from specdec.parallel import child_visible_devices, tensor_parallel_problem
+from specdec.devices import tensor_parallel_problem
+from specdec.parallel import child_visible_devices
 from tiny import tiny_config
 
 A100_40GB = 40 * GiB

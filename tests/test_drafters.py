@@ -10,14 +10,13 @@ import pytest
 import torch
 import yaml
 
-from specdec import drafting
 from specdec.cli import main as cli_main
 from specdec.decoding import DecodeSettings, baseline_decode
 from specdec.drafters import (DrafterError, DrafterSettings, attach, drafter_dir, find_drafter, load_drafter,
                               new_module, parse_alias)
 from specdec.job import run_cell
 from specdec.models import load_model, load_registry
-from specdec.runner import SettingsError, check_settings, load_pair
+from specdec.runner import SettingsError, check_settings, decode_models, load_pair
 from specdec.train import generate_sequences, train, train_drafter
 from tiny import EOS, prompts, save_tiny_pair, tiny_target
 
@@ -50,7 +49,7 @@ def test_alias_and_folder_naming(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("strategy, draft, sampling, message", [
     ("hf-assisted", "smollm2-135m+eagle", "greedy", "cannot use the trained drafter"),
-    ("speculative", "pythia-70m+eagle", "greedy", "belongs to target 'pythia-70m'"),
+    ("speculative", "pythia-70m+eagle", "greedy", "is trained for target 'pythia-70m'"),
     ("tree", "smollm2-135m+medusa", "sample", "draft_sampling greedy"),
     ("speculative", "smollm2-135m+lookahead", "greedy", "kind one of"),
     ("tree", None, "greedy", "needs a draft model"),
@@ -133,7 +132,7 @@ def test_greedy_trained_drafters_match_baseline(float64_drafters, kind, strategy
         for k in (2, 4):
             s = DecodeSettings(max_new_tokens=24, k=k)
             base = baseline_decode(target, p, s, {EOS}).tokens
-            trace = drafting.decode(strategy, target, p, s, {EOS}, drafter=drafters[kind])
+            trace = decode_models(strategy, target, p, s, {EOS}, drafter=drafters[kind])
             assert trace.tokens == base, f"{kind} {strategy} k={k}"
             accepted += sum(trace.accepted_per_position)
     assert accepted > 0  # the drafters propose something the target takes: both paths run

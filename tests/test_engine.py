@@ -11,16 +11,23 @@ import torch
 from scipy.stats import chisquare
 
 import specdec.decoding as decoding
-from specdec.decoding import DecodeSettings, DraftModelState, baseline_decode, rollback, speculative_decode
-from specdec.hf_runners import hf_decode
+import specdec.tree
+import specdec.verify
+from specdec.decoding import DecodeSettings, baseline_decode, rollback
+from specdec.hf_reference import hf_decode
 from specdec.metrics import leviathan_speedup, make_record
+from specdec.runner import decode_models
 from tiny import EOS, noisy_copy, prompts, tiny_config
 
 from transformers import LlamaForCausalLM
 
 
 def spec(target, draft, p, s, eos=frozenset({EOS})):
-    return speculative_decode(target, p, s, set(eos), draft=DraftModelState(draft))
+    return decode_models("speculative", target, p, s, eos, draft_model=draft)
+
+
+def lookup(target, p, s, eos=frozenset({EOS})):
+    return decode_models("ngram", target, p, s, eos)
 
 
 def test_greedy_speculative_and_ngram_match_baseline(target, draft):
@@ -30,7 +37,7 @@ def test_greedy_speculative_and_ngram_match_baseline(target, draft):
         base = baseline_decode(target, p, s0, {EOS}).tokens
         for k in range(1, 9):
             s = DecodeSettings(max_new_tokens=40, k=k)
-            for trace in (spec(target, draft, p, s), speculative_decode(target, p, s, {EOS})):
+            for trace in (spec(target, draft, p, s), lookup(target, p, s)):
                 assert trace.tokens == base, f"k={k} prompt={p}"
                 acc, prop = sum(trace.accepted_per_position), sum(trace.proposed_per_position)
                 accepted += acc
@@ -50,7 +57,7 @@ def test_eos_inside_accepted_run_stops_exactly(target, draft, k):
             s = DecodeSettings(max_new_tokens=30, k=k)
             base = baseline_decode(target, p, s, eos)
             assert base.tokens == expected and base.stop_reason == "eos"
-            for trace in (spec(target, draft, p, s, eos), speculative_decode(target, p, s, eos)):
+            for trace in (spec(target, draft, p, s, eos), lookup(target, p, s, eos)):
                 assert trace.tokens == expected and trace.stop_reason == "eos"
 
 
@@ -67,7 +74,7 @@ def test_max_new_tokens_inside_a_draft_block(target, draft):
             s = DecodeSettings(max_new_tokens=n, k=8)
             base = baseline_decode(target, p, s, {EOS}).tokens
             assert len(base) == n
-            a, b = spec(target, draft, p, s), speculative_decode(target, p, s, {EOS})
+            a, b = spec(target, draft, p, s), lookup(target, p, s)
             assert a.tokens == base and b.tokens == base
             # no draft position is ever proposed past the budget
             assert sum(a.proposed_per_position) <= max(0, n - 1) * 8
@@ -87,8 +94,8 @@ def test_rollback_leaves_cache_equal_to_a_fresh_forward(target):
     decoding.forward(target, p + extra, cache, 1)
     rollback(cache, len(p) + 2)
     assert cache.get_seq_length() == len(p) + 2
-    after = decoding.forward(target, [30, 31], cache, 2)
-    fresh = decoding.forward(target, p + extra[:2] + [30, 31], None, 2)
+    after = decoding.forward(target, [30, 31], cache, 2)[0]
+    fresh = decoding.forward(target, p + extra[:2] + [30, 31], None, 2)[0]
     torch.testing.assert_close(after, fresh, rtol=0, atol=1e-9)
 
 
@@ -99,22 +106,21 @@ def test_every_verify_pass_after_rejections_sees_a_correct_cache(target, draft, 
     calls = []
     real_forward = decoding.forward
 
-    def recording_forward(model, ids, cache, n_logits=1, vocab=None):
-        before = cache.get_seq_length() if cache is not None else 0
-        out = real_forward(model, ids, cache, n_logits, vocab)
-        if model is target:
-            calls.append((before, list(ids), out.clone()))
-        return out
+    def recording_forward(model, ids, cache, rows=1, *args, **kwargs):  # the verify passes (tree.forward_tree)
+        before = cache.get_seq_length()
+        logits, hidden = real_forward(model, ids, cache, rows, *args, **kwargs)
+        calls.append((before, list(ids), logits.clone()))
+        return logits, hidden
 
-    monkeypatch.setattr(decoding, "forward", recording_forward)
+    monkeypatch.setattr(specdec.tree, "forward", recording_forward)
     trace = spec(target, draft, p, DecodeSettings(max_new_tokens=40, k=5))
-    monkeypatch.setattr(decoding, "forward", real_forward)
+    monkeypatch.setattr(specdec.tree, "forward", real_forward)
     full = p + trace.tokens
     rejections = sum(trace.proposed_per_position) - sum(trace.accepted_per_position)
     assert rejections > 0 and len(calls) > 3
-    for cached, ids, logits in calls[1:]:
+    for cached, ids, logits in calls:
         assert ids[0] == full[cached]  # the pass starts right after the cached prefix
-        fresh = real_forward(target, full[:cached] + ids, None, len(ids))
+        fresh = real_forward(target, full[:cached] + ids, None, len(ids))[0]
         torch.testing.assert_close(logits, fresh, rtol=0, atol=1e-9)
 
 
@@ -149,7 +155,7 @@ def test_verify_rule_reproduces_the_target_distribution():
     counts = collections.Counter()
     for _ in range(n):
         x = int(torch.multinomial(q, 1, generator=gen))
-        accepted, correction = decoding.verify(torch.cat([p_logits, p_logits]), [x], q[None], s, gen)
+        accepted, correction = specdec.verify.chain_rule(torch.cat([p_logits, p_logits]), [x], q[None], s, gen)
         counts[x if accepted else correction] += 1
     pvalue = empirical_vs_expected(counts, {i: float(p[i]) for i in range(6)}, n)
     assert pvalue > 1e-3, f"speculative sampling does not reproduce p (chi-square p={pvalue:.2e})"
@@ -168,7 +174,7 @@ def exact_sequence_distribution(model, prompt, length, s):
     """P(x1..xL | prompt) under the target's processed distribution, by enumerating every sequence."""
     probs = {}
     for seq in itertools.product(range(4), repeat=length):
-        logits = decoding.forward(model, prompt + list(seq[:-1]), None, length)
+        logits = decoding.forward(model, prompt + list(seq[:-1]), None, length)[0]
         rows = decoding.logits_to_probs(logits, s)
         probs[seq] = math.prod(float(rows[i, t]) for i, t in enumerate(seq))
     return probs
@@ -185,8 +191,8 @@ def test_speculative_sampling_matches_target_sequence_distribution(draft_samplin
     s = DecodeSettings(max_new_tokens=length, temperature=1.0, k=3, draft_sampling=draft_sampling,
                        stop_at_eos=False)
     exact = exact_sequence_distribution(target, prompt, length, s)
-    counts = run_sampling(lambda seed: speculative_decode(
-        target, prompt, DecodeSettings(**{**vars(s), "seed": seed}), set(), draft=DraftModelState(draft)), n)
+    counts = run_sampling(lambda seed: spec(target, draft, prompt, DecodeSettings(**{**vars(s), "seed": seed}),
+                                            set()), n)
     pvalue = empirical_vs_expected(counts, exact, n)
     assert pvalue > 1e-3, f"distribution differs from the target's (chi-square p={pvalue:.2e})"
 
@@ -201,9 +207,9 @@ def test_a_wrong_acceptance_rule_fails_the_same_test(monkeypatch):
     def accept_everything(target_logits, drafts, draft_probs, s, generator):
         return len(drafts), decoding.sample(decoding.logits_to_probs(target_logits[-1], s), generator)
 
-    monkeypatch.setattr(decoding, "verify", accept_everything)
-    counts = run_sampling(lambda seed: speculative_decode(
-        target, prompt, DecodeSettings(**{**vars(s), "seed": seed}), set(), draft=DraftModelState(draft)), n)
+    monkeypatch.setattr(specdec.verify, "chain_rule", accept_everything)
+    counts = run_sampling(lambda seed: spec(target, draft, prompt, DecodeSettings(**{**vars(s), "seed": seed}),
+                                            set()), n)
     assert empirical_vs_expected(counts, exact, n) < 1e-6
 
 
@@ -222,10 +228,7 @@ def test_same_seed_same_output_for_every_strategy(target, draft, strategy):
 
     def run(seed):
         s = DecodeSettings(max_new_tokens=24, temperature=0.9, top_p=0.95, k=4, draft_sampling="sample", seed=seed)
-        if strategy == "baseline":
-            return baseline_decode(target, p, s, {EOS}).tokens
-        return speculative_decode(target, p, s, {EOS}, draft=DraftModelState(draft) if strategy == "speculative"
-                                  else None).tokens
+        return decode_models(strategy, target, p, s, {EOS}, draft_model=draft).tokens
 
     assert run(7) == run(7)
     assert run(7) != run(8)

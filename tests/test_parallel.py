@@ -32,9 +32,10 @@ def cell(prompt_file, models, **kw):
             "repeats": 1, "warmup": 1, "stop_at_eos": False, **kw}
 
 
-def test_two_gloo_ranks_produce_the_greedy_tokens_of_one_process(prompt_file, tiny_models, two_fake_gpus):
+@pytest.mark.parametrize("strategy", ["speculative", "tree"])  # chains and trees: one loop, one RankZeroDraft
+def test_two_gloo_ranks_produce_the_greedy_tokens_of_one_process(prompt_file, tiny_models, two_fake_gpus, strategy):
     one = run_cell(cell(prompt_file, tiny_models, strategy="baseline"))
-    tp = run_cell(cell(prompt_file, tiny_models, strategy="speculative", draft="tiny-draft", k=3, gpus=2,
+    tp = run_cell(cell(prompt_file, tiny_models, strategy=strategy, draft="tiny-draft", k=3, gpus=2,
                        gpu_mode="tensor"))
     run = tp["run"]
     assert run["status"] == "ok", run["error"]

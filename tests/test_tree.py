@@ -11,10 +11,12 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from specdec import drafting
 from specdec.decoding import DecodeSettings, baseline_decode, forward, make_generator, new_cache
-from specdec.drafting import draft_decode, next_k_heuristic
-from specdec.tree import Tree, ancestor_mask, build_tree, chain, forward_tree, keep_path, verify_tree
+from specdec.proposers import DraftLength, DraftModelProposer, Proposal
+from specdec.runner import decode_models
+from specdec.speculative import speculative_decode
+from specdec.tree import Tree, ancestor_mask, build_tree, chain, forward_tree, keep_path
+from specdec.verify import tree_rule
 from tiny import EOS, prompts
 
 
@@ -63,11 +65,11 @@ def test_tree_forward_matches_sequential_forwards(target, seed):
     cache = prefilled(target, prompt[:-1])
     logits, hidden = forward_tree(target, prompt[-1], tree, cache)
     assert cache.get_seq_length() == len(prompt) + len(tree)
-    reference = forward(target, [prompt[-1]], prefilled(target, prompt[:-1]))[0]
+    reference = forward(target, [prompt[-1]], prefilled(target, prompt[:-1]))[0][0]
     torch.testing.assert_close(logits[0], reference, rtol=0, atol=1e-9)
     for node in range(len(tree)):
         ids = [prompt[-1]] + path_tokens(tree, node)
-        reference = forward(target, ids, prefilled(target, prompt[:-1]))[0]
+        reference = forward(target, ids, prefilled(target, prompt[:-1]))[0][0]
         torch.testing.assert_close(logits[node + 1], reference, rtol=0, atol=1e-9)
 
 
@@ -89,7 +91,7 @@ def test_keep_path_leaves_the_cache_of_the_accepted_path(target):
     assert cache.get_seq_length() == len(prompt) - 1 + len(ids)
     reference_cache = prefilled(target, prompt[:-1] + ids)
     nxt = [7, 9, 11]
-    torch.testing.assert_close(forward(target, nxt, cache, 3), forward(target, nxt, reference_cache, 3),
+    torch.testing.assert_close(forward(target, nxt, cache, 3)[0], forward(target, nxt, reference_cache, 3)[0],
                                rtol=0, atol=1e-9)
 
 
@@ -145,31 +147,43 @@ def test_confidence_stop_ends_the_chain_after_an_unsure_token():
 
 
 def test_heuristic_schedule():
-    k, trajectory = 4, []
+    length, trajectory = DraftLength(DecodeSettings(k=4), "heuristic"), []
+    length.k_max = 14
     for accepted, proposed in [(4, 4), (6, 6), (3, 8), (0, 7), (6, 6), (8, 8), (10, 10), (12, 12), (1, 14)]:
-        k = next_k_heuristic(k, accepted, proposed, k_max=14)
-        trajectory.append(k)
+        length.observe(accepted, proposed)
+        trajectory.append(length.k)
     assert trajectory == [6, 8, 7, 6, 8, 10, 12, 14, 13]
-    assert next_k_heuristic(1, 0, 1, 16) == 1
+    length.k = 1
+    length.observe(0, 1)
+    assert length.k == 1
+    fixed = DraftLength(DecodeSettings(k=4), "fixed")
+    fixed.observe(4, 4)
+    assert fixed.k == 4 and fixed.shape(2).depth == 2  # never drafts past the room left
 
 
 class ScriptedProposer:
     """Proposes the target's own continuation for the scripted number of tokens, then a wrong token: the
     accepted count of each step is known in advance."""
 
+    needs_features = False
+
     def __init__(self, reference: list[int], script: list[int], vocab: int = 48):
         self.reference, self.script, self.vocab, self.budgets = reference, list(script), vocab, []
 
-    def reset(self, prompt_ids):
+    def start(self, prompt_ids, generator=None):
         self.n_prompt = len(prompt_ids)
 
-    def propose(self, committed, feats, budget, width, stop_tokens, min_prob, trace):
+    def propose(self, committed, feats, shape, trace):
+        budget = shape.depth
         self.budgets.append(budget)
         done = len(committed) - self.n_prompt
         right = self.reference[done:done + budget]
         good = min(self.script.pop(0) if self.script else budget, budget, len(right))
         tokens = right[:good] + [(t + 1) % self.vocab for t in right[good:good + 1]]
-        return chain(tokens[:budget])
+        return Proposal(chain(tokens[:budget]))
+
+    def observe(self, committed):
+        pass
 
 
 def test_heuristic_policy_k_trajectory_on_a_scripted_accept_pattern(target):
@@ -178,11 +192,11 @@ def test_heuristic_policy_k_trajectory_on_a_scripted_accept_pattern(target):
     reference = baseline_decode(target, p, s, set()).tokens
     script = [3, 5, 7, 2, 0, 0, 6, 9]  # full, full, full, partial, none, none, full, full
     proposer = ScriptedProposer(reference, script)
-    trace = draft_decode(target, p, s, set(), proposer, policy="heuristic")
+    trace = speculative_decode(target, p, s, set(), proposer, DraftLength(s, "heuristic"))
     assert trace.tokens == reference
     assert proposer.budgets[:9] == [3, 5, 7, 9, 8, 7, 6, 8, 10]
     proposer = ScriptedProposer(reference, script)
-    draft_decode(target, p, s, set(), proposer, policy="fixed")
+    speculative_decode(target, p, s, set(), proposer, DraftLength(s, "fixed"))
     assert set(proposer.budgets[:-1]) == {3}
 
 
@@ -193,7 +207,7 @@ def test_greedy_draft_model_strategies_match_baseline(target, draft, strategy):
         for k in (1, 3, 6):
             s = DecodeSettings(max_new_tokens=30, k=k)
             base = baseline_decode(target, p, s, {EOS}).tokens
-            trace = drafting.decode(strategy, target, p, s, {EOS}, draft_model=draft)
+            trace = decode_models(strategy, target, p, s, {EOS}, draft_model=draft)
             assert trace.tokens == base, f"{strategy} k={k}"
             assert trace.target_passes == 1 + trace.steps
             acc = sum(trace.accepted_per_position)
@@ -201,24 +215,24 @@ def test_greedy_draft_model_strategies_match_baseline(target, draft, strategy):
     assert accepted > 50
 
 
-def test_large_trees_stop_at_the_depth_cap_and_chains_do_not(target, draft):
-    """k is the node budget: a k = 20 tree uses up to 20 verify rows but at most TREE_MAX_DEPTH draft passes; a
-    k = 10 chain still drafts 10 deep. Both stay token-identical to the baseline. The draft is made overconfident
-    (its logits scaled up), so best-first trees would grow as deep as their budget without the cap."""
+def test_trees_keep_to_their_depth_and_node_budget(target, draft):
+    """k is the depth and tree_budget the node count: a k = 6 tree with a budget of 20 uses up to 20 verify rows
+    but at most 6 draft positions; a k = 10 chain drafts 10 deep. Both stay token-identical to the baseline. The
+    draft is made overconfident (its logits scaled up), so best-first trees would grow deep without the bound."""
     confident = copy.deepcopy(draft)
     with torch.no_grad():
         confident.get_output_embeddings().weight.mul_(50.0)
-    for width, k, deepest in ((drafting.TREE_WIDTH, 20, drafting.TREE_MAX_DEPTH), (1, 10, 10)):
-        proposer = drafting.DraftModelProposer(confident)
+    for width, k, budget in ((4, 6, 20), (1, 10, None)):
+        s = DecodeSettings(max_new_tokens=30, k=k, tree_budget=budget, stop_at_eos=False)
+        proposer = DraftModelProposer(confident, s)
         trees = []
         propose = proposer.propose
-        proposer.propose = lambda *a: trees.append(propose(*a)) or trees[-1]
+        proposer.propose = lambda *a: trees.append(propose(*a).tree) or Proposal(trees[-1])
         for p in prompts(3, seed=8):
-            s = DecodeSettings(max_new_tokens=30, k=k, stop_at_eos=False)
-            assert draft_decode(target, p, s, set(), proposer, width).tokens == \
+            assert speculative_decode(target, p, s, set(), proposer, DraftLength(s, width=width)).tokens == \
                 baseline_decode(target, p, s, set()).tokens
-        assert max(t.depth for t in trees) == deepest
-        assert max(len(t) for t in trees) == k
+        assert max(t.depth for t in trees) == k
+        assert max(len(t) for t in trees) == (budget or k)
 
 
 def test_greedy_tree_stops_exactly_at_eos_and_max_tokens(target, draft):
@@ -227,10 +241,10 @@ def test_greedy_tree_stops_exactly_at_eos_and_max_tokens(target, draft):
         eos = {free[6]}
         expected = free[:free.index(free[6]) + 1]
         s = DecodeSettings(max_new_tokens=30, k=5)
-        assert drafting.decode("tree", target, p, s, eos, draft_model=draft).tokens == expected
+        assert decode_models("tree", target, p, s, eos, draft_model=draft).tokens == expected
         for n in (1, 2, 7):
             s = DecodeSettings(max_new_tokens=n, k=6, stop_at_eos=False)
-            assert drafting.decode("tree", target, p, s, set(), draft_model=draft).tokens == free[:n]
+            assert decode_models("tree", target, p, s, set(), draft_model=draft).tokens == free[:n]
 
 
 def test_tree_sampling_is_exact():
@@ -244,7 +258,7 @@ def test_tree_sampling_is_exact():
     first, second = collections.Counter(), collections.Counter()
     trials = 20000
     for _ in range(trials):
-        path, token = verify_tree(logits, tree, s, generator)
+        path, token = tree_rule(logits, tree, s, generator)
         emitted = [tree.tokens[i] for i in path] + [token]
         first[emitted[0]] += 1
         if emitted[0] == 0:

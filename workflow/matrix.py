@@ -11,18 +11,22 @@ shares one baseline job.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
 import socket
+
+from specdec.drafters import DrafterError, DrafterSettings, drafter_dir, parse_alias, parse_for_target
+from specdec.models import ModelError, load_registry, resolve
+from specdec.prompts import PromptFileError, load_prompts, select
+from specdec.strategies import STRATEGIES
 
 
 class ConfigError(ValueError):
     """A config the workflow cannot run; the message is one line naming the field and the fix."""
 
 
-# Strategies that take no k: their cells have k = None, whatever draft_lengths says.
-NO_K = ("baseline", "hf-generate")
 SAFE = re.compile(r"[^A-Za-z0-9.+-]+")
 
 
@@ -42,64 +46,33 @@ def schema_error_line(exc: BaseException) -> str:
     return f"{field}: {message}"
 
 
-def strategy_table():
-    """(all strategies, those that need a draft, those that take k) from the engine, the single source."""
-    from specdec import runner
-
-    return tuple(runner.STRATEGIES), tuple(runner.NEEDS_DRAFT), tuple(runner.USES_K)
-
-
-def trained_drafter(alias: str | None):
-    """(target, kind) when a draft alias names a drafter specdec trains itself (`<target>+eagle|medusa`)."""
-    from specdec.drafters import parse_alias
-
-    return parse_alias(alias)
-
-
-def drafter_strategies() -> tuple:
-    from specdec import runner
-
-    return tuple(runner.TRAINED_DRAFTER_STRATEGIES)
-
-
 def drafters_root(config: dict) -> str:
     return f"{config.get('results', 'results')}/drafters"
 
 
 def drafter_folder(config: dict, target: str, kind: str) -> str:
     """Where the workflow's train_drafter rule puts (and the cells find) this target's drafter."""
-    from specdec.drafters import drafter_dir
-
     return str(drafter_dir(target, kind, config.get("drafter_settings") or None, drafters_root(config)))
 
 
 def check_config(config: dict) -> list[dict]:
     """Everything the schema cannot check, before any job starts. Returns the selected prompts."""
-    from specdec.models import ModelError, load_registry, resolve
-    from specdec.prompts import PromptFileError, load_prompts, select
-
-    strategies, needs_draft, _ = strategy_table()
     for name in config["strategies"]:
-        if name not in strategies:
-            raise ConfigError(f"strategies: unknown strategy '{name}'; choose from {', '.join(strategies)}")
+        if name not in STRATEGIES:
+            raise ConfigError(f"strategies: unknown strategy '{name}'; choose from {', '.join(STRATEGIES)}")
     try:
         registry = load_registry(config.get("models") or {})
     except (ModelError, ValueError, TypeError) as exc:
         raise ConfigError(f"models: {exc}") from None
-    from specdec.drafters import DrafterError, DrafterSettings
-
     try:
         DrafterSettings.from_dict(config.get("drafter_settings"))
     except (DrafterError, TypeError) as exc:
         raise ConfigError(f"drafter_settings: {exc}") from None
     for i, pair in enumerate(config["pairs"]):
         try:
-            trained = trained_drafter(pair.get("draft"))
+            trained = parse_for_target(pair.get("draft"), pair["target"])
         except DrafterError as exc:
             raise ConfigError(f"pairs[{i}].draft: {exc}") from None
-        if trained and trained[0] != pair["target"]:
-            raise ConfigError(f"pairs[{i}].draft: drafter '{pair['draft']}' is trained for '{trained[0]}', not for "
-                              f"the pair's target '{pair['target']}'; use '{pair['target']}+{trained[1]}'")
         for role in ("target", "draft"):
             alias = pair.get(role)
             if alias and not (role == "draft" and trained):
@@ -107,8 +80,8 @@ def check_config(config: dict) -> list[dict]:
                     resolve(alias, registry)
                 except ModelError as exc:
                     raise ConfigError(f"pairs[{i}].{role}: {exc}") from None
-    if any(s in needs_draft for s in config["strategies"]) and not any(p.get("draft") for p in config["pairs"]):
-        wanted = [s for s in config["strategies"] if s in needs_draft]
+    wanted = [s for s in config["strategies"] if STRATEGIES[s].needs_draft]
+    if wanted and not any(p.get("draft") for p in config["pairs"]):
         raise ConfigError(f"strategies: {', '.join(wanted)} need a draft model, but no pair has a `draft:`; "
                           "add one to a pair or drop those strategies")
     try:
@@ -122,9 +95,11 @@ def check_config(config: dict) -> list[dict]:
     return prompts
 
 
-def cell_name(target: str, draft: str | None, strategy: str, k: int | None, gpus: int, temperature: float) -> str:
+def cell_name(target: str, draft: str | None, strategy: str, k: int | None, gpus: int, temperature: float,
+              tree_budget: int | None = None) -> str:
     """A file-name-safe, human-readable, unique name: e.g. `smollm2-135m__ngram__k4__g0__t0`."""
     parts = [target] + ([draft] if draft else []) + [strategy] + ([f"k{k}"] if k is not None else [])
+    parts += [f"b{tree_budget}"] if tree_budget is not None else []
     parts += [f"g{gpus}", f"t{temperature:g}"]
     return "__".join(SAFE.sub("_", p) for p in parts)
 
@@ -135,7 +110,6 @@ def config_hash(config: dict) -> str:
 
 def expand_cells(config: dict) -> dict[str, dict]:
     """Cell name -> the `specdec run-job` parameters of that cell (pruned, baselines shared)."""
-    _, needs_draft, uses_k = strategy_table()
     gen = config["generation"]
     shared = dict(top_p=gen.get("top_p", 1.0), top_k=gen.get("top_k", 0),
                   draft_sampling=gen.get("draft_sampling", "greedy"), max_new_tokens=gen["max_new_tokens"],
@@ -148,28 +122,31 @@ def expand_cells(config: dict) -> dict[str, dict]:
     for pair in config["pairs"]:
         target, draft = pair["target"], pair.get("draft")
         for strategy in config["strategies"]:
-            if strategy in needs_draft and not draft:
+            st = STRATEGIES[strategy]
+            if st.needs_draft and not draft:
                 continue  # pruned: this pair has no draft model
-            cell_draft = draft if strategy in needs_draft else None
-            trained = trained_drafter(cell_draft)
-            if trained and strategy not in drafter_strategies():
+            cell_draft = draft if st.needs_draft else None
+            trained = parse_alias(cell_draft)
+            if trained and not st.takes_trained_drafter:
                 continue  # pruned: e.g. hf-assisted cannot drive a drafter specdec trained itself
-            ks = config["draft_lengths"] if strategy in uses_k else [None]
-            for k in ks:
-                for gpus in config["gpus"]:
-                    for temperature in gen.get("temperatures", [0.0]):
-                        name = cell_name(target, cell_draft, strategy, k, gpus, float(temperature))
-                        cell = dict(shared, cell=name, target=target, draft=cell_draft, strategy=strategy,
-                                    k=k, gpus=gpus, temperature=float(temperature))
-                        # Only the aliases this cell uses, so editing another model's entry reruns nothing here.
-                        used = {a: extra_models[a] for a in (target, cell_draft) if a in extra_models}
-                        cell["models"] = used or None
-                        if trained:  # only drafter cells carry these, so other cells do not rerun when they change
-                            cell["drafters_dir"] = drafters_root(config)
-                            cell["drafter_settings"] = config.get("drafter_settings") or None
-                        # Hash of the cell's own parameters: Snakemake reruns a cell exactly when this changes.
-                        cell["config_hash"] = config_hash(cell)
-                        cells[name] = cell
+            ks = config["draft_lengths"] if st.uses_k else [None]
+            budgets = (config.get("tree_budgets") or [None]) if st.tree else [None]
+            temperatures = [float(t) for t in gen.get("temperatures", [0.0])]
+            for k, budget, gpus, temperature in itertools.product(ks, budgets, config["gpus"], temperatures):
+                name = cell_name(target, cell_draft, strategy, k, gpus, temperature, budget)
+                cell = dict(shared, cell=name, target=target, draft=cell_draft, strategy=strategy, k=k, gpus=gpus,
+                            temperature=temperature)
+                if budget is not None:  # only tree cells carry it, so other cells' hashes stay as they were
+                    cell["tree_budget"] = budget
+                # Only the aliases this cell uses, so editing another model's entry reruns nothing here.
+                used = {a: extra_models[a] for a in (target, cell_draft) if a in extra_models}
+                cell["models"] = used or None
+                if trained:  # only drafter cells carry these, so other cells do not rerun when they change
+                    cell["drafters_dir"] = drafters_root(config)
+                    cell["drafter_settings"] = config.get("drafter_settings") or None
+                # Hash of the cell's own parameters: Snakemake reruns a cell exactly when this changes.
+                cell["config_hash"] = config_hash(cell)
+                cells[name] = cell
     return cells
 
 

@@ -6,7 +6,7 @@
 DRAFTER_JOBS = {}  # drafter folder -> (target, kind), for every drafter a cell uses
 DRAFTER_ON_GPU = set()  # folders of drafters that a GPU cell uses: they train on a GPU too
 for _cell in CELLS.values():
-    _trained = matrix.trained_drafter(_cell["draft"])
+    _trained = matrix.parse_alias(_cell["draft"])
     if _trained:
         _folder = matrix.drafter_folder(config, *_trained)
         DRAFTER_JOBS[_folder] = _trained
@@ -14,7 +14,7 @@ for _cell in CELLS.values():
             DRAFTER_ON_GPU.add(_folder)
 
 def drafter_input(wildcards):
-    trained = matrix.trained_drafter(CELLS[wildcards.cell]["draft"])
+    trained = matrix.parse_alias(CELLS[wildcards.cell]["draft"])
     return [f"{matrix.drafter_folder(config, *trained)}/drafter.json"] if trained else []
 
 

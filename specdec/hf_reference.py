@@ -1,4 +1,4 @@
-"""transformers' own generate(), assisted generation and prompt lookup, run as reference peers.
+"""transformers' own generate(), assisted generation and prompt lookup (strategies hf-*), run as reference peers.
 
 Each is pinned to the same settings as our runners (fixed k, constant schedule, no confidence threshold; that
 state lives on the assistant's generation_config and persists across calls, so it is reset before every run),
@@ -15,8 +15,6 @@ from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
 from specdec.decoding import Clock, DecodeSettings, Trace
-
-HF_STRATEGIES = ("hf-generate", "hf-assisted", "hf-ngram")
 
 
 class FirstTokenTimer(BaseStreamer):

@@ -1,0 +1,444 @@
+"""Measuring for `specdec bench`: load one target and every runner's draft, decode the prompts interleaved, and
+summarise each runner's records (metrics.pool); plus the per-runner memory probe and the torch profile.
+
+A runner is a `Cell`: a strategy with a draft where it needs one. Every runner gets its own copy of the weights,
+so none shares a prepared model with another (ours are prepared by kernels.prepare_model; transformers' stay
+stock). Runs are interleaved: each repeat walks the prompts, and for each prompt every runner decodes it once, in
+an order that rotates with the repeat, so load from other processes hits every runner alike.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from specdec import metrics
+from specdec.decoding import DecodeSettings
+from specdec.devices import kv_cache_bytes
+from specdec.drafters import DrafterError, find_drafter, load_drafter, parse_alias
+from specdec.kernels import prepare_model
+from specdec.models import LoadedModel, ModelError, load_model, load_registry, resolve, shared_logit_rows
+from specdec.runner import Pair, decode, record_of, warm_up
+from specdec.strategies import STRATEGIES, plain_baseline
+
+
+class BenchError(ValueError):
+    """Bad bench arguments (one-line message naming the argument and how to fix it)."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One runner: a strategy and, for strategies that need one, a draft spec ("alias" or "alias:LAYERS")."""
+    strategy: str
+    draft: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.strategy}@{self.draft}" if self.draft else self.strategy
+
+    @property
+    def engine(self) -> str:
+        return STRATEGIES[self.strategy].engine
+
+
+def peer_of(cell: Cell) -> Cell | None:
+    """transformers' counterpart of one of our runners (same draft), if it has one."""
+    peer = STRATEGIES[cell.strategy].peer
+    return Cell(peer, cell.draft) if peer else None
+
+
+def engine_baseline(cell: Cell) -> Cell:
+    """Speedups are measured against the same engine's plain decoding."""
+    return Cell(plain_baseline(cell.engine))
+
+
+def parse_draft(spec: str) -> tuple[str, int | None]:
+    try:
+        if parse_alias(spec):  # a trained drafter: no layer cut
+            return spec, None
+    except DrafterError as exc:
+        raise BenchError(str(exc)) from None
+    alias, _, layers = spec.partition(":")
+    if not layers:
+        return alias, None
+    if not layers.isdigit() or int(layers) < 1:
+        raise BenchError(f"draft '{spec}': the part after ':' must be a number of layers >= 1 (e.g. {alias}:8)")
+    return alias, int(layers)
+
+
+# --- models ---------------------------------------------------------------------------------------------------
+
+def decoder_layers(model):
+    """The ModuleList of decoder blocks (Llama/Qwen/Mistral `model.layers`, GPT-NeoX `gpt_neox.layers`, GPT-2 `h`)."""
+    base = model.base_model
+    for name in ("layers", "h", "blocks"):
+        layers = getattr(base, name, None)
+        if layers is not None:
+            return base, name, layers
+    raise BenchError(f"cannot cut {type(model).__name__} to fewer layers: no decoder layer list found")
+
+
+def truncate_layers(model, n: int):
+    """A copy of `model` that keeps its first n decoder blocks, final norm and head: an untrained early-exit draft
+    that shares the target's vocabulary (honestly cheaper, usually much less accurate)."""
+    base, name, layers = decoder_layers(model)
+    if n >= len(layers):
+        raise BenchError(f"a draft cut to {n} layers needs a model with more than {n} (it has {len(layers)})")
+    short = copy.deepcopy(model)
+    short_base, _, short_layers = decoder_layers(short)
+    setattr(short_base, name, type(short_layers)(list(short_layers)[:n]))
+    cfg = short.config.get_text_config(decoder=True)
+    cfg.num_hidden_layers = n
+    if isinstance(getattr(cfg, "layer_types", None), list):
+        cfg.layer_types = cfg.layer_types[:n]
+    return short
+
+
+def parameter_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def held_bytes(models) -> int:
+    """Bytes of every tensor the models hold: parameters, buffers and pre-packed weights (each storage once)."""
+    seen, total = set(), 0
+    for model in models:
+        tensors = list(model.parameters()) + list(model.buffers())
+        tensors += [m.packed for m in model.modules() if isinstance(getattr(m, "packed", None), torch.Tensor)]
+        for t in tensors:
+            key = id(t) if t.is_mkldnn else t.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += t.numel() * t.element_size() if t.is_mkldnn else t.untyped_storage().nbytes()
+    return total
+
+
+def kv_bytes_per_token(model) -> int:
+    """layers × 2 (K and V) × kv_heads × head_dim × bytes per element, at the model's own dtype."""
+    return kv_cache_bytes(model.config, 1, next(model.parameters()).element_size())
+
+
+@dataclass
+class Loaded:
+    """Per engine ('specdec' or 'transformers'): runner.Pair per draft spec (None: no draft)."""
+    pairs: dict
+    weights_bytes: dict   # (engine, draft spec) -> target + draft parameter bytes, counted before preparing
+    kv_per_token: dict    # (engine, draft spec) -> KV bytes per token, target + draft
+
+
+def load_models(target_alias: str, cells: list[Cell], registry, device: str, stock_kernels: bool,
+                drafters_dir=None) -> Loaded:
+    """One stock target load; every engine and draft gets its own copy, so no runner shares weights with
+    another (a self-draft is a second copy of the target, as a separately loaded draft would be). A trained
+    drafter reads its engine's target (features, embedding, LM head), as it does in a workflow cell."""
+    def copy_of(loaded: LoadedModel, model=None) -> LoadedModel:
+        return replace(loaded, model=copy.deepcopy(model if model is not None else loaded.model))
+
+    def ready(loaded: LoadedModel, engine: str) -> LoadedModel:
+        if engine == "specdec":
+            if stock_kernels:
+                loaded.model._specdec_prepared = True  # ablation: our loops skip preparing
+            prepare_model(loaded.model)
+        return loaded
+
+    try:
+        target = load_model(resolve(target_alias, registry), device=device)
+        engines = sorted({c.engine for c in cells})
+        base_drafts: dict[str, LoadedModel] = {}
+        pairs, weights, kv = {}, {}, {}
+        for engine in engines:
+            drafts = sorted({c.draft for c in cells if c.engine == engine}, key=lambda d: d or "")
+            # the last engine takes the loaded target itself; drafts are copied from it before it is prepared
+            engine_target = target if engine == engines[-1] else copy_of(target)
+            for spec in drafts:
+                key = (engine, spec)
+                if spec is None:
+                    weights[key] = parameter_bytes(engine_target.model)
+                    kv[key] = kv_bytes_per_token(engine_target.model)
+                    pairs[key] = Pair(engine_target)
+                    continue
+                if parse_alias(spec):
+                    drafter = load_drafter(find_drafter(spec, drafters_dir), engine_target.model)
+                    cfg = drafter.module.config()
+                    weights[key] = parameter_bytes(engine_target.model) + parameter_bytes(drafter.module)
+                    # an EAGLE layer caches keys and values of one layer; Medusa heads cache nothing
+                    kv[key] = kv_bytes_per_token(engine_target.model) + (
+                        2 * cfg["hidden"] * 4 if drafter.kind == "eagle" else 0)
+                    pairs[key] = Pair(engine_target, drafter=drafter)
+                    continue
+                alias, layers = parse_draft(spec)
+                if alias == target_alias:
+                    base = target
+                else:
+                    if alias not in base_drafts:
+                        base_drafts[alias] = load_model(resolve(alias, registry), device=device)
+                    base = base_drafts[alias]
+                draft = replace(base, model=truncate_layers(base.model, layers)) if layers else copy_of(base)
+                vocab = shared_logit_rows(engine_target, draft)
+                weights[key] = parameter_bytes(engine_target.model) + parameter_bytes(draft.model)
+                kv[key] = kv_bytes_per_token(engine_target.model) + kv_bytes_per_token(draft.model)
+                pairs[key] = Pair(engine_target, ready(draft, engine), vocab)
+            ready(engine_target, engine)
+    except ModelError as exc:
+        raise BenchError(str(exc)) from None
+    return Loaded(pairs, weights, kv)
+
+
+# --- running --------------------------------------------------------------------------------------------------
+
+def run_once(loaded: Loaded, cell: Cell, prompt_ids: list[int], s):
+    """One generation → (record, trace), timed by the strategy's own loop."""
+    pair = loaded.pairs[(cell.engine, cell.draft)]
+    trace = decode(pair, cell.strategy, prompt_ids, s)
+    return record_of(trace, cell.strategy, s, len(prompt_ids), None), trace
+
+
+def run_interleaved(loaded: Loaded, cells: list[Cell], encoded: list[list[int]], s, repeats: int, warmup: int,
+                    log=print) -> dict:
+    """Every cell on every prompt, `repeats` times; within a repeat the cells take turns on each prompt."""
+    for cell in cells:
+        warm_up(loaded.pairs[(cell.engine, cell.draft)], cell.strategy, encoded[0], s, warmup)
+    runs = {c.name: [] for c in cells}
+    for repeat in range(repeats):
+        order = cells[repeat % len(cells):] + cells[:repeat % len(cells)]
+        started = time.perf_counter()
+        for p_index, ids in enumerate(encoded):
+            for cell in order:
+                gc.collect()
+                record, trace = run_once(loaded, cell, ids, s)
+                runs[cell.name].append({"prompt": p_index, "repeat": repeat, "record": record, "trace": trace})
+        log(f"[bench] repeat {repeat + 1}/{repeats} done in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    return runs
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def summarise_cell(cell: Cell, runs: list[dict]) -> dict:
+    by_prompt: dict[int, list[dict]] = {}
+    for run in runs:
+        by_prompt.setdefault(run["prompt"], []).append(run["record"])
+    # tokens/s = Σ over prompts of the median tokens ÷ Σ of the median wall times (medians over repeats)
+    tokens = sum(median([r["new_tokens"] for r in recs]) for recs in by_prompt.values())
+    wall = sum(median([r["wall_s"] for r in recs]) for recs in by_prompt.values())
+    pooled = metrics.pool([run["record"] for run in runs])
+    return {
+        "cell": cell.name, "strategy": cell.strategy, "draft": cell.draft, "engine": cell.engine,
+        "runs": len(runs), "new_tokens": tokens, "wall_s": wall,
+        "tokens_per_s": tokens / wall if wall > 0 else None,
+        "acceptance_rate": pooled["acceptance_rate"],
+        # accepted ÷ proposed at draft position 1, 2, … (trees: depth); None where a runner reports totals only
+        "acceptance_by_position": pooled["acceptance_by_position"],
+        "mean_accepted_tokens": pooled["mean_accepted_tokens"],
+        "cost_ratio_c": pooled["cost_ratio_c"],
+        "leviathan_prediction": pooled["leviathan_speedup"],
+    }
+
+
+def step_breakdown(runs: list[dict]) -> dict | None:
+    """Where the time goes per target step (ms), over all runs of one of our runners."""
+    traces = [run["trace"] for run in runs]
+    steps = sum(t.steps for t in traces)
+    if not steps:
+        return None
+    wall = sum(t.wall_s - t.ttft_s for t in traces)
+    draft = sum(t.draft_s for t in traces)
+    verify = sum(t.verify_s for t in traces)
+    accept = sum(t.accept_s for t in traces)
+    rollback = sum(t.rollback_s for t in traces)
+    if not verify:  # plain decoding: every step is one target forward, nothing else is timed separately
+        return {"steps": steps, "step_ms": 1000 * wall / steps, "draft_ms": 0.0, "verify_forward_ms": 1000 * wall / steps,
+                "accept_ms": 0.0, "rollback_ms": 0.0, "other_ms": 0.0, "prefill_ms": 1000 * median([t.ttft_s for t in traces])}
+    return {"steps": steps, "step_ms": 1000 * wall / steps, "draft_ms": 1000 * draft / steps,
+            "verify_forward_ms": 1000 * (verify - accept) / steps, "accept_ms": 1000 * accept / steps,
+            "rollback_ms": 1000 * rollback / steps,
+            "other_ms": 1000 * (wall - draft - verify - rollback) / steps,
+            "prefill_ms": 1000 * median([t.ttft_s for t in traces])}
+
+
+def verify_over_step(runs: list[dict], base_runs: list[dict] | None) -> float | None:
+    """Mean target verify forward (k+1 tokens) ÷ mean plain decoding step of the same engine, in one run."""
+    traces = [r["trace"] for r in runs]
+    steps, verify = sum(t.steps for t in traces), sum(t.verify_s - t.accept_s for t in traces)
+    if not base_runs or not steps or not verify:
+        return None
+    base = [r["trace"] for r in base_runs]
+    base_steps, base_time = sum(t.steps for t in base), sum(t.wall_s - t.ttft_s for t in base)
+    return (verify / steps) / (base_time / base_steps) if base_steps and base_time > 0 else None
+
+
+def identical_fraction(runs: list[dict], reference: list[dict]) -> float | None:
+    """Share of (prompt, repeat) generations whose tokens equal our baseline's (meaningful for greedy only)."""
+    ref = {(r["prompt"], r["repeat"]): r["record"]["token_hash"] for r in reference}
+    pairs = [(r["record"]["token_hash"], ref.get((r["prompt"], r["repeat"]))) for r in runs]
+    pairs = [(a, b) for a, b in pairs if b is not None]
+    return sum(a == b for a, b in pairs) / len(pairs) if pairs else None
+
+
+def summarise(cells: list[Cell], runs: dict, s) -> dict:
+    summary = {c.name: summarise_cell(c, runs[c.name]) for c in cells}
+    ratios, leviathan = {}, {}
+    for cell in cells:
+        row = summary[cell.name]
+        base = summary.get(engine_baseline(cell).name)
+        row["speedup"] = (row["tokens_per_s"] / base["tokens_per_s"]
+                          if base and base["tokens_per_s"] and row["tokens_per_s"] else None)
+        peer = peer_of(cell)
+        if cell.engine == "specdec" and peer and peer.name in summary:
+            ours, theirs = row["tokens_per_s"], summary[peer.name]["tokens_per_s"]
+            row["over_peer"] = ours / theirs if ours and theirs else None
+            ratios[f"{cell.name}/{peer.name}"] = row["over_peer"]
+        else:
+            row["over_peer"] = None
+        predicted = row["leviathan_prediction"]
+        row["measured_over_predicted"] = row["speedup"] / predicted if predicted and row["speedup"] else None
+        # Leviathan's model prices a verify pass like one plain step; on a CPU a (k+1)-token pass costs more.
+        # Scaling the prediction by (plain step ÷ verify pass), both measured here, leaves only engine overhead.
+        v = verify_over_step(runs[cell.name], runs.get(engine_baseline(cell).name)) if cell.engine == "specdec" \
+            else None
+        row["verify_over_step"] = v
+        row["measured_over_predicted_with_verify_cost"] = (row["speedup"] * v / predicted
+                                                           if predicted and v and row["speedup"] else None)
+        if predicted is not None:
+            leviathan[cell.name] = {"alpha": row["acceptance_rate"], "c": row["cost_ratio_c"], "k": s.k,
+                                    "predicted": predicted, "measured": row["speedup"],
+                                    "measured_over_predicted": row["measured_over_predicted"],
+                                    "verify_over_step": v,
+                                    "measured_over_predicted_with_verify_cost":
+                                        row["measured_over_predicted_with_verify_cost"]}
+        row["identical_to_baseline"] = (identical_fraction(runs[cell.name], runs["baseline"])
+                                        if s.greedy and "baseline" in runs else None)
+        row["step_breakdown"] = step_breakdown(runs[cell.name]) if cell.engine == "specdec" else None
+    return {"cells": summary, "ratios": ratios, "leviathan": leviathan}
+
+
+# --- profile --------------------------------------------------------------------------------------------------
+
+def profile_cell(loaded: Loaded, cell: Cell, prompt_ids: list[int], s) -> dict:
+    """One generation under the torch profiler: share of wall time per kind of operator; the rest is Python
+    (our loop and transformers' module code, mask building, cache bookkeeping)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        record, _ = run_once(loaded, cell, prompt_ids, s)
+    groups = {"linear": 0.0, "attention": 0.0, "other_ops": 0.0}
+    top = []
+    for event in prof.key_averages():
+        if not event.key.startswith("aten::") and not event.key.startswith("mkldnn::"):
+            continue
+        self_s = event.self_cpu_time_total / 1e6
+        name = event.key
+        if any(x in name for x in ("mm", "linear", "addmm", "matmul", "mkldnn")):
+            groups["linear"] += self_s
+        elif "attention" in name:
+            groups["attention"] += self_s
+        else:
+            groups["other_ops"] += self_s
+        top.append((self_s, name))
+    wall = record["wall_s"]
+    shares = {k: v / wall for k, v in groups.items()}
+    shares["python_and_framework"] = max(0.0, 1 - sum(shares.values()))
+    top.sort(reverse=True)
+    return {"wall_s": wall, "shares": shares, "top_ops": [(n, round(t / wall, 4)) for t, n in top[:6]]}
+
+
+# --- memory ---------------------------------------------------------------------------------------------------
+
+def proc_status_kb(field: str) -> int | None:
+    try:
+        match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+def reset_peak_rss() -> bool:
+    """Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def probe_memory(spec: dict) -> dict:
+    """Runs inside a fresh process: load only what one runner needs, decode the longest prompt once, and report
+    its peak memory as the bytes of every tensor the models hold (weights as stored: pre-packed for ours) plus
+    the peak growth during the measured generation (KV caches, activations, logits, allocator slack). CPU: RSS
+    from /proc/self/status, the peak (VmHWM) reset right before the generation; CUDA: the allocator's counters.
+    The RSS growth of loading (weights still mapped from the file, tokenizer, library code) is reported beside
+    it as loaded_rss_bytes, not charged to the run."""
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    device = spec["device"]
+    cuda = device.startswith("cuda")
+    registry = load_registry(spec["models"])
+    cell = Cell(spec["strategy"], spec["draft"])
+    s = DecodeSettings.from_mapping(spec["settings"])
+    def resident() -> int:
+        return torch.cuda.memory_allocated(device) if cuda else proc_status_kb("VmRSS") * 1024
+
+    gc.collect()
+    start = resident()
+    loaded = load_models(spec["target"], [cell], registry, device, spec["stock_kernels"], spec.get("drafters_dir"))
+    gc.collect()
+    after_load = resident()
+    key = (cell.engine, cell.draft)
+    # One short untimed generation first, as in the timed runs: the libraries' one-time lazy set-up (kernel code
+    # pages, thread pools, oneDNN primitives) is reported as warmup_bytes, not charged to the run.
+    warm_up(loaded.pairs[key], cell.strategy, spec["prompt_ids"], s, 1)
+    gc.collect()
+    before_run = resident()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    elif not reset_peak_rss():
+        raise BenchError("cannot reset the peak RSS (/proc/self/clear_refs); run with --memory off")
+    record, _ = run_once(loaded, cell, spec["prompt_ids"], s)
+    peak_run = torch.cuda.max_memory_allocated(device) if cuda else proc_status_kb("VmHWM") * 1024
+    seq = len(spec["prompt_ids"]) + record["new_tokens"] + (s.k if cell.strategy != "baseline" else 0)
+    weights, kv = loaded.weights_bytes[key], loaded.kv_per_token[key] * seq
+    pair = loaded.pairs[key]
+    held = held_bytes([pair.target.model] + ([pair.draft.model] if pair.draft else [])
+                      + ([pair.drafter.module] if pair.drafter else []))
+    peak = held + (peak_run - before_run)
+    return {"cell": cell.name, "peak_bytes": peak, "held_bytes": held, "run_bytes": peak_run - before_run,
+            "loaded_rss_bytes": after_load - start, "warmup_bytes": before_run - after_load,
+            "weights_bytes": weights, "kv_bytes": kv, "sequence_tokens": seq,
+            "over_weights_and_kv": peak / (weights + kv),
+            "method": "held tensor bytes + (peak during run - before run), "
+                      + ("CUDA allocator counters" if cuda else "RSS from /proc/self/status")}
+
+
+def measure_memory(cells: list[Cell], args, s, prompt_ids: list[int], log=print) -> dict:
+    results = {}
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}  # freed tensors leave RSS at once (no arena reuse)
+    for cell in cells:
+        spec = {"strategy": cell.strategy, "draft": cell.draft, "target": args.target, "models": args.models,
+                "device": args.device, "threads": args.threads, "stock_kernels": args.stock_kernels,
+                "drafters_dir": args.drafters_dir, "prompt_ids": prompt_ids, "settings": vars(s)}
+        out = subprocess.run([sys.executable, "-m", "specdec.bench", "--probe-memory", json.dumps(spec)],
+                             capture_output=True, text=True, env=env, timeout=1800)
+        lines = out.stdout.strip().splitlines()
+        if out.returncode != 0 or not lines:
+            error = (out.stderr.strip().splitlines() or ["no output"])[-1]
+            log(f"[bench] memory probe for {cell.name} failed: {error}", file=sys.stderr)
+            results[cell.name] = {"cell": cell.name, "error": error}
+            continue
+        results[cell.name] = json.loads(lines[-1])
+        log(f"[bench] memory of {cell.name}: {results[cell.name]['peak_bytes'] / 2**20:.0f} MiB", file=sys.stderr)
+    return results
+
+
+

@@ -1,0 +1,306 @@
+"""Proposers: what drafts the tokens that speculative.speculative_decode verifies, and how many.
+
+A proposer is any object with
+  needs_features: bool    — wants the target's final hidden states (EAGLE, Medusa read them)
+  start(prompt_ids, generator) — a new generation begins (generator: the loop's random stream)
+  propose(committed, feats, shape, trace) -> Proposal
+                          — draft after `committed` (prompt + generated; the target has not seen the last token)
+                            within `shape`; count its own draft forwards in trace.draft_passes / draft_units
+  observe(committed)      — after verification: `committed` holds the accepted drafts and the target's next token;
+                            drop what was drafted past the accepted prefix, update any state
+Proposals are token trees (a chain is a tree of width 1) with, for sampled draft chains only, the draft
+distributions q (verify.accept then uses the chain rule; everything else is checked with the tree rule).
+
+`DraftLength` is the draft-length policy (fixed, heuristic, confidence); it composes with any proposer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from specdec.decoding import DecodeSettings, Trace, forward, hit_eos, logits_to_probs, new_cache, rollback, sample
+from specdec.drafters import Drafter
+from specdec.kernels import prepare_model
+from specdec.tree import Tree, build_tree, chain
+
+HEURISTIC_K_MAX = 16        # heuristic schedule: k never grows past max(this, the starting k)
+CONFIDENCE_THRESHOLD = 0.4  # confidence stop: transformers' default assistant_confidence_threshold
+POLICIES = ("fixed", "heuristic", "confidence")
+
+
+@dataclass
+class Proposal:
+    tree: Tree
+    q: torch.Tensor | None = None  # [len(tree), V]: distributions a sampled chain was drawn from; None = deterministic
+
+
+@dataclass(frozen=True)
+class Shape:
+    """How much one proposal may hold."""
+    depth: int                 # draft positions (chains: tokens)
+    budget: int                # nodes (chains: = depth)
+    width: int = 1             # children per expanded node
+    min_prob: float = 0.0      # confidence stop: a node whose own probability is below this is not expanded
+    stop_tokens: frozenset = frozenset()  # never expanded (end of sequence)
+
+
+class DraftLength:
+    """Draft-length policy: 'fixed' (k every step); 'heuristic' (transformers' schedule: k += 2 after a block the
+    target accepted whole, k −= 1 (floor 1) otherwise); 'confidence' (drafting stops after a token the draft gives
+    probability < CONFIDENCE_THRESHOLD, transformers' assistant_confidence_threshold rule)."""
+
+    def __init__(self, s: DecodeSettings, policy: str = "fixed", width: int = 1, stop_tokens=()):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown draft-length policy '{policy}'; choose one of {', '.join(POLICIES)}")
+        self.policy, self.k, self.width = policy, s.k, width
+        self.k_max = max(s.k, HEURISTIC_K_MAX) if policy == "heuristic" else s.k
+        self.budget = (s.tree_budget or s.k) if width > 1 else None
+        self.min_prob = CONFIDENCE_THRESHOLD if policy == "confidence" else 0.0
+        self.stop_tokens = frozenset(stop_tokens)
+
+    @property
+    def max_nodes(self) -> int:
+        return max(self.k_max, self.budget or 0)
+
+    def shape(self, room: int) -> Shape:
+        """This step's shape when at most `room` more tokens may be drafted (the verify pass adds one)."""
+        depth = min(self.k, room)
+        budget = depth if self.budget is None or not depth else self.budget
+        return Shape(depth, budget, self.width, self.min_prob, self.stop_tokens)
+
+    def observe(self, accepted: int, proposed_depth: int) -> None:
+        if self.policy == "heuristic":
+            self.k = min(self.k + 2, self.k_max) if accepted == proposed_depth else max(1, self.k - 1)
+
+
+def top(logits: torch.Tensor, width: int, ids: torch.Tensor | None = None) -> list[tuple[list[int], list[float]]]:
+    """Per row: the `width` most likely tokens (mapped through `ids` for a reduced head) and their log-probs."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    values, index = torch.topk(logp, min(width, logp.shape[-1]), dim=-1)
+    if ids is not None:
+        index = ids[index]
+    return list(zip(index.tolist(), values.tolist()))
+
+
+def path_attend(frontier: list[int], parents: list[int], slots: dict[int, int], visible: int,
+                cached: int) -> torch.Tensor:
+    """bool [len(frontier), cached + len(frontier)] for feeding frontier nodes to a draft whose cache holds
+    `visible` verified positions then earlier-fed tree nodes (at `slots`): each node sees the verified prefix,
+    its fed ancestors and itself. Records the new nodes' slots."""
+    attend = torch.zeros(len(frontier), cached + len(frontier), dtype=torch.bool)
+    attend[:, :visible] = True
+    for row, node in enumerate(frontier):
+        parent = parents[node]
+        while parent >= 0:
+            attend[row, slots[parent]] = True
+            parent = parents[parent]
+        attend[row, cached + row] = True
+        slots[node] = cached + row
+    return attend
+
+
+def count_draft(trace: Trace, forwards: int) -> None:
+    trace.draft_passes += forwards
+    trace.draft_units += forwards
+
+
+class DraftModelProposer:
+    """A same-vocabulary draft LM with its own KV cache. Chains keep the drafts they fed in the cache (the accepted
+    ones are valid next step); tree nodes are fed one depth per forward with a tree mask and dropped afterwards.
+    With temperature > 0 and draft_sampling 'sample', chains are sampled from the draft and carry q."""
+
+    needs_features = False
+
+    def __init__(self, model, s: DecodeSettings, vocab: int | None = None):
+        self.model, self.vocab = prepare_model(model), vocab
+        self.sampled = not s.greedy and s.draft_sampling == "sample"
+        self.settings = s
+
+    def start(self, prompt_ids: list[int], generator=None) -> None:
+        self.cache, self.cached, self.generator = new_cache(self.model), 0, generator
+
+    def propose(self, committed, feats, shape: Shape, trace: Trace) -> Proposal:
+        n = len(committed)
+        # feeds every committed token the cache lacks (usually the target's last token, two after a full accept)
+        logits = forward(self.model, committed[self.cached:], self.cache, 1, self.vocab)[0]
+        self.cached = n
+        if self.sampled:
+            return self.sample_chain(logits[0], shape, trace)
+        slots: dict[int, int] = {}
+
+        def expand(frontier, partial):
+            cached = self.cache.get_seq_length()
+            tree_mask = None if shape.width == 1 else path_attend(frontier, partial.parents, slots, n, cached)
+            positions = [n - 1 + partial.depths[f] for f in frontier]
+            out = forward(self.model, [partial.tokens[f] for f in frontier], self.cache, len(frontier), self.vocab,
+                          positions, tree_mask)[0]
+            return top(out, shape.width)
+
+        tree, expansions = build_tree(top(logits, shape.width)[0], expand, shape.budget, shape.width, shape.depth,
+                                      shape.stop_tokens, shape.min_prob)
+        if shape.width == 1:
+            self.cached = n + expansions  # every chain token but the last was fed
+        else:
+            rollback(self.cache, n)
+        count_draft(trace, 1 + expansions)
+        return Proposal(tree)
+
+    def sample_chain(self, logits: torch.Tensor, shape: Shape, trace: Trace) -> Proposal:
+        tokens, q_rows = [], []
+        for i in range(shape.depth):
+            q = logits_to_probs(logits, self.settings)
+            tokens.append(sample(q, self.generator))
+            q_rows.append(q)
+            if tokens[-1] in shape.stop_tokens or i == shape.depth - 1:
+                break
+            logits = forward(self.model, tokens[-1:], self.cache, 1, self.vocab)[0][0]
+        self.cached += len(tokens) - 1
+        count_draft(trace, len(tokens))
+        return Proposal(chain(tokens), torch.stack(q_rows))
+
+    def observe(self, committed) -> None:
+        self.cached = min(self.cached, len(committed) - 1)  # drafts past the accepted prefix are stale
+        rollback(self.cache, self.cached)
+
+
+class NgramProposer:
+    """Prompt lookup (PLD): find the latest earlier occurrence of the sequence's last n tokens (n = ngram_max down
+    to ngram_min) and propose the tokens that followed it, as a chain."""
+
+    needs_features = False
+
+    def __init__(self, s: DecodeSettings, memory: dict | None = None):
+        self.n_max, self.n_min, self.capacity = s.ngram_max, s.ngram_min, s.max_new_tokens + s.k + 1
+
+    def start(self, prompt_ids: list[int], generator=None) -> None:
+        self.history = np.zeros(len(prompt_ids) + self.capacity, dtype=np.int64)
+        self.filled = 0
+
+    def propose(self, committed, feats, shape: Shape, trace: Trace) -> Proposal:
+        length = len(committed)
+        self.history[self.filled:length] = committed[self.filled:]
+        self.filled = length
+        trace.draft_units += shape.depth
+        return Proposal(chain(lookup_ngram(self.history[:length], shape.depth, self.n_max, self.n_min,
+                                           shape.stop_tokens)))
+
+    def observe(self, committed) -> None:
+        pass
+
+
+def lookup_ngram(seq: np.ndarray, k: int, n_max: int, n_min: int = 1, stop_tokens=()) -> list[int]:
+    """The k tokens after the latest earlier occurrence of seq's last n tokens, longest n first; cut after a stop
+    token."""
+    length = len(seq)
+    for n in range(min(n_max, length - 1), n_min - 1, -1):
+        suffix = seq[length - n:]
+        # windows[i] = seq[i:i+n] for every start i whose window ends before the suffix itself
+        windows = np.lib.stride_tricks.sliding_window_view(seq[:length - 1], n)
+        hits = np.flatnonzero((windows == suffix).all(axis=1))
+        if hits.size:
+            start = int(hits[-1]) + n
+            drafts = seq[start:start + k].tolist()
+            stop_at = hit_eos(drafts, stop_tokens)
+            return drafts[:stop_at + 1] if stop_at is not None else drafts
+    return []
+
+
+class EagleProposer:
+    """EAGLE-style drafting. Draft position j holds the pair (feature F_j, token x_{j+1}); pairs built from the
+    target's verified features are kept, pairs built from the draft's own predictions are dropped after each
+    proposal (the next proposal feeds the verified ones)."""
+
+    needs_features = True
+
+    def __init__(self, drafter: Drafter):
+        self.drafter, self.module = drafter, drafter.module
+        self.device = drafter.lm_weight.device
+
+    def start(self, prompt_ids: list[int], generator=None) -> None:
+        m = self.module
+        empty = torch.zeros(1, m.heads, 0, m.head_dim, device=self.device)
+        self.keys, self.values, self.cached = empty, empty.clone(), 0
+        self.ids, self.head_w = self.drafter.head(prompt_ids)
+
+    def step(self, tokens: list[int], feat: torch.Tensor, positions: list[int], attend=None) -> torch.Tensor:
+        emb = self.drafter.embed(torch.tensor([tokens], device=self.device)).float()
+        out, k, v = self.module(emb, feat[None].float(), torch.tensor(positions, device=self.device),
+                                (self.keys, self.values), attend)
+        self.keys, self.values = torch.cat([self.keys, k], dim=2), torch.cat([self.values, v], dim=2)
+        return out[0]
+
+    @torch.inference_mode()
+    def propose(self, committed, feats, shape: Shape, trace: Trace) -> Proposal:
+        n = len(committed) - 1  # verified features F_0 .. F_{n-1}; the last committed token x_n has none yet
+        start = self.cached
+        root = self.step(committed[start + 1:n + 1], feats[start:n], list(range(start, n)))[-1]
+        self.cached = n
+        predicted: dict[int, torch.Tensor] = {}  # node → its predicted feature (input of its children)
+        slots: dict[int, int] = {}
+
+        def expand(frontier, partial):
+            cached = self.keys.shape[2]
+            attend = None if shape.width == 1 else path_attend(frontier, partial.parents, slots, n, cached)
+            inputs = torch.stack([predicted[partial.parents[f]] if partial.parents[f] >= 0 else root
+                                  for f in frontier])
+            out = self.step([partial.tokens[f] for f in frontier], inputs,
+                            [n - 1 + partial.depths[f] for f in frontier], attend)
+            for row, node in enumerate(frontier):
+                predicted[node] = out[row]
+            return top(out @ self.head_w.T, shape.width, self.ids)
+
+        tree, expansions = build_tree(top(root[None] @ self.head_w.T, shape.width, self.ids)[0], expand,
+                                      shape.budget, shape.width, shape.depth, shape.stop_tokens, shape.min_prob)
+        self.keys, self.values = self.keys[:, :, :n], self.values[:, :, :n]
+        count_draft(trace, 1 + expansions)
+        return Proposal(tree)
+
+    def observe(self, committed) -> None:
+        pass
+
+
+class MedusaProposer:
+    """Medusa: head i scores depth i from the last verified feature; one pass of all heads per proposal."""
+
+    needs_features = True
+
+    def __init__(self, drafter: Drafter):
+        self.drafter, self.module = drafter, drafter.module
+
+    def start(self, prompt_ids: list[int], generator=None) -> None:
+        self.ids, self.head_w = self.drafter.head(prompt_ids)
+
+    @torch.inference_mode()
+    def propose(self, committed, feats, shape: Shape, trace: Trace) -> Proposal:
+        per_depth = top(self.module(feats[len(committed) - 2].float()) @ self.head_w.T, shape.width, self.ids)
+        tree, _ = build_tree(per_depth[0], lambda frontier, partial: [per_depth[partial.depths[f]] for f in frontier],
+                             shape.budget, shape.width, min(shape.depth, self.module.heads), shape.stop_tokens,
+                             shape.min_prob)
+        count_draft(trace, 1)
+        return Proposal(tree)
+
+    def observe(self, committed) -> None:
+        pass
+
+
+# Proposers that need no draft model: kind → class(settings, memory). `memory` is a dict that lives as long as the
+# loaded pair (a job's prompts, a bench run), for proposers that learn across generations.
+MODEL_FREE_PROPOSERS = {"ngram": NgramProposer}
+
+
+def make_proposer(kind: str, s: DecodeSettings, draft_model=None, drafter: Drafter | None = None,
+                  vocab: int | None = None, memory: dict | None = None):
+    """The proposer a strategy names (strategies.Strategy.proposer): 'draft' is a trained drafter when one is
+    given, else the draft model; the others are MODEL_FREE_PROPOSERS."""
+    if kind in MODEL_FREE_PROPOSERS:
+        return MODEL_FREE_PROPOSERS[kind](s, memory if memory is not None else {})
+    if kind != "draft":
+        raise ValueError(f"unknown proposer '{kind}'")
+    if drafter is not None:
+        return EagleProposer(drafter) if drafter.kind == "eagle" else MedusaProposer(drafter)
+    if draft_model is None:
+        raise ValueError("a draft proposer needs a draft model or a trained drafter")
+    return DraftModelProposer(draft_model, s, vocab)

@@ -1,0 +1,87 @@
+"""Every strategy specdec can run, in one table that the CLI, the workflow, bench, the tensor-parallel launcher and
+the dashboard all read. Adding a method = one entry here (+ its proposer in proposers.py, if it drafts).
+
+Pure data, no imports of the engine: the workflow and the dashboard read it without loading torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ENGINES = ("specdec", "transformers")
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    help: str
+    color: str                     # dashboard colour, fixed per strategy so a series keeps it under any filter
+    engine: str = "specdec"        # whose decoding loop runs it: ours, or transformers' generate() (a reference)
+    draft: str = "none"            # none | model (a draft LM) | model-or-drafter (also `<target>+eagle|medusa`)
+    proposer: str | None = None    # ours: which proposer drafts (proposers.make_proposer); None = no drafting
+    width: int = 1                 # children per expanded node: 1 = chains, > 1 = trees (tree_budget applies)
+    length: str = "fixed"          # draft-length policy: fixed | heuristic | confidence (proposers.DraftLength)
+    tensor_parallel: bool = False  # runs with the target sharded over GPUs (gpu_mode: tensor; a draft model,
+                                   # whole on rank 0 — a trained drafter would need the sharded target's features)
+    peer: str | None = None        # the same method in the other engine, compared by `specdec bench`
+
+    @property
+    def uses_k(self) -> bool:
+        return self.name not in ("baseline", "hf-generate")
+
+    @property
+    def needs_draft(self) -> bool:
+        return self.draft != "none"
+
+    @property
+    def takes_trained_drafter(self) -> bool:
+        return self.draft == "model-or-drafter"
+
+    @property
+    def tree(self) -> bool:
+        return self.width > 1
+
+    @property
+    def fixed_length(self) -> bool:
+        """Every verify pass shows the target k drafts (fewer only where a proposal runs out)."""
+        return self.uses_k and not self.tree and self.length == "fixed"
+
+
+_ALL = (
+    Strategy("baseline", "plain autoregressive decoding, one target forward per token", "#4e79a7",
+             tensor_parallel=True, peer="hf-generate"),
+    Strategy("speculative", "a draft model (or a trained drafter) proposes k tokens, the target verifies them",
+             "#e15759", draft="model-or-drafter", proposer="draft", tensor_parallel=True, peer="hf-assisted"),
+    Strategy("ngram", "prompt lookup: the tokens that followed the latest match of the last n-gram", "#59a14f",
+             proposer="ngram", tensor_parallel=True, peer="hf-ngram"),
+    Strategy("tree", "a draft tree (best-first, 4 children per node, tree_budget nodes, depth <= k) verified in one "
+             "forward with tree attention", "#b07aa1", draft="model-or-drafter", proposer="draft", width=4,
+             tensor_parallel=True),
+    Strategy("speculative-heuristic", "draft length adapts: +2 after a fully accepted block, -1 otherwise",
+             "#edc948", draft="model-or-drafter", proposer="draft", length="heuristic", tensor_parallel=True),
+    Strategy("speculative-confidence", "drafting stops after a token the draft gives probability < 0.4",
+             "#ff9da7", draft="model-or-drafter", proposer="draft", length="confidence", tensor_parallel=True),
+    Strategy("hf-generate", "transformers' generate(), plain greedy or sampled", "#bab0ac", engine="transformers",
+             tensor_parallel=True, peer="baseline"),
+    Strategy("hf-assisted", "transformers' assisted generation with the draft model, fixed k", "#f28e2b",
+             engine="transformers", draft="model", peer="speculative"),
+    Strategy("hf-ngram", "transformers' prompt lookup decoding, fixed k", "#76b7b2", engine="transformers",
+             tensor_parallel=True, peer="ngram"),
+)
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in _ALL}
+NAMES = tuple(STRATEGIES)
+
+
+def names(**where) -> tuple[str, ...]:
+    """Strategy names whose attributes equal the given values, e.g. names(engine="transformers")."""
+    return tuple(s.name for s in _ALL if all(getattr(s, key) == value for key, value in where.items()))
+
+
+def plain_baseline(engine: str) -> str:
+    """The strategy each engine's speedups are measured against: its own plain decoding."""
+    return next(s.name for s in _ALL if s.engine == engine and not s.uses_k)
+
+
+def describe() -> str:
+    """The strategies and what each does, for --help texts."""
+    return "; ".join(f"{s.name}: {s.help}" for s in _ALL)
