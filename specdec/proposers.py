@@ -2,12 +2,16 @@
 
 A proposer is any object with
   needs_features: bool    — wants the target's final hidden states (EAGLE, Medusa read them)
-  start(prompt_ids, generator) — a new generation begins (generator: the loop's random stream)
+  reads_prompt_logits: bool — wants the target's logits at every prompt position (else start gets None)
+  start(prompt_ids, generator, prompt_logits)
+                          — a new generation begins (generator: the loop's random stream)
   propose(committed, feats, shape, trace) -> Proposal
                           — draft after `committed` (prompt + generated; the target has not seen the last token)
                             within `shape`; count its own draft forwards in trace.draft_passes / draft_units
-  observe(committed)      — after verification: `committed` holds the accepted drafts and the target's next token;
-                            drop what was drafted past the accepted prefix, update any state
+  observe(committed, proposal, logits)
+                          — after verification: `committed` holds the accepted drafts and the target's next token;
+                            `logits` are the verify pass's rows ([root] + tree nodes); drop what was drafted past
+                            the accepted prefix, update any state
 Proposals are token trees (a chain is a tree of width 1) with, for sampled draft chains only, the draft
 distributions q (verify.accept then uses the chain rule; everything else is checked with the tree rule).
 
@@ -112,14 +116,14 @@ class DraftModelProposer:
     ones are valid next step); tree nodes are fed one depth per forward with a tree mask and dropped afterwards.
     With temperature > 0 and draft_sampling 'sample', chains are sampled from the draft and carry q."""
 
-    needs_features = False
+    needs_features = reads_prompt_logits = False
 
     def __init__(self, model, s: DecodeSettings, vocab: int | None = None):
         self.model, self.vocab = prepare_model(model), vocab
         self.sampled = not s.greedy and s.draft_sampling == "sample"
         self.settings = s
 
-    def start(self, prompt_ids: list[int], generator=None) -> None:
+    def start(self, prompt_ids: list[int], generator=None, prompt_logits=None) -> None:
         self.cache, self.cached, self.generator = new_cache(self.model), 0, generator
 
     def propose(self, committed, feats, shape: Shape, trace: Trace) -> Proposal:
@@ -161,7 +165,7 @@ class DraftModelProposer:
         count_draft(trace, len(tokens))
         return Proposal(chain(tokens), torch.stack(q_rows))
 
-    def observe(self, committed) -> None:
+    def observe(self, committed, proposal=None, logits=None) -> None:
         self.cached = min(self.cached, len(committed) - 1)  # drafts past the accepted prefix are stale
         rollback(self.cache, self.cached)
 
@@ -170,12 +174,12 @@ class NgramProposer:
     """Prompt lookup (PLD): find the latest earlier occurrence of the sequence's last n tokens (n = ngram_max down
     to ngram_min) and propose the tokens that followed it, as a chain."""
 
-    needs_features = False
+    needs_features = reads_prompt_logits = False
 
     def __init__(self, s: DecodeSettings, memory: dict | None = None):
         self.n_max, self.n_min, self.capacity = s.ngram_max, s.ngram_min, s.max_new_tokens + s.k + 1
 
-    def start(self, prompt_ids: list[int], generator=None) -> None:
+    def start(self, prompt_ids: list[int], generator=None, prompt_logits=None) -> None:
         self.history = np.zeros(len(prompt_ids) + self.capacity, dtype=np.int64)
         self.filled = 0
 
@@ -187,7 +191,7 @@ class NgramProposer:
         return Proposal(chain(lookup_ngram(self.history[:length], shape.depth, self.n_max, self.n_min,
                                            shape.stop_tokens)))
 
-    def observe(self, committed) -> None:
+    def observe(self, committed, proposal=None, logits=None) -> None:
         pass
 
 
@@ -213,13 +217,13 @@ class EagleProposer:
     target's verified features are kept, pairs built from the draft's own predictions are dropped after each
     proposal (the next proposal feeds the verified ones)."""
 
-    needs_features = True
+    needs_features, reads_prompt_logits = True, False
 
     def __init__(self, drafter: Drafter):
         self.drafter, self.module = drafter, drafter.module
         self.device = drafter.lm_weight.device
 
-    def start(self, prompt_ids: list[int], generator=None) -> None:
+    def start(self, prompt_ids: list[int], generator=None, prompt_logits=None) -> None:
         m = self.module
         empty = torch.zeros(1, m.heads, 0, m.head_dim, device=self.device)
         self.keys, self.values, self.cached = empty, empty.clone(), 0
@@ -258,19 +262,19 @@ class EagleProposer:
         count_draft(trace, 1 + expansions)
         return Proposal(tree)
 
-    def observe(self, committed) -> None:
+    def observe(self, committed, proposal=None, logits=None) -> None:
         pass
 
 
 class MedusaProposer:
     """Medusa: head i scores depth i from the last verified feature; one pass of all heads per proposal."""
 
-    needs_features = True
+    needs_features, reads_prompt_logits = True, False
 
     def __init__(self, drafter: Drafter):
         self.drafter, self.module = drafter, drafter.module
 
-    def start(self, prompt_ids: list[int], generator=None) -> None:
+    def start(self, prompt_ids: list[int], generator=None, prompt_logits=None) -> None:
         self.ids, self.head_w = self.drafter.head(prompt_ids)
 
     @torch.inference_mode()
@@ -282,7 +286,7 @@ class MedusaProposer:
         count_draft(trace, 1)
         return Proposal(tree)
 
-    def observe(self, committed) -> None:
+    def observe(self, committed, proposal=None, logits=None) -> None:
         pass
 
 

@@ -37,8 +37,9 @@ def speculative_decode(target, prompt_ids: list[int], s: DecodeSettings, eos_ids
         n_prompt = len(prompt_ids)
         room = n_prompt + s.max_new_tokens + length.max_nodes + 2  # + one proposal's nodes before they are dropped
         cache = new_cache(target, room)
-        logits, hidden = forward(target, prompt_ids, cache, 1, vocab, hidden=features)
-        token = select_token(logits[0], s, generator)
+        rows = n_prompt if proposer.reads_prompt_logits else 1
+        logits, hidden = forward(target, prompt_ids, cache, rows, vocab, hidden=features)
+        token = select_token(logits[-1], s, generator)
         trace.ttft_s = clock() - start
         trace.target_passes = 1
         committed = list(prompt_ids) + [token]
@@ -46,7 +47,7 @@ def speculative_decode(target, prompt_ids: list[int], s: DecodeSettings, eos_ids
         if features:  # feats[i] = the target's final hidden state at committed[i]
             feats = hidden.new_empty(room, hidden.shape[-1])
             feats[:n_prompt] = hidden
-        proposer.start(prompt_ids, generator)
+        proposer.start(prompt_ids, generator, logits if proposer.reads_prompt_logits else None)
         done = s.stop_at_eos and token in eos_ids
         if done:
             trace.stop_reason = "eos"
@@ -73,7 +74,7 @@ def speculative_decode(target, prompt_ids: list[int], s: DecodeSettings, eos_ids
             if eos_at is not None:
                 new, done, trace.stop_reason = new[:eos_at + 1], True, "eos"
             committed.extend(new)
-            proposer.observe(committed)
+            proposer.observe(committed, proposal, logits)
             length.observe(len(path), proposal.tree.depth)
             trace.rollback_s += clock() - t2  # KV compaction, proposer catch-up and bookkeeping
         trace.wall_s = clock() - start

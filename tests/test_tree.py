@@ -165,12 +165,12 @@ class ScriptedProposer:
     """Proposes the target's own continuation for the scripted number of tokens, then a wrong token: the
     accepted count of each step is known in advance."""
 
-    needs_features = False
+    needs_features = reads_prompt_logits = False
 
     def __init__(self, reference: list[int], script: list[int], vocab: int = 48):
         self.reference, self.script, self.vocab, self.budgets = reference, list(script), vocab, []
 
-    def start(self, prompt_ids, generator=None):
+    def start(self, prompt_ids, generator=None, prompt_logits=None):
         self.n_prompt = len(prompt_ids)
 
     def propose(self, committed, feats, shape, trace):
@@ -182,7 +182,7 @@ class ScriptedProposer:
         tokens = right[:good] + [(t + 1) % self.vocab for t in right[good:good + 1]]
         return Proposal(chain(tokens[:budget]))
 
-    def observe(self, committed):
+    def observe(self, committed, proposal, logits):
         pass
 
 
