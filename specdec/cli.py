@@ -10,6 +10,9 @@ import sys
 from specdec import __version__, fail
 from specdec.strategies import describe
 
+# specdec.metrics.DegenerateRule's defaults, written out so `specdec --help` does not import torch
+DEGENERATE_DEFAULTS = {"ngram": 4, "repeat_share": 0.5, "copy_share": 0.8}
+
 
 def auto_device(name: str) -> str:
     import torch
@@ -49,6 +52,7 @@ def add_decode_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_generate(args) -> int:
     from specdec.decoding import DecodeSettings
+    from specdec.metrics import DegenerateRule
     from specdec.models import ModelError, encode_prompt, load_registry
     from specdec.runner import SettingsError, check_settings, generate, load_pair, warm_up
 
@@ -56,6 +60,8 @@ def cmd_generate(args) -> int:
     try:
         registry = load_registry(args.models)
         check_settings(args.strategy, args.draft, s, registry, args.target)
+        rule = DegenerateRule.from_dict({"ngram": args.degenerate_ngram, "repeat_share": args.degenerate_repeat,
+                                         "copy_share": args.degenerate_copy})
         if args.prompt is None and args.prompt_file is None:
             raise SettingsError("give the prompt with --prompt TEXT or --prompt-file FILE")
         prompt = args.prompt if args.prompt is not None else open(args.prompt_file).read()
@@ -65,7 +71,7 @@ def cmd_generate(args) -> int:
         pair = load_pair(args.target, args.draft, registry, device=device)
         if args.warmup:
             warm_up(pair, args.strategy, encode_prompt(pair.target, prompt), s, args.warmup)
-        record = generate(pair, args.strategy, prompt, s)
+        record = generate(pair, args.strategy, prompt, s, rule=rule)
     except (ModelError, SettingsError, ValueError, OSError) as exc:
         return fail(str(exc))
     if args.json:
@@ -77,7 +83,8 @@ def cmd_generate(args) -> int:
         alpha = record["acceptance_rate"]
         print(f"[{record['new_tokens']} tokens, {record['tokens_per_s']:.1f} tok/s, TTFT {record['ttft_s']*1000:.0f} ms"
               + (f", acceptance {alpha:.2f}, {record['mean_accepted_tokens']:.2f} tokens/step" if alpha is not None
-                 else "") + "]", file=sys.stderr)
+                 else "") + f", copied {record['copy_share']:.2f}, repeated {record['repeat_share']:.2f}"
+              + (" DEGENERATE" if record["degenerate"] else "") + "]", file=sys.stderr)
     return 0
 
 
@@ -145,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", default=None)
     g.add_argument("--prompt-file", default=None)
     g.add_argument("--json", action="store_true", help="print one JSON object with every metric")
+    rule = DEGENERATE_DEFAULTS
+    g.add_argument("--degenerate-ngram", type=int, default=rule["ngram"], metavar="N",
+                   help="n-gram length of the copy/repeat shares (default: %(default)s)")
+    g.add_argument("--degenerate-repeat", type=float, default=rule["repeat_share"], metavar="SHARE",
+                   help="flag the output as degenerate at this share of repeated tokens (default: %(default)s)")
+    g.add_argument("--degenerate-copy", type=float, default=rule["copy_share"], metavar="SHARE",
+                   help="... or at this share of tokens copied from the prompt (default: %(default)s)")
     g.set_defaults(func=cmd_generate)
 
     m = sub.add_parser("models", help="list model aliases and whether each can be loaded here")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from specdec import __version__, devices, drafters, parallel
 from specdec.decoding import DecodeSettings
+from specdec.metrics import DegenerateRule
 from specdec.models import encode_prompt, load_registry
 from specdec.prompts import load_prompts, select
 from specdec.runner import check_settings, generate, load_pair, warm_up
@@ -31,7 +32,8 @@ JOB_DEFAULTS = dict(draft=None, k=None, tree_budget=None, gpus=0, temperature=0.
                     draft_sampling="greedy", use_cache=True, max_new_tokens=128, repeats=1, warmup=1, seed=0,
                     stop_at_eos=True, ngram_max=3, prompt_ids=None, categories=None, per_category=None, models=None,
                     config_hash=None, workflow_run_id=None, cell=None, gpu_mode="pipeline",
-                    drafters_dir=None, drafter_settings=None)  # trained drafters: cache root, training settings
+                    drafters_dir=None, drafter_settings=None,  # trained drafters: cache root, training settings
+                    degenerate=None)  # metrics.DegenerateRule fields (None: its defaults)
 
 
 def utc_now() -> str:
@@ -107,6 +109,7 @@ def read_job(spec: str | dict) -> dict:
     for key in ("target", "strategy", "prompts_file"):
         if not job.get(key):
             raise ValueError(f"job is missing '{key}'")
+    DegenerateRule.from_dict(job["degenerate"])
     return job
 
 
@@ -127,6 +130,8 @@ def run_cell(job: dict, progress=None) -> dict:
     params = {key: job[key] for key in ("cell", "target", "draft", "strategy", "k", "tree_budget", "gpus",
                                         "temperature", "top_p", "top_k", "draft_sampling", "use_cache", "max_new_tokens", "repeats",
                                         "warmup", "prompts_file", "stop_at_eos", "ngram_max", "gpu_mode")}
+    rule = DegenerateRule.from_dict(job["degenerate"])
+    params["degenerate"] = rule.to_dict()  # the rule behind every measurement's `degenerate` flag
     run["params"] = params
     prompts = select(load_prompts(job["prompts_file"]), job["prompt_ids"], job["categories"], job["per_category"])
     s = settings_for(job)
@@ -183,7 +188,8 @@ def run_cell(job: dict, progress=None) -> dict:
         for repeat in range(job["repeats"]):
             row = {"prompt_id": p["id"], "category": p["category"], "repeat": repeat, "status": "ok", "error": None}
             try:
-                row.update(generate(pair, job["strategy"], p["prompt"], replace(s, seed=s.seed + repeat), p["turns"]))
+                row.update(generate(pair, job["strategy"], p["prompt"], replace(s, seed=s.seed + repeat), p["turns"],
+                                    rule))
             except Exception as exc:  # e.g. out of memory on one long prompt: keep going with the next
                 if worker:  # the other ranks are waiting inside a collective: only stopping them all is safe
                     raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import resource
 import sys
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -124,3 +125,90 @@ def pool(records: list[dict]) -> dict:
         n = proposed / steps
         out["leviathan_speedup"] = expected_tokens(alpha, n) / (n * c + 1)
     return out
+
+
+# ---------------------------------------------------------------------------------------------- degenerate outputs
+
+@dataclass(frozen=True)
+class DegenerateRule:
+    """When an output counts as degenerate (docs/results.md, "Degenerate outputs", has the measurements).
+
+    n = 4 because prompt lookup with its default 3-token suffix accepts a drafted token exactly when that suffix
+    plus the token, a 4-gram, occurred before: the shares measure the text prompt lookup drafts for free, while
+    ordinary prose rarely repeats a 4-gram by chance. repeat_share >= 0.5: at least half the output re-says what
+    it already said. Copying is a legitimate part of summaries and retrieval answers (0.3-0.6 of their tokens),
+    so only near-total copying, copy_share >= 0.8, flags an output on its own.
+    """
+    ngram: int = 4
+    repeat_share: float = 0.5
+    copy_share: float = 0.8
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> "DegenerateRule":
+        """From a job's or config's `degenerate` object; ValueError (one line) on an unknown key or bad value."""
+        unknown = sorted(set(values or {}) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"degenerate: unknown key(s) {unknown}; allowed: ngram, repeat_share, copy_share")
+        rule = cls(**(values or {}))
+        check_rule(rule)
+        return rule
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_rule(rule: DegenerateRule) -> None:
+    if isinstance(rule.ngram, bool) or not isinstance(rule.ngram, int) or rule.ngram < 1:
+        raise ValueError(f"degenerate n-gram length must be an integer >= 1, got {rule.ngram!r}")
+    for name in ("repeat_share", "copy_share"):
+        value = getattr(rule, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise ValueError(f"degenerate {name} threshold must be a number in (0, 1], got {value!r}")
+
+
+def ngrams(ids: list[int], n: int) -> list[tuple[int, ...]]:
+    return [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+
+
+def covered_share(ids: list[int], n: int, hits: list[bool]) -> float:
+    """Share of the tokens of `ids` that lie inside at least one n-gram window i with hits[i] true."""
+    covered = [False] * len(ids)
+    for i, hit in enumerate(hits):
+        if hit:
+            covered[i:i + n] = [True] * n
+    return sum(covered) / len(ids) if ids else 0.0
+
+
+def copy_share(output_ids: list[int], prompt_ids: list[list[int]], n: int = 4) -> float:
+    """Share of generated tokens inside an n-gram that also occurs in one of the prompt token sequences."""
+    seen = {g for ids in prompt_ids for g in ngrams(list(ids), n)}
+    return covered_share(output_ids, n, [g in seen for g in ngrams(output_ids, n)])
+
+
+def repeat_share(output_ids: list[int], n: int = 4) -> float:
+    """Share of generated tokens inside an n-gram that already started at an earlier position of the output
+    (overlaps count: a run of one token repeated n + 1 times repeats its first n-gram)."""
+    seen, hits = set(), []
+    for g in ngrams(output_ids, n):
+        hits.append(g in seen)
+        seen.add(g)
+    return covered_share(output_ids, n, hits)
+
+
+def degeneracy(output_ids: list[int], prompt_ids: list[list[int]], rule: DegenerateRule = DegenerateRule()) -> dict:
+    """The per-output fields `copy_share`, `repeat_share` and `degenerate` (either share at its threshold or above).
+
+    `prompt_ids`: the token sequences of the user's text, one per user turn (a conversation is judged as a whole:
+    its answers concatenated against all its user turns). Outputs shorter than n tokens have shares 0."""
+    output_ids = list(output_ids)
+    copied = copy_share(output_ids, prompt_ids, rule.ngram)
+    repeated = repeat_share(output_ids, rule.ngram)
+    return {"copy_share": copied, "repeat_share": repeated,
+            "degenerate": repeated >= rule.repeat_share or copied >= rule.copy_share}
+
+
+def user_token_ids(tokenizer, prompt, turns=None) -> list[list[int]]:
+    """The user's turns as token ids, without chat template (raw-id prompts are their own ids)."""
+    if not isinstance(prompt, str):
+        return [list(prompt)]
+    return [list(tokenizer.encode(text, add_special_tokens=False)) for text in [prompt, *(turns or [])]]

@@ -122,12 +122,15 @@ def decode_models(strategy: str, target, prompt_ids: list[int], s: DecodeSetting
 
 
 def generate(pair: Pair, strategy: str, prompt: str | list[int], s: DecodeSettings,
-             turns: list[str] | None = None) -> dict:
+             turns: list[str] | None = None, rule: metrics.DegenerateRule = metrics.DegenerateRule()) -> dict:
     """One generation → one record. With `turns`, a multi-turn conversation: each follow-up is asked after the
-    model's own previous answer (as MT-bench and Spec-Bench do); counts and times are summed over turns."""
+    model's own previous answer (as MT-bench and Spec-Bench do); counts and times are summed over turns.
+    `rule`: when the output counts as degenerate (copied from the prompt or looping), see metrics.degeneracy."""
     device = pair.target.device
     metrics.reset_peak_memory(device)
     record = _generate(pair, strategy, prompt, s, turns)
+    user_ids = metrics.user_token_ids(pair.target.tokenizer, prompt, turns)
+    record.update(metrics.degeneracy(record["token_ids"], user_ids, rule))
     record["peak_memory_bytes"], record["memory_kind"] = metrics.peak_memory(device)
     return record
 

@@ -141,6 +141,8 @@ def expand_cells(config: dict) -> dict[str, dict]:
                 # Only the aliases this cell uses, so editing another model's entry reruns nothing here.
                 used = {a: extra_models[a] for a in (target, cell_draft) if a in extra_models}
                 cell["models"] = used or None
+                if config.get("degenerate"):  # only when set: cells of configs without it keep their hash
+                    cell["degenerate"] = config["degenerate"]
                 if trained:  # only drafter cells carry these, so other cells do not rerun when they change
                     cell["drafters_dir"] = drafters_root(config)
                     cell["drafter_settings"] = config.get("drafter_settings") or None
