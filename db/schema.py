@@ -108,6 +108,11 @@ class Measurement(Base):
     token_ids: Mapped[str | None] = mapped_column(Text)  # JSON list as text
     token_hash: Mapped[str | None] = mapped_column(String)
     text: Mapped[str | None] = mapped_column(Text)
+    # degenerate outputs (docs/results.md): shares of generated tokens inside n-grams copied from the prompt or
+    # repeated from earlier in the output, and the flag of the run's rule (NULL in rows stored before they existed)
+    copy_share: Mapped[float | None] = mapped_column(Double)
+    repeat_share: Mapped[float | None] = mapped_column(Double)
+    degenerate: Mapped[bool | None] = mapped_column(Boolean)
     extra_json: Mapped[str | None] = mapped_column(Text)  # fields without a column of their own (JSON object)
 
 

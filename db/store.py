@@ -78,17 +78,31 @@ def init_db(path: str | os.PathLike) -> None:
     """Create the parent folder, the tables (if missing) and (re)create the views. Safe to call any number of times.
 
     Views are `CREATE OR REPLACE`d every time, so an edited views.sql takes effect on the next ingest. Tables
-    are only created when missing: there is no migration of an existing store with an older schema.
+    are created when missing; columns added to the models since a store was created are added to it (NULL in its
+    older rows), so an older store keeps working.
     """
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     engine = engine_for(path)
     try:
         with engine.begin() as conn:
             Base.metadata.create_all(conn)
+            add_missing_columns(conn)
             for statement in view_statements():
                 conn.exec_driver_sql(statement)
     finally:
         engine.dispose()
+
+
+def add_missing_columns(conn) -> None:
+    """ALTER TABLE ... ADD COLUMN for every model column an existing table lacks (always nullable: older rows
+    have no value for it)."""
+    existing = set(conn.exec_driver_sql("SELECT table_name, column_name FROM information_schema.columns "
+                                        "WHERE table_schema = 'main'").fetchall())
+    for table in Base.metadata.sorted_tables:
+        for column in table.columns:
+            if (table.name, column.name) not in existing:
+                kind = column.type.compile(dialect=conn.dialect)
+                conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN IF NOT EXISTS "{column.name}" {kind}')
 
 
 def view_statements() -> list[str]:

@@ -72,7 +72,8 @@ SELECT
     o.acceptance_rate, o.mean_accepted_tokens,
     CASE WHEN o.temperature = 0 THEN o.token_hash = b.baseline_token_hash END AS matches_baseline,
     o.ttft_s, o.tpot_s, o.peak_memory_bytes, o.cost_ratio_c, o.leviathan_speedup, o.started_utc,
-    o.cost_per_hour * 1e6 / 3600.0 / nullif(o.tokens_per_s, 0) AS cost_per_mtok
+    o.cost_per_hour * 1e6 / 3600.0 / nullif(o.tokens_per_s, 0) AS cost_per_mtok,
+    o.copy_share, o.repeat_share, o.degenerate
 FROM ok AS o
 LEFT JOIN latest_baseline AS b
     ON  b.host IS NOT DISTINCT FROM o.host
@@ -89,6 +90,8 @@ LEFT JOIN latest_baseline AS b
 -- of the baseline key, so cells that differ only in them are kept apart rather than mixed.
 -- Medians and quantiles ignore NULLs (e.g. rows without a baseline have no speedup);
 -- match_share is the share of rows with matches_baseline true among rows where it is not NULL.
+-- *_clean: the same medians over non-degenerate outputs only (degenerate = false; rows stored before the flag
+-- existed have NULL and count in neither), n_clean of them; degenerate_share = share of flagged outputs.
 CREATE OR REPLACE VIEW cell_summary AS
 SELECT
     host, target, draft, strategy, draft_length, gpus, temperature, top_p, top_k, max_new_tokens,
@@ -107,6 +110,11 @@ SELECT
     median(leviathan_speedup) AS leviathan_speedup_median,
     median(cost_ratio_c) AS cost_ratio_c_median,
     median(cost_per_mtok) AS cost_per_mtok_median,
+    avg(CAST(degenerate AS DOUBLE)) AS degenerate_share,
+    count(*) FILTER (WHERE NOT degenerate) AS n_clean,
+    median(speedup) FILTER (WHERE NOT degenerate) AS speedup_median_clean,
+    median(acceptance_rate) FILTER (WHERE NOT degenerate) AS acceptance_rate_median_clean,
+    median(mean_accepted_tokens) FILTER (WHERE NOT degenerate) AS mean_accepted_tokens_median_clean,
     max(started_utc) AS last_started_utc
 FROM speedup
 GROUP BY host, target, draft, strategy, draft_length, gpus, temperature, top_p, top_k, max_new_tokens;

@@ -23,7 +23,9 @@ SUMMARY_SQL = """
 SELECT target, coalesce(draft, '-') AS draft, strategy, draft_length AS k, gpus, temperature,
        round(speedup_median, 2) AS speedup, round(tokens_per_s_median, 1) AS tok_s,
        round(acceptance_rate_median, 2) AS acceptance, round(mean_accepted_tokens_median, 2) AS tok_per_step,
-       round(match_share, 2) AS identical
+       round(match_share, 2) AS identical,
+       round(degenerate_share, 2) AS degenerate, round(speedup_median_clean, 2) AS speedup_clean,
+       round(mean_accepted_tokens_median_clean, 2) AS tok_per_step_clean
 FROM cell_summary
 WHERE host = '{host}' AND strategy <> 'baseline'
 QUALIFY row_number() OVER (PARTITION BY target, draft, strategy, gpus, temperature
