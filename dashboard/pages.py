@@ -287,7 +287,60 @@ def page_acceptance(db: str, f: Filters) -> None:
     by_prompt["series"] = series_label(by_prompt, with_k=True)
     show(cell_heatmaps(by_prompt, "prompt_id", "prompt", [("acceptance_rate", "acceptance rate (median)", ".2f")]))
     table(by_prompt[["series", "category", "prompt_id", "acceptance_rate", "mean_accepted_tokens",
-                            "speedup", "n"]])
+                            "speedup", "degenerate_share", "n"]])
+    acceptance_without_degenerate(db, f)
+
+
+EXCERPT_CHARS = 200
+
+
+def rule_text(rule: dict) -> str:
+    n = rule["ngram"]
+    return (f"at least {rule['repeat_share']:.0%} of its tokens lie in {n}-grams it already produced (a loop) or "
+            f"at least {rule['copy_share']:.0%} in {n}-grams copied from the prompt")
+
+
+def acceptance_without_degenerate(db: str, f: Filters) -> None:
+    """Each cell's acceptance and speedup over all outputs next to the same figures without degenerate ones, and
+    the degenerate outputs themselves."""
+    st.subheader("All outputs vs non-degenerate outputs")
+    c = q.cells(db, f)
+    c = c[c.acceptance_rate.notna()].copy()
+    if c.degenerate_share.isna().all():
+        st.info("These measurements carry no degenerate flag (stored before specdec measured copying and "
+                "repetition); run the cells again to see the split.")
+        return
+    rules = q.degenerate_rules(db, f)
+    described = ("; in other runs, when ".join(rule_text(r) for r in rules)
+                 or "its copy or repeat share reaches its run's threshold")
+    st.caption(f"An output is degenerate when {described} (config key `degenerate`, docs/results.md). Prompt "
+               "lookup drafts such text for free, so its acceptance measures the model's failure more than the "
+               "method. The non-degenerate medians leave those outputs out.")
+    c["series"] = series_label(c, with_k=True)
+    split = pd.concat([
+        pd.DataFrame({"series": c.series, "outputs": "all", "acceptance_rate": c.acceptance_rate,
+                      "mean_accepted_tokens": c.mean_accepted_tokens, "n": c.n}),
+        pd.DataFrame({"series": c.series, "outputs": "non-degenerate", "acceptance_rate": c.acceptance_rate_clean,
+                      "mean_accepted_tokens": c.mean_accepted_tokens_clean, "n": c.n_clean})])
+    show(cell_heatmaps(split, "outputs", "outputs", [("acceptance_rate", "acceptance rate (median)", ".2f"),
+                                                     ("mean_accepted_tokens", "accepted tokens per step (median)",
+                                                      ".2f")]))
+    table(c[["series", "degenerate_share", "acceptance_rate", "acceptance_rate_clean", "mean_accepted_tokens",
+             "mean_accepted_tokens_clean", "speedup", "speedup_clean", "n", "n_clean"]],
+          column_config={"degenerate_share": st.column_config.NumberColumn("degenerate", format="percent")})
+
+    d = q.degenerate_outputs(db, f)
+    st.subheader(f"Degenerate outputs ({len(d)})")
+    if d.empty:
+        st.success("No output in these cells is degenerate.")
+        return
+    d.insert(0, "series", series_label(d, with_k=True))
+    d["excerpt"] = d.text.fillna("").map(lambda t: t if len(t) <= EXCERPT_CHARS else t[:EXCERPT_CHARS] + "…")
+    if len(d) > MAX_TABLE_ROWS:
+        st.caption(f"The first {MAX_TABLE_ROWS} are shown; the CSV has all {len(d)} with their whole text.")
+    table(d.head(MAX_TABLE_ROWS)[["prompt_id", "category", "series", "repeat", "copy_share", "repeat_share",
+                                  "acceptance_rate", "mean_accepted_tokens", "excerpt"]])
+    csv_download(d.drop(columns=["excerpt"]), "degenerate_outputs.csv", "dl_degenerate")
 
 
 # ---------------------------------------------------------------------------------------------- prediction

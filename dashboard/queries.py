@@ -8,6 +8,7 @@ dashboard never holds the file between queries and `specdec ingest` can run whil
 from __future__ import annotations
 
 import functools
+import json
 import os
 from dataclasses import dataclass, fields
 
@@ -199,7 +200,13 @@ def _cells_sql(f: Filters) -> tuple[str, list]:
                    median(s.ttft_s) AS ttft_s,
                    median(s.tpot_s) AS tpot_s,
                    max(s.peak_memory_bytes) AS peak_memory_bytes,
-                   median(s.cost_per_mtok) AS cost_per_mtok
+                   median(s.cost_per_mtok) AS cost_per_mtok,
+                   -- over non-degenerate outputs only (as cell_summary's *_clean; NULL flags count in neither)
+                   avg(CAST(s.degenerate AS DOUBLE)) AS degenerate_share,
+                   count(*) FILTER (WHERE NOT s.degenerate) AS n_clean,
+                   median(s.speedup) FILTER (WHERE NOT s.degenerate) AS speedup_clean,
+                   median(s.acceptance_rate) FILTER (WHERE NOT s.degenerate) AS acceptance_rate_clean,
+                   median(s.mean_accepted_tokens) FILTER (WHERE NOT s.degenerate) AS mean_accepted_tokens_clean
             FROM speedup s {w}
             GROUP BY {CELL_KEYS})
         SELECT *,
@@ -246,9 +253,32 @@ def acceptance_by(db: str, f: Filters, by: str) -> pd.DataFrame:
         SELECT {CELL_KEYS}, {group},
                median(s.acceptance_rate) AS acceptance_rate,
                median(s.mean_accepted_tokens) AS mean_accepted_tokens,
-               median(s.speedup) AS speedup, count(*) AS n
+               median(s.speedup) AS speedup, count(*) AS n,
+               avg(CAST(s.degenerate AS DOUBLE)) AS degenerate_share
         FROM speedup s {w}
         GROUP BY ALL ORDER BY ALL""", params)
+
+
+def degenerate_rules(db: str, f: Filters) -> list[dict]:
+    """The rules (params `degenerate`: ngram, repeat_share, copy_share) the filtered runs flagged outputs with."""
+    w, params = where(f, RUNS_COLS, ["json_extract(r.params_json, '$.degenerate') IS NOT NULL"])
+    rules = fetch(db, f"""
+        SELECT DISTINCT CAST(json_extract(r.params_json, '$.degenerate') AS VARCHAR) AS rule
+        FROM runs r {w} ORDER BY 1""", params)
+    return [json.loads(rule) for rule in rules.rule]
+
+
+def degenerate_outputs(db: str, f: Filters) -> pd.DataFrame:
+    """Every output flagged degenerate (copied from its prompt or looping), with its shares and text."""
+    w, params = where(f, SPEEDUP_COLS, ["s.degenerate"])
+    return fetch(db, f"""
+        SELECT s.host, s.target, s.draft, s.strategy, s.draft_length, s.gpus, s.temperature,
+               s.prompt_id, s.category, s."repeat", s.copy_share, s.repeat_share, s.acceptance_rate,
+               s.mean_accepted_tokens, s.speedup, m.text, s.run_id
+        FROM speedup s
+        JOIN measurements m ON m.run_id = s.run_id AND m.prompt_id = s.prompt_id AND m."repeat" = s."repeat"
+        {w}
+        ORDER BY s.category, s.prompt_id, s.target, s.draft, s.strategy, s.draft_length, s."repeat" """, params)
 
 
 def acceptance_per_position(db: str, f: Filters) -> pd.DataFrame:
