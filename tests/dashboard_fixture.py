@@ -12,6 +12,8 @@ import json
 import uuid
 from pathlib import Path
 
+from specdec.metrics import DegenerateRule, degeneracy
+
 PROMPTS = [("sum-01", "summarisation"), ("sum-02", "summarisation"), ("code-01", "code"), ("code-02", "code")]
 # per-prompt multipliers on tokens/s; over 2 repeats: .7 .7 .95 .95 1.05 1.05 1.5 1.5 -> median 1.0, but mean 1.05,
 # so a page that averaged instead of taking the median would show different figures
@@ -23,6 +25,9 @@ C_RATIO = 0.1
 
 TARGET, DRAFT = "smollm2-135m", "smollm2-draft"
 BEST = {"speedup": 2.0, "target": TARGET, "draft": DRAFT, "strategy": "speculative", "k": 4, "acceptance": 0.7}
+# this prompt's outputs copy the prompt and loop (specdec.metrics.degeneracy flags them): without it a cell's
+# median speedup is `speed` x 0.95 (factors .7 .95 1.05) and its median acceptance that of category code
+DEGENERATE_PROMPT = "sum-02"
 MISMATCH = {"prompt_id": "code-02", "repeat": 1, "strategy": "speculative", "k": 8}
 
 
@@ -37,6 +42,10 @@ def leviathan(alpha: float, k: int, c: float) -> float:
 def _tokens(prompt_id: str, temperature: float, n: int = 16) -> list[int]:
     seed = int(hashlib.md5(f"{prompt_id}:{temperature}".encode()).hexdigest(), 16)
     return [(seed >> (i * 4)) % 97 + 3 for i in range(n)]
+
+
+def _prompt_tokens(prompt_id: str) -> list[int]:
+    return _tokens(prompt_id + ":prompt", 0.0, 40)
 
 
 def make_result(*, host: str, target: str, draft: str | None, strategy: str, k: int | None, gpus: int = 1,
@@ -62,6 +71,8 @@ def make_result(*, host: str, target: str, draft: str | None, strategy: str, k: 
             else:
                 tps = baseline_tps * speed * PROMPT_FACTOR.get(prompt_id, 1.0)
             ids = _tokens(prompt_id, temperature)
+            if prompt_id == DEGENERATE_PROMPT:  # the prompt's first 8 tokens, twice
+                ids = _prompt_tokens(prompt_id)[:8] * 2
             if mismatch == (prompt_id, r):
                 ids = ids[:8] + [999] * 8
             new = len(ids)
@@ -73,7 +84,8 @@ def make_result(*, host: str, target: str, draft: str | None, strategy: str, k: 
                      proposed_per_position=None, accepted_per_position=None, cost_ratio_c=None,
                      leviathan_speedup=None, peak_memory_bytes=(500 + 100 * (draft is not None)) * 2**20,
                      memory_kind="process_rss_peak", token_ids=ids, token_hash=token_hash(ids),
-                     text=f"output of {prompt_id}" + (" (diverged)" if mismatch == (prompt_id, r) else ""))
+                     text=f"output of {prompt_id}" + (" (diverged)" if mismatch == (prompt_id, r) else ""),
+                     **degeneracy(ids, [_prompt_tokens(prompt_id)]))
             if spec and alpha is not None:
                 a = alpha + CATEGORY_ALPHA_SHIFT.get(category, 0.0)
                 steps = 10
@@ -90,7 +102,8 @@ def make_result(*, host: str, target: str, draft: str | None, strategy: str, k: 
               "target": target, "draft": draft, "strategy": strategy, "k": k, "gpus": gpus,
               "temperature": temperature, "top_p": 1.0, "top_k": 0, "draft_sampling": "greedy", "use_cache": True,
               "max_new_tokens": 16, "repeats": repeats, "warmup": 1, "prompts_file": "prompts/suite.jsonl",
-              "target_source": "synthetic", "draft_source": "synthetic" if draft else None, "dtype": "float32"}
+              "target_source": "synthetic", "draft_source": "synthetic" if draft else None, "dtype": "float32",
+              "degenerate": DegenerateRule().to_dict()}
     run = {"run_id": run_id, "workflow_run_id": "wf-test", "started_utc": started, "finished_utc": started,
            "status": "failed" if failed else "ok", "error": failed, "git_commit": commit, "git_dirty": False,
            "host": host, "cpu_name": "Synthetic CPU", "cpu_count": 2,

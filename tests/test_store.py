@@ -252,7 +252,8 @@ def test_speedup_view(store):
                         "top_p", "top_k", "max_new_tokens", "prompt_id", "category", "repeat", "new_tokens",
                         "tokens_per_s", "baseline_tokens_per_s", "speedup", "acceptance_rate",
                         "mean_accepted_tokens", "matches_baseline", "ttft_s", "tpot_s", "peak_memory_bytes",
-                        "cost_ratio_c", "leviathan_speedup", "started_utc", "cost_per_mtok"]
+                        "cost_ratio_c", "leviathan_speedup", "started_utc", "cost_per_mtok",
+                        "copy_share", "repeat_share", "degenerate"]
     assert list(df.columns) == expected_columns
 
 
