@@ -43,7 +43,7 @@ PAGE_HEADERS = {"overview": "Overview", "speedup": "Speedup vs draft length", "a
                 "scaling": "Scaling with GPU count", "losslessness": "Losslessness", "runs": "Runs",
                 "sql": "SQL console"}
 # Charts each page draws on the fixture store (the SQL console and runs pages draw none).
-PAGE_CHARTS = {"overview": 0, "speedup": 1, "acceptance": 3, "predicted": 1, "latency": 1, "scaling": 2,
+PAGE_CHARTS = {"overview": 0, "speedup": 1, "acceptance": 4, "predicted": 1, "latency": 1, "scaling": 2,
                "losslessness": 1, "runs": 0, "sql": 0}
 
 # Polled in the page: the app's run state, the charts and whether each has drawn, and any exception boxes.
