@@ -155,13 +155,14 @@ def print_tables(summary: dict, memory: dict, profiles: dict, header: str, out=N
     cells = summary["cells"]
     print(header, file=out)
     cols = ["runner", "engine", "tok/s", "x peer", "speedup", "alpha", "tok/step", "c", "Leviathan", "meas/pred",
-            "verify/step", "meas/pred*v", "same tokens"]
+            "verify/step", "meas/pred*v", "same tokens", "degenerate"]
     rows = []
     for name, r in cells.items():
         rows.append([name, r["engine"], fmt(r["tokens_per_s"], ".1f"), fmt(r["over_peer"]), fmt(r["speedup"]),
                      fmt(r["acceptance_rate"]), fmt(r["mean_accepted_tokens"]), fmt(r["cost_ratio_c"], ".3f"),
                      fmt(r["leviathan_prediction"]), fmt(r["measured_over_predicted"]), fmt(r["verify_over_step"]),
-                     fmt(r["measured_over_predicted_with_verify_cost"]), fmt(r["identical_to_baseline"], ".0%")])
+                     fmt(r["measured_over_predicted_with_verify_cost"]), fmt(r["identical_to_baseline"], ".0%"),
+                     fmt(r["degenerate_share"], ".0%")])
     print_table(cols, rows, out)
     breakdown = [(n, r["step_breakdown"]) for n, r in cells.items() if r["step_breakdown"]]
     if breakdown:
@@ -275,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         "acceptance_by_position": {n: r["acceptance_by_position"] for n, r in cells_out.items()
                                    if r["acceptance_by_position"] is not None},
         "identical_to_baseline": {n: r["identical_to_baseline"] for n, r in cells_out.items()},
+        "degenerate_share": {n: r["degenerate_share"] for n, r in cells_out.items()},  # metrics.DegenerateRule
         "step_breakdown_ms": {n: r["step_breakdown"] for n, r in cells_out.items() if r["step_breakdown"]},
         "memory": memory,
         "goals": goals(summary, memory),

@@ -197,10 +197,13 @@ def load_models(target_alias: str, cells: list[Cell], registry, device: str, sto
 # --- running --------------------------------------------------------------------------------------------------
 
 def run_once(loaded: Loaded, cell: Cell, prompt_ids: list[int], s):
-    """One generation → (record, trace), timed by the strategy's own loop."""
+    """One generation → (record, trace), timed by the strategy's own loop. Copy and repeat shares are taken
+    against the whole encoded prompt (chat template included), as the default degenerate rule judges them."""
     pair = loaded.pairs[(cell.engine, cell.draft)]
     trace = decode(pair, cell.strategy, prompt_ids, s)
-    return record_of(trace, cell.strategy, s, len(prompt_ids), None), trace
+    record = record_of(trace, cell.strategy, s, len(prompt_ids), None)
+    record.update(metrics.degeneracy(record["token_ids"], [prompt_ids]))
+    return record, trace
 
 
 def run_interleaved(loaded: Loaded, cells: list[Cell], encoded: list[list[int]], s, repeats: int, warmup: int,
@@ -233,7 +236,8 @@ def summarise_cell(cell: Cell, runs: list[dict]) -> dict:
     # tokens/s = Σ over prompts of the median tokens ÷ Σ of the median wall times (medians over repeats)
     tokens = sum(median([r["new_tokens"] for r in recs]) for recs in by_prompt.values())
     wall = sum(median([r["wall_s"] for r in recs]) for recs in by_prompt.values())
-    pooled = metrics.pool([run["record"] for run in runs])
+    records = [run["record"] for run in runs]
+    pooled = metrics.pool(records)
     return {
         "cell": cell.name, "strategy": cell.strategy, "draft": cell.draft, "engine": cell.engine,
         "runs": len(runs), "new_tokens": tokens, "wall_s": wall,
@@ -244,6 +248,7 @@ def summarise_cell(cell: Cell, runs: list[dict]) -> dict:
         "mean_accepted_tokens": pooled["mean_accepted_tokens"],
         "cost_ratio_c": pooled["cost_ratio_c"],
         "leviathan_prediction": pooled["leviathan_speedup"],
+        "degenerate_share": sum(r["degenerate"] for r in records) / len(records),
     }
 
 

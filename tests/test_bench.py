@@ -14,7 +14,7 @@ import yaml
 import specdec.models
 from specdec import bench, decoding, kernels, measure
 from specdec.decoding import DecodeSettings, Trace, baseline_decode
-from specdec.metrics import expected_tokens, leviathan_speedup, make_record
+from specdec.metrics import degeneracy, expected_tokens, leviathan_speedup, make_record
 from specdec.runner import SettingsError, check_settings, decode_models
 from tiny import EOS, noisy_copy, prompts, save_tiny_pair, tiny_target
 
@@ -136,6 +136,7 @@ def fake_run(prompt, repeat, tokens, wall, k=None, proposed=None, accepted=None,
                   proposed_per_position=proposed or [], accepted_per_position=accepted or [],
                   draft_units=sum(proposed or []))
     record = make_record(trace, k, 5, speculative=k is not None)
+    record.update(degeneracy(record["token_ids"], [[1, 2, 3, 4, 5]]))
     if totals_only:  # as runner.record_of reports transformers' runners
         record["proposed_per_position"] = record["accepted_per_position"] = None
     return {"prompt": prompt, "repeat": repeat, "record": record, "trace": trace}
@@ -161,6 +162,7 @@ def test_summary_uses_medians_over_repeats_and_the_leviathan_model_of_the_steps_
     assert rows["baseline"]["tokens_per_s"] == pytest.approx(20 / 6)
     assert rows["speculative@d"]["tokens_per_s"] == pytest.approx(20 / 3)
     assert rows["speculative@d"]["speedup"] == pytest.approx(2.0)
+    assert rows["speculative@d"]["degenerate_share"] == 0  # 10 distinct tokens: neither copied nor looping
     assert summary["ratios"] == {"baseline/hf-generate": pytest.approx((20 / 6) / (20 / 8)),
                                  "speculative@d/hf-assisted@d": pytest.approx((20 / 3) / (20 / 10))}
     spec = rows["speculative@d"]
