@@ -31,7 +31,7 @@ from specdec.measure import (BenchError, Cell, load_models, measure_memory, pars
 from specdec.models import ModelError, encode_prompt, load_registry, resolve
 from specdec.prompts import PromptFileError, load_prompts, select
 from specdec.runner import SettingsError, check_settings
-from specdec.strategies import NAMES, STRATEGIES
+from specdec.strategies import NAMES, STRATEGIES, add_proposer_args
 
 DEFAULT_RUNNERS = ("baseline", "speculative", "ngram", "hf-generate", "hf-assisted", "hf-ngram")
 GOALS = {"speculative_over_hf_assisted": 1.25, "ngram_over_hf_ngram": 1.10, "baseline_over_hf_generate": 1.0,
@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-sampling", default="greedy", choices=["greedy", "sample"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ngram-max", type=int, default=3)
+    add_proposer_args(p)
     p.add_argument("--ignore-eos", action="store_true", help="always generate max-new-tokens tokens")
     p.add_argument("--repeats", type=int, default=3, help="measured passes over all prompts (default: 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed short generations per runner (default: 1)")

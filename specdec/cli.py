@@ -8,7 +8,7 @@ import os
 import sys
 
 from specdec import __version__, fail
-from specdec.strategies import describe
+from specdec.strategies import add_proposer_args, describe
 
 # specdec.metrics.DegenerateRule's defaults, written out so `specdec --help` does not import torch
 DEGENERATE_DEFAULTS = {"ngram": 4, "repeat_share": 0.5, "copy_share": 0.8}
@@ -45,6 +45,7 @@ def add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cache", action="store_true", help="baseline without a KV cache (re-encode every step)")
     p.add_argument("--ignore-eos", action="store_true", help="always generate max-new-tokens tokens")
     p.add_argument("--ngram-max", type=int, default=3, help="ngram: longest suffix n-gram looked up (default: 3)")
+    add_proposer_args(p)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda:N (default: auto)")
     p.add_argument("--warmup", type=int, default=1, help="untimed short generations before the measured one")
 

@@ -31,6 +31,7 @@ FORMAT = "specdec-result/1"
 JOB_DEFAULTS = dict(draft=None, k=None, tree_budget=None, gpus=0, temperature=0.0, top_p=1.0, top_k=0,
                     draft_sampling="greedy", use_cache=True, max_new_tokens=128, repeats=1, warmup=1, seed=0,
                     stop_at_eos=True, ngram_max=3, prompt_ids=None, categories=None, per_category=None, models=None,
+                    recycle_topk=8, rest_corpus=None,  # train-free proposers' parameters
                     config_hash=None, workflow_run_id=None, cell=None, gpu_mode="pipeline",
                     drafters_dir=None, drafter_settings=None,  # trained drafters: cache root, training settings
                     degenerate=None)  # metrics.DegenerateRule fields (None: its defaults)
@@ -129,7 +130,8 @@ def run_cell(job: dict, progress=None) -> dict:
            "status": "ok", "error": None, **provenance(job)}
     params = {key: job[key] for key in ("cell", "target", "draft", "strategy", "k", "tree_budget", "gpus",
                                         "temperature", "top_p", "top_k", "draft_sampling", "use_cache", "max_new_tokens", "repeats",
-                                        "warmup", "prompts_file", "stop_at_eos", "ngram_max", "gpu_mode")}
+                                        "warmup", "prompts_file", "stop_at_eos", "ngram_max", "recycle_topk", "rest_corpus",
+                                        "gpu_mode")}
     rule = DegenerateRule.from_dict(job["degenerate"])
     params["degenerate"] = rule.to_dict()  # the rule behind every measurement's `degenerate` flag
     run["params"] = params

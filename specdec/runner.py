@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from specdec import metrics
+from specdec.datastore import DEFAULT_NEW_TOKENS, corpus_documents, load_datastore
 from specdec.decoding import DecodeSettings, baseline_decode
 from specdec.drafters import DrafterError, find_drafter, load_drafter, parse_for_target
 from specdec.hf_reference import hf_decode
@@ -52,6 +53,13 @@ def check_settings(strategy: str, draft: str | None, s: DecodeSettings, registry
         raise SettingsError(f"use_cache=false is only measured for the baseline strategy, not '{strategy}'")
     if not 1 <= s.ngram_min <= s.ngram_max:
         raise SettingsError(f"need 1 <= ngram_min <= ngram_max, got {s.ngram_min} and {s.ngram_max}")
+    if not isinstance(s.recycle_topk, int) or s.recycle_topk < 1:
+        raise SettingsError(f"recycle_topk must be an integer >= 1, got {s.recycle_topk!r}")
+    if s.rest_corpus is not None and strategy == "rest":
+        try:
+            corpus_documents(s.rest_corpus)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
     try:
         linear_kernels()  # a bad $SPECDEC_CPU_LINEAR fails here, before any model loads
         trained = parse_for_target(draft, target)
@@ -102,9 +110,23 @@ def load_pair(target_alias: str, draft_alias: str | None, registry: dict, device
 
 def decode(pair: Pair, strategy: str, prompt_ids: list[int], s: DecodeSettings):
     """One generation of `prompt_ids` with a loaded pair → Trace."""
+    memory = pair.memory.setdefault(strategy, {})
+    if STRATEGIES[strategy].proposer == "rest" and memory.get("corpus", False) != s.rest_corpus:
+        memory.update(datastore=rest_datastore(pair, s), corpus=s.rest_corpus)
     return decode_models(strategy, pair.target.model, prompt_ids, s, pair.target.eos_token_ids,
                          pair.draft.model if pair.draft else None, pair.drafter, pair.vocab,
-                         getattr(pair.target.tokenizer, "pad_token_id", None), pair.memory.setdefault(strategy, {}))
+                         getattr(pair.target.tokenizer, "pad_token_id", None), memory)
+
+
+def rest_datastore(pair: Pair, s: DecodeSettings):
+    """REST's datastore for this target (datastore.py): the corpus file, or the target's own greedy answers."""
+    greedy = DecodeSettings(max_new_tokens=DEFAULT_NEW_TOKENS, k=8)
+
+    def answer(prompt: str) -> list[int]:  # prompt lookup: the same greedy tokens as the baseline, sooner
+        return decode(pair, "ngram", encode_prompt(pair.target, prompt), greedy).tokens
+
+    return load_datastore(pair.target.spec.alias, s.rest_corpus,
+                          lambda text: pair.target.tokenizer.encode(text, add_special_tokens=False), answer)
 
 
 def decode_models(strategy: str, target, prompt_ids: list[int], s: DecodeSettings, eos_ids, draft_model=None,

@@ -61,6 +61,12 @@ _ALL = (
              "#edc948", draft="model-or-drafter", proposer="draft", length="heuristic", tensor_parallel=True),
     Strategy("speculative-confidence", "drafting stops after a token the draft gives probability < 0.4",
              "#ff9da7", draft="model-or-drafter", proposer="draft", length="confidence", tensor_parallel=True),
+    Strategy("recycling", "Token Recycling: each token's top-k next tokens from the target's past logits grow a "
+             "static draft tree (depth <= k, tree_budget nodes)", "#9c755f", proposer="recycling", width=8),
+    Strategy("suffix", "suffix matching (SuffixDecoding/SAMD): what followed the longest context match in the prompt,"
+             " the output and other prompts' outputs, as a frequency tree", "#86bcb6", proposer="suffix", width=4),
+    Strategy("rest", "REST: continuations of the longest context match retrieved from a datastore (suffix array), "
+             "as a frequency tree", "#d37295", proposer="rest", width=4),
     Strategy("hf-generate", "transformers' generate(), plain greedy or sampled", "#bab0ac", engine="transformers",
              tensor_parallel=True, peer="baseline"),
     Strategy("hf-assisted", "transformers' assisted generation with the draft model, fixed k", "#f28e2b",
@@ -85,3 +91,12 @@ def plain_baseline(engine: str) -> str:
 def describe() -> str:
     """The strategies and what each does, for --help texts."""
     return "; ".join(f"{s.name}: {s.help}" for s in _ALL)
+
+
+def add_proposer_args(p) -> None:
+    """The train-free proposers' parameters, for every command line that decodes (generate, bench)."""
+    p.add_argument("--recycle-topk", type=int, default=8,
+                   help="recycling: candidates kept per token in the adjacency matrix (default: 8)")
+    p.add_argument("--rest-corpus", default=None, metavar="FILE",
+                   help="rest: corpus for the datastore, .jsonl (\"text\" per row) or text (default: the target's "
+                        "own answers to prompts/training.jsonl, built once and cached in results/datastores)")

@@ -114,7 +114,8 @@ def expand_cells(config: dict) -> dict[str, dict]:
     shared = dict(top_p=gen.get("top_p", 1.0), top_k=gen.get("top_k", 0),
                   draft_sampling=gen.get("draft_sampling", "greedy"), max_new_tokens=gen["max_new_tokens"],
                   repeats=gen.get("repeats", 1), warmup=gen.get("warmup", 1), seed=gen.get("seed", 0),
-                  ngram_max=gen.get("ngram_max", 3), prompts_file=config["prompts"],
+                  ngram_max=gen.get("ngram_max", 3), recycle_topk=gen.get("recycle_topk", 8),
+                  rest_corpus=gen.get("rest_corpus"), prompts_file=config["prompts"],
                   prompt_ids=config.get("prompt_ids"), categories=config.get("categories"),
                   per_category=config.get("per_category"), gpu_mode=config.get("gpu_mode", "pipeline"))
     extra_models = config.get("models") or {}
