@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from specdec.datastore import DEFAULT_PROMPTS, load_datastore
 from specdec.decoding import DecodeSettings, Trace, baseline_decode
 from specdec.proposers import RecyclingProposer, Shape, SuffixProposer
 from specdec.runner import decode_models
@@ -180,3 +181,30 @@ def test_train_free_trees_stop_exactly_at_eos_and_max_tokens(target, datastore_m
         for n in (1, 2, 5):
             s = DecodeSettings(max_new_tokens=n, k=6, tree_budget=10, stop_at_eos=False)
             assert decode_models(strategy, target, p, s, set(), memory=memory).tokens == free[:n]
+
+
+def test_default_datastore_is_built_once_and_cached(tmp_path):
+    asked = []
+
+    def answer(prompt):
+        asked.append(prompt)
+        return [len(asked), 1000, 1001]
+
+    first = load_datastore("tiny", None, None, answer, root=tmp_path, log=lambda *a: None)
+    assert len(asked) == DEFAULT_PROMPTS and len(list(tmp_path.glob("tiny-*.npy"))) == 1
+    again = load_datastore("tiny", None, None, answer, root=tmp_path, log=lambda *a: None)
+    assert len(asked) == DEFAULT_PROMPTS  # read from disk, not generated again
+    assert again.tokens.tolist() == first.tokens.tolist()
+    assert again.retrieve([1000], 2, 4)[1] == [[1001]] * DEFAULT_PROMPTS
+
+
+def test_corpus_file_is_tokenised_and_bad_files_are_named(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "abc"}\n{"text": "abd"}\n')
+    store = load_datastore("tiny", str(corpus), lambda text: [ord(c) for c in text], None)
+    assert sorted(store.retrieve([ord("b")], 1, 4)[1]) == [[ord("c")], [ord("d")]]
+    corpus.write_text('{"words": "abc"}\n')
+    with pytest.raises(ValueError, match=r"corpus.jsonl:1: each line must be a JSON object with a \"text\""):
+        load_datastore("tiny", str(corpus), list, None)
+    with pytest.raises(ValueError, match="rest corpus '.*missing.txt' does not exist"):
+        load_datastore("tiny", str(tmp_path / "missing.txt"), list, None)

@@ -118,12 +118,26 @@ def test_cell_parameters_do_not_depend_on_unrelated_config(tiny_models):
         assert big[name] == cell
 
 
+def test_train_free_cells_carry_their_own_parameters_only(tiny_models):
+    config = base_config(tiny_models, strategies=["baseline", "ngram", "recycling", "suffix", "rest"],
+                         tree_budgets=[15])
+    config["generation"].update(recycle_topk=4)
+    cells = matrix.expand_cells(config)
+    by_strategy = {c["strategy"]: c for c in cells.values()}
+    assert by_strategy["recycling"]["recycle_topk"] == 4 and by_strategy["recycling"]["tree_budget"] == 15
+    assert by_strategy["rest"]["rest_corpus"] is None
+    assert all("recycle_topk" not in c for c in cells.values() if c["strategy"] != "recycling")
+    assert all(c["draft"] is None for c in cells.values())  # model-free: the pair's draft is not loaded
+
+
 @pytest.mark.parametrize("change, field", [
     (lambda c: c.update(strategies=["baseline", "medusa-magic"]), "strategies: unknown strategy 'medusa-magic'"),
     (lambda c: c["pairs"].append({"target": "no-such-model"}), "pairs[1].target:"),
     (lambda c: c.update(prompts="missing.jsonl"), "prompts: prompt file 'missing.jsonl' does not exist"),
     (lambda c: c.update(pairs=[{"target": "tiny-target"}]), "strategies: speculative need a draft model"),
     (lambda c: c.update(categories=["poetry"]), "prompts: the selection"),
+    (lambda c: c.update(strategies=["rest"]) or c["generation"].update(rest_corpus="none.txt"),
+     "generation.rest_corpus: file 'none.txt' does not exist"),
 ])
 def test_semantic_config_errors_name_the_field(workdir, tiny_models, monkeypatch, change, field):
     monkeypatch.chdir(workdir)

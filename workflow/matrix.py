@@ -84,6 +84,10 @@ def check_config(config: dict) -> list[dict]:
     if wanted and not any(p.get("draft") for p in config["pairs"]):
         raise ConfigError(f"strategies: {', '.join(wanted)} need a draft model, but no pair has a `draft:`; "
                           "add one to a pair or drop those strategies")
+    corpus = config["generation"].get("rest_corpus")
+    if corpus and "rest" in config["strategies"] and not os.path.isfile(corpus):
+        raise ConfigError(f"generation.rest_corpus: file '{corpus}' does not exist; give a .jsonl or text corpus, or "
+                          "remove the key to use the target's own answers")
     try:
         prompts = select(load_prompts(config["prompts"]), config.get("prompt_ids"), config.get("categories"),
                          config.get("per_category"))
@@ -114,8 +118,7 @@ def expand_cells(config: dict) -> dict[str, dict]:
     shared = dict(top_p=gen.get("top_p", 1.0), top_k=gen.get("top_k", 0),
                   draft_sampling=gen.get("draft_sampling", "greedy"), max_new_tokens=gen["max_new_tokens"],
                   repeats=gen.get("repeats", 1), warmup=gen.get("warmup", 1), seed=gen.get("seed", 0),
-                  ngram_max=gen.get("ngram_max", 3), recycle_topk=gen.get("recycle_topk", 8),
-                  rest_corpus=gen.get("rest_corpus"), prompts_file=config["prompts"],
+                  ngram_max=gen.get("ngram_max", 3), prompts_file=config["prompts"],
                   prompt_ids=config.get("prompt_ids"), categories=config.get("categories"),
                   per_category=config.get("per_category"), gpu_mode=config.get("gpu_mode", "pipeline"))
     extra_models = config.get("models") or {}
@@ -139,6 +142,11 @@ def expand_cells(config: dict) -> dict[str, dict]:
                             temperature=temperature)
                 if budget is not None:  # only tree cells carry it, so other cells' hashes stay as they were
                     cell["tree_budget"] = budget
+                # a train-free proposer's own parameter: only its cells carry it (others' hashes stay as they were)
+                if strategy == "recycling":
+                    cell["recycle_topk"] = gen.get("recycle_topk", 8)
+                if strategy == "rest":
+                    cell["rest_corpus"] = gen.get("rest_corpus")
                 # Only the aliases this cell uses, so editing another model's entry reruns nothing here.
                 used = {a: extra_models[a] for a in (target, cell_draft) if a in extra_models}
                 cell["models"] = used or None
