@@ -26,8 +26,8 @@ from specdec import fail
 from specdec.decoding import DecodeSettings
 from specdec.drafters import DrafterError, find_drafter, parse_alias
 from specdec.kernels import linear_kernels
-from specdec.measure import (BenchError, Cell, load_models, measure_memory, parse_draft, probe_memory,
-                             profile_cell, run_interleaved, summarise)
+from specdec.measure import (BenchError, Cell, by_category, load_models, measure_memory, parse_draft,
+                             probe_memory, profile_cell, run_interleaved, summarise)
 from specdec.models import ModelError, encode_prompt, load_registry, resolve
 from specdec.prompts import PromptFileError, load_prompts, select
 from specdec.runner import SettingsError, check_settings
@@ -201,6 +201,17 @@ def print_table(cols: list[str], rows: list[list[str]], out) -> None:
         print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)), file=out)
 
 
+def print_categories(categories: dict, out=None) -> None:
+    """Spec-Bench's table: speedup over the engine's baseline per prompt category, and mean accepted tokens."""
+    names = list(next(iter(categories.values()), {}))
+    if len(names) < 2:
+        return
+    print("\nspeedup per category (mean accepted tokens):", file=out)
+    rows = [[cell] + [f"{fmt(c['speedup'])} ({fmt(c['mean_accepted_tokens'])})" for c in per.values()]
+            for cell, per in categories.items()]
+    print_table(["runner"] + names, rows, out)
+
+
 def goals(summary: dict, memory: dict) -> dict:
     """Each goal of issue 7 checked against this run's numbers (None where the run lacks the runners)."""
     cells = summary["cells"]
@@ -249,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         encoded = [encode_prompt(any_pair.target, p["prompt"]) for p in prompts]
         runs = run_interleaved(loaded, cells, encoded, s, args.repeats, args.warmup)
         summary = summarise(cells, runs, s)
+        categories = by_category(cells, runs, [p["category"] for p in prompts])
         profiles = ({c.name: profile_cell(loaded, c, encoded[0], s) for c in cells if c.engine == "specdec"}
                     if args.profile else {})
         del loaded, runs
@@ -264,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
               + (", STOCK kernels for ours (ablation)" if args.stock_kernels
                  else f", our CPU linear kernels: {kernels}" if kernels else ""))
     print_tables(summary, memory, profiles, header)
+    print_categories(categories)
     cells_out = summary["cells"]
     result = {
         "target": args.target, "drafts": args.draft or [args.target], "k": s.k, "temperature": s.temperature,
@@ -279,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         "identical_to_baseline": {n: r["identical_to_baseline"] for n, r in cells_out.items()},
         "degenerate_share": {n: r["degenerate_share"] for n, r in cells_out.items()},  # metrics.DegenerateRule
         "step_breakdown_ms": {n: r["step_breakdown"] for n, r in cells_out.items() if r["step_breakdown"]},
+        "by_category": categories,
         "memory": memory,
         "goals": goals(summary, memory),
         "seconds": round(time.perf_counter() - started, 1),

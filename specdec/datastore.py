@@ -21,8 +21,8 @@ from specdec.prompts import load_prompts
 from specdec.trainfree import Datastore, concatenate
 
 ROOT_ENV = "SPECDEC_DATASTORES_DIR"
-DEFAULT_PROMPTS = 64        # training prompts answered by the target for the default corpus
-DEFAULT_NEW_TOKENS = 256    # tokens per answer (cut at end of sequence)
+DEFAULT_PROMPTS = 32        # training prompts answered by the target for the default corpus
+DEFAULT_NEW_TOKENS = 128    # tokens per answer (cut at end of sequence)
 FORMAT = 1                  # bump when the cached corpus's meaning changes
 
 

@@ -292,6 +292,25 @@ def identical_fraction(runs: list[dict], reference: list[dict]) -> float | None:
     return sum(a == b for a, b in pairs) / len(pairs) if pairs else None
 
 
+def by_category(cells: list[Cell], runs: dict, categories: list[str]) -> dict:
+    """Per cell and prompt category (Spec-Bench's columns): tokens/s, speedup over the engine's baseline and mean
+    accepted tokens, on that category's prompts only. categories[i] is prompt i's."""
+    out = {}
+    for cell in cells:
+        rows = {}
+        for category in dict.fromkeys(categories):
+            def subset(name):
+                return [r for r in runs.get(name, []) if categories[r["prompt"]] == category]
+            row = summarise_cell(cell, subset(cell.name))
+            base = summarise_cell(engine_baseline(cell), subset(engine_baseline(cell).name)) \
+                if engine_baseline(cell).name in runs else None
+            rows[category] = {"tokens_per_s": row["tokens_per_s"], "mean_accepted_tokens": row["mean_accepted_tokens"],
+                              "speedup": row["tokens_per_s"] / base["tokens_per_s"]
+                              if base and base["tokens_per_s"] and row["tokens_per_s"] else None}
+        out[cell.name] = rows
+    return out
+
+
 def summarise(cells: list[Cell], runs: dict, s) -> dict:
     summary = {c.name: summarise_cell(c, runs[c.name]) for c in cells}
     ratios, leviathan = {}, {}

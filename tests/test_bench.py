@@ -182,6 +182,12 @@ def test_summary_uses_medians_over_repeats_and_the_leviathan_model_of_the_steps_
     v = (1.0 / 5) / base_step
     assert spec["verify_over_step"] == pytest.approx(v)
     assert spec["measured_over_predicted_with_verify_cost"] == pytest.approx(2.0 * v / expected)
+    per = measure.by_category(cells, runs, ["chat", "rag"])  # prompt 0 is chat, prompt 1 rag
+    assert per["baseline"]["chat"]["tokens_per_s"] == pytest.approx(10 / 2)
+    assert per["speculative@d"]["chat"]["speedup"] == pytest.approx((10 / 1) / (10 / 2))
+    assert per["speculative@d"]["rag"]["speedup"] == pytest.approx((10 / 2) / (10 / 4))
+    assert per["speculative@d"]["rag"]["mean_accepted_tokens"] == pytest.approx(spec["mean_accepted_tokens"])
+    assert per["hf-assisted@d"]["rag"]["speedup"] == pytest.approx((10 / 5) / (10 / 4))  # over hf-generate
     hf = rows["hf-assisted@d"]  # totals only: the mean draft length per pass (8 / 5) stands in for k
     n, c_hf = 8 / 5, (0.5 / 8) / (1.0 / 5)
     assert hf["leviathan_prediction"] == pytest.approx(expected_tokens(0.5, n) / (n * c_hf + 1))
