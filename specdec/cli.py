@@ -70,8 +70,7 @@ def cmd_generate(args) -> int:
             raise SettingsError("the prompt is empty")
         device = auto_device(args.device)
         pair = load_pair(args.target, args.draft, registry, device=device)
-        if args.warmup:
-            warm_up(pair, args.strategy, encode_prompt(pair.target, prompt), s, args.warmup)
+        warm_up(pair, args.strategy, encode_prompt(pair.target, prompt), s, args.warmup)
         record = generate(pair, args.strategy, prompt, s, rule=rule)
     except (ModelError, SettingsError, ValueError, OSError) as exc:
         return fail(str(exc))

@@ -172,8 +172,7 @@ def run_cell(job: dict, progress=None) -> dict:
             used = claim.devices
         # weights as loaded, before decoding's first call repacks CPU layers into non-parameter buffers
         weights = devices.loaded_bytes([pair.target.model] + ([pair.draft.model] if pair.draft else []), used)
-        if job["warmup"]:
-            warm_up(pair, job["strategy"], encode_prompt(pair.target, prompts[0]["prompt"]), s, job["warmup"])
+        warm_up(pair, job["strategy"], encode_prompt(pair.target, prompts[0]["prompt"]), s, job["warmup"])
     except Exception as exc:  # the cell fails as a whole; record why on every row it would have produced
         if worker:
             raise

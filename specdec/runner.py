@@ -110,12 +110,19 @@ def load_pair(target_alias: str, draft_alias: str | None, registry: dict, device
 
 def decode(pair: Pair, strategy: str, prompt_ids: list[int], s: DecodeSettings):
     """One generation of `prompt_ids` with a loaded pair → Trace."""
-    memory = pair.memory.setdefault(strategy, {})
-    if STRATEGIES[strategy].proposer == "rest" and memory.get("corpus", False) != s.rest_corpus:
-        memory.update(datastore=rest_datastore(pair, s), corpus=s.rest_corpus)
+    memory = prepare(pair, strategy, s)
     return decode_models(strategy, pair.target.model, prompt_ids, s, pair.target.eos_token_ids,
                          pair.draft.model if pair.draft else None, pair.drafter, pair.vocab,
                          getattr(pair.target.tokenizer, "pad_token_id", None), memory)
+
+
+def prepare(pair: Pair, strategy: str, s: DecodeSettings) -> dict:
+    """The strategy's memory on this pair, with what must exist before its first generation (REST's datastore,
+    built or read once: warm_up calls this, so the cost never lands in a measured generation)."""
+    memory = pair.memory.setdefault(strategy, {})
+    if STRATEGIES[strategy].proposer == "rest" and memory.get("corpus", False) != s.rest_corpus:
+        memory.update(datastore=rest_datastore(pair, s), corpus=s.rest_corpus)
+    return memory
 
 
 def rest_datastore(pair: Pair, s: DecodeSettings):
@@ -213,6 +220,8 @@ def merge_turns(records: list[dict]) -> dict:
 
 
 def warm_up(pair: Pair, strategy: str, prompt_ids: list[int], s: DecodeSettings, runs: int = 1) -> None:
-    """Short untimed generations so one-time costs (allocator growth, kernel selection, lazy init) are paid."""
+    """Short untimed generations so one-time costs (allocator growth, kernel selection, lazy init) are paid; with
+    runs = 0 only the strategy's one-time preparation (prepare)."""
+    prepare(pair, strategy, s)
     for _ in range(runs):
         decode(pair, strategy, prompt_ids, replace(s, max_new_tokens=min(s.max_new_tokens, 8)))

@@ -126,3 +126,8 @@ def test_embedded_smollm2_end_to_end_through_the_cli():
     assert n["accepted_tokens"] > 0 and n["target_forward_passes"] < b["target_forward_passes"]
     # each verify pass yields its accepted drafts + 1 token (the prefill yields 1); an EOS may cut the last one
     assert n["target_forward_passes"] + n["accepted_tokens"] - n["new_tokens"] in (0, 1)
+    for strategy in ("recycling", "suffix"):  # train-free trees: the same tokens, fewer target passes
+        tree = run_cli(*common, "--strategy", strategy, "--k", "6", "--tree-budget", "10", env=env)
+        assert tree.returncode == 0, tree.stderr
+        t = json.loads(tree.stdout)
+        assert t["token_ids"] == b["token_ids"] and t["target_forward_passes"] < b["target_forward_passes"]

@@ -93,3 +93,17 @@ def test_the_shipped_prompt_suite_is_valid():
     assert len(per_category) >= 8 and min(per_category.values()) >= 8
     training = load_prompts(root / "training.jsonl")
     assert not {p["prompt"] for p in suite} & {p["prompt"] for p in training}
+
+
+@pytest.mark.parametrize("strategy", ["recycling", "suffix", "rest"])
+def test_train_free_cells_give_the_baseline_tokens(prompt_file, tiny_models, tmp_path, strategy):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("what is two plus two? la la la la la la again: la la la")
+    extra = {"rest_corpus": str(corpus)} if strategy == "rest" else {}
+    base = run_cell(job(prompt_file, tiny_models))["measurements"]
+    doc = run_cell(job(prompt_file, tiny_models, strategy=strategy, k=4, tree_budget=6, warmup=0, **extra))
+    assert doc["run"]["status"] == "ok", doc["run"]["error"]
+    assert doc["run"]["params"].get("rest_corpus") == extra.get("rest_corpus")
+    rows = doc["measurements"]
+    assert [r["token_ids"] for r in rows] == [r["token_ids"] for r in base]
+    assert all(r["status"] == "ok" and r["mean_accepted_tokens"] >= 1 for r in rows)
