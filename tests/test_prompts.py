@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from specdec.cli import main as cli_main
+from specdec.job import run_cell
 from specdec.prompts import MT_BENCH_CATEGORIES, MULTI_TURN, PromptFileError, load_prompts, select
 
 DATA = Path(__file__).parent / "data"
@@ -104,3 +106,21 @@ def test_generate_takes_a_question_file_with_its_turns(tiny_models, tmp_path, ca
     assert cli_main(base + ["--prompt-id", "999"]) == 2
     err = capsys.readouterr().err.strip()
     assert "999" in err and "not in the prompt file" in err and "\n" not in err
+
+
+def test_a_workflow_cell_runs_a_question_file(tiny_models):
+    """`prompts: question.jsonl` in the workflow: the config check selects by Spec-Bench's grouping, and a cell
+    stores one row per question under its string id and grouped category, two-turn questions decoding twice."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
+    import matrix
+    from test_workflow import base_config
+
+    config = base_config(tiny_models, prompts=str(SPEC_BENCH), categories=[MULTI_TURN])
+    assert [p["id"] for p in matrix.check_config(config)] == ["81", "82"]
+    doc = run_cell({"target": "tiny-target", "strategy": "baseline", "prompts_file": str(SPEC_BENCH),
+                    "models": tiny_models, "max_new_tokens": 3, "repeats": 1, "warmup": 0, "stop_at_eos": False})
+    rows = {m["prompt_id"]: m for m in doc["measurements"]}
+    assert list(rows) == ["81", "82", "161", "241", "321", "401", "481"]
+    assert all(m["status"] == "ok" for m in rows.values())
+    assert rows["81"]["category"] == MULTI_TURN and rows["161"]["category"] == "translation"
+    assert rows["81"]["new_tokens"] == 6 and rows["161"]["new_tokens"] == 3  # both turns of an MT-Bench question
