@@ -14,6 +14,7 @@ from specdec.cli import main as cli_main
 from specdec.job import run_cell
 from specdec.prompts import MT_BENCH_CATEGORIES, MULTI_TURN, PromptFileError, load_prompts, select
 
+REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"
 SPEC_BENCH = DATA / "spec_bench_question.jsonl"
 MT_BENCH = DATA / "mt_bench_question.jsonl"
@@ -108,10 +109,28 @@ def test_generate_takes_a_question_file_with_its_turns(tiny_models, tmp_path, ca
     assert "999" in err and "not in the prompt file" in err and "\n" not in err
 
 
+def test_the_spec_bench_config_is_valid_once_the_file_is_fetched(tmp_path, monkeypatch):
+    """config/spec-bench.yaml names the file where its comment downloads it; missing, that is a one-line error."""
+    from snakemake.utils import validate
+
+    sys.path.insert(0, str(REPO / "workflow"))
+    import matrix
+
+    config = yaml.safe_load((REPO / "config" / "spec-bench.yaml").read_text())
+    validate(config, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
+    assert config["prompts"] == "data/spec_bench/question.jsonl" and config["tag"] == "spec-bench"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(matrix.ConfigError, match="prompt file 'data/spec_bench/question.jsonl' does not exist"):
+        matrix.check_config(config)
+    monkeypatch.chdir(REPO)
+    prompts = matrix.check_config({**config, "prompts": str(SPEC_BENCH)})
+    assert [p["category"] for p in prompts].count(MULTI_TURN) == 2 and len(prompts) == 7
+
+
 def test_a_workflow_cell_runs_a_question_file(tiny_models):
     """`prompts: question.jsonl` in the workflow: the config check selects by Spec-Bench's grouping, and a cell
     stores one row per question under its string id and grouped category, two-turn questions decoding twice."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
+    sys.path.insert(0, str(REPO / "workflow"))
     import matrix
     from test_workflow import base_config
 
