@@ -258,7 +258,7 @@ def display_frame(board: pd.DataFrame) -> pd.DataFrame:
         row["overall"] = fmt_speedup(r.overall, r.get("overall low"), r.get("overall high"))
         if "noisy" in board:
             noisy = flag(r.noisy)
-            row["noise"] = "not measured" if noisy is None else f"noisy: {r.noise_reason}" if noisy else "quiet"
+            row["noise"] = "not measured" if noisy is None else "noisy" if noisy else "quiet"  # why: in notes()
         if "speedup_clean" in board:
             row["overall, non-degenerate"] = fmt_speedup(r.speedup_clean)
         row["identical to baseline"] = ("—" if pd.isna(r.share_identical) or r.method == "baseline"
@@ -392,6 +392,11 @@ def notes(features: dict, board: pd.DataFrame) -> list[str]:
     if features["noise"]:
         out.append("Noise: whether another load on the machine was measured while a row's runs decoded "
                    "(`run_noise`); a noisy row's speedup is not a clean comparison.")
+        for _, r in board[board.noisy.map(flag) == True].iterrows() if "noisy" in board else []:  # noqa: E712
+            k = "" if pd.isna(r.k) else f" k={int(r.k)}"
+            where = ", ".join(f"{c} {r[c]}" for c in ("host", "gpus", "temperature") if c in board)
+            out.append(f"Noisy: {method_label(r.method, r.draft)}{k}{' (' + where + ')' if where else ''}: "
+                       f"{r.noise_reason}.")
     if features["degenerate"]:
         out.append("Non-degenerate: the median speedup over outputs not flagged as copies or loops.")
     out.append("Identical to baseline: share of greedy outputs whose tokens equal the baseline's (losslessness; "
