@@ -296,7 +296,8 @@ def speedup_chart(cells: pd.DataFrame):
         return None
     d["series"] = series(d)
     lo, hi = ("ci_low", "ci_high") if "ci_low" in d and d.ci_low.notna().any() else ("speedup_p25", "speedup_p75")
-    base = alt.Chart(d).encode(x=alt.X("draft_length:Q", title="draft length k", axis=alt.Axis(tickMinStep=1)),
+    base = alt.Chart(d).encode(x=alt.X("draft_length:Q", title="draft length k", axis=alt.Axis(tickMinStep=1),
+                                       scale=alt.Scale(zero=False, padding=16)),  # error bars clear of the frame
                                color=alt.Color("series:N", title=None, legend=alt.Legend(orient="bottom",
                                                                                          columns=1, labelLimit=0)))
     rule = alt.Chart(pd.DataFrame({"y": [1.0]})).mark_rule(strokeDash=[6, 4], color="gray").encode(y="y:Q")
@@ -315,7 +316,8 @@ def acceptance_chart(pos: pd.DataFrame):
     d = pos.copy()
     d["series"] = series(d) + d.draft_length.map(lambda k: f" · k={int(k)}" if pd.notna(k) else "")
     return alt.Chart(d).mark_line(point=True).encode(
-        x=alt.X("position:Q", title="draft position (1 = first proposed token)", axis=alt.Axis(tickMinStep=1)),
+        x=alt.X("position:Q", title="draft position (1 = first proposed token)", axis=alt.Axis(tickMinStep=1),
+                scale=alt.Scale(zero=False, padding=16)),
         y=alt.Y("acceptance:Q", title="accepted ÷ proposed", scale=alt.Scale(domain=[0, 1])),
         color=alt.Color("series:N", title=None, legend=alt.Legend(orient="bottom", columns=1, labelLimit=0)),
     ).properties(width=640, height=280, title="Acceptance per draft position")

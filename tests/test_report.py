@@ -54,6 +54,9 @@ def test_overall_speedup_and_losslessness_are_cell_summary(store, built):
             assert by_key(board, column) == pytest.approx(by_key(cells, store_column), nan_ok=True)
         else:
             assert column not in board
+    for store_column, column in (("speedup_median_clean", "speedup_clean"), ("degenerate_share", "degenerate_share")):
+        if store_column in cells:  # non-degenerate figures (issue 19), when this store has them
+            assert by_key(board, column) == pytest.approx(by_key(cells, store_column), nan_ok=True)
     best = board.iloc[0]  # fastest first
     assert (best.method, best.draft, best.k, best.overall) == (BEST["strategy"], BEST["draft"], BEST["k"],
                                                                 pytest.approx(BEST["speedup"]))
