@@ -229,7 +229,7 @@ def page_leaderboard(db: str, f: Filters) -> None:
     st.caption("Spec-Bench's form: one row per method, draft and k; the median speedup per prompt category (Spec-Bench's "
                "MT-Bench questions are one category, `multi-turn`), mean accepted tokens, overall speedup. "
                "`specdec report` writes the same table as Markdown and HTML.")
-    table(report.display_frame(board))
+    table(report.display_frame(board), height=min(35 * (len(board) + 1) + 3, 1100))  # every row, up to ~30
     for note in report.notes(features, board):
         st.caption(note)
     csv_download(board, "leaderboard.csv", "dl_leaderboard")

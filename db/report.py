@@ -297,7 +297,7 @@ def speedup_chart(cells: pd.DataFrame):
     d["series"] = series(d)
     lo, hi = ("ci_low", "ci_high") if "ci_low" in d and d.ci_low.notna().any() else ("speedup_p25", "speedup_p75")
     base = alt.Chart(d).encode(x=alt.X("draft_length:Q", title="draft length k", axis=alt.Axis(tickMinStep=1),
-                                       scale=alt.Scale(zero=False, padding=16)),  # error bars clear of the frame
+                                       scale=alt.Scale(zero=False, nice=False, padding=16)),  # error bars clear of the frame
                                color=alt.Color("series:N", title=None, legend=alt.Legend(orient="bottom",
                                                                                          columns=1, labelLimit=0)))
     rule = alt.Chart(pd.DataFrame({"y": [1.0]})).mark_rule(strokeDash=[6, 4], color="gray").encode(y="y:Q")
@@ -317,7 +317,7 @@ def acceptance_chart(pos: pd.DataFrame):
     d["series"] = series(d) + d.draft_length.map(lambda k: f" · k={int(k)}" if pd.notna(k) else "")
     return alt.Chart(d).mark_line(point=True).encode(
         x=alt.X("position:Q", title="draft position (1 = first proposed token)", axis=alt.Axis(tickMinStep=1),
-                scale=alt.Scale(zero=False, padding=16)),
+                scale=alt.Scale(zero=False, nice=False, padding=16)),
         y=alt.Y("acceptance:Q", title="accepted ÷ proposed", scale=alt.Scale(domain=[0, 1])),
         color=alt.Color("series:N", title=None, legend=alt.Legend(orient="bottom", columns=1, labelLimit=0)),
     ).properties(width=640, height=280, title="Acceptance per draft position")
@@ -444,7 +444,7 @@ def render_markdown(r: Report) -> str:
     return "\n".join(parts)
 
 
-CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1300px;
+CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1600px;
 color:#222;padding:0 1em}table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{border:1px solid #ccc;
 padding:4px 8px;text-align:left;white-space:nowrap}th{background:#f3f3f3}.num{text-align:right}
 tr.noisy td{background:#fff4e0}figure{margin:1.5em 0}figcaption{color:#555;font-size:13px}.scroll{overflow-x:auto}

@@ -45,8 +45,7 @@ PAGE_HEADERS = {"overview": "Overview", "leaderboard": "Leaderboard", "speedup":
                 "sql": "SQL console"}
 # Charts each page draws on the fixture store (the SQL console and runs pages draw none).
 PAGE_CHARTS = {"overview": 0, "leaderboard": 0, "speedup": 1, "acceptance": 4, "predicted": 1, "latency": 1,
-               "scaling": 2,
-               "losslessness": 1, "runs": 0, "sql": 0}
+               "scaling": 2, "losslessness": 1, "runs": 0, "sql": 0}
 
 # Polled in the page: the app's run state, the charts and whether each has drawn, and any exception boxes.
 PAGE_STATE_JS = """(() => {
