@@ -216,6 +216,25 @@ def page_overview(db: str, f: Filters) -> None:
     s[2].metric("Failed measurements", status["failed_measurements"])
 
 
+# ---------------------------------------------------------------------------------------------- leaderboard
+
+def page_leaderboard(db: str, f: Filters) -> None:
+    from specdec.db import report
+
+    st.header("Leaderboard")
+    board, features = q.leaderboard(db, f)
+    if board.empty:
+        no_rows(f, "measurements")
+        return
+    st.caption("Spec-Bench's form: one row per method, draft and k; the median speedup per prompt category (Spec-Bench's "
+               "MT-Bench questions are one category, `multi-turn`), mean accepted tokens, overall speedup. "
+               "`specdec report` writes the same table as Markdown and HTML.")
+    table(report.display_frame(board), height=min(35 * (len(board) + 1) + 3, 1100))  # every row, up to ~30
+    for note in report.notes(features, board):
+        st.caption(note)
+    csv_download(board, "leaderboard.csv", "dl_leaderboard")
+
+
 # ---------------------------------------------------------------------------------------------- speedup vs k
 
 def page_speedup(db: str, f: Filters) -> None:
@@ -559,6 +578,7 @@ def run_console(sql: str, db: str, limit: int, timeout: float) -> tuple[str, obj
 
 PAGES = {
     "overview": ("Overview", page_overview),
+    "leaderboard": ("Leaderboard", page_leaderboard),
     "speedup": ("Speedup vs draft length", page_speedup),
     "acceptance": ("Acceptance", page_acceptance),
     "predicted": ("Predicted vs measured", page_predicted),

@@ -243,6 +243,20 @@ def best_k(db: str, f: Filters) -> pd.DataFrame:
         ORDER BY speedup DESC, target, draft, strategy""", params)
 
 
+# ---------------------------------------------------------------------------------------------- leaderboard
+
+def leaderboard(db: str, f: Filters) -> tuple[pd.DataFrame, dict]:
+    """The leaderboard of `specdec report` (same SQL: specdec.db.report) over the filtered rows: one row per cell
+    with its speedup per category, mean accepted tokens and overall speedup. Returns (numbers, store features)."""
+    from specdec.db import report
+
+    features = {k: bool(v) for k, v in fetch(db, report.FEATURES_SQL).iloc[0].items()}
+    w, params = where(f, SPEEDUP_COLS)
+    cells = fetch(db, report.cell_groups_sql(features, False, w), params)
+    by_category = fetch(db, report.cell_groups_sql(features, True, w), params)
+    return report.leaderboard_frame(cells, by_category), features
+
+
 # ---------------------------------------------------------------------------------------------- acceptance
 
 def acceptance_by(db: str, f: Filters, by: str) -> pd.DataFrame:

@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runners", default=",".join(DEFAULT_RUNNERS),
                    help="comma-separated strategies (`specdec generate --help` lists them), or 'all' "
                         "(default: %(default)s)")
-    p.add_argument("--prompts", default=None, metavar="FILE", help="prompt JSONL (default: prompts/suite.jsonl)")
+    p.add_argument("--prompts", default=None, metavar="FILE", help="prompt JSONL, specdec's form or a Spec-Bench/MT-Bench question.jsonl; the bench decodes each "
+                   "prompt's first turn (default: prompts/suite.jsonl)")
     p.add_argument("--categories", default=None, help="comma-separated prompt categories (default: all)")
     p.add_argument("--per-category", type=int, default=1, help="prompts per category (default: 1)")
     p.add_argument("--prompt-ids", default=None, help="comma-separated prompt ids (instead of categories)")

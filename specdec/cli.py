@@ -1,4 +1,4 @@
-"""The `specdec` command line: generate, models, run-job (workflow cells), ingest, query, dashboard, bench."""
+"""The `specdec` command line: generate, models, run-job (workflow cells), ingest, query, report, dashboard, bench."""
 
 from __future__ import annotations
 
@@ -51,6 +51,29 @@ def add_decode_args(p: argparse.ArgumentParser) -> None:
 
 
 
+def prompt_of(args) -> tuple[str, list[str]]:
+    """(first turn, follow-up turns) from --prompt, a text --prompt-file, or one prompt of a JSONL prompt file
+    (specdec's form or a Spec-Bench/MT-Bench question file: --prompt-id, default its first prompt)."""
+    from specdec.prompts import load_prompts, select
+    from specdec.runner import SettingsError
+
+    if args.prompt is None and args.prompt_file is None:
+        raise SettingsError("give the prompt with --prompt TEXT or --prompt-file FILE")
+    if args.prompt is not None:
+        prompt, turns = args.prompt, []
+    elif args.prompt_file.endswith(".jsonl"):
+        prompts = load_prompts(args.prompt_file)
+        chosen = select(prompts, ids=[args.prompt_id]) if args.prompt_id else prompts
+        prompt, turns = chosen[0]["prompt"], chosen[0]["turns"]
+    else:
+        prompt, turns = open(args.prompt_file, encoding="utf-8").read(), []
+    if args.prompt_id and not (args.prompt_file or "").endswith(".jsonl"):
+        raise SettingsError("--prompt-id picks a prompt of a JSONL prompt file: give --prompt-file FILE.jsonl")
+    if not prompt.strip():
+        raise SettingsError("the prompt is empty")
+    return prompt, turns
+
+
 def cmd_generate(args) -> int:
     from specdec.decoding import DecodeSettings
     from specdec.metrics import DegenerateRule
@@ -63,15 +86,11 @@ def cmd_generate(args) -> int:
         check_settings(args.strategy, args.draft, s, registry, args.target)
         rule = DegenerateRule.from_dict({"ngram": args.degenerate_ngram, "repeat_share": args.degenerate_repeat,
                                          "copy_share": args.degenerate_copy})
-        if args.prompt is None and args.prompt_file is None:
-            raise SettingsError("give the prompt with --prompt TEXT or --prompt-file FILE")
-        prompt = args.prompt if args.prompt is not None else open(args.prompt_file).read()
-        if not prompt.strip():
-            raise SettingsError("the prompt is empty")
+        prompt, turns = prompt_of(args)
         device = auto_device(args.device)
         pair = load_pair(args.target, args.draft, registry, device=device)
         warm_up(pair, args.strategy, encode_prompt(pair.target, prompt), s, args.warmup)
-        record = generate(pair, args.strategy, prompt, s, rule=rule)
+        record = generate(pair, args.strategy, prompt, s, turns, rule=rule)
     except (ModelError, SettingsError, ValueError, OSError) as exc:
         return fail(str(exc))
     if args.json:
@@ -150,7 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="decode one prompt with one strategy and print the text or a JSON record")
     add_decode_args(g)
     g.add_argument("--prompt", default=None)
-    g.add_argument("--prompt-file", default=None)
+    g.add_argument("--prompt-file", default=None, help="a text file (the whole text is the prompt) or a JSONL prompt "
+                   "file: specdec's form or a Spec-Bench/MT-Bench question.jsonl (later turns are asked after the "
+                   "model's own answer)")
+    g.add_argument("--prompt-id", default=None, help="which prompt of a JSONL --prompt-file (default: the first)")
     g.add_argument("--json", action="store_true", help="print one JSON object with every metric")
     rule = DEGENERATE_DEFAULTS
     g.add_argument("--degenerate-ngram", type=int, default=rule["ngram"], metavar="N",
@@ -194,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, help_text in (("ingest", "insert result files into the DuckDB store"),
                             ("query", "run read-only SQL against the store"),
+                            ("report", "write a leaderboard report of the store (Markdown + one HTML file)"),
                             ("dashboard", "start the Streamlit dashboard"),
                             ("bench", "ours vs transformers, side by side")):
         d = sub.add_parser(name, help=help_text, add_help=False)
@@ -202,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 DELEGATED = {"ingest": ("specdec.db.ingest", "main"), "query": ("specdec.db.query", "main_query"),
+             "report": ("specdec.db.report", "main"),
              "dashboard": ("specdec.dashboard.launch", "main"), "bench": ("specdec.bench", "main")}
 
 
@@ -230,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.models and args.command == "bench":
             rest = ["--models", args.models] + rest
         code = delegate(module, func, rest)
-        if args.command in ("ingest", "query") and cli_run:
+        if args.command in ("ingest", "query", "report") and cli_run:
             # duckdb 2.0's bindings print dozens of spurious "nanobind: leaked ..." lines at interpreter teardown;
             # these commands keep no state worth tearing down, so a real CLI run exits right after flushing.
             sys.stdout.flush()

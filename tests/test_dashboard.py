@@ -23,6 +23,7 @@ from dashboard_fixture import (BEST, C_RATIO, MISMATCH, PROMPT_FACTOR, TARGET, b
 from specdec.dashboard import launch
 from specdec.dashboard import queries as q
 from specdec.dashboard.pages import FILL_COMMANDS, PAGES
+from specdec.db import report
 from specdec.db.query import run_query
 from specdec.db.store import ingest, init_db
 
@@ -97,7 +98,7 @@ def test_every_page_runs_without_error(store, page):
                                   "scaling": "Scaling with GPU count",
                                   "sql": "SQL console"}.get(page, PAGES[page][0])
     assert url(at, "page") == [page]  # the page is in the URL
-    if page not in ("overview", "runs", "sql"):
+    if page not in ("overview", "leaderboard", "runs", "sql"):
         assert charts(at), f"{page} draws no chart"
 
 
@@ -227,6 +228,19 @@ def test_scaling_page(store):
     # only the series measured at two GPU counts are drawn: the baseline and that speculative cell
     drawn = next(f for f in chart_frames(charts(at)[0]) if "series" in f.columns)
     assert drawn.series.nunique() == 2
+
+
+def test_leaderboard_page_is_the_reports_table_with_csv(store):
+    at = run_page("leaderboard")
+    shown = frame_with(at, "method", "draft", "k", "summarisation", "code", "mean accepted tokens", "overall")
+    assert shown.reset_index(drop=True).equals(report.collect(store).table)  # `specdec report`'s table, as text
+    cells = sql(store, "SELECT speedup_median FROM cell_summary ORDER BY speedup_median DESC")
+    assert sorted(shown.overall) == sorted(f"{v:.2f}×" for v in cells.speedup_median)
+    assert shown.overall.iloc[0] == f"{BEST['speedup']:.2f}×"
+    assert [b.key for b in at.get("download_button")] == ["dl_leaderboard"]
+    # the category filter keeps that column and computes the overall over its rows only
+    code = frame_with(run_page("leaderboard", category="code"), "method", "overall")
+    assert "summarisation" not in code and code.code.tolist() == code.overall.tolist()
 
 
 def test_losslessness_page_lists_the_mismatch(store):

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from dashboard_fixture import BEST, build_fixture_db, make_result, write_results
+from specdec.db import report
 from specdec.db.store import ingest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,13 +39,13 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 # Text Streamlit puts on the page when the script raised or the server went away.
 FAILURE_TEXT = ("Traceback (most recent call last)", "StreamlitAPIException", "Connection error",
                 "Is Streamlit still running?")
-PAGE_HEADERS = {"overview": "Overview", "speedup": "Speedup vs draft length", "acceptance": "Acceptance",
+PAGE_HEADERS = {"overview": "Overview", "leaderboard": "Leaderboard", "speedup": "Speedup vs draft length", "acceptance": "Acceptance",
                 "predicted": "Predicted vs measured speedup", "latency": "Latency and memory",
                 "scaling": "Scaling with GPU count", "losslessness": "Losslessness", "runs": "Runs",
                 "sql": "SQL console"}
 # Charts each page draws on the fixture store (the SQL console and runs pages draw none).
-PAGE_CHARTS = {"overview": 0, "speedup": 1, "acceptance": 4, "predicted": 1, "latency": 1, "scaling": 2,
-               "losslessness": 1, "runs": 0, "sql": 0}
+PAGE_CHARTS = {"overview": 0, "leaderboard": 0, "speedup": 1, "acceptance": 4, "predicted": 1, "latency": 1,
+               "scaling": 2, "losslessness": 1, "runs": 0, "sql": 0}
 
 # Polled in the page: the app's run state, the charts and whether each has drawn, and any exception boxes.
 PAGE_STATE_JS = """(() => {
@@ -274,3 +275,37 @@ def test_ingest_while_the_dashboard_is_open(chromium, app_url, tmp_path):
     state = chromium.load_app_page(f"{url}?page=overview")
     check_no_failure(state, "overview after ingest")
     assert state["metrics"]["Best speedup"] == "3.00×" and state["metrics"]["Draft length k"] == "6"
+
+
+REPORT_STATE_JS = """(() => ({
+  ready: document.readyState,
+  figures: [...document.querySelectorAll('figure svg')].map(e => Math.round(e.getBoundingClientRect().width)),
+  marks: document.querySelectorAll('figure svg path, figure svg line').length,
+  tables: [...document.querySelectorAll('table')].map(t => t.rows.length),
+  // anything the page fetched (it must need nothing: one self-contained file)
+  fetched: performance.getEntriesByType('resource').map(e => e.name),
+  height: Math.ceil(document.documentElement.scrollHeight),
+  wide: [...document.querySelectorAll('.scroll')].filter(d => d.scrollWidth > d.clientWidth + 1).length,
+  text: document.body.innerText,
+}))()"""
+
+
+def test_report_html_renders_in_chromium(chromium, tmp_path):
+    """`specdec report`'s HTML opened from disk with no server: the leaderboard and provenance tables, both figures
+    drawn at full size, nothing fetched. The screenshot is saved as test-output/report/report.png."""
+    built = report.collect(build_fixture_db(tmp_path))
+    out = OUT.parent / "report"
+    report.write_report(built, out)
+    chromium.resize(1400, 1000)
+    chromium.call("Page.navigate", url=(out / "report.html").as_uri())
+    deadline = time.monotonic() + 30
+    while (state := chromium.evaluate(REPORT_STATE_JS) or {}).get("ready") != "complete":
+        assert time.monotonic() < deadline, "report.html did not finish loading"
+        time.sleep(0.2)
+    chromium.resize(1400, min(state["height"] + 40, 7000))
+    chromium.screenshot(out / "report.png")
+    assert state["fetched"] == []
+    assert len(state["figures"]) == 2 and min(state["figures"]) > 500, state["figures"]
+    assert state["marks"] > 50  # lines, points and axes were drawn, not an empty frame
+    assert state["tables"] == [len(built.table) + 1, len(built.provenance) + 1]
+    assert f"{BEST['strategy']}\t{BEST['draft']}\t{BEST['k']}" in state["text"]

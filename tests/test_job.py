@@ -9,7 +9,6 @@ import pytest
 from specdec import devices
 from specdec.devices import DeviceError, DeviceInfo, claim_gpus
 from specdec.job import run_cell, run_job
-from specdec.prompts import PromptFileError, load_prompts
 
 
 
@@ -60,39 +59,6 @@ def test_gpu_claims_are_distinct_and_released(tmp_path, monkeypatch):
     assert claim_gpus(2, inventory, timeout_s=1).indices == first.indices
     with pytest.raises(DeviceError, match="asks for 5 GPU"):
         claim_gpus(5, inventory)
-
-
-@pytest.mark.parametrize("line, message", [
-    ('{"id": "x", "category": "qa"}', "'prompt' must be a non-empty string"),
-    ('{"id": "x", "category": "qa", "prompt": "p"', "not valid JSON"),
-    ('{"id": "x", "category": "qa", "prompt": "p", "colour": 1}', "unknown key(s) ['colour']"),
-])
-def test_prompt_file_errors_name_the_line(tmp_path, line, message):
-    path = tmp_path / "p.jsonl"
-    path.write_text('{"id": "ok", "category": "qa", "prompt": "fine"}\n' + line + "\n")
-    with pytest.raises(PromptFileError, match=r"p\.jsonl:2") as err:
-        load_prompts(path)
-    assert message in str(err.value)
-
-
-def test_duplicate_prompt_ids_are_refused(tmp_path):
-    path = tmp_path / "p.jsonl"
-    path.write_text('{"id": "a", "category": "qa", "prompt": "x"}\n{"id": "a", "category": "qa", "prompt": "y"}\n')
-    with pytest.raises(PromptFileError, match="duplicate prompt id 'a'"):
-        load_prompts(path)
-
-
-def test_the_shipped_prompt_suite_is_valid():
-    from pathlib import Path
-
-    root = Path(__file__).parent.parent / "prompts"
-    suite = load_prompts(root / "suite.jsonl")
-    per_category = {}
-    for p in suite:
-        per_category[p["category"]] = per_category.get(p["category"], 0) + 1
-    assert len(per_category) >= 8 and min(per_category.values()) >= 8
-    training = load_prompts(root / "training.jsonl")
-    assert not {p["prompt"] for p in suite} & {p["prompt"] for p in training}
 
 
 @pytest.mark.parametrize("strategy", ["recycling", "suffix", "rest"])
