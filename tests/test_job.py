@@ -11,7 +11,6 @@ from specdec.devices import DeviceError, DeviceInfo, claim_gpus
 from specdec.job import run_cell, run_job
 
 
-
 def job(prompt_file, models, **kw):
     return {"target": "tiny-target", "strategy": "baseline", "prompts_file": str(prompt_file), "models": models,
             "max_new_tokens": 12, "repeats": 2, "warmup": 1, "stop_at_eos": False, **kw}
