@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from specdec import __version__, fail
 from specdec.strategies import describe
@@ -50,6 +51,20 @@ def add_decode_args(p: argparse.ArgumentParser) -> None:
 
 
 
+def read_prompt_file(path: str) -> str:
+    """The whole file is the prompt; an unreadable file is a one-line error naming it."""
+    from specdec.runner import SettingsError
+
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SettingsError(f"prompt file '{path}' does not exist (--prompt-file)") from None
+    except UnicodeDecodeError:
+        raise SettingsError(f"prompt file '{path}' is not UTF-8 text (--prompt-file)") from None
+    except OSError as exc:
+        raise SettingsError(f"cannot read prompt file '{path}' (--prompt-file): {exc.strerror or exc}") from None
+
+
 def cmd_generate(args) -> int:
     from specdec.decoding import DecodeSettings
     from specdec.metrics import DegenerateRule
@@ -64,7 +79,7 @@ def cmd_generate(args) -> int:
                                          "copy_share": args.degenerate_copy})
         if args.prompt is None and args.prompt_file is None:
             raise SettingsError("give the prompt with --prompt TEXT or --prompt-file FILE")
-        prompt = args.prompt if args.prompt is not None else open(args.prompt_file).read()
+        prompt = args.prompt if args.prompt is not None else read_prompt_file(args.prompt_file)
         if not prompt.strip():
             raise SettingsError("the prompt is empty")
         device = auto_device(args.device)
@@ -150,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="decode one prompt with one strategy and print the text or a JSON record")
     add_decode_args(g)
     g.add_argument("--prompt", default=None)
-    g.add_argument("--prompt-file", default=None)
+    g.add_argument("--prompt-file", default=None, metavar="FILE", help="read the prompt from FILE (all of it is one "
+                   "prompt; a JSONL prompt suite is for `specdec bench --prompts` and the workflow)")
     g.add_argument("--json", action="store_true", help="print one JSON object with every metric")
     rule = DEGENERATE_DEFAULTS
     g.add_argument("--degenerate-ngram", type=int, default=rule["ngram"], metavar="N",
@@ -174,7 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Defaults of the training settings: specdec.drafters.DrafterSettings.")
     t.add_argument("--target", default="smollm2-135m", help="target model alias (default: %(default)s)")
     t.add_argument("--kind", required=True, help="eagle | medusa")
-    t.add_argument("--budget-minutes", type=float, default=None, help="wall-clock cap for data + training")
+    t.add_argument("--budget-minutes", type=float, default=None, metavar="M",
+                   help="training steps stop once M minutes have passed since the command started (default: 9). "
+                        "Not cut short: loading the target, generating the training data (a target's first drafter "
+                        "only, then cached; 2-3 min on 2 idle cores), at least 1 min of training, and the final "
+                        "validation (seconds). So the command takes about max(M, load + data + 1 min) + validation")
     t.add_argument("--out", default=None, help="drafter folder (default: <drafters dir>/<target>+<kind>-<hash>)")
     t.add_argument("--drafters-dir", default=None,
                    help="root of the drafter cache (default: $SPECDEC_DRAFTERS_DIR or results/drafters)")
