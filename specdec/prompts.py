@@ -48,6 +48,7 @@ def load_prompts(path: str | Path) -> list[dict]:
 def select(prompts: list[dict], ids: list[str] | None = None, categories: list[str] | None = None,
            per_category: int | None = None) -> list[dict]:
     """A subset by id, by category, and/or the first N of each category (order of the file is kept)."""
+    known_categories = list(dict.fromkeys(p["category"] for p in prompts))
     if ids:
         known = {p["id"] for p in prompts}
         missing = [i for i in ids if i not in known]
@@ -55,6 +56,10 @@ def select(prompts: list[dict], ids: list[str] | None = None, categories: list[s
             raise PromptFileError(f"prompt id(s) {missing} are not in the prompt file")
         prompts = [p for p in prompts if p["id"] in set(ids)]
     if categories:
+        missing = [c for c in categories if c not in known_categories]
+        if missing:  # a typo would otherwise silently select nothing of that category
+            raise PromptFileError(f"categories {missing} are not in the prompt file; its categories: "
+                                  f"{', '.join(known_categories)}")
         prompts = [p for p in prompts if p["category"] in set(categories)]
     if per_category:
         counts: dict[str, int] = {}
