@@ -67,6 +67,7 @@ def read_prompt_file(path: str) -> str:
 
 def cmd_generate(args) -> int:
     from specdec.decoding import DecodeSettings
+    from specdec.drafters import find_drafter, parse_alias
     from specdec.metrics import DegenerateRule
     from specdec.models import ModelError, encode_prompt, load_registry
     from specdec.runner import SettingsError, check_settings, generate, load_pair, warm_up
@@ -82,8 +83,12 @@ def cmd_generate(args) -> int:
         prompt = args.prompt if args.prompt is not None else read_prompt_file(args.prompt_file)
         if not prompt.strip():
             raise SettingsError("the prompt is empty")
+        drafters_dir = args.drafters_dir
+        if parse_alias(args.draft):  # the name means the most recently trained drafter of that target and kind
+            drafters_dir = find_drafter(args.draft, args.drafters_dir, latest=True)
+            print(f"specdec: drafter '{args.draft}': {drafters_dir}", file=sys.stderr)
         device = auto_device(args.device)
-        pair = load_pair(args.target, args.draft, registry, device=device)
+        pair = load_pair(args.target, args.draft, registry, device=device, drafters_dir=drafters_dir)
         if args.warmup:
             warm_up(pair, args.strategy, encode_prompt(pair.target, prompt), s, args.warmup)
         record = generate(pair, args.strategy, prompt, s, rule=rule)
@@ -92,6 +97,8 @@ def cmd_generate(args) -> int:
     if args.json:
         out = {"target": args.target, "draft": args.draft, "strategy": args.strategy, "device": device,
                "settings": vars(s), **record}
+        if parse_alias(args.draft):
+            out["drafter_dir"] = str(drafters_dir)
         print(json.dumps(out))
     else:
         print(record["text"])
@@ -167,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", default=None)
     g.add_argument("--prompt-file", default=None, metavar="FILE", help="read the prompt from FILE (all of it is one "
                    "prompt; a JSONL prompt suite is for `specdec bench --prompts` and the workflow)")
+    g.add_argument("--drafters-dir", default=None, metavar="DIR",
+                   help="trained drafters: their root (default: $SPECDEC_DRAFTERS_DIR or results/drafters; "
+                        "`<target>+<kind>` is the most recently trained one there) or one drafter's own folder")
     g.add_argument("--json", action="store_true", help="print one JSON object with every metric")
     rule = DEGENERATE_DEFAULTS
     g.add_argument("--degenerate-ngram", type=int, default=rule["ngram"], metavar="N",
