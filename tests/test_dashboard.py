@@ -444,3 +444,47 @@ def test_specdec_dashboard_accepts_its_options(capsys):
         cli.main(["dashboard", "--db", "x.duckdb", "--help"])
     assert exc.value.code == 0
     assert "--db DB" in capsys.readouterr().out
+
+
+def test_stopping_specdec_dashboard_stops_the_server(fixture_db, tmp_path):
+    """SIGTERM to `specdec dashboard` (a service manager, `kill`, a closed terminal) stops the Streamlit server:
+    the launcher becomes the server (exec), so no orphan keeps the port. Without --port, Streamlit's own
+    STREAMLIT_SERVER_PORT is the port."""
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "STREAMLIT_SERVER_PORT": str(port), "HF_HUB_OFFLINE": "1"}
+    log = tmp_path / "dashboard.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "specdec.cli", "dashboard", "--db", str(fixture_db)],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-2000:]
+            try:
+                with urllib.request.urlopen(f"http://localhost:{port}/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+        with pytest.raises(OSError):  # nothing listens on the port any more
+            socket.create_connection(("localhost", port), timeout=2).close()
+        assert f"http://localhost:{port}/" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        else:  # a child the launcher might have left behind would still be in the process group
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+                pytest.fail("a process of the dashboard outlived SIGTERM")
+            except ProcessLookupError:
+                pass
