@@ -150,14 +150,15 @@ def _forbidden_function(name: str) -> bool:
 
 
 def statement_kind(sql: str) -> str:
-    """The type of the one statement in `sql` per DuckDB's parser ("SELECT", "DELETE", ...), or "MULTIPLE".
-    A syntax error is DuckDB's own message (QueryError), not a refusal: the user mistyped, nothing was unsafe."""
+    """The type of the one statement in `sql` per DuckDB's parser ("SELECT", "DELETE", ...), "EMPTY" or
+    "MULTIPLE". A syntax error is DuckDB's own message (QueryError), not a refusal: the user mistyped, nothing was
+    unsafe."""
     try:
         statements = duckdb.extract_statements(sql)
     except duckdb.Error as exc:
         raise QueryError(db_error_message(exc, "")) from None
     if len(statements) != 1:
-        return "MULTIPLE"
+        return "MULTIPLE" if statements else "EMPTY"
     return statements[0].type.name
 
 
@@ -167,12 +168,10 @@ def check_sql(sql: str) -> str:
 
     This is the friendly first layer; `_execute_read_only` enforces read-only and no file access regardless.
     """
-    tokens = tokenize(sql)
-    while tokens and tokens[-1] == ("punct", ";"):
-        tokens.pop()
-    if not tokens:
+    kind = statement_kind(sql)  # first: DuckDB's parser explains a syntax error better than any refusal
+    if kind == "EMPTY":
         raise _refuse("empty query")
-    kind = statement_kind(sql)
+    tokens = tokenize(sql)
     first = tokens[0][1]
     if kind == "EXPLAIN":  # EXPLAIN [ANALYZE] <statement>: the statement it explains (ANALYZE runs it)
         inner = re.sub(r"^\s*explain\s+(analyze\s+)?", "", sql, count=1, flags=re.I)
