@@ -565,6 +565,10 @@ def test_typos_get_duckdbs_own_message_with_its_hint(store):
         run_query("SELECT * FROM cell_sumary", db)
     assert str(err.value).startswith("Catalog Error: Table with name cell_sumary does not exist!")
     assert str(err.value).endswith('Did you mean "cell_summary"?') and "\n" not in str(err.value)
+    with pytest.raises(QueryError, match="^Parser Error: unterminated string literal$"):
+        check_sql("SELECT 'abc")
+    with pytest.raises(UnsafeSQLError, match="^refused: empty query"):
+        check_sql("-- only a comment\n;")
 
 
 def test_a_running_query_does_not_block_the_next_in_the_same_process(store):
