@@ -115,7 +115,8 @@ def check_args(args, registry) -> tuple[list[Cell], object, list[dict]]:
         resolve(args.target, registry)
         for spec in drafts:
             if parse_alias(spec):
-                find_drafter(spec, args.drafters_dir, latest=True)  # trained? (else: the command that trains it)
+                folder = find_drafter(spec, args.drafters_dir, latest=True)  # else: the command that trains it
+                print(f"specdec bench: drafter '{spec}': {folder}", file=sys.stderr)
             else:
                 resolve(parse_draft(spec)[0], registry)
     except (ModelError, DrafterError) as exc:

@@ -247,6 +247,8 @@ def test_bench_runs_trained_drafters_beside_the_baseline(tiny_env, capsys, tmp_p
                        "--ignore-eos", "--repeats", "1", "--warmup", "0"])
     out, err = capsys.readouterr()
     assert code == 0, err
+    folder = drafter_dir("tiny-target", "eagle", None, tmp_path)
+    assert f"specdec bench: drafter 'tiny-target+eagle': {folder}" in err  # which drafter the name meant
     result = json.loads(out.strip().splitlines()[-1])
     cells = ["baseline", "speculative@tiny-target+eagle", "tree@tiny-target+eagle"]  # hf-assisted cannot use it
     assert list(result["tokens_per_s"]) == cells
