@@ -16,11 +16,14 @@ import json
 import math
 import os
 import re
+import sys
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable
 
+import duckdb
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.pool import NullPool
@@ -41,6 +44,13 @@ STORE_ONLY = ("params_json", "result_file", "ingested_utc", EXTRA_FIELD)
 REQUIRED_RUN = ("run_id", "started_utc", "status", "host", "params")
 REQUIRED_PARAMS = ("target", "strategy", "gpus", "temperature", "top_p", "top_k", "max_new_tokens")
 REQUIRED_MEASUREMENT = ("prompt_id", "repeat", "status")
+# Numeric columns are counts, times, rates, sizes and settings: none can be negative (the seed may be anything),
+# and these have a larger minimum or a maximum. Integers must fit their column (INTEGER: 32 bits).
+SIGNED_COLUMNS = ("seed",)
+MINIMUM = {"k": 1, "max_new_tokens": 1, "repeats": 1}
+MAXIMUM = {"acceptance_rate": 1, "top_p": 1}
+INT_BITS = {sa.BigInteger: 64, sa.Integer: 32}
+RUN_ID = re.compile(r"[A-Za-z0-9._:+-]{1,128}")  # a job's uuid4 hex; no spaces, quotes or control characters
 
 
 class ResultFileError(ValueError):
@@ -68,10 +78,17 @@ def engine_for(path: str | os.PathLike, read_only: bool = False) -> Engine:
 
     NullPool: every `connect()` opens the file and closing the connection releases DuckDB's file lock, so an
     ingest in another process can run as soon as a reader is done. `read_only=True` lets several reader
-    processes share the file (but not with a writer).
+    processes share the file (but not with a writer), and opens it with READER_CONFIG.
     """
     url = URL.create("duckdb", database=str(path))
-    return sa.create_engine(url, poolclass=NullPool, connect_args={"read_only": read_only})
+    args = {"read_only": True, "config": dict(READER_CONFIG)} if read_only else {"read_only": False}
+    return sa.create_engine(url, poolclass=NullPool, connect_args=args)
+
+
+# Every read-only connection opens with these (never SET later: a process's connections to one file share a
+# database instance, which refuses a second connection with another configuration, and once locked refuses the
+# SET). Readers never need files, network or extensions, and the SQL console must not be able to turn them on.
+READER_CONFIG = {"enable_external_access": False, "lock_configuration": True}
 
 
 def init_db(path: str | os.PathLike) -> None:
@@ -112,13 +129,23 @@ def view_statements() -> list[str]:
     return [chunk.strip() for chunk in chunks if code(chunk)]
 
 
+def is_locked(exc: BaseException) -> bool:
+    """DuckDB's IOException when another process holds the file (a writer, or readers while we want to write)."""
+    return "could not set lock" in str(getattr(exc, "orig", None) or exc).lower()
+
+
 def db_error_message(exc: BaseException, path: str | os.PathLike) -> str:
     """One line for a database error, with the likely cause spelled out for the common lock conflict."""
     text = str(getattr(exc, "orig", None) or exc)
-    if "could not set lock" in text.lower():  # DuckDB's IOException when another process holds the file
+    if is_locked(exc):
         return (f"the results store {path} is open in another process (a dashboard, query or ingest); "
                 f"DuckDB allows one writer and no readers alongside it: close it and retry")
-    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    lines = [line.strip() for line in text.strip().splitlines()]
+    if not lines:
+        return type(exc).__name__
+    # DuckDB's hints ("Did you mean ...", "Candidate bindings: ...") follow on lines of their own; keep them
+    hints = [line for line in lines[1:] if line.startswith(("Did you mean", "Candidate bindings"))]
+    return " ".join([lines[0], *hints])
 
 
 # ---------------------------------------------------------------------------------------------------- validation
@@ -166,6 +193,25 @@ def _check_value(path, field: str, column: sa.Column, value) -> None:
         want = "a string"
     if not ok:
         raise _fail(path, field, f"must be {want}, got {_show(value)}")
+    if isinstance(kind, (sa.Integer, sa.Double)):
+        _check_number(path, field, column, value)
+
+
+def _check_number(path, field: str, column: sa.Column, value) -> None:
+    """Finite where the column cannot be NULL (NaN and inf are stored as NULL), within the column's integer
+    range, and within MINIMUM/MAXIMUM (0 for every unsigned column)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        if not column.nullable:
+            raise _fail(path, field, f"must be a finite number, got {value}")
+        return
+    bits = next((b for kind, b in INT_BITS.items() if type(column.type) is kind), None)
+    if bits and not -2 ** (bits - 1) <= value < 2 ** (bits - 1):
+        raise _fail(path, field, f"{value} does not fit a {bits}-bit integer")
+    low = MINIMUM.get(column.name, None if column.name in SIGNED_COLUMNS else 0)
+    if low is not None and value < low:
+        raise _fail(path, field, f"must be >= {low}, got {_show(value)}")
+    if column.name in MAXIMUM and value > MAXIMUM[column.name]:
+        raise _fail(path, field, f"must be <= {MAXIMUM[column.name]}, got {_show(value)}")
 
 
 def _check_required(path, obj: dict, keys: Iterable[str], prefix: str) -> None:
@@ -202,6 +248,9 @@ def load_result_file(path: str | os.PathLike) -> dict:
     if not isinstance(run, dict):
         raise _fail(path, "run", "missing or not an object")
     _check_required(path, run, REQUIRED_RUN, "run.")
+    if not (isinstance(run["run_id"], str) and RUN_ID.fullmatch(run["run_id"])):
+        raise _fail(path, "run.run_id", f"must be 1-128 letters, digits or . _ : + - (a job writes a uuid4 hex), "
+                                        f"got {_show(run['run_id'])}")
     params = run["params"]
     if not isinstance(params, dict):
         raise _fail(path, "run.params", "must be an object")
@@ -314,38 +363,112 @@ def check_prices(prices) -> dict[str, float]:
     return {device: float(price) for device, price in prices.items()}
 
 
+LOCK_WAIT_S = 60.0  # how long ingest waits for readers (a dashboard query, `specdec query`) to release the store
+
+
 def ingest(db_path: str | os.PathLike, result_paths: Iterable[str | os.PathLike],
-           prices: dict | None = None) -> IngestReport:
+           prices: dict | None = None, wait_s: float = LOCK_WAIT_S) -> IngestReport:
     """Insert result files into the store at `db_path` (created if missing) in one transaction.
 
-    All files are validated first (ResultFileError on the first bad one, before the database is opened). Runs
-    whose run_id is already stored, or appears earlier in the same batch, are skipped. Any database error rolls
-    the whole batch back. `prices`, when given, replaces the `prices` table in the same transaction.
+    All files are validated first (ResultFileError on the first bad one, before the database is opened). A run
+    whose run_id is already stored, or appears earlier in the same batch, is skipped if it is the same run, and is
+    an error naming both files if it is not (in a batch: any difference; against the store: host, start time,
+    parameters, and each measurement's status, tok/s and output hash). Any database error rolls the whole batch
+    back; one raised by a file's rows names that file. While another process holds the store (DuckDB allows one
+    writer and no readers beside it), ingest retries for up to `wait_s` seconds, saying so once on stderr.
+    `prices`, when given, replaces the `prices` table in the same transaction.
     """
     prices = check_prices(prices) if prices is not None else None
     paths = [str(p) for p in result_paths]
-    docs = [(p, load_result_file(p)) for p in paths]
-    report = IngestReport(files=len(docs))
-    init_db(db_path)
+    docs = unique_runs([(p, load_result_file(p)) for p in paths])
+    deadline = time.monotonic() + wait_s
+    said = False
+    while True:
+        try:
+            return _ingest_once(db_path, docs, len(paths), prices)
+        except (duckdb.Error, sa.exc.SQLAlchemyError) as exc:
+            if not is_locked(exc) or time.monotonic() >= deadline:
+                raise
+            if not said:
+                print(f"ingest: {db_path} is open in another process (a dashboard or query); waiting up to "
+                      f"{wait_s:g} s for it", file=sys.stderr, flush=True)
+                said = True
+            time.sleep(min(0.5, max(deadline - time.monotonic(), 0.0)))
+
+
+def unique_runs(docs: list[tuple[str, dict]]) -> list[tuple[str, dict | None]]:
+    """The batch with each run once: a later file holding the same run (same run_id, same content) becomes
+    (path, None), skipped; the same run_id with different content is an error naming both files."""
+    first: dict[str, tuple[str, dict]] = {}
+    out = []
+    for path, doc in docs:
+        run_id = doc["run"]["run_id"]
+        if run_id in first:
+            other_path, other = first[run_id]
+            if doc != other:
+                raise ResultFileError(f"run id {run_id!r} is in {other_path} and in {path} with different content; "
+                                      "remove the wrong file")
+            out.append((path, None))
+            continue
+        first[run_id] = (path, doc)
+        out.append((path, doc))
+    return out
+
+
+def run_fingerprint(run: dict, rows: Iterable[dict]) -> tuple:
+    """What must agree between a stored run and a file with its run_id for the two to be the same run: columns
+    every specdec version fills the same way (others may move between columns and extra_json)."""
+    return (run["host"], run["started_utc"], run["params_json"],
+            sorted((m["prompt_id"], m["repeat"], m["status"], m["tokens_per_s"], m["token_hash"]) for m in rows))
+
+
+def stored_fingerprints(conn, ids: list[str]) -> dict[str, tuple[str, tuple]]:
+    """run_id -> (result file it was ingested from, fingerprint) for the stored runs among `ids`."""
+    if not ids:
+        return {}
+    found = {r.run_id: r._mapping for r in conn.execute(
+        sa.select(runs.c.run_id, runs.c.host, runs.c.started_utc, runs.c.params_json, runs.c.result_file)
+        .where(runs.c.run_id.in_(ids)))}
+    rows: dict[str, list] = {run_id: [] for run_id in found}
+    if found:
+        cols = [measurements.c[name] for name in ("run_id", "prompt_id", "repeat", "status", "tokens_per_s",
+                                                  "token_hash")]
+        for m in conn.execute(sa.select(*cols).where(measurements.c.run_id.in_(list(found)))):
+            rows[m.run_id].append(m._mapping)
+    return {run_id: (run["result_file"], run_fingerprint(run, rows[run_id])) for run_id, run in found.items()}
+
+
+def _ingest_once(db_path, docs: list[tuple[str, dict | None]], files: int, prices) -> IngestReport:
+    report = IngestReport(files=files, skipped_runs=sum(1 for _, doc in docs if doc is None))
+    try:
+        init_db(db_path)
+    except OSError as exc:  # the folder cannot be made (a file in the way, no permission, read-only mount)
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(db_path) else ""
+        raise ResultFileError(f"cannot create the results store {db_path}: {exc.strerror or exc}{where}") from None
     now = datetime.now(timezone.utc).replace(tzinfo=None)
     engine = engine_for(db_path)
     try:
         with engine.begin() as conn:
-            ids = [doc["run"]["run_id"] for _, doc in docs]
-            stored = set(conn.execute(sa.select(runs.c.run_id).where(runs.c.run_id.in_(ids))).scalars()) if ids else set()
-            new_runs, new_measurements = [], []
-            for path, doc in docs:
-                run_id = doc["run"]["run_id"]
-                if run_id in stored:
+            todo = [(path, doc) for path, doc in docs if doc is not None]
+            stored = stored_fingerprints(conn, [doc["run"]["run_id"] for _, doc in todo])
+            for path, doc in todo:
+                run, rows = run_row(doc, path, now), measurement_rows(doc)
+                if run["run_id"] in stored:
+                    stored_file, fingerprint = stored[run["run_id"]]
+                    if fingerprint != run_fingerprint(run, rows):
+                        raise ResultFileError(f"run id {run['run_id']!r} of {path} is already stored from "
+                                              f"{stored_file} with different content; remove the wrong file")
                     report.skipped_runs += 1
                     continue
-                stored.add(run_id)
-                new_runs.append(run_row(doc, path, now))
-                new_measurements.extend(measurement_rows(doc))
-            if new_runs:
-                conn.execute(sa.insert(runs), new_runs)
-            if new_measurements:
-                conn.execute(sa.insert(measurements), new_measurements)
+                try:
+                    conn.execute(sa.insert(runs), [run])
+                    if rows:
+                        conn.execute(sa.insert(measurements), rows)
+                except (duckdb.Error, sa.exc.SQLAlchemyError) as exc:
+                    raise ResultFileError(f"{path}: the store refused it: {db_error_message(exc, db_path)}") from exc
+                report.new_runs += 1
+                report.measurement_rows += len(rows)
+                report.failed_rows += sum(1 for row in rows if row["status"] != "ok")
             if prices is not None:
                 conn.execute(sa.delete(prices_table))
                 if prices:
@@ -353,9 +476,6 @@ def ingest(db_path: str | os.PathLike, result_paths: Iterable[str | os.PathLike]
                                                            for d, p in prices.items()])
     finally:
         engine.dispose()
-    report.new_runs = len(new_runs)
-    report.measurement_rows = len(new_measurements)
-    report.failed_rows = sum(1 for row in new_measurements if row["status"] != "ok")
     return report
 
 

@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "its first N decoder layers (plus its final norm and head); TARGET+eagle or TARGET+medusa "
                         "is a drafter trained with `specdec train-drafter`. Default: the target itself")
     p.add_argument("--drafters-dir", default=None,
-                   help="where trained drafters live (default: $SPECDEC_DRAFTERS_DIR or results/drafters)")
+                   help="where trained drafters live (default: $SPECDEC_DRAFTERS_DIR or results/drafters; "
+                        "TARGET+KIND is the most recently trained one there), or one drafter's own folder")
     p.add_argument("--runners", default=",".join(DEFAULT_RUNNERS),
                    help="comma-separated strategies (`specdec generate --help` lists them), or 'all' "
                         "(default: %(default)s)")
@@ -116,7 +117,8 @@ def check_args(args, registry) -> tuple[list[Cell], object, list[dict]]:
         resolve(args.target, registry)
         for spec in drafts:
             if parse_alias(spec):
-                find_drafter(spec, args.drafters_dir)  # trained already? (else: the command that trains it)
+                folder = find_drafter(spec, args.drafters_dir, latest=True)  # else: the command that trains it
+                print(f"specdec bench: drafter '{spec}': {folder}", file=sys.stderr)
             else:
                 resolve(parse_draft(spec)[0], registry)
     except (ModelError, DrafterError) as exc:

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from specdec import __version__, fail
 from specdec.strategies import add_proposer_args, describe
@@ -51,6 +52,20 @@ def add_decode_args(p: argparse.ArgumentParser) -> None:
 
 
 
+def read_prompt_file(path: str) -> str:
+    """The whole file is the prompt; an unreadable file is a one-line error naming it."""
+    from specdec.runner import SettingsError
+
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SettingsError(f"prompt file '{path}' does not exist (--prompt-file)") from None
+    except UnicodeDecodeError:
+        raise SettingsError(f"prompt file '{path}' is not UTF-8 text (--prompt-file)") from None
+    except OSError as exc:
+        raise SettingsError(f"cannot read prompt file '{path}' (--prompt-file): {exc.strerror or exc}") from None
+
+
 def prompt_of(args) -> tuple[str, list[str]]:
     """(first turn, follow-up turns) from --prompt, a text --prompt-file, or one prompt of a JSONL prompt file
     (specdec's form or a Spec-Bench/MT-Bench question file: --prompt-id, default its first prompt)."""
@@ -62,11 +77,12 @@ def prompt_of(args) -> tuple[str, list[str]]:
     if args.prompt is not None:
         prompt, turns = args.prompt, []
     elif args.prompt_file.endswith(".jsonl"):
+        read_prompt_file(args.prompt_file)  # a missing or unreadable file: the same one-line errors as for text
         prompts = load_prompts(args.prompt_file)
         chosen = select(prompts, ids=[args.prompt_id]) if args.prompt_id else prompts
         prompt, turns = chosen[0]["prompt"], chosen[0]["turns"]
     else:
-        prompt, turns = open(args.prompt_file, encoding="utf-8").read(), []
+        prompt, turns = read_prompt_file(args.prompt_file), []
     if args.prompt_id and not (args.prompt_file or "").endswith(".jsonl"):
         raise SettingsError("--prompt-id picks a prompt of a JSONL prompt file: give --prompt-file FILE.jsonl")
     if not prompt.strip():
@@ -76,6 +92,7 @@ def prompt_of(args) -> tuple[str, list[str]]:
 
 def cmd_generate(args) -> int:
     from specdec.decoding import DecodeSettings
+    from specdec.drafters import find_drafter, parse_alias
     from specdec.metrics import DegenerateRule
     from specdec.models import ModelError, encode_prompt, load_registry
     from specdec.runner import SettingsError, check_settings, generate, load_pair, warm_up
@@ -87,8 +104,12 @@ def cmd_generate(args) -> int:
         rule = DegenerateRule.from_dict({"ngram": args.degenerate_ngram, "repeat_share": args.degenerate_repeat,
                                          "copy_share": args.degenerate_copy})
         prompt, turns = prompt_of(args)
+        drafters_dir = args.drafters_dir
+        if parse_alias(args.draft):  # the name means the most recently trained drafter of that target and kind
+            drafters_dir = find_drafter(args.draft, args.drafters_dir, latest=True)
+            print(f"specdec: drafter '{args.draft}': {drafters_dir}", file=sys.stderr)
         device = auto_device(args.device)
-        pair = load_pair(args.target, args.draft, registry, device=device)
+        pair = load_pair(args.target, args.draft, registry, device=device, drafters_dir=drafters_dir)
         warm_up(pair, args.strategy, encode_prompt(pair.target, prompt), s, args.warmup)
         record = generate(pair, args.strategy, prompt, s, turns, rule=rule)
     except (ModelError, SettingsError, ValueError, OSError) as exc:
@@ -96,6 +117,8 @@ def cmd_generate(args) -> int:
     if args.json:
         out = {"target": args.target, "draft": args.draft, "strategy": args.strategy, "device": device,
                "settings": vars(s), **record}
+        if parse_alias(args.draft):
+            out["drafter_dir"] = str(drafters_dir)
         print(json.dumps(out))
     else:
         print(record["text"])
@@ -173,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "file: specdec's form or a Spec-Bench/MT-Bench question.jsonl (later turns are asked after the "
                    "model's own answer)")
     g.add_argument("--prompt-id", default=None, help="which prompt of a JSONL --prompt-file (default: the first)")
+    g.add_argument("--drafters-dir", default=None, metavar="DIR",
+                   help="trained drafters: their root (default: $SPECDEC_DRAFTERS_DIR or results/drafters; "
+                        "`<target>+<kind>` is the most recently trained one there) or one drafter's own folder")
     g.add_argument("--json", action="store_true", help="print one JSON object with every metric")
     rule = DEGENERATE_DEFAULTS
     g.add_argument("--degenerate-ngram", type=int, default=rule["ngram"], metavar="N",
@@ -196,7 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Defaults of the training settings: specdec.drafters.DrafterSettings.")
     t.add_argument("--target", default="smollm2-135m", help="target model alias (default: %(default)s)")
     t.add_argument("--kind", required=True, help="eagle | medusa")
-    t.add_argument("--budget-minutes", type=float, default=None, help="wall-clock cap for data + training")
+    t.add_argument("--budget-minutes", type=float, default=None, metavar="M",
+                   help="training steps stop once M minutes have passed since the command started (default: 9). "
+                        "Not cut short: loading the target, generating the training data (a target's first drafter "
+                        "only, then cached; 2-3 min on 2 idle cores), at least 1 min of training, and the final "
+                        "validation (seconds). So the command takes about max(M, load + data + 1 min) + validation")
     t.add_argument("--out", default=None, help="drafter folder (default: <drafters dir>/<target>+<kind>-<hash>)")
     t.add_argument("--drafters-dir", default=None,
                    help="root of the drafter cache (default: $SPECDEC_DRAFTERS_DIR or results/drafters)")

@@ -168,7 +168,7 @@ def load_models(target_alias: str, cells: list[Cell], registry, device: str, sto
                     pairs[key] = Pair(engine_target)
                     continue
                 if parse_alias(spec):
-                    drafter = load_drafter(find_drafter(spec, drafters_dir), engine_target.model)
+                    drafter = load_drafter(find_drafter(spec, drafters_dir, latest=True), engine_target.model)
                     cfg = drafter.module.config()
                     weights[key] = parameter_bytes(engine_target.model) + parameter_bytes(drafter.module)
                     # an EAGLE layer caches keys and values of one layer; Medusa heads cache nothing

@@ -108,6 +108,7 @@ def select(prompts: list[dict], ids: list[str] | None = None, categories: list[s
            per_category: int | None = None) -> list[dict]:
     """A subset by id, by category (a Spec-Bench subcategory such as `writing` selects too), and/or the first N of
     each category (order of the file is kept)."""
+    known_categories = list(dict.fromkeys(c for p in prompts for c in (p["category"], p.get("subcategory")) if c))
     if ids:
         known = {p["id"] for p in prompts}
         missing = [i for i in ids if i not in known]
@@ -115,6 +116,10 @@ def select(prompts: list[dict], ids: list[str] | None = None, categories: list[s
             raise PromptFileError(f"prompt id(s) {missing} are not in the prompt file")
         prompts = [p for p in prompts if p["id"] in set(ids)]
     if categories:
+        missing = [c for c in categories if c not in known_categories]
+        if missing:  # a typo would otherwise silently select nothing of that category
+            raise PromptFileError(f"categories {missing} are not in the prompt file; its categories: "
+                                  f"{', '.join(known_categories)}")
         prompts = [p for p in prompts if p["category"] in set(categories) or p.get("subcategory") in set(categories)]
     if per_category:
         counts: dict[str, int] = {}

@@ -17,6 +17,14 @@ from specdec.speculative import speculative_decode
 from specdec.strategies import NAMES, STRATEGIES, names
 
 DRAFT_SAMPLING = ("greedy", "sample")
+# Upper bounds that catch typos (k 1e9, temperature 70 meant as 0.7) before anything loads; the workflow's config
+# schema uses the same numbers. k, the deepest draft position: published drafters go 5-8 deep (Medusa 5 heads,
+# EAGLE 6), so 64 leaves room.
+# Temperature: the cap of OpenAI's API; already at 2 the embedded SmolLM2's top 50 tokens hold only 21 % of the
+# probability (entropy 8.0 of a uniform 10.8 nats; 1.5 % at 5), so samples are noise. max_new_tokens: 32 768,
+# far beyond benchmark answers (Spec-Bench, MT-bench: under 2 048) and 4x SmolLM2's context; the KV cache for
+# prompt + max_new_tokens is allocated up front, so 1e8 would fail only after the model loads.
+MAX_K, MAX_TEMPERATURE, MAX_NEW_TOKENS = 64, 2.0, 32768
 
 
 class SettingsError(ValueError):
@@ -33,20 +41,20 @@ def check_settings(strategy: str, draft: str | None, s: DecodeSettings, registry
         raise SettingsError(f"strategy '{strategy}' needs a draft model: add --draft ALIAS")
     if not st.needs_draft and draft:
         raise SettingsError(f"strategy '{strategy}' uses no draft model (got draft '{draft}'): drop --draft")
-    if st.uses_k and (not isinstance(s.k, int) or s.k < 1):
-        raise SettingsError(f"draft length k must be an integer >= 1, got {s.k!r}")
+    if not isinstance(s.k, int) or not 1 <= s.k <= MAX_K:  # whatever the strategy: an impossible value is a typo
+        raise SettingsError(f"draft length k must be an integer from 1 to {MAX_K}, got {s.k!r}")
     if s.tree_budget is not None and (not st.tree or not isinstance(s.tree_budget, int) or s.tree_budget < 1):
         raise SettingsError(f"tree budget must be an integer >= 1 and is used by tree strategies "
                             f"({', '.join(n for n in NAMES if STRATEGIES[n].tree)}) only, got {s.tree_budget!r} "
                             f"for '{strategy}'")
-    if s.temperature < 0:
-        raise SettingsError(f"temperature must be >= 0 (0 = greedy), got {s.temperature}")
+    if not 0 <= s.temperature <= MAX_TEMPERATURE:
+        raise SettingsError(f"temperature must be from 0 (greedy) to {MAX_TEMPERATURE:g}, got {s.temperature}")
     if not 0 < s.top_p <= 1:
         raise SettingsError(f"top-p must be in (0, 1], got {s.top_p}")
     if s.top_k < 0:
         raise SettingsError(f"top-k must be >= 0 (0 = off), got {s.top_k}")
-    if s.max_new_tokens < 1:
-        raise SettingsError(f"max-new-tokens must be >= 1, got {s.max_new_tokens}")
+    if not 1 <= s.max_new_tokens <= MAX_NEW_TOKENS:
+        raise SettingsError(f"max-new-tokens must be from 1 to {MAX_NEW_TOKENS}, got {s.max_new_tokens}")
     if s.draft_sampling not in DRAFT_SAMPLING:
         raise SettingsError(f"draft sampling must be one of {DRAFT_SAMPLING}, got '{s.draft_sampling}'")
     if not s.use_cache and strategy != "baseline":

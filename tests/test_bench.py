@@ -109,11 +109,11 @@ def test_memory_probe_runs_each_runner_in_its_own_process(tiny_setup, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--runners", "baseline,beam"], "unknown runner(s) ['beam']"),
-    (["--k", "0"], "draft length k must be an integer >= 1"),
+    (["--k", "0"], "draft length k must be an integer from 1 to 64"),
     (["--draft", "tiny-draft:x"], "must be a number of layers >= 1"),
     (["--draft", "no-such-model"], "unknown model alias 'no-such-model'"),
     (["--repeats", "0"], "--repeats must be >= 1"),
-    (["--categories", "poetry"], "no prompt in"),
+    (["--categories", "poetry"], "categories ['poetry'] are not in the prompt file"),
     (["--prompt-ids", "nope"], "prompt id(s) ['nope'] are not in the prompt file"),
 ])
 def test_bad_arguments_fail_in_one_line_before_any_model_loads(tiny_setup, capsys, monkeypatch, argv, message):

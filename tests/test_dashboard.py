@@ -7,6 +7,7 @@ refusals and limits, cache refresh after an ingest, and the page shown while an 
 from __future__ import annotations
 
 import io
+import json
 import os
 import statistics
 import subprocess
@@ -439,6 +440,81 @@ def test_store_being_written_shows_a_message(tmp_path, monkeypatch):
         holder.wait()
 
 
+# ---------------------------------------------------------------------------------------------- display
+
+def encodings(chart, channel: str) -> list[dict]:
+    """Every `channel` encoding of a chart's spec, through layers and concatenations."""
+    found, todo = [], [json.loads(chart.proto.spec)]
+    while todo:
+        spec = todo.pop()
+        for key in ("layer", "hconcat", "vconcat"):
+            todo.extend(spec.get(key, []))
+        if channel in spec.get("encoding", {}):
+            found.append(spec["encoding"][channel])
+    return found
+
+
+def series_colours(at: AppTest) -> dict[str, tuple]:
+    """series label -> (colour domain, its place in it) for every series-coloured chart on the page: with the
+    same domain and place, a series has the same colour."""
+    out = {}
+    for chart in charts(at):
+        for enc in encodings(chart, "color"):
+            if enc.get("field") in ("series", "strategy") and "domain" in enc.get("scale", {}):
+                domain = enc["scale"]["domain"]
+                shown = enc["legend"].get("values", domain)
+                out.update({name: (tuple(domain), domain.index(name), tuple(enc["scale"].get("range", ())))
+                            for name in shown})
+    return out
+
+
+@pytest.mark.parametrize("page, narrow", [("speedup", {"strategy": "ngram"}),
+                                          ("acceptance", {"strategy": ["ngram", "speculative"], "host": "lab-a"}),
+                                          ("predicted", {"strategy": "ngram"}), ("scaling", {"strategy": "baseline"}),
+                                          ("latency", {"strategy": ["ngram", "baseline"]})])
+def test_a_series_keeps_its_label_and_colour_under_filters(store, page, narrow):
+    whole, filtered = series_colours(run_page(page)), series_colours(run_page(page, **narrow))
+    assert filtered and set(filtered) < set(whole)
+    assert {name: whole[name] for name in filtered} == filtered
+
+
+def test_legends_list_only_series_with_data(store):
+    """hf-assisted has no per-position counts: it is in the colour domain (so colours stay put) but not listed."""
+    at = run_page("acceptance")
+    position = next(c for c in charts(at) if any("position" in f.columns for f in chart_frames(c)))
+    colour = encodings(position, "color")[0]
+    drawn = set(next(f for f in chart_frames(position) if "series" in f.columns).series)
+    assert set(colour["legend"]["values"]) == drawn and not any("hf-assisted" in s for s in drawn)
+    assert any("hf-assisted" in s for s in colour["scale"]["domain"])
+
+
+def test_heatmap_labels_and_titles_fit(store):
+    """Category names longer than their column are slanted, never dropped; legend titles wrap instead of being
+    cut with "…"."""
+    at = run_page("acceptance")
+    heatmap = charts(at)[0]
+    for x in encodings(heatmap, "x"):
+        assert x["axis"]["labelAngle"] == -45 and x["axis"]["labelOverlap"] is False
+    titles = [c["title"] for c in encodings(heatmap, "color") if "title" in c]
+    assert sorted(titles) == [["acceptance rate", "(median)"], ["mean accepted", "tokens per step", "(median)"]]
+    assert all(c["legend"]["titleLimit"] == 0 for c in encodings(heatmap, "color") if "legend" in c)
+
+
+def test_one_gpu_count_is_an_ordinal_axis(store):
+    at = run_page("scaling", gpus="1")
+    assert all(x["type"] == "ordinal" for c in charts(at) for x in encodings(c, "x") if x.get("field") == "gpus")
+
+
+def test_tables_that_do_not_fit_say_how_to_see_the_rest(store):
+    at = run_page("runs")
+    runs = frame_with(at, "run_id", "git_commit")
+    hints = [c.value for c in at.caption if c.value.startswith("Scroll inside the table")]
+    assert hints[0] == f"Scroll inside the table to see all {len(runs)} rows and all {len(runs.columns)} columns " \
+                       "(sideways)."
+    at = run_page("scaling", gpus="2")  # 2 rows of 6 short columns: nothing hidden, no hint
+    assert not [c.value for c in at.caption if c.value.startswith("Scroll")]
+
+
 # ---------------------------------------------------------------------------------------------- launcher
 
 def test_launcher_command_line(monkeypatch):
@@ -458,3 +534,47 @@ def test_specdec_dashboard_accepts_its_options(capsys):
         cli.main(["dashboard", "--db", "x.duckdb", "--help"])
     assert exc.value.code == 0
     assert "--db DB" in capsys.readouterr().out
+
+
+def test_stopping_specdec_dashboard_stops_the_server(fixture_db, tmp_path):
+    """SIGTERM to `specdec dashboard` (a service manager, `kill`, a closed terminal) stops the Streamlit server:
+    the launcher becomes the server (exec), so no orphan keeps the port. Without --port, Streamlit's own
+    STREAMLIT_SERVER_PORT is the port."""
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "STREAMLIT_SERVER_PORT": str(port), "HF_HUB_OFFLINE": "1"}
+    log = tmp_path / "dashboard.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "specdec.cli", "dashboard", "--db", str(fixture_db)],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-2000:]
+            try:
+                with urllib.request.urlopen(f"http://localhost:{port}/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+        with pytest.raises(OSError):  # nothing listens on the port any more
+            socket.create_connection(("localhost", port), timeout=2).close()
+        assert f"http://localhost:{port}/" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        else:  # a child the launcher might have left behind would still be in the process group
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+                pytest.fail("a process of the dashboard outlived SIGTERM")
+            except ProcessLookupError:
+                pass

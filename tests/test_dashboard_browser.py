@@ -263,6 +263,30 @@ def test_shared_url_restores_filters_in_chromium(chromium, app_url):
     assert state["charts"] == 1
 
 
+# The text of every chart's axes and legends (Vega draws SVG here: its text is in the DOM).
+CHART_TEXT_JS = """[...document.querySelectorAll('[data-testid="stVegaLiteChart"]')].map(c =>
+  [...c.querySelectorAll('svg text')].map(t => t.textContent))"""
+
+
+@pytest.mark.parametrize("name, query, check", [
+    # one GPU count: the x axis is labelled with that count, not with "0.000000"-style ticks
+    ("scaling-one-gpu-count", "page=scaling&gpus=1", lambda texts: "1" in texts[0] and not any(
+        "." in t and t.replace(".", "").isdigit() and t.endswith("0000") for t in texts[0])),
+    # acceptance by category: both category names under each of the two heat maps, legend titles whole
+    ("acceptance-filtered", "page=acceptance&strategy=speculative&strategy=ngram", lambda texts: (
+        texts[0].count("code") == 2 and texts[0].count("summarisation") == 2
+        and "mean acceptedtokens per step(median)" in texts[0])),  # one text element, a line per tspan
+])
+def test_chart_text_in_chromium(chromium, app_url, name, query, check):
+    """Axis labels and titles as the browser draws them (screenshots under test-output/dashboard/)."""
+    url, _ = app_url
+    state = chromium.load_app_page(f"{url}?{query}")
+    chromium.screenshot(OUT / f"{name}.png")
+    check_no_failure(state, name)
+    texts = chromium.evaluate(CHART_TEXT_JS)
+    assert texts and check(texts), texts
+
+
 def test_ingest_while_the_dashboard_is_open(chromium, app_url, tmp_path):
     """The server holds no connection between queries, so an ingest in another process succeeds while the app is
     open, and the next page load shows the new run (the query cache is keyed on the file's mtime and size).

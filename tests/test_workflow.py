@@ -135,7 +135,13 @@ def test_train_free_cells_carry_their_own_parameters_only(tiny_models):
     (lambda c: c["pairs"].append({"target": "no-such-model"}), "pairs[1].target:"),
     (lambda c: c.update(prompts="missing.jsonl"), "prompts: prompt file 'missing.jsonl' does not exist"),
     (lambda c: c.update(pairs=[{"target": "tiny-target"}]), "strategies: speculative need a draft model"),
-    (lambda c: c.update(categories=["poetry"]), "prompts: the selection"),
+    (lambda c: c.update(categories=["code", "cod"]),
+     "prompts: categories ['cod'] are not in the prompt file; its categories: code, repetitive, qa"),
+    (lambda c: c.update(prompt_ids=["a1"], categories=["qa"]), "prompts: the selection"),
+    (lambda c: c.update(db="prompts.jsonl/store.duckdb"), "db: cannot create 'prompts.jsonl/store.duckdb': "),
+    (lambda c: c.update(db="."), "db: '.' is a folder, not a file"),
+    (lambda c: c.update(results="prompts.jsonl"), "results: 'prompts.jsonl' is a file, not a folder"),
+    (lambda c: c.update(db="/proc/specdec/store.duckdb"), "db: cannot create '/proc/specdec/store.duckdb' in '/proc'"),
     (lambda c: c.update(strategies=["rest"]) or c["generation"].update(rest_corpus="none.txt"),
      "generation.rest_corpus: file 'none.txt' does not exist"),
 ])
@@ -154,6 +160,10 @@ def test_semantic_config_errors_name_the_field(workdir, tiny_models, monkeypatch
     (lambda c: c.update(draft_lengths=[0, 2]), "draft_lengths.0: 0 is less than the minimum of 1"),
     (lambda c: c["generation"].update(max_new_tokens="many"), "generation.max_new_tokens: 'many' is not of type"),
     (lambda c: c["pairs"][0].update(drafts="x"), "pairs.0: Additional properties are not allowed"),
+    (lambda c: c.update(draft_lengths=[1000000000]), "draft_lengths.0: 1000000000 is greater than the maximum of 64"),
+    (lambda c: c["generation"].update(temperatures=[1e9]), "generation.temperatures.0: 1000000000.0 is greater than"),
+    (lambda c: c["generation"].update(max_new_tokens=100000000),
+     "generation.max_new_tokens: 100000000 is greater than the maximum of 32768"),
 ])
 def test_schema_errors_are_one_line_naming_the_field(tiny_models, change, expected):
     from snakemake.utils import validate
@@ -164,6 +174,38 @@ def test_schema_errors_are_one_line_naming_the_field(tiny_models, change, expect
         validate(config, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
     line = matrix.schema_error_line(info.value)
     assert expected in line and "\n" not in line
+
+
+def test_schema_bounds_are_the_engines():
+    """The config schema refuses exactly what the engine's check_settings refuses (before any job runs)."""
+    from specdec import runner
+
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())["properties"]
+    generation = schema["generation"]["properties"]
+    assert schema["draft_lengths"]["items"]["maximum"] == runner.MAX_K
+    assert generation["temperatures"]["items"]["maximum"] == runner.MAX_TEMPERATURE
+    assert generation["max_new_tokens"]["maximum"] == runner.MAX_NEW_TOKENS
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("pairs:\n  - target: x\n   draft: y\n", "bad.yaml:3:4: YAML syntax error: expected <block end>, but found "
+                                             "'<block mapping start>'; check this line's indentation"),
+    ("pairs:\n\t- target: x\n", "bad.yaml:2:1: YAML syntax error: found character '\\t' that cannot start any "
+                                "token; indent with spaces, not tabs"),
+    ("- a\n- b\n", "bad.yaml: a config file is a mapping of keys"),
+])
+def test_yaml_errors_name_file_line_and_column(tmp_path, monkeypatch, capsys, text, expected):
+    monkeypatch.chdir(tmp_path)
+    Path("bad.yaml").write_text(text)
+    with pytest.raises(matrix.ConfigError) as info:
+        matrix.load_config_file("bad.yaml")
+    assert str(info.value).startswith(expected)
+    # run-matrix.sh checks the files given with --configfile (Snakemake would say only "not valid JSON or YAML")
+    with pytest.raises(SystemExit) as stop:
+        matrix.main(["--cores", "2", "--config", "tag=x", "--configfile", "bad.yaml", "--dry-run"])
+    assert stop.value.code == 1
+    assert capsys.readouterr().err == f"config error: {info.value}\n"
+    assert matrix.main(["--config", "configfile=bad.yaml"]) == 0  # --config is not --configfile
 
 
 @pytest.mark.parametrize("path", ["config.yaml", "config/suite.yaml", "config/gpu-pythia.yaml"])
@@ -191,8 +233,23 @@ def test_snakemake_refuses_a_bad_config_before_any_job(workdir, tiny_models, edi
     write_config(workdir, config)
     result = snakemake(workdir, "-n")
     assert result.returncode != 0
-    assert expected in result.stdout + result.stderr
+    # the one line, without Snakemake's wrapping (WorkflowError in file ..., File "...common.smk" lines)
+    output = result.stdout + result.stderr
+    assert sum(line.startswith(expected) for line in output.splitlines()) == 1
+    assert "WorkflowError" not in output and "common.smk" not in output and 'File "' not in output
     assert not (workdir / "results").exists()
+
+
+def test_snakemake_names_the_line_of_a_yaml_error_in_config_yaml(workdir, tiny_models):
+    """The Snakefile's own config.yaml (no --configfile): a syntax error is named with file, line and column."""
+    text = yaml.safe_dump(base_config(tiny_models)).replace("\ngpus:", "\ngpus: [0\n", 1)
+    (workdir / "config.yaml").write_text(text)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([*SNAKEMAKE, "--directory", str(workdir), "--cores", "2", "-n"], capture_output=True,
+                            text=True, timeout=300, env=env)
+    assert result.returncode == 1
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("config error: config.yaml:") and "YAML syntax error" in errors[0]
 
 
 def test_malformed_prompt_line_is_refused_by_snakemake(workdir, tiny_models):

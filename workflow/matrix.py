@@ -10,12 +10,15 @@ shares one baseline job.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import itertools
 import json
 import os
 import re
 import socket
+import sys
+from pathlib import Path
 
 from specdec.drafters import DrafterError, DrafterSettings, drafter_dir, parse_alias, parse_for_target
 from specdec.models import ModelError, load_registry, resolve
@@ -28,6 +31,68 @@ class ConfigError(ValueError):
 
 
 SAFE = re.compile(r"[^A-Za-z0-9.+-]+")
+
+
+def exit_with_config_error(message: str) -> None:
+    """Print one `config error: ...` line and stop Snakemake before any job. (A WorkflowError would be printed
+    inside five lines of Snakemake's own wrapping: file, line and a two-frame traceback of common.smk.)"""
+    print(f"config error: {message}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def load_config_file(path: str | os.PathLike) -> dict:
+    """A config file as Snakemake reads it (JSON, else YAML), with a YAML syntax error reported as
+    `FILE:LINE:COLUMN: ...`; Snakemake's own message names neither."""
+    import yaml
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read it: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        try:
+            doc = yaml.safe_load(text)
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            problem = " ".join(str(exc.problem or exc.context or "invalid YAML").split())
+            hint = ("; indent with spaces, not tabs" if r"'\t'" in problem
+                    else "; check this line's indentation" if "<block" in problem else "")
+            raise ConfigError(f"{where}: YAML syntax error: {problem}{hint}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: YAML syntax error: {' '.join(str(exc).split())}") from None
+    if doc is not None and not isinstance(doc, dict):
+        raise ConfigError(f"{path}: a config file is a mapping of keys (see workflow/schemas/config.schema.yaml), "
+                          f"not a {type(doc).__name__}")
+    return doc or {}
+
+
+def check_creatable(field: str, path: str, folder: bool) -> None:
+    """`path` (a file, or a folder when `folder`) exists and is writable, or can be created: a folder can be made
+    in its nearest existing ancestor (tried, and removed at once: permission bits do not tell for root, /proc or a
+    read-only mount). Checked before any job, so an uncreatable store fails now and not at the final ingest."""
+    import tempfile
+
+    target = Path(path).absolute()
+    if target.exists():
+        if folder != target.is_dir():
+            raise ConfigError(f"{field}: '{path}' is a {'file' if folder else 'folder'}, not a "
+                              f"{'folder' if folder else 'file'}")
+        if not os.access(target, os.W_OK):
+            raise ConfigError(f"{field}: '{path}' is not writable")
+    ancestor = target.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"{field}: cannot create '{path}': '{ancestor}' is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".specdec-write-check-", dir=ancestor))
+    except OSError as exc:
+        raise ConfigError(f"{field}: cannot create '{path}' in '{ancestor}': {exc.strerror or exc}") from None
 
 
 def schema_error_line(exc: BaseException) -> str:
@@ -96,6 +161,8 @@ def check_config(config: dict) -> list[dict]:
     if not prompts:
         raise ConfigError(f"prompts: the selection (prompt_ids/categories/per_category) leaves no prompt of "
                           f"{config['prompts']}")
+    check_creatable("db", config.get("db", "db/specdec.duckdb"), folder=False)
+    check_creatable("results", config.get("results", "results"), folder=True)
     return prompts
 
 
@@ -169,3 +236,21 @@ def host_label(config: dict) -> str:
     """
     label = config.get("host") or os.environ.setdefault("SPECDEC_HOST_LABEL", socket.gethostname())
     return SAFE.sub("_", label)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python workflow/matrix.py [snakemake arguments]`: check the files given with --configfile (run-matrix.sh
+    does, before Snakemake reads them itself and reports a YAML error without file or line)."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # `--config` must not match --configfile
+    parser.add_argument("--configfile", "--configfiles", nargs="+", action="extend", default=[])
+    args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    try:
+        for path in args.configfile:
+            load_config_file(path)
+    except ConfigError as exc:
+        exit_with_config_error(str(exc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
