@@ -32,21 +32,28 @@ def collect_result_files(paths: list[str]) -> list[Path]:
     return found
 
 
+def json_option(text: str | None, flag: str):
+    try:
+        return json.loads(text) if text is not None else None
+    except json.JSONDecodeError as exc:
+        raise ResultFileError(f"{flag} is not valid JSON ({exc.msg})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="specdec ingest", description="Insert result files into the DuckDB store "
                                      "(one transaction; runs already stored are skipped).")
     parser.add_argument("--db", default=None, help="store path (default: $SPECDEC_DB or db/specdec.duckdb)")
     parser.add_argument("--prices", default=None, metavar="JSON",
                         help='replace the device price table, e.g. \'{"A100": 1.29, "cpu": 0.05}\' (price per hour)')
+    parser.add_argument("--noise", default=None, metavar="JSON",
+                        help='replace the noise thresholds runs are judged by, e.g. \'{"other_cpu_cores": 0.5}\' '
+                             "(the rest keep their defaults)")
     parser.add_argument("paths", nargs="+", metavar="FILE_OR_DIR", help="result files, or folders to search for *.json")
     args = parser.parse_args(argv)
     db_path = Path(args.db) if args.db else default_db_path()
     try:
-        try:
-            prices = json.loads(args.prices) if args.prices is not None else None
-        except json.JSONDecodeError as exc:
-            raise ResultFileError(f"--prices is not valid JSON ({exc.msg})") from None
-        report = ingest(db_path, collect_result_files(args.paths), prices=prices)
+        prices, noise_limits = json_option(args.prices, "--prices"), json_option(args.noise, "--noise")
+        report = ingest(db_path, collect_result_files(args.paths), prices=prices, noise_limits=noise_limits)
     except ResultFileError as exc:
         print(f"error: {exc} (nothing was ingested)", file=sys.stderr)
         return 2

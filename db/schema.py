@@ -67,6 +67,18 @@ class Run(Base):
     dtype: Mapped[str | None] = mapped_column(String)
     gpu_mode: Mapped[str | None] = mapped_column(String)
     slurm_job_id: Mapped[str | None] = mapped_column(String)
+    # Paired baselines and noise (format 2; NULL on older runs). A cell's paired baseline is a run of its own
+    # with strategy `baseline` and `paired_with` = the cell's run_id; `baseline_mode` (a param) is 'paired' or
+    # 'shared' on cells that are not baselines. The noise readings (specdec/noise.py) are judged by the run_noise
+    # view against the noise_thresholds table.
+    baseline_mode: Mapped[str | None] = mapped_column(String)
+    paired_with: Mapped[str | None] = mapped_column(String)
+    load_avg: Mapped[float | None] = mapped_column(Double)
+    other_cpu_cores: Mapped[float | None] = mapped_column(Double)
+    steal_share: Mapped[float | None] = mapped_column(Double)
+    gpu_other_processes: Mapped[int | None] = mapped_column(Integer)
+    baseline_spread: Mapped[float | None] = mapped_column(Double)
+    noise_samples: Mapped[int | None] = mapped_column(Integer)
     extra_json: Mapped[str | None] = mapped_column(Text)  # run fields without a column of their own (JSON object)
     params_json: Mapped[str] = mapped_column(Text, nullable=False)  # the whole params object, sources included
     result_file: Mapped[str] = mapped_column(Text, nullable=False)
@@ -108,6 +120,7 @@ class Measurement(Base):
     token_ids: Mapped[str | None] = mapped_column(Text)  # JSON list as text
     token_hash: Mapped[str | None] = mapped_column(String)
     text: Mapped[str | None] = mapped_column(Text)
+    decode_index: Mapped[int | None] = mapped_column(Integer)  # order of this decode within its job (pairing)
     extra_json: Mapped[str | None] = mapped_column(Text)  # fields without a column of their own (JSON object)
 
 
@@ -126,8 +139,21 @@ class Price(Base):
     updated_utc: Mapped[datetime] = mapped_column(DateTime, nullable=False)
 
 
+class NoiseThreshold(Base):
+    """The thresholds the run_noise view judges runs by (config `noise:`, defaults specdec.noise.THRESHOLDS),
+    replaced by each workflow ingest. Kept apart from the readings, like prices: a changed threshold re-judges every
+    stored run without measuring anything again."""
+
+    __tablename__ = "noise_thresholds"
+
+    name: Mapped[str] = mapped_column(String, primary_key=True)
+    value: Mapped[float] = mapped_column(Double, nullable=False)
+    updated_utc: Mapped[datetime] = mapped_column(DateTime, nullable=False)
+
+
 runs = Run.__table__
 prices = Price.__table__
+noise_thresholds = NoiseThreshold.__table__
 measurements = Measurement.__table__
 
 # Fields of a result file that the store keeps as JSON text rather than as a scalar column.
@@ -135,6 +161,7 @@ RUN_JSON_FIELDS = ("gpu_names", "devices")
 MEASUREMENT_JSON_FIELDS = ("proposed_per_position", "accepted_per_position", "token_ids")
 # params keys flattened into `runs` columns (everything else stays in params_json only).
 PARAM_COLUMNS = ("cell", "target", "draft", "strategy", "k", "gpus", "temperature", "top_p", "top_k",
-                 "draft_sampling", "use_cache", "max_new_tokens", "repeats", "warmup", "dtype", "gpu_mode")
+                 "draft_sampling", "use_cache", "max_new_tokens", "repeats", "warmup", "dtype", "gpu_mode",
+                 "baseline_mode")
 # Filled by the store from whatever a result file carries beyond the columns, so no recorded field is lost.
 EXTRA_FIELD = "extra_json"

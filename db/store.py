@@ -7,7 +7,8 @@ being held by an idle pooled connection for the life of the process.
 
 Ingest is all-or-nothing: every file is read and validated before the database is touched, then all new runs and
 their measurements go in one transaction. A run whose `run_id` is already stored is skipped, so re-running ingest
-over the same folder is harmless.
+over the same folder is harmless. A format-2 file may carry a second run, the cell's paired baseline; it is stored
+as a run of its own, linked by `paired_with`. Format-1 files (before paired baselines) are still accepted.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.pool import NullPool
 
+from specdec import noise
 from specdec.db.schema import (EXTRA_FIELD, MEASUREMENT_JSON_FIELDS, PARAM_COLUMNS, RUN_JSON_FIELDS, Base, measurements,
-                               runs)
+                               noise_thresholds, runs)
 from specdec.db.schema import prices as prices_table
 
-RESULT_FORMAT = "specdec-result/1"
+RESULT_FORMAT = "specdec-result/2"
+RESULT_FORMATS = ("specdec-result/1", RESULT_FORMAT)  # 1: before paired baselines and noise readings
 VIEWS_SQL = Path(__file__).with_name("views.sql")
 STATUSES = ("ok", "failed")
 # `runs` columns the store fills in itself rather than reading from the file's `run` object.
@@ -78,17 +81,36 @@ def init_db(path: str | os.PathLike) -> None:
     """Create the parent folder, the tables (if missing) and (re)create the views. Safe to call any number of times.
 
     Views are `CREATE OR REPLACE`d every time, so an edited views.sql takes effect on the next ingest. Tables
-    are only created when missing: there is no migration of an existing store with an older schema.
+    are created when missing, and a store made by an older version gets the columns it lacks (NULL in the rows
+    it already holds: nothing stored changes). Missing noise thresholds get their defaults.
     """
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     engine = engine_for(path)
     try:
         with engine.begin() as conn:
             Base.metadata.create_all(conn)
+            add_missing_columns(conn)
+            stored = set(conn.execute(sa.select(noise_thresholds.c.name)).scalars())
+            now = datetime.now(timezone.utc).replace(tzinfo=None)
+            missing = [{"name": n, "value": v, "updated_utc": now} for n, v in noise.THRESHOLDS.items()
+                       if n not in stored]
+            if missing:
+                conn.execute(sa.insert(noise_thresholds), missing)
             for statement in view_statements():
                 conn.exec_driver_sql(statement)
     finally:
         engine.dispose()
+
+
+def add_missing_columns(conn) -> None:
+    """ALTER TABLE ... ADD COLUMN IF NOT EXISTS for every column of the schema: columns added since a store was
+    created appear, empty (every added column is nullable, so old rows stay valid)."""
+    for table in Base.metadata.sorted_tables:
+        for column in table.columns:
+            if column.primary_key:
+                continue
+            kind = column.type.compile(dialect=conn.dialect)
+            conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN IF NOT EXISTS "{column.name}" {kind}')
 
 
 def view_statements() -> list[str]:
@@ -171,8 +193,9 @@ def load_result_file(path: str | os.PathLike) -> dict:
     """Read and validate one result file; return its parsed JSON.
 
     Checks the format tag, the required fields (REQUIRED_RUN, REQUIRED_PARAMS, REQUIRED_MEASUREMENT), the type
-    of every field that has a column, the status values and that no (prompt_id, repeat) occurs twice. Raises
-    ResultFileError with a one-line message naming the file and the field.
+    of every field that has a column, the status values and that no (prompt_id, repeat) occurs twice — for the
+    cell's run and for its paired baseline, which must be a `baseline` run whose `paired_with` is the cell's
+    run_id. Raises ResultFileError with a one-line message naming the file and the field.
     """
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -182,35 +205,56 @@ def load_result_file(path: str | os.PathLike) -> dict:
         raise ResultFileError(f"{path}: not valid JSON: {str(exc).splitlines()[0]}") from exc
     if not isinstance(doc, dict):
         raise _fail(path, "format", "the file is not a JSON object")
-    if doc.get("format") != RESULT_FORMAT:
-        raise _fail(path, "format", f"expected {RESULT_FORMAT!r}, got {_show(doc.get('format'))}")
+    if doc.get("format") not in RESULT_FORMATS:
+        raise _fail(path, "format", f"expected one of {', '.join(map(repr, RESULT_FORMATS))}, got "
+                                    f"{_show(doc.get('format'))}")
+    _check_run_document(path, doc, "")
+    paired = doc.get("paired_baseline")
+    if paired is not None:
+        if doc["format"] == RESULT_FORMATS[0]:
+            raise _fail(path, "paired_baseline", f"needs format {RESULT_FORMAT!r}")
+        if not isinstance(paired, dict):
+            raise _fail(path, "paired_baseline", "must be an object with `run` and `measurements`, or null")
+        _check_run_document(path, paired, "paired_baseline.")
+        if paired["run"].get("paired_with") != doc["run"]["run_id"]:
+            raise _fail(path, "paired_baseline.run.paired_with", f"must be the cell's run_id "
+                                                                 f"{_show(doc['run']['run_id'])}")
+        if paired["run"]["params"]["strategy"] != "baseline":
+            raise _fail(path, "paired_baseline.run.params.strategy", "must be 'baseline'")
+        if paired["run"]["run_id"] == doc["run"]["run_id"]:
+            raise _fail(path, "paired_baseline.run.run_id", "must differ from the cell's run_id")
+    return doc
+
+
+def _check_run_document(path, doc: dict, prefix: str) -> None:
+    """One run object and its measurements (the file itself, or its `paired_baseline`)."""
     run = doc.get("run")
     if not isinstance(run, dict):
-        raise _fail(path, "run", "missing or not an object")
-    _check_required(path, run, REQUIRED_RUN, "run.")
+        raise _fail(path, prefix + "run", "missing or not an object")
+    _check_required(path, run, REQUIRED_RUN, prefix + "run.")
     params = run["params"]
     if not isinstance(params, dict):
-        raise _fail(path, "run.params", "must be an object")
-    _check_required(path, params, REQUIRED_PARAMS, "run.params.")
+        raise _fail(path, prefix + "run.params", "must be an object")
+    _check_required(path, params, REQUIRED_PARAMS, prefix + "run.params.")
     if run["status"] not in STATUSES:
-        raise _fail(path, "run.status", f"must be one of {', '.join(STATUSES)}, got {_show(run['status'])}")
+        raise _fail(path, prefix + "run.status", f"must be one of {', '.join(STATUSES)}, got {_show(run['status'])}")
     for column in runs.columns:
         name = column.name
         if name in STORE_ONLY:
             continue
         if name in RUN_JSON_FIELDS:
-            _check_list(path, f"run.{name}", run.get(name))
+            _check_list(path, f"{prefix}run.{name}", run.get(name))
         elif name in PARAM_COLUMNS:
-            _check_value(path, f"run.params.{name}", column, params.get(name))
+            _check_value(path, f"{prefix}run.params.{name}", column, params.get(name))
         else:
-            _check_value(path, f"run.{name}", column, run.get(name))
+            _check_value(path, f"{prefix}run.{name}", column, run.get(name))
 
     rows = doc.get("measurements")
     if not isinstance(rows, list):
-        raise _fail(path, "measurements", "missing or not a list")
+        raise _fail(path, prefix + "measurements", "missing or not a list")
     seen = set()
     for i, row in enumerate(rows):
-        where = f"measurements[{i}]"
+        where = f"{prefix}measurements[{i}]"
         if not isinstance(row, dict):
             raise _fail(path, where, "must be an object")
         _check_required(path, row, REQUIRED_MEASUREMENT, where + ".")
@@ -225,7 +269,12 @@ def load_result_file(path: str | os.PathLike) -> dict:
         if key in seen:
             raise _fail(path, where, f"duplicate prompt_id {key[0]!r} repeat {key[1]}")
         seen.add(key)
-    return doc
+
+
+def run_documents(doc: dict) -> list[dict]:
+    """The runs a validated file holds, each as {"run", "measurements"}: the cell's, then its paired baseline's."""
+    paired = doc.get("paired_baseline")
+    return [doc] + ([paired] if paired else [])
 
 
 # ---------------------------------------------------------------------------------------------------- rows
@@ -301,14 +350,20 @@ def check_prices(prices) -> dict[str, float]:
 
 
 def ingest(db_path: str | os.PathLike, result_paths: Iterable[str | os.PathLike],
-           prices: dict | None = None) -> IngestReport:
+           prices: dict | None = None, noise_limits: dict | None = None) -> IngestReport:
     """Insert result files into the store at `db_path` (created if missing) in one transaction.
 
     All files are validated first (ResultFileError on the first bad one, before the database is opened). Runs
     whose run_id is already stored, or appears earlier in the same batch, are skipped. Any database error rolls
-    the whole batch back. `prices`, when given, replaces the `prices` table in the same transaction.
+    the whole batch back. `prices`, when given, replaces the `prices` table in the same transaction;
+    `noise_limits` (the config's `noise:`, merged over the defaults) replaces the `noise_thresholds` table.
     """
     prices = check_prices(prices) if prices is not None else None
+    if noise_limits is not None:
+        try:
+            noise_limits = noise.check_thresholds(noise_limits)
+        except ValueError as exc:
+            raise ResultFileError(str(exc)) from None
     paths = [str(p) for p in result_paths]
     docs = [(p, load_result_file(p)) for p in paths]
     report = IngestReport(files=len(docs))
@@ -317,17 +372,18 @@ def ingest(db_path: str | os.PathLike, result_paths: Iterable[str | os.PathLike]
     engine = engine_for(db_path)
     try:
         with engine.begin() as conn:
-            ids = [doc["run"]["run_id"] for _, doc in docs]
+            parts = [(path, part) for path, doc in docs for part in run_documents(doc)]
+            ids = [part["run"]["run_id"] for _, part in parts]
             stored = set(conn.execute(sa.select(runs.c.run_id).where(runs.c.run_id.in_(ids))).scalars()) if ids else set()
             new_runs, new_measurements = [], []
-            for path, doc in docs:
-                run_id = doc["run"]["run_id"]
+            for path, part in parts:
+                run_id = part["run"]["run_id"]
                 if run_id in stored:
                     report.skipped_runs += 1
                     continue
                 stored.add(run_id)
-                new_runs.append(run_row(doc, path, now))
-                new_measurements.extend(measurement_rows(doc))
+                new_runs.append(run_row(part, path, now))
+                new_measurements.extend(measurement_rows(part))
             if new_runs:
                 conn.execute(sa.insert(runs), new_runs)
             if new_measurements:
@@ -337,6 +393,10 @@ def ingest(db_path: str | os.PathLike, result_paths: Iterable[str | os.PathLike]
                 if prices:
                     conn.execute(sa.insert(prices_table), [{"device": d, "price_per_hour": p, "updated_utc": now}
                                                            for d, p in prices.items()])
+            if noise_limits is not None:
+                conn.execute(sa.delete(noise_thresholds))
+                conn.execute(sa.insert(noise_thresholds), [{"name": n, "value": v, "updated_utc": now}
+                                                           for n, v in noise_limits.items()])
     finally:
         engine.dispose()
     report.new_runs = len(new_runs)
