@@ -174,8 +174,8 @@ def _cells_sql(f: Filters) -> tuple[str, list]:
 
     `predicted_speedup` is Leviathan et al.'s expected walltime improvement from the cell's median acceptance α
     and median cost ratio c: (1 − α^(k+1)) / ((1 − α)(k·c + 1)), and (k + 1) / (k·c + 1) when α = 1.
-    `speedup_ci_low/high`: the 95 % bootstrap interval of the median (the store's median_ci, seeded by the cell
-    key as in cell_summary, so unfiltered they are cell_summary's); `noisy`/`noise_reason` from run_noise.
+    `speedup_ci_low/high`: the 95 % bootstrap interval of the median (the store's median_ci, as in cell_summary);
+    `noisy`/`noise_reason` from run_noise.
     """
     w, params = where(f, SPEEDUP_COLS)
     sql = f"""
@@ -183,8 +183,7 @@ def _cells_sql(f: Filters) -> tuple[str, list]:
             SELECT {CELL_KEYS},
                    bool_or(n.noisy) AS noisy,
                    string_agg(DISTINCT n.noise_reason, '; ' ORDER BY n.noise_reason) AS noise_reason,
-                   list(s.speedup ORDER BY s.prompt_id, s."repeat", s.run_id)
-                       FILTER (WHERE s.speedup IS NOT NULL) AS speedups,
+                   list(s.speedup) FILTER (WHERE s.speedup IS NOT NULL) AS speedups,
                    count(DISTINCT s.run_id) AS runs,
                    count(*) AS n,
                    count(DISTINCT s.prompt_id) AS prompts,
@@ -208,10 +207,7 @@ def _cells_sql(f: Filters) -> tuple[str, list]:
                    median(s.cost_per_mtok) AS cost_per_mtok
             FROM speedup s LEFT JOIN run_noise n ON n.run_id = s.run_id {w}
             GROUP BY {CELL_KEYS}),
-        ci AS (
-            SELECT *, CASE WHEN len(speedups) >= 2 THEN median_ci(speedups, concat_ws('|', host, target, draft,
-                   strategy, draft_length, gpus, temperature, top_p, top_k, max_new_tokens)) END AS interval
-            FROM agg)
+        ci AS (SELECT *, median_ci(speedups) AS interval FROM agg)
         SELECT * EXCLUDE (speedups, interval),
                interval[1] AS speedup_ci_low, interval[2] AS speedup_ci_high,
                CASE WHEN acceptance_rate IS NULL OR cost_ratio_c IS NULL OR NOT draft_length >= 1 THEN NULL

@@ -151,9 +151,23 @@ class NoiseThreshold(Base):
     updated_utc: Mapped[datetime] = mapped_column(DateTime, nullable=False)
 
 
+class MedianCiRank(Base):
+    """Which order statistics of a sorted sample of n values end the 95 % bootstrap interval of its median
+    (specdec.db.bootstrap; filled by init_db for n up to bootstrap.MAX_EXACT, a normal approximation beyond)."""
+
+    __tablename__ = "median_ci_ranks"
+
+    n: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    low_a: Mapped[int] = mapped_column(Integer, nullable=False)
+    low_b: Mapped[int] = mapped_column(Integer, nullable=False)
+    high_a: Mapped[int] = mapped_column(Integer, nullable=False)
+    high_b: Mapped[int] = mapped_column(Integer, nullable=False)
+
+
 runs = Run.__table__
 prices = Price.__table__
 noise_thresholds = NoiseThreshold.__table__
+median_ci_ranks = MedianCiRank.__table__
 measurements = Measurement.__table__
 
 # Fields of a result file that the store keeps as JSON text rather than as a scalar column.

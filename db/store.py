@@ -27,8 +27,9 @@ from sqlalchemy.engine import URL, Engine
 from sqlalchemy.pool import NullPool
 
 from specdec import noise
+from specdec.db import bootstrap
 from specdec.db.schema import (EXTRA_FIELD, MEASUREMENT_JSON_FIELDS, PARAM_COLUMNS, RUN_JSON_FIELDS, Base, measurements,
-                               noise_thresholds, runs)
+                               median_ci_ranks, noise_thresholds, runs)
 from specdec.db.schema import prices as prices_table
 
 RESULT_FORMAT = "specdec-result/2"
@@ -82,7 +83,8 @@ def init_db(path: str | os.PathLike) -> None:
 
     Views are `CREATE OR REPLACE`d every time, so an edited views.sql takes effect on the next ingest. Tables
     are created when missing, and a store made by an older version gets the columns it lacks (NULL in the rows
-    it already holds: nothing stored changes). Missing noise thresholds get their defaults.
+    it already holds: nothing stored changes). Missing noise thresholds get their defaults, and the bootstrap rank
+table (db/bootstrap.py) is filled once.
     """
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     engine = engine_for(path)
@@ -96,6 +98,9 @@ def init_db(path: str | os.PathLike) -> None:
                        if n not in stored]
             if missing:
                 conn.execute(sa.insert(noise_thresholds), missing)
+            if conn.execute(sa.select(sa.func.count()).select_from(median_ci_ranks)).scalar() != bootstrap.MAX_EXACT:
+                conn.execute(sa.delete(median_ci_ranks))
+                conn.execute(sa.insert(median_ci_ranks), bootstrap.rank_rows())
             for statement in view_statements():
                 conn.exec_driver_sql(statement)
     finally:

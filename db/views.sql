@@ -146,20 +146,22 @@ SELECT run_id, load_avg, other_cpu_cores, steal_share, gpu_other_processes, base
        '') AS noise_reason
 FROM checks;
 
--- median_ci(values, seed): a 95 % percentile-bootstrap interval [low, high] of the median of `values`.
--- B = 1000 resamples of n values each; value i of resample b is values[hash(seed, b, i) % n + 1]. Why hashing
--- and not random(): cell_summary is a view that any client recomputes from the stored rows, and the same rows
--- must always give the same interval; hash() is a fixed function of its arguments, so the resamples depend on
--- nothing but the data and the cell key (the seed keeps cells' resamples independent of each other). Why in
--- SQL: the dashboard recomputes cell figures after filtering rows, and must get the same interval as
--- cell_summary. B = 1000 keeps the interval ends' resampling error small next to their width; 50 cells of 240
--- pairs take ~0.2 s. (A DuckDB upgrade that changed hash() would shift the ends by resampling error only.)
-CREATE OR REPLACE MACRO median_ci(vals, seed) AS
-    list_aggregate(
-        list_transform(range(1000), lambda b: list_aggregate(
-            list_transform(range(len(vals)), lambda i: vals[CAST(hash(seed, b, i) % len(vals) AS INTEGER) + 1]),
-            'median')),
-        'quantile_cont', [0.025, 0.975]);
+-- median_ci(values): the 95 % bootstrap interval [low, high] of the median of `values` (NULL for fewer than 2),
+-- computed exactly rather than by resampling (db/bootstrap.py explains): its ends are order statistics of the
+-- sorted values, whose ranks depend only on n — from the median_ci_ranks table for n <= 200, and from the normal
+-- approximation of the binomial (ci_rank, within one rank of exact there) beyond. Deterministic by construction,
+-- and as cheap as a sort, where drawing 1000 resamples per cell took minutes on a store of 100 000 rows.
+CREATE OR REPLACE MACRO ci_rank(n, r, z) AS
+    greatest(1, least(n, CAST(ceil(r - 0.5 + z * sqrt(r * (n - r) / n)) AS INTEGER)));
+
+CREATE OR REPLACE MACRO median_ci(vals) AS (
+    SELECT CASE WHEN s.n >= 2 THEN [
+        (s.x[coalesce(r.low_a, ci_rank(s.n, (s.n + 1) // 2, -1.959964))]
+         + s.x[coalesce(r.low_b, ci_rank(s.n, s.n // 2 + 1, -1.959964))]) / 2,
+        (s.x[coalesce(r.high_a, ci_rank(s.n, (s.n + 1) // 2, 1.959964))]
+         + s.x[coalesce(r.high_b, ci_rank(s.n, s.n // 2 + 1, 1.959964))]) / 2] END
+    FROM (SELECT list_sort(vals) AS x, len(vals) AS n) AS s
+    LEFT JOIN median_ci_ranks AS r ON r.n = s.n);
 
 -- cell_summary: one row per cell, i.e. per (host, target, draft, strategy, draft_length, gpus,
 -- temperature, top_p, top_k, max_new_tokens) of the speedup view. top_k and max_new_tokens are part
@@ -194,15 +196,13 @@ WITH agg AS (
         bool_or(n.noisy) AS noisy,
         string_agg(DISTINCT n.noise_reason, '; ' ORDER BY n.noise_reason) AS noise_reason,
         avg(CASE WHEN s.baseline_source = 'paired' THEN 1.0 ELSE 0.0 END) AS paired_share,
-        list(s.speedup ORDER BY s.prompt_id, s."repeat", s.run_id) FILTER (WHERE s.speedup IS NOT NULL) AS speedups
+        list(s.speedup) FILTER (WHERE s.speedup IS NOT NULL) AS speedups
     FROM speedup AS s
     LEFT JOIN run_noise AS n ON n.run_id = s.run_id
     GROUP BY ALL
 ),
 ci AS (
-    SELECT *, CASE WHEN len(speedups) >= 2 THEN median_ci(speedups, concat_ws('|', host, target, draft, strategy,
-        draft_length, gpus, temperature, top_p, top_k, max_new_tokens)) END AS interval
-    FROM agg
+    SELECT *, median_ci(speedups) AS interval FROM agg
 )
 SELECT * EXCLUDE (speedups, interval), interval[1] AS speedup_ci_low, interval[2] AS speedup_ci_high
 FROM ci;

@@ -240,7 +240,7 @@ def test_a_store_from_before_pairing_gains_the_new_columns_and_keeps_its_rows(tm
                     "gpu_other_processes", "baseline_spread", "noise_samples"}, "measurements": {"decode_index"}}
     old = sa.MetaData()
     for table in Base.metadata.sorted_tables:
-        if table.name != "noise_thresholds":
+        if table.name not in ("noise_thresholds", "median_ci_ranks"):
             sa.Table(table.name, old, *(c._copy() for c in table.columns if c.name not in new.get(table.name, ())))
     db = tmp_path / "old.duckdb"
     engine = engine_for(db)
@@ -262,6 +262,7 @@ def test_a_store_from_before_pairing_gains_the_new_columns_and_keeps_its_rows(tm
         ("cell", None), ("cell-base", "cell"), ("old-run", None)]
     assert fetch(db, "SELECT tokens_per_s, decode_index FROM measurements WHERE run_id = 'old-run'") == [(20.0, None)]
     assert fetch(db, "SELECT count(*) FROM noise_thresholds") == [(4,)]
+    assert fetch(db, "SELECT count(*) FROM median_ci_ranks") == [(200,)]
 
 
 # --- the bootstrap interval --------------------------------------------------------------------------------------
@@ -285,10 +286,36 @@ def test_bootstrap_interval_contains_the_median_narrows_with_n_and_is_determinis
     median256, low256, high256 = interval(tmp_path, spread_values(256), "n256")
     assert median16 == pytest.approx(1.0) and median256 == pytest.approx(1.0)
     assert 0.8 <= low16 < 1.0 < high16 <= 1.2 and low256 < 1.0 < high256
-    # the width falls like 1/sqrt(n): 16x the pairs, a quarter of the width (well under half)
+    # the width falls like 1/sqrt(n): 16x the pairs, a quarter of the width (well under half); n = 256 is past the
+    # exact rank table, so this also runs the normal approximation
     assert high256 - low256 < 0.5 * (high16 - low16)
     # the same rows give the same interval, in a fresh store too
     assert interval(tmp_path, spread_values(16), "n16-again") == (median16, low16, high16)
     # identical ratios: no uncertainty; a single pair: no interval
     assert interval(tmp_path, [1.3] * 5, "flat")[1:] == pytest.approx((1.3, 1.3))
     assert interval(tmp_path, [1.3], "one")[1:] == (None, None)
+
+
+def test_exact_bootstrap_ranks_match_resampling_and_the_sql_approximation():
+    """The interval ends db/bootstrap.py derives in closed form equal a (seeded) Monte Carlo percentile bootstrap of
+    the median for odd n, and are no narrower for even n; above MAX_EXACT the store's normal approximation is
+    within one rank of exact."""
+    import numpy as np
+
+    from specdec.db import bootstrap
+
+    rng = np.random.default_rng(0)
+    for n in (5, 9, 16, 31):
+        x = np.sort(rng.lognormal(size=n))
+        medians = np.median(x[rng.integers(0, n, (100_000, n))], axis=1)
+        mc_low, mc_high = np.quantile(medians, [0.025, 0.975], method="inverted_cdf")
+        a_lo, b_lo, a_hi, b_hi = bootstrap.median_ci_ranks(n)
+        low, high = (x[a_lo - 1] + x[b_lo - 1]) / 2, (x[a_hi - 1] + x[b_hi - 1]) / 2
+        if n % 2:
+            assert (low, high) == (mc_low, mc_high)
+        else:
+            assert low <= mc_low and mc_high <= high
+    for n in range(bootstrap.MAX_EXACT + 1, bootstrap.MAX_EXACT + 400, 37):
+        for r in ((n + 1) // 2, n // 2 + 1):
+            for q, z in ((0.025, -1.959964), (0.975, 1.959964)):
+                assert abs(bootstrap.approx_rank(n, r, z) - bootstrap.quantile_rank(n, r, q)) <= 1
