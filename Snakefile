@@ -24,6 +24,13 @@ include: "workflow/rules/store.smk"
 
 
 rule all:
+    # A rule with a shell but no output always runs: the summary is printed after every run, also when every
+    # cell was already done ("nothing to be done" would skip an onsuccess handler).
     input:
         INGESTED,
     default_target: True
+    localrule: True
+    params:
+        summary=summary_command(),
+    shell:
+        "{params.summary}"

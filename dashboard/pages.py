@@ -180,6 +180,30 @@ def fmt_k(k) -> str:
     return "—" if pd.isna(k) else str(int(k))
 
 
+def noisy_mask(df: pd.DataFrame) -> pd.Series:
+    """True where a cell was measured on a noisy machine (NULL, no readings, counts as not known to be noisy)."""
+    return df.noisy.map(lambda v: bool(v) if pd.notna(v) else False).astype(bool)
+
+
+def noise_text(df: pd.DataFrame) -> pd.Series:
+    """A table column that cannot be missed: "⚠ noisy: <reason>" on noisy cells, blank otherwise."""
+    return df.noise_reason.where(noisy_mask(df)).map(lambda r: f"⚠ noisy: {r}" if isinstance(r, str) else "")
+
+
+def fmt_ci(low, high) -> str:
+    return "—" if pd.isna(low) else f"{low:.2f}–{high:.2f}×"
+
+
+def warn_noisy(df: pd.DataFrame, label: pd.Series) -> None:
+    """A visible warning naming every noisy cell on the page, with why it was flagged."""
+    noisy = df[noisy_mask(df)]
+    if noisy.empty:
+        return
+    lines = "\n".join(f"- {name}: {reason}" for name, reason in zip(label[noisy.index], noisy.noise_reason))
+    st.warning(f"{len(noisy)} cell(s) were measured while other work loaded the machine; their speedups are not "
+               f"trustworthy (re-run them on a quieter machine, or see `noise:` in the config):\n{lines}", icon="⚠️")
+
+
 # ---------------------------------------------------------------------------------------------- empty store
 
 def page_empty(db: str, status: dict, chosen: bool = False) -> None:
@@ -208,12 +232,26 @@ def page_overview(db: str, f: Filters) -> None:
     if spec.empty:
         no_rows(f, "speculative cells with a baseline")
         return
-    top = spec.iloc[0]  # cells() is ordered by median speedup, fastest first
+    # cells() is ordered by median speedup, fastest first; the headline is the fastest cell measured on a quiet
+    # machine, never silently a noisy one
+    quiet = spec[~noisy_mask(spec)]
+    top = (quiet if len(quiet) else spec).iloc[0]
+    faster_noisy = spec[noisy_mask(spec) & (spec.speedup > top.speedup)]
+    if len(quiet) == 0:
+        st.warning(f"Every cell here was measured on a noisy machine; the best one is shown, but its speedup is not "
+                   f"trustworthy: {top.noise_reason}.", icon="⚠️")
+    elif len(faster_noisy):
+        fast = faster_noisy.iloc[0]
+        st.warning(f"Not taken as the best: {series_label(faster_noisy).iloc[0]} · k={fmt_k(fast.draft_length)} "
+                   f"measured {fast.speedup:.2f}× on a noisy machine ({fast.noise_reason})"
+                   + (f", and {len(faster_noisy) - 1} more noisy cell(s) above the best quiet one"
+                      if len(faster_noisy) > 1 else "") + ".", icon="⚠️")
     pair = q.pair_label(q.pair_key(top.target, top.draft if isinstance(top.draft, str) else None))
     # two rows of cards: strategy and pair names are long and a fifth of the width cuts them short
     cards = st.columns(4, border=True)
     cards[0].metric("Best speedup", f"{top.speedup:.2f}×",
-                    help="Median over prompts and repeats of tokens/s ÷ the baseline's tokens/s, best cell")
+                    help="Median over prompts and repeats of tokens/s ÷ the baseline's tokens/s (paired: decoded in "
+                         "the same job), best cell measured on a quiet machine")
     cards[1].metric("Draft length k", fmt_k(top.draft_length))
     cards[2].metric("Acceptance rate", "—" if pd.isna(top.acceptance_rate) else f"{top.acceptance_rate:.1%}",
                     help="Median accepted ÷ proposed draft tokens in that cell")
@@ -227,13 +265,17 @@ def page_overview(db: str, f: Filters) -> None:
            f"{top.predicted_speedup:.2f}×; measured {top.speedup:.2f}×."
            if pd.notna(top.predicted_speedup) else "")
     st.caption(f"Host {top.host}, {int(top.gpus)} GPU(s), temperature {top.temperature}; "
-               f"speedup p25–p75 {top.speedup_p25:.2f}–{top.speedup_p75:.2f} over {int(top.n)} measurements; "
+               f"95 % confidence interval of the median speedup {fmt_ci(top.speedup_ci_low, top.speedup_ci_high)} "
+               f"(bootstrap over {int(top.n)} prompt × repeat measurements), p25–p75 "
+               f"{top.speedup_p25:.2f}–{top.speedup_p75:.2f}; "
                f"{top.tokens_per_s:.1f} tok/s vs baseline {top.baseline_tokens_per_s:.1f} tok/s." + why)
 
     st.subheader("Best draft length per pair × strategy")
     b = q.best_k(db, f)
     b.insert(0, "pair", [q.pair_label(q.pair_key(t, d if isinstance(d, str) else None))
                          for t, d in zip(b.target, b.draft)])
+    b["noise"] = noise_text(b)  # a noisy k is only chosen when every k of its row was noisy
+    b = b.drop(columns=["noisy", "noise_reason"])
     # settings that are the same in every row add nothing to the table; the others tell two rows of one pair
     # and strategy apart, so they come first
     settings = ("host", "gpus", "temperature", "top_p", "top_k", "max_new_tokens")
@@ -245,6 +287,8 @@ def page_overview(db: str, f: Filters) -> None:
         "cost_per_mtok": st.column_config.NumberColumn("cost per 1M tokens", format="%.4f"),
         "best_k": st.column_config.NumberColumn("best k", format="%d"),
         "speedup": st.column_config.NumberColumn("speedup", format="%.2f×"),
+        "speedup_ci_low": st.column_config.NumberColumn("95 % CI low", format="%.2f×"),
+        "speedup_ci_high": st.column_config.NumberColumn("95 % CI high", format="%.2f×"),
         "predicted_speedup": st.column_config.NumberColumn("predicted", format="%.2f×"),
         "acceptance_rate": st.column_config.NumberColumn("acceptance", format="percent"),
         "tokens_per_s": st.column_config.NumberColumn("tok/s", format="%.1f"),
@@ -289,7 +333,9 @@ def page_speedup(db: str, f: Filters) -> None:
         return
     domain, full = all_series(db)
     d["series"] = series_label(d, like=full)
+    d["noise"] = noise_text(d)
     n_series = d.series.nunique()
+    warn_noisy(d, d.series + " · k=" + d.draft_length.map(fmt_k))
     # bands of many series overlap into one smear: off by default then (the table keeps the spread)
     spread = st.radio("Band", ["p25–p75", "min–max", "none"], index=0 if n_series <= 8 else 2, horizontal=True,
                       key="speedup_band", help="Spread of the per-measurement speedup over prompts and repeats")
@@ -300,17 +346,28 @@ def page_speedup(db: str, f: Filters) -> None:
     line = base.mark_line(point=True).encode(
         y=alt.Y("speedup:Q", title="speedup over baseline (×)"),
         tooltip=["series", "draft_length", alt.Tooltip("speedup:Q", format=".2f"),
+                 alt.Tooltip("speedup_ci_low:Q", title="95 % CI low", format=".2f"),
+                 alt.Tooltip("speedup_ci_high:Q", title="95 % CI high", format=".2f"),
                  alt.Tooltip(f"{lo}:Q", format=".2f"), alt.Tooltip(f"{hi}:Q", format=".2f"),
-                 alt.Tooltip("acceptance_rate:Q", format=".2f"), "n"])
-    layers = [line, baseline_rule()]
+                 alt.Tooltip("acceptance_rate:Q", format=".2f"), "noise", "n"])
+    # error bars: the 95 % bootstrap interval of each median; a red ring marks cells measured on a noisy machine
+    ci = base.mark_errorbar(ticks=True).encode(y=alt.Y("speedup_ci_low:Q", title="speedup over baseline (×)"),
+                                               y2="speedup_ci_high:Q")
+    noisy = base.transform_filter("datum.noisy === true").mark_point(
+        size=260, color="#d62728", strokeWidth=2, filled=False).encode(
+        y="speedup:Q", color=alt.value("#d62728"), tooltip=["series", "draft_length", "noise"])
+    layers = [line, ci, noisy, baseline_rule()]
     if spread != "none":
         layers.insert(0, base.mark_area(opacity=0.2).encode(y=f"{lo}:Q", y2=f"{hi}:Q"))
     show(alt.layer(*layers).properties(height=with_legend(CHART_HEIGHT, n_series + 1)))
-    st.caption("Line: median speedup of the cell" + ("" if spread == "none" else f"; band: {spread} over prompts "
-               "and repeats") + ". Dashed rule: the baseline (1.0×). Strategies without a draft length (baseline, "
-               "hf-generate) are not drawn.")
-    table(d[["series", "draft_length", "speedup", lo, hi, "acceptance_rate", "mean_accepted_tokens",
-             "tokens_per_s", "baseline_tokens_per_s", "n"]])
+    st.caption("Line: median speedup of the cell; error bars: its 95 % bootstrap confidence interval over prompt × "
+               "repeat pairs" + ("" if spread == "none" else f"; band: {spread} over prompts and repeats")
+               + "; red ring: measured on a noisy machine. Dashed rule: the baseline (1.0×). Strategies without a "
+               "draft length (baseline, hf-generate) are not drawn.")
+    table(d[["series", "draft_length", "speedup", "speedup_ci_low", "speedup_ci_high", lo, hi, "noise",
+             "acceptance_rate", "mean_accepted_tokens", "tokens_per_s", "baseline_tokens_per_s", "n"]],
+          column_config={"speedup_ci_low": st.column_config.NumberColumn("95 % CI low", format="%.3f"),
+                         "speedup_ci_high": st.column_config.NumberColumn("95 % CI high", format="%.3f")})
 
 
 # ---------------------------------------------------------------------------------------------- acceptance

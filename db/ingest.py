@@ -52,6 +52,13 @@ def collect_result_files(paths: list[str]) -> tuple[list[Path], list[Path]]:
     return found, skipped
 
 
+def json_option(text: str | None, flag: str):
+    try:
+        return json.loads(text) if text is not None else None
+    except json.JSONDecodeError as exc:
+        raise ResultFileError(f"{flag} is not valid JSON ({exc.msg})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="specdec ingest", description="Insert result files into the DuckDB store "
                                      "(one transaction; runs already stored are skipped).")
@@ -61,21 +68,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait", type=float, default=LOCK_WAIT_S, metavar="SECONDS",
                         help="while another process (a dashboard query, `specdec query`) holds the store, retry for "
                              "this long before giving up (default: %(default)g)")
+    parser.add_argument("--noise", default=None, metavar="JSON",
+                        help='replace the noise thresholds runs are judged by, e.g. \'{"other_cpu_cores": 0.5}\' '
+                             "(the rest keep their defaults)")
     parser.add_argument("paths", nargs="+", metavar="FILE_OR_DIR", help="result files, or folders to search for *.json")
     args = parser.parse_args(argv)
     db_path = Path(args.db) if args.db else default_db_path()
     try:
         if not (math.isfinite(args.wait) and args.wait >= 0):
             raise ResultFileError(f"--wait must be a number of seconds >= 0, got {args.wait}")
-        try:
-            prices = json.loads(args.prices) if args.prices is not None else None
-        except json.JSONDecodeError as exc:
-            raise ResultFileError(f"--prices is not valid JSON ({exc.msg})") from None
+        prices, noise_limits = json_option(args.prices, "--prices"), json_option(args.noise, "--noise")
         files, skipped = collect_result_files(args.paths)
         if skipped:
             print(f"note: skipped {len(skipped)} JSON file{'s' if len(skipped) > 1 else ''} that "
                   f"{'are' if len(skipped) > 1 else 'is'} not a result file (e.g. {skipped[0]})", file=sys.stderr)
-        report = ingest(db_path, files, prices=prices, wait_s=args.wait)
+        report = ingest(db_path, files, prices=prices, noise_limits=noise_limits, wait_s=args.wait)
     except ResultFileError as exc:
         print(f"error: {exc} (nothing was ingested)", file=sys.stderr)
         return 2

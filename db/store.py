@@ -7,7 +7,8 @@ being held by an idle pooled connection for the life of the process.
 
 Ingest is all-or-nothing: every file is read and validated before the database is touched, then all new runs and
 their measurements go in one transaction. A run whose `run_id` is already stored is skipped, so re-running ingest
-over the same folder is harmless.
+over the same folder is harmless. A format-2 file may carry a second run, the cell's paired baseline; it is stored
+as a run of its own, linked by `paired_with`. Format-1 files (before paired baselines) are still accepted.
 """
 
 from __future__ import annotations
@@ -28,11 +29,14 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.pool import NullPool
 
+from specdec import noise
+from specdec.db import bootstrap
 from specdec.db.schema import (EXTRA_FIELD, MEASUREMENT_JSON_FIELDS, PARAM_COLUMNS, RUN_JSON_FIELDS, Base, measurements,
-                               runs)
+                               median_ci_ranks, noise_thresholds, runs)
 from specdec.db.schema import prices as prices_table
 
-RESULT_FORMAT = "specdec-result/1"
+RESULT_FORMAT = "specdec-result/2"
+RESULT_FORMATS = ("specdec-result/1", RESULT_FORMAT)  # 1: before paired baselines and noise readings
 VIEWS_SQL = Path(__file__).with_name("views.sql")
 STATUSES = ("ok", "failed")
 # `runs` columns the store fills in itself rather than reading from the file's `run` object.
@@ -96,7 +100,8 @@ def init_db(path: str | os.PathLike) -> None:
 
     Views are `CREATE OR REPLACE`d every time, so an edited views.sql takes effect on the next ingest. Tables
     are created when missing; columns added to the models since a store was created are added to it (NULL in its
-    older rows), so an older store keeps working.
+    older rows), so an older store keeps working. Missing noise thresholds get their defaults, and the
+    bootstrap rank table (db/bootstrap.py) is filled once.
     """
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     engine = engine_for(path)
@@ -104,6 +109,15 @@ def init_db(path: str | os.PathLike) -> None:
         with engine.begin() as conn:
             Base.metadata.create_all(conn)
             add_missing_columns(conn)
+            stored = set(conn.execute(sa.select(noise_thresholds.c.name)).scalars())
+            now = datetime.now(timezone.utc).replace(tzinfo=None)
+            missing = [{"name": n, "value": v, "updated_utc": now} for n, v in noise.THRESHOLDS.items()
+                       if n not in stored]
+            if missing:
+                conn.execute(sa.insert(noise_thresholds), missing)
+            if conn.execute(sa.select(sa.func.count()).select_from(median_ci_ranks)).scalar() != bootstrap.MAX_EXACT:
+                conn.execute(sa.delete(median_ci_ranks))
+                conn.execute(sa.insert(median_ci_ranks), bootstrap.rank_rows())
             for statement in view_statements():
                 conn.exec_driver_sql(statement)
     finally:
@@ -231,8 +245,9 @@ def load_result_file(path: str | os.PathLike) -> dict:
     """Read and validate one result file; return its parsed JSON.
 
     Checks the format tag, the required fields (REQUIRED_RUN, REQUIRED_PARAMS, REQUIRED_MEASUREMENT), the type
-    of every field that has a column, the status values and that no (prompt_id, repeat) occurs twice. Raises
-    ResultFileError with a one-line message naming the file and the field.
+    of every field that has a column, the status values and that no (prompt_id, repeat) occurs twice — for the
+    cell's run and for its paired baseline, which must be a `baseline` run whose `paired_with` is the cell's
+    run_id. Raises ResultFileError with a one-line message naming the file and the field.
     """
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -242,38 +257,59 @@ def load_result_file(path: str | os.PathLike) -> dict:
         raise ResultFileError(f"{path}: not valid JSON: {str(exc).splitlines()[0]}") from exc
     if not isinstance(doc, dict):
         raise _fail(path, "format", "the file is not a JSON object")
-    if doc.get("format") != RESULT_FORMAT:
-        raise _fail(path, "format", f"expected {RESULT_FORMAT!r}, got {_show(doc.get('format'))}")
+    if doc.get("format") not in RESULT_FORMATS:
+        raise _fail(path, "format", f"expected one of {', '.join(map(repr, RESULT_FORMATS))}, got "
+                                    f"{_show(doc.get('format'))}")
+    _check_run_document(path, doc, "")
+    paired = doc.get("paired_baseline")
+    if paired is not None:
+        if doc["format"] == RESULT_FORMATS[0]:
+            raise _fail(path, "paired_baseline", f"needs format {RESULT_FORMAT!r}")
+        if not isinstance(paired, dict):
+            raise _fail(path, "paired_baseline", "must be an object with `run` and `measurements`, or null")
+        _check_run_document(path, paired, "paired_baseline.")
+        if paired["run"].get("paired_with") != doc["run"]["run_id"]:
+            raise _fail(path, "paired_baseline.run.paired_with", f"must be the cell's run_id "
+                                                                 f"{_show(doc['run']['run_id'])}")
+        if paired["run"]["params"]["strategy"] != "baseline":
+            raise _fail(path, "paired_baseline.run.params.strategy", "must be 'baseline'")
+        if paired["run"]["run_id"] == doc["run"]["run_id"]:
+            raise _fail(path, "paired_baseline.run.run_id", "must differ from the cell's run_id")
+    return doc
+
+
+def _check_run_document(path, doc: dict, prefix: str) -> None:
+    """One run object and its measurements (the file itself, or its `paired_baseline`)."""
     run = doc.get("run")
     if not isinstance(run, dict):
-        raise _fail(path, "run", "missing or not an object")
-    _check_required(path, run, REQUIRED_RUN, "run.")
+        raise _fail(path, prefix + "run", "missing or not an object")
+    _check_required(path, run, REQUIRED_RUN, prefix + "run.")
     if not (isinstance(run["run_id"], str) and RUN_ID.fullmatch(run["run_id"])):
-        raise _fail(path, "run.run_id", f"must be 1-128 letters, digits or . _ : + - (a job writes a uuid4 hex), "
-                                        f"got {_show(run['run_id'])}")
+        raise _fail(path, prefix + "run.run_id", f"must be 1-128 letters, digits or . _ : + - (a job writes a uuid4 "
+                                                 f"hex), got {_show(run['run_id'])}")
     params = run["params"]
     if not isinstance(params, dict):
-        raise _fail(path, "run.params", "must be an object")
-    _check_required(path, params, REQUIRED_PARAMS, "run.params.")
+        raise _fail(path, prefix + "run.params", "must be an object")
+    _check_required(path, params, REQUIRED_PARAMS, prefix + "run.params.")
     if run["status"] not in STATUSES:
-        raise _fail(path, "run.status", f"must be one of {', '.join(STATUSES)}, got {_show(run['status'])}")
+        raise _fail(path, prefix + "run.status", f"must be one of {', '.join(STATUSES)}, got {_show(run['status'])}")
     for column in runs.columns:
         name = column.name
         if name in STORE_ONLY:
             continue
         if name in RUN_JSON_FIELDS:
-            _check_list(path, f"run.{name}", run.get(name))
+            _check_list(path, f"{prefix}run.{name}", run.get(name))
         elif name in PARAM_COLUMNS:
-            _check_value(path, f"run.params.{name}", column, params.get(name))
+            _check_value(path, f"{prefix}run.params.{name}", column, params.get(name))
         else:
-            _check_value(path, f"run.{name}", column, run.get(name))
+            _check_value(path, f"{prefix}run.{name}", column, run.get(name))
 
     rows = doc.get("measurements")
     if not isinstance(rows, list):
-        raise _fail(path, "measurements", "missing or not a list")
+        raise _fail(path, prefix + "measurements", "missing or not a list")
     seen = set()
     for i, row in enumerate(rows):
-        where = f"measurements[{i}]"
+        where = f"{prefix}measurements[{i}]"
         if not isinstance(row, dict):
             raise _fail(path, where, "must be an object")
         _check_required(path, row, REQUIRED_MEASUREMENT, where + ".")
@@ -288,7 +324,12 @@ def load_result_file(path: str | os.PathLike) -> dict:
         if key in seen:
             raise _fail(path, where, f"duplicate prompt_id {key[0]!r} repeat {key[1]}")
         seen.add(key)
-    return doc
+
+
+def run_documents(doc: dict) -> list[dict]:
+    """The runs a validated file holds, each as {"run", "measurements"}: the cell's, then its paired baseline's."""
+    paired = doc.get("paired_baseline")
+    return [doc] + ([paired] if paired else [])
 
 
 # ---------------------------------------------------------------------------------------------------- rows
@@ -367,7 +408,8 @@ LOCK_WAIT_S = 60.0  # how long ingest waits for readers (a dashboard query, `spe
 
 
 def ingest(db_path: str | os.PathLike, result_paths: Iterable[str | os.PathLike],
-           prices: dict | None = None, wait_s: float = LOCK_WAIT_S) -> IngestReport:
+           prices: dict | None = None, noise_limits: dict | None = None,
+           wait_s: float = LOCK_WAIT_S) -> IngestReport:
     """Insert result files into the store at `db_path` (created if missing) in one transaction.
 
     All files are validated first (ResultFileError on the first bad one, before the database is opened). A run
@@ -376,16 +418,23 @@ def ingest(db_path: str | os.PathLike, result_paths: Iterable[str | os.PathLike]
     parameters, and each measurement's status, tok/s and output hash). Any database error rolls the whole batch
     back; one raised by a file's rows names that file. While another process holds the store (DuckDB allows one
     writer and no readers beside it), ingest retries for up to `wait_s` seconds, saying so once on stderr.
-    `prices`, when given, replaces the `prices` table in the same transaction.
+    `prices`, when given, replaces the `prices` table in the same transaction; `noise_limits` (the config's
+    `noise:`, merged over the defaults) replaces the `noise_thresholds` table. A file's paired baseline is a run
+    of its own (run_documents).
     """
     prices = check_prices(prices) if prices is not None else None
+    if noise_limits is not None:
+        try:
+            noise_limits = noise.check_thresholds(noise_limits)
+        except ValueError as exc:
+            raise ResultFileError(str(exc)) from None
     paths = [str(p) for p in result_paths]
     docs = unique_runs([(p, load_result_file(p)) for p in paths])
     deadline = time.monotonic() + wait_s
     said = False
     while True:
         try:
-            return _ingest_once(db_path, docs, len(paths), prices)
+            return _ingest_once(db_path, docs, len(paths), prices, noise_limits)
         except (duckdb.Error, sa.exc.SQLAlchemyError) as exc:
             if not is_locked(exc) or time.monotonic() >= deadline:
                 raise
@@ -438,7 +487,7 @@ def stored_fingerprints(conn, ids: list[str]) -> dict[str, tuple[str, tuple]]:
     return {run_id: (run["result_file"], run_fingerprint(run, rows[run_id])) for run_id, run in found.items()}
 
 
-def _ingest_once(db_path, docs: list[tuple[str, dict | None]], files: int, prices) -> IngestReport:
+def _ingest_once(db_path, docs: list[tuple[str, dict | None]], files: int, prices, noise_limits) -> IngestReport:
     report = IngestReport(files=files, skipped_runs=sum(1 for _, doc in docs if doc is None))
     try:
         init_db(db_path)
@@ -449,10 +498,10 @@ def _ingest_once(db_path, docs: list[tuple[str, dict | None]], files: int, price
     engine = engine_for(db_path)
     try:
         with engine.begin() as conn:
-            todo = [(path, doc) for path, doc in docs if doc is not None]
-            stored = stored_fingerprints(conn, [doc["run"]["run_id"] for _, doc in todo])
-            for path, doc in todo:
-                run, rows = run_row(doc, path, now), measurement_rows(doc)
+            todo = [(path, part) for path, doc in docs if doc is not None for part in run_documents(doc)]
+            stored = stored_fingerprints(conn, [part["run"]["run_id"] for _, part in todo])
+            for path, part in todo:
+                run, rows = run_row(part, path, now), measurement_rows(part)
                 if run["run_id"] in stored:
                     stored_file, fingerprint = stored[run["run_id"]]
                     if fingerprint != run_fingerprint(run, rows):
@@ -474,6 +523,10 @@ def _ingest_once(db_path, docs: list[tuple[str, dict | None]], files: int, price
                 if prices:
                     conn.execute(sa.insert(prices_table), [{"device": d, "price_per_hour": p, "updated_utc": now}
                                                            for d, p in prices.items()])
+            if noise_limits is not None:
+                conn.execute(sa.delete(noise_thresholds))
+                conn.execute(sa.insert(noise_thresholds), [{"name": n, "value": v, "updated_utc": now}
+                                                           for n, v in noise_limits.items()])
     finally:
         engine.dispose()
     return report

@@ -578,3 +578,50 @@ def test_stopping_specdec_dashboard_stops_the_server(fixture_db, tmp_path):
                 pytest.fail("a process of the dashboard outlived SIGTERM")
             except ProcessLookupError:
                 pass
+
+
+# ---------------------------------------------------------------------------------------------- noise, intervals
+
+def noisy_store(tmp_path, monkeypatch) -> Path:
+    """The fixture matrix plus a cell measured on a busy machine that looks faster than the best quiet one."""
+    from dashboard_fixture import DRAFT, fixture_results
+
+    noisy = make_result(host="lab-a", target=TARGET, draft=DRAFT, strategy="speculative", k=6, speed=3.0, alpha=0.7,
+                        noise={"other_cpu_cores": 1.4, "steal_share": 0.0, "load_avg": 3.1})
+    db = tmp_path / "noisy.duckdb"
+    ingest(db, write_results(fixture_results() + [noisy], tmp_path / "results"))
+    monkeypatch.setenv("SPECDEC_DB", str(db))
+    return db
+
+
+def test_overview_never_takes_a_noisy_cell_as_the_best(tmp_path, monkeypatch):
+    db = noisy_store(tmp_path, monkeypatch)
+    assert sql(db, "SELECT max(speedup_median) AS m FROM cell_summary").m[0] == pytest.approx(3.0)
+    at = run_page("overview")
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Best speedup"] == f"{BEST['speedup']:.2f}×" and metrics["Draft length k"] == str(BEST["k"])
+    assert any("3.00× on a noisy machine (other processes used 1.4 of 2 cores)" in w.value for w in at.warning)
+    best = sql(db, "SELECT speedup_ci_low, speedup_ci_high FROM cell_summary WHERE strategy = 'speculative' "
+                   "AND draft_length = 4 AND host = 'lab-a' AND gpus = 1 AND temperature = 0").iloc[0]
+    assert f"{best.speedup_ci_low:.2f}–{best.speedup_ci_high:.2f}×" in at.caption[0].value
+    # best k per pair × strategy: the quiet k = 4, not the noisy k = 6
+    table = frame_with(at, "pair", "strategy", "best_k", "speedup_ci_low", "speedup_ci_high", "noise")
+    row = table[(table.strategy == "speculative") & ((table.speedup - BEST["speedup"]).abs() < 1e-9)]
+    assert row.best_k.tolist() == [BEST["k"]] and row.noise.tolist() == [""]
+
+
+def test_speedup_page_shows_intervals_and_warns_about_noisy_cells(tmp_path, monkeypatch):
+    db = noisy_store(tmp_path, monkeypatch)
+    at = run_page("speedup")
+    assert any("1 cell(s) were measured while other work loaded the machine" in w.value
+               and "k=6: other processes used 1.4 of 2 cores" in w.value for w in at.warning)
+    table = frame_with(at, "draft_length", "speedup", "speedup_ci_low", "speedup_ci_high", "noise")
+    expected = sql(db, "SELECT draft_length, speedup_median, speedup_ci_low, speedup_ci_high FROM cell_summary "
+                       "WHERE draft_length IS NOT NULL")
+    assert rounded(table[["draft_length", "speedup", "speedup_ci_low", "speedup_ci_high"]].itertuples(index=False)) \
+        == rounded(expected.itertuples(index=False))
+    assert (table.speedup_ci_low <= table.speedup).all() and (table.speedup <= table.speedup_ci_high).all()
+    assert table[table.draft_length == 6].noise.tolist() == ["⚠ noisy: other processes used 1.4 of 2 cores"]
+    # the chart carries the intervals (error bars) and the noise flag (red rings) in its data
+    data = next(f for f in chart_frames(charts(at)[0]) if "speedup_ci_low" in f.columns)
+    assert {"speedup_ci_high", "noisy"} <= set(data.columns)

@@ -19,7 +19,7 @@ def job(prompt_file, models, **kw):
 def test_a_cell_records_every_prompt_and_repeat_with_provenance(prompt_file, tiny_models):
     doc = run_cell(job(prompt_file, tiny_models, draft="tiny-draft", strategy="speculative", k=3))
     run, rows = doc["run"], doc["measurements"]
-    assert doc["format"] == "specdec-result/1" and run["status"] == "ok"
+    assert doc["format"] == "specdec-result/2" and run["status"] == "ok"
     assert [(r["prompt_id"], r["repeat"]) for r in rows] == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
     assert all(r["status"] == "ok" and r["acceptance_rate"] is not None for r in rows)
     assert rows[2]["new_tokens"] == 24  # two turns of 12 tokens each

@@ -176,7 +176,7 @@ def test_bad_file_never_creates_the_store(tmp_path):
 
 
 @pytest.mark.parametrize("mutate, field", [
-    (lambda d: d.update(format="specdec-result/2"), "format"),
+    (lambda d: d.update(format="specdec-result/9"), "format"),
     (lambda d: d["run"]["params"].pop("temperature"), "run.params.temperature"),
     (lambda d: d["run"]["params"].update(top_k="zero"), "run.params.top_k"),
     (lambda d: d["run"].update(started_utc="yesterday"), "run.started_utc"),
@@ -368,8 +368,10 @@ def test_speedup_view(store):
                         "tokens_per_s", "baseline_tokens_per_s", "speedup", "acceptance_rate",
                         "mean_accepted_tokens", "matches_baseline", "ttft_s", "tpot_s", "peak_memory_bytes",
                         "cost_ratio_c", "leviathan_speedup", "started_utc", "cost_per_mtok",
-                        "copy_share", "repeat_share", "degenerate"]
+                        "copy_share", "repeat_share", "degenerate", "baseline_source",
+                        "baseline_run_id", "baseline_repeat", "cpu_name", "gpu_names"]
     assert list(df.columns) == expected_columns
+    assert set(df["baseline_source"]) == {"shared"}  # format-1 files: no pairing
 
 
 def test_speedup_view_baseline_rows(store):

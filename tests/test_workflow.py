@@ -105,6 +105,14 @@ def test_matrix_prunes_invalid_cells_and_shares_baselines(tiny_models):
     assert len(by_strategy["speculative"]) == 2 * 2 * 2 * 2
     # cell hashes identify the parameters; equal parameters never get two names
     assert len({c["config_hash"] for c in cells.values()}) == len(cells)
+    # paired by default: every cell but a baseline decodes its own baseline; a baseline cell is the same job in
+    # both modes, so switching modes re-runs only the cells whose measurement changes
+    assert {c.get("baseline_mode") for c in cells.values() if c["strategy"] != "baseline"} == {"paired"}
+    assert all("baseline_mode" not in c for c in by_strategy["baseline"])
+    shared = matrix.expand_cells({**config, "baseline": "shared"})
+    assert set(shared) == set(cells)
+    assert {c.get("baseline_mode") for c in shared.values() if c["strategy"] != "baseline"} == {"shared"}
+    assert all(shared[n] == cells[n] for n, c in cells.items() if c["strategy"] == "baseline")
 
 
 def test_cell_parameters_do_not_depend_on_unrelated_config(tiny_models):
@@ -164,6 +172,9 @@ def test_semantic_config_errors_name_the_field(workdir, tiny_models, monkeypatch
     (lambda c: c["generation"].update(temperatures=[1e9]), "generation.temperatures.0: 1000000000.0 is greater than"),
     (lambda c: c["generation"].update(max_new_tokens=100000000),
      "generation.max_new_tokens: 100000000 is greater than the maximum of 32768"),
+    (lambda c: c.update(baseline="both"), "baseline: 'both' is not one of ['paired', 'shared']"),
+    (lambda c: c.update(noise={"other_cpu_cores": -1}), "noise.other_cpu_cores: -1 is less than the minimum of 0"),
+    (lambda c: c.update(noise={"loud": 1}), "noise: Additional properties are not allowed ('loud' was unexpected)"),
 ])
 def test_schema_errors_are_one_line_naming_the_field(tiny_models, change, expected):
     from snakemake.utils import validate
@@ -260,28 +271,45 @@ def test_malformed_prompt_line_is_refused_by_snakemake(workdir, tiny_models):
     assert "config error: prompts: prompts.jsonl:2: not valid JSON" in result.stdout + result.stderr
 
 
-def test_end_to_end_rows_history_and_idempotent_ingest(workdir, tiny_models):
-    config = base_config(tiny_models)
+def test_end_to_end_paired_rows_history_and_idempotent_ingest(workdir, tiny_models):
+    config = base_config(tiny_models)  # baseline: paired, the default
     write_config(workdir, config)
     result = snakemake(workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     db = workdir / "store.duckdb"
     cells = matrix.expand_cells(config)
     assert len(cells) == 1 + 2 + 2  # baseline, speculative k2/k3, ngram k2/k3
-    n_rows = len(cells) * len(PROMPTS) * 2
-    assert rows(db, "SELECT count(*), count(DISTINCT run_id) FROM measurements") == [(n_rows, len(cells))]
+    # every cell but the baseline cell also stores its paired baseline: a run of its own, linked to the cell
+    n_runs = len(cells) + (len(cells) - 1)
+    n_rows = n_runs * len(PROMPTS) * 2
+    assert rows(db, "SELECT count(*), count(DISTINCT run_id) FROM measurements") == [(n_rows, n_runs)]
     assert rows(db, "SELECT count(*) FROM measurements WHERE status <> 'ok'") == [(0,)]
+    assert rows(db, "SELECT count(*) FROM runs c JOIN runs b ON b.paired_with = c.run_id WHERE b.strategy = "
+                    "'baseline' AND b.cell = c.cell AND b.host = c.host AND c.baseline_mode = 'paired'") == [(4,)]
+    # every speedup of a non-baseline cell is the ratio within its pair, from the same job
+    assert rows(db, "SELECT count(*), bool_and(baseline_source = 'paired'), "
+                    "bool_and(abs(speedup - tokens_per_s / baseline_tokens_per_s) < 1e-9) FROM speedup "
+                    "WHERE strategy <> 'baseline'") == [(4 * len(PROMPTS) * 2, True, True)]
+    # noise readings on every cell, an interval on every cell summary
+    assert rows(db, "SELECT count(*) FROM run_noise WHERE noisy IS NULL OR noise_samples < 2") == [(0,)]
+    assert rows(db, "SELECT count(*) FROM cell_summary WHERE speedup_ci_low <= speedup_median "
+                    "AND speedup_median <= speedup_ci_high") == [(len(cells),)]
     # provenance and the job's parameters are on every run
     run = rows(db, "SELECT host, git_commit IS NOT NULL, torch_version, config_hash, params_json FROM runs "
                    "WHERE strategy = 'speculative' AND k = 3")[0]
     assert run[1] and run[2] and run[3] == cells["tiny-target__tiny-draft__speculative__k3__g0__t0"]["config_hash"]
     assert json.loads(run[4])["draft"] == "tiny-draft"
-    # greedy speculative output is identical to the shared baseline, for every prompt and repeat
+    # greedy speculative output is identical to its paired baseline's, for every prompt and repeat
     assert rows(db, "SELECT count(*), bool_and(matches_baseline) FROM speedup "
                     "WHERE strategy IN ('speculative', 'ngram')") == [(8 * 3, True)]
-    assert "Best speedup per pair and strategy" in result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert "Best speedup per pair and strategy" in output and "ci_95" in output
 
-    # nothing to do when nothing changed; forcing the ingest again adds no row
+    # nothing to do when nothing changed: the summary is printed all the same; forcing the ingest adds no row
+    idle = snakemake(workdir)
+    assert idle.returncode == 0, idle.stderr[-3000:]
+    assert "Best speedup per pair and strategy" in idle.stdout + idle.stderr
+    assert "rule run_cell" not in idle.stdout + idle.stderr
     again = snakemake(workdir, "--forcerun", "ingest")
     assert again.returncode == 0, again.stderr[-3000:]
     assert rows(db, "SELECT count(*) FROM measurements") == [(n_rows,)]
@@ -291,7 +319,7 @@ def test_end_to_end_rows_history_and_idempotent_ingest(workdir, tiny_models):
     third = snakemake(workdir)
     assert third.returncode == 0, third.stderr[-3000:]
     assert rows(db, "SELECT count(*), count(DISTINCT run_id) FROM measurements") == [
-        (n_rows + len(PROMPTS) * 2, len(cells) + 1)]
+        (n_rows + len(PROMPTS) * 2, n_runs + 1)]
 
 
 def test_failed_cells_are_stored_and_the_rest_of_the_matrix_runs(workdir, tiny_models):
@@ -341,17 +369,21 @@ def test_a_killed_run_resumes_with_only_the_missing_cells(workdir, tiny_models):
     for name, text in done_before.items():
         assert (cells_dir / name).read_text() == text
     run_ids = {json.loads(t)["run"]["run_id"] for t in done_before.values()}
-    stored = {r[0] for r in rows(workdir / "store.duckdb", "SELECT run_id FROM runs")}
+    stored = {r[0] for r in rows(workdir / "store.duckdb", "SELECT run_id FROM runs WHERE paired_with IS NULL")}
     assert run_ids <= stored and len(stored) == total
+    paired = total - 1  # every cell but the baseline brought its paired baseline
+    assert rows(workdir / "store.duckdb", "SELECT count(*) FROM runs WHERE paired_with IS NOT NULL") == [(paired,)]
+    n = (total + paired) * len(PROMPTS)
     assert rows(workdir / "store.duckdb", "SELECT count(*), count(DISTINCT (run_id, prompt_id, \"repeat\")) "
-                                          "FROM measurements") == [(total * len(PROMPTS), total * len(PROMPTS))]
+                                          "FROM measurements") == [(n, n)]
 
 
 def test_trained_drafters_are_trained_once_and_used_by_their_cells(workdir, tiny_models):
+    # baseline: shared here (the other end-to-end test runs paired): the drafter cell compares with the baseline cell
     config = base_config(tiny_models, pairs=[{"target": "tiny-target", "draft": "tiny-target+eagle"}],
                          strategies=["baseline", "speculative", "hf-assisted"], draft_lengths=[3],
                          drafter_settings={"prompts_file": "prompts.jsonl", "gen_tokens": 16, "vocab": 40,
-                                           "epochs": 4, "budget_minutes": 1})
+                                           "epochs": 4, "budget_minutes": 1}, baseline="shared")
     config["generation"]["repeats"] = 1
     write_config(workdir, config)
     cells = matrix.expand_cells(config)
@@ -362,8 +394,9 @@ def test_trained_drafters_are_trained_once_and_used_by_their_cells(workdir, tiny
     folders = list((workdir / "results" / "drafters").glob("tiny-target+eagle-*/drafter.json"))
     assert len(folders) == 1
     db = workdir / "store.duckdb"
-    assert rows(db, "SELECT count(*), bool_and(matches_baseline) FROM speedup WHERE strategy = 'speculative'") == [
-        (len(PROMPTS), True)]
+    assert rows(db, "SELECT count(*), bool_and(matches_baseline), bool_and(baseline_source = 'shared') FROM speedup "
+                    "WHERE strategy = 'speculative'") == [(len(PROMPTS), True, True)]
+    assert rows(db, "SELECT count(*) FROM runs WHERE paired_with IS NOT NULL") == [(0,)]
     assert rows(db, "SELECT count(*) FROM speedup WHERE strategy = 'speculative' AND acceptance_rate IS NULL") == [
         (0,)]
     # nothing changed: the drafter is not trained again

@@ -5,7 +5,9 @@ job: one target (and draft), one strategy, one k, one GPU count and one temperat
 `repeats` times. Cells that make no sense are pruned rather than run: a baseline has no draft and no k, a
 model-free strategy (`ngram`, `hf-ngram`) ignores the pair's draft, and a draft strategy needs a pair with a draft.
 Baseline cells carry no draft in their name, so every pair with the same target, GPU count and sampling settings
-shares one baseline job.
+shares one baseline job. With `baseline: paired` (the default) every other cell also decodes the baseline inside
+its own job, so speedups need no baseline cell; a `baseline` listed in strategies still runs, as a measurement of
+its own.
 """
 
 from __future__ import annotations
@@ -207,6 +209,8 @@ def expand_cells(config: dict) -> dict[str, dict]:
                 name = cell_name(target, cell_draft, strategy, k, gpus, temperature, budget)
                 cell = dict(shared, cell=name, target=target, draft=cell_draft, strategy=strategy, k=k, gpus=gpus,
                             temperature=temperature)
+                if strategy != "baseline":  # a baseline cell is the same job in either mode
+                    cell["baseline_mode"] = config.get("baseline", "paired")
                 if budget is not None:  # only tree cells carry it, so other cells' hashes stay as they were
                     cell["tree_budget"] = budget
                 # a train-free proposer's own parameter: only its cells carry it (others' hashes stay as they were)
