@@ -108,10 +108,9 @@ def store_features(conn) -> dict[str, bool]:
 def cell_groups_sql(features: dict, by_category: bool, where: str = "") -> str:
     """Aggregates of the speedup view `s` (joined to `m` measurements and `n` run_noise) per cell, or per cell and
     category: median speedup, its interval, noise, losslessness, Spec-Bench's mean accepted tokens. The interval
-    is cell_summary's: median_ci seeded by the cell key (and the category), so unfiltered and per cell they are
-    the same numbers as the view's. `where`: a WHERE clause on `s` (the report's runs, the dashboard's filters)."""
+    is cell_summary's (the store's median_ci over the same values), so unfiltered and per cell they are the same
+    numbers as the view's. `where`: a WHERE clause on `s` (the report's runs, the dashboard's filters)."""
     key = ", ".join(f"s.{c}" for c in CELL_KEY) + (", s.category" if by_category else "")
-    seed = "concat_ws('|', " + ", ".join(CELL_KEY) + (", category" if by_category else "") + ")"
     optional = []
     if features["noise"]:
         optional += ["bool_or(n.noisy) AS noisy",
@@ -148,7 +147,7 @@ def cell_groups_sql(features: dict, by_category: bool, where: str = "") -> str:
         return sql
     return f"""
         SELECT * EXCLUDE (speedups, interval), interval[1] AS ci_low, interval[2] AS ci_high
-        FROM (SELECT *, CASE WHEN len(speedups) >= 2 THEN median_ci(speedups, {seed}) END AS interval
+        FROM (SELECT *, CASE WHEN len(speedups) >= 2 THEN median_ci(speedups) END AS interval
               FROM ({sql}))"""
 
 

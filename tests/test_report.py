@@ -181,7 +181,7 @@ def test_intervals_noise_and_degenerate_columns_are_used_when_the_store_has_them
     db = tmp_path / "features.duckdb"
     shutil.copy(store, db)
     con = duckdb.connect(str(db))
-    con.execute("CREATE OR REPLACE MACRO median_ci(vals, seed) AS [list_min(vals), list_max(vals)]")
+    con.execute("CREATE OR REPLACE MACRO median_ci(vals) AS [list_min(vals), list_max(vals)]")
     con.execute("""CREATE OR REPLACE VIEW run_noise AS SELECT run_id, host = 'lab-b' AS noisy,
                    CASE WHEN host = 'lab-b' THEN 'other processes used 1.5 of 2 cores' END AS noise_reason FROM runs""")
     if "degenerate" not in con.execute("SELECT * FROM speedup LIMIT 0").df().columns:
