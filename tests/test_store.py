@@ -310,7 +310,8 @@ def test_ingest_cli_skips_other_json_in_folders_but_not_named_files(tmp_path, ca
     assert out.startswith("ingested 3 result files") and err.startswith("note: skipped 2 JSON files that are not")
     data = tmp_path / "results" / "drafters" / "data-x" / "data.json"
     assert ingest_cli.main(["--db", str(db), str(data)]) == 2
-    assert capsys.readouterr().err.startswith(f"error: {data}: format: expected 'specdec-result/1'")
+    assert capsys.readouterr().err.startswith(f"error: {data}: format: expected one of 'specdec-result/1', "
+                                              "'specdec-result/2', got null")
     broken = tmp_path / "results" / "default" / "broken.json"
     broken.write_text('{"format": "specdec-result/1", "run": {')  # found by the walk, but damaged: an error
     assert ingest_cli.main(["--db", str(db), str(tmp_path / "results")]) == 2
