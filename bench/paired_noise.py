@@ -69,7 +69,9 @@ def run_matrix(workdir: Path, configfile: Path, cores: int, hog_cells: int | Non
     if hog_cells:
         hog, hog_start = start_hog(cores), datetime.now(timezone.utc)
     try:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        # the rules call `specdec`: put this interpreter's scripts first, so an unactivated venv works too
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         while proc.poll() is None:
             if hog and len(list((workdir / "results").glob("bench/*/cells/*.json"))) >= hog_cells:
                 stop_hog(hog)
