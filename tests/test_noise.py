@@ -147,14 +147,14 @@ def test_noise_rules_flag_each_reading_above_its_threshold(tmp_path):
         noise_result("b-busy", **{**quiet, "other_cpu_cores": 1.44}),
         noise_result("c-steal", **{**quiet, "steal_share": 0.2}),
         noise_result("d-gpu", **{**quiet, "gpu_other_processes": 1}),
-        noise_result("e-spread", **{**quiet, "baseline_spread": 0.234, "other_cpu_cores": 0.9}),
+        noise_result("e-spread", **{**quiet, "baseline_spread": 0.434, "other_cpu_cores": 0.9}),
         noise_result("f-unmeasured"),
     ])
     assert verdicts["a-quiet"] == (False, None)
     assert verdicts["b-busy"] == (True, "other processes used 1.4 of 2 cores")
     assert verdicts["c-steal"] == (True, "CPU steal 20 %")
     assert verdicts["d-gpu"] == (True, "1 other process(es) on the claimed GPUs")
-    assert verdicts["e-spread"] == (True, "other processes used 0.9 of 2 cores; baseline tok/s spread 23 %")
+    assert verdicts["e-spread"] == (True, "other processes used 0.9 of 2 cores; baseline tok/s spread 43 %")
     assert verdicts["f-unmeasured"][0] is None  # no readings: unknown, not quiet
     [(noisy, reason)] = fetch(db, "SELECT noisy, noise_reason FROM cell_summary")  # all six runs are one cell
     assert noisy and reason.startswith("1 other process(es) on the claimed GPUs; CPU steal 20 %; ")
