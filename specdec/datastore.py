@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +63,12 @@ def default_corpus_path(target: str, prompts_file: Path, root=None) -> Path:
     return datastores_root(root) / f"{target}-{hashlib.sha256(key.encode()).hexdigest()[:10]}.npy"
 
 
-def load_datastore(target: str, corpus_file: str | None, tokenize, answer, root=None, log=print) -> Datastore:
+def to_stderr(message: str) -> None:
+    """Progress goes to stderr: stdout carries `specdec bench`'s JSON and `specdec generate`'s output."""
+    print(message, file=sys.stderr)
+
+
+def load_datastore(target: str, corpus_file: str | None, tokenize, answer, root=None, log=to_stderr) -> Datastore:
     """The datastore for `target`: from `corpus_file` (tokenize: text -> ids), or the cached default corpus,
     built on first use with answer(prompt text) -> generated ids."""
     if corpus_file:
