@@ -311,7 +311,7 @@ def main_query(argv: list[str] | None = None) -> int:
                                      description="Run one read-only SQL query against the results store "
                                                  "(tables runs, measurements; views speedup, cell_summary, failures).")
     parser.add_argument("sql", help='e.g. "SELECT * FROM cell_summary ORDER BY speedup_median DESC"')
-    parser.add_argument("--db", default=None, help="store path (default: $SPECDEC_DB or db/specdec.duckdb)")
+    parser.add_argument("--db", default=None, help="store path (default: $SPECDEC_DB or results/specdec.duckdb)")
     parser.add_argument("--format", choices=("table", "csv", "json"), default="table",
                         help=f"table cuts text longer than {MAX_CELL_CHARS} characters (marked …[+N chars]); csv and "
                              "json print every character (default: table)")

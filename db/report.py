@@ -511,7 +511,7 @@ def write_report(r: Report, out: str | Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="specdec report", description="Write a static report of the store: "
                                      "report.md, one self-contained report.html, leaderboard.csv and the figures.")
-    parser.add_argument("--db", default=None, help="store path (default: $SPECDEC_DB or db/specdec.duckdb)")
+    parser.add_argument("--db", default=None, help="store path (default: $SPECDEC_DB or results/specdec.duckdb)")
     parser.add_argument("--out", default="report", help="output folder (default: %(default)s)")
     for name, help_text in (("host", "only runs on this host"), ("target", "only this target model alias"),
                             ("draft", "only this draft alias ('' = strategies without one)"),

@@ -72,9 +72,18 @@ class IngestReport:
     failed_rows: int = 0
 
 
+DEFAULT_DB = Path("results/specdec.duckdb")
+# The default before 2026-12 (db/ now holds only the store's code). Still read while it is the only store, so an
+# upgrade hides nothing; the workflow refuses to start a second store beside it (workflow/matrix.py says how to move it).
+LEGACY_DB = Path("db/specdec.duckdb")
+
+
 def default_db_path() -> Path:
-    """`db/specdec.duckdb` relative to the working directory (the repository root), or `$SPECDEC_DB`."""
-    return Path(os.environ.get("SPECDEC_DB") or "db/specdec.duckdb")
+    """`results/specdec.duckdb` relative to the working directory (the repository root), or `$SPECDEC_DB`; the old
+    default `db/specdec.duckdb` while it exists and the new one does not."""
+    if os.environ.get("SPECDEC_DB"):
+        return Path(os.environ["SPECDEC_DB"])
+    return LEGACY_DB if LEGACY_DB.exists() and not DEFAULT_DB.exists() else DEFAULT_DB
 
 
 def engine_for(path: str | os.PathLike, read_only: bool = False) -> Engine:
