@@ -282,8 +282,7 @@ def target_parts(model) -> dict:
 def new_module(kind: str, model, vocab_ids: torch.Tensor | None, heads: int = 4) -> nn.Module:
     parts = target_parts(model)
     if kind == "eagle":
-        module = EagleDraft(parts["hidden"], parts["heads"], parts["intermediate"], parts["rope_theta"],
-                            parts["eps"], vocab_ids)
+        module = EagleDraft(**parts, vocab_ids=vocab_ids)
         norm = getattr(getattr(model, "base_model", None), "norm", None)
         if norm is not None and getattr(norm, "weight", None) is not None and norm.weight.shape == (parts["hidden"],):
             with torch.no_grad():  # predicted features start on the target's feature scale (its final norm)
@@ -334,11 +333,7 @@ def load_drafter(folder: str | Path, model) -> Drafter:
     if cfg["hidden"] != hidden:
         raise DrafterError(f"drafter in {folder} was trained for hidden size {cfg['hidden']}, but the target has "
                            f"{hidden}: it belongs to another target")
-    if meta["kind"] == "eagle":
-        module = EagleDraft(cfg["hidden"], cfg["heads"], cfg["intermediate"], cfg["rope_theta"], cfg["eps"],
-                            state["vocab_ids"])
-    else:
-        module = MedusaHeads(cfg["hidden"], cfg["heads"], state["vocab_ids"])
+    module = (EagleDraft if meta["kind"] == "eagle" else MedusaHeads)(**cfg, vocab_ids=state["vocab_ids"])
     module.load_state_dict(state)
     module.to(model.device).eval().requires_grad_(False)
     vocab = model.get_output_embeddings().weight.shape[0]
