@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 from specdec import fail
 from specdec.decoding import new_cache
@@ -157,16 +158,12 @@ def batches(indices: list[int], data: dict, size: int, generator: torch.Generato
     order = [indices[i] for i in torch.randperm(len(indices), generator=generator)] if generator else indices
     for b in range(0, len(order), size):
         rows = order[b:b + size]
-        width = max(len(data["tokens"][i]) for i in rows)
-        hidden = data["feats"][rows[0]].shape[-1]
-        tokens = torch.zeros(len(rows), width, dtype=torch.long)
-        feats = torch.zeros(len(rows), width, hidden)
-        valid = torch.zeros(len(rows), width, dtype=torch.bool)
-        generated = torch.zeros(len(rows), width, dtype=torch.bool)
+        tokens = pad_sequence([data["tokens"][i] for i in rows], batch_first=True)
+        feats = pad_sequence([data["feats"][i].float() for i in rows], batch_first=True)
+        valid = pad_sequence([torch.ones(len(data["tokens"][i]), dtype=torch.bool) for i in rows], batch_first=True)
+        generated = valid.clone()  # features that predict generated tokens: from the prompt's last one on
         for r, i in enumerate(rows):
-            n = len(data["tokens"][i])
-            tokens[r, :n], feats[r, :n], valid[r, :n] = data["tokens"][i], data["feats"][i].float(), True
-            generated[r, data["prompt_lengths"][i] - 1:n] = True  # features that predict generated tokens
+            generated[r, :data["prompt_lengths"][i] - 1] = False
         yield tokens, feats, valid, generated
 
 
