@@ -239,17 +239,12 @@ def select_token(logits: torch.Tensor, s: DecodeSettings, generator: torch.Gener
 
 def make_generator(s: DecodeSettings, device) -> torch.Generator:
     device = torch.device(device)
-    gen = torch.Generator(device=device if device.type == "cuda" else "cpu")
-    gen.manual_seed(s.seed)
-    return gen
+    return torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(s.seed)
 
 
 def hit_eos(tokens: list[int], eos_ids: set[int]) -> int | None:
     """Index of the first end-of-sequence token in `tokens`, or None."""
-    for i, tok in enumerate(tokens):
-        if tok in eos_ids:
-            return i
-    return None
+    return next((i for i, tok in enumerate(tokens) if tok in eos_ids), None)
 
 
 def prefill(model, prompt_ids: list[int], cache, s, generator, vocab=None) -> int:

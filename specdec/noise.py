@@ -182,14 +182,10 @@ def summarise(readings: list[Reading]) -> dict:
     """The run's noise fields from its readings (None where fewer than two readings make no window):
     `other_cpu_cores`, `steal_share`, `load_avg` (mean 1-minute load), `gpu_other_processes` (most at once),
     `noise_samples` (readings taken)."""
-    out = {"other_cpu_cores": None, "steal_share": None, "load_avg": None, "gpu_other_processes": None,
-           "noise_samples": len(readings)}
     loads = [r.load1 for r in readings if r.load1 is not None]
-    if loads:
-        out["load_avg"] = statistics.fmean(loads)
     gpus = [r.gpu_other for r in readings if r.gpu_other is not None]
-    if gpus:
-        out["gpu_other_processes"] = max(gpus)
+    out = {"other_cpu_cores": None, "steal_share": None, "load_avg": statistics.fmean(loads) if loads else None,
+           "gpu_other_processes": max(gpus, default=None), "noise_samples": len(readings)}
     if len(readings) >= 2:
         first, last = readings[0], readings[-1]
         seconds = last.t - first.t
