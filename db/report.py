@@ -268,8 +268,7 @@ def display_frame(board: pd.DataFrame) -> pd.DataFrame:
 
 def markdown_table(df: pd.DataFrame) -> str:
     def cell(v) -> str:
-        return ("" if v is None or (not isinstance(v, str) and pd.isna(v)) else str(v)).replace("|", "\\|") \
-            .replace("\n", " ")
+        return text_of(v).replace("|", "\\|").replace("\n", " ")
     lines = ["| " + " | ".join(cell(c) for c in df.columns) + " |", "|" + "---|" * len(df.columns)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join(lines)
@@ -416,7 +415,7 @@ def filters_text(f: ReportFilters) -> str:
 def provenance_table(r: Report) -> pd.DataFrame:
     """Provenance compact enough to paste: one machine column, one software column, the commit."""
     p = r.provenance
-    text = lambda v: "?" if v is None or pd.isna(v) else str(v)  # noqa: E731
+    text = lambda v: text_of(v) or "?"  # noqa: E731
     return pd.DataFrame({
         "host": p.host,
         "CPU": [f"{text(c)} ({text(n)} cores)" for c, n in zip(p.cpu_name, p.cpu_count)],
