@@ -12,7 +12,7 @@ decoding), the overall median speedup (over every prompt and repeat: `cell_summa
 is filtered out), and where the store has them, 95 % intervals, noise flags and non-degenerate-only figures.
 
 The store is opened read-only and closed again; all SQL is here, and the dashboard's leaderboard page runs the
-same statements (`leaderboard_sql`). Figures the store of an older or newer specdec lacks (intervals, noise,
+same statements (`cell_groups_sql`). Figures the store of an older or newer specdec lacks (intervals, noise,
 degenerate outputs) are left out, not invented: `store_features` looks at which views, columns and macros exist.
 """
 
@@ -149,12 +149,6 @@ def cell_groups_sql(features: dict, by_category: bool, where: str = "") -> str:
         SELECT * EXCLUDE (speedups, interval), interval[1] AS ci_low, interval[2] AS ci_high
         FROM (SELECT *, CASE WHEN len(speedups) >= 2 THEN median_ci(speedups) END AS interval
               FROM ({sql}))"""
-
-
-def leaderboard_sql(features: dict, f: ReportFilters, by_category: bool) -> tuple[str, list]:
-    """The statement and parameters behind the leaderboard: one row per cell (or cell × category)."""
-    chosen, params = runs_sql(f)
-    return cell_groups_sql(features, by_category, f"WHERE s.run_id IN ({chosen})"), params
 
 
 def acceptance_sql(f: ReportFilters) -> tuple[str, list]:
@@ -353,8 +347,9 @@ def collect(db: str | Path, f: ReportFilters = ReportFilters()) -> Report:
         try:
             conn = raw.driver_connection
             features = store_features(conn)
-            cells = read(conn, *leaderboard_sql(features, f, by_category=False))
-            by_cat = read(conn, *leaderboard_sql(features, f, by_category=True))
+            chosen, params = runs_sql(f)
+            cells = read(conn, cell_groups_sql(features, False, f"WHERE s.run_id IN ({chosen})"), params)
+            by_cat = read(conn, cell_groups_sql(features, True, f"WHERE s.run_id IN ({chosen})"), params)
             acceptance = read(conn, *acceptance_sql(f))
             provenance = read(conn, *provenance_sql(f))
         finally:

@@ -452,15 +452,14 @@ def unique_runs(docs: list[tuple[str, dict]]) -> list[tuple[str, dict | None]]:
     out = []
     for path, doc in docs:
         run_id = doc["run"]["run_id"]
-        if run_id in first:
-            other_path, other = first[run_id]
-            if doc != other:
-                raise ResultFileError(f"run id {run_id!r} is in {other_path} and in {path} with different content; "
-                                      "remove the wrong file")
+        if run_id not in first:
+            first[run_id] = (path, doc)
+            out.append((path, doc))
+        elif doc == first[run_id][1]:
             out.append((path, None))
-            continue
-        first[run_id] = (path, doc)
-        out.append((path, doc))
+        else:
+            raise ResultFileError(f"run id {run_id!r} is in {first[run_id][0]} and in {path} with different "
+                                  "content; remove the wrong file")
     return out
 
 
