@@ -200,12 +200,9 @@ WITH agg AS (
     FROM speedup AS s
     LEFT JOIN run_noise AS n ON n.run_id = s.run_id
     GROUP BY ALL
-),
-ci AS (
-    SELECT *, median_ci(speedups) AS interval FROM agg
 )
 SELECT * EXCLUDE (speedups, interval), interval[1] AS speedup_ci_low, interval[2] AS speedup_ci_high
-FROM ci;
+FROM (SELECT *, median_ci(speedups) AS interval FROM agg);
 
 -- failures: every failed measurement, with the run's error when the measurement has none of its own
 -- (a job that fails before decoding writes one failed measurement per prompt × repeat).
