@@ -118,8 +118,7 @@ WITH limits AS (
     FROM noise_thresholds
 ),
 checks AS (
-    SELECT r.run_id, r.cpu_count, r.load_avg, r.other_cpu_cores, r.steal_share, r.gpu_other_processes,
-           r.baseline_spread, r.noise_samples,
+    SELECT r.*,
            r.other_cpu_cores > t.other_cpu_cores AS busy_cpus,
            r.steal_share > t.steal_share AS stolen,
            r.gpu_other_processes > t.gpu_other_processes AS shared_gpus,

@@ -26,6 +26,7 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 SAMPLE_S = 2.0  # seconds between readings: a few per prompt, cheap (three small /proc reads)
@@ -120,11 +121,8 @@ def query_compute_apps() -> str:
 def read_machine(gpu_uuids: list[str] | None = None, clock: Callable[[], float] = time.monotonic,
                  query_gpus: Callable[[], str] = query_compute_apps) -> Reading:
     """One reading of this machine (Linux /proc), with the GPUs `gpu_uuids` checked for other processes."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    with open("/proc/stat") as f:
-        busy, steal, total = parse_proc_stat(f.read(), ticks)
-    with open("/proc/loadavg") as f:
-        load1 = parse_loadavg(f.read())
+    busy, steal, total = parse_proc_stat(Path("/proc/stat").read_text(), os.sysconf("SC_CLK_TCK"))
+    load1 = parse_loadavg(Path("/proc/loadavg").read_text())
     own, pids = own_tree_cpu_s()
     gpu_other = None
     if gpu_uuids:
