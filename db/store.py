@@ -371,23 +371,16 @@ def _column_values(table: sa.Table, obj: dict, params: dict | None = None) -> di
 def run_row(doc: dict, result_file: str, ingested_utc: datetime) -> dict:
     """The `runs` row of a validated result file."""
     run, params = doc["run"], doc["run"]["params"]
-    row = _column_values(runs, run, params)
-    row["params_json"] = json.dumps(params, sort_keys=True)
-    row[EXTRA_FIELD] = _extra_json(run, set(row) | {"params"})
-    row["result_file"] = result_file
-    row["ingested_utc"] = ingested_utc
-    return row
+    return {**_column_values(runs, run, params), "params_json": json.dumps(params, sort_keys=True),
+            EXTRA_FIELD: _extra_json(run, set(runs.columns.keys()) | {"params"}), "result_file": result_file,
+            "ingested_utc": ingested_utc}
 
 
 def measurement_rows(doc: dict) -> list[dict]:
     """The `measurements` rows of a validated result file."""
-    run_id = doc["run"]["run_id"]
-    out = []
-    for m in doc["measurements"]:
-        row = {**_column_values(measurements, m), "run_id": run_id}
-        row[EXTRA_FIELD] = _extra_json(m, set(row))
-        out.append(row)
-    return out
+    run_id, stored = doc["run"]["run_id"], set(measurements.columns.keys())
+    return [{**_column_values(measurements, m), "run_id": run_id, EXTRA_FIELD: _extra_json(m, stored)}
+            for m in doc["measurements"]]
 
 
 # ---------------------------------------------------------------------------------------------------- ingest
