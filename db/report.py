@@ -232,10 +232,8 @@ def flag(value) -> bool | None:
 def fmt_speedup(value, low=None, high=None) -> str:
     if value is None or pd.isna(value):
         return "—"
-    text = f"{value:.2f}×"
-    if low is not None and not pd.isna(low):
-        text += f" ({low:.2f}–{high:.2f})"
-    return text
+    interval = "" if low is None or pd.isna(low) else f" ({low:.2f}–{high:.2f})"
+    return f"{value:.2f}×{interval}"
 
 
 def display_frame(board: pd.DataFrame) -> pd.DataFrame:
@@ -249,9 +247,8 @@ def display_frame(board: pd.DataFrame) -> pd.DataFrame:
             row[cat] = fmt_speedup(r[cat], r.get(f"{cat} low"), r.get(f"{cat} high"))
         row["mean accepted tokens"] = "—" if pd.isna(r.mean_accepted_tokens) else f"{r.mean_accepted_tokens:.2f}"
         row["overall"] = fmt_speedup(r.overall, r.get("overall low"), r.get("overall high"))
-        if "noisy" in board:
-            noisy = flag(r.noisy)
-            row["noise"] = "not measured" if noisy is None else "noisy" if noisy else "quiet"  # why: in notes()
+        if "noisy" in board:  # why a row is noisy: in notes()
+            row["noise"] = {None: "not measured", True: "noisy", False: "quiet"}[flag(r.noisy)]
         if "speedup_clean" in board:
             row["overall, non-degenerate"] = fmt_speedup(r.speedup_clean)
         row["identical to baseline"] = ("—" if pd.isna(r.share_identical) or r.method == "baseline"
