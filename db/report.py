@@ -447,8 +447,7 @@ def text_of(v) -> str:
 
 def html_table(df: pd.DataFrame, noisy: list[bool] | None = None) -> str:
     """Numbers right-aligned (a column whose every cell starts with a digit or a dash), text left."""
-    numeric = [all(re.match(r"[\d—-]", text_of(v)) for v in df[c]) for c in df.columns]
-    align = [' class="num"' if n else "" for n in numeric]
+    align = [' class="num"' if all(re.match(r"[\d—-]", text_of(v)) for v in df[c]) else "" for c in df.columns]
     head = "".join(f"<th{a}>{html.escape(str(c))}</th>" for c, a in zip(df.columns, align))
     rows = []
     for i, row in enumerate(df.itertuples(index=False)):

@@ -260,15 +260,13 @@ def batch_loss(kind: str, drafter, head_w: torch.Tensor, batch, settings: Drafte
 def assess(kind: str, drafter, head_w, data, indices, settings, full_w=None) -> tuple[float | None, list]:
     """Without updating anything: the mean loss over `indices`, and per draft depth the top-1 agreement with the
     target's argmax on their generated positions (over the full vocabulary with `full_w`, else the head)."""
-    losses, stats = [], []
     with torch.no_grad():
-        for batch in batches(indices, data, settings.batch_size, None):
-            loss, per_depth = batch_loss(kind, drafter, head_w, batch, settings, full_w)
-            losses.append(loss)
-            stats.append(per_depth)
-    summed = [map(sum, zip(*depth)) for depth in zip(*stats)]  # per depth: (correct, counted) over the batches
+        results = [batch_loss(kind, drafter, head_w, batch, settings, full_w)
+                   for batch in batches(indices, data, settings.batch_size, None)]
+    # per draft depth: (correct, counted) summed over the batches
+    summed = [map(sum, zip(*depth)) for depth in zip(*(per_depth for _, per_depth in results))]
     accuracy = [round(right / total, 4) if total else None for right, total in summed]
-    return (sum(losses) / len(losses) if losses else None), accuracy
+    return (sum(loss for loss, _ in results) / len(results) if results else None), accuracy
 
 
 def train(kind: str, loaded, settings: DrafterSettings, data: dict, deadline: float):
