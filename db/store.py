@@ -26,6 +26,7 @@ from typing import Iterable
 
 import duckdb
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert  # duckdb_engine speaks PostgreSQL's dialect
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.pool import NullPool
 
@@ -118,12 +119,9 @@ def init_db(path: str | os.PathLike) -> None:
         with engine.begin() as conn:
             Base.metadata.create_all(conn)
             add_missing_columns(conn)
-            stored = set(conn.execute(sa.select(noise_thresholds.c.name)).scalars())
             now = datetime.now(timezone.utc).replace(tzinfo=None)
-            missing = [{"name": n, "value": v, "updated_utc": now} for n, v in noise.THRESHOLDS.items()
-                       if n not in stored]
-            if missing:
-                conn.execute(sa.insert(noise_thresholds), missing)
+            conn.execute(pg_insert(noise_thresholds).on_conflict_do_nothing(),  # the defaults of missing ones
+                         [{"name": n, "value": v, "updated_utc": now} for n, v in noise.THRESHOLDS.items()])
             if conn.execute(sa.select(sa.func.count()).select_from(median_ci_ranks)).scalar() != bootstrap.MAX_EXACT:
                 replace_rows(conn, median_ci_ranks, bootstrap.rank_rows())
             for statement in view_statements():
