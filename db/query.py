@@ -136,9 +136,8 @@ def check_sql(sql: str) -> str:
 
     depth = 0
     clause = {0: None}  # innermost clause keyword per parenthesis depth, to tell a FROM list's commas
-    previous: tuple[str, str] = ("punct", "")
-    for position, (kind, text) in enumerate(tokens):
-        following = tokens[position + 1] if position + 1 < len(tokens) else ("punct", "")
+    padded = [("punct", ""), *tokens, ("punct", "")]
+    for previous, (kind, text), following in zip(padded, padded[1:], padded[2:]):
         if kind in ("word", "ident") and (text in REVEALING_NAMES or text.startswith(REVEALING_PREFIXES)):
             raise _refuse(f"{text} is not allowed (it shows server paths and settings)")
         if kind in ("word", "ident") and following == ("punct", "(") and _forbidden_function(text):
@@ -157,7 +156,6 @@ def check_sql(sql: str) -> str:
             clause[depth] = "from"
         elif kind == "word" and text in NON_FROM_CLAUSE_WORDS:
             clause[depth] = "other"
-        previous = (kind, text)
     return sql
 
 
