@@ -92,8 +92,7 @@ def cells(db: Path) -> dict[tuple, dict]:
     """Per cell (strategy, draft, k): median paired speedup, interval, noise, and the run's UTC interval."""
     import duckdb
 
-    con = duckdb.connect(str(db), read_only=True)
-    try:
+    with duckdb.connect(str(db), read_only=True) as con:
         rows = con.execute("""
             SELECT c.strategy, coalesce(c.draft, '-'), coalesce(c.draft_length, 0), c.target, c.speedup_median,
                    c.speedup_ci_low, c.speedup_ci_high, c.noisy, c.noise_reason, c.paired_share,
@@ -103,8 +102,6 @@ def cells(db: Path) -> dict[tuple, dict]:
                        AND r.draft IS NOT DISTINCT FROM c.draft
                        AND coalesce(r.k, 0) = coalesce(c.draft_length, r.k, 0)
             GROUP BY ALL ORDER BY ALL""").fetchall()
-    finally:
-        con.close()
     out = {}
     for strategy, draft, k, target, median, low, high, noisy, reason, paired, t0, t1 in rows:
         out[(strategy, draft, k)] = dict(target=target, median=median, low=low, high=high, noisy=noisy,

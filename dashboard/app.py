@@ -24,7 +24,7 @@ LABELS = {"pair": "Pair (target ← draft)", "strategy": "Strategy", "k": "Draft
 
 
 def db_path(argv: list[str]) -> tuple[str, bool]:
-    """(store path, whether the user chose it with --db). --db beats SPECDEC_DB beats db/specdec.duckdb; the
+    """(store path, whether the user chose it with --db). --db beats SPECDEC_DB beats results/specdec.duckdb; the
     latter two are also where `specdec ingest` writes by default. `specdec dashboard` always passes an absolute
     --db (streamlit runs in dashboard/), with --default-store when the user gave none. allow_abbrev=False and
     parse_known_args: under AppTest sys.argv is pytest's, which must not be mistaken for ours."""

@@ -23,7 +23,7 @@ DEFAULT_PORT, DEFAULT_ADDRESS = 8501, "localhost"
 def build_command(db: str | None, port: int, address: str = DEFAULT_ADDRESS) -> list[str]:
     """The streamlit command line. The db path is made absolute because the server runs in dashboard/ (so its
     .streamlit/config.toml applies) rather than in the caller's directory; without --db it is the default store
-    ($SPECDEC_DB or db/specdec.duckdb here), flagged so the app knows `specdec ingest results/` fills it."""
+    ($SPECDEC_DB or results/specdec.duckdb here), flagged so the app knows `specdec ingest results/` fills it."""
     store = ["--db", os.path.abspath(db)] if db else ["--db", os.path.abspath(default_db_path()), "--default-store"]
     return [sys.executable, "-m", "streamlit", "run", str(APP),
             "--server.headless", "true", "--server.port", str(port), "--server.address", address,
@@ -43,7 +43,7 @@ def port_from_env() -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="specdec dashboard", description="Start the Streamlit dashboard over the "
                                 "results store (read-only; ingest can run while it is open).")
-    p.add_argument("--db", default=None, help="store path (default: $SPECDEC_DB or db/specdec.duckdb)")
+    p.add_argument("--db", default=None, help="store path (default: $SPECDEC_DB or results/specdec.duckdb)")
     p.add_argument("--port", type=int, default=None,
                    help=f"port to serve on (default: $STREAMLIT_SERVER_PORT, else {DEFAULT_PORT})")
     p.add_argument("--address", default=None,

@@ -14,7 +14,7 @@ from specdec.db.query import QueryError, UnsafeSQLError, run_query
 from specdec.strategies import STRATEGIES
 
 # What fills an empty store, from the repository root: the default matrix (its last step ingests), or ingesting
-# result files that already exist. Both write the default store ($SPECDEC_DB or db/specdec.duckdb).
+# result files that already exist. Both write the default store ($SPECDEC_DB or results/specdec.duckdb).
 FILL_COMMANDS = ("snakemake --cores 2", "specdec ingest results/")
 CHART_HEIGHT = 340
 LEGEND_ROWS = 30  # entries a legend lists before "… N entries"
@@ -216,7 +216,7 @@ def page_empty(db: str, status: dict, chosen: bool = False) -> None:
     st.code(FILL_COMMANDS[0], language="bash")
     st.markdown("or, if result files already exist, insert them into the store:")
     st.code(FILL_COMMANDS[1], language="bash")
-    if chosen:  # both commands above write the default store ($SPECDEC_DB or db/specdec.duckdb)
+    if chosen:  # both commands above write the default store ($SPECDEC_DB or results/specdec.duckdb)
         st.markdown(f"This dashboard reads `{db}` (from `--db`), not the default store; fill that one with:")
         st.code(f"specdec ingest --db {db} results/", language="bash")
     st.markdown("Then reload this page. To open another store: `specdec dashboard --db PATH`.")

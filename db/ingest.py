@@ -62,7 +62,7 @@ def json_option(text: str | None, flag: str):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="specdec ingest", description="Insert result files into the DuckDB store "
                                      "(one transaction; runs already stored are skipped).")
-    parser.add_argument("--db", default=None, help="store path (default: $SPECDEC_DB or db/specdec.duckdb)")
+    parser.add_argument("--db", default=None, help="store path (default: $SPECDEC_DB or results/specdec.duckdb)")
     parser.add_argument("--prices", default=None, metavar="JSON",
                         help='replace the device price table, e.g. \'{"A100": 1.29, "cpu": 0.05}\' (price per hour)')
     parser.add_argument("--wait", type=float, default=LOCK_WAIT_S, metavar="SECONDS",

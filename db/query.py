@@ -5,9 +5,10 @@ Two independent layers keep a user's SQL from changing the store or touching oth
 1. `check_sql` asks DuckDB's own parser what the text is (`duckdb.extract_statements`, no database needed): one
    statement, and a query (SELECT, WITH, FROM, VALUES, TABLE, DESCRIBE, SHOW, SUMMARIZE, PIVOT, EXPLAIN). A typo
    gets DuckDB's parser error; a write, DDL or session statement is refused with a one-line reason. It then
-   tokenises the text (string literals, quoted identifiers and comments are recognised the way DuckDB reads them,
-   so `WHERE error LIKE '%read_csv%'` is fine) and refuses file-reading table functions, file paths in FROM, and
-   the functions and views that reveal server paths or settings (`current_setting`, `duckdb_databases`, ...).
+   tokenises the text with DuckDB's own tokenizer (`duckdb.tokenize`: string literals, quoted identifiers and
+   comments are what DuckDB reads, so `WHERE error LIKE '%read_csv%'` is fine) and refuses file-reading table
+   functions, file paths in FROM, and the functions and views that reveal server paths or settings
+   (`current_setting`, `duckdb_databases`, ...).
 2. `_execute_read_only` does not trust that check: it opens the file `read_only=True` (DuckDB rejects every
    write) with `enable_external_access = false` (no file, network or extension access: `read_csv`,
    `FROM 'x.csv'`, ATTACH, COPY, INSTALL all fail) and `lock_configuration = true` (so the SQL cannot set it
@@ -66,81 +67,30 @@ TABLE_POSITION_WORDS = {"from", "join", "table", "describe", "show", "summarize"
 NON_FROM_CLAUSE_WORDS = {"select", "where", "group", "having", "order", "limit", "offset", "qualify", "window",
                          "on", "using", "union", "except", "intersect", "values", "returning", "sample"}
 
-WORD_RE = re.compile(r"[A-Za-z_\u0080-\uffff][A-Za-z0-9_$\u0080-\uffff]*")
-NUMBER_RE = re.compile(r"[0-9][0-9_]*(?:\.[0-9_]*)?(?:[eE][+-]?[0-9]+)?")
-DOLLAR_TAG_RE = re.compile(r"\$(?:[A-Za-z_][A-Za-z0-9_]*)?\$")
+# duckdb.tokenize's token types as the kinds the checks look at
+TOKEN_KINDS = {"keyword": "word", "identifier": "word", "string_const": "string", "numeric_const": "number",
+               "operator": "punct"}
 
 
 def _refuse(what: str) -> UnsafeSQLError:
     return UnsafeSQLError(f"refused: {what}; {READ_ONLY_NOTE}")
 
 
-def _quoted_end(sql: str, start: int, quote: str, backslash: bool) -> int:
-    """Index just past the literal/identifier opening at `start`; a doubled quote continues it (SQL standard),
-    and with `backslash` (DuckDB's E'...' strings) a backslash escapes the next character."""
-    i = start + 1
-    while i < len(sql):
-        if backslash and sql[i] == "\\":
-            i += 2
-        elif sql[i] == quote:
-            if sql.startswith(quote * 2, i):
-                i += 2
-            else:
-                return i + 1
-        else:
-            i += 1
-    raise _refuse("unterminated string literal or quoted identifier")
-
-
 def tokenize(sql: str) -> list[tuple[str, str]]:
-    """Split SQL into (kind, text) tokens: word (lower-cased), ident (quoted identifier, unquoted and lower-cased),
-    string, number, punct. Comments vanish. Where DuckDB might read something differently (nested comments), this
-    errs towards seeing *more* code than DuckDB does, never less, so nothing can hide from the checks."""
-    tokens: list[tuple[str, str]] = []
-    i, n = 0, len(sql)
-    while i < n:
-        c = sql[i]
-        if c.isspace():
-            i += 1
-        elif sql.startswith("--", i):
-            end = sql.find("\n", i)
-            i = n if end < 0 else end + 1
-        elif sql.startswith("/*", i):
-            end = sql.find("*/", i + 2)
-            if end < 0:
-                raise _refuse("unterminated /* comment")
-            i = end + 2
-        elif c == "'":
-            end = _quoted_end(sql, i, "'", backslash=False)
-            tokens.append(("string", sql[i + 1:end - 1]))
-            i = end
-        elif c in "eE" and sql.startswith("'", i + 1):
-            end = _quoted_end(sql, i + 1, "'", backslash=True)
-            tokens.append(("string", sql[i + 2:end - 1]))
-            i = end
-        elif c == '"':
-            end = _quoted_end(sql, i, '"', backslash=False)
-            tokens.append(("ident", sql[i + 1:end - 1].replace('""', '"').lower()))
-            i = end
-        elif c == "$" and DOLLAR_TAG_RE.match(sql, i):
-            tag = DOLLAR_TAG_RE.match(sql, i).group(0)
-            end = sql.find(tag, i + len(tag))
-            if end < 0:
-                raise _refuse("unterminated $$ string")
-            tokens.append(("string", sql[i + len(tag):end]))
-            i = end + len(tag)
-        elif WORD_RE.match(sql, i):
-            word = WORD_RE.match(sql, i).group(0)
-            tokens.append(("word", word.lower()))
-            i += len(word)
-        elif NUMBER_RE.match(sql, i):
-            # Only digits, point and a complete exponent: DuckDB reads `1e'x'` as 1 followed by the E-string e'x'.
-            number = NUMBER_RE.match(sql, i).group(0)
-            tokens.append(("number", number))
-            i += len(number)
-        else:
-            tokens.append(("punct", c))
-            i += 1
+    """Split SQL into (kind, text) tokens with DuckDB's own tokenizer, so a string literal, quoted identifier or
+    comment is exactly what DuckDB will read: word (keyword or name, lower-cased), ident (quoted identifier,
+    unquoted and lower-cased), string (the literal as written, quotes included), number, punct. Comments vanish."""
+    found = duckdb.tokenize(sql)
+    ends = [start for start, _ in found[1:]] + [len(sql)]
+    tokens = []
+    for (start, token_type), end in zip(found, ends):
+        text = sql[start:end].strip()
+        if token_type.name == "comment":
+            continue
+        kind = "ident" if text.startswith('"') else TOKEN_KINDS[token_type.name]
+        if kind == "ident":
+            text = text[1:-1].replace('""', '"')
+        tokens.append((kind, text.lower() if kind in ("word", "ident") else text))
     return tokens
 
 
@@ -186,9 +136,8 @@ def check_sql(sql: str) -> str:
 
     depth = 0
     clause = {0: None}  # innermost clause keyword per parenthesis depth, to tell a FROM list's commas
-    previous: tuple[str, str] = ("punct", "")
-    for position, (kind, text) in enumerate(tokens):
-        following = tokens[position + 1] if position + 1 < len(tokens) else ("punct", "")
+    padded = [("punct", ""), *tokens, ("punct", "")]
+    for previous, (kind, text), following in zip(padded, padded[1:], padded[2:]):
         if kind in ("word", "ident") and (text in REVEALING_NAMES or text.startswith(REVEALING_PREFIXES)):
             raise _refuse(f"{text} is not allowed (it shows server paths and settings)")
         if kind in ("word", "ident") and following == ("punct", "(") and _forbidden_function(text):
@@ -196,7 +145,8 @@ def check_sql(sql: str) -> str:
         in_table_position = ((previous[0] == "word" and previous[1] in TABLE_POSITION_WORDS)
                              or (previous == ("punct", ",") and clause.get(depth) == "from"))
         if in_table_position and (kind == "string" or (kind == "ident" and re.search(r"[./\\:]", text))):
-            raise _refuse(f"file path {text!r} in FROM (only the store's tables and views can be read)")
+            path = text if kind == "string" else repr(text)  # a literal as written, a quoted name unquoted
+            raise _refuse(f"file path {path} in FROM (only the store's tables and views can be read)")
         if kind == "punct" and text == "(":
             depth += 1
             clause[depth] = None
@@ -206,7 +156,6 @@ def check_sql(sql: str) -> str:
             clause[depth] = "from"
         elif kind == "word" and text in NON_FROM_CLAUSE_WORDS:
             clause[depth] = "other"
-        previous = (kind, text)
     return sql
 
 
@@ -263,10 +212,8 @@ def short_cell(value):
     if not isinstance(value, str):
         return value
     text = value.replace("\r", "\\r").replace("\n", "\\n")
-    if len(text) <= MAX_CELL_CHARS:
-        return text
-    marker = f"…[+{len(text) - MAX_CELL_CHARS} chars]"
-    return text[:MAX_CELL_CHARS] + marker
+    cut = len(text) - MAX_CELL_CHARS
+    return text if cut <= 0 else f"{text[:MAX_CELL_CHARS]}…[+{cut} chars]"
 
 
 def format_table(df: pd.DataFrame, fmt: str = "table") -> str:
@@ -311,7 +258,7 @@ def main_query(argv: list[str] | None = None) -> int:
                                      description="Run one read-only SQL query against the results store "
                                                  "(tables runs, measurements; views speedup, cell_summary, failures).")
     parser.add_argument("sql", help='e.g. "SELECT * FROM cell_summary ORDER BY speedup_median DESC"')
-    parser.add_argument("--db", default=None, help="store path (default: $SPECDEC_DB or db/specdec.duckdb)")
+    parser.add_argument("--db", default=None, help="store path (default: $SPECDEC_DB or results/specdec.duckdb)")
     parser.add_argument("--format", choices=("table", "csv", "json"), default="table",
                         help=f"table cuts text longer than {MAX_CELL_CHARS} characters (marked …[+N chars]); csv and "
                              "json print every character (default: table)")

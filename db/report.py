@@ -12,7 +12,7 @@ decoding), the overall median speedup (over every prompt and repeat: `cell_summa
 is filtered out), and where the store has them, 95 % intervals, noise flags and non-degenerate-only figures.
 
 The store is opened read-only and closed again; all SQL is here, and the dashboard's leaderboard page runs the
-same statements (`leaderboard_sql`). Figures the store of an older or newer specdec lacks (intervals, noise,
+same statements (`cell_groups_sql`). Figures the store of an older or newer specdec lacks (intervals, noise,
 degenerate outputs) are left out, not invented: `store_features` looks at which views, columns and macros exist.
 """
 
@@ -151,12 +151,6 @@ def cell_groups_sql(features: dict, by_category: bool, where: str = "") -> str:
               FROM ({sql}))"""
 
 
-def leaderboard_sql(features: dict, f: ReportFilters, by_category: bool) -> tuple[str, list]:
-    """The statement and parameters behind the leaderboard: one row per cell (or cell × category)."""
-    chosen, params = runs_sql(f)
-    return cell_groups_sql(features, by_category, f"WHERE s.run_id IN ({chosen})"), params
-
-
 def acceptance_sql(f: ReportFilters) -> tuple[str, list]:
     """Acceptance at each draft position per cell: per-position counts summed over the cell's decodes, accepted ÷
     proposed (position i counts as accepted when drafts 1..i all were, so the curve falls with i)."""
@@ -238,10 +232,8 @@ def flag(value) -> bool | None:
 def fmt_speedup(value, low=None, high=None) -> str:
     if value is None or pd.isna(value):
         return "—"
-    text = f"{value:.2f}×"
-    if low is not None and not pd.isna(low):
-        text += f" ({low:.2f}–{high:.2f})"
-    return text
+    interval = "" if low is None or pd.isna(low) else f" ({low:.2f}–{high:.2f})"
+    return f"{value:.2f}×{interval}"
 
 
 def display_frame(board: pd.DataFrame) -> pd.DataFrame:
@@ -255,9 +247,8 @@ def display_frame(board: pd.DataFrame) -> pd.DataFrame:
             row[cat] = fmt_speedup(r[cat], r.get(f"{cat} low"), r.get(f"{cat} high"))
         row["mean accepted tokens"] = "—" if pd.isna(r.mean_accepted_tokens) else f"{r.mean_accepted_tokens:.2f}"
         row["overall"] = fmt_speedup(r.overall, r.get("overall low"), r.get("overall high"))
-        if "noisy" in board:
-            noisy = flag(r.noisy)
-            row["noise"] = "not measured" if noisy is None else "noisy" if noisy else "quiet"  # why: in notes()
+        if "noisy" in board:  # why a row is noisy: in notes()
+            row["noise"] = {None: "not measured", True: "noisy", False: "quiet"}[flag(r.noisy)]
         if "speedup_clean" in board:
             row["overall, non-degenerate"] = fmt_speedup(r.speedup_clean)
         row["identical to baseline"] = ("—" if pd.isna(r.share_identical) or r.method == "baseline"
@@ -268,8 +259,7 @@ def display_frame(board: pd.DataFrame) -> pd.DataFrame:
 
 def markdown_table(df: pd.DataFrame) -> str:
     def cell(v) -> str:
-        return ("" if v is None or (not isinstance(v, str) and pd.isna(v)) else str(v)).replace("|", "\\|") \
-            .replace("\n", " ")
+        return text_of(v).replace("|", "\\|").replace("\n", " ")
     lines = ["| " + " | ".join(cell(c) for c in df.columns) + " |", "|" + "---|" * len(df.columns)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join(lines)
@@ -354,8 +344,9 @@ def collect(db: str | Path, f: ReportFilters = ReportFilters()) -> Report:
         try:
             conn = raw.driver_connection
             features = store_features(conn)
-            cells = read(conn, *leaderboard_sql(features, f, by_category=False))
-            by_cat = read(conn, *leaderboard_sql(features, f, by_category=True))
+            chosen, params = runs_sql(f)
+            cells = read(conn, cell_groups_sql(features, False, f"WHERE s.run_id IN ({chosen})"), params)
+            by_cat = read(conn, cell_groups_sql(features, True, f"WHERE s.run_id IN ({chosen})"), params)
             acceptance = read(conn, *acceptance_sql(f))
             provenance = read(conn, *provenance_sql(f))
         finally:
@@ -416,7 +407,7 @@ def filters_text(f: ReportFilters) -> str:
 def provenance_table(r: Report) -> pd.DataFrame:
     """Provenance compact enough to paste: one machine column, one software column, the commit."""
     p = r.provenance
-    text = lambda v: "?" if v is None or pd.isna(v) else str(v)  # noqa: E731
+    text = lambda v: text_of(v) or "?"  # noqa: E731
     return pd.DataFrame({
         "host": p.host,
         "CPU": [f"{text(c)} ({text(n)} cores)" for c, n in zip(p.cpu_name, p.cpu_count)],
@@ -456,8 +447,7 @@ def text_of(v) -> str:
 
 def html_table(df: pd.DataFrame, noisy: list[bool] | None = None) -> str:
     """Numbers right-aligned (a column whose every cell starts with a digit or a dash), text left."""
-    numeric = [all(re.match(r"[\d—-]", text_of(v)) for v in df[c]) for c in df.columns]
-    align = [' class="num"' if n else "" for n in numeric]
+    align = [' class="num"' if all(re.match(r"[\d—-]", text_of(v)) for v in df[c]) else "" for c in df.columns]
     head = "".join(f"<th{a}>{html.escape(str(c))}</th>" for c, a in zip(df.columns, align))
     rows = []
     for i, row in enumerate(df.itertuples(index=False)):
@@ -511,7 +501,7 @@ def write_report(r: Report, out: str | Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="specdec report", description="Write a static report of the store: "
                                      "report.md, one self-contained report.html, leaderboard.csv and the figures.")
-    parser.add_argument("--db", default=None, help="store path (default: $SPECDEC_DB or db/specdec.duckdb)")
+    parser.add_argument("--db", default=None, help="store path (default: $SPECDEC_DB or results/specdec.duckdb)")
     parser.add_argument("--out", default="report", help="output folder (default: %(default)s)")
     for name, help_text in (("host", "only runs on this host"), ("target", "only this target model alias"),
                             ("draft", "only this draft alias ('' = strategies without one)"),

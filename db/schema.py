@@ -175,9 +175,9 @@ noise_thresholds = NoiseThreshold.__table__
 median_ci_ranks = MedianCiRank.__table__
 measurements = Measurement.__table__
 
-# Fields of a result file that the store keeps as JSON text rather than as a scalar column.
-RUN_JSON_FIELDS = ("gpu_names", "devices")
-MEASUREMENT_JSON_FIELDS = ("proposed_per_position", "accepted_per_position", "token_ids")
+# Fields of a result file (of its run, then of its measurements) that the store keeps as JSON text rather than as
+# a scalar column.
+JSON_FIELDS = ("gpu_names", "devices", "proposed_per_position", "accepted_per_position", "token_ids")
 # params keys flattened into `runs` columns (everything else stays in params_json only).
 PARAM_COLUMNS = ("cell", "target", "draft", "strategy", "k", "gpus", "temperature", "top_p", "top_k",
                  "draft_sampling", "use_cache", "max_new_tokens", "repeats", "warmup", "dtype", "gpu_mode",

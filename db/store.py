@@ -26,20 +26,21 @@ from typing import Iterable
 
 import duckdb
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert  # duckdb_engine speaks PostgreSQL's dialect
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.pool import NullPool
 
 from specdec import noise
 from specdec.db import bootstrap
-from specdec.db.schema import (EXTRA_FIELD, MEASUREMENT_JSON_FIELDS, PARAM_COLUMNS, RUN_JSON_FIELDS, Base, measurements,
-                               median_ci_ranks, noise_thresholds, runs)
+from specdec.db.schema import (EXTRA_FIELD, JSON_FIELDS, PARAM_COLUMNS, Base, measurements, median_ci_ranks,
+                               noise_thresholds, runs)
 from specdec.db.schema import prices as prices_table
 
 RESULT_FORMAT = "specdec-result/2"
 RESULT_FORMATS = ("specdec-result/1", RESULT_FORMAT)  # 1: before paired baselines and noise readings
 VIEWS_SQL = Path(__file__).with_name("views.sql")
 STATUSES = ("ok", "failed")
-# `runs` columns the store fills in itself rather than reading from the file's `run` object.
+# Columns the store fills in itself rather than reading from the file's `run` or measurement objects.
 STORE_ONLY = ("params_json", "result_file", "ingested_utc", EXTRA_FIELD)
 
 # Fields without which a row cannot be stored or matched to its baseline; they must be present and not null.
@@ -72,9 +73,18 @@ class IngestReport:
     failed_rows: int = 0
 
 
+DEFAULT_DB = Path("results/specdec.duckdb")
+# The default before 2026-12 (db/ now holds only the store's code). Still read while it is the only store, so an
+# upgrade hides nothing; the workflow refuses to start a second store beside it (workflow/matrix.py says how to move it).
+LEGACY_DB = Path("db/specdec.duckdb")
+
+
 def default_db_path() -> Path:
-    """`db/specdec.duckdb` relative to the working directory (the repository root), or `$SPECDEC_DB`."""
-    return Path(os.environ.get("SPECDEC_DB") or "db/specdec.duckdb")
+    """`results/specdec.duckdb` relative to the working directory (the repository root), or `$SPECDEC_DB`; the old
+    default `db/specdec.duckdb` while it exists and the new one does not."""
+    if os.environ.get("SPECDEC_DB"):
+        return Path(os.environ["SPECDEC_DB"])
+    return LEGACY_DB if LEGACY_DB.exists() and not DEFAULT_DB.exists() else DEFAULT_DB
 
 
 def engine_for(path: str | os.PathLike, read_only: bool = False) -> Engine:
@@ -109,19 +119,22 @@ def init_db(path: str | os.PathLike) -> None:
         with engine.begin() as conn:
             Base.metadata.create_all(conn)
             add_missing_columns(conn)
-            stored = set(conn.execute(sa.select(noise_thresholds.c.name)).scalars())
             now = datetime.now(timezone.utc).replace(tzinfo=None)
-            missing = [{"name": n, "value": v, "updated_utc": now} for n, v in noise.THRESHOLDS.items()
-                       if n not in stored]
-            if missing:
-                conn.execute(sa.insert(noise_thresholds), missing)
+            conn.execute(pg_insert(noise_thresholds).on_conflict_do_nothing(),  # the defaults of missing ones
+                         [{"name": n, "value": v, "updated_utc": now} for n, v in noise.THRESHOLDS.items()])
             if conn.execute(sa.select(sa.func.count()).select_from(median_ci_ranks)).scalar() != bootstrap.MAX_EXACT:
-                conn.execute(sa.delete(median_ci_ranks))
-                conn.execute(sa.insert(median_ci_ranks), bootstrap.rank_rows())
+                replace_rows(conn, median_ci_ranks, bootstrap.rank_rows())
             for statement in view_statements():
                 conn.exec_driver_sql(statement)
     finally:
         engine.dispose()
+
+
+def replace_rows(conn, table: sa.Table, rows: list[dict]) -> None:
+    """Empty `table` and insert `rows` (in the caller's transaction)."""
+    conn.execute(sa.delete(table))
+    if rows:
+        conn.execute(sa.insert(table), rows)
 
 
 def add_missing_columns(conn) -> None:
@@ -187,15 +200,14 @@ def _check_value(path, field: str, column: sa.Column, value) -> None:
     if value is None:
         return
     kind = column.type
-    if isinstance(kind, sa.Boolean):
-        ok = isinstance(value, bool)
-        want = "true or false"
+    if column.name in JSON_FIELDS:
+        ok, want = isinstance(value, list), "a list or null"
+    elif isinstance(kind, sa.Boolean):
+        ok, want = isinstance(value, bool), "true or false"
     elif isinstance(kind, sa.Integer):  # Integer and BigInteger
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        want = "an integer"
+        ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
     elif isinstance(kind, sa.Double):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        want = "a number"
+        ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
     elif isinstance(kind, sa.DateTime):
         want = "an ISO 8601 UTC time like 2026-11-23T07:30:00Z"
         try:
@@ -203,8 +215,7 @@ def _check_value(path, field: str, column: sa.Column, value) -> None:
         except ValueError:
             ok = False
     else:
-        ok = isinstance(value, str)
-        want = "a string"
+        ok, want = isinstance(value, str), "a string"
     if not ok:
         raise _fail(path, field, f"must be {want}, got {_show(value)}")
     if isinstance(kind, (sa.Integer, sa.Double)):
@@ -236,9 +247,16 @@ def _check_required(path, obj: dict, keys: Iterable[str], prefix: str) -> None:
             raise _fail(path, prefix + key, "must not be null or empty")
 
 
-def _check_list(path, field: str, value) -> None:
-    if value is not None and not isinstance(value, list):
-        raise _fail(path, field, f"must be a list or null, got {_show(value)}")
+def _check_columns(path, table: sa.Table, obj: dict, where: str, params: dict | None = None) -> None:
+    """Every field of `obj` that has a column in `table` fits it; with `params` (a run's), the params columns are
+    read from there. A run's run_id was checked against RUN_ID before; a measurement's is its run's."""
+    for column in table.columns:
+        if column.name in STORE_ONLY or column.name == "run_id":
+            continue
+        if params is not None and column.name in PARAM_COLUMNS:
+            _check_value(path, f"{where}params.{column.name}", column, params.get(column.name))
+        else:
+            _check_value(path, f"{where}{column.name}", column, obj.get(column.name))
 
 
 def load_result_file(path: str | os.PathLike) -> dict:
@@ -293,16 +311,7 @@ def _check_run_document(path, doc: dict, prefix: str) -> None:
     _check_required(path, params, REQUIRED_PARAMS, prefix + "run.params.")
     if run["status"] not in STATUSES:
         raise _fail(path, prefix + "run.status", f"must be one of {', '.join(STATUSES)}, got {_show(run['status'])}")
-    for column in runs.columns:
-        name = column.name
-        if name in STORE_ONLY:
-            continue
-        if name in RUN_JSON_FIELDS:
-            _check_list(path, f"{prefix}run.{name}", run.get(name))
-        elif name in PARAM_COLUMNS:
-            _check_value(path, f"{prefix}run.params.{name}", column, params.get(name))
-        else:
-            _check_value(path, f"{prefix}run.{name}", column, run.get(name))
+    _check_columns(path, runs, run, prefix + "run.", params)
 
     rows = doc.get("measurements")
     if not isinstance(rows, list):
@@ -315,11 +324,7 @@ def _check_run_document(path, doc: dict, prefix: str) -> None:
         _check_required(path, row, REQUIRED_MEASUREMENT, where + ".")
         if row["status"] not in STATUSES:
             raise _fail(path, where + ".status", f"must be one of {', '.join(STATUSES)}, got {_show(row['status'])}")
-        for column in measurements.columns:
-            if column.name in MEASUREMENT_JSON_FIELDS:
-                _check_list(path, f"{where}.{column.name}", row.get(column.name))
-            elif column.name not in ("run_id", EXTRA_FIELD):
-                _check_value(path, f"{where}.{column.name}", column, row.get(column.name))
+        _check_columns(path, measurements, row, where + ".")
         key = (row["prompt_id"], row["repeat"])
         if key in seen:
             raise _fail(path, where, f"duplicate prompt_id {key[0]!r} repeat {key[1]}")
@@ -334,10 +339,6 @@ def run_documents(doc: dict) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------------- rows
 
-def _json_text(value) -> str | None:
-    return None if value is None else json.dumps(value)
-
-
 def _extra_json(obj: dict, stored: set) -> str | None:
     """The fields of `obj` that have no column (e.g. a placement plan, per-device memory), as one JSON object."""
     extra = {k: v for k, v in obj.items() if k not in stored}
@@ -351,43 +352,33 @@ def _number(value):
     return value
 
 
+def _column_values(table: sa.Table, obj: dict, params: dict | None = None) -> dict:
+    """`table`'s columns from a validated object (with `params`, a run's, for the params columns): JSON lists as
+    JSON text, times as naive UTC, non-finite numbers as NULL."""
+    row = {}
+    for column in table.columns:
+        value = (params if params is not None and column.name in PARAM_COLUMNS else obj).get(column.name)
+        if column.name in JSON_FIELDS and value is not None:
+            value = json.dumps(value)
+        elif isinstance(column.type, sa.DateTime) and isinstance(value, str):
+            value = _parse_utc(value)
+        row[column.name] = _number(value)
+    return row
+
+
 def run_row(doc: dict, result_file: str, ingested_utc: datetime) -> dict:
     """The `runs` row of a validated result file."""
     run, params = doc["run"], doc["run"]["params"]
-    row = {}
-    for column in runs.columns:
-        name = column.name
-        if name in PARAM_COLUMNS:
-            value = params.get(name)
-        elif name in RUN_JSON_FIELDS:
-            value = _json_text(run.get(name))
-        else:
-            value = run.get(name)
-        if isinstance(column.type, sa.DateTime) and isinstance(value, str):
-            value = _parse_utc(value)
-        row[name] = _number(value)
-    row["params_json"] = json.dumps(params, sort_keys=True)
-    row[EXTRA_FIELD] = _extra_json(run, set(row) | {"params"})
-    row["result_file"] = result_file
-    row["ingested_utc"] = ingested_utc
-    return row
+    return {**_column_values(runs, run, params), "params_json": json.dumps(params, sort_keys=True),
+            EXTRA_FIELD: _extra_json(run, set(runs.columns.keys()) | {"params"}), "result_file": result_file,
+            "ingested_utc": ingested_utc}
 
 
 def measurement_rows(doc: dict) -> list[dict]:
     """The `measurements` rows of a validated result file."""
-    run_id = doc["run"]["run_id"]
-    out = []
-    for m in doc["measurements"]:
-        row = {}
-        for column in measurements.columns:
-            value = m.get(column.name)
-            if column.name in MEASUREMENT_JSON_FIELDS:
-                value = _json_text(value)
-            row[column.name] = _number(value)
-        row["run_id"] = run_id
-        row[EXTRA_FIELD] = _extra_json(m, set(row))
-        out.append(row)
-    return out
+    run_id, stored = doc["run"]["run_id"], set(measurements.columns.keys())
+    return [{**_column_values(measurements, m), "run_id": run_id, EXTRA_FIELD: _extra_json(m, stored)}
+            for m in doc["measurements"]]
 
 
 # ---------------------------------------------------------------------------------------------------- ingest
@@ -452,15 +443,14 @@ def unique_runs(docs: list[tuple[str, dict]]) -> list[tuple[str, dict | None]]:
     out = []
     for path, doc in docs:
         run_id = doc["run"]["run_id"]
-        if run_id in first:
-            other_path, other = first[run_id]
-            if doc != other:
-                raise ResultFileError(f"run id {run_id!r} is in {other_path} and in {path} with different content; "
-                                      "remove the wrong file")
+        if run_id not in first:
+            first[run_id] = (path, doc)
+            out.append((path, doc))
+        elif doc == first[run_id][1]:
             out.append((path, None))
-            continue
-        first[run_id] = (path, doc)
-        out.append((path, doc))
+        else:
+            raise ResultFileError(f"run id {run_id!r} is in {first[run_id][0]} and in {path} with different "
+                                  "content; remove the wrong file")
     return out
 
 
@@ -519,14 +509,11 @@ def _ingest_once(db_path, docs: list[tuple[str, dict | None]], files: int, price
                 report.measurement_rows += len(rows)
                 report.failed_rows += sum(1 for row in rows if row["status"] != "ok")
             if prices is not None:
-                conn.execute(sa.delete(prices_table))
-                if prices:
-                    conn.execute(sa.insert(prices_table), [{"device": d, "price_per_hour": p, "updated_utc": now}
-                                                           for d, p in prices.items()])
+                replace_rows(conn, prices_table, [{"device": d, "price_per_hour": p, "updated_utc": now}
+                                                  for d, p in prices.items()])
             if noise_limits is not None:
-                conn.execute(sa.delete(noise_thresholds))
-                conn.execute(sa.insert(noise_thresholds), [{"name": n, "value": v, "updated_utc": now}
-                                                           for n, v in noise_limits.items()])
+                replace_rows(conn, noise_thresholds, [{"name": n, "value": v, "updated_utc": now}
+                                                      for n, v in noise_limits.items()])
     finally:
         engine.dispose()
     return report

@@ -22,7 +22,7 @@
 -- Baseline cells are matched like shared cells: the most recent baseline run's rows get a speedup around 1.0
 -- (their own median), older baseline runs show drift against the newest one.
 -- Rows with no baseline at all are kept, with NULL baseline_tokens_per_s / speedup / matches_baseline.
--- Key columns are compared with IS NOT DISTINCT FROM so a NULL in e.g. top_k still matches.
+-- Key columns (baseline_key) are compared with IS NOT DISTINCT FROM so a NULL in e.g. top_k still matches.
 -- cost_per_mtok = price of the run's devices per hour (run_cost, from the `prices` table) ÷ tokens per hour × 1e6: the cost of a
 -- million generated tokens at this row's speed (NULL when no price was configured).
 -- draft_length is k for strategies that draft (NULL for baseline and hf-generate, whatever k says).
@@ -48,7 +48,10 @@ GROUP BY run_id;
 CREATE OR REPLACE VIEW speedup AS
 WITH ok AS (
     SELECT m.*, r.host, r.cpu_name, r.gpu_names, r.target, r.draft, r.strategy, r.k, r.gpus, r.temperature,
-           r.top_p, r.top_k, r.max_new_tokens, r.started_utc, r.paired_with, r.baseline_mode, c.cost_per_hour
+           r.top_p, r.top_k, r.max_new_tokens, r.started_utc, r.paired_with, r.baseline_mode, c.cost_per_hour,
+           -- what a shared baseline must have in common with the row: the machine and the decoding settings
+           row(r.host, r.cpu_name, r.gpu_names, r.target, r.gpus, r.temperature, r.top_p, r.top_k,
+               r.max_new_tokens) AS baseline_key
     FROM measurements AS m
     JOIN runs AS r ON r.run_id = m.run_id
     LEFT JOIN run_cost AS c ON c.run_id = m.run_id
@@ -60,8 +63,7 @@ paired AS (
     WHERE paired_with IS NOT NULL
 ),
 baseline_runs AS (
-    SELECT run_id, host, cpu_name, gpu_names, target, gpus, temperature, top_p, top_k, max_new_tokens, prompt_id,
-           started_utc,
+    SELECT run_id, baseline_key, prompt_id, started_utc,
            median(tokens_per_s) AS baseline_tokens_per_s,
            arg_min(token_hash, "repeat") AS baseline_token_hash,
            min("repeat") AS baseline_repeat
@@ -72,9 +74,7 @@ baseline_runs AS (
 latest_baseline AS (
     SELECT *
     FROM baseline_runs
-    QUALIFY row_number() OVER (
-        PARTITION BY host, cpu_name, gpu_names, target, gpus, temperature, top_p, top_k, max_new_tokens, prompt_id
-        ORDER BY started_utc DESC, run_id DESC) = 1
+    QUALIFY row_number() OVER (PARTITION BY baseline_key, prompt_id ORDER BY started_utc DESC, run_id DESC) = 1
 )
 SELECT
     o.run_id, o.host, o.target, o.draft, o.strategy,
@@ -100,15 +100,7 @@ LEFT JOIN paired AS p
     AND p."repeat" = o."repeat"
 LEFT JOIN latest_baseline AS b
     ON  o.baseline_mode IS DISTINCT FROM 'paired'
-    AND b.host IS NOT DISTINCT FROM o.host
-    AND b.cpu_name IS NOT DISTINCT FROM o.cpu_name
-    AND b.gpu_names IS NOT DISTINCT FROM o.gpu_names
-    AND b.target IS NOT DISTINCT FROM o.target
-    AND b.gpus IS NOT DISTINCT FROM o.gpus
-    AND b.temperature IS NOT DISTINCT FROM o.temperature
-    AND b.top_p IS NOT DISTINCT FROM o.top_p
-    AND b.top_k IS NOT DISTINCT FROM o.top_k
-    AND b.max_new_tokens IS NOT DISTINCT FROM o.max_new_tokens
+    AND b.baseline_key IS NOT DISTINCT FROM o.baseline_key
     AND b.prompt_id = o.prompt_id
 WHERE o.paired_with IS NULL;
 
@@ -126,8 +118,7 @@ WITH limits AS (
     FROM noise_thresholds
 ),
 checks AS (
-    SELECT r.run_id, r.cpu_count, r.load_avg, r.other_cpu_cores, r.steal_share, r.gpu_other_processes,
-           r.baseline_spread, r.noise_samples,
+    SELECT r.*,
            r.other_cpu_cores > t.other_cpu_cores AS busy_cpus,
            r.steal_share > t.steal_share AS stolen,
            r.gpu_other_processes > t.gpu_other_processes AS shared_gpus,
@@ -208,12 +199,9 @@ WITH agg AS (
     FROM speedup AS s
     LEFT JOIN run_noise AS n ON n.run_id = s.run_id
     GROUP BY ALL
-),
-ci AS (
-    SELECT *, median_ci(speedups) AS interval FROM agg
 )
 SELECT * EXCLUDE (speedups, interval), interval[1] AS speedup_ci_low, interval[2] AS speedup_ci_high
-FROM ci;
+FROM (SELECT *, median_ci(speedups) AS interval FROM agg);
 
 -- failures: every failed measurement, with the run's error when the measurement has none of its own
 -- (a job that fails before decoding writes one failed measurement per prompt × repeat).

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up .venv (if needed) and run the default benchmark matrix (config.yaml) end to end: decode every cell,
-# ingest the results into db/specdec.duckdb, print the best speedup per pair and strategy.
+# ingest the results into results/specdec.duckdb, print the best speedup per pair and strategy.
 # Extra arguments go to snakemake, e.g. `bash scripts/run-matrix.sh --configfile config/suite.yaml`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

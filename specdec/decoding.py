@@ -239,22 +239,12 @@ def select_token(logits: torch.Tensor, s: DecodeSettings, generator: torch.Gener
 
 def make_generator(s: DecodeSettings, device) -> torch.Generator:
     device = torch.device(device)
-    gen = torch.Generator(device=device if device.type == "cuda" else "cpu")
-    gen.manual_seed(s.seed)
-    return gen
+    return torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(s.seed)
 
 
 def hit_eos(tokens: list[int], eos_ids: set[int]) -> int | None:
     """Index of the first end-of-sequence token in `tokens`, or None."""
-    for i, tok in enumerate(tokens):
-        if tok in eos_ids:
-            return i
-    return None
-
-
-def prefill(model, prompt_ids: list[int], cache, s, generator, vocab=None) -> int:
-    """Encode the prompt and choose the first new token (its latency is the time to first token)."""
-    return select_token(forward(model, prompt_ids, cache, 1, vocab)[0][0], s, generator)
+    return next((i for i, tok in enumerate(tokens) if tok in eos_ids), None)
 
 
 def baseline_decode(model, prompt_ids: list[int], s: DecodeSettings, eos_ids: set[int]) -> Trace:
@@ -264,7 +254,7 @@ def baseline_decode(model, prompt_ids: list[int], s: DecodeSettings, eos_ids: se
     trace = Trace()
     start = clock()
     cache = new_cache(model, len(prompt_ids) + s.max_new_tokens) if s.use_cache else None
-    token = prefill(model, prompt_ids, cache, s, generator)
+    token = select_token(forward(model, prompt_ids, cache)[0][0], s, generator)  # the prefill
     trace.ttft_s = clock() - start
     trace.tokens, trace.target_passes = [token], 1
     while True:

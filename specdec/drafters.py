@@ -24,7 +24,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -253,8 +253,6 @@ class Drafter:
     module: nn.Module
     embed: nn.Module            # the target's input embedding
     lm_weight: torch.Tensor     # the target's LM head weight [V, H]
-    meta: dict = field(default_factory=dict)
-    folder: Path | None = None
 
     def head(self, extra_ids=()) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(target token id of each head row or None for the full vocabulary, float32 weight [rows, H]).
@@ -282,8 +280,7 @@ def target_parts(model) -> dict:
 def new_module(kind: str, model, vocab_ids: torch.Tensor | None, heads: int = 4) -> nn.Module:
     parts = target_parts(model)
     if kind == "eagle":
-        module = EagleDraft(parts["hidden"], parts["heads"], parts["intermediate"], parts["rope_theta"],
-                            parts["eps"], vocab_ids)
+        module = EagleDraft(**parts, vocab_ids=vocab_ids)
         norm = getattr(getattr(model, "base_model", None), "norm", None)
         if norm is not None and getattr(norm, "weight", None) is not None and norm.weight.shape == (parts["hidden"],):
             with torch.no_grad():  # predicted features start on the target's feature scale (its final norm)
@@ -294,9 +291,8 @@ def new_module(kind: str, model, vocab_ids: torch.Tensor | None, heads: int = 4)
     raise DrafterError(f"unknown drafter kind '{kind}'; choose one of {KINDS}")
 
 
-def attach(kind: str, module: nn.Module, model, meta: dict | None = None, folder: Path | None = None) -> Drafter:
-    return Drafter(kind, module, model.get_input_embeddings(), model.get_output_embeddings().weight, meta or {},
-                   folder)
+def attach(kind: str, module: nn.Module, model) -> Drafter:
+    return Drafter(kind, module, model.get_input_embeddings(), model.get_output_embeddings().weight)
 
 
 def save_drafter(folder: str | Path, drafter: Drafter, meta: dict) -> Path:
@@ -334,14 +330,10 @@ def load_drafter(folder: str | Path, model) -> Drafter:
     if cfg["hidden"] != hidden:
         raise DrafterError(f"drafter in {folder} was trained for hidden size {cfg['hidden']}, but the target has "
                            f"{hidden}: it belongs to another target")
-    if meta["kind"] == "eagle":
-        module = EagleDraft(cfg["hidden"], cfg["heads"], cfg["intermediate"], cfg["rope_theta"], cfg["eps"],
-                            state["vocab_ids"])
-    else:
-        module = MedusaHeads(cfg["hidden"], cfg["heads"], state["vocab_ids"])
+    module = (EagleDraft if meta["kind"] == "eagle" else MedusaHeads)(**cfg, vocab_ids=state["vocab_ids"])
     module.load_state_dict(state)
     module.to(model.device).eval().requires_grad_(False)
     vocab = model.get_output_embeddings().weight.shape[0]
     if module.vocab_ids.numel() and int(module.vocab_ids.max()) >= vocab:
         raise DrafterError(f"drafter in {folder} uses token ids beyond the target's {vocab}: another target's drafter")
-    return attach(meta["kind"], module, model, meta, folder)
+    return attach(meta["kind"], module, model)

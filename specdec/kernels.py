@@ -111,9 +111,7 @@ def linear_kernels() -> str:
         raise ValueError(f"SPECDEC_CPU_LINEAR must be one of {', '.join(LINEAR_KERNELS)}, got '{choice}'")
     if choice != "auto":
         return choice
-    if not torch.backends.mkl.is_available():
-        return "onednn"
-    return "mkl" if cpu_vendor() == "GenuineIntel" else "onednn"
+    return "mkl" if torch.backends.mkl.is_available() and cpu_vendor() == "GenuineIntel" else "onednn"
 
 
 def prepare_model(model, linear: str | None = None):

@@ -149,21 +149,18 @@ class DegenerateRule:
         unknown = sorted(set(values or {}) - set(cls.__dataclass_fields__))
         if unknown:
             raise ValueError(f"degenerate: unknown key(s) {unknown}; allowed: ngram, repeat_share, copy_share")
-        rule = cls(**(values or {}))
-        check_rule(rule)
-        return rule
+        return cls(**(values or {}))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ngram, bool) or not isinstance(self.ngram, int) or self.ngram < 1:
+            raise ValueError(f"degenerate n-gram length must be an integer >= 1, got {self.ngram!r}")
+        for name in ("repeat_share", "copy_share"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+                raise ValueError(f"degenerate {name} threshold must be a number in (0, 1], got {value!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def check_rule(rule: DegenerateRule) -> None:
-    if isinstance(rule.ngram, bool) or not isinstance(rule.ngram, int) or rule.ngram < 1:
-        raise ValueError(f"degenerate n-gram length must be an integer >= 1, got {rule.ngram!r}")
-    for name in ("repeat_share", "copy_share"):
-        value = getattr(rule, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-            raise ValueError(f"degenerate {name} threshold must be a number in (0, 1], got {value!r}")
 
 
 def ngrams(ids: list[int], n: int) -> list[tuple[int, ...]]:

@@ -26,6 +26,7 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 SAMPLE_S = 2.0  # seconds between readings: a few per prompt, cheap (three small /proc reads)
@@ -123,11 +124,8 @@ def query_compute_apps() -> str:
 def read_machine(gpu_uuids: list[str] | None = None, clock: Callable[[], float] = time.monotonic,
                  query_gpus: Callable[[], str] = query_compute_apps) -> Reading:
     """One reading of this machine (Linux /proc), with the GPUs `gpu_uuids` checked for other processes."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    with open("/proc/stat") as f:
-        busy, steal, total = parse_proc_stat(f.read(), ticks)
-    with open("/proc/loadavg") as f:
-        load1 = parse_loadavg(f.read())
+    busy, steal, total = parse_proc_stat(Path("/proc/stat").read_text(), os.sysconf("SC_CLK_TCK"))
+    load1 = parse_loadavg(Path("/proc/loadavg").read_text())
     own, pids = own_tree_cpu_s()
     gpu_other = None
     if gpu_uuids:
@@ -185,14 +183,10 @@ def summarise(readings: list[Reading]) -> dict:
     """The run's noise fields from its readings (None where fewer than two readings make no window):
     `other_cpu_cores`, `steal_share`, `load_avg` (mean 1-minute load), `gpu_other_processes` (most at once),
     `noise_samples` (readings taken)."""
-    out = {"other_cpu_cores": None, "steal_share": None, "load_avg": None, "gpu_other_processes": None,
-           "noise_samples": len(readings)}
     loads = [r.load1 for r in readings if r.load1 is not None]
-    if loads:
-        out["load_avg"] = statistics.fmean(loads)
     gpus = [r.gpu_other for r in readings if r.gpu_other is not None]
-    if gpus:
-        out["gpu_other_processes"] = max(gpus)
+    out = {"other_cpu_cores": None, "steal_share": None, "load_avg": statistics.fmean(loads) if loads else None,
+           "gpu_other_processes": max(gpus, default=None), "noise_samples": len(readings)}
     if len(readings) >= 2:
         first, last = readings[0], readings[-1]
         seconds = last.t - first.t

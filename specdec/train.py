@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 from specdec import fail
 from specdec.decoding import new_cache
@@ -134,11 +135,9 @@ def training_data(loaded, settings: DrafterSettings, root: Path) -> dict:
         (folder / "data.json").write_text(json.dumps(meta, indent=1) + "\n")
         log(f"training data: {meta['tokens']} tokens ({meta['generated_tokens']} generated) in "
             f"{meta['generate_s']:.0f} s, cached in {folder}")
-    offsets = [0] + torch.cumsum(tensors["lengths"], 0).tolist()
-    return {"meta": meta, "folder": str(folder),
-            "tokens": [tensors["tokens"][a:b] for a, b in zip(offsets, offsets[1:])],
-            "feats": [tensors["feats"][a:b] for a, b in zip(offsets, offsets[1:])],
-            "prompt_lengths": tensors["prompt_lengths"].tolist()}
+    lengths = tensors["lengths"].tolist()
+    return {"meta": meta, "folder": str(folder), "tokens": list(tensors["tokens"].split(lengths)),
+            "feats": list(tensors["feats"].split(lengths)), "prompt_lengths": tensors["prompt_lengths"].tolist()}
 
 
 def reduced_vocab(token_lists: list[torch.Tensor], size: int, vocab: int, always=()) -> torch.Tensor | None:
@@ -159,16 +158,12 @@ def batches(indices: list[int], data: dict, size: int, generator: torch.Generato
     order = [indices[i] for i in torch.randperm(len(indices), generator=generator)] if generator else indices
     for b in range(0, len(order), size):
         rows = order[b:b + size]
-        width = max(len(data["tokens"][i]) for i in rows)
-        hidden = data["feats"][rows[0]].shape[-1]
-        tokens = torch.zeros(len(rows), width, dtype=torch.long)
-        feats = torch.zeros(len(rows), width, hidden)
-        valid = torch.zeros(len(rows), width, dtype=torch.bool)
-        generated = torch.zeros(len(rows), width, dtype=torch.bool)
+        tokens = pad_sequence([data["tokens"][i] for i in rows], batch_first=True)
+        feats = pad_sequence([data["feats"][i].float() for i in rows], batch_first=True)
+        valid = pad_sequence([torch.ones(len(data["tokens"][i]), dtype=torch.bool) for i in rows], batch_first=True)
+        generated = valid.clone()  # features that predict generated tokens: from the prompt's last one on
         for r, i in enumerate(rows):
-            n = len(data["tokens"][i])
-            tokens[r, :n], feats[r, :n], valid[r, :n] = data["tokens"][i], data["feats"][i].float(), True
-            generated[r, data["prompt_lengths"][i] - 1:n] = True  # features that predict generated tokens
+            generated[r, :data["prompt_lengths"][i] - 1] = False
         yield tokens, feats, valid, generated
 
 
@@ -184,6 +179,16 @@ def unroll_attend(length: int, depth: int) -> torch.Tensor:
 def on_device(batch, device) -> tuple[torch.Tensor, ...]:
     """A CPU batch moved to where the drafter trains (the device of the target's LM head)."""
     return tuple(t.to(device, non_blocking=True) for t in batch)
+
+
+@torch.no_grad()
+def agreement(module, logits: torch.Tensor, want: torch.Tensor, counted: torch.Tensor, full_w) -> tuple[int, int]:
+    """(correct, counted): positions where the drafter's argmax, as a target token id when `full_w` is given,
+    equals the target's."""
+    guess = logits.argmax(-1)
+    if full_w is not None and module.vocab_ids.numel():
+        guess = module.vocab_ids[guess]
+    return int((guess == want)[counted].sum()), int(counted.sum())
 
 
 def eagle_losses(module, embed, head_w: torch.Tensor, batch, unroll: int, full_w: torch.Tensor | None = None):
@@ -213,13 +218,7 @@ def eagle_losses(module, embed, head_w: torch.Tensor, batch, unroll: int, full_w
         regression = F.smooth_l1_loss(out, f_target, reduction="none").mean(-1)[use].mean()
         ce = -(p_target * torch.log_softmax(logits, dim=-1)).sum(-1)[use].mean()
         total = total + regression + CE_WEIGHT * ce
-        with torch.no_grad():
-            guess = logits.argmax(-1)
-            ids = module.vocab_ids
-            if full_w is not None and ids.numel():
-                guess = ids[guess]
-            counted = use & generated[:, 1:]
-            stats.append((int((guess == want)[counted].sum()), int(counted.sum())))
+        stats.append(agreement(module, logits, want, use & generated[:, 1:], full_w))
     return total, stats
 
 
@@ -238,51 +237,36 @@ def medusa_losses(module, head_w: torch.Tensor, batch, full_w: torch.Tensor | No
         with torch.no_grad():
             p_target = torch.softmax(f_target @ head_w.T, dim=-1)
             want = (f_target @ (full_w if full_w is not None else head_w).T).argmax(-1)
-        out = f_in + F.silu(block(f_in))
-        logits = out @ head_w.T
+        logits = (f_in + F.silu(block(f_in))) @ head_w.T
         loss = 0.8 ** h * -(p_target * torch.log_softmax(logits, dim=-1)).sum(-1)[use].mean()
         if torch.is_grad_enabled():
             loss.backward()
         total += float(loss.detach())
-        with torch.no_grad():
-            guess = logits.argmax(-1)
-            if full_w is not None and module.vocab_ids.numel():
-                guess = module.vocab_ids[guess]
-            counted = use & generated[:, shift:]
-            stats.append((int((guess == want)[counted].sum()), int(counted.sum())))
+        stats.append(agreement(module, logits, want, use & generated[:, shift:], full_w))
     return total, stats
 
 
-def evaluate(kind: str, drafter, head_w, data, indices, settings) -> list[float]:
-    """Top-1 agreement with the target's full-vocabulary argmax per draft depth, on held-out prompts."""
-    correct: list[int] = []
-    counted: list[int] = []
-    full_w = drafter.lm_weight.float()
-    with torch.no_grad():
-        for batch in batches(indices, data, settings.batch_size, None):
-            if kind == "eagle":
-                _, stats = eagle_losses(drafter.module, drafter.embed, head_w, batch, settings.unroll, full_w)
-            else:
-                _, stats = medusa_losses(drafter.module, head_w, batch, full_w)
-            if not correct:
-                correct, counted = [0] * len(stats), [0] * len(stats)
-            for d, (right, total) in enumerate(stats):
-                correct[d] += right
-                counted[d] += total
-    return [round(a / b, 4) if b else None for a, b in zip(correct, counted)]
+def batch_loss(kind: str, drafter, head_w: torch.Tensor, batch, settings: DrafterSettings, full_w=None):
+    """One batch's loss as a float, back-propagated when gradients are on, and per draft depth (correct, counted)
+    top-1 agreement with the target (eagle_losses, medusa_losses)."""
+    if kind == "medusa":
+        return medusa_losses(drafter.module, head_w, batch, full_w)  # back-propagates head by head itself
+    loss, stats = eagle_losses(drafter.module, drafter.embed, head_w, batch, settings.unroll, full_w)
+    if torch.is_grad_enabled():
+        loss.backward()
+    return float(loss.detach()), stats
 
 
-def mean_loss(kind: str, drafter, head_w, data, indices, settings) -> float:
-    """The training loss over `indices`, without updating anything (before/after training on the same data)."""
-    losses = []
+def assess(kind: str, drafter, head_w, data, indices, settings, full_w=None) -> tuple[float | None, list]:
+    """Without updating anything: the mean loss over `indices`, and per draft depth the top-1 agreement with the
+    target's argmax on their generated positions (over the full vocabulary with `full_w`, else the head)."""
     with torch.no_grad():
-        for batch in batches(indices, data, settings.batch_size, None):
-            if kind == "eagle":
-                loss, _ = eagle_losses(drafter.module, drafter.embed, head_w, batch, settings.unroll)
-            else:
-                loss, _ = medusa_losses(drafter.module, head_w, batch)
-            losses.append(float(loss))
-    return sum(losses) / len(losses)
+        results = [batch_loss(kind, drafter, head_w, batch, settings, full_w)
+                   for batch in batches(indices, data, settings.batch_size, None)]
+    # per draft depth: (correct, counted) summed over the batches
+    summed = [map(sum, zip(*depth)) for depth in zip(*(per_depth for _, per_depth in results))]
+    accuracy = [round(right / total, 4) if total else None for right, total in summed]
+    return (sum(loss for loss, _ in results) / len(results) if results else None), accuracy
 
 
 def train(kind: str, loaded, settings: DrafterSettings, data: dict, deadline: float):
@@ -296,8 +280,7 @@ def train(kind: str, loaded, settings: DrafterSettings, data: dict, deadline: fl
     ids = reduced_vocab([data["tokens"][i] for i in train_ids], settings.vocab, vocab, loaded.eos_token_ids)
     module = new_module(kind, model, ids, settings.heads).float()
     drafter = attach(kind, module, model)
-    _, head_w = drafter.head()
-    head_w = head_w.detach()
+    head_w = drafter.head()[1].detach()
     module.to(head_w.device).train()  # trains where the target's LM head is (a GPU when the target is on one)
     optimizer = torch.optim.AdamW(module.parameters(), lr=settings.lr, weight_decay=0.0)
     per_epoch = math.ceil(len(train_ids) / settings.batch_size)
@@ -307,7 +290,7 @@ def train(kind: str, loaded, settings: DrafterSettings, data: dict, deadline: fl
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step, planned) / planned))))
     generator = torch.Generator().manual_seed(settings.seed)
     probe = train_ids[:2 * settings.batch_size]  # a fixed subset: the loss before and after training
-    loss_before = mean_loss(kind, drafter, head_w, data, probe, settings)
+    loss_before, _ = assess(kind, drafter, head_w, data, probe, settings)
     start = time.perf_counter()
     last_log, step, stop, losses = start, 0, "epochs", []
     log(f"training {kind}: {sum(p.numel() for p in module.parameters()):,} parameters, head "
@@ -318,12 +301,7 @@ def train(kind: str, loaded, settings: DrafterSettings, data: dict, deadline: fl
                 stop = "budget"
                 break
             optimizer.zero_grad(set_to_none=True)
-            if kind == "eagle":
-                loss, _ = eagle_losses(module, drafter.embed, head_w, batch, settings.unroll)
-                loss.backward()
-                loss = float(loss.detach())
-            else:
-                loss, _ = medusa_losses(module, head_w, batch)
+            loss, _ = batch_loss(kind, drafter, head_w, batch, settings)
             torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
             optimizer.step()
             schedule.step()
@@ -338,8 +316,8 @@ def train(kind: str, loaded, settings: DrafterSettings, data: dict, deadline: fl
             break
     train_s = time.perf_counter() - start
     module.eval().requires_grad_(False)
-    loss_after = mean_loss(kind, drafter, head_w, data, probe, settings)
-    accuracy = evaluate(kind, drafter, head_w, data, val, settings)
+    loss_after, _ = assess(kind, drafter, head_w, data, probe, settings)
+    _, accuracy = assess(kind, drafter, head_w, data, val, settings, full_w=drafter.lm_weight.float())
     log(f"validation top-1 agreement with the target by draft depth: {accuracy}")
     summary = {"steps": step, "planned_steps": planned, "stopped": stop, "train_s": round(train_s, 1),
                "loss_before": round(loss_before, 4), "loss_after": round(loss_after, 4),

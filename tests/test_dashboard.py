@@ -340,7 +340,7 @@ def test_default_store_path_when_nothing_is_chosen(tmp_path, monkeypatch):
     monkeypatch.delenv("SPECDEC_DB", raising=False)
     monkeypatch.chdir(tmp_path)
     at = run_page()
-    assert "`db/specdec.duckdb` does not exist yet" in at.warning[0].value
+    assert "`results/specdec.duckdb` does not exist yet" in at.warning[0].value
     assert fill_commands(at) == list(FILL_COMMANDS)
 
 

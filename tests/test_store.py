@@ -338,9 +338,17 @@ def test_ingest_cli_recurses_folders(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: ")
 
 
-def test_default_db_path(monkeypatch):
+def test_default_db_path(monkeypatch, tmp_path):
     monkeypatch.delenv("SPECDEC_DB", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert default_db_path() == Path("results/specdec.duckdb")
+    # a store at the pre-2026-12 default stays in use while it is the only one, then the new one wins
+    Path("db").mkdir()
+    Path("db/specdec.duckdb").touch()
     assert default_db_path() == Path("db/specdec.duckdb")
+    Path("results").mkdir()
+    Path("results/specdec.duckdb").touch()
+    assert default_db_path() == Path("results/specdec.duckdb")
     monkeypatch.setenv("SPECDEC_DB", "/tmp/elsewhere.duckdb")
     assert default_db_path() == Path("/tmp/elsewhere.duckdb")
 

@@ -150,6 +150,9 @@ def test_train_free_cells_carry_their_own_parameters_only(tiny_models):
     (lambda c: c.update(db="."), "db: '.' is a folder, not a file"),
     (lambda c: c.update(results="prompts.jsonl"), "results: 'prompts.jsonl' is a file, not a folder"),
     (lambda c: c.update(db="/proc/specdec/store.duckdb"), "db: cannot create '/proc/specdec/store.duckdb' in '/proc'"),
+    (lambda c: c.update(db="results/specdec.duckdb") or Path("db").mkdir() or Path("db/specdec.duckdb").touch(),
+     "db: the store's default moved from db/specdec.duckdb to results/specdec.duckdb and yours is still at the old "
+     "place; move it (mv db/specdec.duckdb* results/) or set db: db/specdec.duckdb"),
     (lambda c: c.update(strategies=["rest"]) or c["generation"].update(rest_corpus="none.txt"),
      "generation.rest_corpus: file 'none.txt' does not exist"),
 ])

@@ -22,6 +22,7 @@ import socket
 import sys
 from pathlib import Path
 
+from db.store import DEFAULT_DB, LEGACY_DB
 from specdec.drafters import DrafterError, DrafterSettings, drafter_dir, parse_alias, parse_for_target
 from specdec.models import ModelError, load_registry, resolve
 from specdec.prompts import PromptFileError, load_prompts, select
@@ -163,7 +164,11 @@ def check_config(config: dict) -> list[dict]:
     if not prompts:
         raise ConfigError(f"prompts: the selection (prompt_ids/categories/per_category) leaves no prompt of "
                           f"{config['prompts']}")
-    check_creatable("db", config.get("db", "db/specdec.duckdb"), folder=False)
+    db = config.get("db", str(DEFAULT_DB))
+    if Path(db) == DEFAULT_DB and LEGACY_DB.exists() and not DEFAULT_DB.exists():
+        raise ConfigError(f"db: the store's default moved from {LEGACY_DB} to {DEFAULT_DB} and yours is still at the "
+                          f"old place; move it (mv {LEGACY_DB}* {DEFAULT_DB.parent}/) or set db: {LEGACY_DB}")
+    check_creatable("db", db, folder=False)
     check_creatable("results", config.get("results", "results"), folder=True)
     return prompts
 

@@ -11,20 +11,16 @@ sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 import matrix  # noqa: E402  (workflow/matrix.py: checks and expansion, no decoding logic)
 
 
-def fail_config(message):
-    # One line naming the field, and nothing else: exit before Snakemake starts (or locks) anything.
-    matrix.exit_with_config_error(message)
-
-
+# A bad config is one line naming the field, and nothing else: exit before Snakemake starts (or locks) anything.
 try:
     validate(config, "../schemas/config.schema.yaml")
 except WorkflowError as exc:
-    fail_config(matrix.schema_error_line(exc))
+    matrix.exit_with_config_error(matrix.schema_error_line(exc))
 try:
     PROMPTS = matrix.check_config(config)  # paths are relative to the working directory, as for the jobs
     CELLS = matrix.expand_cells(config)
 except matrix.ConfigError as exc:
-    fail_config(str(exc))
+    matrix.exit_with_config_error(str(exc))
 
 HOST = matrix.host_label(config)
 RUN_DIR = f"{config['results']}/{config['tag']}/{HOST}"
