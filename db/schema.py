@@ -66,6 +66,8 @@ class Run(Base):
     warmup: Mapped[int | None] = mapped_column(Integer)
     dtype: Mapped[str | None] = mapped_column(String)
     gpu_mode: Mapped[str | None] = mapped_column(String)
+    weights: Mapped[str | None] = mapped_column(String)  # weight format as run: float32, int8, int4, gguf-Q4_1...
+    threads: Mapped[int | None] = mapped_column(Integer)  # CPU threads of the engine (torch's or llama.cpp's)
     slurm_job_id: Mapped[str | None] = mapped_column(String)
     extra_json: Mapped[str | None] = mapped_column(Text)  # run fields without a column of their own (JSON object)
     params_json: Mapped[str] = mapped_column(Text, nullable=False)  # the whole params object, sources included
@@ -140,6 +142,7 @@ RUN_JSON_FIELDS = ("gpu_names", "devices")
 MEASUREMENT_JSON_FIELDS = ("proposed_per_position", "accepted_per_position", "token_ids")
 # params keys flattened into `runs` columns (everything else stays in params_json only).
 PARAM_COLUMNS = ("cell", "target", "draft", "strategy", "k", "gpus", "temperature", "top_p", "top_k",
-                 "draft_sampling", "use_cache", "max_new_tokens", "repeats", "warmup", "dtype", "gpu_mode")
+                 "draft_sampling", "use_cache", "max_new_tokens", "repeats", "warmup", "dtype", "gpu_mode", "weights",
+                 "threads")
 # Filled by the store from whatever a result file carries beyond the columns, so no recorded field is lost.
 EXTRA_FIELD = "extra_json"

@@ -4,7 +4,8 @@
 
 -- speedup: one row per ok measurement (every strategy, baselines included) with its baseline.
 --
--- The baseline of a row is the `baseline` strategy on the same host, target, gpus, temperature,
+-- The baseline of a row is its engine's plain decoding (`llamacpp-generate` for llama.cpp strategies,
+-- named llamacpp-*, else `baseline`) with the same weight format and threads, on the same host, target, gpus, temperature,
 -- top_p, top_k, max_new_tokens and prompt_id, taken from the most recent baseline run (by
 -- started_utc, then run_id) that has an ok measurement of that prompt, so a baseline run that
 -- failed on a prompt does not hide an older good one.
@@ -41,7 +42,8 @@ GROUP BY run_id;
 CREATE OR REPLACE VIEW speedup AS
 WITH ok AS (
     SELECT m.*, r.host, r.target, r.draft, r.strategy, r.k, r.gpus, r.temperature, r.top_p, r.top_k,
-           r.max_new_tokens, r.started_utc, c.cost_per_hour
+           r.max_new_tokens, r.started_utc, c.cost_per_hour, r.weights, r.threads,
+           CASE WHEN r.strategy LIKE 'llamacpp-%' THEN 'llamacpp' ELSE 'specdec' END AS engine
     FROM measurements AS m
     JOIN runs AS r ON r.run_id = m.run_id
     LEFT JOIN run_cost AS c ON c.run_id = m.run_id
@@ -49,22 +51,25 @@ WITH ok AS (
 ),
 baseline_runs AS (
     SELECT run_id, host, target, gpus, temperature, top_p, top_k, max_new_tokens, prompt_id, started_utc,
+           engine, weights, threads,
            median(tokens_per_s) AS baseline_tokens_per_s,
            arg_min(token_hash, "repeat") AS baseline_token_hash
     FROM ok
-    WHERE strategy = 'baseline'
-    GROUP BY run_id, host, target, gpus, temperature, top_p, top_k, max_new_tokens, prompt_id, started_utc
+    WHERE strategy IN ('baseline', 'llamacpp-generate')
+    GROUP BY run_id, host, target, gpus, temperature, top_p, top_k, max_new_tokens, prompt_id, started_utc,
+             engine, weights, threads
 ),
 latest_baseline AS (
     SELECT *
     FROM baseline_runs
     QUALIFY row_number() OVER (
-        PARTITION BY host, target, gpus, temperature, top_p, top_k, max_new_tokens, prompt_id
+        PARTITION BY host, target, gpus, temperature, top_p, top_k, max_new_tokens, prompt_id, engine, weights,
+                     threads
         ORDER BY started_utc DESC, run_id DESC) = 1
 )
 SELECT
     o.run_id, o.host, o.target, o.draft, o.strategy,
-    CASE WHEN o.strategy IN ('baseline', 'hf-generate') THEN NULL ELSE o.k END AS draft_length,
+    CASE WHEN o.strategy IN ('baseline', 'hf-generate', 'llamacpp-generate') THEN NULL ELSE o.k END AS draft_length,
     o.gpus, o.temperature, o.top_p, o.top_k, o.max_new_tokens,
     o.prompt_id, o.category, o."repeat", o.new_tokens, o.tokens_per_s,
     b.baseline_tokens_per_s,
@@ -73,7 +78,8 @@ SELECT
     CASE WHEN o.temperature = 0 THEN o.token_hash = b.baseline_token_hash END AS matches_baseline,
     o.ttft_s, o.tpot_s, o.peak_memory_bytes, o.cost_ratio_c, o.leviathan_speedup, o.started_utc,
     o.cost_per_hour * 1e6 / 3600.0 / nullif(o.tokens_per_s, 0) AS cost_per_mtok,
-    o.copy_share, o.repeat_share, o.degenerate
+    o.copy_share, o.repeat_share, o.degenerate,
+    o.engine, o.weights, o.threads
 FROM ok AS o
 LEFT JOIN latest_baseline AS b
     ON  b.host IS NOT DISTINCT FROM o.host
@@ -83,10 +89,13 @@ LEFT JOIN latest_baseline AS b
     AND b.top_p IS NOT DISTINCT FROM o.top_p
     AND b.top_k IS NOT DISTINCT FROM o.top_k
     AND b.max_new_tokens IS NOT DISTINCT FROM o.max_new_tokens
+    AND b.engine = o.engine
+    AND b.weights IS NOT DISTINCT FROM o.weights
+    AND b.threads IS NOT DISTINCT FROM o.threads
     AND b.prompt_id = o.prompt_id;
 
 -- cell_summary: one row per cell, i.e. per (host, target, draft, strategy, draft_length, gpus,
--- temperature, top_p, top_k, max_new_tokens) of the speedup view. top_k and max_new_tokens are part
+-- temperature, top_p, top_k, max_new_tokens, weights, threads) of the speedup view (engine follows from strategy). top_k and max_new_tokens are part
 -- of the baseline key, so cells that differ only in them are kept apart rather than mixed.
 -- Medians and quantiles ignore NULLs (e.g. rows without a baseline have no speedup);
 -- match_share is the share of rows with matches_baseline true among rows where it is not NULL.
@@ -95,6 +104,7 @@ LEFT JOIN latest_baseline AS b
 CREATE OR REPLACE VIEW cell_summary AS
 SELECT
     host, target, draft, strategy, draft_length, gpus, temperature, top_p, top_k, max_new_tokens,
+    any_value(engine) AS engine, weights, threads,
     count(DISTINCT run_id) AS n_runs,
     count(*) AS n_measurements,
     median(speedup) AS speedup_median,
@@ -117,7 +127,8 @@ SELECT
     median(mean_accepted_tokens) FILTER (WHERE NOT degenerate) AS mean_accepted_tokens_median_clean,
     max(started_utc) AS last_started_utc
 FROM speedup
-GROUP BY host, target, draft, strategy, draft_length, gpus, temperature, top_p, top_k, max_new_tokens;
+GROUP BY host, target, draft, strategy, draft_length, gpus, temperature, top_p, top_k, max_new_tokens, weights,
+         threads;
 
 -- failures: every failed measurement, with the run's error when the measurement has none of its own
 -- (a job that fails before decoding writes one failed measurement per prompt × repeat).

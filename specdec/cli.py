@@ -8,6 +8,7 @@ import os
 import sys
 
 from specdec import __version__, fail
+from specdec.models import WEIGHT_FORMATS
 from specdec.strategies import describe
 
 # specdec.metrics.DegenerateRule's defaults, written out so `specdec --help` does not import torch
@@ -46,6 +47,12 @@ def add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="always generate max-new-tokens tokens")
     p.add_argument("--ngram-max", type=int, default=3, help="ngram: longest suffix n-gram looked up (default: 3)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda:N (default: auto)")
+    p.add_argument("--weights", default=None, choices=WEIGHT_FORMATS,
+                   help="our engine's weight format for target and draft (default: the alias's; llama.cpp strategies "
+                        "run the GGUF's own)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of both engines: torch's intra-op threads and llama.cpp's (default: torch's "
+                        "choice; llama.cpp spins its threads, so leave cores free for other processes)")
     p.add_argument("--warmup", type=int, default=1, help="untimed short generations before the measured one")
 
 
@@ -54,12 +61,15 @@ def cmd_generate(args) -> int:
     from specdec.decoding import DecodeSettings
     from specdec.metrics import DegenerateRule
     from specdec.models import ModelError, encode_prompt, load_registry
-    from specdec.runner import SettingsError, check_settings, generate, load_pair, warm_up
+    from specdec.runner import (SettingsError, check_settings, generate, load_pair, threads_in_use, use_threads,
+                                warm_up, weight_format)
+    from specdec.strategies import STRATEGIES
 
     s = DecodeSettings.from_mapping(args)
     try:
         registry = load_registry(args.models)
-        check_settings(args.strategy, args.draft, s, registry, args.target)
+        check_settings(args.strategy, args.draft, s, registry, args.target, weights=args.weights)
+        use_threads(args.threads)
         rule = DegenerateRule.from_dict({"ngram": args.degenerate_ngram, "repeat_share": args.degenerate_repeat,
                                          "copy_share": args.degenerate_copy})
         if args.prompt is None and args.prompt_file is None:
@@ -67,8 +77,12 @@ def cmd_generate(args) -> int:
         prompt = args.prompt if args.prompt is not None else open(args.prompt_file).read()
         if not prompt.strip():
             raise SettingsError("the prompt is empty")
-        device = auto_device(args.device)
-        pair = load_pair(args.target, args.draft, registry, device=device)
+        engine = STRATEGIES[args.strategy].engine
+        if engine == "llamacpp" and args.device not in ("auto", "cpu"):
+            raise SettingsError(f"'{args.strategy}' runs llama.cpp on the CPU (built without CUDA here): drop --device")
+        device = "cpu" if engine == "llamacpp" else auto_device(args.device)
+        pair = load_pair(args.target, args.draft, registry, device=device, engine=engine, weights=args.weights,
+                         threads=args.threads)
         if args.warmup:
             warm_up(pair, args.strategy, encode_prompt(pair.target, prompt), s, args.warmup)
         record = generate(pair, args.strategy, prompt, s, rule=rule)
@@ -76,6 +90,7 @@ def cmd_generate(args) -> int:
         return fail(str(exc))
     if args.json:
         out = {"target": args.target, "draft": args.draft, "strategy": args.strategy, "device": device,
+               "engine": engine, "weights": weight_format(pair), "threads": threads_in_use(pair),
                "settings": vars(s), **record}
         print(json.dumps(out))
     else:

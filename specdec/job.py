@@ -24,7 +24,7 @@ from specdec.decoding import DecodeSettings
 from specdec.metrics import DegenerateRule
 from specdec.models import encode_prompt, load_registry
 from specdec.prompts import load_prompts, select
-from specdec.runner import check_settings, generate, load_pair, warm_up
+from specdec.runner import check_settings, generate, load_pair, threads_in_use, use_threads, warm_up, weight_format
 from specdec.strategies import STRATEGIES, names
 
 FORMAT = "specdec-result/1"
@@ -33,7 +33,8 @@ JOB_DEFAULTS = dict(draft=None, k=None, tree_budget=None, gpus=0, temperature=0.
                     stop_at_eos=True, ngram_max=3, prompt_ids=None, categories=None, per_category=None, models=None,
                     config_hash=None, workflow_run_id=None, cell=None, gpu_mode="pipeline",
                     drafters_dir=None, drafter_settings=None,  # trained drafters: cache root, training settings
-                    degenerate=None)  # metrics.DegenerateRule fields (None: its defaults)
+                    degenerate=None,  # metrics.DegenerateRule fields (None: its defaults)
+                    weights=None, threads=None)  # our engine's weight format (None: the alias's); CPU threads
 
 
 def utc_now() -> str:
@@ -129,7 +130,9 @@ def run_cell(job: dict, progress=None) -> dict:
            "status": "ok", "error": None, **provenance(job)}
     params = {key: job[key] for key in ("cell", "target", "draft", "strategy", "k", "tree_budget", "gpus",
                                         "temperature", "top_p", "top_k", "draft_sampling", "use_cache", "max_new_tokens", "repeats",
-                                        "warmup", "prompts_file", "stop_at_eos", "ngram_max", "gpu_mode")}
+                                        "warmup", "prompts_file", "stop_at_eos", "ngram_max", "gpu_mode",
+                                        "weights", "threads")}
+    params["engine"] = STRATEGIES[job["strategy"]].engine
     rule = DegenerateRule.from_dict(job["degenerate"])
     params["degenerate"] = rule.to_dict()  # the rule behind every measurement's `degenerate` flag
     run["params"] = params
@@ -139,8 +142,9 @@ def run_cell(job: dict, progress=None) -> dict:
     claim = None
     try:
         registry = load_registry(job["models"])
-        check_settings(job["strategy"], job["draft"], s, registry, job["target"])
+        check_settings(job["strategy"], job["draft"], s, registry, job["target"], weights=job["weights"])
         check_gpu_mode(job)
+        use_threads(job["threads"])
         target_spec = registry[job["target"]]
         trained = drafters.parse_alias(job["draft"])  # `<target>+eagle|medusa`: no registry entry, a folder
         draft_spec = registry[job["draft"]] if job["draft"] and not trained else None
@@ -166,8 +170,11 @@ def run_cell(job: dict, progress=None) -> dict:
             kwargs = ({"device_map": "balanced", "max_memory": placement.max_memory}
                       if placement.mode == "pipeline" else {})
             pair = load_pair(job["target"], job["draft"], registry, device=claim.devices[0], **kwargs,
-                             drafters_dir=job["drafters_dir"], drafter_settings=job["drafter_settings"])
+                             drafters_dir=job["drafters_dir"], drafter_settings=job["drafter_settings"],
+                             engine=params["engine"], weights=job["weights"], threads=job["threads"])
             used = claim.devices
+        # what ran: the weight format of the target as loaded (gguf-<type> under llama.cpp) and the thread count
+        params.update(weights=weight_format(pair), threads=threads_in_use(pair))
         # weights as loaded, before decoding's first call repacks CPU layers into non-parameter buffers
         weights = devices.loaded_bytes([pair.target.model] + ([pair.draft.model] if pair.draft else []), used)
         if job["warmup"]:
@@ -216,6 +223,12 @@ def check_gpu_mode(job: dict) -> None:
         raise devices.DeviceError(f"gpu_mode must be one of {', '.join(devices.GPU_MODES)}, got {job['gpu_mode']!r}")
     if not isinstance(job["gpus"], int) or job["gpus"] < 0:
         raise devices.DeviceError(f"gpus must be an integer >= 0 (0 = CPU), got {job['gpus']!r}")
+    if job["weights"] and job["gpu_mode"] == "tensor" and job["gpus"] > 1:
+        raise devices.DeviceError("weights apply to whole models, not to a target sharded by gpu_mode tensor: drop "
+                                  "weights or use gpu_mode pipeline")
+    if job["gpus"] and STRATEGIES[job["strategy"]].engine == "llamacpp":
+        raise devices.DeviceError(f"'{job['strategy']}' runs llama.cpp on the CPU (llama-cpp-python is built without "
+                                  "CUDA here): use gpus: 0 for llama.cpp cells")
     if job["gpu_mode"] == "tensor" and job["gpus"] > 1:
         tensor = names(tensor_parallel=True)
         if job["strategy"] not in tensor or drafters.parse_alias(job["draft"]):

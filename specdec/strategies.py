@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ENGINES = ("specdec", "transformers")
+ENGINES = ("specdec", "transformers", "llamacpp")
 
 
 @dataclass(frozen=True)
@@ -16,9 +16,11 @@ class Strategy:
     name: str
     help: str
     color: str                     # dashboard colour, fixed per strategy so a series keeps it under any filter
-    engine: str = "specdec"        # whose decoding loop runs it: ours, or transformers' generate() (a reference)
+    engine: str = "specdec"        # whose decoding loop runs it: ours, transformers' generate() (a reference), or
+                                   # llama.cpp's (llama-cpp-python's Llama.generate over a GGUF file, llamacpp.py)
     draft: str = "none"            # none | model (a draft LM) | model-or-drafter (also `<target>+eagle|medusa`)
-    proposer: str | None = None    # ours: which proposer drafts (proposers.make_proposer); None = no drafting
+    proposer: str | None = None    # ours: which proposer drafts (proposers.make_proposer); None = no drafting;
+                                   # llama.cpp: our model-free proposer plugged into its draft hook, if any
     width: int = 1                 # children per expanded node: 1 = chains, > 1 = trees (tree_budget applies)
     length: str = "fixed"          # draft-length policy: fixed | heuristic | confidence (proposers.DraftLength)
     tensor_parallel: bool = False  # runs with the target sharded over GPUs (gpu_mode: tensor; a draft model,
@@ -27,7 +29,7 @@ class Strategy:
 
     @property
     def uses_k(self) -> bool:
-        return self.name not in ("baseline", "hf-generate")
+        return self.name not in ("baseline", "hf-generate", "llamacpp-generate")
 
     @property
     def needs_draft(self) -> bool:
@@ -67,6 +69,14 @@ _ALL = (
              engine="transformers", draft="model", peer="speculative"),
     Strategy("hf-ngram", "transformers' prompt lookup decoding, fixed k", "#76b7b2", engine="transformers",
              tensor_parallel=True, peer="ngram"),
+    Strategy("llamacpp-generate", "llama.cpp's plain decoding of a GGUF file (llama-cpp-python)", "#8c564b",
+             engine="llamacpp", peer="baseline"),
+    Strategy("llamacpp-ngram", "llama.cpp with llama-cpp-python's prompt lookup (earliest match) as draft hook",
+             "#17becf", engine="llamacpp"),
+    Strategy("llamacpp-specdec-ngram", "llama.cpp with our prompt lookup (the ngram proposer) in its draft hook",
+             "#9edae5", engine="llamacpp", proposer="ngram", peer="ngram"),
+    Strategy("llamacpp-speculative", "llama.cpp with a second GGUF drafting greedily through its draft hook",
+             "#c49c94", engine="llamacpp", draft="model", peer="speculative"),
 )
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in _ALL}
 NAMES = tuple(STRATEGIES)

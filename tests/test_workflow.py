@@ -118,12 +118,36 @@ def test_cell_parameters_do_not_depend_on_unrelated_config(tiny_models):
         assert big[name] == cell
 
 
+def test_weight_formats_and_llamacpp_cells(tiny_models):
+    """Weight formats multiply our cells (one baseline each); llama.cpp cells run the GGUF pair only, on the
+    CPU, in its own format; configs without the new keys keep their cells' parameters (and so their results)."""
+    config = base_config(tiny_models, pairs=[{"target": "tiny-target", "draft": "tiny-draft"},
+                                             {"target": "smollm2-135m", "draft": "smollm2-135m"}],
+                         strategies=["baseline", "ngram", "llamacpp-generate", "llamacpp-speculative"],
+                         draft_lengths=[4], gpus=[0, 1], weights=["float32", "int8"])
+    config["generation"]["threads"] = 1
+    cells = matrix.expand_cells(config)
+    base = [c for c in cells.values() if c["strategy"] == "baseline"]
+    assert {(c["target"], c["weights"], c["gpus"]) for c in base} == {
+        (t, w, g) for t in ("tiny-target", "smollm2-135m") for w in ("float32", "int8") for g in (0, 1)}
+    llama = [c for c in cells.values() if c["strategy"].startswith("llamacpp-")]
+    assert {(c["strategy"], c["target"], c["gpus"]) for c in llama} == {
+        ("llamacpp-generate", "smollm2-135m", 0), ("llamacpp-speculative", "smollm2-135m", 0)}
+    assert all("weights" not in c and c["threads"] == 1 for c in llama)
+    assert "smollm2-135m__ngram__wint8__k4__g0__t0" in cells
+    plain = matrix.expand_cells(base_config(tiny_models))
+    assert all("weights" not in c and "threads" not in c for c in plain.values())
+
+
 @pytest.mark.parametrize("change, field", [
     (lambda c: c.update(strategies=["baseline", "medusa-magic"]), "strategies: unknown strategy 'medusa-magic'"),
     (lambda c: c["pairs"].append({"target": "no-such-model"}), "pairs[1].target:"),
     (lambda c: c.update(prompts="missing.jsonl"), "prompts: prompt file 'missing.jsonl' does not exist"),
     (lambda c: c.update(pairs=[{"target": "tiny-target"}]), "strategies: speculative need a draft model"),
     (lambda c: c.update(categories=["poetry"]), "prompts: the selection"),
+    (lambda c: c.update(strategies=["llamacpp-ngram"]), "strategies: 'llamacpp-ngram' runs llama.cpp on GGUF models"),
+    (lambda c: c.update(strategies=["llamacpp-generate"], gpus=[1], pairs=[{"target": "smollm2-135m"}]),
+     "strategies: 'llamacpp-generate' runs llama.cpp on the CPU only"),
 ])
 def test_semantic_config_errors_name_the_field(workdir, tiny_models, monkeypatch, change, field):
     monkeypatch.chdir(workdir)
