@@ -38,7 +38,8 @@ def series_label(df: pd.DataFrame, with_k: bool = False) -> pd.Series:
     if with_k:
         label += df.draft_length.map(lambda k: "" if pd.isna(k) else f" · k={int(k)}")
     for col, fmt in (("host", "{}"), ("gpus", "{} GPU"), ("temperature", "T={}"), ("top_p", "top-p={}"),
-                     ("top_k", "top-k={}"), ("max_new_tokens", "{} new tokens")):
+                     ("top_k", "top-k={}"), ("max_new_tokens", "{} new tokens"), ("weights", "{}"),
+                     ("threads", "{} threads")):
         if col in df and df[col].nunique(dropna=False) > 1:
             label += " · " + df[col].map(lambda v: fmt.format(v))
     return label
@@ -557,6 +558,50 @@ def run_console(sql: str, db: str, limit: int, timeout: float) -> tuple[str, obj
         return "failed", str(exc)
 
 
+# ---------------------------------------------------------------------------------------------- engines
+
+def method_of(strategy: str) -> str:
+    """The method a strategy runs, whatever the engine: a llama.cpp strategy that mirrors one of ours (registry
+    `peer`) is that method, so one method's column shows it on both engines."""
+    st_ = STRATEGIES.get(strategy)
+    return st_.peer if st_ is not None and st_.engine == "llamacpp" and st_.peer else strategy
+
+
+def page_engines(db: str, f: Filters) -> None:
+    st.header("Engines and weight formats")
+    st.caption("Each engine's methods against that engine's own plain decoding in the same weight format "
+               "(ours: float32 or the weight format of `weights`; llama.cpp: the GGUF's own quantisation), at each "
+               "cell's fastest draft length. Speculation pays where the speedup is above 1.")
+    e = q.engines(db, f)
+    if e.empty:
+        no_rows(f)
+        return
+    e["method"] = e.strategy.map(method_of)
+    e["weights"] = e.weights.fillna("as loaded")
+    e["pays"] = e.speedup.map(lambda v: "" if pd.isna(v) else "yes" if v > 1 else "no")
+    varying = [c for c in ("host", "target", "threads", "gpus", "temperature") if e[c].nunique(dropna=False) > 1]
+    e["series"] = e.engine + " · " + e.weights.astype(str)
+    for c in varying:
+        e["series"] += " · " + e[c].astype(str)
+    drafting = e[e.best_k.notna() & e.speedup.notna()]
+    if not drafting.empty:
+        show(cell_heatmaps(drafting, "method", "method", [("speedup", "speedup ×", ".2f"),
+                                                          ("mean_accepted_tokens", "tokens per target pass", ".2f")]))
+    st.subheader("Plain decoding across engines")
+    plain = e[e.best_k.isna()].copy()
+    plain["tok/s ÷ fastest plain"] = plain.tokens_per_s / plain.tokens_per_s.max()
+    table(plain[["series", "strategy", "tokens_per_s", "tok/s ÷ fastest plain", "share_identical", "n"]])
+    st.subheader("Every engine × method × weight format")
+    lead = ["engine", "method", "weights", *varying]
+    table(e[lead + ["strategy", "best_k", "tokens_per_s", "baseline_tokens_per_s", "speedup", "pays",
+                    "mean_accepted_tokens", "acceptance_rate", "share_identical", "n"]], column_config={
+        "best_k": st.column_config.NumberColumn("best k", format="%d"),
+        "speedup": st.column_config.NumberColumn("speedup", format="%.2f×"),
+        "mean_accepted_tokens": st.column_config.NumberColumn("tokens / target pass", format="%.2f"),
+        "acceptance_rate": st.column_config.NumberColumn("acceptance", format="percent"),
+        "share_identical": st.column_config.NumberColumn("= own plain decoding", format="percent")})
+
+
 PAGES = {
     "overview": ("Overview", page_overview),
     "speedup": ("Speedup vs draft length", page_speedup),
@@ -565,6 +610,7 @@ PAGES = {
     "latency": ("Latency and memory", page_latency),
     "scaling": ("Scaling", page_scaling),
     "losslessness": ("Losslessness", page_losslessness),
+    "engines": ("Engines and weight formats", page_engines),
     "runs": ("Runs", page_runs),
     "sql": ("SQL console", page_sql),
 }

@@ -55,7 +55,7 @@ MEASUREMENT_RUN_COLS = {**RUNS_COLS, "category": "m.category"}
 # The cell key of the `cell_summary` view: top_k and max_new_tokens are part of the baseline key, so cells that
 # differ only in them stay apart.
 CELL_KEYS = ("s.host, s.target, s.draft, s.strategy, s.draft_length, s.gpus, s.temperature, s.top_p, s.top_k, "
-             "s.max_new_tokens")
+             "s.max_new_tokens, s.engine, s.weights, s.threads")
 
 
 def pair_key(target: str, draft: str | None) -> str:
@@ -241,6 +241,23 @@ def best_k(db: str, f: Filters) -> pd.DataFrame:
             PARTITION BY host, target, draft, strategy, gpus, temperature, top_p, top_k, max_new_tokens
             ORDER BY speedup DESC, draft_length) = 1
         ORDER BY speedup DESC, target, draft, strategy""", params)
+
+
+def engines(db: str, f: Filters) -> pd.DataFrame:
+    """Every engine × strategy × weight format (× threads) at its fastest draft length: tok/s, speedup over the same
+    engine's plain decoding in the same format, tokens per target pass, and the plain decoding's own tok/s."""
+    sql, params = _cells_sql(f)
+    return fetch(db, f"""
+        WITH c AS ({sql})
+        SELECT engine, strategy, weights, threads, draft_length AS best_k, tokens_per_s, baseline_tokens_per_s,
+               speedup, speedup_p25, speedup_p75, mean_accepted_tokens, acceptance_rate, share_identical, host,
+               target, draft, gpus, temperature, top_p, top_k, max_new_tokens, n
+        FROM c
+        QUALIFY row_number() OVER (
+            PARTITION BY host, target, draft, strategy, weights, threads, gpus, temperature, top_p, top_k,
+                         max_new_tokens
+            ORDER BY speedup DESC NULLS LAST, draft_length) = 1
+        ORDER BY host, target, engine, weights, threads, strategy""", params)
 
 
 # ---------------------------------------------------------------------------------------------- acceptance
