@@ -561,10 +561,10 @@ def run_console(sql: str, db: str, limit: int, timeout: float) -> tuple[str, obj
 # ---------------------------------------------------------------------------------------------- engines
 
 def method_of(strategy: str) -> str:
-    """The method a strategy runs, whatever the engine: a llama.cpp strategy that mirrors one of ours (registry
-    `peer`) is that method, so one method's column shows it on both engines."""
+    """The method a strategy runs, whatever the engine: another engine's strategy that mirrors one of ours
+    (registry `peer`) is that method, so one method's column shows it on every engine."""
     st_ = STRATEGIES.get(strategy)
-    return st_.peer if st_ is not None and st_.engine == "llamacpp" and st_.peer else strategy
+    return st_.peer if st_ is not None and st_.engine != "specdec" and st_.peer else strategy
 
 
 def page_engines(db: str, f: Filters) -> None:
@@ -577,12 +577,16 @@ def page_engines(db: str, f: Filters) -> None:
         no_rows(f)
         return
     e["method"] = e.strategy.map(method_of)
+    # the registry's engine (the store's `engine` column only picks baselines: transformers' cells share ours)
+    e["engine"] = [STRATEGIES[x].engine if x in STRATEGIES else eng for x, eng in zip(e.strategy, e.engine)]
     e["weights"] = e.weights.fillna("as loaded")
-    e["pays"] = e.speedup.map(lambda v: "" if pd.isna(v) else "yes" if v > 1 else "no")
-    varying = [c for c in ("host", "target", "threads", "gpus", "temperature") if e[c].nunique(dropna=False) > 1]
+    e["pays"] = [("yes" if v > 1 else "no") if pd.notna(k) and pd.notna(v) else ""  # drafting cells only
+                 for k, v in zip(e.best_k, e.speedup)]
+    labels = {"host": "{}", "target": "{}", "threads": "{} threads", "gpus": "{} GPU", "temperature": "T={}"}
+    varying = [c for c in labels if e[c].nunique(dropna=False) > 1]
     e["series"] = e.engine + " · " + e.weights.astype(str)
     for c in varying:
-        e["series"] += " · " + e[c].astype(str)
+        e["series"] += " · " + e[c].map(lambda v, f=labels[c]: f.format(v))
     drafting = e[e.best_k.notna() & e.speedup.notna()]
     if not drafting.empty:
         show(cell_heatmaps(drafting, "method", "method", [("speedup", "speedup ×", ".2f"),
@@ -590,7 +594,7 @@ def page_engines(db: str, f: Filters) -> None:
     st.subheader("Plain decoding across engines")
     plain = e[e.best_k.isna()].copy()
     plain["tok/s ÷ fastest plain"] = plain.tokens_per_s / plain.tokens_per_s.max()
-    table(plain[["series", "strategy", "tokens_per_s", "tok/s ÷ fastest plain", "share_identical", "n"]])
+    table(plain[["series", "strategy", "tokens_per_s", "tok/s ÷ fastest plain", "n"]])
     st.subheader("Every engine × method × weight format")
     lead = ["engine", "method", "weights", *varying]
     table(e[lead + ["strategy", "best_k", "tokens_per_s", "baseline_tokens_per_s", "speedup", "pays",
