@@ -291,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         "tokens_per_s": {n: r["tokens_per_s"] for n, r in cells_out.items()},
         "ratios": summary["ratios"],
         "speedup": {n: r["speedup"] for n, r in cells_out.items()},
+        "tokens_per_target_pass": {n: r["mean_accepted_tokens"] for n, r in cells_out.items()},
         "leviathan": summary["leviathan"],
         "acceptance_by_position": {n: r["acceptance_by_position"] for n, r in cells_out.items()
                                    if r["acceptance_by_position"] is not None},
