@@ -173,8 +173,12 @@ def run_cell(job: dict, progress=None) -> dict:
                              drafters_dir=job["drafters_dir"], drafter_settings=job["drafter_settings"],
                              engine=params["engine"], weights=job["weights"], threads=job["threads"])
             used = claim.devices
-        # what ran: the weight format of the target as loaded (gguf-<type> under llama.cpp) and the thread count
-        params.update(weights=weight_format(pair), threads=threads_in_use(pair))
+        # `weights` and `threads` stay as asked (None: the alias's format, torch's thread count), so cells that set
+        # neither keep matching baselines stored before these existed; llama.cpp cells always run the GGUF's own
+        # quantisation and record it. What ran is kept beside them.
+        if params["engine"] == "llamacpp":
+            params["weights"] = weight_format(pair)
+        params.update(weights_used=weight_format(pair), threads_used=threads_in_use(pair))
         # weights as loaded, before decoding's first call repacks CPU layers into non-parameter buffers
         weights = devices.loaded_bytes([pair.target.model] + ([pair.draft.model] if pair.draft else []), used)
         if job["warmup"]:

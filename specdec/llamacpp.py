@@ -67,7 +67,7 @@ def available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
-def check_settings(strategy: str, s: DecodeSettings, threads: int | None = None) -> None:
+def check_settings(strategy: str, s: DecodeSettings) -> None:
     """llama.cpp-specific checks that need no model (runner.check_settings does the generic ones)."""
     if not available():
         raise LlamaCppError(f"strategy '{strategy}' needs llama-cpp-python (pip install llama-cpp-python; it "
@@ -75,8 +75,6 @@ def check_settings(strategy: str, s: DecodeSettings, threads: int | None = None)
     if STRATEGIES[strategy].uses_k and s.draft_sampling != "greedy":
         raise LlamaCppError(f"'{strategy}': llama.cpp's draft hook takes token ids, not draft probabilities, so "
                             "drafts are argmaxes or lookups (exact at any temperature): use draft_sampling greedy")
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise LlamaCppError(f"threads must be an integer >= 1, got {threads!r}")
 
 
 def gguf_file(spec):
@@ -191,6 +189,7 @@ class GreedyDraft:
 
     def __init__(self, llm, num_pred_tokens: int = 4, eos_ids: set[int] = frozenset()):
         self.llm, self.num_pred_tokens, self.eos_ids = llm, num_pred_tokens, set(eos_ids)
+        llm._logits_all = False  # a draft samples only its last position (a catch-up pass is the whole prompt)
         self.cached: list[int] = []
         self.passes = 0
 

@@ -103,3 +103,24 @@ def test_alias_weight_format_is_applied_on_load(tiny_models):
     assert quant.weight_format(load_model(registry["tiny-target"]).model) == "float32"
     with pytest.raises(ModelError, match="weights 'int3'"):
         load_registry({"x": {**tiny_models["tiny-target"], "weights": "int3"}})
+
+
+def test_a_cell_records_the_weight_format_and_threads_it_asked_for_and_ran(prompt_file, tiny_models):
+    from specdec.job import run_cell
+
+    base = {"target": "tiny-target", "strategy": "ngram", "k": 2, "prompts_file": str(prompt_file),
+            "models": tiny_models, "max_new_tokens": 6, "warmup": 0}
+    threads = torch.get_num_threads()
+    try:
+        asked = run_cell({**base, "weights": "int8", "threads": 1})
+    finally:
+        torch.set_num_threads(threads)  # the cell set the process-wide count
+    params = asked["run"]["params"]
+    assert asked["run"]["status"] == "ok", asked["run"]["error"]
+    assert (params["weights"], params["weights_used"], params["threads"], params["threads_used"]) == \
+        ("int8", "int8", 1, 1)
+    assert params["engine"] == "specdec"
+    plain = run_cell(base)["run"]["params"]  # nothing asked: matched with older runs by NULL, what ran beside it
+    assert (plain["weights"], plain["weights_used"], plain["threads"]) == (None, "float32", None)
+    refused = run_cell({**base, "strategy": "llamacpp-generate", "k": None})
+    assert refused["run"]["status"] == "failed" and "not a GGUF file" in refused["run"]["error"]
