@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import altair as alt
 import pandas as pd
 import streamlit as st
@@ -24,13 +26,17 @@ LABEL_LIMIT = 440  # px of a y-axis label before it is cut with "…"; series la
 # A fixed colour per strategy (Tableau 10), so a strategy looks the same whatever the filters leave on the page.
 STRATEGY_COLORS = {name: s.color for name, s in STRATEGIES.items()}
 OTHER_COLORS = ["#9c755f", "#d37295", "#a0cbe8", "#8cd17d"]  # strategies the registry no longer has
+TABLE_ROWS = 10  # rows st.dataframe shows before it scrolls
+TABLE_WIDTH = 940  # px of a table the page shows before it scrolls sideways (wide layout, 1400 px window)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
 
-def series_label(df: pd.DataFrame, with_k: bool = False) -> pd.Series:
-    """"target ← draft · strategy", plus host / GPUs / temperature only when those vary in `df`, so lines that
-    mix machines or sampling settings never collapse into one."""
+def series_label(df: pd.DataFrame, with_k: bool = False, like: pd.DataFrame | None = None) -> pd.Series:
+    """"target ← draft · strategy", plus host / GPUs / temperature only when those vary in `like` (default: `df`),
+    so lines that mix machines or sampling settings never collapse into one. Pages pass the unfiltered cells as
+    `like`, so a filter changes neither a series' label nor (see all_series) its colour."""
+    like = df if like is None else like
     has_draft = df.draft.notna() & (df.draft.astype(str) != "")
     # vectorised: the by-prompt tables have one row per cell × prompt, tens of thousands on a big store
     label = (df.target.astype(str) + (" ← " + df.draft.astype(str)).where(has_draft, "")
@@ -40,25 +46,37 @@ def series_label(df: pd.DataFrame, with_k: bool = False) -> pd.Series:
     for col, fmt in (("host", "{}"), ("gpus", "{} GPU"), ("temperature", "T={}"), ("top_p", "top-p={}"),
                      ("top_k", "top-k={}"), ("max_new_tokens", "{} new tokens"), ("weights", "{}"),
                      ("threads", "{} threads")):
-        if col in df and df[col].nunique(dropna=False) > 1:
+        if col in df and col in like and like[col].nunique(dropna=False) > 1:
             label += " · " + df[col].map(lambda v: fmt.format(v))
     return label
 
 
 
-def series_color(domain, field: str = "series", title: str = "pair · strategy") -> alt.Color:
-    """One colour per series, the same in every chart of a page (`domain`: all the page's series, in order), and
-    a legend below the chart with full labels (they are long: pair · strategy · k · ...)."""
+def all_series(db: str, with_k: bool = False, drop: tuple = ()) -> tuple[list[str], pd.DataFrame]:
+    """(every series label of the store's cells, sorted; the unfiltered cells to label like): the colour domain
+    of a page, the same whatever the filters leave on it."""
+    full = q.cells(db, Filters()).drop(columns=list(drop))
+    return sorted(series_label(full, with_k).unique()), full
+
+
+def series_color(domain, field: str = "series", title: str = "pair · strategy", shown=None) -> alt.Color:
+    """One colour per series, the same in every chart of a page and under any filter (`domain`: every series the
+    page can show, from all_series), and a legend below the chart with full labels (they are long: pair ·
+    strategy · k · ...) listing only the series drawn (`shown`, default the whole domain)."""
     domain = list(dict.fromkeys(domain))
+    shown = domain if shown is None else [s for s in domain if s in set(shown)]
     scheme = "category10" if len(domain) <= 10 else "tableau20"
     return alt.Color(f"{field}:N", title=title, scale=alt.Scale(scheme=scheme, domain=domain),
                      legend=alt.Legend(orient="bottom", columns=1, labelLimit=0, symbolOpacity=1,
-                                       symbolLimit=LEGEND_ROWS))
+                                       symbolLimit=LEGEND_ROWS, values=shown))
 
 
-def strategy_colors(strategies) -> list[str]:
+def strategy_scale(db: str) -> alt.Scale:
+    """Every strategy of the store with its fixed colour (STRATEGY_COLORS; others by their place in the store's
+    list), so filtering never recolours one."""
+    strategies = q.filter_options(db)["strategy"]
     others = iter(OTHER_COLORS * (1 + len(strategies) // len(OTHER_COLORS)))
-    return [STRATEGY_COLORS.get(name) or next(others) for name in strategies]
+    return alt.Scale(domain=strategies, range=[STRATEGY_COLORS.get(name) or next(others) for name in strategies])
 
 
 def with_legend(plot_height: int, legend_rows: int) -> int:
@@ -82,22 +100,29 @@ def cell_heatmaps(df: pd.DataFrame, x: str, x_title: str, panels, text: bool = T
     n_x = df[x].nunique()
     column = max(6, min(46, HEATMAP_WIDTH // (len(panels) * n_x)))
     text = text and column >= 30
+    # x labels: level when the longest fits its column (~6.5 px a character at 11 px), else slanted or upright;
+    # none is dropped (Vega's overlap removal hid one of two long category names) unless columns are too narrow
+    # for even upright text
+    panel_width = max(column * n_x, 120)
+    band = panel_width / n_x if len(panels) > 1 else max(column, HEATMAP_WIDTH / n_x)  # one panel: stretched
+    widest = 6.5 * max(len(str(v)) for v in df[x].unique())
+    angle = 0 if widest <= band - 4 else -45 if band >= 18 else -90
     charts = []
     for i, (metric, title, fmt) in enumerate(panels):
         lo, hi = float(df[metric].min()), float(df[metric].max())
         base = alt.Chart(df).encode(
             y=alt.Y("series:N", title=None, sort=rows, axis=alt.Axis(labelLimit=LABEL_LIMIT) if i == 0 else None),
-            x=alt.X(f"{x}:N", title=x_title, axis=alt.Axis(labelAngle=0 if n_x <= 6 else -45 if n_x <= 24 else -90,
-                                                            labelOverlap="greedy")))
+            x=alt.X(f"{x}:N", title=x_title, axis=alt.Axis(labelAngle=angle, labelOverlap=band < 12)))
         layer = base.mark_rect().encode(
-            color=alt.Color(f"{metric}:Q", title=title, scale=alt.Scale(scheme="viridis"),
-                            legend=alt.Legend(orient="top", gradientLength=160)),
+            color=alt.Color(f"{metric}:Q", title=textwrap.wrap(title, max(16, int(panel_width / 6.5))),
+                            scale=alt.Scale(scheme="viridis"),
+                            legend=alt.Legend(orient="top", gradientLength=min(160, panel_width), titleLimit=0)),
             tooltip=["series", x, alt.Tooltip(f"{metric}:Q", format=".3f"), "n"])
         if text:  # dark squares (low values in viridis) get white numbers
             layer += base.mark_text(fontSize=11).encode(
                 text=alt.Text(f"{metric}:Q", format=fmt),
                 color=alt.condition(f"datum['{metric}'] < {(lo + hi) / 2!r}", alt.value("white"), alt.value("black")))
-        charts.append(layer.properties(width=column * n_x, height=20 * len(rows)))
+        charts.append(layer.properties(width=panel_width, height=20 * len(rows)))
     if len(charts) == 1:  # stretched: autosize "fit" counts the legend and axis labels in the height
         return charts[0].properties(width="container", height=20 * len(rows) + 160)
     return alt.hconcat(*charts, spacing=24).resolve_scale(color="independent")
@@ -116,6 +141,24 @@ def table(df: pd.DataFrame, **kwargs) -> None:
               if pd.api.types.is_float_dtype(df[c])}
     config.update(kwargs.pop("column_config", {}))
     st.dataframe(df, hide_index=True, column_config=config, **kwargs)
+    hint = scroll_hint(df)
+    if hint:
+        st.caption(hint)
+
+
+def scroll_hint(df: pd.DataFrame) -> str | None:
+    """A caption for a table the page cuts off (st.dataframe scrolls inside itself, without a visible scrollbar
+    until the pointer is on it). Width is estimated from the text as shown (floats to 3 decimals): ~7 px a
+    character, at most 48 characters a column, plus 24 px of padding (measured in Chromium at 1400 px)."""
+    sample = df.head(200)
+
+    def shown(v) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    width = sum(24 + 7 * min(48, max([len(str(c))] + [len(shown(v)) for v in sample[c]])) for c in df.columns)
+    parts = ([f"all {len(df)} rows"] if len(df) > TABLE_ROWS else []) + (
+        [f"all {len(df.columns)} columns (sideways)"] if width > TABLE_WIDTH else [])
+    return f"Scroll inside the table to see {' and '.join(parts)}." if parts else None
 
 
 def csv_download(df: pd.DataFrame, name: str, key: str) -> None:
@@ -136,6 +179,30 @@ def baseline_rule(y: float = 1.0) -> alt.Chart:
 
 def fmt_k(k) -> str:
     return "—" if pd.isna(k) else str(int(k))
+
+
+def noisy_mask(df: pd.DataFrame) -> pd.Series:
+    """True where a cell was measured on a noisy machine (NULL, no readings, counts as not known to be noisy)."""
+    return df.noisy.map(lambda v: bool(v) if pd.notna(v) else False).astype(bool)
+
+
+def noise_text(df: pd.DataFrame) -> pd.Series:
+    """A table column that cannot be missed: "⚠ noisy: <reason>" on noisy cells, blank otherwise."""
+    return df.noise_reason.where(noisy_mask(df)).map(lambda r: f"⚠ noisy: {r}" if isinstance(r, str) else "")
+
+
+def fmt_ci(low, high) -> str:
+    return "—" if pd.isna(low) else f"{low:.2f}–{high:.2f}×"
+
+
+def warn_noisy(df: pd.DataFrame, label: pd.Series) -> None:
+    """A visible warning naming every noisy cell on the page, with why it was flagged."""
+    noisy = df[noisy_mask(df)]
+    if noisy.empty:
+        return
+    lines = "\n".join(f"- {name}: {reason}" for name, reason in zip(label[noisy.index], noisy.noise_reason))
+    st.warning(f"{len(noisy)} cell(s) were measured while other work loaded the machine; their speedups are not "
+               f"trustworthy (re-run them on a quieter machine, or see `noise:` in the config):\n{lines}", icon="⚠️")
 
 
 # ---------------------------------------------------------------------------------------------- empty store
@@ -166,12 +233,26 @@ def page_overview(db: str, f: Filters) -> None:
     if spec.empty:
         no_rows(f, "speculative cells with a baseline")
         return
-    top = spec.iloc[0]  # cells() is ordered by median speedup, fastest first
+    # cells() is ordered by median speedup, fastest first; the headline is the fastest cell measured on a quiet
+    # machine, never silently a noisy one
+    quiet = spec[~noisy_mask(spec)]
+    top = (quiet if len(quiet) else spec).iloc[0]
+    faster_noisy = spec[noisy_mask(spec) & (spec.speedup > top.speedup)]
+    if len(quiet) == 0:
+        st.warning(f"Every cell here was measured on a noisy machine; the best one is shown, but its speedup is not "
+                   f"trustworthy: {top.noise_reason}.", icon="⚠️")
+    elif len(faster_noisy):
+        fast = faster_noisy.iloc[0]
+        st.warning(f"Not taken as the best: {series_label(faster_noisy).iloc[0]} · k={fmt_k(fast.draft_length)} "
+                   f"measured {fast.speedup:.2f}× on a noisy machine ({fast.noise_reason})"
+                   + (f", and {len(faster_noisy) - 1} more noisy cell(s) above the best quiet one"
+                      if len(faster_noisy) > 1 else "") + ".", icon="⚠️")
     pair = q.pair_label(q.pair_key(top.target, top.draft if isinstance(top.draft, str) else None))
     # two rows of cards: strategy and pair names are long and a fifth of the width cuts them short
     cards = st.columns(4, border=True)
     cards[0].metric("Best speedup", f"{top.speedup:.2f}×",
-                    help="Median over prompts and repeats of tokens/s ÷ the baseline's tokens/s, best cell")
+                    help="Median over prompts and repeats of tokens/s ÷ the baseline's tokens/s (paired: decoded in "
+                         "the same job), best cell measured on a quiet machine")
     cards[1].metric("Draft length k", fmt_k(top.draft_length))
     cards[2].metric("Acceptance rate", "—" if pd.isna(top.acceptance_rate) else f"{top.acceptance_rate:.1%}",
                     help="Median accepted ÷ proposed draft tokens in that cell")
@@ -185,13 +266,17 @@ def page_overview(db: str, f: Filters) -> None:
            f"{top.predicted_speedup:.2f}×; measured {top.speedup:.2f}×."
            if pd.notna(top.predicted_speedup) else "")
     st.caption(f"Host {top.host}, {int(top.gpus)} GPU(s), temperature {top.temperature}; "
-               f"speedup p25–p75 {top.speedup_p25:.2f}–{top.speedup_p75:.2f} over {int(top.n)} measurements; "
+               f"95 % confidence interval of the median speedup {fmt_ci(top.speedup_ci_low, top.speedup_ci_high)} "
+               f"(bootstrap over {int(top.n)} prompt × repeat measurements), p25–p75 "
+               f"{top.speedup_p25:.2f}–{top.speedup_p75:.2f}; "
                f"{top.tokens_per_s:.1f} tok/s vs baseline {top.baseline_tokens_per_s:.1f} tok/s." + why)
 
     st.subheader("Best draft length per pair × strategy")
     b = q.best_k(db, f)
     b.insert(0, "pair", [q.pair_label(q.pair_key(t, d if isinstance(d, str) else None))
                          for t, d in zip(b.target, b.draft)])
+    b["noise"] = noise_text(b)  # a noisy k is only chosen when every k of its row was noisy
+    b = b.drop(columns=["noisy", "noise_reason"])
     # settings that are the same in every row add nothing to the table; the others tell two rows of one pair
     # and strategy apart, so they come first
     settings = ("host", "gpus", "temperature", "top_p", "top_k", "max_new_tokens")
@@ -203,6 +288,8 @@ def page_overview(db: str, f: Filters) -> None:
         "cost_per_mtok": st.column_config.NumberColumn("cost per 1M tokens", format="%.4f"),
         "best_k": st.column_config.NumberColumn("best k", format="%d"),
         "speedup": st.column_config.NumberColumn("speedup", format="%.2f×"),
+        "speedup_ci_low": st.column_config.NumberColumn("95 % CI low", format="%.2f×"),
+        "speedup_ci_high": st.column_config.NumberColumn("95 % CI high", format="%.2f×"),
         "predicted_speedup": st.column_config.NumberColumn("predicted", format="%.2f×"),
         "acceptance_rate": st.column_config.NumberColumn("acceptance", format="percent"),
         "tokens_per_s": st.column_config.NumberColumn("tok/s", format="%.1f"),
@@ -217,6 +304,25 @@ def page_overview(db: str, f: Filters) -> None:
     s[2].metric("Failed measurements", status["failed_measurements"])
 
 
+# ---------------------------------------------------------------------------------------------- leaderboard
+
+def page_leaderboard(db: str, f: Filters) -> None:
+    from specdec.db import report
+
+    st.header("Leaderboard")
+    board, features = q.leaderboard(db, f)
+    if board.empty:
+        no_rows(f, "measurements")
+        return
+    st.caption("Spec-Bench's form: one row per method, draft and k; the median speedup per prompt category (Spec-Bench's "
+               "MT-Bench questions are one category, `multi-turn`), mean accepted tokens, overall speedup. "
+               "`specdec report` writes the same table as Markdown and HTML.")
+    table(report.display_frame(board), height=min(35 * (len(board) + 1) + 3, 1100))  # every row, up to ~30
+    for note in report.notes(features, board):
+        st.caption(note)
+    csv_download(board, "leaderboard.csv", "dl_leaderboard")
+
+
 # ---------------------------------------------------------------------------------------------- speedup vs k
 
 def page_speedup(db: str, f: Filters) -> None:
@@ -226,29 +332,43 @@ def page_speedup(db: str, f: Filters) -> None:
     if d.empty:
         no_rows(f, "cells with a draft length")
         return
-    d["series"] = series_label(d)
+    domain, full = all_series(db)
+    d["series"] = series_label(d, like=full)
+    d["noise"] = noise_text(d)
     n_series = d.series.nunique()
+    warn_noisy(d, d.series + " · k=" + d.draft_length.map(fmt_k))
     # bands of many series overlap into one smear: off by default then (the table keeps the spread)
     spread = st.radio("Band", ["p25–p75", "min–max", "none"], index=0 if n_series <= 8 else 2, horizontal=True,
                       key="speedup_band", help="Spread of the per-measurement speedup over prompts and repeats")
     lo, hi = ("speedup_min", "speedup_max") if spread == "min–max" else ("speedup_p25", "speedup_p75")
     many_series_hint(n_series)
     base = alt.Chart(d).encode(x=alt.X("draft_length:Q", title="draft length k", axis=alt.Axis(tickMinStep=1)),
-                               color=series_color(d.series))
+                               color=series_color(domain, shown=d.series))
     line = base.mark_line(point=True).encode(
         y=alt.Y("speedup:Q", title="speedup over baseline (×)"),
         tooltip=["series", "draft_length", alt.Tooltip("speedup:Q", format=".2f"),
+                 alt.Tooltip("speedup_ci_low:Q", title="95 % CI low", format=".2f"),
+                 alt.Tooltip("speedup_ci_high:Q", title="95 % CI high", format=".2f"),
                  alt.Tooltip(f"{lo}:Q", format=".2f"), alt.Tooltip(f"{hi}:Q", format=".2f"),
-                 alt.Tooltip("acceptance_rate:Q", format=".2f"), "n"])
-    layers = [line, baseline_rule()]
+                 alt.Tooltip("acceptance_rate:Q", format=".2f"), "noise", "n"])
+    # error bars: the 95 % bootstrap interval of each median; a red ring marks cells measured on a noisy machine
+    ci = base.mark_errorbar(ticks=True).encode(y=alt.Y("speedup_ci_low:Q", title="speedup over baseline (×)"),
+                                               y2="speedup_ci_high:Q")
+    noisy = base.transform_filter("datum.noisy === true").mark_point(
+        size=260, color="#d62728", strokeWidth=2, filled=False).encode(
+        y="speedup:Q", color=alt.value("#d62728"), tooltip=["series", "draft_length", "noise"])
+    layers = [line, ci, noisy, baseline_rule()]
     if spread != "none":
         layers.insert(0, base.mark_area(opacity=0.2).encode(y=f"{lo}:Q", y2=f"{hi}:Q"))
     show(alt.layer(*layers).properties(height=with_legend(CHART_HEIGHT, n_series + 1)))
-    st.caption("Line: median speedup of the cell" + ("" if spread == "none" else f"; band: {spread} over prompts "
-               "and repeats") + ". Dashed rule: the baseline (1.0×). Strategies without a draft length (baseline, "
-               "hf-generate) are not drawn.")
-    table(d[["series", "draft_length", "speedup", lo, hi, "acceptance_rate", "mean_accepted_tokens",
-             "tokens_per_s", "baseline_tokens_per_s", "n"]])
+    st.caption("Line: median speedup of the cell; error bars: its 95 % bootstrap confidence interval over prompt × "
+               "repeat pairs" + ("" if spread == "none" else f"; band: {spread} over prompts and repeats")
+               + "; red ring: measured on a noisy machine. Dashed rule: the baseline (1.0×). Strategies without a "
+               "draft length (baseline, hf-generate) are not drawn.")
+    table(d[["series", "draft_length", "speedup", "speedup_ci_low", "speedup_ci_high", lo, hi, "noise",
+             "acceptance_rate", "mean_accepted_tokens", "tokens_per_s", "baseline_tokens_per_s", "n"]],
+          column_config={"speedup_ci_low": st.column_config.NumberColumn("95 % CI low", format="%.3f"),
+                         "speedup_ci_high": st.column_config.NumberColumn("95 % CI high", format="%.3f")})
 
 
 # ---------------------------------------------------------------------------------------------- acceptance
@@ -259,10 +379,10 @@ def page_acceptance(db: str, f: Filters) -> None:
     if cat.empty:
         no_rows(f, "measurements with acceptance figures")
         return
-    cat["series"] = series_label(cat, with_k=True)
-    colors = sorted(cat.series.unique())  # one colour per cell on every chart of this page
+    colors, full = all_series(db, with_k=True)  # one colour per cell on every chart of this page, any filter
+    cat["series"] = series_label(cat, with_k=True, like=full)
     st.subheader("By category")
-    many_series_hint(len(colors))
+    many_series_hint(cat.series.nunique())
     show(cell_heatmaps(cat, "category", "prompt category",
                        [("acceptance_rate", "acceptance rate (median)", ".2f"),
                         ("mean_accepted_tokens", "mean accepted tokens per step (median)", ".2f")]))
@@ -272,11 +392,11 @@ def page_acceptance(db: str, f: Filters) -> None:
     if pos.empty:
         st.info("No per-position counts in the filtered cells (hf-* runners do not report them).")
     else:
-        pos["series"] = series_label(pos, with_k=True)
+        pos["series"] = series_label(pos, with_k=True, like=full)
         chart = alt.Chart(pos).mark_line(point=True).encode(
             x=alt.X("position:Q", title="draft position (1 = first proposed token)", axis=alt.Axis(tickMinStep=1)),
             y=alt.Y("acceptance:Q", title="accepted ÷ proposed", scale=alt.Scale(domain=[0, 1])),
-            color=series_color(colors, title="pair · strategy · k"),
+            color=series_color(colors, title="pair · strategy · k", shown=pos.series),  # legend: drawn cells only
             tooltip=["series", "position", "accepted", "proposed", alt.Tooltip("acceptance:Q", format=".3f")])
         show(chart.properties(height=with_legend(CHART_HEIGHT, pos.series.nunique() + 1)))
         st.caption("Per-position counts summed over every prompt and repeat of the cell. Each target step "
@@ -285,7 +405,7 @@ def page_acceptance(db: str, f: Filters) -> None:
 
     st.subheader("By prompt")
     by_prompt = q.acceptance_by(db, f, "prompt")
-    by_prompt["series"] = series_label(by_prompt, with_k=True)
+    by_prompt["series"] = series_label(by_prompt, with_k=True, like=full)
     show(cell_heatmaps(by_prompt, "prompt_id", "prompt", [("acceptance_rate", "acceptance rate (median)", ".2f")]))
     table(by_prompt[["series", "category", "prompt_id", "acceptance_rate", "mean_accepted_tokens",
                             "speedup", "degenerate_share", "n"]])
@@ -353,7 +473,8 @@ def page_predicted(db: str, f: Filters) -> None:
     if d.empty:
         no_rows(f, "cells with a Leviathan prediction")
         return
-    d["series"] = series_label(d)
+    domain, full = all_series(db)
+    d["series"] = series_label(d, like=full)
     d["measured_over_predicted"] = d.speedup / d.predicted_speedup
     many_series_hint(d.series.nunique())
     hi = float(max(d.speedup.max(), d.predicted_speedup.max(), 1.0)) * 1.05
@@ -362,7 +483,9 @@ def page_predicted(db: str, f: Filters) -> None:
     points = alt.Chart(d).mark_point(filled=True, size=90).encode(
         x=alt.X("predicted_speedup:Q", title="predicted (Leviathan) speedup ×", scale=alt.Scale(domain=[0, hi])),
         y=alt.Y("speedup:Q", title="measured speedup ×", scale=alt.Scale(domain=[0, hi])),
-        color=series_color(d.series), shape=alt.Shape("strategy:N", legend=alt.Legend(orient="bottom")),
+        color=series_color(domain, shown=d.series),
+        shape=alt.Shape("strategy:N", scale=alt.Scale(domain=q.filter_options(db)["strategy"]),
+                        legend=alt.Legend(orient="bottom", values=sorted(d.strategy.unique()))),
         tooltip=["series", "draft_length", alt.Tooltip("predicted_speedup:Q", format=".2f"),
                  alt.Tooltip("speedup:Q", format=".2f"), alt.Tooltip("acceptance_rate:Q", format=".2f"),
                  alt.Tooltip("cost_ratio_c:Q", format=".3f")])
@@ -387,12 +510,11 @@ def page_latency(db: str, f: Filters) -> None:
         no_rows(f)
         return
     d = c.copy()
-    d["cell"] = series_label(d, with_k=True)
+    d["cell"] = series_label(d, with_k=True, like=all_series(db, with_k=True)[1])
     d["ttft_ms"] = d.ttft_s * 1000
     d["tpot_ms"] = d.tpot_s * 1000
     d["peak_memory_mib"] = d.peak_memory_bytes / 2**20
     order = d.sort_values("tokens_per_s", ascending=False).cell.tolist()  # the same row order in every chart
-    strategies = sorted(d.strategy.unique())
     # four bar panels side by side sharing one row per cell, so the long cell labels are drawn once
     figures = (("tokens_per_s", "tokens / s", ".1f"), ("ttft_ms", "time to first token, ms", ".1f"),
                ("tpot_ms", "time per output token, ms", ".1f"), ("peak_memory_mib", "peak memory, MiB", ".0f"))
@@ -401,8 +523,9 @@ def page_latency(db: str, f: Filters) -> None:
         panels.append(alt.Chart(d).mark_bar().encode(
             y=alt.Y("cell:N", title=None, sort=order, axis=alt.Axis(labelLimit=LABEL_LIMIT) if i == 0 else None),
             x=alt.X(f"{metric}:Q", title=title, axis=alt.Axis(orient="top", tickCount=4)),
-            color=alt.Color("strategy:N", scale=alt.Scale(domain=strategies, range=strategy_colors(strategies)),
-                            legend=alt.Legend(orient="top", direction="horizontal")),
+            color=alt.Color("strategy:N", scale=strategy_scale(db),
+                            legend=alt.Legend(orient="top", direction="horizontal",
+                                              values=sorted(d.strategy.unique()))),
             tooltip=["cell", alt.Tooltip(f"{metric}:Q", format=fmt), "n"],
         ).properties(width=125, height=18 * len(d)))
     many_series_hint(len(d))
@@ -424,7 +547,8 @@ def page_scaling(db: str, f: Filters) -> None:
         return
     d = c.copy()
     # GPU count is the x axis here, so keep it out of the series label
-    d["series"] = series_label(d.drop(columns=["gpus"]), with_k=True)
+    colors, full = all_series(db, with_k=True, drop=("gpus",))
+    d["series"] = series_label(d.drop(columns=["gpus"]), with_k=True, like=full)
     counts = d.groupby("series").gpus.nunique()
     if d.gpus.nunique() < 2:
         st.info(f"Only one GPU count ({int(d.gpus.iloc[0])}) in the filtered data; run the matrix with more GPU "
@@ -436,15 +560,16 @@ def page_scaling(db: str, f: Filters) -> None:
         if single:
             st.caption(f"Charted: the {int((counts > 1).sum())} series measured at two or more GPU counts; "
                        f"{single} measured at one count are in the table below.")
-    colors = sorted(chart_data.series.unique())
-    many_series_hint(len(colors))
+    drawn = chart_data.series.nunique()
+    many_series_hint(drawn)
     for metric, title in (("speedup", "speedup over baseline ×"), ("tokens_per_s", "tokens / s (median)")):
         chart = alt.Chart(chart_data).mark_line(point=True).encode(
-            x=alt.X("gpus:Q", title="GPUs", axis=alt.Axis(tickMinStep=1)), y=alt.Y(f"{metric}:Q", title=title),
-            color=series_color(colors, title="pair · strategy · k"),
+            # GPU counts are whole numbers: ordinal, so one count alone is labelled "0", not "0.000000"
+            x=alt.X("gpus:O", title="GPUs", axis=alt.Axis(labelAngle=0)), y=alt.Y(f"{metric}:Q", title=title),
+            color=series_color(colors, title="pair · strategy · k", shown=chart_data.series),
             tooltip=["series", "gpus", alt.Tooltip(f"{metric}:Q", format=".2f"), "n"])
         layers = chart + baseline_rule() if metric == "speedup" else chart
-        show(layers.properties(height=with_legend(CHART_HEIGHT - 60, len(colors) + 1)))
+        show(layers.properties(height=with_legend(CHART_HEIGHT - 60, drawn + 1)))
     table(d.sort_values(["series", "gpus"])[["series", "gpus", "speedup", "tokens_per_s", "baseline_tokens_per_s",
                                               "n"]])
 
@@ -608,6 +733,7 @@ def page_engines(db: str, f: Filters) -> None:
 
 PAGES = {
     "overview": ("Overview", page_overview),
+    "leaderboard": ("Leaderboard", page_leaderboard),
     "speedup": ("Speedup vs draft length", page_speedup),
     "acceptance": ("Acceptance", page_acceptance),
     "predicted": ("Predicted vs measured", page_predicted),

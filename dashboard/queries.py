@@ -148,7 +148,7 @@ def filter_options(db: str) -> dict[str, list]:
     """The values each sidebar filter can take, from the runs (and the prompt categories)."""
     runs = fetch(db, """
         SELECT run_id, cell, started_utc, status, host, target, draft, strategy, k, gpus, temperature
-        FROM runs ORDER BY started_utc DESC, run_id""")
+        FROM runs WHERE paired_with IS NULL ORDER BY started_utc DESC, run_id""")  # paired baselines: not cells
     cats = fetch(db, "SELECT DISTINCT category FROM measurements WHERE category IS NOT NULL ORDER BY 1")
     pairs = sorted({pair_key(t, d if isinstance(d, str) else None) for t, d in zip(runs.target, runs.draft)})
     return {
@@ -175,11 +175,16 @@ def _cells_sql(f: Filters) -> tuple[str, list]:
 
     `predicted_speedup` is Leviathan et al.'s expected walltime improvement from the cell's median acceptance α
     and median cost ratio c: (1 − α^(k+1)) / ((1 − α)(k·c + 1)), and (k + 1) / (k·c + 1) when α = 1.
+    `speedup_ci_low/high`: the 95 % bootstrap interval of the median (the store's median_ci, as in cell_summary);
+    `noisy`/`noise_reason` from run_noise.
     """
     w, params = where(f, SPEEDUP_COLS)
     sql = f"""
         WITH agg AS (
             SELECT {CELL_KEYS},
+                   bool_or(n.noisy) AS noisy,
+                   string_agg(DISTINCT n.noise_reason, '; ' ORDER BY n.noise_reason) AS noise_reason,
+                   list(s.speedup) FILTER (WHERE s.speedup IS NOT NULL) AS speedups,
                    count(DISTINCT s.run_id) AS runs,
                    count(*) AS n,
                    count(DISTINCT s.prompt_id) AS prompts,
@@ -207,15 +212,17 @@ def _cells_sql(f: Filters) -> tuple[str, list]:
                    median(s.speedup) FILTER (WHERE NOT s.degenerate) AS speedup_clean,
                    median(s.acceptance_rate) FILTER (WHERE NOT s.degenerate) AS acceptance_rate_clean,
                    median(s.mean_accepted_tokens) FILTER (WHERE NOT s.degenerate) AS mean_accepted_tokens_clean
-            FROM speedup s {w}
-            GROUP BY {CELL_KEYS})
-        SELECT *,
+            FROM speedup s LEFT JOIN run_noise n ON n.run_id = s.run_id {w}
+            GROUP BY {CELL_KEYS}),
+        ci AS (SELECT *, median_ci(speedups) AS interval FROM agg)
+        SELECT * EXCLUDE (speedups, interval),
+               interval[1] AS speedup_ci_low, interval[2] AS speedup_ci_high,
                CASE WHEN acceptance_rate IS NULL OR cost_ratio_c IS NULL OR NOT draft_length >= 1 THEN NULL
                     WHEN acceptance_rate >= 1 THEN (draft_length + 1) / (draft_length * cost_ratio_c + 1)
                     ELSE (1 - pow(acceptance_rate, draft_length + 1))
                          / ((1 - acceptance_rate) * (draft_length * cost_ratio_c + 1))
                END AS predicted_speedup
-        FROM agg"""
+        FROM ci"""
     return sql, params
 
 
@@ -227,20 +234,38 @@ def cells(db: str, f: Filters) -> pd.DataFrame:
 
 
 def best_k(db: str, f: Filters) -> pd.DataFrame:
-    """The fastest draft length of every pair × strategy, separately per host, GPU count and sampling settings
-    (a draft length that pays on one machine need not pay on another). Only strategies that draft."""
+    """The fastest draft length of every pair × strategy, separately per host, GPU count, sampling settings, weight
+    format and threads (a draft length that pays on one machine need not pay on another). Only strategies that draft. Cells measured
+    on a quiet machine come first: a noisy k is the answer only when every k of that row was noisy."""
     sql, params = _cells_sql(f)
     return fetch(db, f"""
         WITH c AS ({sql})
-        SELECT target, draft, strategy, draft_length AS best_k, speedup, speedup_p25, speedup_p75,
+        SELECT target, draft, strategy, draft_length AS best_k, speedup, speedup_ci_low, speedup_ci_high,
+               noisy, noise_reason, speedup_p25, speedup_p75,
                acceptance_rate, mean_accepted_tokens, cost_ratio_c, predicted_speedup, tokens_per_s,
-               baseline_tokens_per_s, cost_per_mtok, host, gpus, temperature, top_p, top_k, max_new_tokens, n
+               baseline_tokens_per_s, cost_per_mtok, host, gpus, temperature, top_p, top_k, max_new_tokens, weights,
+               threads, n
         FROM c
         WHERE draft_length IS NOT NULL AND speedup IS NOT NULL
         QUALIFY row_number() OVER (
-            PARTITION BY host, target, draft, strategy, gpus, temperature, top_p, top_k, max_new_tokens
-            ORDER BY speedup DESC, draft_length) = 1
-        ORDER BY speedup DESC, target, draft, strategy""", params)
+            PARTITION BY host, target, draft, strategy, gpus, temperature, top_p, top_k, max_new_tokens, weights,
+                         threads
+            ORDER BY coalesce(noisy, false), speedup DESC, draft_length) = 1
+        ORDER BY coalesce(noisy, false), speedup DESC, target, draft, strategy""", params)
+
+
+# ---------------------------------------------------------------------------------------------- leaderboard
+
+def leaderboard(db: str, f: Filters) -> tuple[pd.DataFrame, dict]:
+    """The leaderboard of `specdec report` (same SQL: specdec.db.report) over the filtered rows: one row per cell
+    with its speedup per category, mean accepted tokens and overall speedup. Returns (numbers, store features)."""
+    from specdec.db import report
+
+    features = {k: bool(v) for k, v in fetch(db, report.FEATURES_SQL).iloc[0].items()}
+    w, params = where(f, SPEEDUP_COLS)
+    cells = fetch(db, report.cell_groups_sql(features, False, w), params)
+    by_category = fetch(db, report.cell_groups_sql(features, True, w), params)
+    return report.leaderboard_frame(cells, by_category), features
 
 
 def engines(db: str, f: Filters) -> pd.DataFrame:
@@ -327,16 +352,12 @@ def mismatches(db: str, f: Filters) -> pd.DataFrame:
     return fetch(db, f"""
         SELECT s.host, s.target, s.draft, s.strategy, s.draft_length, s.gpus, s.temperature,
                s.prompt_id, s.category, s."repeat", s.run_id, m.new_tokens, m.text,
-               -- the output the view compared against: latest baseline run of the same key, first ok repeat
-               (SELECT bm.text
-                  FROM runs br JOIN measurements bm ON bm.run_id = br.run_id
-                 WHERE br.strategy = 'baseline' AND bm.status = 'ok' AND br.host = s.host
-                   AND br.target = s.target AND br.gpus = s.gpus AND br.temperature = s.temperature
-                   AND br.top_p = s.top_p AND br.top_k IS NOT DISTINCT FROM s.top_k
-                   AND br.max_new_tokens = s.max_new_tokens AND bm.prompt_id = s.prompt_id
-                 ORDER BY br.started_utc DESC, br.run_id DESC, bm."repeat" LIMIT 1) AS baseline_text
+               -- the output the view compared against (its paired decode, or the shared baseline's first repeat)
+               bm.text AS baseline_text, s.baseline_source
         FROM speedup s
         JOIN measurements m ON m.run_id = s.run_id AND m.prompt_id = s.prompt_id AND m."repeat" = s."repeat"
+        LEFT JOIN measurements bm ON bm.run_id = s.baseline_run_id AND bm.prompt_id = s.prompt_id
+                                 AND bm."repeat" = s.baseline_repeat
         {w}
         ORDER BY s.target, s.draft, s.strategy, s.draft_length, s.prompt_id, s."repeat" """, params)
 

@@ -2,23 +2,28 @@
 
 Two independent layers keep a user's SQL from changing the store or touching other files:
 
-1. `check_sql` tokenises the text (string literals, quoted identifiers and comments are recognised the way DuckDB
-   reads them, so `WHERE error LIKE '%delete%'` is fine) and refuses anything but one read-only query: write,
-   DDL and session statements, several statements, file-reading table functions and file paths in FROM. It gives
-   the user a clear one-line reason.
+1. `check_sql` asks DuckDB's own parser what the text is (`duckdb.extract_statements`, no database needed): one
+   statement, and a query (SELECT, WITH, FROM, VALUES, TABLE, DESCRIBE, SHOW, SUMMARIZE, PIVOT, EXPLAIN). A typo
+   gets DuckDB's parser error; a write, DDL or session statement is refused with a one-line reason. It then
+   tokenises the text (string literals, quoted identifiers and comments are recognised the way DuckDB reads them,
+   so `WHERE error LIKE '%read_csv%'` is fine) and refuses file-reading table functions, file paths in FROM, and
+   the functions and views that reveal server paths or settings (`current_setting`, `duckdb_databases`, ...).
 2. `_execute_read_only` does not trust that check: it opens the file `read_only=True` (DuckDB rejects every
-   write), then sets `enable_external_access = false` (no file, network or extension access: `read_csv`,
+   write) with `enable_external_access = false` (no file, network or extension access: `read_csv`,
    `FROM 'x.csv'`, ATTACH, COPY, INSTALL all fail) and `lock_configuration = true` (so the SQL cannot set it
-   back) before running the user's text.
+   back), both given when the connection opens (store.engine_for).
 
-Both settings are database-instance wide in DuckDB; within one process, connections to the same file share an
-instance, so a process that runs queries (the dashboard) keeps external access off for that file until every
-connection to it is closed. That is what a read-only viewer wants anyway.
+Within one process DuckDB shares one database instance between the connections to a file, and refuses a
+connection whose configuration differs from the open ones. So every read-only connection (the dashboard's pages
+and its SQL console alike) opens with these same settings: queries of one dashboard run side by side, instead of
+a running console query locking the next one out ("the configuration has been locked").
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import re
 import sys
 import threading
@@ -41,17 +46,17 @@ class UnsafeSQLError(QueryError):
 
 READ_ONLY_NOTE = "the results store is read-only and takes one SELECT-style query (SELECT, WITH, FROM, DESCRIBE, SHOW)"
 
-# First word of an accepted statement. DuckDB's FROM-first syntax and TABLE/DESCRIBE/SHOW/SUMMARIZE only read.
-STATEMENT_STARTS = {"select", "with", "from", "values", "table", "describe", "show", "summarize", "explain",
-                    "pivot", "unpivot"}
-# Keywords refused anywhere outside string literals and quoted identifiers (e.g. `WITH x AS (...) DELETE ...`).
-FORBIDDEN_KEYWORDS = {"insert", "update", "delete", "merge", "create", "drop", "alter", "truncate", "attach",
-                      "detach", "copy", "export", "import", "install", "load", "pragma", "set", "reset", "call",
-                      "checkpoint", "vacuum", "begin", "commit", "rollback", "abort", "use", "grant", "revoke",
-                      "prepare", "execute", "deallocate", "comment"}
+# Statement types (duckdb.StatementType names) that only read. PIVOT without an IN list parses as MULTI (it looks
+# up the pivot values first); EXPLAIN is checked again without its EXPLAIN [ANALYZE] prefix.
+READ_STATEMENTS = {"SELECT"}
 # Table/scalar functions that read files, run SQL text, or reveal credentials.
 FORBIDDEN_FUNCTIONS = {"glob", "sniff_csv", "query", "query_table", "getenv", "duckdb_secrets", "which_secret",
                        "checkpoint", "force_checkpoint", "load_extension", "csv_scan", "json_scan"}
+# Names refused anywhere, called or not (DuckDB also reads `FROM duckdb_databases` without parentheses): they
+# show server paths (the store's own, the secret and temp directories) and settings.
+REVEALING_NAMES = {"current_setting", "duckdb_settings", "duckdb_databases", "duckdb_extensions",
+                   "duckdb_temporary_files", "pg_settings"}
+REVEALING_PREFIXES = ("pragma_",)
 FORBIDDEN_FUNCTION_PREFIXES = ("read_", "parquet_", "iceberg_", "delta_", "sqlite_", "postgres_", "mysql_",
                                "ducklake_", "http")
 FORBIDDEN_FUNCTION_SUFFIXES = ("_scan",)
@@ -144,29 +149,48 @@ def _forbidden_function(name: str) -> bool:
             or name.endswith(FORBIDDEN_FUNCTION_SUFFIXES))
 
 
+def statement_kind(sql: str) -> str:
+    """The type of the one statement in `sql` per DuckDB's parser ("SELECT", "DELETE", ...), "EMPTY" or
+    "MULTIPLE". A syntax error is DuckDB's own message (QueryError), not a refusal: the user mistyped, nothing was
+    unsafe."""
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise QueryError(db_error_message(exc, "")) from None
+    if len(statements) != 1:
+        return "MULTIPLE" if statements else "EMPTY"
+    return statements[0].type.name
+
+
 def check_sql(sql: str) -> str:
-    """Return `sql` if it is a single read-only query, else raise UnsafeSQLError with a one-line reason.
+    """Return `sql` if it is a single read-only query, else raise UnsafeSQLError with a one-line reason (or
+    QueryError with DuckDB's parser error for text that is not SQL).
 
     This is the friendly first layer; `_execute_read_only` enforces read-only and no file access regardless.
     """
-    tokens = tokenize(sql)
-    while tokens and tokens[-1] == ("punct", ";"):
-        tokens.pop()
-    if not tokens:
+    kind = statement_kind(sql)  # first: DuckDB's parser explains a syntax error better than any refusal
+    if kind == "EMPTY":
         raise _refuse("empty query")
-    if ("punct", ";") in tokens:
+    tokens = tokenize(sql)
+    first = tokens[0][1]
+    if kind == "EXPLAIN":  # EXPLAIN [ANALYZE] <statement>: the statement it explains (ANALYZE runs it)
+        inner = re.sub(r"^\s*explain\s+(analyze\s+)?", "", sql, count=1, flags=re.I)
+        kind, first = (statement_kind(inner), inner.split(None, 1)[0].lower()) if inner != sql else (kind, first)
+    if kind == "MULTI" and first == "pivot":
+        kind = "SELECT"
+    if kind == "MULTIPLE":
         raise _refuse("multiple statements")
-    kind, first = tokens[0]
-    if not (kind == "word" and first in STATEMENT_STARTS) and tokens[0] != ("punct", "("):
-        raise _refuse(f"{first.upper()} is not allowed")
+    if kind not in READ_STATEMENTS:
+        word = first if first not in ("with", "(") else kind.lower()
+        raise _refuse(f"{word.upper()} is not allowed (no writes, DDL or session commands)")
 
     depth = 0
     clause = {0: None}  # innermost clause keyword per parenthesis depth, to tell a FROM list's commas
     previous: tuple[str, str] = ("punct", "")
     for position, (kind, text) in enumerate(tokens):
         following = tokens[position + 1] if position + 1 < len(tokens) else ("punct", "")
-        if kind == "word" and text in FORBIDDEN_KEYWORDS:
-            raise _refuse(f"{text.upper()} is not allowed (no writes, DDL or session commands)")
+        if kind in ("word", "ident") and (text in REVEALING_NAMES or text.startswith(REVEALING_PREFIXES)):
+            raise _refuse(f"{text} is not allowed (it shows server paths and settings)")
         if kind in ("word", "ident") and following == ("punct", "(") and _forbidden_function(text):
             raise _refuse(f"{text}() is not allowed (no functions that read files or run SQL text)")
         in_table_position = ((previous[0] == "word" and previous[1] in TABLE_POSITION_WORDS)
@@ -195,14 +219,12 @@ def _execute_read_only(sql: str, db_path: str | Path, limit: int | None = None,
     path = Path(db_path)
     if not path.is_file():
         raise QueryError(f"no results store at {path}: run `snakemake --cores 2` (or `specdec ingest`) first")
-    engine = engine_for(path, read_only=True)
+    engine = engine_for(path, read_only=True)  # external access off and configuration locked from the start
     timer = None
     try:
         raw = engine.raw_connection()
         try:
             duck = raw.driver_connection  # duckdb_engine's wrapper; forwards to the duckdb connection
-            duck.execute("SET enable_external_access = false")
-            duck.execute("SET lock_configuration = true")
             if timeout_s:
                 timer = threading.Timer(timeout_s, duck.interrupt)
                 timer.daemon = True
@@ -232,9 +254,24 @@ def run_query(sql: str, db_path: str | Path, limit: int | None = None, timeout_s
     return _execute_read_only(sql, db_path, limit=limit, timeout_s=timeout_s)
 
 
+MAX_CELL_CHARS = 200  # a table cell longer than this is cut, with a marker saying how much is left out
+
+
+def short_cell(value):
+    """A text cell for the aligned table: one line (newlines shown as \\n) of at most MAX_CELL_CHARS characters;
+    a cut one ends in `…[+N chars]` (the csv and json formats keep every character)."""
+    if not isinstance(value, str):
+        return value
+    text = value.replace("\r", "\\r").replace("\n", "\\n")
+    if len(text) <= MAX_CELL_CHARS:
+        return text
+    marker = f"…[+{len(text) - MAX_CELL_CHARS} chars]"
+    return text[:MAX_CELL_CHARS] + marker
+
+
 def format_table(df: pd.DataFrame, fmt: str = "table") -> str:
-    """Render a result as `table` (aligned plain text with a row count), `csv` (with header) or `json` (a list of
-    row objects; NaN/NULL → null, times as ISO 8601)."""
+    """Render a result as `table` (aligned plain text with a row count; long text cut, see short_cell), `csv` (with
+    header) or `json` (a list of row objects; NaN/NULL → null, times as ISO 8601)."""
     if fmt == "csv":
         return df.to_csv(index=False).rstrip("\n")
     if fmt == "json":
@@ -244,7 +281,28 @@ def format_table(df: pd.DataFrame, fmt: str = "table") -> str:
     rows = f"({len(df)} row{'' if len(df) == 1 else 's'})"
     if df.empty:
         return ("  ".join(str(c) for c in df.columns) + "\n" + rows).lstrip("\n")
-    return df.to_string(index=False) + "\n" + rows
+    text_columns = [c for c in df.columns
+                    if pd.api.types.is_object_dtype(df[c]) or pd.api.types.is_string_dtype(df[c])]
+    shown = df.assign(**{c: df[c].map(short_cell) for c in text_columns}) if text_columns else df
+    return shown.to_string(index=False) + "\n" + rows
+
+
+def check_limits(limit: int | None, timeout_s: float | None) -> None:
+    """--limit is a row count >= 1; --timeout a finite number of seconds > 0 (0, negative and nan used to mean
+    "no limit" silently, and inf crashed the timer thread). Leaving either out means no limit."""
+    if limit is not None and limit < 1:
+        raise QueryError(f"--limit must be >= 1 (leave it out for every row), got {limit}")
+    if timeout_s is not None and not (math.isfinite(timeout_s) and timeout_s > 0):
+        raise QueryError(f"--timeout must be a number of seconds > 0 (leave it out for no limit), got {timeout_s}")
+
+
+def print_out(text: str) -> None:
+    """Print to stdout; a reader that stops early (`| head -1`) is not an error. Further writes (the interpreter's
+    last flush) go to /dev/null instead of raising BrokenPipeError again."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def main_query(argv: list[str] | None = None) -> int:
@@ -254,17 +312,21 @@ def main_query(argv: list[str] | None = None) -> int:
                                                  "(tables runs, measurements; views speedup, cell_summary, failures).")
     parser.add_argument("sql", help='e.g. "SELECT * FROM cell_summary ORDER BY speedup_median DESC"')
     parser.add_argument("--db", default=None, help="store path (default: $SPECDEC_DB or db/specdec.duckdb)")
-    parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    parser.add_argument("--format", choices=("table", "csv", "json"), default="table",
+                        help=f"table cuts text longer than {MAX_CELL_CHARS} characters (marked …[+N chars]); csv and "
+                             "json print every character (default: table)")
     parser.add_argument("--limit", type=int, default=None, help="return at most N rows")
-    parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="interrupt a slower query")
+    parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                        help="interrupt a slower query (default: no limit)")
     args = parser.parse_args(argv)
     db_path = Path(args.db) if args.db else default_db_path()
     try:
+        check_limits(args.limit, args.timeout)
         df = run_query(args.sql, db_path, limit=args.limit, timeout_s=args.timeout)
     except QueryError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(format_table(df, args.format))
+    print_out(format_table(df, args.format))
     return 0
 
 

@@ -66,9 +66,22 @@ class Run(Base):
     warmup: Mapped[int | None] = mapped_column(Integer)
     dtype: Mapped[str | None] = mapped_column(String)
     gpu_mode: Mapped[str | None] = mapped_column(String)
-    weights: Mapped[str | None] = mapped_column(String)  # weight format as run: float32, int8, int4, gguf-Q4_1...
-    threads: Mapped[int | None] = mapped_column(Integer)  # CPU threads of the engine (torch's or llama.cpp's)
+    weights: Mapped[str | None] = mapped_column(String)  # format asked (NULL: the alias's); llama.cpp: gguf-Q4_1
+    threads: Mapped[int | None] = mapped_column(Integer)  # CPU threads asked of the engine (NULL: torch's count)
     slurm_job_id: Mapped[str | None] = mapped_column(String)
+    # Paired baselines and noise (format 2; NULL on older runs). A cell's paired baseline is a run of its own
+    # with its engine's plain decoding (`baseline`, or `llamacpp-generate` for llama.cpp cells) as strategy and
+    # `paired_with` = the cell's run_id; `baseline_mode` (a param) is 'paired' or 'shared' on cells that are not
+    # baselines. The noise readings (specdec/noise.py) are judged by the run_noise view against the
+    # noise_thresholds table.
+    baseline_mode: Mapped[str | None] = mapped_column(String)
+    paired_with: Mapped[str | None] = mapped_column(String)
+    load_avg: Mapped[float | None] = mapped_column(Double)
+    other_cpu_cores: Mapped[float | None] = mapped_column(Double)
+    steal_share: Mapped[float | None] = mapped_column(Double)
+    gpu_other_processes: Mapped[int | None] = mapped_column(Integer)
+    baseline_spread: Mapped[float | None] = mapped_column(Double)
+    noise_samples: Mapped[int | None] = mapped_column(Integer)
     extra_json: Mapped[str | None] = mapped_column(Text)  # run fields without a column of their own (JSON object)
     params_json: Mapped[str] = mapped_column(Text, nullable=False)  # the whole params object, sources included
     result_file: Mapped[str] = mapped_column(Text, nullable=False)
@@ -115,6 +128,7 @@ class Measurement(Base):
     copy_share: Mapped[float | None] = mapped_column(Double)
     repeat_share: Mapped[float | None] = mapped_column(Double)
     degenerate: Mapped[bool | None] = mapped_column(Boolean)
+    decode_index: Mapped[int | None] = mapped_column(Integer)  # order of this decode within its job (pairing)
     extra_json: Mapped[str | None] = mapped_column(Text)  # fields without a column of their own (JSON object)
 
 
@@ -133,8 +147,35 @@ class Price(Base):
     updated_utc: Mapped[datetime] = mapped_column(DateTime, nullable=False)
 
 
+class NoiseThreshold(Base):
+    """The thresholds the run_noise view judges runs by (config `noise:`, defaults specdec.noise.THRESHOLDS),
+    replaced by each workflow ingest. Kept apart from the readings, like prices: a changed threshold re-judges every
+    stored run without measuring anything again."""
+
+    __tablename__ = "noise_thresholds"
+
+    name: Mapped[str] = mapped_column(String, primary_key=True)
+    value: Mapped[float] = mapped_column(Double, nullable=False)
+    updated_utc: Mapped[datetime] = mapped_column(DateTime, nullable=False)
+
+
+class MedianCiRank(Base):
+    """Which order statistics of a sorted sample of n values end the 95 % bootstrap interval of its median
+    (specdec.db.bootstrap; filled by init_db for n up to bootstrap.MAX_EXACT, a normal approximation beyond)."""
+
+    __tablename__ = "median_ci_ranks"
+
+    n: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    low_a: Mapped[int] = mapped_column(Integer, nullable=False)
+    low_b: Mapped[int] = mapped_column(Integer, nullable=False)
+    high_a: Mapped[int] = mapped_column(Integer, nullable=False)
+    high_b: Mapped[int] = mapped_column(Integer, nullable=False)
+
+
 runs = Run.__table__
 prices = Price.__table__
+noise_thresholds = NoiseThreshold.__table__
+median_ci_ranks = MedianCiRank.__table__
 measurements = Measurement.__table__
 
 # Fields of a result file that the store keeps as JSON text rather than as a scalar column.
@@ -142,7 +183,7 @@ RUN_JSON_FIELDS = ("gpu_names", "devices")
 MEASUREMENT_JSON_FIELDS = ("proposed_per_position", "accepted_per_position", "token_ids")
 # params keys flattened into `runs` columns (everything else stays in params_json only).
 PARAM_COLUMNS = ("cell", "target", "draft", "strategy", "k", "gpus", "temperature", "top_p", "top_k",
-                 "draft_sampling", "use_cache", "max_new_tokens", "repeats", "warmup", "dtype", "gpu_mode", "weights",
-                 "threads")
+                 "draft_sampling", "use_cache", "max_new_tokens", "repeats", "warmup", "dtype", "gpu_mode",
+                 "baseline_mode", "weights", "threads")
 # Filled by the store from whatever a result file carries beyond the columns, so no recorded field is lost.
 EXTRA_FIELD = "extra_json"

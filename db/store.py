@@ -7,7 +7,8 @@ being held by an idle pooled connection for the life of the process.
 
 Ingest is all-or-nothing: every file is read and validated before the database is touched, then all new runs and
 their measurements go in one transaction. A run whose `run_id` is already stored is skipped, so re-running ingest
-over the same folder is harmless.
+over the same folder is harmless. A format-2 file may carry a second run, the cell's paired baseline; it is stored
+as a run of its own, linked by `paired_with`. Format-1 files (before paired baselines) are still accepted.
 """
 
 from __future__ import annotations
@@ -16,20 +17,27 @@ import json
 import math
 import os
 import re
+import sys
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable
 
+import duckdb
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.pool import NullPool
 
+from specdec import noise
+from specdec.strategies import STRATEGIES, store_baseline
+from specdec.db import bootstrap
 from specdec.db.schema import (EXTRA_FIELD, MEASUREMENT_JSON_FIELDS, PARAM_COLUMNS, RUN_JSON_FIELDS, Base, measurements,
-                               runs)
+                               median_ci_ranks, noise_thresholds, runs)
 from specdec.db.schema import prices as prices_table
 
-RESULT_FORMAT = "specdec-result/1"
+RESULT_FORMAT = "specdec-result/2"
+RESULT_FORMATS = ("specdec-result/1", RESULT_FORMAT)  # 1: before paired baselines and noise readings
 VIEWS_SQL = Path(__file__).with_name("views.sql")
 STATUSES = ("ok", "failed")
 # `runs` columns the store fills in itself rather than reading from the file's `run` object.
@@ -41,6 +49,13 @@ STORE_ONLY = ("params_json", "result_file", "ingested_utc", EXTRA_FIELD)
 REQUIRED_RUN = ("run_id", "started_utc", "status", "host", "params")
 REQUIRED_PARAMS = ("target", "strategy", "gpus", "temperature", "top_p", "top_k", "max_new_tokens")
 REQUIRED_MEASUREMENT = ("prompt_id", "repeat", "status")
+# Numeric columns are counts, times, rates, sizes and settings: none can be negative (the seed may be anything),
+# and these have a larger minimum or a maximum. Integers must fit their column (INTEGER: 32 bits).
+SIGNED_COLUMNS = ("seed",)
+MINIMUM = {"k": 1, "max_new_tokens": 1, "repeats": 1}
+MAXIMUM = {"acceptance_rate": 1, "top_p": 1}
+INT_BITS = {sa.BigInteger: 64, sa.Integer: 32}
+RUN_ID = re.compile(r"[A-Za-z0-9._:+-]{1,128}")  # a job's uuid4 hex; no spaces, quotes or control characters
 
 
 class ResultFileError(ValueError):
@@ -68,10 +83,17 @@ def engine_for(path: str | os.PathLike, read_only: bool = False) -> Engine:
 
     NullPool: every `connect()` opens the file and closing the connection releases DuckDB's file lock, so an
     ingest in another process can run as soon as a reader is done. `read_only=True` lets several reader
-    processes share the file (but not with a writer).
+    processes share the file (but not with a writer), and opens it with READER_CONFIG.
     """
     url = URL.create("duckdb", database=str(path))
-    return sa.create_engine(url, poolclass=NullPool, connect_args={"read_only": read_only})
+    args = {"read_only": True, "config": dict(READER_CONFIG)} if read_only else {"read_only": False}
+    return sa.create_engine(url, poolclass=NullPool, connect_args=args)
+
+
+# Every read-only connection opens with these (never SET later: a process's connections to one file share a
+# database instance, which refuses a second connection with another configuration, and once locked refuses the
+# SET). Readers never need files, network or extensions, and the SQL console must not be able to turn them on.
+READER_CONFIG = {"enable_external_access": False, "lock_configuration": True}
 
 
 def init_db(path: str | os.PathLike) -> None:
@@ -79,7 +101,8 @@ def init_db(path: str | os.PathLike) -> None:
 
     Views are `CREATE OR REPLACE`d every time, so an edited views.sql takes effect on the next ingest. Tables
     are created when missing; columns added to the models since a store was created are added to it (NULL in its
-    older rows), so an older store keeps working.
+    older rows), so an older store keeps working. Missing noise thresholds get their defaults, and the
+    bootstrap rank table (db/bootstrap.py) is filled once.
     """
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     engine = engine_for(path)
@@ -87,6 +110,15 @@ def init_db(path: str | os.PathLike) -> None:
         with engine.begin() as conn:
             Base.metadata.create_all(conn)
             add_missing_columns(conn)
+            stored = set(conn.execute(sa.select(noise_thresholds.c.name)).scalars())
+            now = datetime.now(timezone.utc).replace(tzinfo=None)
+            missing = [{"name": n, "value": v, "updated_utc": now} for n, v in noise.THRESHOLDS.items()
+                       if n not in stored]
+            if missing:
+                conn.execute(sa.insert(noise_thresholds), missing)
+            if conn.execute(sa.select(sa.func.count()).select_from(median_ci_ranks)).scalar() != bootstrap.MAX_EXACT:
+                conn.execute(sa.delete(median_ci_ranks))
+                conn.execute(sa.insert(median_ci_ranks), bootstrap.rank_rows())
             for statement in view_statements():
                 conn.exec_driver_sql(statement)
     finally:
@@ -112,13 +144,23 @@ def view_statements() -> list[str]:
     return [chunk.strip() for chunk in chunks if code(chunk)]
 
 
+def is_locked(exc: BaseException) -> bool:
+    """DuckDB's IOException when another process holds the file (a writer, or readers while we want to write)."""
+    return "could not set lock" in str(getattr(exc, "orig", None) or exc).lower()
+
+
 def db_error_message(exc: BaseException, path: str | os.PathLike) -> str:
     """One line for a database error, with the likely cause spelled out for the common lock conflict."""
     text = str(getattr(exc, "orig", None) or exc)
-    if "could not set lock" in text.lower():  # DuckDB's IOException when another process holds the file
+    if is_locked(exc):
         return (f"the results store {path} is open in another process (a dashboard, query or ingest); "
                 f"DuckDB allows one writer and no readers alongside it: close it and retry")
-    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    lines = [line.strip() for line in text.strip().splitlines()]
+    if not lines:
+        return type(exc).__name__
+    # DuckDB's hints ("Did you mean ...", "Candidate bindings: ...") follow on lines of their own; keep them
+    hints = [line for line in lines[1:] if line.startswith(("Did you mean", "Candidate bindings"))]
+    return " ".join([lines[0], *hints])
 
 
 # ---------------------------------------------------------------------------------------------------- validation
@@ -166,6 +208,25 @@ def _check_value(path, field: str, column: sa.Column, value) -> None:
         want = "a string"
     if not ok:
         raise _fail(path, field, f"must be {want}, got {_show(value)}")
+    if isinstance(kind, (sa.Integer, sa.Double)):
+        _check_number(path, field, column, value)
+
+
+def _check_number(path, field: str, column: sa.Column, value) -> None:
+    """Finite where the column cannot be NULL (NaN and inf are stored as NULL), within the column's integer
+    range, and within MINIMUM/MAXIMUM (0 for every unsigned column)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        if not column.nullable:
+            raise _fail(path, field, f"must be a finite number, got {value}")
+        return
+    bits = next((b for kind, b in INT_BITS.items() if type(column.type) is kind), None)
+    if bits and not -2 ** (bits - 1) <= value < 2 ** (bits - 1):
+        raise _fail(path, field, f"{value} does not fit a {bits}-bit integer")
+    low = MINIMUM.get(column.name, None if column.name in SIGNED_COLUMNS else 0)
+    if low is not None and value < low:
+        raise _fail(path, field, f"must be >= {low}, got {_show(value)}")
+    if column.name in MAXIMUM and value > MAXIMUM[column.name]:
+        raise _fail(path, field, f"must be <= {MAXIMUM[column.name]}, got {_show(value)}")
 
 
 def _check_required(path, obj: dict, keys: Iterable[str], prefix: str) -> None:
@@ -185,8 +246,10 @@ def load_result_file(path: str | os.PathLike) -> dict:
     """Read and validate one result file; return its parsed JSON.
 
     Checks the format tag, the required fields (REQUIRED_RUN, REQUIRED_PARAMS, REQUIRED_MEASUREMENT), the type
-    of every field that has a column, the status values and that no (prompt_id, repeat) occurs twice. Raises
-    ResultFileError with a one-line message naming the file and the field.
+    of every field that has a column, the status values and that no (prompt_id, repeat) occurs twice — for the
+    cell's run and for its paired baseline, which must be a run of the cell's plain decoding
+    (strategies.store_baseline: `baseline`, or `llamacpp-generate` for llama.cpp cells) whose `paired_with` is the
+    cell's run_id. Raises ResultFileError with a one-line message naming the file and the field.
     """
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -196,35 +259,62 @@ def load_result_file(path: str | os.PathLike) -> dict:
         raise ResultFileError(f"{path}: not valid JSON: {str(exc).splitlines()[0]}") from exc
     if not isinstance(doc, dict):
         raise _fail(path, "format", "the file is not a JSON object")
-    if doc.get("format") != RESULT_FORMAT:
-        raise _fail(path, "format", f"expected {RESULT_FORMAT!r}, got {_show(doc.get('format'))}")
+    if doc.get("format") not in RESULT_FORMATS:
+        raise _fail(path, "format", f"expected one of {', '.join(map(repr, RESULT_FORMATS))}, got "
+                                    f"{_show(doc.get('format'))}")
+    _check_run_document(path, doc, "")
+    paired = doc.get("paired_baseline")
+    if paired is not None:
+        if doc["format"] == RESULT_FORMATS[0]:
+            raise _fail(path, "paired_baseline", f"needs format {RESULT_FORMAT!r}")
+        if not isinstance(paired, dict):
+            raise _fail(path, "paired_baseline", "must be an object with `run` and `measurements`, or null")
+        _check_run_document(path, paired, "paired_baseline.")
+        if paired["run"].get("paired_with") != doc["run"]["run_id"]:
+            raise _fail(path, "paired_baseline.run.paired_with", f"must be the cell's run_id "
+                                                                 f"{_show(doc['run']['run_id'])}")
+        cell_strategy = doc["run"]["params"]["strategy"]
+        expected = store_baseline(cell_strategy) if cell_strategy in STRATEGIES else "baseline"
+        if paired["run"]["params"]["strategy"] != expected:
+            raise _fail(path, "paired_baseline.run.params.strategy", f"must be {expected!r} (the plain decoding "
+                                                                     f"of a {cell_strategy!r} cell)")
+        if paired["run"]["run_id"] == doc["run"]["run_id"]:
+            raise _fail(path, "paired_baseline.run.run_id", "must differ from the cell's run_id")
+    return doc
+
+
+def _check_run_document(path, doc: dict, prefix: str) -> None:
+    """One run object and its measurements (the file itself, or its `paired_baseline`)."""
     run = doc.get("run")
     if not isinstance(run, dict):
-        raise _fail(path, "run", "missing or not an object")
-    _check_required(path, run, REQUIRED_RUN, "run.")
+        raise _fail(path, prefix + "run", "missing or not an object")
+    _check_required(path, run, REQUIRED_RUN, prefix + "run.")
+    if not (isinstance(run["run_id"], str) and RUN_ID.fullmatch(run["run_id"])):
+        raise _fail(path, prefix + "run.run_id", f"must be 1-128 letters, digits or . _ : + - (a job writes a uuid4 "
+                                                 f"hex), got {_show(run['run_id'])}")
     params = run["params"]
     if not isinstance(params, dict):
-        raise _fail(path, "run.params", "must be an object")
-    _check_required(path, params, REQUIRED_PARAMS, "run.params.")
+        raise _fail(path, prefix + "run.params", "must be an object")
+    _check_required(path, params, REQUIRED_PARAMS, prefix + "run.params.")
     if run["status"] not in STATUSES:
-        raise _fail(path, "run.status", f"must be one of {', '.join(STATUSES)}, got {_show(run['status'])}")
+        raise _fail(path, prefix + "run.status", f"must be one of {', '.join(STATUSES)}, got {_show(run['status'])}")
     for column in runs.columns:
         name = column.name
         if name in STORE_ONLY:
             continue
         if name in RUN_JSON_FIELDS:
-            _check_list(path, f"run.{name}", run.get(name))
+            _check_list(path, f"{prefix}run.{name}", run.get(name))
         elif name in PARAM_COLUMNS:
-            _check_value(path, f"run.params.{name}", column, params.get(name))
+            _check_value(path, f"{prefix}run.params.{name}", column, params.get(name))
         else:
-            _check_value(path, f"run.{name}", column, run.get(name))
+            _check_value(path, f"{prefix}run.{name}", column, run.get(name))
 
     rows = doc.get("measurements")
     if not isinstance(rows, list):
-        raise _fail(path, "measurements", "missing or not a list")
+        raise _fail(path, prefix + "measurements", "missing or not a list")
     seen = set()
     for i, row in enumerate(rows):
-        where = f"measurements[{i}]"
+        where = f"{prefix}measurements[{i}]"
         if not isinstance(row, dict):
             raise _fail(path, where, "must be an object")
         _check_required(path, row, REQUIRED_MEASUREMENT, where + ".")
@@ -239,7 +329,12 @@ def load_result_file(path: str | os.PathLike) -> dict:
         if key in seen:
             raise _fail(path, where, f"duplicate prompt_id {key[0]!r} repeat {key[1]}")
         seen.add(key)
-    return doc
+
+
+def run_documents(doc: dict) -> list[dict]:
+    """The runs a validated file holds, each as {"run", "measurements"}: the cell's, then its paired baseline's."""
+    paired = doc.get("paired_baseline")
+    return [doc] + ([paired] if paired else [])
 
 
 # ---------------------------------------------------------------------------------------------------- rows
@@ -314,48 +409,131 @@ def check_prices(prices) -> dict[str, float]:
     return {device: float(price) for device, price in prices.items()}
 
 
+LOCK_WAIT_S = 60.0  # how long ingest waits for readers (a dashboard query, `specdec query`) to release the store
+
+
 def ingest(db_path: str | os.PathLike, result_paths: Iterable[str | os.PathLike],
-           prices: dict | None = None) -> IngestReport:
+           prices: dict | None = None, noise_limits: dict | None = None,
+           wait_s: float = LOCK_WAIT_S) -> IngestReport:
     """Insert result files into the store at `db_path` (created if missing) in one transaction.
 
-    All files are validated first (ResultFileError on the first bad one, before the database is opened). Runs
-    whose run_id is already stored, or appears earlier in the same batch, are skipped. Any database error rolls
-    the whole batch back. `prices`, when given, replaces the `prices` table in the same transaction.
+    All files are validated first (ResultFileError on the first bad one, before the database is opened). A run
+    whose run_id is already stored, or appears earlier in the same batch, is skipped if it is the same run, and is
+    an error naming both files if it is not (in a batch: any difference; against the store: host, start time,
+    parameters, and each measurement's status, tok/s and output hash). Any database error rolls the whole batch
+    back; one raised by a file's rows names that file. While another process holds the store (DuckDB allows one
+    writer and no readers beside it), ingest retries for up to `wait_s` seconds, saying so once on stderr.
+    `prices`, when given, replaces the `prices` table in the same transaction; `noise_limits` (the config's
+    `noise:`, merged over the defaults) replaces the `noise_thresholds` table. A file's paired baseline is a run
+    of its own (run_documents).
     """
     prices = check_prices(prices) if prices is not None else None
+    if noise_limits is not None:
+        try:
+            noise_limits = noise.check_thresholds(noise_limits)
+        except ValueError as exc:
+            raise ResultFileError(str(exc)) from None
     paths = [str(p) for p in result_paths]
-    docs = [(p, load_result_file(p)) for p in paths]
-    report = IngestReport(files=len(docs))
-    init_db(db_path)
+    docs = unique_runs([(p, load_result_file(p)) for p in paths])
+    deadline = time.monotonic() + wait_s
+    said = False
+    while True:
+        try:
+            return _ingest_once(db_path, docs, len(paths), prices, noise_limits)
+        except (duckdb.Error, sa.exc.SQLAlchemyError) as exc:
+            if not is_locked(exc) or time.monotonic() >= deadline:
+                raise
+            if not said:
+                print(f"ingest: {db_path} is open in another process (a dashboard or query); waiting up to "
+                      f"{wait_s:g} s for it", file=sys.stderr, flush=True)
+                said = True
+            time.sleep(min(0.5, max(deadline - time.monotonic(), 0.0)))
+
+
+def unique_runs(docs: list[tuple[str, dict]]) -> list[tuple[str, dict | None]]:
+    """The batch with each run once: a later file holding the same run (same run_id, same content) becomes
+    (path, None), skipped; the same run_id with different content is an error naming both files."""
+    first: dict[str, tuple[str, dict]] = {}
+    out = []
+    for path, doc in docs:
+        run_id = doc["run"]["run_id"]
+        if run_id in first:
+            other_path, other = first[run_id]
+            if doc != other:
+                raise ResultFileError(f"run id {run_id!r} is in {other_path} and in {path} with different content; "
+                                      "remove the wrong file")
+            out.append((path, None))
+            continue
+        first[run_id] = (path, doc)
+        out.append((path, doc))
+    return out
+
+
+def run_fingerprint(run: dict, rows: Iterable[dict]) -> tuple:
+    """What must agree between a stored run and a file with its run_id for the two to be the same run: columns
+    every specdec version fills the same way (others may move between columns and extra_json)."""
+    return (run["host"], run["started_utc"], run["params_json"],
+            sorted((m["prompt_id"], m["repeat"], m["status"], m["tokens_per_s"], m["token_hash"]) for m in rows))
+
+
+def stored_fingerprints(conn, ids: list[str]) -> dict[str, tuple[str, tuple]]:
+    """run_id -> (result file it was ingested from, fingerprint) for the stored runs among `ids`."""
+    if not ids:
+        return {}
+    found = {r.run_id: r._mapping for r in conn.execute(
+        sa.select(runs.c.run_id, runs.c.host, runs.c.started_utc, runs.c.params_json, runs.c.result_file)
+        .where(runs.c.run_id.in_(ids)))}
+    rows: dict[str, list] = {run_id: [] for run_id in found}
+    if found:
+        cols = [measurements.c[name] for name in ("run_id", "prompt_id", "repeat", "status", "tokens_per_s",
+                                                  "token_hash")]
+        for m in conn.execute(sa.select(*cols).where(measurements.c.run_id.in_(list(found)))):
+            rows[m.run_id].append(m._mapping)
+    return {run_id: (run["result_file"], run_fingerprint(run, rows[run_id])) for run_id, run in found.items()}
+
+
+def _ingest_once(db_path, docs: list[tuple[str, dict | None]], files: int, prices, noise_limits) -> IngestReport:
+    report = IngestReport(files=files, skipped_runs=sum(1 for _, doc in docs if doc is None))
+    try:
+        init_db(db_path)
+    except OSError as exc:  # the folder cannot be made (a file in the way, no permission, read-only mount)
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(db_path) else ""
+        raise ResultFileError(f"cannot create the results store {db_path}: {exc.strerror or exc}{where}") from None
     now = datetime.now(timezone.utc).replace(tzinfo=None)
     engine = engine_for(db_path)
     try:
         with engine.begin() as conn:
-            ids = [doc["run"]["run_id"] for _, doc in docs]
-            stored = set(conn.execute(sa.select(runs.c.run_id).where(runs.c.run_id.in_(ids))).scalars()) if ids else set()
-            new_runs, new_measurements = [], []
-            for path, doc in docs:
-                run_id = doc["run"]["run_id"]
-                if run_id in stored:
+            todo = [(path, part) for path, doc in docs if doc is not None for part in run_documents(doc)]
+            stored = stored_fingerprints(conn, [part["run"]["run_id"] for _, part in todo])
+            for path, part in todo:
+                run, rows = run_row(part, path, now), measurement_rows(part)
+                if run["run_id"] in stored:
+                    stored_file, fingerprint = stored[run["run_id"]]
+                    if fingerprint != run_fingerprint(run, rows):
+                        raise ResultFileError(f"run id {run['run_id']!r} of {path} is already stored from "
+                                              f"{stored_file} with different content; remove the wrong file")
                     report.skipped_runs += 1
                     continue
-                stored.add(run_id)
-                new_runs.append(run_row(doc, path, now))
-                new_measurements.extend(measurement_rows(doc))
-            if new_runs:
-                conn.execute(sa.insert(runs), new_runs)
-            if new_measurements:
-                conn.execute(sa.insert(measurements), new_measurements)
+                try:
+                    conn.execute(sa.insert(runs), [run])
+                    if rows:
+                        conn.execute(sa.insert(measurements), rows)
+                except (duckdb.Error, sa.exc.SQLAlchemyError) as exc:
+                    raise ResultFileError(f"{path}: the store refused it: {db_error_message(exc, db_path)}") from exc
+                report.new_runs += 1
+                report.measurement_rows += len(rows)
+                report.failed_rows += sum(1 for row in rows if row["status"] != "ok")
             if prices is not None:
                 conn.execute(sa.delete(prices_table))
                 if prices:
                     conn.execute(sa.insert(prices_table), [{"device": d, "price_per_hour": p, "updated_utc": now}
                                                            for d, p in prices.items()])
+            if noise_limits is not None:
+                conn.execute(sa.delete(noise_thresholds))
+                conn.execute(sa.insert(noise_thresholds), [{"name": n, "value": v, "updated_utc": now}
+                                                           for n, v in noise_limits.items()])
     finally:
         engine.dispose()
-    report.new_runs = len(new_runs)
-    report.measurement_rows = len(new_measurements)
-    report.failed_rows = sum(1 for row in new_measurements if row["status"] != "ok")
     return report
 
 

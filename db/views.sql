@@ -2,19 +2,29 @@
 -- so editing this file and re-running ingest updates the views. Keep statements separated by a
 -- semicolon at the end of a line: init_db splits the file there (and nowhere else).
 
--- speedup: one row per ok measurement (every strategy, baselines included) with its baseline.
+-- speedup: one row per ok measurement of a cell (every strategy, baselines included; paired baselines are
+-- not cells: they appear only as the baseline of their cell's rows) with its baseline.
 --
--- The baseline of a row is its engine's plain decoding (`llamacpp-generate` for llama.cpp strategies,
--- named llamacpp-*, else `baseline`) with the same weight format and threads, on the same host, target, gpus, temperature,
--- top_p, top_k, max_new_tokens and prompt_id, taken from the most recent baseline run (by
--- started_utc, then run_id) that has an ok measurement of that prompt, so a baseline run that
--- failed on a prompt does not hide an older good one.
---   baseline_tokens_per_s = median tokens/s over that baseline run's ok repeats of the prompt;
+-- Paired (baseline_mode = 'paired', format 2): the baseline of a row is its own job's paired baseline decode
+-- of the same prompt and repeat (the run whose paired_with is this run), decoded seconds apart on the same
+-- loaded target by the same engine (llama.cpp cells pair with `llamacpp-generate`, every other cell with our
+-- `baseline`) in the same weight format and thread count. If that decode failed, the row has no speedup: it
+-- never falls back to another job.
+-- Shared (baseline_mode = 'shared', runs stored before pairing, and baseline cells themselves): the plain
+-- decoding cell of the row's engine (`llamacpp-generate` for llama.cpp strategies, named llamacpp-*, else
+-- `baseline`) on the same machine — same hostname, CPU model and GPU models — with the same target, gpus,
+-- temperature, top_p, top_k, max_new_tokens, weights, threads and prompt_id, taken from the most recent such
+-- baseline run (by started_utc, then run_id) that has an ok measurement of that prompt, so a baseline run that
+-- failed on a prompt does not hide an older good one. No speedup ever divides by a measurement from another
+-- machine or device model.
+--   baseline_tokens_per_s = paired: that decode's tokens/s; shared: median over the baseline run's ok repeats;
 --   speedup               = tokens_per_s / baseline_tokens_per_s;
---   matches_baseline      = token_hash equals the hash of that baseline run's first ok repeat
---                           (repeat 0 normally), only when temperature = 0 (greedy), else NULL.
--- Baseline rows are matched exactly like every other row: the most recent baseline run's rows get
--- a speedup around 1.0 (their own median), older baseline runs show drift against the newest one.
+--   matches_baseline      = token_hash equals the baseline decode's (paired: the same repeat; shared: the
+--                           baseline run's first ok repeat), only when temperature = 0 (greedy), else NULL;
+--   baseline_source       = 'paired' | 'shared' | NULL (no baseline); baseline_run_id and baseline_repeat name
+--                           the decode that was compared.
+-- Baseline cells are matched like shared cells: the most recent baseline run's rows get a speedup around 1.0
+-- (their own median), older baseline runs show drift against the newest one.
 -- Rows with no baseline at all are kept, with NULL baseline_tokens_per_s / speedup / matches_baseline.
 -- Key columns are compared with IS NOT DISTINCT FROM so a NULL in e.g. top_k still matches.
 -- cost_per_mtok = price of the run's devices per hour (run_cost, from the `prices` table) ÷ tokens per hour × 1e6: the cost of a
@@ -41,30 +51,36 @@ GROUP BY run_id;
 
 CREATE OR REPLACE VIEW speedup AS
 WITH ok AS (
-    SELECT m.*, r.host, r.target, r.draft, r.strategy, r.k, r.gpus, r.temperature, r.top_p, r.top_k,
-           r.max_new_tokens, r.started_utc, c.cost_per_hour, r.weights, r.threads,
+    SELECT m.*, r.host, r.cpu_name, r.gpu_names, r.target, r.draft, r.strategy, r.k, r.gpus, r.temperature,
+           r.top_p, r.top_k, r.max_new_tokens, r.started_utc, r.paired_with, r.baseline_mode, c.cost_per_hour,
+           r.weights, r.threads,
            CASE WHEN r.strategy LIKE 'llamacpp-%' THEN 'llamacpp' ELSE 'specdec' END AS engine
     FROM measurements AS m
     JOIN runs AS r ON r.run_id = m.run_id
     LEFT JOIN run_cost AS c ON c.run_id = m.run_id
     WHERE m.status = 'ok'
 ),
-baseline_runs AS (
-    SELECT run_id, host, target, gpus, temperature, top_p, top_k, max_new_tokens, prompt_id, started_utc,
-           engine, weights, threads,
-           median(tokens_per_s) AS baseline_tokens_per_s,
-           arg_min(token_hash, "repeat") AS baseline_token_hash
+paired AS (
+    SELECT paired_with AS cell_run_id, run_id, prompt_id, "repeat", tokens_per_s, token_hash
     FROM ok
-    WHERE strategy IN ('baseline', 'llamacpp-generate')
-    GROUP BY run_id, host, target, gpus, temperature, top_p, top_k, max_new_tokens, prompt_id, started_utc,
-             engine, weights, threads
+    WHERE paired_with IS NOT NULL
+),
+baseline_runs AS (
+    SELECT run_id, host, cpu_name, gpu_names, target, gpus, temperature, top_p, top_k, max_new_tokens, prompt_id,
+           started_utc, engine, weights, threads,
+           median(tokens_per_s) AS baseline_tokens_per_s,
+           arg_min(token_hash, "repeat") AS baseline_token_hash,
+           min("repeat") AS baseline_repeat
+    FROM ok
+    WHERE strategy IN ('baseline', 'llamacpp-generate') AND paired_with IS NULL
+    GROUP BY ALL
 ),
 latest_baseline AS (
     SELECT *
     FROM baseline_runs
     QUALIFY row_number() OVER (
-        PARTITION BY host, target, gpus, temperature, top_p, top_k, max_new_tokens, prompt_id, engine, weights,
-                     threads
+        PARTITION BY host, cpu_name, gpu_names, target, gpus, temperature, top_p, top_k, max_new_tokens, prompt_id,
+                     engine, weights, threads
         ORDER BY started_utc DESC, run_id DESC) = 1
 )
 SELECT
@@ -72,17 +88,28 @@ SELECT
     CASE WHEN o.strategy IN ('baseline', 'hf-generate', 'llamacpp-generate') THEN NULL ELSE o.k END AS draft_length,
     o.gpus, o.temperature, o.top_p, o.top_k, o.max_new_tokens,
     o.prompt_id, o.category, o."repeat", o.new_tokens, o.tokens_per_s,
-    b.baseline_tokens_per_s,
-    o.tokens_per_s / nullif(b.baseline_tokens_per_s, 0) AS speedup,
+    coalesce(p.tokens_per_s, b.baseline_tokens_per_s) AS baseline_tokens_per_s,
+    o.tokens_per_s / nullif(coalesce(p.tokens_per_s, b.baseline_tokens_per_s), 0) AS speedup,
     o.acceptance_rate, o.mean_accepted_tokens,
-    CASE WHEN o.temperature = 0 THEN o.token_hash = b.baseline_token_hash END AS matches_baseline,
+    CASE WHEN o.temperature = 0 THEN o.token_hash = coalesce(p.token_hash, b.baseline_token_hash)
+    END AS matches_baseline,
     o.ttft_s, o.tpot_s, o.peak_memory_bytes, o.cost_ratio_c, o.leviathan_speedup, o.started_utc,
     o.cost_per_hour * 1e6 / 3600.0 / nullif(o.tokens_per_s, 0) AS cost_per_mtok,
     o.copy_share, o.repeat_share, o.degenerate,
-    o.engine, o.weights, o.threads
+    CASE WHEN p.run_id IS NOT NULL THEN 'paired' WHEN b.run_id IS NOT NULL THEN 'shared' END AS baseline_source,
+    coalesce(p.run_id, b.run_id) AS baseline_run_id,
+    coalesce(p."repeat", b.baseline_repeat) AS baseline_repeat,
+    o.cpu_name, o.gpu_names, o.engine, o.weights, o.threads
 FROM ok AS o
+LEFT JOIN paired AS p
+    ON  p.cell_run_id = o.run_id
+    AND p.prompt_id = o.prompt_id
+    AND p."repeat" = o."repeat"
 LEFT JOIN latest_baseline AS b
-    ON  b.host IS NOT DISTINCT FROM o.host
+    ON  o.baseline_mode IS DISTINCT FROM 'paired'
+    AND b.host IS NOT DISTINCT FROM o.host
+    AND b.cpu_name IS NOT DISTINCT FROM o.cpu_name
+    AND b.gpu_names IS NOT DISTINCT FROM o.gpu_names
     AND b.target IS NOT DISTINCT FROM o.target
     AND b.gpus IS NOT DISTINCT FROM o.gpus
     AND b.temperature IS NOT DISTINCT FROM o.temperature
@@ -92,43 +119,112 @@ LEFT JOIN latest_baseline AS b
     AND b.engine = o.engine
     AND b.weights IS NOT DISTINCT FROM o.weights
     AND b.threads IS NOT DISTINCT FROM o.threads
-    AND b.prompt_id = o.prompt_id;
+    AND b.prompt_id = o.prompt_id
+WHERE o.paired_with IS NULL;
 
--- cell_summary: one row per cell, i.e. per (host, target, draft, strategy, draft_length, gpus,
--- temperature, top_p, top_k, max_new_tokens, weights, threads) of the speedup view (engine follows from strategy). top_k and max_new_tokens are part
--- of the baseline key, so cells that differ only in them are kept apart rather than mixed.
+-- run_noise: per run (paired baselines excluded: the cell's run holds the readings of the whole job), what else
+-- loaded the machine while it ran (specdec/noise.py) and whether that makes it `noisy`: a reading above its
+-- threshold in noise_thresholds (config `noise:`; defaults other_cpu_cores 0.25 cores, steal_share 0.05,
+-- gpu_other_processes 0, baseline_spread 0.10). noise_reason says which, in words. Runs without readings
+-- (stored before format 2) have noisy NULL: unknown, not quiet.
+CREATE OR REPLACE VIEW run_noise AS
+WITH limits AS (
+    SELECT max(value) FILTER (WHERE name = 'other_cpu_cores') AS other_cpu_cores,
+           max(value) FILTER (WHERE name = 'steal_share') AS steal_share,
+           max(value) FILTER (WHERE name = 'gpu_other_processes') AS gpu_other_processes,
+           max(value) FILTER (WHERE name = 'baseline_spread') AS baseline_spread
+    FROM noise_thresholds
+),
+checks AS (
+    SELECT r.run_id, r.cpu_count, r.load_avg, r.other_cpu_cores, r.steal_share, r.gpu_other_processes,
+           r.baseline_spread, r.noise_samples,
+           r.other_cpu_cores > t.other_cpu_cores AS busy_cpus,
+           r.steal_share > t.steal_share AS stolen,
+           r.gpu_other_processes > t.gpu_other_processes AS shared_gpus,
+           r.baseline_spread > t.baseline_spread AS unsteady_baseline,
+           coalesce(r.other_cpu_cores, r.steal_share, r.gpu_other_processes, r.baseline_spread) IS NOT NULL AS measured
+    FROM runs AS r CROSS JOIN limits AS t
+    WHERE r.paired_with IS NULL
+)
+SELECT run_id, load_avg, other_cpu_cores, steal_share, gpu_other_processes, baseline_spread, noise_samples,
+       CASE WHEN measured THEN coalesce(busy_cpus OR stolen OR shared_gpus OR unsteady_baseline, false) END AS noisy,
+       nullif(concat_ws('; ',
+           CASE WHEN busy_cpus THEN printf('other processes used %.1f of %s cores', other_cpu_cores,
+                                           coalesce(CAST(cpu_count AS VARCHAR), '?')) END,
+           CASE WHEN stolen THEN printf('CPU steal %.0f %%', 100 * steal_share) END,
+           CASE WHEN shared_gpus THEN printf('%d other process(es) on the claimed GPUs', gpu_other_processes) END,
+           CASE WHEN unsteady_baseline THEN printf('baseline tok/s spread %.0f %%', 100 * baseline_spread) END),
+       '') AS noise_reason
+FROM checks;
+
+-- median_ci(values): the 95 % bootstrap interval [low, high] of the median of `values` (NULL for fewer than 2),
+-- computed exactly rather than by resampling (db/bootstrap.py explains): its ends are order statistics of the
+-- sorted values, whose ranks depend only on n — from the median_ci_ranks table for n <= 200, and from the normal
+-- approximation of the binomial (ci_rank, within one rank of exact there) beyond. Deterministic by construction,
+-- and as cheap as a sort, where drawing 1000 resamples per cell took minutes on a store of 100 000 rows.
+CREATE OR REPLACE MACRO ci_rank(n, r, z) AS
+    greatest(1, least(n, CAST(ceil(r - 0.5 + z * sqrt(r * (n - r) / n)) AS INTEGER)));
+
+CREATE OR REPLACE MACRO median_ci(vals) AS (
+    SELECT CASE WHEN s.n >= 2 THEN [
+        (s.x[coalesce(r.low_a, ci_rank(s.n, (s.n + 1) // 2, -1.959964))]
+         + s.x[coalesce(r.low_b, ci_rank(s.n, s.n // 2 + 1, -1.959964))]) / 2,
+        (s.x[coalesce(r.high_a, ci_rank(s.n, (s.n + 1) // 2, 1.959964))]
+         + s.x[coalesce(r.high_b, ci_rank(s.n, s.n // 2 + 1, 1.959964))]) / 2] END
+    FROM (SELECT list_sort(vals) AS x, len(vals) AS n) AS s
+    LEFT JOIN median_ci_ranks AS r ON r.n = s.n);
+
+-- cell_summary: one row per cell, i.e. per (host, target, draft, strategy, draft_length, gpus, temperature,
+-- top_p, top_k, max_new_tokens, weights, threads) of the speedup view (engine follows from strategy). top_k,
+-- max_new_tokens, weights and threads are part of the baseline key, so cells that differ only in them are kept
+-- apart rather than mixed.
 -- Medians and quantiles ignore NULLs (e.g. rows without a baseline have no speedup);
 -- match_share is the share of rows with matches_baseline true among rows where it is not NULL.
+-- speedup_ci_low / speedup_ci_high: 95 % bootstrap interval of speedup_median over the cell's prompt × repeat
+-- pairs (median_ci; NULL with fewer than 2). noisy: some run of the cell was noisy (run_noise), with the
+-- reasons; NULL when no run of the cell has noise readings. paired_share: share of rows whose baseline was
+-- paired.
 -- *_clean: the same medians over non-degenerate outputs only (degenerate = false; rows stored before the flag
 -- existed have NULL and count in neither), n_clean of them; degenerate_share = share of flagged outputs.
 CREATE OR REPLACE VIEW cell_summary AS
-SELECT
-    host, target, draft, strategy, draft_length, gpus, temperature, top_p, top_k, max_new_tokens,
-    any_value(engine) AS engine, weights, threads,
-    count(DISTINCT run_id) AS n_runs,
-    count(*) AS n_measurements,
-    median(speedup) AS speedup_median,
-    quantile_cont(speedup, 0.25) AS speedup_p25,
-    quantile_cont(speedup, 0.75) AS speedup_p75,
-    min(speedup) AS speedup_min,
-    max(speedup) AS speedup_max,
-    median(tokens_per_s) AS tokens_per_s_median,
-    median(baseline_tokens_per_s) AS baseline_tokens_per_s_median,
-    median(acceptance_rate) AS acceptance_rate_median,
-    median(mean_accepted_tokens) AS mean_accepted_tokens_median,
-    avg(CAST(matches_baseline AS DOUBLE)) AS match_share,
-    median(leviathan_speedup) AS leviathan_speedup_median,
-    median(cost_ratio_c) AS cost_ratio_c_median,
-    median(cost_per_mtok) AS cost_per_mtok_median,
-    avg(CAST(degenerate AS DOUBLE)) AS degenerate_share,
-    count(*) FILTER (WHERE NOT degenerate) AS n_clean,
-    median(speedup) FILTER (WHERE NOT degenerate) AS speedup_median_clean,
-    median(acceptance_rate) FILTER (WHERE NOT degenerate) AS acceptance_rate_median_clean,
-    median(mean_accepted_tokens) FILTER (WHERE NOT degenerate) AS mean_accepted_tokens_median_clean,
-    max(started_utc) AS last_started_utc
-FROM speedup
-GROUP BY host, target, draft, strategy, draft_length, gpus, temperature, top_p, top_k, max_new_tokens, weights,
-         threads;
+WITH agg AS (
+    SELECT
+        s.host, s.target, s.draft, s.strategy, s.draft_length, s.gpus, s.temperature, s.top_p, s.top_k,
+        s.max_new_tokens, s.engine, s.weights, s.threads,
+        count(DISTINCT s.run_id) AS n_runs,
+        count(*) AS n_measurements,
+        median(s.speedup) AS speedup_median,
+        quantile_cont(s.speedup, 0.25) AS speedup_p25,
+        quantile_cont(s.speedup, 0.75) AS speedup_p75,
+        min(s.speedup) AS speedup_min,
+        max(s.speedup) AS speedup_max,
+        median(s.tokens_per_s) AS tokens_per_s_median,
+        median(s.baseline_tokens_per_s) AS baseline_tokens_per_s_median,
+        median(s.acceptance_rate) AS acceptance_rate_median,
+        median(s.mean_accepted_tokens) AS mean_accepted_tokens_median,
+        avg(CAST(s.matches_baseline AS DOUBLE)) AS match_share,
+        median(s.leviathan_speedup) AS leviathan_speedup_median,
+        median(s.cost_ratio_c) AS cost_ratio_c_median,
+        median(s.cost_per_mtok) AS cost_per_mtok_median,
+        avg(CAST(s.degenerate AS DOUBLE)) AS degenerate_share,
+        count(*) FILTER (WHERE NOT s.degenerate) AS n_clean,
+        median(s.speedup) FILTER (WHERE NOT s.degenerate) AS speedup_median_clean,
+        median(s.acceptance_rate) FILTER (WHERE NOT s.degenerate) AS acceptance_rate_median_clean,
+        median(s.mean_accepted_tokens) FILTER (WHERE NOT s.degenerate) AS mean_accepted_tokens_median_clean,
+        max(s.started_utc) AS last_started_utc,
+        bool_or(n.noisy) AS noisy,
+        string_agg(DISTINCT n.noise_reason, '; ' ORDER BY n.noise_reason) AS noise_reason,
+        avg(CASE WHEN s.baseline_source = 'paired' THEN 1.0 ELSE 0.0 END) AS paired_share,
+        list(s.speedup) FILTER (WHERE s.speedup IS NOT NULL) AS speedups
+    FROM speedup AS s
+    LEFT JOIN run_noise AS n ON n.run_id = s.run_id
+    GROUP BY ALL
+),
+ci AS (
+    SELECT *, median_ci(speedups) AS interval FROM agg
+)
+SELECT * EXCLUDE (speedups, interval), interval[1] AS speedup_ci_low, interval[2] AS speedup_ci_high
+FROM ci;
 
 -- failures: every failed measurement, with the run's error when the measurement has none of its own
 -- (a job that fails before decoding writes one failed measurement per prompt × repeat).

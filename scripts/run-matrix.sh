@@ -6,4 +6,5 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/setup.sh
 CORES=${CORES:-$(python -c "import os; print(os.cpu_count())")}
+python workflow/matrix.py "$@"  # files given with --configfile: a YAML error named with file and line
 snakemake --cores "$CORES" "$@"

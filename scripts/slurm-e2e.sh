@@ -103,14 +103,20 @@ if len(docs) != 6:
 if not all(slurm_ids.values()) or len(set(slurm_ids.values())) != len(slurm_ids):
     problems.append(f"every cell should have run as its own Slurm job, got job ids {slurm_ids}")
 con = duckdb.connect(f"{work}/specdec.duckdb", read_only=True)
-runs = con.execute("SELECT gpus, strategy, status, error FROM runs ORDER BY gpus, strategy").fetchall()
+# cells only: with `baseline: paired` (the default) every speculative/ngram cell also stores its paired baseline run
+runs = con.execute("SELECT gpus, strategy, status, error FROM runs WHERE paired_with IS NULL "
+                   "ORDER BY gpus, strategy").fetchall()
 counts = con.execute("SELECT r.gpus, m.status, count(*) FROM measurements m JOIN runs r USING (run_id) "
-                     "GROUP BY ALL ORDER BY ALL").fetchall()
+                     "WHERE r.paired_with IS NULL GROUP BY ALL ORDER BY ALL").fetchall()
+paired = con.execute("SELECT c.strategy, p.status, count(m.run_id) FROM runs p JOIN runs c ON c.run_id = p.paired_with "
+                     "LEFT JOIN measurements m ON m.run_id = p.run_id WHERE c.gpus = 0 GROUP BY ALL ORDER BY ALL"
+                     ).fetchall()
 same = con.execute("SELECT count(*), count(*) FILTER (WHERE matches_baseline) FROM speedup "
                    "WHERE strategy <> 'baseline' AND gpus = 0").fetchone()
 print("runs:", runs)
 print("measurements (gpus, status, rows):", counts)
 print("speculative/ngram rows identical to the baseline:", same)
+print("paired baseline runs of the CPU cells (cell strategy, status, rows):", paired)
 if [(g, s) for g, s, *_ in runs] != [(g, s) for g in (0, 1) for s in ("baseline", "ngram", "speculative")]:
     problems.append("runs table does not hold one row per cell")
 if any(status != "ok" for g, _, status, _ in runs if g == 0):
@@ -120,6 +126,8 @@ if any(status != "failed" or "asks for 1 GPU(s) but this machine has 0" not in (
     problems.append("the 1-GPU cells should be stored as failed with the '0 visible' message")
 if counts != [(0, "ok", 6), (1, "failed", 6)]:
     problems.append(f"expected 6 ok CPU rows and 6 failed GPU rows, got {counts}")
+if paired != [("ngram", "ok", 2), ("speculative", "ok", 2)]:
+    problems.append(f"each CPU speculative/ngram cell should store an ok paired baseline of 2 rows, got {paired}")
 if same != (4, 4):
     problems.append(f"greedy speculative and ngram rows should all match the baseline, got {same}")
 for p in problems:

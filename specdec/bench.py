@@ -26,12 +26,12 @@ from specdec import fail
 from specdec.decoding import DecodeSettings
 from specdec.drafters import DrafterError, find_drafter, parse_alias
 from specdec.kernels import linear_kernels
-from specdec.measure import (BenchError, Cell, load_models, measure_memory, parse_draft, probe_memory,
-                             profile_cell, run_interleaved, summarise)
+from specdec.measure import (BenchError, Cell, by_category, load_models, measure_memory, parse_draft,
+                             probe_memory, profile_cell, run_interleaved, summarise)
 from specdec.models import WEIGHT_FORMATS, ModelError, encode_prompt, load_registry, resolve
 from specdec.prompts import PromptFileError, load_prompts, select
 from specdec.runner import SettingsError, check_settings, weight_format
-from specdec.strategies import NAMES, STRATEGIES
+from specdec.strategies import NAMES, STRATEGIES, add_proposer_args
 
 DEFAULT_RUNNERS = ("baseline", "speculative", "ngram", "hf-generate", "hf-assisted", "hf-ngram")
 GOALS = {"speculative_over_hf_assisted": 1.25, "ngram_over_hf_ngram": 1.10, "baseline_over_hf_generate": 1.0,
@@ -49,11 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "its first N decoder layers (plus its final norm and head); TARGET+eagle or TARGET+medusa "
                         "is a drafter trained with `specdec train-drafter`. Default: the target itself")
     p.add_argument("--drafters-dir", default=None,
-                   help="where trained drafters live (default: $SPECDEC_DRAFTERS_DIR or results/drafters)")
+                   help="where trained drafters live (default: $SPECDEC_DRAFTERS_DIR or results/drafters; "
+                        "TARGET+KIND is the most recently trained one there), or one drafter's own folder")
     p.add_argument("--runners", default=",".join(DEFAULT_RUNNERS),
                    help="comma-separated strategies (`specdec generate --help` lists them), or 'all' "
                         "(default: %(default)s)")
-    p.add_argument("--prompts", default=None, metavar="FILE", help="prompt JSONL (default: prompts/suite.jsonl)")
+    p.add_argument("--prompts", default=None, metavar="FILE", help="prompt JSONL, specdec's form or a Spec-Bench/MT-Bench question.jsonl; the bench decodes each "
+                   "prompt's first turn (default: prompts/suite.jsonl)")
     p.add_argument("--categories", default=None, help="comma-separated prompt categories (default: all)")
     p.add_argument("--per-category", type=int, default=1, help="prompts per category (default: 1)")
     p.add_argument("--prompt-ids", default=None, help="comma-separated prompt ids (instead of categories)")
@@ -66,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-sampling", default="greedy", choices=["greedy", "sample"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ngram-max", type=int, default=3)
+    add_proposer_args(p)
     p.add_argument("--ignore-eos", action="store_true", help="always generate max-new-tokens tokens")
     p.add_argument("--repeats", type=int, default=3, help="measured passes over all prompts (default: 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed short generations per runner (default: 1)")
@@ -123,7 +126,8 @@ def check_args(args, registry) -> tuple[list[Cell], object, list[dict]]:
         resolve(args.target, registry)
         for spec in drafts:
             if parse_alias(spec):
-                find_drafter(spec, args.drafters_dir)  # trained already? (else: the command that trains it)
+                folder = find_drafter(spec, args.drafters_dir, latest=True)  # else: the command that trains it
+                print(f"specdec bench: drafter '{spec}': {folder}", file=sys.stderr)
             else:
                 resolve(parse_draft(spec)[0], registry)
     except (ModelError, DrafterError) as exc:
@@ -217,6 +221,17 @@ def print_table(cols: list[str], rows: list[list[str]], out) -> None:
         print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)), file=out)
 
 
+def print_categories(categories: dict, out=None) -> None:
+    """Spec-Bench's table: speedup over the engine's baseline per prompt category, and mean accepted tokens."""
+    names = list(next(iter(categories.values()), {}))
+    if len(names) < 2:
+        return
+    print("\nspeedup per category (mean accepted tokens):", file=out)
+    rows = [[cell] + [f"{fmt(c['speedup'])} ({fmt(c['mean_accepted_tokens'])})" for c in per.values()]
+            for cell, per in categories.items()]
+    print_table(["runner"] + names, rows, out)
+
+
 def goals(summary: dict, memory: dict) -> dict:
     """Each goal of issue 7 checked against this run's numbers (None where the run lacks the runners)."""
     cells = summary["cells"]
@@ -267,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         encoded = [encode_prompt(any_pair.target, p["prompt"]) for p in prompts]
         runs = run_interleaved(loaded, cells, encoded, s, args.repeats, args.warmup)
         summary = summarise(cells, runs, s)
+        categories = by_category(cells, runs, [p["category"] for p in prompts])
         profiles = ({c.name: profile_cell(loaded, c, encoded[0], s) for c in cells if c.engine == "specdec"}
                     if args.profile else {})
         del loaded, runs
@@ -282,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
               + (", STOCK kernels for ours (ablation)" if args.stock_kernels
                  else f", our CPU linear kernels: {kernels}" if kernels else ""))
     print_tables(summary, memory, profiles, header)
+    print_categories(categories)
     cells_out = summary["cells"]
     result = {
         "target": args.target, "drafts": args.draft or [args.target], "k": s.k, "temperature": s.temperature,
@@ -302,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         "weights": formats,
         "degenerate_share": {n: r["degenerate_share"] for n, r in cells_out.items()},  # metrics.DegenerateRule
         "step_breakdown_ms": {n: r["step_breakdown"] for n, r in cells_out.items() if r["step_breakdown"]},
+        "by_category": categories,
         "memory": memory,
         "goals": goals(summary, memory),
         "seconds": round(time.perf_counter() - started, 1),

@@ -1,4 +1,4 @@
-"""The `specdec` command line: generate, models, run-job (workflow cells), ingest, query, dashboard, bench."""
+"""The `specdec` command line: generate, models, run-job (workflow cells), ingest, query, report, dashboard, bench."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from specdec import __version__, fail
 from specdec.models import WEIGHT_FORMATS
-from specdec.strategies import describe
+from specdec.strategies import add_proposer_args, describe
 
 # specdec.metrics.DegenerateRule's defaults, written out so `specdec --help` does not import torch
 DEGENERATE_DEFAULTS = {"ngram": 4, "repeat_share": 0.5, "copy_share": 0.8}
@@ -46,6 +47,7 @@ def add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cache", action="store_true", help="baseline without a KV cache (re-encode every step)")
     p.add_argument("--ignore-eos", action="store_true", help="always generate max-new-tokens tokens")
     p.add_argument("--ngram-max", type=int, default=3, help="ngram: longest suffix n-gram looked up (default: 3)")
+    add_proposer_args(p)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda:N (default: auto)")
     p.add_argument("--weights", default=None, choices=WEIGHT_FORMATS,
                    help="our engine's weight format for target and draft (default: the alias's; llama.cpp strategies "
@@ -57,8 +59,47 @@ def add_decode_args(p: argparse.ArgumentParser) -> None:
 
 
 
+def read_prompt_file(path: str) -> str:
+    """The whole file is the prompt; an unreadable file is a one-line error naming it."""
+    from specdec.runner import SettingsError
+
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SettingsError(f"prompt file '{path}' does not exist (--prompt-file)") from None
+    except UnicodeDecodeError:
+        raise SettingsError(f"prompt file '{path}' is not UTF-8 text (--prompt-file)") from None
+    except OSError as exc:
+        raise SettingsError(f"cannot read prompt file '{path}' (--prompt-file): {exc.strerror or exc}") from None
+
+
+def prompt_of(args) -> tuple[str, list[str]]:
+    """(first turn, follow-up turns) from --prompt, a text --prompt-file, or one prompt of a JSONL prompt file
+    (specdec's form or a Spec-Bench/MT-Bench question file: --prompt-id, default its first prompt)."""
+    from specdec.prompts import load_prompts, select
+    from specdec.runner import SettingsError
+
+    if args.prompt is None and args.prompt_file is None:
+        raise SettingsError("give the prompt with --prompt TEXT or --prompt-file FILE")
+    if args.prompt is not None:
+        prompt, turns = args.prompt, []
+    elif args.prompt_file.endswith(".jsonl"):
+        read_prompt_file(args.prompt_file)  # a missing or unreadable file: the same one-line errors as for text
+        prompts = load_prompts(args.prompt_file)
+        chosen = select(prompts, ids=[args.prompt_id]) if args.prompt_id else prompts
+        prompt, turns = chosen[0]["prompt"], chosen[0]["turns"]
+    else:
+        prompt, turns = read_prompt_file(args.prompt_file), []
+    if args.prompt_id and not (args.prompt_file or "").endswith(".jsonl"):
+        raise SettingsError("--prompt-id picks a prompt of a JSONL prompt file: give --prompt-file FILE.jsonl")
+    if not prompt.strip():
+        raise SettingsError("the prompt is empty")
+    return prompt, turns
+
+
 def cmd_generate(args) -> int:
     from specdec.decoding import DecodeSettings
+    from specdec.drafters import find_drafter, parse_alias
     from specdec.metrics import DegenerateRule
     from specdec.models import ModelError, encode_prompt, load_registry
     from specdec.runner import (SettingsError, check_settings, generate, load_pair, threads_in_use, use_threads,
@@ -72,26 +113,27 @@ def cmd_generate(args) -> int:
         use_threads(args.threads)
         rule = DegenerateRule.from_dict({"ngram": args.degenerate_ngram, "repeat_share": args.degenerate_repeat,
                                          "copy_share": args.degenerate_copy})
-        if args.prompt is None and args.prompt_file is None:
-            raise SettingsError("give the prompt with --prompt TEXT or --prompt-file FILE")
-        prompt = args.prompt if args.prompt is not None else open(args.prompt_file).read()
-        if not prompt.strip():
-            raise SettingsError("the prompt is empty")
+        prompt, turns = prompt_of(args)
+        drafters_dir = args.drafters_dir
+        if parse_alias(args.draft):  # the name means the most recently trained drafter of that target and kind
+            drafters_dir = find_drafter(args.draft, args.drafters_dir, latest=True)
+            print(f"specdec: drafter '{args.draft}': {drafters_dir}", file=sys.stderr)
         engine = STRATEGIES[args.strategy].engine
         if engine == "llamacpp" and args.device not in ("auto", "cpu"):
             raise SettingsError(f"'{args.strategy}' runs llama.cpp on the CPU (built without CUDA here): drop --device")
         device = "cpu" if engine == "llamacpp" else auto_device(args.device)
-        pair = load_pair(args.target, args.draft, registry, device=device, engine=engine, weights=args.weights,
-                         threads=args.threads)
-        if args.warmup:
-            warm_up(pair, args.strategy, encode_prompt(pair.target, prompt), s, args.warmup)
-        record = generate(pair, args.strategy, prompt, s, rule=rule)
+        pair = load_pair(args.target, args.draft, registry, device=device, drafters_dir=drafters_dir, engine=engine,
+                         weights=args.weights, threads=args.threads)
+        warm_up(pair, args.strategy, encode_prompt(pair.target, prompt), s, args.warmup)
+        record = generate(pair, args.strategy, prompt, s, turns, rule=rule)
     except (ModelError, SettingsError, ValueError, OSError) as exc:
         return fail(str(exc))
     if args.json:
         out = {"target": args.target, "draft": args.draft, "strategy": args.strategy, "device": device,
                "engine": engine, "weights": weight_format(pair), "threads": threads_in_use(pair),
                "settings": vars(s), **record}
+        if parse_alias(args.draft):
+            out["drafter_dir"] = str(drafters_dir)
         print(json.dumps(out))
     else:
         print(record["text"])
@@ -165,7 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="decode one prompt with one strategy and print the text or a JSON record")
     add_decode_args(g)
     g.add_argument("--prompt", default=None)
-    g.add_argument("--prompt-file", default=None)
+    g.add_argument("--prompt-file", default=None, help="a text file (the whole text is the prompt) or a JSONL prompt "
+                   "file: specdec's form or a Spec-Bench/MT-Bench question.jsonl (later turns are asked after the "
+                   "model's own answer)")
+    g.add_argument("--prompt-id", default=None, help="which prompt of a JSONL --prompt-file (default: the first)")
+    g.add_argument("--drafters-dir", default=None, metavar="DIR",
+                   help="trained drafters: their root (default: $SPECDEC_DRAFTERS_DIR or results/drafters; "
+                        "`<target>+<kind>` is the most recently trained one there) or one drafter's own folder")
     g.add_argument("--json", action="store_true", help="print one JSON object with every metric")
     rule = DEGENERATE_DEFAULTS
     g.add_argument("--degenerate-ngram", type=int, default=rule["ngram"], metavar="N",
@@ -189,7 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Defaults of the training settings: specdec.drafters.DrafterSettings.")
     t.add_argument("--target", default="smollm2-135m", help="target model alias (default: %(default)s)")
     t.add_argument("--kind", required=True, help="eagle | medusa")
-    t.add_argument("--budget-minutes", type=float, default=None, help="wall-clock cap for data + training")
+    t.add_argument("--budget-minutes", type=float, default=None, metavar="M",
+                   help="training steps stop once M minutes have passed since the command started (default: 9). "
+                        "Not cut short: loading the target, generating the training data (a target's first drafter "
+                        "only, then cached; 2-3 min on 2 idle cores), at least 1 min of training, and the final "
+                        "validation (seconds). So the command takes about max(M, load + data + 1 min) + validation")
     t.add_argument("--out", default=None, help="drafter folder (default: <drafters dir>/<target>+<kind>-<hash>)")
     t.add_argument("--drafters-dir", default=None,
                    help="root of the drafter cache (default: $SPECDEC_DRAFTERS_DIR or results/drafters)")
@@ -209,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, help_text in (("ingest", "insert result files into the DuckDB store"),
                             ("query", "run read-only SQL against the store"),
+                            ("report", "write a leaderboard report of the store (Markdown + one HTML file)"),
                             ("dashboard", "start the Streamlit dashboard"),
                             ("bench", "ours vs transformers, side by side")):
         d = sub.add_parser(name, help=help_text, add_help=False)
@@ -217,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 DELEGATED = {"ingest": ("specdec.db.ingest", "main"), "query": ("specdec.db.query", "main_query"),
+             "report": ("specdec.db.report", "main"),
              "dashboard": ("specdec.dashboard.launch", "main"), "bench": ("specdec.bench", "main")}
 
 
@@ -245,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.models and args.command == "bench":
             rest = ["--models", args.models] + rest
         code = delegate(module, func, rest)
-        if args.command in ("ingest", "query") and cli_run:
+        if args.command in ("ingest", "query", "report") and cli_run:
             # duckdb 2.0's bindings print dozens of spurious "nanobind: leaked ..." lines at interpreter teardown;
             # these commands keep no state worth tearing down, so a real CLI run exits right after flushing.
             sys.stdout.flush()

@@ -35,6 +35,8 @@ class DecodeSettings:
     stop_at_eos: bool = True
     ngram_max: int = 3              # prompt lookup: longest suffix n-gram searched for, then shorter ones
     ngram_min: int = 1
+    recycle_topk: int = 8           # recycling: candidates kept per token in the adjacency matrix
+    rest_corpus: str | None = None  # rest: corpus file for the datastore (None: the target's own generations)
 
     @property
     def greedy(self) -> bool:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
@@ -52,7 +53,7 @@ class DrafterSettings:
     batch_size: int = 4
     lr: float = 3e-3
     val_every: int = 8           # every 8th training prompt is held out for the validation accuracy
-    budget_minutes: float = 9.0  # wall-clock cap for the whole command (data + training); training stops early
+    budget_minutes: float = 9.0  # training steps stop this long after the command began (see --budget-minutes)
     seed: int = 0
 
     @classmethod
@@ -111,14 +112,40 @@ def train_command(target: str, kind: str) -> str:
     return f"specdec train-drafter --target {target} --kind {kind}"
 
 
-def find_drafter(alias: str, root: str | Path | None = None, settings: DrafterSettings | dict | None = None) -> Path:
+def find_drafter(alias: str, root: str | Path | None = None, settings: DrafterSettings | dict | None = None,
+                 latest: bool = False) -> Path:
+    """The folder of a trained drafter for `alias`.
+
+    `root` is the drafters root, or one drafter's own folder (it holds drafter.json; its target and kind must be
+    the alias's). In a root: with `latest` (what `specdec generate` and `bench` ask for, since they take no
+    training settings), the most recently trained drafter of that target and kind, whatever its settings; else
+    the folder of exactly `settings` (the workflow, which trains that folder before its cells run)."""
     target, kind = parse_alias(alias)
-    folder = drafter_dir(target, kind, settings, root)
+    given = Path(root) if root else None
+    if given is not None and (given / "drafter.json").is_file():
+        meta = json.loads((given / "drafter.json").read_text())
+        if (meta.get("target"), meta.get("kind")) != (target, kind):
+            raise DrafterError(f"{given} holds the drafter '{meta.get('target')}+{meta.get('kind')}', not "
+                               f"'{alias}'")
+        return given
+    if latest:
+        trained = trained_drafters(target, kind, root)
+        folder = trained[-1] if trained else drafters_root(root) / f"{target}+{kind}-*"
+    else:
+        folder = drafter_dir(target, kind, settings, root)
     if not (folder / "drafter.json").is_file():
         raise DrafterError(f"drafter '{alias}' is not trained yet (no {folder}/drafter.json); train it with "
                            f"`{train_command(target, kind)}`" + (f" --drafters-dir {drafters_root(root)}"
                                                                    if root else ""))
     return folder
+
+
+def trained_drafters(target: str, kind: str, root: str | Path | None = None) -> list[Path]:
+    """Folders under the drafters root holding a trained drafter of this target and kind, oldest first (by the
+    time drafter.json was written: a drafter folder is written whole, so that is when training finished)."""
+    name = re.compile(re.escape(f"{target}+{kind}-") + r"[0-9a-f]{10}")
+    folders = [p.parent for p in drafters_root(root).glob("*/drafter.json") if name.fullmatch(p.parent.name)]
+    return sorted(folders, key=lambda f: ((f / "drafter.json").stat().st_mtime_ns, f.name))
 
 
 # ---------------------------------------------------------------------------------------------------- modules

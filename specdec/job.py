@@ -2,6 +2,14 @@
 
 The file format is docs/results.md. A cell that fails (missing weights, too few GPUs, out of memory) still writes
 its file, with the error on every affected row, so the failure is stored and the rest of the matrix runs on.
+
+Paired baselines (`baseline_mode: paired`, the default): a cell that is not itself a baseline also decodes its
+engine's plain decoding (strategies.store_baseline: `llamacpp-generate` for llama.cpp cells, else `baseline`) on
+the same loaded target, with the same settings, weights, threads and seeds, interleaved with its own decodes
+prompt × repeat by prompt × repeat in ABBA order, so load that comes and goes hits both sides alike and every
+speedup is a ratio of two decodes taken seconds apart on the same machine. Those rows go into the same file as a
+second run (`paired_baseline`, linked by `paired_with`). While the cell decodes, specdec.noise samples what else
+loads the machine.
 """
 
 from __future__ import annotations
@@ -19,18 +27,20 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from specdec import __version__, devices, drafters, parallel
+from specdec import __version__, devices, drafters, noise, parallel
 from specdec.decoding import DecodeSettings
 from specdec.metrics import DegenerateRule
 from specdec.models import encode_prompt, load_registry
 from specdec.prompts import load_prompts, select
 from specdec.runner import check_settings, generate, load_pair, threads_in_use, use_threads, warm_up, weight_format
-from specdec.strategies import STRATEGIES, names
+from specdec.strategies import STRATEGIES, is_plain_baseline, names, store_baseline
 
-FORMAT = "specdec-result/1"
-JOB_DEFAULTS = dict(draft=None, k=None, tree_budget=None, gpus=0, temperature=0.0, top_p=1.0, top_k=0,
-                    draft_sampling="greedy", use_cache=True, max_new_tokens=128, repeats=1, warmup=1, seed=0,
+FORMAT = "specdec-result/2"
+BASELINE_MODES = ("paired", "shared")
+JOB_DEFAULTS = dict(baseline_mode="paired", draft=None, k=None, tree_budget=None, gpus=0, temperature=0.0, top_p=1.0,
+                    top_k=0, draft_sampling="greedy", use_cache=True, max_new_tokens=128, repeats=1, warmup=1, seed=0,
                     stop_at_eos=True, ngram_max=3, prompt_ids=None, categories=None, per_category=None, models=None,
+                    recycle_topk=8, rest_corpus=None,  # train-free proposers' parameters
                     config_hash=None, workflow_run_id=None, cell=None, gpu_mode="pipeline",
                     drafters_dir=None, drafter_settings=None,  # trained drafters: cache root, training settings
                     degenerate=None,  # metrics.DegenerateRule fields (None: its defaults)
@@ -111,6 +121,8 @@ def read_job(spec: str | dict) -> dict:
         if not job.get(key):
             raise ValueError(f"job is missing '{key}'")
     DegenerateRule.from_dict(job["degenerate"])
+    if job["baseline_mode"] not in BASELINE_MODES:
+        raise ValueError(f"baseline_mode must be one of {', '.join(BASELINE_MODES)}, got {job['baseline_mode']!r}")
     return job
 
 
@@ -119,27 +131,62 @@ def failed_rows(prompts: list[dict], repeats: int, error: str) -> list[dict]:
             for p in prompts for r in range(repeats)]
 
 
-def run_cell(job: dict, progress=None) -> dict:
+def is_paired(job: dict) -> bool:
+    """Whether this cell decodes a paired baseline: every cell but a baseline, unless the config shares baselines."""
+    return job["baseline_mode"] == "paired" and not is_plain_baseline(job["strategy"])
+
+
+def unit_order(i: int, paired: bool) -> tuple[str, ...]:
+    """Which side decodes first in the i-th prompt × repeat unit: ABBA (cell, baseline, baseline, cell, ...), so
+    a trend in the machine's speed favours neither side and warm caches from the previous decode alternate too."""
+    if not paired:
+        return ("cell",)
+    return ("cell", "baseline") if i % 2 == 0 else ("baseline", "cell")
+
+
+def decode_units(prompts: list[dict], repeats: int, paired: bool, decode_one, progress=None):
+    """Every prompt × repeat once for the cell (and once for its paired baseline, in unit_order). `decode_one(side,
+    prompt, repeat)` returns the row's metrics (or raises). Returns (cell rows, baseline rows); every row has its
+    `decode_index`, the position of that decode in the job."""
+    rows = {"cell": [], "baseline": []}
+    index = 0
+    for i, (p, repeat) in enumerate((p, r) for p in prompts for r in range(repeats)):
+        for side in unit_order(i, paired):
+            row = {"prompt_id": p["id"], "category": p["category"], "repeat": repeat, "status": "ok", "error": None,
+                   "decode_index": index}
+            row.update(decode_one(side, p, repeat))
+            index += 1
+            rows[side].append(row)
+            if progress:
+                progress(row if side == "cell" else {**row, "paired_baseline": True})
+    return rows["cell"], rows["baseline"]
+
+
+def run_cell(job: dict, progress=None, read_noise=None) -> dict:
     """Run one cell and return the result document (never raises for model or decoding failures).
 
     Inside a tensor-parallel worker (see parallel.py) it runs this rank's share and raises instead, so torchrun
-    stops every rank and the parent process stores the failure."""
+    stops every rank and the parent process stores the failure. `read_noise` replaces the machine reading of
+    specdec.noise (tests)."""
     job = read_job(job)
     worker = parallel.in_worker()
+    paired = is_paired(job)
     run = {"run_id": uuid.uuid4().hex, "workflow_run_id": job["workflow_run_id"], "started_utc": utc_now(),
            "status": "ok", "error": None, **provenance(job)}
     params = {key: job[key] for key in ("cell", "target", "draft", "strategy", "k", "tree_budget", "gpus",
-                                        "temperature", "top_p", "top_k", "draft_sampling", "use_cache", "max_new_tokens", "repeats",
-                                        "warmup", "prompts_file", "stop_at_eos", "ngram_max", "gpu_mode",
-                                        "weights", "threads")}
+                                        "temperature", "top_p", "top_k", "draft_sampling", "use_cache",
+                                        "max_new_tokens", "repeats", "warmup", "prompts_file", "stop_at_eos",
+                                        "ngram_max", "recycle_topk", "rest_corpus", "gpu_mode", "weights", "threads")}
     params["engine"] = STRATEGIES[job["strategy"]].engine
     rule = DegenerateRule.from_dict(job["degenerate"])
     params["degenerate"] = rule.to_dict()  # the rule behind every measurement's `degenerate` flag
+    if not is_plain_baseline(job["strategy"]):  # a baseline is its own reference: it has no baseline mode
+        params["baseline_mode"] = job["baseline_mode"]
     run["params"] = params
     prompts = select(load_prompts(job["prompts_file"]), job["prompt_ids"], job["categories"], job["per_category"])
     s = settings_for(job)
-    measurements: list[dict] = []
     claim = None
+    gpu_uuids: list[str] = []
     try:
         registry = load_registry(job["models"])
         check_settings(job["strategy"], job["draft"], s, registry, job["target"], weights=job["weights"])
@@ -160,13 +207,15 @@ def run_cell(job: dict, progress=None) -> dict:
             claim = devices.claim_gpus(job["gpus"])
             run.update(gpu_names=claim.names, gpu_count=len(claim.indices), devices=claim.devices)
             inventory = devices.visible_gpus() if claim.indices else []
+            gpu_uuids = [g.uuid for g in inventory if g.index in claim.indices]
             placement = devices.plan_cell(target_spec, draft_spec, job["gpu_mode"], claim, inventory,
                                           job["max_new_tokens"], s.k if STRATEGIES[job["strategy"]].uses_k else 0)
             run["placement"] = placement.record()
             if placement.mode == "tensor":  # the same cell again, on one process per GPU
+                sampler = start_noise(read_noise, gpu_uuids)
                 document = parallel.run_under_torchrun(job, len(claim.indices), claim.indices)
                 claim.release()
-                return merge_worker_document(document, run, claim)
+                return add_noise(merge_worker_document(document, run, claim), sampler.stop())
             kwargs = ({"device_map": "balanced", "max_memory": placement.max_memory}
                       if placement.mode == "pipeline" else {})
             pair = load_pair(job["target"], job["draft"], registry, device=claim.devices[0], **kwargs,
@@ -181,35 +230,38 @@ def run_cell(job: dict, progress=None) -> dict:
         params.update(weights_used=weight_format(pair), threads_used=threads_in_use(pair))
         # weights as loaded, before decoding's first call repacks CPU layers into non-parameter buffers
         weights = devices.loaded_bytes([pair.target.model] + ([pair.draft.model] if pair.draft else []), used)
-        if job["warmup"]:
-            warm_up(pair, job["strategy"], encode_prompt(pair.target, prompts[0]["prompt"]), s, job["warmup"])
+        warm_ids = encode_prompt(pair.target, prompts[0]["prompt"])
+        warm_up(pair, job["strategy"], warm_ids, s, job["warmup"])  # also with warmup 0: see runner.warm_up
+        if paired:  # both sides: one-time costs must not land on whichever decodes first
+            warm_up(pair, store_baseline(job["strategy"]), warm_ids, s, job["warmup"])
     except Exception as exc:  # the cell fails as a whole; record why on every row it would have produced
         if worker:
             raise
         run.update(status="failed", error=one_line(exc))
-        measurements = failed_rows(prompts, job["repeats"], run["error"])
         if claim:
             claim.release()
         run["finished_utc"] = utc_now()
-        return {"format": FORMAT, "run": run, "measurements": measurements}
+        return {"format": FORMAT, "run": run, "measurements": failed_rows(prompts, job["repeats"], run["error"]),
+                "paired_baseline": None}
 
     devices.reset_peak_memory(used)
     peaks = [0] * len(used)
-    for p in prompts:
-        for repeat in range(job["repeats"]):
-            row = {"prompt_id": p["id"], "category": p["category"], "repeat": repeat, "status": "ok", "error": None}
-            try:
-                row.update(generate(pair, job["strategy"], p["prompt"], replace(s, seed=s.seed + repeat), p["turns"],
-                                    rule))
-            except Exception as exc:  # e.g. out of memory on one long prompt: keep going with the next
-                if worker:  # the other ranks are waiting inside a collective: only stopping them all is safe
-                    raise
-                row.update(status="failed", error=one_line(exc))
-                _free_cuda()
-            peaks = [max(a, b) for a, b in zip(peaks, devices.peak_memory_per_device(used))]
-            measurements.append(row)
-            if progress:
-                progress(row)
+
+    def decode_one(side: str, p: dict, repeat: int) -> dict:
+        nonlocal peaks
+        strategy = job["strategy"] if side == "cell" else store_baseline(job["strategy"])
+        try:
+            out = generate(pair, strategy, p["prompt"], replace(s, seed=s.seed + repeat), p["turns"], rule)
+        except Exception as exc:  # e.g. out of memory on one long prompt: keep going with the next
+            if worker:  # the other ranks are waiting inside a collective: only stopping them all is safe
+                raise
+            _free_cuda()
+            out = {"status": "failed", "error": one_line(exc)}
+        peaks = [max(a, b) for a, b in zip(peaks, devices.peak_memory_per_device(used))]
+        return out
+
+    sampler = None if worker else start_noise(read_noise, gpu_uuids)  # the parent samples for its ranks
+    measurements, baseline_rows = decode_units(prompts, job["repeats"], paired, decode_one, progress)
     if worker:
         used, peaks, weights = [sum(x, []) for x in zip(*parallel.gather((used, peaks, weights)))]
     else:
@@ -218,7 +270,39 @@ def run_cell(job: dict, progress=None) -> dict:
     if all(m["status"] == "failed" for m in measurements):
         run.update(status="failed", error=measurements[0]["error"])
     run["finished_utc"] = utc_now()
-    return {"format": FORMAT, "run": run, "measurements": measurements}
+    document = {"format": FORMAT, "run": run, "measurements": measurements,
+                "paired_baseline": paired_baseline(run, baseline_rows) if paired else None}
+    return document if sampler is None else add_noise(document, sampler.stop())
+
+
+def paired_baseline(run: dict, rows: list[dict]) -> dict:
+    """The paired baseline as a run of its own: the cell's provenance and settings with its plain decoding (no
+    draft, no k), linked to the cell's run by `paired_with`."""
+    params = {key: value for key, value in run["params"].items() if key != "baseline_mode"}
+    baseline = store_baseline(params["strategy"])
+    params.update(strategy=baseline, draft=None, k=None, draft_source=None, engine=STRATEGIES[baseline].engine)
+    failed = all(m["status"] == "failed" for m in rows)
+    base = {**run, "run_id": uuid.uuid4().hex, "paired_with": run["run_id"], "params": params,
+            "status": "failed" if failed else "ok", "error": rows[0]["error"] if failed else None}
+    return {"run": base, "measurements": rows}
+
+
+def start_noise(read_noise, gpu_uuids: list[str]) -> noise.Sampler:
+    return noise.Sampler(read_noise or (lambda: noise.read_machine(gpu_uuids))).start()
+
+
+def add_noise(document: dict, readings: list) -> dict:
+    """The noise readings of the whole job, and the spread of the baseline's tok/s over repeats (the paired
+    baseline's, or a baseline cell's own), on the cell's run."""
+    baseline = document.get("paired_baseline")
+    if baseline:
+        spread = noise.repeat_spread(baseline["measurements"])
+    elif is_plain_baseline(document["run"]["params"]["strategy"]):
+        spread = noise.repeat_spread(document["measurements"])
+    else:
+        spread = None  # a shared baseline was measured in another job; its own run has its spread
+    document["run"].update(noise.summarise(readings), baseline_spread=spread)
+    return document
 
 
 def check_gpu_mode(job: dict) -> None:
@@ -247,9 +331,11 @@ def merge_worker_document(document: dict, run: dict, claim) -> dict:
     the same GPUs by this machine's indices."""
     worker_run = document["run"]
     on_gpus = all(d.startswith("cuda") for d in worker_run.get("devices") or [])
-    worker_run.update(run_id=run["run_id"], started_utc=run["started_utc"], gpu_names=claim.names,
-                      gpu_count=len(claim.indices), placement=run["placement"],
-                      devices=claim.devices if on_gpus else worker_run.get("devices"))
+    known = dict(started_utc=run["started_utc"], gpu_names=claim.names, gpu_count=len(claim.indices),
+                 placement=run["placement"], devices=claim.devices if on_gpus else worker_run.get("devices"))
+    worker_run.update(run_id=run["run_id"], **known)
+    if document.get("paired_baseline"):
+        document["paired_baseline"]["run"].update(paired_with=run["run_id"], **known)
     return document
 
 
@@ -280,7 +366,8 @@ def run_job(spec: str | dict, out: str | Path) -> int:
     def progress(row):
         tps = row.get("tokens_per_s")
         status = f"{tps:6.1f} tok/s" if row["status"] == "ok" and tps else f"FAILED {row['error']}"
-        print(f"  {job['cell'] or job['strategy']}  {row['prompt_id']:<10} r{row['repeat']}  {status}",
+        side = "  (paired baseline)" if row.get("paired_baseline") else ""
+        print(f"  {job['cell'] or job['strategy']}  {row['prompt_id']:<10} r{row['repeat']}  {status}{side}",
               file=sys.stderr, flush=True)
 
     try:
@@ -290,6 +377,11 @@ def run_job(spec: str | dict, out: str | Path) -> int:
         print(f"specdec: error: {one_line(exc)}", file=sys.stderr)
         return 1
     write_atomic(out, document)
+    run = document["run"]
+    if run.get("other_cpu_cores") is not None:
+        print(f"specdec: while {job['cell'] or job['strategy']} ran, other processes used "
+              f"{run['other_cpu_cores']:.2f} of {run['cpu_count']} cores (CPU steal "
+              f"{100 * (run['steal_share'] or 0):.1f} %, load average {run['load_avg'] or 0:.1f})", file=sys.stderr)
     if document["run"]["status"] == "failed":
         print(f"specdec: cell {job['cell'] or job['strategy']} FAILED (stored in {out}): {document['run']['error']}",
               file=sys.stderr)

@@ -195,7 +195,7 @@ def load_models(target_alias: str, cells: list[Cell], registry, device: str, sto
                     pairs[key] = Pair(engine_target)
                     continue
                 if parse_alias(spec):
-                    drafter = load_drafter(find_drafter(spec, drafters_dir), engine_target.model)
+                    drafter = load_drafter(find_drafter(spec, drafters_dir, latest=True), engine_target.model)
                     cfg = drafter.module.config()
                     weights[key] = parameter_bytes(engine_target.model) + parameter_bytes(drafter.module)
                     # an EAGLE layer caches keys and values of one layer; Medusa heads cache nothing
@@ -338,6 +338,25 @@ def reference_baseline(runs: dict) -> str | None:
     """The runner other engines and weight formats are compared with: our plain decoding in the aliases' own
     format if it ran, else our first plain decoding runner."""
     return "baseline" if "baseline" in runs else next((n for n in runs if n.startswith("baseline[")), None)
+
+
+def by_category(cells: list[Cell], runs: dict, categories: list[str]) -> dict:
+    """Per cell and prompt category (Spec-Bench's columns): tokens/s, speedup over the engine's baseline and mean
+    accepted tokens, on that category's prompts only. categories[i] is prompt i's."""
+    out = {}
+    for cell in cells:
+        rows = {}
+        for category in dict.fromkeys(categories):
+            def subset(name):
+                return [r for r in runs.get(name, []) if categories[r["prompt"]] == category]
+            row = summarise_cell(cell, subset(cell.name))
+            base = summarise_cell(engine_baseline(cell), subset(engine_baseline(cell).name)) \
+                if engine_baseline(cell).name in runs else None
+            rows[category] = {"tokens_per_s": row["tokens_per_s"], "mean_accepted_tokens": row["mean_accepted_tokens"],
+                              "speedup": row["tokens_per_s"] / base["tokens_per_s"]
+                              if base and base["tokens_per_s"] and row["tokens_per_s"] else None}
+        out[cell.name] = rows
+    return out
 
 
 def summarise(cells: list[Cell], runs: dict, s) -> dict:

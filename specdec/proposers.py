@@ -28,6 +28,8 @@ import torch
 from specdec.decoding import DecodeSettings, Trace, forward, hit_eos, logits_to_probs, new_cache, rollback, sample
 from specdec.drafters import Drafter
 from specdec.kernels import prepare_model
+from specdec.trainfree import (MEMORY_TOKENS, concatenate, continuations, frequency_tree, match_ends, new_matrix,
+                               recycled_tree, recycling_template, remember, update_matrix)
 from specdec.tree import Tree, build_tree, chain
 
 HEURISTIC_K_MAX = 16        # heuristic schedule: k never grows past max(this, the starting k)
@@ -290,9 +292,133 @@ class MedusaProposer:
         pass
 
 
+class RecyclingProposer:
+    """Token Recycling (Luo et al. 2024): an adjacency matrix [vocab × topk] holds, for each token, the target's
+    top-k next tokens the last time it scored that token (from the prompt's logits and every verify pass's
+    rows, accepted or not: the candidates are "recycled"); each step grows the static template
+    (trainfree.recycling_template) from the last committed token through the matrix, and the target verifies the
+    tree. The matrix is rebuilt per generation from what the job's other conversations taught (trainfree's
+    memory rule; int32 rows, 4·topk bytes per learned row) and is 4·vocab·topk bytes (49152 × 8: 1.5 MiB)."""
+
+    needs_features = False
+    reads_prompt_logits = True
+
+    def __init__(self, s: DecodeSettings, memory: dict | None = None):
+        self.topk, self.memory = s.recycle_topk, memory if memory is not None else {}
+
+    def start(self, prompt_ids: list[int], generator=None, prompt_logits=None) -> None:
+        self.learned: list[tuple[np.ndarray, np.ndarray]] = []  # (tokens, their top-k rows) this generation saw
+        others = remember(self.memory, "recycling", prompt_ids, self.learned)
+        self.topk = min(self.topk, prompt_logits.shape[-1])
+        self.matrix = new_matrix(prompt_logits.shape[-1], self.topk)
+        for tokens, rows in (chunk for learned in others for chunk in learned):
+            update_matrix(self.matrix, tokens, rows)
+        self.learn(prompt_ids, prompt_logits)
+        self.seen = len(prompt_ids) + 1  # committed length at the next verify pass; its root is committed[seen - 1]
+
+    def learn(self, tokens: list[int], logits: torch.Tensor) -> None:
+        rows = torch.topk(logits, self.topk, dim=-1).indices.to(torch.int32).cpu().numpy()
+        tokens = np.asarray(tokens, dtype=np.int64)
+        update_matrix(self.matrix, tokens, rows)
+        self.learned.append((tokens, rows))
+
+    def propose(self, committed, feats, shape: Shape, trace: Trace) -> Proposal:
+        template = recycling_template(shape.budget, shape.depth, self.topk)
+        tree = recycled_tree(self.matrix, committed[-1], template, shape.depth, shape.stop_tokens)
+        trace.draft_units += len(tree)
+        return Proposal(tree)
+
+    def observe(self, committed, proposal, logits) -> None:
+        self.learn([committed[self.seen - 1]] + proposal.tree.tokens, logits)
+        self.seen = len(committed)
+
+
+SUFFIX_MAX_MATCH = 32      # longest context suffix matched (longer matches add no information here)
+SUFFIX_DEPTH_PER_MATCH = 2  # speculation depth <= this × match length (SuffixDecoding's α): short matches guess less
+SUFFIX_MAX_HITS = 64       # continuations per source: the latest matches
+
+
+class SuffixProposer:
+    """SuffixDecoding (Oliaro et al. 2024) / SAMD (Hu et al. 2024): the longest suffix of the context that occurs
+    in the prompt, the output so far, or earlier outputs of the job's other conversations (trainfree's memory
+    rule; at most MEMORY_TOKENS tokens kept), and the trie of what followed its occurrences, cut to the
+    `budget` most frequent nodes; the draft reaches SUFFIX_DEPTH_PER_MATCH × the match length deep (up to k)."""
+
+    needs_features = reads_prompt_logits = False
+
+    def __init__(self, s: DecodeSettings, memory: dict | None = None):
+        self.capacity, self.memory = s.max_new_tokens + s.k + 1, memory if memory is not None else {}
+
+    def start(self, prompt_ids: list[int], generator=None, prompt_logits=None) -> None:
+        self.history = np.zeros(len(prompt_ids) + self.capacity, dtype=np.int64)
+        self.history[:len(prompt_ids)] = prompt_ids
+        self.filled = len(prompt_ids)
+        self.output = {"tokens": self.history, "start": len(prompt_ids), "end": len(prompt_ids)}
+        others, kept = [], 0
+        for out in reversed(remember(self.memory, "suffix", prompt_ids, self.output)):
+            kept += out["end"] - out["start"]
+            if kept > MEMORY_TOKENS:
+                break
+            others.append(out["tokens"][out["start"]:out["end"]])
+        self.corpus = concatenate(others[::-1])
+
+    def propose(self, committed, feats, shape: Shape, trace: Trace) -> Proposal:
+        length = len(committed)
+        self.history[self.filled:length] = committed[self.filled:]
+        self.filled = self.output["end"] = length
+        context = self.history[:length]
+        own, own_ends = match_ends(self.history, context, SUFFIX_MAX_MATCH, before=length - 1)
+        past, past_ends = match_ends(self.corpus, context, SUFFIX_MAX_MATCH)
+        best = max(own, past)
+        depth = min(shape.depth, SUFFIX_DEPTH_PER_MATCH * best)
+        conts = []
+        if best and own == best:
+            conts += continuations(self.history, own_ends[-SUFFIX_MAX_HITS:], depth, stop=length)
+        if best and past == best:
+            conts += continuations(self.corpus, past_ends[-SUFFIX_MAX_HITS:], depth)
+        tree = frequency_tree(conts, shape.budget, shape.stop_tokens)
+        trace.draft_units += len(tree)
+        return Proposal(tree)
+
+    def observe(self, committed, proposal=None, logits=None) -> None:
+        pass
+
+
+REST_MAX_MATCH = 16  # REST: longest context suffix looked up in the datastore
+REST_MAX_HITS = 256  # occurrences whose continuations form the trie
+
+
+class RestProposer:
+    """REST (He et al. 2024): retrieval from a datastore (trainfree.Datastore, a suffix array over a token corpus,
+    memory['datastore'], loaded by the runner): the continuations of the longest context suffix (up to
+    REST_MAX_MATCH tokens) found in the corpus form a trie, of which the `budget` most frequent nodes are verified
+    as a tree. The corpus is fixed for the job, so a repeat drafts exactly as the first run did."""
+
+    needs_features = reads_prompt_logits = False
+
+    def __init__(self, s: DecodeSettings, memory: dict | None = None):
+        if not memory or "datastore" not in memory:
+            raise ValueError("the rest proposer needs a datastore (memory['datastore'], runner.load_datastore)")
+        self.datastore = memory["datastore"]
+
+    def start(self, prompt_ids: list[int], generator=None, prompt_logits=None) -> None:
+        pass
+
+    def propose(self, committed, feats, shape: Shape, trace: Trace) -> Proposal:
+        _, conts = self.datastore.retrieve(committed[-REST_MAX_MATCH:], shape.depth, REST_MAX_MATCH,
+                                           max_hits=REST_MAX_HITS)
+        tree = frequency_tree(conts, shape.budget, shape.stop_tokens)
+        trace.draft_units += len(tree)
+        return Proposal(tree)
+
+    def observe(self, committed, proposal=None, logits=None) -> None:
+        pass
+
+
 # Proposers that need no draft model: kind → class(settings, memory). `memory` is a dict that lives as long as the
 # loaded pair (a job's prompts, a bench run), for proposers that learn across generations.
-MODEL_FREE_PROPOSERS = {"ngram": NgramProposer}
+MODEL_FREE_PROPOSERS = {"ngram": NgramProposer, "recycling": RecyclingProposer, "suffix": SuffixProposer,
+                        "rest": RestProposer}
 
 
 def make_proposer(kind: str, s: DecodeSettings, draft_model=None, drafter: Drafter | None = None,

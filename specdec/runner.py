@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from specdec import llamacpp, metrics
+from specdec.datastore import DEFAULT_NEW_TOKENS, corpus_documents, load_datastore
 from specdec.decoding import DecodeSettings, baseline_decode
 from specdec.drafters import DrafterError, find_drafter, load_drafter, parse_for_target
 from specdec.hf_reference import hf_decode
@@ -17,6 +18,14 @@ from specdec.speculative import speculative_decode
 from specdec.strategies import NAMES, STRATEGIES, names
 
 DRAFT_SAMPLING = ("greedy", "sample")
+# Upper bounds that catch typos (k 1e9, temperature 70 meant as 0.7) before anything loads; the workflow's config
+# schema uses the same numbers. k, the deepest draft position: published drafters go 5-8 deep (Medusa 5 heads,
+# EAGLE 6), so 64 leaves room.
+# Temperature: the cap of OpenAI's API; already at 2 the embedded SmolLM2's top 50 tokens hold only 21 % of the
+# probability (entropy 8.0 of a uniform 10.8 nats; 1.5 % at 5), so samples are noise. max_new_tokens: 32 768,
+# far beyond benchmark answers (Spec-Bench, MT-bench: under 2 048) and 4x SmolLM2's context; the KV cache for
+# prompt + max_new_tokens is allocated up front, so 1e8 would fail only after the model loads.
+MAX_K, MAX_TEMPERATURE, MAX_NEW_TOKENS = 64, 2.0, 32768
 
 
 class SettingsError(ValueError):
@@ -34,26 +43,33 @@ def check_settings(strategy: str, draft: str | None, s: DecodeSettings, registry
         raise SettingsError(f"strategy '{strategy}' needs a draft model: add --draft ALIAS")
     if not st.needs_draft and draft:
         raise SettingsError(f"strategy '{strategy}' uses no draft model (got draft '{draft}'): drop --draft")
-    if st.uses_k and (not isinstance(s.k, int) or s.k < 1):
-        raise SettingsError(f"draft length k must be an integer >= 1, got {s.k!r}")
+    if not isinstance(s.k, int) or not 1 <= s.k <= MAX_K:  # whatever the strategy: an impossible value is a typo
+        raise SettingsError(f"draft length k must be an integer from 1 to {MAX_K}, got {s.k!r}")
     if s.tree_budget is not None and (not st.tree or not isinstance(s.tree_budget, int) or s.tree_budget < 1):
         raise SettingsError(f"tree budget must be an integer >= 1 and is used by tree strategies "
                             f"({', '.join(n for n in NAMES if STRATEGIES[n].tree)}) only, got {s.tree_budget!r} "
                             f"for '{strategy}'")
-    if s.temperature < 0:
-        raise SettingsError(f"temperature must be >= 0 (0 = greedy), got {s.temperature}")
+    if not 0 <= s.temperature <= MAX_TEMPERATURE:
+        raise SettingsError(f"temperature must be from 0 (greedy) to {MAX_TEMPERATURE:g}, got {s.temperature}")
     if not 0 < s.top_p <= 1:
         raise SettingsError(f"top-p must be in (0, 1], got {s.top_p}")
     if s.top_k < 0:
         raise SettingsError(f"top-k must be >= 0 (0 = off), got {s.top_k}")
-    if s.max_new_tokens < 1:
-        raise SettingsError(f"max-new-tokens must be >= 1, got {s.max_new_tokens}")
+    if not 1 <= s.max_new_tokens <= MAX_NEW_TOKENS:
+        raise SettingsError(f"max-new-tokens must be from 1 to {MAX_NEW_TOKENS}, got {s.max_new_tokens}")
     if s.draft_sampling not in DRAFT_SAMPLING:
         raise SettingsError(f"draft sampling must be one of {DRAFT_SAMPLING}, got '{s.draft_sampling}'")
     if not s.use_cache and strategy != "baseline":
         raise SettingsError(f"use_cache=false is only measured for the baseline strategy, not '{strategy}'")
     if not 1 <= s.ngram_min <= s.ngram_max:
         raise SettingsError(f"need 1 <= ngram_min <= ngram_max, got {s.ngram_min} and {s.ngram_max}")
+    if not isinstance(s.recycle_topk, int) or s.recycle_topk < 1:
+        raise SettingsError(f"recycle_topk must be an integer >= 1, got {s.recycle_topk!r}")
+    if s.rest_corpus is not None and strategy == "rest":
+        try:
+            corpus_documents(s.rest_corpus)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
     try:
         linear_kernels()  # a bad $SPECDEC_CPU_LINEAR fails here, before any model loads
         trained = parse_for_target(draft, target)
@@ -127,9 +143,30 @@ def load_pair(target_alias: str, draft_alias: str | None, registry: dict, device
 
 def decode(pair: Pair, strategy: str, prompt_ids: list[int], s: DecodeSettings):
     """One generation of `prompt_ids` with a loaded pair → Trace."""
+    memory = prepare(pair, strategy, s)
     return decode_models(strategy, pair.target.model, prompt_ids, s, pair.target.eos_token_ids,
                          pair.draft.model if pair.draft else None, pair.drafter, pair.vocab,
-                         getattr(pair.target.tokenizer, "pad_token_id", None), pair.memory.setdefault(strategy, {}))
+                         getattr(pair.target.tokenizer, "pad_token_id", None), memory)
+
+
+def prepare(pair: Pair, strategy: str, s: DecodeSettings) -> dict:
+    """The strategy's memory on this pair, with what must exist before its first generation (REST's datastore,
+    built or read once: warm_up calls this, so the cost never lands in a measured generation)."""
+    memory = pair.memory.setdefault(strategy, {})
+    if STRATEGIES[strategy].proposer == "rest" and memory.get("corpus", False) != s.rest_corpus:
+        memory.update(datastore=rest_datastore(pair, s), corpus=s.rest_corpus)
+    return memory
+
+
+def rest_datastore(pair: Pair, s: DecodeSettings):
+    """REST's datastore for this target (datastore.py): the corpus file, or the target's own greedy answers."""
+    greedy = DecodeSettings(max_new_tokens=DEFAULT_NEW_TOKENS, k=8)
+
+    def answer(prompt: str) -> list[int]:  # prompt lookup: the same greedy tokens as the baseline, sooner
+        return decode(pair, "ngram", encode_prompt(pair.target, prompt), greedy).tokens
+
+    return load_datastore(pair.target.spec.alias, s.rest_corpus,
+                          lambda text: pair.target.tokenizer.encode(text, add_special_tokens=False), answer)
 
 
 def decode_models(strategy: str, target, prompt_ids: list[int], s: DecodeSettings, eos_ids, draft_model=None,
@@ -250,6 +287,8 @@ def merge_turns(records: list[dict]) -> dict:
 
 
 def warm_up(pair: Pair, strategy: str, prompt_ids: list[int], s: DecodeSettings, runs: int = 1) -> None:
-    """Short untimed generations so one-time costs (allocator growth, kernel selection, lazy init) are paid."""
+    """Short untimed generations so one-time costs (allocator growth, kernel selection, lazy init) are paid; with
+    runs = 0 only the strategy's one-time preparation (prepare)."""
+    prepare(pair, strategy, s)
     for _ in range(runs):
         decode(pair, strategy, prompt_ids, replace(s, max_new_tokens=min(s.max_new_tokens, 8)))

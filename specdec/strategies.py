@@ -63,6 +63,12 @@ _ALL = (
              "#edc948", draft="model-or-drafter", proposer="draft", length="heuristic", tensor_parallel=True),
     Strategy("speculative-confidence", "drafting stops after a token the draft gives probability < 0.4",
              "#ff9da7", draft="model-or-drafter", proposer="draft", length="confidence", tensor_parallel=True),
+    Strategy("recycling", "Token Recycling: each token's top-k next tokens from the target's past logits grow a "
+             "static draft tree (depth <= k, tree_budget nodes)", "#9c755f", proposer="recycling", width=8),
+    Strategy("suffix", "suffix matching (SuffixDecoding/SAMD): what followed the longest context match in the prompt,"
+             " the output and other prompts' outputs, as a frequency tree", "#86bcb6", proposer="suffix", width=4),
+    Strategy("rest", "REST: continuations of the longest context match retrieved from a datastore (suffix array), "
+             "as a frequency tree", "#d37295", proposer="rest", width=4),
     Strategy("hf-generate", "transformers' generate(), plain greedy or sampled", "#bab0ac", engine="transformers",
              tensor_parallel=True, peer="baseline"),
     Strategy("hf-assisted", "transformers' assisted generation with the draft model, fixed k", "#f28e2b",
@@ -92,6 +98,28 @@ def plain_baseline(engine: str) -> str:
     return next(s.name for s in _ALL if s.engine == engine and not s.uses_k)
 
 
+def store_baseline(strategy: str) -> str:
+    """The plain decoding a cell of the workflow is compared with (its paired baseline, the store's speedup view):
+    llama.cpp's own for llama.cpp strategies (same GGUF, threads), ours for every other (transformers' cells
+    included: the store has always compared them with our `baseline`)."""
+    engine = STRATEGIES[strategy].engine
+    return plain_baseline(engine) if engine == "llamacpp" else "baseline"
+
+
+def is_plain_baseline(strategy: str) -> bool:
+    """A strategy that is its own reference (a baseline cell of the workflow): no paired baseline, no mode."""
+    return store_baseline(strategy) == strategy
+
+
 def describe() -> str:
     """The strategies and what each does, for --help texts."""
     return "; ".join(f"{s.name}: {s.help}" for s in _ALL)
+
+
+def add_proposer_args(p) -> None:
+    """The train-free proposers' parameters, for every command line that decodes (generate, bench)."""
+    p.add_argument("--recycle-topk", type=int, default=8,
+                   help="recycling: candidates kept per token in the adjacency matrix (default: 8)")
+    p.add_argument("--rest-corpus", default=None, metavar="FILE",
+                   help="rest: corpus for the datastore, .jsonl (\"text\" per row) or text (default: the target's "
+                        "own answers to prompts/training.jsonl, built once and cached in results/datastores)")

@@ -52,8 +52,9 @@ def make_result(*, host: str, target: str, draft: str | None, strategy: str, k: 
                 temperature: float = 0.0, speed: float = 1.0, alpha: float | None = None,
                 prompts=PROMPTS, repeats: int = 2, started: str = "2026-11-23T07:30:00Z",
                 failed: str | None = None, mismatch: tuple[str, int] | None = None,
-                baseline_tps: float = BASELINE_TPS, commit: str = "abc1234") -> dict:
-    """One job's result file as a dict. `mismatch` = (prompt_id, repeat) whose tokens differ from the baseline."""
+                baseline_tps: float = BASELINE_TPS, commit: str = "abc1234", noise: dict | None = None) -> dict:
+    """One job's result file as a dict. `mismatch` = (prompt_id, repeat) whose tokens differ from the baseline.
+    `noise`: noise readings of the run (e.g. {"other_cpu_cores": 1.4}), which make it a format-2 file."""
     run_id = uuid.uuid4().hex
     spec = strategy not in ("baseline", "hf-generate")
     per_position = strategy in ("speculative", "ngram")
@@ -110,8 +111,8 @@ def make_result(*, host: str, target: str, draft: str | None, strategy: str, k: 
            "gpu_names": ["Synthetic GPU"] * gpus, "gpu_count": gpus, "cuda_version": None,
            "driver_version": None, "torch_version": "2.13.0+cpu", "transformers_version": "5.23.0",
            "specdec_version": "0.1.0", "python_version": "3.11.7", "seed": 0, "config_hash": "0" * 64,
-           "devices": ["cpu"], "params": params}
-    return {"format": "specdec-result/1", "run": run, "measurements": measurements}
+           "devices": ["cpu"], "params": params, **(noise or {})}
+    return {"format": "specdec-result/2" if noise else "specdec-result/1", "run": run, "measurements": measurements}
 
 
 def fixture_results() -> list[dict]:

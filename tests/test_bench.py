@@ -165,11 +165,11 @@ def test_summary_compares_ours_with_the_same_method_in_llamacpp():
 
 @pytest.mark.parametrize("argv, message", [
     (["--runners", "baseline,beam"], "unknown runner(s) ['beam']"),
-    (["--k", "0"], "draft length k must be an integer >= 1"),
+    (["--k", "0"], "draft length k must be an integer from 1 to 64"),
     (["--draft", "tiny-draft:x"], "must be a number of layers >= 1"),
     (["--draft", "no-such-model"], "unknown model alias 'no-such-model'"),
     (["--repeats", "0"], "--repeats must be >= 1"),
-    (["--categories", "poetry"], "no prompt in"),
+    (["--categories", "poetry"], "categories ['poetry'] are not in the prompt file"),
     (["--prompt-ids", "nope"], "prompt id(s) ['nope'] are not in the prompt file"),
     (["--weights", "int3"], "--weights: unknown format(s) ['int3']"),
     (["--runners", "llamacpp-generate"], "not a GGUF file"),
@@ -240,6 +240,12 @@ def test_summary_uses_medians_over_repeats_and_the_leviathan_model_of_the_steps_
     v = (1.0 / 5) / base_step
     assert spec["verify_over_step"] == pytest.approx(v)
     assert spec["measured_over_predicted_with_verify_cost"] == pytest.approx(2.0 * v / expected)
+    per = measure.by_category(cells, runs, ["chat", "rag"])  # prompt 0 is chat, prompt 1 rag
+    assert per["baseline"]["chat"]["tokens_per_s"] == pytest.approx(10 / 2)
+    assert per["speculative@d"]["chat"]["speedup"] == pytest.approx((10 / 1) / (10 / 2))
+    assert per["speculative@d"]["rag"]["speedup"] == pytest.approx((10 / 2) / (10 / 4))
+    assert per["speculative@d"]["rag"]["mean_accepted_tokens"] == pytest.approx(spec["mean_accepted_tokens"])
+    assert per["hf-assisted@d"]["rag"]["speedup"] == pytest.approx((10 / 5) / (10 / 4))  # over hf-generate
     hf = rows["hf-assisted@d"]  # totals only: the mean draft length per pass (8 / 5) stands in for k
     n, c_hf = 8 / 5, (0.5 / 8) / (1.0 / 5)
     assert hf["leviathan_prediction"] == pytest.approx(expected_tokens(0.5, n) / (n * c_hf + 1))

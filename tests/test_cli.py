@@ -27,8 +27,13 @@ def run_cli(*args, env=None):
 @pytest.mark.parametrize("argv, message", [
     (["--target", "no-such-model"], "unknown model alias 'no-such-model'"),
     (["--strategy", "beam"], "unknown strategy 'beam'"),
-    (["--strategy", "ngram", "--k", "0"], "draft length k must be an integer >= 1"),
-    (["--temperature", "-0.5"], "temperature must be >= 0"),
+    (["--strategy", "ngram", "--k", "0"], "draft length k must be an integer from 1 to 64"),
+    (["--strategy", "baseline", "--k", "0"], "draft length k must be an integer from 1 to 64, got 0"),
+    (["--strategy", "ngram", "--k", "1000000000"], "draft length k must be an integer from 1 to 64"),
+    (["--temperature", "-0.5"], "temperature must be from 0 (greedy) to 2"),
+    (["--temperature", "1e9"], "temperature must be from 0 (greedy) to 2, got 1000000000.0"),
+    (["--temperature", "nan"], "temperature must be from 0 (greedy) to 2, got nan"),
+    (["--max-new-tokens", "100000000"], "max-new-tokens must be from 1 to 32768, got 100000000"),
     (["--strategy", "ngram", "--draft", "smollm2-135m"], "uses no draft model"),
     (["--strategy", "speculative"], "needs a draft model"),
     (["--strategy", "hf-assisted"], "needs a draft model"),
@@ -43,6 +48,20 @@ def test_bad_arguments_fail_in_one_line_before_any_model_loads(argv, message, mo
     assert main(["generate", "--prompt", "hi", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and err.startswith("specdec: error:")
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda tmp: tmp / "missing.jsonl", "prompt file '{path}' does not exist (--prompt-file)"),
+    (lambda tmp: tmp, "cannot read prompt file '{path}' (--prompt-file): Is a directory"),
+    (lambda tmp: (tmp / "latin1.txt", (tmp / "latin1.txt").write_bytes(b"caf\xe9"))[0],
+     "prompt file '{path}' is not UTF-8 text (--prompt-file)"),
+])
+def test_unreadable_prompt_file_is_one_line_naming_it(make, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("specdec.runner.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    path = make(tmp_path)
+    assert main(["generate", "--prompt-file", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"specdec: error: {message.format(path=path)}"
 
 
 def test_hub_alias_offline_says_weights_are_missing_and_how_to_point_at_a_copy(monkeypatch, tmp_path):
@@ -126,3 +145,8 @@ def test_embedded_smollm2_end_to_end_through_the_cli():
     assert n["accepted_tokens"] > 0 and n["target_forward_passes"] < b["target_forward_passes"]
     # each verify pass yields its accepted drafts + 1 token (the prefill yields 1); an EOS may cut the last one
     assert n["target_forward_passes"] + n["accepted_tokens"] - n["new_tokens"] in (0, 1)
+    for strategy in ("recycling", "suffix"):  # train-free trees: the same tokens, fewer target passes
+        tree = run_cli(*common, "--strategy", strategy, "--k", "6", "--tree-budget", "10", env=env)
+        assert tree.returncode == 0, tree.stderr
+        t = json.loads(tree.stdout)
+        assert t["token_ids"] == b["token_ids"] and t["target_forward_passes"] < b["target_forward_passes"]

@@ -7,6 +7,7 @@ refusals and limits, cache refresh after an ingest, and the page shown while an 
 from __future__ import annotations
 
 import io
+import json
 import os
 import statistics
 import subprocess
@@ -23,6 +24,7 @@ from dashboard_fixture import (BEST, C_RATIO, MISMATCH, PROMPT_FACTOR, TARGET, b
 from specdec.dashboard import launch
 from specdec.dashboard import queries as q
 from specdec.dashboard.pages import FILL_COMMANDS, PAGES
+from specdec.db import report
 from specdec.db.query import run_query
 from specdec.db.store import ingest, init_db
 
@@ -97,7 +99,7 @@ def test_every_page_runs_without_error(store, page):
                                   "scaling": "Scaling with GPU count",
                                   "sql": "SQL console"}.get(page, PAGES[page][0])
     assert url(at, "page") == [page]  # the page is in the URL
-    if page not in ("overview", "runs", "sql"):
+    if page not in ("overview", "leaderboard", "runs", "sql"):
         assert charts(at), f"{page} draws no chart"
 
 
@@ -227,6 +229,20 @@ def test_scaling_page(store):
     # only the series measured at two GPU counts are drawn: the baseline and that speculative cell
     drawn = next(f for f in chart_frames(charts(at)[0]) if "series" in f.columns)
     assert drawn.series.nunique() == 2
+
+
+def test_leaderboard_page_is_the_reports_table_with_csv(store):
+    at = run_page("leaderboard")
+    shown = frame_with(at, "method", "draft", "k", "summarisation", "code", "mean accepted tokens", "overall")
+    assert shown.reset_index(drop=True).equals(report.collect(store).table)  # `specdec report`'s table, as text
+    cells = sql(store, "SELECT speedup_median FROM cell_summary ORDER BY speedup_median DESC")
+    medians = [text.split(" ")[0] for text in shown.overall]  # "2.00× (1.90–2.10)" when the store has intervals
+    assert sorted(medians) == sorted(f"{v:.2f}×" for v in cells.speedup_median)
+    assert medians[0] == f"{BEST['speedup']:.2f}×"
+    assert [b.key for b in at.get("download_button")] == ["dl_leaderboard"]
+    # the category filter keeps that column and computes the overall over its rows only
+    code = frame_with(run_page("leaderboard", category="code"), "method", "overall")
+    assert "summarisation" not in code and code.code.tolist() == code.overall.tolist()
 
 
 def test_losslessness_page_lists_the_mismatch(store):
@@ -425,6 +441,81 @@ def test_store_being_written_shows_a_message(tmp_path, monkeypatch):
         holder.wait()
 
 
+# ---------------------------------------------------------------------------------------------- display
+
+def encodings(chart, channel: str) -> list[dict]:
+    """Every `channel` encoding of a chart's spec, through layers and concatenations."""
+    found, todo = [], [json.loads(chart.proto.spec)]
+    while todo:
+        spec = todo.pop()
+        for key in ("layer", "hconcat", "vconcat"):
+            todo.extend(spec.get(key, []))
+        if channel in spec.get("encoding", {}):
+            found.append(spec["encoding"][channel])
+    return found
+
+
+def series_colours(at: AppTest) -> dict[str, tuple]:
+    """series label -> (colour domain, its place in it) for every series-coloured chart on the page: with the
+    same domain and place, a series has the same colour."""
+    out = {}
+    for chart in charts(at):
+        for enc in encodings(chart, "color"):
+            if enc.get("field") in ("series", "strategy") and "domain" in enc.get("scale", {}):
+                domain = enc["scale"]["domain"]
+                shown = enc["legend"].get("values", domain)
+                out.update({name: (tuple(domain), domain.index(name), tuple(enc["scale"].get("range", ())))
+                            for name in shown})
+    return out
+
+
+@pytest.mark.parametrize("page, narrow", [("speedup", {"strategy": "ngram"}),
+                                          ("acceptance", {"strategy": ["ngram", "speculative"], "host": "lab-a"}),
+                                          ("predicted", {"strategy": "ngram"}), ("scaling", {"strategy": "baseline"}),
+                                          ("latency", {"strategy": ["ngram", "baseline"]})])
+def test_a_series_keeps_its_label_and_colour_under_filters(store, page, narrow):
+    whole, filtered = series_colours(run_page(page)), series_colours(run_page(page, **narrow))
+    assert filtered and set(filtered) < set(whole)
+    assert {name: whole[name] for name in filtered} == filtered
+
+
+def test_legends_list_only_series_with_data(store):
+    """hf-assisted has no per-position counts: it is in the colour domain (so colours stay put) but not listed."""
+    at = run_page("acceptance")
+    position = next(c for c in charts(at) if any("position" in f.columns for f in chart_frames(c)))
+    colour = encodings(position, "color")[0]
+    drawn = set(next(f for f in chart_frames(position) if "series" in f.columns).series)
+    assert set(colour["legend"]["values"]) == drawn and not any("hf-assisted" in s for s in drawn)
+    assert any("hf-assisted" in s for s in colour["scale"]["domain"])
+
+
+def test_heatmap_labels_and_titles_fit(store):
+    """Category names longer than their column are slanted, never dropped; legend titles wrap instead of being
+    cut with "…"."""
+    at = run_page("acceptance")
+    heatmap = charts(at)[0]
+    for x in encodings(heatmap, "x"):
+        assert x["axis"]["labelAngle"] == -45 and x["axis"]["labelOverlap"] is False
+    titles = [c["title"] for c in encodings(heatmap, "color") if "title" in c]
+    assert sorted(titles) == [["acceptance rate", "(median)"], ["mean accepted", "tokens per step", "(median)"]]
+    assert all(c["legend"]["titleLimit"] == 0 for c in encodings(heatmap, "color") if "legend" in c)
+
+
+def test_one_gpu_count_is_an_ordinal_axis(store):
+    at = run_page("scaling", gpus="1")
+    assert all(x["type"] == "ordinal" for c in charts(at) for x in encodings(c, "x") if x.get("field") == "gpus")
+
+
+def test_tables_that_do_not_fit_say_how_to_see_the_rest(store):
+    at = run_page("runs")
+    runs = frame_with(at, "run_id", "git_commit")
+    hints = [c.value for c in at.caption if c.value.startswith("Scroll inside the table")]
+    assert hints[0] == f"Scroll inside the table to see all {len(runs)} rows and all {len(runs.columns)} columns " \
+                       "(sideways)."
+    at = run_page("scaling", gpus="2")  # 2 rows of 6 short columns: nothing hidden, no hint
+    assert not [c.value for c in at.caption if c.value.startswith("Scroll")]
+
+
 # ---------------------------------------------------------------------------------------------- launcher
 
 def test_launcher_command_line(monkeypatch):
@@ -473,3 +564,94 @@ def test_engines_page_compares_each_engine_with_its_own_plain_decoding(tmp_path,
     assert rows["llamacpp", "ngram", "gguf-Q4_1"].pays == "no"
     plain = frame_with(at, "series", "tokens_per_s", "tok/s ÷ fastest plain")
     assert sorted(plain["tok/s ÷ fastest plain"].round(9)) == [round(20 / 60, 9), round(40 / 60, 9), 1.0]
+
+
+def test_stopping_specdec_dashboard_stops_the_server(fixture_db, tmp_path):
+    """SIGTERM to `specdec dashboard` (a service manager, `kill`, a closed terminal) stops the Streamlit server:
+    the launcher becomes the server (exec), so no orphan keeps the port. Without --port, Streamlit's own
+    STREAMLIT_SERVER_PORT is the port."""
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "STREAMLIT_SERVER_PORT": str(port), "HF_HUB_OFFLINE": "1"}
+    log = tmp_path / "dashboard.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "specdec.cli", "dashboard", "--db", str(fixture_db)],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-2000:]
+            try:
+                with urllib.request.urlopen(f"http://localhost:{port}/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+        with pytest.raises(OSError):  # nothing listens on the port any more
+            socket.create_connection(("localhost", port), timeout=2).close()
+        assert f"http://localhost:{port}/" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        else:  # a child the launcher might have left behind would still be in the process group
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+                pytest.fail("a process of the dashboard outlived SIGTERM")
+            except ProcessLookupError:
+                pass
+
+
+# ---------------------------------------------------------------------------------------------- noise, intervals
+
+def noisy_store(tmp_path, monkeypatch) -> Path:
+    """The fixture matrix plus a cell measured on a busy machine that looks faster than the best quiet one."""
+    from dashboard_fixture import DRAFT, fixture_results
+
+    noisy = make_result(host="lab-a", target=TARGET, draft=DRAFT, strategy="speculative", k=6, speed=3.0, alpha=0.7,
+                        noise={"other_cpu_cores": 1.4, "steal_share": 0.0, "load_avg": 3.1})
+    db = tmp_path / "noisy.duckdb"
+    ingest(db, write_results(fixture_results() + [noisy], tmp_path / "results"))
+    monkeypatch.setenv("SPECDEC_DB", str(db))
+    return db
+
+
+def test_overview_never_takes_a_noisy_cell_as_the_best(tmp_path, monkeypatch):
+    db = noisy_store(tmp_path, monkeypatch)
+    assert sql(db, "SELECT max(speedup_median) AS m FROM cell_summary").m[0] == pytest.approx(3.0)
+    at = run_page("overview")
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Best speedup"] == f"{BEST['speedup']:.2f}×" and metrics["Draft length k"] == str(BEST["k"])
+    assert any("3.00× on a noisy machine (other processes used 1.4 of 2 cores)" in w.value for w in at.warning)
+    best = sql(db, "SELECT speedup_ci_low, speedup_ci_high FROM cell_summary WHERE strategy = 'speculative' "
+                   "AND draft_length = 4 AND host = 'lab-a' AND gpus = 1 AND temperature = 0").iloc[0]
+    assert f"{best.speedup_ci_low:.2f}–{best.speedup_ci_high:.2f}×" in at.caption[0].value
+    # best k per pair × strategy: the quiet k = 4, not the noisy k = 6
+    table = frame_with(at, "pair", "strategy", "best_k", "speedup_ci_low", "speedup_ci_high", "noise")
+    row = table[(table.strategy == "speculative") & ((table.speedup - BEST["speedup"]).abs() < 1e-9)]
+    assert row.best_k.tolist() == [BEST["k"]] and row.noise.tolist() == [""]
+
+
+def test_speedup_page_shows_intervals_and_warns_about_noisy_cells(tmp_path, monkeypatch):
+    db = noisy_store(tmp_path, monkeypatch)
+    at = run_page("speedup")
+    assert any("1 cell(s) were measured while other work loaded the machine" in w.value
+               and "k=6: other processes used 1.4 of 2 cores" in w.value for w in at.warning)
+    table = frame_with(at, "draft_length", "speedup", "speedup_ci_low", "speedup_ci_high", "noise")
+    expected = sql(db, "SELECT draft_length, speedup_median, speedup_ci_low, speedup_ci_high FROM cell_summary "
+                       "WHERE draft_length IS NOT NULL")
+    assert rounded(table[["draft_length", "speedup", "speedup_ci_low", "speedup_ci_high"]].itertuples(index=False)) \
+        == rounded(expected.itertuples(index=False))
+    assert (table.speedup_ci_low <= table.speedup).all() and (table.speedup <= table.speedup_ci_high).all()
+    assert table[table.draft_length == 6].noise.tolist() == ["⚠ noisy: other processes used 1.4 of 2 cores"]
+    # the chart carries the intervals (error bars) and the noise flag (red rings) in its data
+    data = next(f for f in chart_frames(charts(at)[0]) if "speedup_ci_low" in f.columns)
+    assert {"speedup_ci_high", "noisy"} <= set(data.columns)

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from dashboard_fixture import BEST, build_fixture_db, make_result, write_results
+from specdec.db import report
 from specdec.db.store import ingest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,13 +39,13 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 # Text Streamlit puts on the page when the script raised or the server went away.
 FAILURE_TEXT = ("Traceback (most recent call last)", "StreamlitAPIException", "Connection error",
                 "Is Streamlit still running?")
-PAGE_HEADERS = {"overview": "Overview", "speedup": "Speedup vs draft length", "acceptance": "Acceptance",
+PAGE_HEADERS = {"overview": "Overview", "leaderboard": "Leaderboard", "speedup": "Speedup vs draft length", "acceptance": "Acceptance",
                 "predicted": "Predicted vs measured speedup", "latency": "Latency and memory",
                 "scaling": "Scaling with GPU count", "losslessness": "Losslessness",
                 "engines": "Engines and weight formats", "runs": "Runs", "sql": "SQL console"}
 # Charts each page draws on the fixture store (the SQL console and runs pages draw none).
-PAGE_CHARTS = {"overview": 0, "speedup": 1, "acceptance": 4, "predicted": 1, "latency": 1, "scaling": 2,
-               "losslessness": 1, "engines": 1, "runs": 0, "sql": 0}
+PAGE_CHARTS = {"overview": 0, "leaderboard": 0, "speedup": 1, "acceptance": 4, "predicted": 1, "latency": 1,
+               "scaling": 2, "losslessness": 1, "engines": 1, "runs": 0, "sql": 0}
 
 # Polled in the page: the app's run state, the charts and whether each has drawn, and any exception boxes.
 PAGE_STATE_JS = """(() => {
@@ -262,6 +263,30 @@ def test_shared_url_restores_filters_in_chromium(chromium, app_url):
     assert state["charts"] == 1
 
 
+# The text of every chart's axes and legends (Vega draws SVG here: its text is in the DOM).
+CHART_TEXT_JS = """[...document.querySelectorAll('[data-testid="stVegaLiteChart"]')].map(c =>
+  [...c.querySelectorAll('svg text')].map(t => t.textContent))"""
+
+
+@pytest.mark.parametrize("name, query, check", [
+    # one GPU count: the x axis is labelled with that count, not with "0.000000"-style ticks
+    ("scaling-one-gpu-count", "page=scaling&gpus=1", lambda texts: "1" in texts[0] and not any(
+        "." in t and t.replace(".", "").isdigit() and t.endswith("0000") for t in texts[0])),
+    # acceptance by category: both category names under each of the two heat maps, legend titles whole
+    ("acceptance-filtered", "page=acceptance&strategy=speculative&strategy=ngram", lambda texts: (
+        texts[0].count("code") == 2 and texts[0].count("summarisation") == 2
+        and "mean acceptedtokens per step(median)" in texts[0])),  # one text element, a line per tspan
+])
+def test_chart_text_in_chromium(chromium, app_url, name, query, check):
+    """Axis labels and titles as the browser draws them (screenshots under test-output/dashboard/)."""
+    url, _ = app_url
+    state = chromium.load_app_page(f"{url}?{query}")
+    chromium.screenshot(OUT / f"{name}.png")
+    check_no_failure(state, name)
+    texts = chromium.evaluate(CHART_TEXT_JS)
+    assert texts and check(texts), texts
+
+
 def test_ingest_while_the_dashboard_is_open(chromium, app_url, tmp_path):
     """The server holds no connection between queries, so an ingest in another process succeeds while the app is
     open, and the next page load shows the new run (the query cache is keyed on the file's mtime and size).
@@ -274,3 +299,37 @@ def test_ingest_while_the_dashboard_is_open(chromium, app_url, tmp_path):
     state = chromium.load_app_page(f"{url}?page=overview")
     check_no_failure(state, "overview after ingest")
     assert state["metrics"]["Best speedup"] == "3.00×" and state["metrics"]["Draft length k"] == "6"
+
+
+REPORT_STATE_JS = """(() => ({
+  ready: document.readyState,
+  figures: [...document.querySelectorAll('figure svg')].map(e => Math.round(e.getBoundingClientRect().width)),
+  marks: document.querySelectorAll('figure svg path, figure svg line').length,
+  tables: [...document.querySelectorAll('table')].map(t => t.rows.length),
+  // anything the page fetched (it must need nothing: one self-contained file)
+  fetched: performance.getEntriesByType('resource').map(e => e.name),
+  height: Math.ceil(document.documentElement.scrollHeight),
+  wide: [...document.querySelectorAll('.scroll')].filter(d => d.scrollWidth > d.clientWidth + 1).length,
+  text: document.body.innerText,
+}))()"""
+
+
+def test_report_html_renders_in_chromium(chromium, tmp_path):
+    """`specdec report`'s HTML opened from disk with no server: the leaderboard and provenance tables, both figures
+    drawn at full size, nothing fetched. The screenshot is saved as test-output/report/report.png."""
+    built = report.collect(build_fixture_db(tmp_path))
+    out = OUT.parent / "report"
+    report.write_report(built, out)
+    chromium.resize(1400, 1000)
+    chromium.call("Page.navigate", url=(out / "report.html").as_uri())
+    deadline = time.monotonic() + 30
+    while (state := chromium.evaluate(REPORT_STATE_JS) or {}).get("ready") != "complete":
+        assert time.monotonic() < deadline, "report.html did not finish loading"
+        time.sleep(0.2)
+    chromium.resize(1400, min(state["height"] + 40, 7000))
+    chromium.screenshot(out / "report.png")
+    assert state["fetched"] == []
+    assert len(state["figures"]) == 2 and min(state["figures"]) > 500, state["figures"]
+    assert state["marks"] > 50  # lines, points and axes were drawn, not an empty frame
+    assert state["tables"] == [len(built.table) + 1, len(built.provenance) + 1]
+    assert f"{BEST['strategy']}\t{BEST['draft']}\t{BEST['k']}" in state["text"]

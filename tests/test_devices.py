@@ -133,10 +133,10 @@ def cell(prompt_file, models, **kw):
 def test_a_cell_that_cannot_fit_fails_before_loading_with_estimate_and_available(prompt_file, tiny_models,
                                                                               fake_gpus, monkeypatch):
     monkeypatch.setattr("specdec.job.load_pair", lambda *a, **k: pytest.fail("must not load weights"))
-    doc = run_cell(cell(prompt_file, tiny_models, gpus=1, max_new_tokens=200_000))  # a huge KV cache
+    doc = run_cell(cell(prompt_file, tiny_models, gpus=1, max_new_tokens=32_768))  # the largest KV cache allowed
     assert doc["run"]["status"] == "failed" and doc["run"]["gpu_names"] == ["FakeGPU"]
-    # keys and values x 2 layers x 2 kv heads x 16 dims x (2048 + 200001) tokens x 4 bytes + 0.3 MiB weights
-    assert "the models (target 'tiny-target') need an estimated 99.0 MiB but the 1 claimed GPU(s) (FakeGPU, 7.2 MiB usable" in \
+    # keys and values x 2 layers x 2 kv heads x 16 dims x (2048 + 32769) tokens x 4 bytes + 0.3 MiB weights
+    assert "the models (target 'tiny-target') need an estimated 17.3 MiB but the 1 claimed GPU(s) (FakeGPU, 7.2 MiB usable" in \
         doc["run"]["error"]
     assert doc["measurements"][0]["status"] == "failed"
 

@@ -4,6 +4,9 @@ trees with EAGLE and Medusa drafters, and running them as workflow cells."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import time
 import types
 
 import pytest
@@ -173,6 +176,53 @@ def test_trained_drafters_as_workflow_cells(tiny_env, tmp_path):
     assert "specdec train-drafter --target tiny-target --kind medusa" in missing["run"]["error"]
 
 
+def test_a_drafter_is_found_by_its_name_whatever_its_training_settings(tiny_env, tmp_path, capsys):
+    """`train-drafter --budget-minutes 10` then `generate --draft T+eagle`: the name is the most recently trained
+    drafter of that target and kind, not only the one with the default settings (whose folder may not exist)."""
+    loaded = load_model(load_registry(tiny_env["models"])["tiny-target"])
+    trained = train_drafter(loaded, "eagle", tiny_env["settings"], tiny_env["root"])  # cached by an earlier test
+    root = tmp_path / "drafters"
+    older, newer = root / "tiny-target+eagle-0000000000", root / "tiny-target+eagle-ffffffffff"
+    shutil.copytree(trained, older)
+    shutil.copytree(trained, newer)
+    os.utime(older / "drafter.json", (1, 1))  # trained long ago
+    shutil.copytree(trained, root / "tiny-target+eagle-extra-0000000000")  # another alias' folder: never matched
+    assert find_drafter("tiny-target+eagle", root, latest=True) == newer
+    with pytest.raises(DrafterError, match="not trained yet"):  # exact settings (the workflow's lookup) stay exact
+        find_drafter("tiny-target+eagle", root)
+    with pytest.raises(DrafterError, match=r"no .*tiny-target\+medusa-\*/drafter.json"):
+        find_drafter("tiny-target+medusa", root, latest=True)
+    assert find_drafter("tiny-target+eagle", older) == older  # a drafter's own folder, named directly
+    with pytest.raises(DrafterError, match="holds the drafter 'tiny-target\\+eagle', not 'tiny-target\\+medusa'"):
+        find_drafter("tiny-target+medusa", older)
+    models_file = tmp_path / "models.yaml"
+    models_file.write_text(yaml.safe_dump(tiny_env["models"]))
+    argv = ["--models", str(models_file), "generate", "--target", "tiny-target", "--draft", "tiny-target+eagle",
+            "--strategy", "speculative", "--k", "2", "--max-new-tokens", "4", "--warmup", "0", "--prompt", "la la",
+            "--device", "cpu", "--json"]
+    assert cli_main(argv + ["--drafters-dir", str(root)]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["drafter_dir"] == str(newer) and str(newer) in err
+    assert cli_main(argv + ["--drafters-dir", str(older)]) == 0
+    assert json.loads(capsys.readouterr().out)["drafter_dir"] == str(older)
+
+
+def test_budget_counts_from_the_start_of_the_command(tiny_env, tmp_path, monkeypatch):
+    """The budget covers loading and data generation too: a command that started an hour ago with a 2-minute
+    budget trains no step once the data is ready (with MIN_TRAIN_S, the floor after data generation, at 0)."""
+    from specdec import train as train_module
+
+    monkeypatch.setattr(train_module, "MIN_TRAIN_S", 0)
+    loaded = load_model(load_registry(tiny_env["models"])["tiny-target"])
+    folder = train_drafter(loaded, "medusa", tiny_env["settings"], tiny_env["root"], out=tmp_path / "late",
+                           started=time.perf_counter() - 3600)
+    training = json.loads((folder / "drafter.json").read_text())["training"]
+    assert training["stopped"] == "budget" and training["steps"] == 0
+    on_time = train_drafter(loaded, "medusa", tiny_env["settings"], tiny_env["root"], out=tmp_path / "on-time",
+                            started=time.perf_counter())
+    assert json.loads((on_time / "drafter.json").read_text())["training"]["stopped"] == "epochs"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_train_drafter_on_a_missing_gpu_is_a_one_line_error(tmp_path, capsys):
     code = cli_main(["train-drafter", "--target", "smollm2-135m", "--kind", "eagle", "--device", "cuda",
@@ -197,6 +247,8 @@ def test_bench_runs_trained_drafters_beside_the_baseline(tiny_env, capsys, tmp_p
                        "--ignore-eos", "--repeats", "1", "--warmup", "0"])
     out, err = capsys.readouterr()
     assert code == 0, err
+    folder = drafter_dir("tiny-target", "eagle", None, tmp_path)
+    assert f"specdec bench: drafter 'tiny-target+eagle': {folder}" in err  # which drafter the name meant
     result = json.loads(out.strip().splitlines()[-1])
     cells = ["baseline", "speculative@tiny-target+eagle", "tree@tiny-target+eagle"]  # hf-assisted cannot use it
     assert list(result["tokens_per_s"]) == cells

@@ -197,6 +197,24 @@ def test_speculative_sampling_matches_target_sequence_distribution(draft_samplin
     assert pvalue > 1e-3, f"distribution differs from the target's (chi-square p={pvalue:.2e})"
 
 
+def test_recycling_trees_sampling_matches_target_sequence_distribution():
+    """Token Recycling's one-hot draft trees (no q: the tree rule) keep sampling exact."""
+    target, _ = tiny_sampling_models()
+    prompt, length, n = [1, 3, 0, 3], 4, 1500
+    s = DecodeSettings(max_new_tokens=length, temperature=1.0, k=3, tree_budget=6, stop_at_eos=False)
+    exact = exact_sequence_distribution(target, prompt, length, s)
+    accepted = []
+
+    def run(seed):
+        trace = decode_models("recycling", target, prompt, DecodeSettings(**{**vars(s), "seed": seed}), set())
+        accepted.append(sum(trace.accepted_per_position))
+        return trace
+
+    pvalue = empirical_vs_expected(run_sampling(run, n), exact, n)
+    assert sum(accepted) > n  # the trees were used: on average more than one draft accepted per sequence
+    assert pvalue > 1e-3, f"distribution differs from the target's (chi-square p={pvalue:.2e})"
+
+
 def test_a_wrong_acceptance_rule_fails_the_same_test(monkeypatch):
     """Sanity check of the statistical test: accepting every draft (ignoring p/q) must be caught."""
     target, draft = tiny_sampling_models()

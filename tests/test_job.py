@@ -9,8 +9,6 @@ import pytest
 from specdec import devices
 from specdec.devices import DeviceError, DeviceInfo, claim_gpus
 from specdec.job import run_cell, run_job
-from specdec.prompts import PromptFileError, load_prompts
-
 
 
 def job(prompt_file, models, **kw):
@@ -21,7 +19,7 @@ def job(prompt_file, models, **kw):
 def test_a_cell_records_every_prompt_and_repeat_with_provenance(prompt_file, tiny_models):
     doc = run_cell(job(prompt_file, tiny_models, draft="tiny-draft", strategy="speculative", k=3))
     run, rows = doc["run"], doc["measurements"]
-    assert doc["format"] == "specdec-result/1" and run["status"] == "ok"
+    assert doc["format"] == "specdec-result/2" and run["status"] == "ok"
     assert [(r["prompt_id"], r["repeat"]) for r in rows] == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
     assert all(r["status"] == "ok" and r["acceptance_rate"] is not None for r in rows)
     assert rows[2]["new_tokens"] == 24  # two turns of 12 tokens each
@@ -62,34 +60,15 @@ def test_gpu_claims_are_distinct_and_released(tmp_path, monkeypatch):
         claim_gpus(5, inventory)
 
 
-@pytest.mark.parametrize("line, message", [
-    ('{"id": "x", "category": "qa"}', "'prompt' must be a non-empty string"),
-    ('{"id": "x", "category": "qa", "prompt": "p"', "not valid JSON"),
-    ('{"id": "x", "category": "qa", "prompt": "p", "colour": 1}', "unknown key(s) ['colour']"),
-])
-def test_prompt_file_errors_name_the_line(tmp_path, line, message):
-    path = tmp_path / "p.jsonl"
-    path.write_text('{"id": "ok", "category": "qa", "prompt": "fine"}\n' + line + "\n")
-    with pytest.raises(PromptFileError, match=r"p\.jsonl:2") as err:
-        load_prompts(path)
-    assert message in str(err.value)
-
-
-def test_duplicate_prompt_ids_are_refused(tmp_path):
-    path = tmp_path / "p.jsonl"
-    path.write_text('{"id": "a", "category": "qa", "prompt": "x"}\n{"id": "a", "category": "qa", "prompt": "y"}\n')
-    with pytest.raises(PromptFileError, match="duplicate prompt id 'a'"):
-        load_prompts(path)
-
-
-def test_the_shipped_prompt_suite_is_valid():
-    from pathlib import Path
-
-    root = Path(__file__).parent.parent / "prompts"
-    suite = load_prompts(root / "suite.jsonl")
-    per_category = {}
-    for p in suite:
-        per_category[p["category"]] = per_category.get(p["category"], 0) + 1
-    assert len(per_category) >= 8 and min(per_category.values()) >= 8
-    training = load_prompts(root / "training.jsonl")
-    assert not {p["prompt"] for p in suite} & {p["prompt"] for p in training}
+@pytest.mark.parametrize("strategy", ["recycling", "suffix", "rest"])
+def test_train_free_cells_give_the_baseline_tokens(prompt_file, tiny_models, tmp_path, strategy):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("what is two plus two? la la la la la la again: la la la")
+    extra = {"rest_corpus": str(corpus)} if strategy == "rest" else {}
+    base = run_cell(job(prompt_file, tiny_models))["measurements"]
+    doc = run_cell(job(prompt_file, tiny_models, strategy=strategy, k=4, tree_budget=6, warmup=0, **extra))
+    assert doc["run"]["status"] == "ok", doc["run"]["error"]
+    assert doc["run"]["params"].get("rest_corpus") == extra.get("rest_corpus")
+    rows = doc["measurements"]
+    assert [r["token_ids"] for r in rows] == [r["token_ids"] for r in base]
+    assert all(r["status"] == "ok" and r["mean_accepted_tokens"] >= 1 for r in rows)

@@ -43,6 +43,11 @@ def test_two_gloo_ranks_produce_the_greedy_tokens_of_one_process(prompt_file, ti
     assert all(m["acceptance_rate"] is not None for m in tp["measurements"])  # the broadcast draft was used
     assert run["placement"]["mode"] == "tensor" and run["gpu_names"] == ["FakeGPU", "FakeGPU"]
     assert run["devices"] == ["cpu", "cpu"] and len(run["device_peak_memory_bytes"]) == 2
+    # the ranks decoded the paired baseline too, linked to the parent's run id; the parent sampled the noise
+    paired = tp["paired_baseline"]
+    assert paired["run"]["paired_with"] == run["run_id"] and paired["run"]["gpu_names"] == ["FakeGPU", "FakeGPU"]
+    assert [m["token_hash"] for m in paired["measurements"]] == [m["token_hash"] for m in one["measurements"]]
+    assert run["noise_samples"] >= 2 and run["other_cpu_cores"] is not None
     # the target really is split: rank 1 holds about half of it, rank 0 its half plus the whole draft (the tiny
     # draft is a noisy copy of the target, so the same size)
     whole = one["run"]["device_weight_bytes"][0]

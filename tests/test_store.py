@@ -11,13 +11,17 @@ import io
 import json
 import math
 import statistics
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from specdec.db import ingest as ingest_cli
-from specdec.db.query import (QueryError, UnsafeSQLError, _execute_read_only, check_sql, format_table, main_query,
-                              run_query)
+from specdec.db.query import (MAX_CELL_CHARS, QueryError, UnsafeSQLError, _execute_read_only, check_sql, format_table,
+                              main_query, run_query)
 from specdec.db.store import (IngestReport, ResultFileError, default_db_path, engine_for, ingest, init_db,
                               load_result_file)
 
@@ -172,7 +176,7 @@ def test_bad_file_never_creates_the_store(tmp_path):
 
 
 @pytest.mark.parametrize("mutate, field", [
-    (lambda d: d.update(format="specdec-result/2"), "format"),
+    (lambda d: d.update(format="specdec-result/9"), "format"),
     (lambda d: d["run"]["params"].pop("temperature"), "run.params.temperature"),
     (lambda d: d["run"]["params"].update(top_k="zero"), "run.params.top_k"),
     (lambda d: d["run"].update(started_utc="yesterday"), "run.started_utc"),
@@ -198,17 +202,129 @@ def test_invalid_json_is_a_result_file_error(tmp_path):
         load_result_file(path)
 
 
-def test_database_error_rolls_back_every_file(tmp_path):
-    """A value that passes validation but not DuckDB (an INTEGER overflow) fails the insert of measurements
-    after the runs were inserted: the transaction must leave no run behind."""
+def test_database_error_rolls_back_every_file(tmp_path, monkeypatch):
+    """A row that passes validation but not DuckDB (here a value forced past the checks) fails the insert of
+    measurements after earlier files' runs went in: the transaction leaves nothing behind, and the error names
+    the file whose rows were refused."""
+    import specdec.db.store as store
+
     db = tmp_path / "s.duckdb"
     good = write(tmp_path, "good.json", make_result("run-a", "baseline", BASE_TPS, BASE_HASH))
-    doc = make_result("run-b", "baseline", BASE_TPS, BASE_HASH)
-    doc["measurements"][0]["prompt_tokens"] = 2 ** 40
-    overflow = write(tmp_path, "overflow.json", doc)
-    with pytest.raises(Exception):
-        ingest(db, [good, overflow])
+    bad = write(tmp_path, "overflow.json", make_result("run-b", "baseline", BASE_TPS, BASE_HASH))
+    real_rows = store.measurement_rows
+
+    def overflowing(doc):
+        rows = real_rows(doc)
+        if doc["run"]["run_id"] == "run-b":
+            rows[0]["prompt_tokens"] = 2 ** 40
+        return rows
+
+    monkeypatch.setattr(store, "measurement_rows", overflowing)
+    with pytest.raises(ResultFileError) as err:
+        ingest(db, [good, bad])
+    message = str(err.value)
+    assert message.startswith(f"{bad}: the store refused it: ") and "\n" not in message
     assert count(db, "runs") == 0 and count(db, "measurements") == 0
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d["run"].update(run_id="   "), "run.run_id: must be 1-128 letters"),
+    (lambda d: d["run"].update(run_id="run with spaces"), "run.run_id: must be 1-128 letters"),
+    (lambda d: d["measurements"][0].update(repeat=-1), "measurements[0].repeat: must be >= 0, got -1"),
+    (lambda d: d["run"]["params"].update(k=-4), "run.params.k: must be >= 1, got -4"),
+    (lambda d: d["measurements"][1].update(tokens_per_s=-5.0), "measurements[1].tokens_per_s: must be >= 0"),
+    (lambda d: d["measurements"][0].update(prompt_tokens=2 ** 40), "does not fit a 32-bit integer"),
+    (lambda d: d["run"]["params"].update(temperature=float("nan")), "run.params.temperature: must be a finite"),
+    (lambda d: d["measurements"][0].update(acceptance_rate=1.5), "acceptance_rate: must be <= 1, got 1.5"),
+])
+def test_impossible_values_are_refused_naming_the_file(tmp_path, mutate, message):
+    """Values DuckDB would refuse without naming the file (NOT NULL for a NaN, INT32 overflow), and values it
+    would store but that cannot be measurements (negative counts and rates, a run id of spaces)."""
+    doc = make_result("run-x", "speculative", SPEC_TPS, SPEC_HASH, draft="d", k=4)
+    mutate(doc)
+    path = write(tmp_path, "odd.json", doc)
+    with pytest.raises(ResultFileError) as err:
+        ingest(tmp_path / "s.duckdb", [path])
+    assert str(err.value).startswith(f"{path}: ") and message in str(err.value)
+    assert not (tmp_path / "s.duckdb").exists()
+
+
+def test_the_same_run_in_two_files(tmp_path):
+    """Identical copies are one run (skipped); the same run id with other content is an error naming both files,
+    within a batch and against what is stored, and nothing of the batch goes in."""
+    db = tmp_path / "s.duckdb"
+    doc = make_result("run-1", "baseline", BASE_TPS, BASE_HASH)
+    original = write(tmp_path / "a", "r.json", doc)
+    copy = write(tmp_path / "b", "r.json", doc)
+    assert ingest(db, [original, copy]) == IngestReport(files=2, new_runs=1, skipped_runs=1, measurement_rows=6)
+    assert ingest(db, [copy]).skipped_runs == 1  # moved or copied result files: still the same run
+    forged = json.loads(json.dumps(doc))
+    forged["run"]["host"] = "EVIL"
+    forged["measurements"][0]["tokens_per_s"] = 9999.0
+    fake = write(tmp_path / "c", "r.json", forged)
+    other = write(tmp_path / "c", "new.json", make_result("run-2", "baseline", BASE_TPS, BASE_HASH))
+    with pytest.raises(ResultFileError) as err:
+        ingest(db, [other, fake])
+    assert str(err.value) == (f"run id 'run-1' of {fake} is already stored from {original} with different "
+                              "content; remove the wrong file")
+    with pytest.raises(ResultFileError) as err:
+        ingest(tmp_path / "fresh.duckdb", [fake, original])
+    assert str(err.value) == (f"run id 'run-1' is in {fake} and in {original} with different content; remove the "
+                              "wrong file")
+    assert count(db, "runs") == 1 and not (tmp_path / "fresh.duckdb").exists()
+    assert run_query("SELECT DISTINCT host FROM runs", db)["host"].tolist() == ["h1"]
+
+
+def test_ingest_waits_while_a_reader_holds_the_store(tmp_path, capsys):
+    db = tmp_path / "s.duckdb"
+    init_db(db)
+    script = (f"import duckdb, sys, time\ncon = duckdb.connect({str(db)!r}, read_only=True)\n"
+              "print('open', flush=True)\nsys.stdin.readline()\ntime.sleep(1.5)\ncon.close()\n"
+              "print('closed', flush=True)\ntime.sleep(60)")
+    reader = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline().strip() == "open"
+        files = standard_files(tmp_path / "results")
+        with pytest.raises(Exception, match="lock"):  # --wait 0: fails at once, as before
+            ingest(db, files, wait_s=0)
+        reader.stdin.write("go\n")
+        reader.stdin.flush()  # the reader closes 1.5 s from now; ingest waits for it
+        assert ingest(db, files, wait_s=30).new_runs == 3
+        assert reader.stdout.readline().strip() == "closed"  # ingest got in only after the reader left
+        assert "is open in another process (a dashboard or query); waiting up to 30 s" in capsys.readouterr().err
+    finally:
+        reader.kill()
+        reader.wait()
+    assert count(db, "runs") == 3
+
+
+def test_ingest_cli_skips_other_json_in_folders_but_not_named_files(tmp_path, capsys):
+    """`specdec ingest results/` after training a drafter: its drafter.json and data.json are not result files."""
+    standard_files(tmp_path / "results" / "default")
+    write(tmp_path / "results" / "drafters" / "data-x", "data.json", {"target": "t", "tokens": 10})
+    write(tmp_path / "results" / "drafters" / "t+eagle-0123456789", "drafter.json",
+          {"format": "specdec-drafter/1", "kind": "eagle"})
+    db = tmp_path / "cli.duckdb"
+    assert ingest_cli.main(["--db", str(db), str(tmp_path / "results")]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("ingested 3 result files") and err.startswith("note: skipped 2 JSON files that are not")
+    data = tmp_path / "results" / "drafters" / "data-x" / "data.json"
+    assert ingest_cli.main(["--db", str(db), str(data)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {data}: format: expected one of 'specdec-result/1', "
+                                              "'specdec-result/2', got null")
+    broken = tmp_path / "results" / "default" / "broken.json"
+    broken.write_text('{"format": "specdec-result/1", "run": {')  # found by the walk, but damaged: an error
+    assert ingest_cli.main(["--db", str(db), str(tmp_path / "results")]) == 2
+    assert "broken.json: not valid JSON" in capsys.readouterr().err
+
+
+def test_ingest_cli_store_that_cannot_be_created_is_one_line(tmp_path, capsys):
+    files = standard_files(tmp_path / "results")
+    (tmp_path / "afile").write_text("")
+    db = tmp_path / "afile" / "sub" / "s.duckdb"
+    assert ingest_cli.main(["--db", str(db), str(files[0])]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: cannot create the results store {db}: Not a directory ({db.parent}) (nothing was ingested)\n"
 
 
 def test_ingest_cli_recurses_folders(tmp_path, capsys):
@@ -253,8 +369,11 @@ def test_speedup_view(store):
                         "tokens_per_s", "baseline_tokens_per_s", "speedup", "acceptance_rate",
                         "mean_accepted_tokens", "matches_baseline", "ttft_s", "tpot_s", "peak_memory_bytes",
                         "cost_ratio_c", "leviathan_speedup", "started_utc", "cost_per_mtok",
-                        "copy_share", "repeat_share", "degenerate", "engine", "weights", "threads"]
+                        "copy_share", "repeat_share", "degenerate", "baseline_source",
+                        "baseline_run_id", "baseline_repeat", "cpu_name", "gpu_names", "engine", "weights",
+                        "threads"]
     assert list(df.columns) == expected_columns
+    assert set(df["baseline_source"]) == {"shared"}  # format-1 files: no pairing
 
 
 def test_speedup_view_baseline_rows(store):
@@ -454,6 +573,64 @@ def test_execution_layer_cannot_copy_out(store, tmp_path):
     assert not target.exists()
 
 
+@pytest.mark.parametrize("sql", ["SELECT count(*) AS load FROM runs", "SELECT 1 AS comment",
+                                 "SELECT status AS set, count(*) AS copy FROM runs GROUP BY ALL",
+                                 "EXPLAIN SELECT * FROM runs", "PIVOT runs ON status USING count(*)",
+                                 "DESCRIBE runs", "SHOW TABLES", "SUMMARIZE runs", "VALUES (1)", "TABLE runs"])
+def test_keywords_as_names_and_every_read_statement_are_accepted(store, sql):
+    db, _, _ = store
+    assert check_sql(sql) == sql
+    run_query(sql, db, limit=1)
+
+
+@pytest.mark.parametrize("sql", ["SELECT current_setting('secret_directory')", "SELECT path FROM duckdb_databases()",
+                                 "FROM duckdb_databases", "SELECT * FROM pragma_database_list",
+                                 "SELECT value FROM duckdb_settings() WHERE name = 'temp_directory'",
+                                 'SELECT * FROM "duckdb_databases"'])
+def test_functions_that_show_server_paths_are_refused(store, sql):
+    with pytest.raises(UnsafeSQLError, match="not allowed .it shows server paths"):
+        check_sql(sql)
+
+
+def test_typos_get_duckdbs_own_message_with_its_hint(store):
+    db, _, _ = store
+    with pytest.raises(QueryError) as err:
+        run_query("SELEC * FROM runs", db)
+    assert not isinstance(err.value, UnsafeSQLError)
+    assert str(err.value) == 'Parser Error: syntax error at or near "SELEC"'
+    with pytest.raises(QueryError) as err:
+        run_query("SELECT * FROM cell_sumary", db)
+    assert str(err.value).startswith("Catalog Error: Table with name cell_sumary does not exist!")
+    assert str(err.value).endswith('Did you mean "cell_summary"?') and "\n" not in str(err.value)
+    with pytest.raises(QueryError, match="^Parser Error: unterminated string literal$"):
+        check_sql("SELECT 'abc")
+    with pytest.raises(UnsafeSQLError, match="^refused: empty query"):
+        check_sql("-- only a comment\n;")
+
+
+def test_a_running_query_does_not_block_the_next_in_the_same_process(store):
+    """The dashboard runs console queries in one process: a slow one must not lock the others out (it did: the
+    first SET lock_configuration locked the shared database instance for every later connection)."""
+    db, _, _ = store
+    slow_error = []
+
+    def slow():
+        try:
+            run_query("SELECT count(*) FROM range(100000000000) a WHERE a % 7 = 3", db, timeout_s=3)
+        except QueryError as exc:
+            slow_error.append(str(exc))
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    try:
+        time.sleep(0.5)  # the slow query is running
+        assert count(db, "runs") == 3
+        assert run_query("SELECT count(*) AS n FROM measurements", db, timeout_s=5)["n"][0] == 18
+    finally:
+        thread.join()
+    assert slow_error == ["query timed out after 3 s"]
+
+
 def test_timeout_interrupts(store):
     db, _, _ = store
     with pytest.raises(QueryError, match="timed out"):
@@ -503,6 +680,34 @@ def test_main_query_refusal_and_table(store, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["run_id", "status"] and out[1].split() == ["run-base", "ok"]
     assert out[-1] == "(3 rows)"
+
+
+def test_table_format_cuts_long_text_with_a_marker(store, capsys):
+    db, _, _ = store
+    sql = "SELECT repeat('x', 100000) || chr(10) || 'end' AS big, 7 AS n"  # shown as xx...x\nend
+    assert main_query([sql, "--db", str(db), "--limit", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split() == ["x" * MAX_CELL_CHARS + "…[+" + str(100000 + 5 - MAX_CELL_CHARS) + "", "chars]", "7"]
+    assert main_query([sql, "--db", str(db), "--format", "csv"]) == 0
+    assert len(capsys.readouterr().out) > 100000  # csv and json keep every character
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--timeout", "0", "--timeout must be a number of seconds > 0"), ("--timeout", "-1", "> 0"),
+    ("--timeout", "nan", "got nan"), ("--timeout", "inf", "got inf"), ("--limit", "0", "--limit must be >= 1"),
+])
+def test_query_limits_are_validated(store, capsys, option, value, message):
+    db, _, _ = store
+    assert main_query(["SELECT 1", "--db", str(db), option, value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_query_into_a_closed_pipe_is_quiet(store):
+    db, _, _ = store
+    result = subprocess.run(f"{sys.executable} -m specdec.cli query --db {db} 'SELECT * FROM range(200000)' | head -1",
+                            shell=True, capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "range" and result.stderr == ""
 
 
 def test_format_table_empty():

@@ -105,6 +105,14 @@ def test_matrix_prunes_invalid_cells_and_shares_baselines(tiny_models):
     assert len(by_strategy["speculative"]) == 2 * 2 * 2 * 2
     # cell hashes identify the parameters; equal parameters never get two names
     assert len({c["config_hash"] for c in cells.values()}) == len(cells)
+    # paired by default: every cell but a baseline decodes its own baseline; a baseline cell is the same job in
+    # both modes, so switching modes re-runs only the cells whose measurement changes
+    assert {c.get("baseline_mode") for c in cells.values() if c["strategy"] != "baseline"} == {"paired"}
+    assert all("baseline_mode" not in c for c in by_strategy["baseline"])
+    shared = matrix.expand_cells({**config, "baseline": "shared"})
+    assert set(shared) == set(cells)
+    assert {c.get("baseline_mode") for c in shared.values() if c["strategy"] != "baseline"} == {"shared"}
+    assert all(shared[n] == cells[n] for n, c in cells.items() if c["strategy"] == "baseline")
 
 
 def test_cell_parameters_do_not_depend_on_unrelated_config(tiny_models):
@@ -139,12 +147,32 @@ def test_weight_formats_and_llamacpp_cells(tiny_models):
     assert all("weights" not in c and "threads" not in c for c in plain.values())
 
 
+def test_train_free_cells_carry_their_own_parameters_only(tiny_models):
+    config = base_config(tiny_models, strategies=["baseline", "ngram", "recycling", "suffix", "rest"],
+                         tree_budgets=[15])
+    config["generation"].update(recycle_topk=4)
+    cells = matrix.expand_cells(config)
+    by_strategy = {c["strategy"]: c for c in cells.values()}
+    assert by_strategy["recycling"]["recycle_topk"] == 4 and by_strategy["recycling"]["tree_budget"] == 15
+    assert by_strategy["rest"]["rest_corpus"] is None
+    assert all("recycle_topk" not in c for c in cells.values() if c["strategy"] != "recycling")
+    assert all(c["draft"] is None for c in cells.values())  # model-free: the pair's draft is not loaded
+
+
 @pytest.mark.parametrize("change, field", [
     (lambda c: c.update(strategies=["baseline", "medusa-magic"]), "strategies: unknown strategy 'medusa-magic'"),
     (lambda c: c["pairs"].append({"target": "no-such-model"}), "pairs[1].target:"),
     (lambda c: c.update(prompts="missing.jsonl"), "prompts: prompt file 'missing.jsonl' does not exist"),
     (lambda c: c.update(pairs=[{"target": "tiny-target"}]), "strategies: speculative need a draft model"),
-    (lambda c: c.update(categories=["poetry"]), "prompts: the selection"),
+    (lambda c: c.update(categories=["code", "cod"]),
+     "prompts: categories ['cod'] are not in the prompt file; its categories: code, repetitive, qa"),
+    (lambda c: c.update(prompt_ids=["a1"], categories=["qa"]), "prompts: the selection"),
+    (lambda c: c.update(db="prompts.jsonl/store.duckdb"), "db: cannot create 'prompts.jsonl/store.duckdb': "),
+    (lambda c: c.update(db="."), "db: '.' is a folder, not a file"),
+    (lambda c: c.update(results="prompts.jsonl"), "results: 'prompts.jsonl' is a file, not a folder"),
+    (lambda c: c.update(db="/proc/specdec/store.duckdb"), "db: cannot create '/proc/specdec/store.duckdb' in '/proc'"),
+    (lambda c: c.update(strategies=["rest"]) or c["generation"].update(rest_corpus="none.txt"),
+     "generation.rest_corpus: file 'none.txt' does not exist"),
     (lambda c: c.update(strategies=["llamacpp-ngram"]), "strategies: 'llamacpp-ngram' runs llama.cpp on GGUF models"),
     (lambda c: c.update(strategies=["llamacpp-generate"], gpus=[1], pairs=[{"target": "smollm2-135m"}]),
      "strategies: 'llamacpp-generate' runs llama.cpp on the CPU only"),
@@ -164,6 +192,13 @@ def test_semantic_config_errors_name_the_field(workdir, tiny_models, monkeypatch
     (lambda c: c.update(draft_lengths=[0, 2]), "draft_lengths.0: 0 is less than the minimum of 1"),
     (lambda c: c["generation"].update(max_new_tokens="many"), "generation.max_new_tokens: 'many' is not of type"),
     (lambda c: c["pairs"][0].update(drafts="x"), "pairs.0: Additional properties are not allowed"),
+    (lambda c: c.update(draft_lengths=[1000000000]), "draft_lengths.0: 1000000000 is greater than the maximum of 64"),
+    (lambda c: c["generation"].update(temperatures=[1e9]), "generation.temperatures.0: 1000000000.0 is greater than"),
+    (lambda c: c["generation"].update(max_new_tokens=100000000),
+     "generation.max_new_tokens: 100000000 is greater than the maximum of 32768"),
+    (lambda c: c.update(baseline="both"), "baseline: 'both' is not one of ['paired', 'shared']"),
+    (lambda c: c.update(noise={"other_cpu_cores": -1}), "noise.other_cpu_cores: -1 is less than the minimum of 0"),
+    (lambda c: c.update(noise={"loud": 1}), "noise: Additional properties are not allowed ('loud' was unexpected)"),
 ])
 def test_schema_errors_are_one_line_naming_the_field(tiny_models, change, expected):
     from snakemake.utils import validate
@@ -174,6 +209,38 @@ def test_schema_errors_are_one_line_naming_the_field(tiny_models, change, expect
         validate(config, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
     line = matrix.schema_error_line(info.value)
     assert expected in line and "\n" not in line
+
+
+def test_schema_bounds_are_the_engines():
+    """The config schema refuses exactly what the engine's check_settings refuses (before any job runs)."""
+    from specdec import runner
+
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())["properties"]
+    generation = schema["generation"]["properties"]
+    assert schema["draft_lengths"]["items"]["maximum"] == runner.MAX_K
+    assert generation["temperatures"]["items"]["maximum"] == runner.MAX_TEMPERATURE
+    assert generation["max_new_tokens"]["maximum"] == runner.MAX_NEW_TOKENS
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("pairs:\n  - target: x\n   draft: y\n", "bad.yaml:3:4: YAML syntax error: expected <block end>, but found "
+                                             "'<block mapping start>'; check this line's indentation"),
+    ("pairs:\n\t- target: x\n", "bad.yaml:2:1: YAML syntax error: found character '\\t' that cannot start any "
+                                "token; indent with spaces, not tabs"),
+    ("- a\n- b\n", "bad.yaml: a config file is a mapping of keys"),
+])
+def test_yaml_errors_name_file_line_and_column(tmp_path, monkeypatch, capsys, text, expected):
+    monkeypatch.chdir(tmp_path)
+    Path("bad.yaml").write_text(text)
+    with pytest.raises(matrix.ConfigError) as info:
+        matrix.load_config_file("bad.yaml")
+    assert str(info.value).startswith(expected)
+    # run-matrix.sh checks the files given with --configfile (Snakemake would say only "not valid JSON or YAML")
+    with pytest.raises(SystemExit) as stop:
+        matrix.main(["--cores", "2", "--config", "tag=x", "--configfile", "bad.yaml", "--dry-run"])
+    assert stop.value.code == 1
+    assert capsys.readouterr().err == f"config error: {info.value}\n"
+    assert matrix.main(["--config", "configfile=bad.yaml"]) == 0  # --config is not --configfile
 
 
 @pytest.mark.parametrize("path", ["config.yaml", "config/suite.yaml", "config/gpu-pythia.yaml"])
@@ -201,8 +268,23 @@ def test_snakemake_refuses_a_bad_config_before_any_job(workdir, tiny_models, edi
     write_config(workdir, config)
     result = snakemake(workdir, "-n")
     assert result.returncode != 0
-    assert expected in result.stdout + result.stderr
+    # the one line, without Snakemake's wrapping (WorkflowError in file ..., File "...common.smk" lines)
+    output = result.stdout + result.stderr
+    assert sum(line.startswith(expected) for line in output.splitlines()) == 1
+    assert "WorkflowError" not in output and "common.smk" not in output and 'File "' not in output
     assert not (workdir / "results").exists()
+
+
+def test_snakemake_names_the_line_of_a_yaml_error_in_config_yaml(workdir, tiny_models):
+    """The Snakefile's own config.yaml (no --configfile): a syntax error is named with file, line and column."""
+    text = yaml.safe_dump(base_config(tiny_models)).replace("\ngpus:", "\ngpus: [0\n", 1)
+    (workdir / "config.yaml").write_text(text)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([*SNAKEMAKE, "--directory", str(workdir), "--cores", "2", "-n"], capture_output=True,
+                            text=True, timeout=300, env=env)
+    assert result.returncode == 1
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("config error: config.yaml:") and "YAML syntax error" in errors[0]
 
 
 def test_malformed_prompt_line_is_refused_by_snakemake(workdir, tiny_models):
@@ -213,28 +295,45 @@ def test_malformed_prompt_line_is_refused_by_snakemake(workdir, tiny_models):
     assert "config error: prompts: prompts.jsonl:2: not valid JSON" in result.stdout + result.stderr
 
 
-def test_end_to_end_rows_history_and_idempotent_ingest(workdir, tiny_models):
-    config = base_config(tiny_models)
+def test_end_to_end_paired_rows_history_and_idempotent_ingest(workdir, tiny_models):
+    config = base_config(tiny_models)  # baseline: paired, the default
     write_config(workdir, config)
     result = snakemake(workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     db = workdir / "store.duckdb"
     cells = matrix.expand_cells(config)
     assert len(cells) == 1 + 2 + 2  # baseline, speculative k2/k3, ngram k2/k3
-    n_rows = len(cells) * len(PROMPTS) * 2
-    assert rows(db, "SELECT count(*), count(DISTINCT run_id) FROM measurements") == [(n_rows, len(cells))]
+    # every cell but the baseline cell also stores its paired baseline: a run of its own, linked to the cell
+    n_runs = len(cells) + (len(cells) - 1)
+    n_rows = n_runs * len(PROMPTS) * 2
+    assert rows(db, "SELECT count(*), count(DISTINCT run_id) FROM measurements") == [(n_rows, n_runs)]
     assert rows(db, "SELECT count(*) FROM measurements WHERE status <> 'ok'") == [(0,)]
+    assert rows(db, "SELECT count(*) FROM runs c JOIN runs b ON b.paired_with = c.run_id WHERE b.strategy = "
+                    "'baseline' AND b.cell = c.cell AND b.host = c.host AND c.baseline_mode = 'paired'") == [(4,)]
+    # every speedup of a non-baseline cell is the ratio within its pair, from the same job
+    assert rows(db, "SELECT count(*), bool_and(baseline_source = 'paired'), "
+                    "bool_and(abs(speedup - tokens_per_s / baseline_tokens_per_s) < 1e-9) FROM speedup "
+                    "WHERE strategy <> 'baseline'") == [(4 * len(PROMPTS) * 2, True, True)]
+    # noise readings on every cell, an interval on every cell summary
+    assert rows(db, "SELECT count(*) FROM run_noise WHERE noisy IS NULL OR noise_samples < 2") == [(0,)]
+    assert rows(db, "SELECT count(*) FROM cell_summary WHERE speedup_ci_low <= speedup_median "
+                    "AND speedup_median <= speedup_ci_high") == [(len(cells),)]
     # provenance and the job's parameters are on every run
     run = rows(db, "SELECT host, git_commit IS NOT NULL, torch_version, config_hash, params_json FROM runs "
                    "WHERE strategy = 'speculative' AND k = 3")[0]
     assert run[1] and run[2] and run[3] == cells["tiny-target__tiny-draft__speculative__k3__g0__t0"]["config_hash"]
     assert json.loads(run[4])["draft"] == "tiny-draft"
-    # greedy speculative output is identical to the shared baseline, for every prompt and repeat
+    # greedy speculative output is identical to its paired baseline's, for every prompt and repeat
     assert rows(db, "SELECT count(*), bool_and(matches_baseline) FROM speedup "
                     "WHERE strategy IN ('speculative', 'ngram')") == [(8 * 3, True)]
-    assert "Best speedup per pair and strategy" in result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert "Best speedup per pair and strategy" in output and "ci_95" in output
 
-    # nothing to do when nothing changed; forcing the ingest again adds no row
+    # nothing to do when nothing changed: the summary is printed all the same; forcing the ingest adds no row
+    idle = snakemake(workdir)
+    assert idle.returncode == 0, idle.stderr[-3000:]
+    assert "Best speedup per pair and strategy" in idle.stdout + idle.stderr
+    assert "rule run_cell" not in idle.stdout + idle.stderr
     again = snakemake(workdir, "--forcerun", "ingest")
     assert again.returncode == 0, again.stderr[-3000:]
     assert rows(db, "SELECT count(*) FROM measurements") == [(n_rows,)]
@@ -244,7 +343,7 @@ def test_end_to_end_rows_history_and_idempotent_ingest(workdir, tiny_models):
     third = snakemake(workdir)
     assert third.returncode == 0, third.stderr[-3000:]
     assert rows(db, "SELECT count(*), count(DISTINCT run_id) FROM measurements") == [
-        (n_rows + len(PROMPTS) * 2, len(cells) + 1)]
+        (n_rows + len(PROMPTS) * 2, n_runs + 1)]
 
 
 def test_failed_cells_are_stored_and_the_rest_of_the_matrix_runs(workdir, tiny_models):
@@ -294,17 +393,21 @@ def test_a_killed_run_resumes_with_only_the_missing_cells(workdir, tiny_models):
     for name, text in done_before.items():
         assert (cells_dir / name).read_text() == text
     run_ids = {json.loads(t)["run"]["run_id"] for t in done_before.values()}
-    stored = {r[0] for r in rows(workdir / "store.duckdb", "SELECT run_id FROM runs")}
+    stored = {r[0] for r in rows(workdir / "store.duckdb", "SELECT run_id FROM runs WHERE paired_with IS NULL")}
     assert run_ids <= stored and len(stored) == total
+    paired = total - 1  # every cell but the baseline brought its paired baseline
+    assert rows(workdir / "store.duckdb", "SELECT count(*) FROM runs WHERE paired_with IS NOT NULL") == [(paired,)]
+    n = (total + paired) * len(PROMPTS)
     assert rows(workdir / "store.duckdb", "SELECT count(*), count(DISTINCT (run_id, prompt_id, \"repeat\")) "
-                                          "FROM measurements") == [(total * len(PROMPTS), total * len(PROMPTS))]
+                                          "FROM measurements") == [(n, n)]
 
 
 def test_trained_drafters_are_trained_once_and_used_by_their_cells(workdir, tiny_models):
+    # baseline: shared here (the other end-to-end test runs paired): the drafter cell compares with the baseline cell
     config = base_config(tiny_models, pairs=[{"target": "tiny-target", "draft": "tiny-target+eagle"}],
                          strategies=["baseline", "speculative", "hf-assisted"], draft_lengths=[3],
                          drafter_settings={"prompts_file": "prompts.jsonl", "gen_tokens": 16, "vocab": 40,
-                                           "epochs": 4, "budget_minutes": 1})
+                                           "epochs": 4, "budget_minutes": 1}, baseline="shared")
     config["generation"]["repeats"] = 1
     write_config(workdir, config)
     cells = matrix.expand_cells(config)
@@ -315,8 +418,9 @@ def test_trained_drafters_are_trained_once_and_used_by_their_cells(workdir, tiny
     folders = list((workdir / "results" / "drafters").glob("tiny-target+eagle-*/drafter.json"))
     assert len(folders) == 1
     db = workdir / "store.duckdb"
-    assert rows(db, "SELECT count(*), bool_and(matches_baseline) FROM speedup WHERE strategy = 'speculative'") == [
-        (len(PROMPTS), True)]
+    assert rows(db, "SELECT count(*), bool_and(matches_baseline), bool_and(baseline_source = 'shared') FROM speedup "
+                    "WHERE strategy = 'speculative'") == [(len(PROMPTS), True, True)]
+    assert rows(db, "SELECT count(*) FROM runs WHERE paired_with IS NOT NULL") == [(0,)]
     assert rows(db, "SELECT count(*) FROM speedup WHERE strategy = 'speculative' AND acceptance_rate IS NULL") == [
         (0,)]
     # nothing changed: the drafter is not trained again

@@ -5,22 +5,27 @@ job: one target (and draft), one strategy, one k, one GPU count and one temperat
 `repeats` times. Cells that make no sense are pruned rather than run: a baseline has no draft and no k, a
 model-free strategy (`ngram`, `hf-ngram`) ignores the pair's draft, and a draft strategy needs a pair with a draft.
 Baseline cells carry no draft in their name, so every pair with the same target, GPU count and sampling settings
-shares one baseline job.
+shares one baseline job. With `baseline: paired` (the default) every other cell also decodes the baseline inside
+its own job, so speedups need no baseline cell; a `baseline` listed in strategies still runs, as a measurement of
+its own.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import itertools
 import json
 import os
 import re
 import socket
+import sys
+from pathlib import Path
 
 from specdec.drafters import DrafterError, DrafterSettings, drafter_dir, parse_alias, parse_for_target
 from specdec.models import ModelError, load_registry, resolve
 from specdec.prompts import PromptFileError, load_prompts, select
-from specdec.strategies import STRATEGIES
+from specdec.strategies import STRATEGIES, is_plain_baseline
 
 
 class ConfigError(ValueError):
@@ -28,6 +33,68 @@ class ConfigError(ValueError):
 
 
 SAFE = re.compile(r"[^A-Za-z0-9.+-]+")
+
+
+def exit_with_config_error(message: str) -> None:
+    """Print one `config error: ...` line and stop Snakemake before any job. (A WorkflowError would be printed
+    inside five lines of Snakemake's own wrapping: file, line and a two-frame traceback of common.smk.)"""
+    print(f"config error: {message}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def load_config_file(path: str | os.PathLike) -> dict:
+    """A config file as Snakemake reads it (JSON, else YAML), with a YAML syntax error reported as
+    `FILE:LINE:COLUMN: ...`; Snakemake's own message names neither."""
+    import yaml
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read it: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        try:
+            doc = yaml.safe_load(text)
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            problem = " ".join(str(exc.problem or exc.context or "invalid YAML").split())
+            hint = ("; indent with spaces, not tabs" if r"'\t'" in problem
+                    else "; check this line's indentation" if "<block" in problem else "")
+            raise ConfigError(f"{where}: YAML syntax error: {problem}{hint}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: YAML syntax error: {' '.join(str(exc).split())}") from None
+    if doc is not None and not isinstance(doc, dict):
+        raise ConfigError(f"{path}: a config file is a mapping of keys (see workflow/schemas/config.schema.yaml), "
+                          f"not a {type(doc).__name__}")
+    return doc or {}
+
+
+def check_creatable(field: str, path: str, folder: bool) -> None:
+    """`path` (a file, or a folder when `folder`) exists and is writable, or can be created: a folder can be made
+    in its nearest existing ancestor (tried, and removed at once: permission bits do not tell for root, /proc or a
+    read-only mount). Checked before any job, so an uncreatable store fails now and not at the final ingest."""
+    import tempfile
+
+    target = Path(path).absolute()
+    if target.exists():
+        if folder != target.is_dir():
+            raise ConfigError(f"{field}: '{path}' is a {'file' if folder else 'folder'}, not a "
+                              f"{'folder' if folder else 'file'}")
+        if not os.access(target, os.W_OK):
+            raise ConfigError(f"{field}: '{path}' is not writable")
+    ancestor = target.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"{field}: cannot create '{path}': '{ancestor}' is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".specdec-write-check-", dir=ancestor))
+    except OSError as exc:
+        raise ConfigError(f"{field}: cannot create '{path}' in '{ancestor}': {exc.strerror or exc}") from None
 
 
 def schema_error_line(exc: BaseException) -> str:
@@ -103,6 +170,10 @@ def check_config(config: dict) -> list[dict]:
     if wanted and not any(p.get("draft") for p in config["pairs"]):
         raise ConfigError(f"strategies: {', '.join(wanted)} need a draft model, but no pair has a `draft:`; "
                           "add one to a pair or drop those strategies")
+    corpus = config["generation"].get("rest_corpus")
+    if corpus and any(STRATEGIES[s].proposer == "rest" for s in config["strategies"]) and not os.path.isfile(corpus):
+        raise ConfigError(f"generation.rest_corpus: file '{corpus}' does not exist; give a .jsonl or text corpus, or "
+                          "remove the key to use the target's own answers")
     try:
         prompts = select(load_prompts(config["prompts"]), config.get("prompt_ids"), config.get("categories"),
                          config.get("per_category"))
@@ -111,6 +182,8 @@ def check_config(config: dict) -> list[dict]:
     if not prompts:
         raise ConfigError(f"prompts: the selection (prompt_ids/categories/per_category) leaves no prompt of "
                           f"{config['prompts']}")
+    check_creatable("db", config.get("db", "db/specdec.duckdb"), folder=False)
+    check_creatable("results", config.get("results", "results"), folder=True)
     return prompts
 
 
@@ -168,10 +241,17 @@ def expand_cells(config: dict) -> dict[str, dict]:
                 name = cell_name(target, cell_draft, strategy, k, gpus, temperature, budget, weights)
                 cell = dict(shared, cell=name, target=target, draft=cell_draft, strategy=strategy, k=k, gpus=gpus,
                             temperature=temperature)
+                if not is_plain_baseline(strategy):  # a baseline cell is the same job in either mode
+                    cell["baseline_mode"] = config.get("baseline", "paired")
                 if budget is not None:  # only tree cells carry it, so other cells' hashes stay as they were
                     cell["tree_budget"] = budget
                 if weights is not None:  # likewise only cells of configs that set weight formats
                     cell["weights"] = weights
+                # a train-free proposer's own parameter: only its cells carry it (others' hashes stay as they were)
+                if st.proposer == "recycling":
+                    cell["recycle_topk"] = gen.get("recycle_topk", 8)
+                if st.proposer == "rest":
+                    cell["rest_corpus"] = gen.get("rest_corpus")
                 # Only the aliases this cell uses, so editing another model's entry reruns nothing here.
                 used = {a: extra_models[a] for a in (target, cell_draft) if a in extra_models}
                 cell["models"] = used or None
@@ -194,3 +274,21 @@ def host_label(config: dict) -> str:
     """
     label = config.get("host") or os.environ.setdefault("SPECDEC_HOST_LABEL", socket.gethostname())
     return SAFE.sub("_", label)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python workflow/matrix.py [snakemake arguments]`: check the files given with --configfile (run-matrix.sh
+    does, before Snakemake reads them itself and reports a YAML error without file or line)."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # `--config` must not match --configfile
+    parser.add_argument("--configfile", "--configfiles", nargs="+", action="extend", default=[])
+    args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    try:
+        for path in args.configfile:
+            load_config_file(path)
+    except ConfigError as exc:
+        exit_with_config_error(str(exc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

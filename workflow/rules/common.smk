@@ -12,8 +12,8 @@ import matrix  # noqa: E402  (workflow/matrix.py: checks and expansion, no decod
 
 
 def fail_config(message):
-    # One line naming the field; raised as a WorkflowError so Snakemake prints it without a traceback.
-    raise WorkflowError(f"config error: {message}")
+    # One line naming the field, and nothing else: exit before Snakemake starts (or locks) anything.
+    matrix.exit_with_config_error(message)
 
 
 try:

@@ -1,7 +1,7 @@
 # The only step that writes the DuckDB store: every result file of this tag and host, in one transaction.
 # Runs already stored are skipped by run id, so re-running it (or a resumed workflow) never duplicates a row.
-# It also replaces the store's device price table with the config's `prices`, if any (a price change re-runs only
-# this step, not the measurements).
+# It also replaces the store's device price table with the config's `prices`, if any, and its noise thresholds with
+# the config's `noise` (a change of either re-runs only this step, not the measurements).
 
 
 rule ingest:
@@ -13,32 +13,41 @@ rule ingest:
         db=config["db"],
         # Only when the config sets prices, so a config without them leaves the stored table alone.
         prices=f"--prices {shlex.quote(json.dumps(config['prices'], sort_keys=True))}" if config["prices"] else "",
+        # Always: the thresholds the store judges noise by are the config's (a change re-runs only this step).
+        noise=f"--noise {shlex.quote(json.dumps(config['noise'], sort_keys=True))}",
     log:
         f"logs/{config['tag']}/{HOST}/ingest.log",
     shell:
-        "specdec ingest --db {params.db:q} {params.prices} {input:q} 2>&1 | tee {log:q} {output:q}"
+        "specdec ingest --db {params.db:q} {params.prices} {params.noise} {input:q} 2>&1 | tee {log:q} {output:q}"
 
 
+# The summary printed at the end of every run (rule all in the Snakefile; it always runs, also when every cell was
+# already done): per pair and strategy the best k on this host, quiet cells first, so a noisy cell is shown only
+# when every k of it was noisy, and then marked. The interval is cell_summary's 95 % bootstrap interval.
 SUMMARY_SQL = """
 SELECT target, coalesce(draft, '-') AS draft, strategy, draft_length AS k, gpus, temperature,
-       round(speedup_median, 2) AS speedup, round(tokens_per_s_median, 1) AS tok_s,
+       round(speedup_median, 2) AS speedup,
+       CASE WHEN speedup_ci_low IS NOT NULL
+            THEN printf('%.2f-%.2f', speedup_ci_low, speedup_ci_high) ELSE '-' END AS ci_95,
+       round(tokens_per_s_median, 1) AS tok_s,
        round(acceptance_rate_median, 2) AS acceptance, round(mean_accepted_tokens_median, 2) AS tok_per_step,
        round(match_share, 2) AS identical,
        round(degenerate_share, 2) AS degenerate, round(speedup_median_clean, 2) AS speedup_clean,
-       round(mean_accepted_tokens_median_clean, 2) AS tok_per_step_clean
+       round(mean_accepted_tokens_median_clean, 2) AS tok_per_step_clean,
+       CASE WHEN noisy THEN 'NOISY: ' || noise_reason WHEN noisy IS NULL THEN 'unknown' ELSE 'quiet' END AS noise
 FROM cell_summary
 WHERE host = '{host}' AND strategy <> 'baseline'
 QUALIFY row_number() OVER (PARTITION BY target, draft, strategy, gpus, temperature
-                           ORDER BY speedup_median DESC NULLS LAST) = 1
+                           ORDER BY coalesce(noisy, false), speedup_median DESC NULLS LAST) = 1
 ORDER BY target, draft, speedup_median DESC NULLS LAST
 """
 
 
-onsuccess:
-    # Best speedup per pair and strategy on this host, from the store (all runs so far, not only this one).
-    if Path(config["db"]).exists():
-        import socket
+def summary_command():
+    import socket
 
-        sql = " ".join(SUMMARY_SQL.split()).replace("{host}", socket.gethostname().replace("'", "''"))
-        print(f"\nBest speedup per pair and strategy (store: {config['db']}; more: specdec query / specdec dashboard)")
-        shell("specdec query --db {db:q} {sql:q}", db=config["db"], sql=sql)
+    sql = " ".join(SUMMARY_SQL.split()).replace("{host}", socket.gethostname().replace("'", "''"))
+    heading = (f"Best speedup per pair and strategy, quiet cells first (store: {config['db']}; "
+               "more: specdec query / specdec dashboard)")
+    return (f"echo; echo {shlex.quote(heading)}; "
+            f"specdec query --db {shlex.quote(config['db'])} {shlex.quote(sql)}")

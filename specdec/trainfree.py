@@ -1,0 +1,222 @@
+"""Data structures of the train-free proposers (proposers.py): Token Recycling's adjacency matrix and static tree
+template, suffix matching over token histories (SuffixDecoding / SAMD), REST's suffix-array datastore, and the
+rule that keeps what a proposer remembers across generations honest.
+
+Pure numpy over token ids: no model, no torch, so every structure is tested on scripted histories.
+
+Memory rule (every proposer that learns across a job's generations follows it): what one generation teaches is
+stored under its prompt, and a generation draws only on what *other conversations* taught. Two prompts belong to
+the same conversation when one is a prefix of the other (a follow-up turn's prompt starts with the first turn and
+its answer), so neither a repeat of a prompt (warm-up, measured repeats) nor a later turn of the same conversation
+drafts from its own earlier output; the job's other prompts are fair game, as in a server that has seen them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import heapq
+import math
+
+import numpy as np
+
+from specdec.tree import Tree
+
+SEPARATOR = -1               # between documents in a corpus: never matched, never proposed
+MEMORY_TOKENS = 1 << 20      # suffix memory keeps at most this many earlier output tokens (8 MiB of int64)
+MEMORY_PROMPTS = 4096        # and at most this many generations (oldest dropped first)
+
+
+# --- memory across generations --------------------------------------------------------------------------------
+
+def same_conversation(a: tuple, b: tuple) -> bool:
+    """One prompt is a prefix of the other (equal prompts included)."""
+    n = min(len(a), len(b))
+    return a[:n] == b[:n]
+
+
+def remember(memory: dict, key: str, prompt_ids: list[int], value) -> list:
+    """Store `value` as what this generation of `prompt_ids` teaches (replacing an earlier generation of the same
+    prompt) and return the values of every other conversation, oldest first."""
+    entries: dict = memory.setdefault(key, {})
+    prompt = tuple(prompt_ids)
+    entries.pop(prompt, None)
+    others = [v for p, v in entries.items() if not same_conversation(p, prompt)]
+    entries[prompt] = value
+    while len(entries) > MEMORY_PROMPTS:
+        entries.pop(next(iter(entries)))
+    return others
+
+
+# --- Token Recycling --------------------------------------------------------------------------------------------
+
+# Assumed chance that the target's next token is the candidate of rank r in a matrix row. Only the order of
+# products matters: it fixes the static template (which (rank, rank, ...) paths a draft tree holds).
+RANK_PRIOR = (0.55, 0.15, 0.08, 0.05, 0.035, 0.025, 0.02, 0.015)
+
+
+@functools.cache
+def recycling_template(budget: int, depth: int, topk: int) -> tuple[tuple[int, int], ...]:
+    """The static draft-tree template: `budget` nodes as (parent template node or -1, candidate rank), parents
+    first. Nodes are the `budget` most likely rank paths of length <= depth under RANK_PRIOR (a path's score is
+    the product of its ranks' priors, so every kept node's parent is kept). With topk 8, budget 15 and depth 8 it
+    is a chain of rank-0 candidates 5 deep, the root's 2nd-4th candidates and rank-1/rank-2 side branches near
+    the top: wide where a guess is likely to fail, deep along the best guess."""
+    prior = [RANK_PRIOR[r] if r < len(RANK_PRIOR) else RANK_PRIOR[-1] / (r - len(RANK_PRIOR) + 2)
+             for r in range(topk)]
+    nodes: list[tuple[int, int]] = []
+    heap = [(-math.log(prior[r]), 0, -1, r, 1) for r in range(topk)]  # (cost, order, parent, rank, depth)
+    order = 1
+    while heap and len(nodes) < budget:
+        cost, _, parent, rank, d = heapq.heappop(heap)
+        nodes.append((parent, rank))
+        if d < depth:
+            for r in range(topk):
+                heapq.heappush(heap, (cost - math.log(prior[r]), order, len(nodes) - 1, r, d + 1))
+                order += 1
+    return tuple(nodes)
+
+
+def new_matrix(vocab: int, topk: int) -> np.ndarray:
+    """[vocab, topk] int32: row t = the target's top-k next tokens last seen after token t; -1 = not seen yet."""
+    return np.full((vocab, topk), -1, dtype=np.int32)
+
+
+def update_matrix(matrix: np.ndarray, tokens: np.ndarray, rows: np.ndarray) -> None:
+    """Overwrite the rows of `tokens` (the newest row of a repeated token wins)."""
+    matrix[tokens] = rows
+
+
+def recycled_tree(matrix: np.ndarray, root: int, template, depth: int, stop_tokens=()) -> Tree:
+    """Grow the template from `root`: a node's token is its parent's matrix row at the node's rank; nodes whose
+    parent is missing (unseen row, end of sequence, beyond `depth`) are left out."""
+    tree = Tree()
+    placed: list[int] = []  # template node -> tree node (-1: left out)
+    for parent, rank in template:
+        if parent >= 0 and placed[parent] < 0:
+            placed.append(-1)
+            continue
+        node_parent = placed[parent] if parent >= 0 else -1
+        source = tree.tokens[node_parent] if node_parent >= 0 else root
+        d = tree.depths[node_parent] + 1 if node_parent >= 0 else 1
+        token = int(matrix[source, rank]) if source not in stop_tokens and d <= depth else -1
+        if token < 0:
+            placed.append(-1)
+            continue
+        placed.append(len(tree))
+        tree.tokens.append(token)
+        tree.parents.append(node_parent)
+        tree.depths.append(d)
+    return tree
+
+
+# --- suffix matching (SuffixDecoding / SAMD, REST) ------------------------------------------------------------
+
+def match_ends(seq: np.ndarray, context: np.ndarray, max_match: int, before: int | None = None
+               ) -> tuple[int, np.ndarray]:
+    """Longest suffix match of `context` in `seq`: (its length L, the positions in seq where such a match ends).
+    Only matches ending before `before` count (default: anywhere); L = 0 when the last token never occurs."""
+    limit = len(seq) if before is None else before
+    ends = np.flatnonzero(seq[:limit] == context[-1])
+    length = 0
+    while ends.size:
+        length += 1
+        if length == max_match or length == len(context):
+            break
+        ok = ends >= length
+        nxt = ends[ok]
+        nxt = nxt[seq[nxt - length] == context[-1 - length]]
+        if not nxt.size:
+            break
+        ends = nxt
+    return length, ends
+
+
+def continuations(seq: np.ndarray, ends: np.ndarray, depth: int, stop: int | None = None) -> list[list[int]]:
+    """The (up to) `depth` tokens after each match end, cut at a separator and before `stop` (exclusive)."""
+    out = []
+    limit = len(seq) if stop is None else stop
+    for end in ends.tolist():
+        cont = seq[end + 1:min(end + 1 + depth, limit)].tolist()
+        if SEPARATOR in cont:
+            cont = cont[:cont.index(SEPARATOR)]
+        if cont:
+            out.append(cont)
+    return out
+
+
+def frequency_tree(conts: list[list[int]], budget: int, stop_tokens=()) -> Tree:
+    """The trie of the continuations, cut to the `budget` nodes with the highest frequency (the share of
+    continuations that pass through a node, SuffixDecoding's score); ties go to the earlier-seen node, so a node's
+    parent (at least as frequent, seen earlier) is always kept. Nothing is drafted past an end-of-sequence."""
+    children: list[dict[int, int]] = [{}]
+    count, order, parents, tokens, depths = [], [], [], [], []
+    for cont in conts:
+        node = -1
+        for token in cont:
+            kids = children[node + 1]
+            if token not in kids:
+                kids[token] = len(tokens)
+                tokens.append(token)
+                parents.append(node)
+                depths.append(depths[node] + 1 if node >= 0 else 1)
+                count.append(0)
+                children.append({})
+            node = kids[token]
+            count[node] += 1
+            if token in stop_tokens:
+                break
+    kept = sorted(sorted(range(len(tokens)), key=lambda i: (-count[i], i))[:budget])
+    renumber = {old: new for new, old in enumerate(kept)}
+    return Tree([tokens[i] for i in kept], [renumber[parents[i]] if parents[i] >= 0 else -1 for i in kept],
+                [depths[i] for i in kept])
+
+
+def concatenate(documents: list[np.ndarray]) -> np.ndarray:
+    """Documents joined with SEPARATOR (also one at the end), as one int64 array."""
+    if not documents:
+        return np.zeros(0, dtype=np.int64)
+    parts = []
+    for doc in documents:
+        parts += [np.asarray(doc, dtype=np.int64), np.array([SEPARATOR], dtype=np.int64)]
+    return np.concatenate(parts)
+
+
+# --- REST datastore: a suffix array over a token corpus --------------------------------------------------------
+
+SUFFIX_KEY = 32  # suffixes are ordered by their first SUFFIX_KEY tokens: matches longer than that are not needed
+
+
+class Datastore:
+    """A corpus of token ids (documents joined by SEPARATOR) and its suffix array, ordered by the big-endian
+    bytes of each suffix's first SUFFIX_KEY tokens, so all suffixes that start with a pattern are one contiguous
+    run found by binary search. Memory: 12 B per corpus token + 8 B per suffix array entry."""
+
+    def __init__(self, corpus: np.ndarray):
+        self.tokens = np.asarray(corpus, dtype=np.int64)
+        self.corpus = self.tokens.astype(">i4")  # SEPARATOR is 0xFFFFFFFF: sorts after every token
+        n = len(self.corpus)
+        self.suffixes = np.array(sorted(range(n), key=self.key_at), dtype=np.int64) if n else np.zeros(0, np.int64)
+
+    def key_at(self, i: int, n: int = SUFFIX_KEY) -> bytes:
+        return self.corpus[i:i + n].tobytes()
+
+    def occurrences(self, pattern: list[int]) -> np.ndarray:
+        """Positions where `pattern` occurs (at most SUFFIX_KEY tokens of it are used)."""
+        target = np.asarray(pattern[-SUFFIX_KEY:], dtype=">i4").tobytes()
+        n = len(target) // 4
+        key = functools.partial(self.key_at, n=n)
+        lo = bisect.bisect_left(self.suffixes, target, key=lambda i: key(int(i)))
+        hi = bisect.bisect_right(self.suffixes, target, lo=lo, key=lambda i: key(int(i)))
+        return self.suffixes[lo:hi]
+
+    def retrieve(self, context: list[int], depth: int, max_match: int, min_match: int = 1,
+                 max_hits: int = 256) -> tuple[int, list[list[int]]]:
+        """Continuations (up to `depth` tokens) of the longest suffix of `context` (at most max_match tokens,
+        tried longest first) found in the corpus: (match length, up to max_hits continuations)."""
+        for n in range(min(max_match, len(context)), min_match - 1, -1):
+            hits = self.occurrences(context[-n:])
+            if hits.size:
+                ends = np.sort(hits)[:max_hits] + n - 1
+                return n, continuations(self.tokens, ends, depth)
+        return 0, []

@@ -1,0 +1,210 @@
+"""Train-free proposers (Token Recycling, suffix matching, REST): their structures on scripted histories, greedy
+token identity with the baseline on tiny models, and the memory rule across generations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from specdec.datastore import DEFAULT_PROMPTS, load_datastore
+from specdec.decoding import DecodeSettings, Trace, baseline_decode
+from specdec.proposers import RecyclingProposer, Shape, SuffixProposer
+from specdec.runner import decode_models
+from specdec.trainfree import (SEPARATOR, Datastore, concatenate, continuations, frequency_tree, match_ends,
+                               new_matrix, recycled_tree, recycling_template, remember, update_matrix)
+from tiny import EOS, prompts
+
+MODEL_FREE_TREES = ("recycling", "suffix", "rest")
+
+
+def paths(tree) -> set[tuple[int, ...]]:
+    """Every root-to-node token path of a tree."""
+    out = set()
+    for i in range(len(tree)):
+        path, node = [], i
+        while node >= 0:
+            path.append(tree.tokens[node])
+            node = tree.parents[node]
+        out.add(tuple(reversed(path)))
+    return out
+
+
+# --- structures -------------------------------------------------------------------------------------------------
+
+def test_template_keeps_parents_first_and_respects_budget_and_depth():
+    for budget, depth, topk in ((15, 8, 8), (15, 3, 8), (5, 5, 2), (40, 6, 8)):
+        template = recycling_template(budget, depth, topk)
+        assert len(template) == budget
+        depths = []
+        for i, (parent, rank) in enumerate(template):
+            assert parent < i and 0 <= rank < topk
+            depths.append(depths[parent] + 1 if parent >= 0 else 1)
+        assert max(depths) <= depth
+        assert len(set(template)) == budget  # no node twice
+    # the best guess first, then its own best guess: a deep rank-0 chain
+    assert recycling_template(15, 8, 8)[:3] == ((-1, 0), (0, 0), (1, 0))
+
+
+def test_recycled_tree_follows_the_matrix_and_skips_unseen_rows():
+    matrix = new_matrix(10, 2)
+    update_matrix(matrix, np.array([1, 5, 6]), np.array([[5, 7], [6, 8], [9, 3]]))
+    template = ((-1, 0), (0, 0), (-1, 1), (1, 0), (0, 1), (2, 0))
+    tree = recycled_tree(matrix, 1, template, depth=8)
+    # 1 -> 5 (rank 0) -> 6 -> 9; 1 -> 7 (rank 1, row of 7 unseen: no children); 5 -> 8 (rank 1)
+    assert paths(tree) == {(5,), (5, 6), (7,), (5, 6, 9), (5, 8)}
+    assert paths(recycled_tree(matrix, 1, template, depth=2)) == {(5,), (5, 6), (7,), (5, 8)}
+    assert paths(recycled_tree(matrix, 1, template, depth=8, stop_tokens={5})) == {(5,), (7,)}
+    assert len(recycled_tree(matrix, 4, template, depth=8)) == 0  # unseen root
+
+
+def test_recycling_matrix_learns_from_prompt_and_verify_logits():
+    vocab, topk = 12, 3
+    proposer = RecyclingProposer(DecodeSettings(recycle_topk=topk), {})
+    logits = torch.zeros(3, vocab)
+    logits[0, [4, 5, 6]] = torch.tensor([3.0, 2.0, 1.0])   # after token 7: 4, 5, 6
+    logits[1, [8, 9, 10]] = torch.tensor([3.0, 2.0, 1.0])  # after token 4: 8, 9, 10
+    logits[2, [1, 2, 3]] = torch.tensor([3.0, 2.0, 1.0])   # after token 8: 1, 2, 3
+    proposer.start([7, 4, 8], None, logits)
+    assert proposer.matrix[7].tolist() == [4, 5, 6] and proposer.matrix[4].tolist() == [8, 9, 10]
+    assert (proposer.matrix[0] == -1).all()
+    shape = Shape(depth=3, budget=4, width=8)
+    tree = proposer.propose([7, 4, 8, 1], None, shape, Trace()).tree
+    assert len(tree) == 0  # token 1 was never scored
+    tree = proposer.propose([7, 4, 8, 7], None, shape, Trace()).tree
+    assert (4, 8, 1) in paths(tree) and (5,) in paths(tree) and len(tree) == 4
+    # a verify pass scores the root (7) and its nodes: their rows are overwritten, accepted or not
+    verify = torch.zeros(len(tree) + 1, vocab)
+    verify[:, 11] = 5.0
+    proposer.seen = 4
+    proposer.observe([7, 4, 8, 7, 11], type("P", (), {"tree": tree})(), verify)
+    assert all(proposer.matrix[t][0] == 11 for t in [7] + tree.tokens)
+
+
+def test_match_ends_finds_the_longest_suffix_match():
+    seq = np.array([1, 2, 3, 9, 2, 3, 4, 1, 2, 3])
+    length, ends = match_ends(seq, seq, 8, before=len(seq) - 1)
+    assert length == 3 and ends.tolist() == [2]
+    assert continuations(seq, ends, 4) == [[9, 2, 3, 4]]
+    length, ends = match_ends(seq, np.array([7, 2, 3]), 8)
+    assert length == 2 and ends.tolist() == [2, 5, 9]
+    assert match_ends(seq, np.array([5]), 8)[0] == 0
+    assert match_ends(seq, seq, 2, before=len(seq) - 1)[0] == 2  # capped at max_match
+    corpus = concatenate([np.array([4, 5, 6]), np.array([4, 5])])
+    assert corpus.tolist() == [4, 5, 6, SEPARATOR, 4, 5, SEPARATOR]
+    length, ends = match_ends(corpus, np.array([4]), 8)
+    assert continuations(corpus, ends, 3) == [[5, 6], [5]]  # cut at the separator
+
+
+def test_frequency_tree_keeps_the_most_frequent_nodes_and_their_parents():
+    conts = [[1, 2, 3], [1, 2, 4], [1, 5], [6, 7], [1, 2, 3]]
+    tree = frequency_tree(conts, budget=4)
+    # counts: 1:4, 1-2:3, 1-2-3:2, then ties at 1 (first seen wins: 1-2-4)
+    assert paths(tree) == {(1,), (1, 2), (1, 2, 3), (1, 2, 4)}
+    assert paths(frequency_tree(conts, budget=2, stop_tokens={1})) == {(1,), (6,)}
+    assert len(frequency_tree([], 5)) == 0
+
+
+def test_datastore_retrieves_continuations_of_the_longest_match():
+    docs = [np.array([1, 2, 3, 4, 5]), np.array([9, 2, 3, 7]), np.array([2, 3, 4, 6])]
+    store = Datastore(concatenate(docs))
+    assert sorted(store.occurrences([2, 3]).tolist()) == [1, 7, 11]
+    assert store.occurrences([3, 8]).size == 0
+    n, conts = store.retrieve([8, 2, 3, 4], depth=3, max_match=16)
+    assert n == 3 and sorted(conts) == [[5], [6]]
+    n, conts = store.retrieve([0, 3], depth=2, max_match=16)
+    assert n == 1 and sorted(conts) == [[4, 5], [4, 6], [7]]
+    assert store.retrieve([0], depth=2, max_match=16) == (0, [])
+
+
+def test_remember_hides_the_same_conversation():
+    memory: dict = {}
+    assert remember(memory, "x", [1, 2], "a") == []
+    assert remember(memory, "x", [3, 4], "b") == ["a"]
+    assert remember(memory, "x", [1, 2], "a2") == ["b"]                  # a repeat sees only other prompts
+    assert remember(memory, "x", [1, 2, 9, 9], "turn2") == ["b"]         # a follow-up turn: not its first turn
+    assert remember(memory, "x", [3, 4], "b2") == ["a2", "turn2"]
+
+
+def test_suffix_proposer_drafts_from_other_prompts_outputs_only():
+    s = DecodeSettings(k=6, max_new_tokens=20)
+    memory: dict = {}
+    shape = Shape(depth=6, budget=6, width=4)
+    first = SuffixProposer(s, memory)
+    first.start([10, 11], None, None)
+    first.propose([10, 11, 20, 21, 22, 23, 24], None, shape, Trace())  # its output so far: 20..24
+    other = SuffixProposer(s, memory)
+    other.start([30, 31], None, None)
+    tree = other.propose([30, 31, 20, 21], None, shape, Trace()).tree
+    # match [20, 21] (2 tokens): up to 2 x 2 = 4 tokens deep from the first prompt's output
+    assert paths(tree) == {(22,), (22, 23), (22, 23, 24)}
+    again = SuffixProposer(s, memory)
+    again.start([10, 11], None, None)  # a repeat: its own earlier output (22 after 20, 21) is not visible
+    assert len(again.propose([10, 11, 20, 21], None, shape, Trace()).tree) == 0
+
+
+# --- engine: greedy identity --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def datastore_memory(target):
+    """REST's datastore for the tiny target: its own greedy outputs on a few other prompts."""
+    s = DecodeSettings(max_new_tokens=40)
+    outputs = [np.array(baseline_decode(target, p, s, {EOS}).tokens) for p in prompts(6, seed=11)]
+    return {"datastore": Datastore(concatenate(outputs))}
+
+
+@pytest.mark.parametrize("strategy", MODEL_FREE_TREES)
+def test_greedy_train_free_trees_match_baseline(target, datastore_memory, strategy):
+    memory = datastore_memory if strategy == "rest" else {}
+    accepted = proposed = 0
+    for p in prompts(6, seed=3):
+        base = baseline_decode(target, p, DecodeSettings(max_new_tokens=30), {EOS}).tokens
+        for k, budget in ((1, None), (3, 5), (6, 15)):
+            s = DecodeSettings(max_new_tokens=30, k=k, tree_budget=budget)
+            trace = decode_models(strategy, target, p, s, {EOS}, memory=memory)
+            assert trace.tokens == base, f"{strategy} k={k} budget={budget} prompt={p}"
+            assert trace.target_passes == 1 + trace.steps
+            assert len(trace.proposed_per_position) == k
+            accepted += trace.accepted_per_position[0]
+            proposed += trace.proposed_per_position[0]
+    assert proposed > accepted > 20  # drafts were made, some accepted, some rejected
+
+
+@pytest.mark.parametrize("strategy", MODEL_FREE_TREES)
+def test_train_free_trees_stop_exactly_at_eos_and_max_tokens(target, datastore_memory, strategy):
+    memory = datastore_memory if strategy == "rest" else {}
+    for p in prompts(3, seed=5):
+        free = baseline_decode(target, p, DecodeSettings(max_new_tokens=30, stop_at_eos=False), set()).tokens
+        eos = {free[7]}
+        s = DecodeSettings(max_new_tokens=30, k=6, tree_budget=10)
+        assert decode_models(strategy, target, p, s, eos, memory=memory).tokens == free[:free.index(free[7]) + 1]
+        for n in (1, 2, 5):
+            s = DecodeSettings(max_new_tokens=n, k=6, tree_budget=10, stop_at_eos=False)
+            assert decode_models(strategy, target, p, s, set(), memory=memory).tokens == free[:n]
+
+
+def test_default_datastore_is_built_once_and_cached(tmp_path):
+    asked = []
+
+    def answer(prompt):
+        asked.append(prompt)
+        return [len(asked), 1000, 1001]
+
+    first = load_datastore("tiny", None, None, answer, root=tmp_path, log=lambda *a: None)
+    assert len(asked) == DEFAULT_PROMPTS and len(list(tmp_path.glob("tiny-*.npy"))) == 1
+    again = load_datastore("tiny", None, None, answer, root=tmp_path, log=lambda *a: None)
+    assert len(asked) == DEFAULT_PROMPTS  # read from disk, not generated again
+    assert again.tokens.tolist() == first.tokens.tolist()
+    assert again.retrieve([1000], 2, 4)[1] == [[1001]] * DEFAULT_PROMPTS
+
+
+def test_corpus_file_is_tokenised_and_bad_files_are_named(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "abc"}\n{"text": "abd"}\n')
+    store = load_datastore("tiny", str(corpus), lambda text: [ord(c) for c in text], None)
+    assert sorted(store.retrieve([ord("b")], 1, 4)[1]) == [[ord("c")], [ord("d")]]
+    corpus.write_text('{"words": "abc"}\n')
+    with pytest.raises(ValueError, match=r"corpus.jsonl:1: each line must be a JSON object with a \"text\""):
+        load_datastore("tiny", str(corpus), list, None)
+    with pytest.raises(ValueError, match="rest corpus '.*missing.txt' does not exist"):
+        load_datastore("tiny", str(tmp_path / "missing.txt"), list, None)
