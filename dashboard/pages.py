@@ -11,7 +11,7 @@ import streamlit as st
 from specdec.dashboard import queries as q
 from specdec.dashboard.queries import Filters
 from specdec.db.query import QueryError, UnsafeSQLError, run_query
-from specdec.strategies import STRATEGIES
+from specdec.strategies import STRATEGIES, is_plain_baseline
 
 # What fills an empty store, from the repository root: the default matrix (its last step ingests), or ingesting
 # result files that already exist. Both write the default store ($SPECDEC_DB or db/specdec.duckdb).
@@ -279,7 +279,7 @@ def page_overview(db: str, f: Filters) -> None:
     b = b.drop(columns=["noisy", "noise_reason"])
     # settings that are the same in every row add nothing to the table; the others tell two rows of one pair
     # and strategy apart, so they come first
-    settings = ("host", "gpus", "temperature", "top_p", "top_k", "max_new_tokens")
+    settings = ("host", "gpus", "temperature", "top_p", "top_k", "max_new_tokens", "weights", "threads")
     constant = [c for c in settings if b[c].nunique() <= 1]
     unpriced = [] if b.cost_per_mtok.notna().any() else ["cost_per_mtok"]  # no device prices configured
     shown = b.drop(columns=["target", "draft", *constant, *unpriced])
@@ -294,8 +294,9 @@ def page_overview(db: str, f: Filters) -> None:
         "acceptance_rate": st.column_config.NumberColumn("acceptance", format="percent"),
         "tokens_per_s": st.column_config.NumberColumn("tok/s", format="%.1f"),
         "baseline_tokens_per_s": st.column_config.NumberColumn("baseline tok/s", format="%.1f")})
-    if constant:
-        st.caption("All rows: " + ", ".join(f"{c} = {b[c].iloc[0]}" for c in constant) + ".")
+    stated = [c for c in constant if b[c].notna().any()]  # unset weights/threads (the alias's, torch's): nothing to say
+    if stated:
+        st.caption("All rows: " + ", ".join(f"{c} = {b[c].iloc[0]}" for c in stated) + ".")
 
     status = q.store_status(db)
     s = st.columns(3)
@@ -581,7 +582,7 @@ def page_losslessness(db: str, f: Filters) -> None:
     st.caption("Greedy speculative decoding must reproduce the baseline's tokens exactly. Share of outputs whose "
                "token hash equals the baseline's, per cell (sampled runs are not compared).")
     c = q.cells(db, f)
-    d = c[(c.compared > 0) & (c.strategy != "baseline")].copy()
+    d = c[(c.compared > 0) & ~c.strategy.map(lambda s: s in STRATEGIES and is_plain_baseline(s))].copy()
     if d.empty:
         no_rows(f, "greedy cells with a baseline")
         return
