@@ -3,11 +3,14 @@ the same GGUF (its own Q4_1), greedy, on the suite. Goal (issue 16): our plain d
 >= 0.8x llama.cpp's plain decoding, at 2 threads.
 
     python bench/engines.py [--threads 1,2] [--per-category 1] [--repeats 3] [--max-new-tokens 64] [--k 4]
-                            [--weights float32,bfloat16,int8,int4] [--out results/engines.json]
+                            [--weights float32,bfloat16,int8,int4] [--methods ngram,speculative]
+                            [--out results/engines.json]
 
 For each thread count, one `specdec bench` run (one process, runners interleaved per prompt, medians over repeats;
-specdec/measure.py) measures every runner: ours baseline / ngram / speculative (the target as its own draft) per
-weight format, and llama.cpp's llamacpp-generate / -ngram / -specdec-ngram / -speculative. The load average
+specdec/measure.py) measures every runner: our baseline and --methods (default ngram and speculative, the target
+as its own draft; the train-free recycling, suffix and rest can be added) per weight format, and on llama.cpp its
+plain decoding, its own prompt lookup (llamacpp-ngram, with ngram) and the llama.cpp strategy of each method
+(registry `peer`: llamacpp-specdec-ngram, -speculative, -recycling, -suffix, -rest). The load average
 (/proc/loadavg) is read before and after each run: llama.cpp spins its threads, so on a busy machine its figures
 collapse, and the table says how busy the machine was. Prints the CPU model, one table per thread count (speedup
 over the same engine's plain decoding in the same weights, tokens per target pass, whether speculation pays,
@@ -24,8 +27,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-OURS = ("baseline", "ngram", "speculative")
-LLAMACPP = ("llamacpp-generate", "llamacpp-ngram", "llamacpp-specdec-ngram", "llamacpp-speculative")
+METHODS = ("ngram", "speculative")  # default --methods
 GOAL = 0.8  # ours plain (quantised) ÷ llama.cpp plain
 
 
@@ -38,8 +40,22 @@ def load_average() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
 
+def runners(methods: list[str]) -> list[str]:
+    """Ours: plain decoding and each method; llama.cpp: plain decoding, its own prompt lookup beside ours, and
+    the llama.cpp strategy whose registry `peer` is each method."""
+    from specdec.strategies import STRATEGIES
+
+    unknown = [m for m in methods if m not in STRATEGIES or STRATEGIES[m].engine != "specdec"]
+    if unknown:
+        raise SystemExit(f"--methods: {unknown} are not strategies of our engine; choose from "
+                         + ", ".join(n for n, s in STRATEGIES.items() if s.engine == "specdec" and s.uses_k))
+    llama = ["llamacpp-generate"] + (["llamacpp-ngram"] if "ngram" in methods else [])
+    llama += [n for m in methods for n, s in STRATEGIES.items() if s.engine == "llamacpp" and s.peer == m]
+    return ["baseline"] + methods + llama
+
+
 def run_bench(args, threads: int) -> dict:
-    command = [sys.executable, "-m", "specdec.cli", "bench", "--runners", ",".join(OURS + LLAMACPP),
+    command = [sys.executable, "-m", "specdec.cli", "bench", "--runners", ",".join(runners(args.methods)),
                "--weights", args.weights, "--threads", str(threads), "--per-category", str(args.per_category),
                "--repeats", str(args.repeats), "--max-new-tokens", str(args.max_new_tokens), "--k", str(args.k),
                "--memory", "off"]
@@ -104,12 +120,17 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", default="1,2", help="comma-separated thread counts, one bench run each")
     p.add_argument("--weights", default="float32,bfloat16,int8,int4")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma-separated methods of ours, each also run on llama.cpp where it has a mirror "
+                        "(default: %(default)s; e.g. add recycling,suffix,rest)")
     p.add_argument("--per-category", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--out", default="results/engines.json")
     args = p.parse_args(argv)
+    args.methods = [m for m in args.methods.split(",") if m]
+    runners(args.methods)  # unknown methods fail here, before anything runs
     report = {"cpu": cpu_model(), "settings": vars(args), "runs": {}}
     print(f"CPU: {report['cpu']}")
     for threads in [int(t) for t in args.threads.split(",")]:

@@ -6,8 +6,13 @@ Strategies (the name carries the engine):
 * `llamacpp-ngram` — llama-cpp-python's prompt lookup (`LlamaPromptLookupDecoding`: the *earliest* earlier
   occurrence of the last ngram_max..1 tokens) as the draft hook.
 * `llamacpp-specdec-ngram` — our own prompt lookup (proposers.NgramProposer: the *latest* occurrence) plugged
-  into the same hook, so one method is measured on both engines. Any of our model-free proposers can be plugged
-  in the same way (`ProposerDraft`; a registry entry with engine 'llamacpp' and its proposer name).
+  into the same hook, so one method is measured on both engines. Our other model-free proposers are plugged in
+  the same way (`ProposerDraft`; a registry entry with engine 'llamacpp' and its proposer name):
+  `llamacpp-suffix`, `llamacpp-rest` and `llamacpp-recycling`. The hook verifies one sequence, so each proposes a
+  chain (proposers with width 1): suffix and REST the most frequent continuation, Token Recycling the rank-0
+  path of its template. Token Recycling learns from the target's logits, which the hook does not pass: they are
+  read from the Llama's scores buffer, where llama-cpp-python writes every position of a pass evaluated with
+  logits_all (`EvalMeter` asks for that on the prompt too, as our engine computes the prompt's logits for it).
 * `llamacpp-speculative` — a second GGUF as the draft: `GreedyDraft` runs a draft `Llama` greedily, keeping its KV
   cache across steps (only tokens it has not seen are fed).
 
@@ -30,9 +35,9 @@ How a generation is counted (`decode`):
   acceptance is known. Cross-check (tested): Σ (tokens per verify eval − 1) = Σ proposed.
 * times: TTFT = until the first token is yielded; draft_s = inside the hook; verify_s = inside verify evals.
   Sampling and llama-cpp-python's own loop are neither (accept_s and rollback_s stay 0).
-* limits: a draft hook sees only token ids; draft-model passes are counted by `GreedyDraft` itself; the prompt
-  pass computes only the last position's logits (llama-cpp-python would compute the output head over the whole
-  prompt whenever a draft model is set).
+* limits: a draft hook sees only token ids (and, through the Llama, its logits); draft-model passes are counted
+  by `GreedyDraft` itself; the prompt pass computes only the last position's logits unless the proposer reads
+  them (llama-cpp-python would compute the output head over the whole prompt whenever a draft model is set).
 
 Numerics: llama.cpp's multi-token forward is not bit-identical to its 1-token forward (logits of a 2..16-token
 batch differ from token-by-token ones by up to 0.5-0.7 on SmolLM2 Q4_1, whatever flash attention or the KV type),
@@ -227,29 +232,44 @@ class GreedyDraft:
 
 class ProposerDraft:
     """One of our model-free proposers (proposers.MODEL_FREE_PROPOSERS) as a draft hook: it proposes a chain
-    after the tokens so far and observes what was kept at the next call. llama.cpp's hook shows token ids only,
-    so proposers that read the target's logits or hidden states are refused, and `observe` gets no logits."""
+    (width 1) after the tokens so far and observes what was kept at the next call. The proposer starts at the
+    first call, when llama.cpp has evaluated the prompt. A proposer that reads the target's logits (Token
+    Recycling) gets them from `llm`'s scores buffer: the prompt's rows at the start, the last verify pass's rows
+    ([root] + drafts) in observe. Proposers that read hidden states are refused: llama.cpp does not keep them."""
 
-    def __init__(self, proposer, stop_tokens=()):
-        if proposer.needs_features or proposer.reads_prompt_logits:
-            raise LlamaCppError(f"{type(proposer).__name__} reads the target's features or logits, which llama.cpp's "
-                                "draft hook does not show")
-        self.proposer, self.stop_tokens, self.num_pred_tokens = proposer, frozenset(stop_tokens), 1
-        self.last = None
+    def __init__(self, proposer, stop_tokens=(), llm=None):
+        if proposer.needs_features:
+            raise LlamaCppError(f"{type(proposer).__name__} reads the target's hidden states, which llama.cpp's "
+                                "draft hook cannot show")
+        self.reads_logits = proposer.reads_prompt_logits
+        if self.reads_logits and llm is None:
+            raise LlamaCppError(f"{type(proposer).__name__} reads the target's logits: give the target Llama")
+        self.proposer, self.stop_tokens, self.llm, self.num_pred_tokens = proposer, frozenset(stop_tokens), llm, 1
+        self.start([])
 
     def start(self, prompt_ids: list[int]) -> None:
-        self.proposer.start(list(prompt_ids), None, None)
-        self.last = None
+        self.prompt, self.started, self.last, self.verified_at = list(prompt_ids), False, None, 0
+
+    def rows(self, start: int, n: int):
+        """The target's logits at positions start .. start + n - 1 (written by a pass evaluated with logits_all)."""
+        import torch
+
+        return torch.from_numpy(self.llm.scores[start:start + n])
 
     def __call__(self, input_ids, /, **kwargs):
         from specdec.proposers import Shape
 
         committed = [int(t) for t in input_ids]
-        if self.last is not None:
-            self.proposer.observe(committed, self.last, None)
+        if not self.started:
+            self.proposer.start(self.prompt, None, self.rows(0, len(self.prompt)) if self.reads_logits else None)
+            self.started = True
+        elif self.last is not None:
+            logits = self.rows(self.verified_at, 1 + len(self.last.tree)) if self.reads_logits else None
+            self.proposer.observe(committed, self.last, logits)
         depth = self.num_pred_tokens
         self.last = self.proposer.propose(committed, None, Shape(depth, depth, stop_tokens=self.stop_tokens),
                                           Trace(proposed_per_position=[0] * depth, accepted_per_position=[0] * depth))
+        self.verified_at = len(committed) - 1  # the verify pass evaluates the last committed token, then the drafts
         return np.array(self.last.tree.tokens, dtype=np.intc)
 
 
@@ -288,9 +308,11 @@ class RecordingDraft:
         return np.array(tokens, dtype=np.intc)
 
 
-def make_draft(strategy: str, s: DecodeSettings, eos_ids: set[int], draft_llm=None, memory: dict | None = None):
+def make_draft(strategy: str, s: DecodeSettings, eos_ids: set[int], draft_llm=None, memory: dict | None = None,
+               target_llm=None):
     """The draft hook of a llama.cpp strategy (None for plain decoding): a draft GGUF run greedily, one of our
-    model-free proposers (the registry entry's `proposer`), or llama-cpp-python's own prompt lookup."""
+    model-free proposers (the registry entry's `proposer`; `target_llm` for those that read its logits), or
+    llama-cpp-python's own prompt lookup."""
     from llama_cpp.llama_speculative import LlamaDraftModel, LlamaPromptLookupDecoding
 
     for hook in (GreedyDraft, ProposerDraft, RecordingDraft):
@@ -307,7 +329,7 @@ def make_draft(strategy: str, s: DecodeSettings, eos_ids: set[int], draft_llm=No
     if st.proposer is not None:
         from specdec.proposers import make_proposer
 
-        return ProposerDraft(make_proposer(st.proposer, s, memory=memory), eos_ids)
+        return ProposerDraft(make_proposer(st.proposer, s, memory=memory), eos_ids, target_llm)
     return LlamaPromptLookupDecoding(max_ngram_size=s.ngram_max, num_pred_tokens=s.k)
 
 
@@ -315,11 +337,11 @@ def make_draft(strategy: str, s: DecodeSettings, eos_ids: set[int], draft_llm=No
 
 class EvalMeter:
     """Wraps `Llama.eval` on one instance: counts and times calls, records their lengths, and asks llama.cpp for
-    the logits of every position of a pass only where drafts are verified (not for the prompt, not for plain
-    decoding: there the last position is all that is sampled)."""
+    the logits of every position of a pass only where drafts are verified, and of the prompt only for a proposer
+    that reads them (`prompt_rows`); plain decoding samples the last position only."""
 
-    def __init__(self, llm, verifies_drafts: bool):
-        self.llm, self.verifies_drafts = llm, verifies_drafts
+    def __init__(self, llm, verifies_drafts: bool, prompt_rows: bool = False):
+        self.llm, self.verifies_drafts, self.prompt_rows = llm, verifies_drafts, prompt_rows
         self.lengths, self.seconds, self.first_seconds = [], 0.0, 0.0
         self.previous = llm.__dict__.get("eval")
         self.inner = llm.eval
@@ -329,7 +351,7 @@ class EvalMeter:
     def __call__(self, tokens):
         started = time.perf_counter()
         first = not self.lengths
-        self.llm._logits_all = self.verifies_drafts and not first
+        self.llm._logits_all = self.verifies_drafts and (self.prompt_rows or not first)
         self.inner(tokens)
         elapsed = time.perf_counter() - started
         self.lengths.append(len(tokens))
@@ -360,7 +382,7 @@ def decode(llm, prompt_ids: list[int], s: DecodeSettings, eos_ids: set[int], dra
     llm.draft_model = hook
     llm.reset()  # no reuse of an earlier generation's cached prefix: every run encodes its whole prompt
     llm.set_seed(s.seed)
-    meter = EvalMeter(llm, verifies_drafts=draft is not None)
+    meter = EvalMeter(llm, verifies_drafts=draft is not None, prompt_rows=getattr(draft, "reads_logits", False))
     trace = Trace()
     start = time.perf_counter()
     tokens = llm.generate(prompt_ids, temp=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=0.0, typical_p=1.0,
@@ -410,4 +432,4 @@ def decode_models(strategy: str, target, prompt_ids: list[int], s: DecodeSetting
     if not is_llama(target):
         raise LlamaCppError(f"'{strategy}' runs on llama.cpp models: load the pair with engine='llamacpp'")
     eos = set(eos_ids)
-    return decode(target, prompt_ids, s, eos, make_draft(strategy, s, eos, draft, memory))
+    return decode(target, prompt_ids, s, eos, make_draft(strategy, s, eos, draft, memory, target))

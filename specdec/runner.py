@@ -65,7 +65,7 @@ def check_settings(strategy: str, draft: str | None, s: DecodeSettings, registry
         raise SettingsError(f"need 1 <= ngram_min <= ngram_max, got {s.ngram_min} and {s.ngram_max}")
     if not isinstance(s.recycle_topk, int) or s.recycle_topk < 1:
         raise SettingsError(f"recycle_topk must be an integer >= 1, got {s.recycle_topk!r}")
-    if s.rest_corpus is not None and strategy == "rest":
+    if s.rest_corpus is not None and st.proposer == "rest":
         try:
             corpus_documents(s.rest_corpus)
         except ValueError as exc:
@@ -159,13 +159,20 @@ def prepare(pair: Pair, strategy: str, s: DecodeSettings) -> dict:
 
 
 def rest_datastore(pair: Pair, s: DecodeSettings):
-    """REST's datastore for this target (datastore.py): the corpus file, or the target's own greedy answers."""
+    """REST's datastore for this target (datastore.py): the corpus file, or the target's own greedy answers as
+    this engine decodes them in this weight format, cached per alias and format (`<alias>@int8`,
+    `<alias>@gguf-Q4_1` for llama.cpp; float32 keeps the plain alias): each is built once, and no cell's corpus
+    depends on which format happened to run first."""
     greedy = DecodeSettings(max_new_tokens=DEFAULT_NEW_TOKENS, k=8)
+    llama = llamacpp.is_llama(pair.target.model)
+    fmt = weight_format(pair)
+    label = pair.target.spec.alias + ("" if fmt == "float32" else f"@{fmt}")
 
     def answer(prompt: str) -> list[int]:  # prompt lookup: the same greedy tokens as the baseline, sooner
-        return decode(pair, "ngram", encode_prompt(pair.target, prompt), greedy).tokens
+        strategy = "llamacpp-specdec-ngram" if llama else "ngram"
+        return decode(pair, strategy, encode_prompt(pair.target, prompt), greedy).tokens
 
-    return load_datastore(pair.target.spec.alias, s.rest_corpus,
+    return load_datastore(label, s.rest_corpus,
                           lambda text: pair.target.tokenizer.encode(text, add_special_tokens=False), answer)
 
 

@@ -83,6 +83,14 @@ _ALL = (
              "#9edae5", engine="llamacpp", proposer="ngram", peer="ngram"),
     Strategy("llamacpp-speculative", "llama.cpp with a second GGUF drafting greedily through its draft hook",
              "#c49c94", engine="llamacpp", draft="model", peer="speculative"),
+    # our train-free proposers in llama.cpp's hook: it verifies one sequence, so each drafts its best chain
+    Strategy("llamacpp-recycling", "llama.cpp with our Token Recycling in its draft hook: the chain of rank-0 "
+             "candidates (the adjacency matrix learns from the target's logits in llama.cpp's buffer)", "#bcbd22",
+             engine="llamacpp", proposer="recycling", peer="recycling"),
+    Strategy("llamacpp-suffix", "llama.cpp with our suffix matching in its draft hook: the most frequent "
+             "continuation as a chain", "#e377c2", engine="llamacpp", proposer="suffix", peer="suffix"),
+    Strategy("llamacpp-rest", "llama.cpp with our REST retrieval in its draft hook: the most frequent retrieved "
+             "continuation as a chain", "#aec7e8", engine="llamacpp", proposer="rest", peer="rest"),
 )
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in _ALL}
 NAMES = tuple(STRATEGIES)

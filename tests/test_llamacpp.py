@@ -11,6 +11,7 @@ import pytest
 from specdec import llamacpp, runner
 from specdec.decoding import DecodeSettings
 from specdec.models import ModelError, encode_prompt, load_registry
+from specdec.trainfree import Datastore, concatenate
 
 pytest.importorskip("llama_cpp")
 
@@ -18,7 +19,8 @@ PROMPTS = ["Repeat after me three times: the cat sat on the mat.",
            "Summarise in one sentence: The Amazon rainforest covers 5.5 million square kilometres across nine "
            "countries and holds a tenth of all known species.",
            "Write a Python function that returns the square of a number."]
-SPECULATIVE = ("llamacpp-ngram", "llamacpp-specdec-ngram", "llamacpp-speculative")
+SPECULATIVE = ("llamacpp-ngram", "llamacpp-specdec-ngram", "llamacpp-speculative", "llamacpp-recycling",
+               "llamacpp-suffix", "llamacpp-rest")
 S = DecodeSettings(max_new_tokens=16, k=4)
 
 
@@ -59,19 +61,28 @@ class CountingEval:
         del self.llm.eval
 
 
-def run(pair, strategy, ids, s=S):
+def run(pair, strategy, ids, s=S, memory=None):
     target, draft = pair
     return llamacpp.decode_models(strategy, target.model, ids, s, target.eos_token_ids,
-                                  draft.model if draft else None)
+                                  draft.model if draft else None, memory)
+
+
+def rest_memory(pair, texts):
+    """REST's datastore over llama.cpp's own plain answers to `texts` (a counting test may retrieve from the
+    answer it is about to give: what matters there is that proposals are counted, not that they are fair)."""
+    target, _ = pair
+    answers = [run(pair, "llamacpp-generate", prompt_ids(target, text)).tokens for text in texts]
+    return {"datastore": Datastore(concatenate([np.array(a) for a in answers]))}
 
 
 @pytest.mark.parametrize("strategy", SPECULATIVE)
 def test_greedy_identical_to_plain_decoding_token_by_token(token_by_token, strategy):
     target, _ = token_by_token
+    memory = rest_memory(token_by_token, PROMPTS[1:]) if strategy == "llamacpp-rest" else {}
     for text in PROMPTS:
         ids = prompt_ids(target, text)
         plain = run(token_by_token, "llamacpp-generate", ids)
-        spec = run(token_by_token, strategy, ids)
+        spec = run(token_by_token, strategy, ids, memory=memory)
         assert spec.tokens == plain.tokens, (strategy, text)
         assert len(plain.tokens) == S.max_new_tokens or plain.stop_reason == "eos"
 
@@ -80,9 +91,10 @@ def test_greedy_identical_to_plain_decoding_token_by_token(token_by_token, strat
 def test_metrics_are_counted_from_proposals_and_kept_tokens(default_batch, strategy):
     target, _ = default_batch
     ids = prompt_ids(target, PROMPTS[0])
+    memory = rest_memory(default_batch, PROMPTS[:1]) if strategy == "llamacpp-rest" else {}
     meter = CountingEval(target.model)
     try:  # without stopping at EOS every pass ends with a token of the target's own
-        trace = run(default_batch, strategy, ids, replace(S, stop_at_eos=False))
+        trace = run(default_batch, strategy, ids, replace(S, stop_at_eos=False), memory)
     finally:
         meter.remove()
     proposed, accepted = sum(trace.proposed_per_position), sum(trace.accepted_per_position)
@@ -111,6 +123,59 @@ def test_every_token_is_the_argmax_of_the_pass_that_verified_it(default_batch):
         n = len(ids)
         kept = [int(np.argmax(llm.scores[n + j - 2])) for j in range(2, len(trace.tokens) + 1)]
         assert trace.tokens[1:] == kept
+
+
+def test_recycling_learns_from_the_rows_llama_cpp_evaluated(default_batch, monkeypatch):
+    """Token Recycling reads the target's logits from llama.cpp's scores buffer: the prompt's rows at the start,
+    then each verify pass's rows ([root] + drafts). Under greedy verification the root's row predicts the token
+    that followed the root, so an off-by-one read would show."""
+    from specdec.proposers import RecyclingProposer
+
+    learned = []
+    learn = RecyclingProposer.learn
+
+    def recording(self, tokens, logits):
+        learned.append((list(tokens), logits.clone()))
+        learn(self, tokens, logits)
+
+    monkeypatch.setattr(RecyclingProposer, "learn", recording)
+    target, _ = default_batch
+    ids = prompt_ids(target, PROMPTS[0])
+    trace = run(default_batch, "llamacpp-recycling", ids, replace(S, stop_at_eos=False))
+    sequence = ids + trace.tokens
+    (prompt_tokens, prompt_rows), verified = learned[0], learned[1:]
+    assert prompt_tokens == ids and prompt_rows.shape[0] == len(ids)
+    assert int(prompt_rows[-1].argmax()) == trace.tokens[0]
+    # every verify pass is observed at the next hook call, but the last (and one that was only allowed the final
+    # token: nothing is drafted for it)
+    assert trace.target_passes - 3 <= len(verified) <= trace.target_passes - 2
+    at = len(ids)  # where each verify pass's root sits in the sequence
+    for tokens, rows in verified:
+        assert tokens[0] == sequence[at] and rows.shape[0] == len(tokens)
+        kept = next((j for j in range(1, len(tokens)) if tokens[j] != sequence[at + j]), len(tokens))
+        assert [int(r.argmax()) for r in rows[:kept]] == sequence[at + 1:at + kept + 1]
+        at += kept
+    assert trace.accepted_per_position[0] > 0  # the matrix it learned drafted tokens that were kept
+
+
+def test_rest_builds_its_datastore_from_llama_cpp_answers(default_batch, tmp_path, monkeypatch):
+    """The default REST corpus of a llama.cpp cell is the GGUF's own answers as llama.cpp decodes them, cached
+    apart from our engine's (`<alias>@gguf-Q4_1`)."""
+    from specdec import datastore
+
+    monkeypatch.setenv(datastore.ROOT_ENV, str(tmp_path))
+    monkeypatch.setattr(datastore, "DEFAULT_PROMPTS", 2)
+    monkeypatch.setattr(runner, "DEFAULT_NEW_TOKENS", 8)
+    pair = runner.Pair(*default_batch)
+    memory = runner.prepare(pair, "llamacpp-rest", S)
+    files = list(tmp_path.glob("*.npy"))
+    assert len(files) == 1 and files[0].name.startswith("smollm2-135m@gguf-Q4_1-")
+    first = datastore.load_prompts(datastore.training_prompts_file())[0]["prompt"]
+    answer = run(default_batch, "llamacpp-specdec-ngram", prompt_ids(pair.target, first),
+                 DecodeSettings(max_new_tokens=8, k=8)).tokens
+    assert memory["datastore"].tokens[:len(answer)].tolist() == answer
+    record = runner.generate(pair, "llamacpp-rest", PROMPTS[0], S)
+    assert record["proposed_tokens"] is not None and record["new_tokens"] > 0
 
 
 def test_runner_records_and_settings(registry, default_batch):
@@ -152,3 +217,32 @@ def test_context_overflow_is_refused_before_decoding(default_batch):
     target, _ = default_batch
     with pytest.raises(llamacpp.LlamaCppError, match="exceeds the llama.cpp context"):
         run(default_batch, "llamacpp-generate", [1] * 10, replace(S, max_new_tokens=llamacpp.N_CTX))
+
+
+def test_a_workflow_cell_runs_on_llamacpp(prompt_file):
+    """One job on the embedded GGUF: every prompt (the second has a follow-up turn), the engine's own weight
+    format and thread count recorded, the GGUF's bytes as the weights held."""
+    import torch
+
+    from specdec.job import run_cell
+
+    threads = torch.get_num_threads()
+    try:
+        doc = run_cell({"target": "smollm2-135m", "strategy": "llamacpp-specdec-ngram", "k": 4, "threads": 1,
+                        "prompts_file": str(prompt_file), "max_new_tokens": 8, "warmup": 0})
+    finally:
+        torch.set_num_threads(threads)
+    run = doc["run"]
+    assert run["status"] == "ok", run["error"]
+    assert (run["params"]["engine"], run["params"]["weights"], run["params"]["threads_used"]) == \
+        ("llamacpp", "gguf-Q4_1", 1)
+    assert run["device_weight_bytes"][0] > 50_000_000  # the Q4_1 tensors of a 135M model
+    assert [m["status"] for m in doc["measurements"]] == ["ok", "ok"]
+    assert all(m["proposed_tokens"] is not None and m["new_tokens"] > 0 for m in doc["measurements"])
+    # paired with llama.cpp's own plain decoding of the same GGUF, with the same threads
+    paired = doc["paired_baseline"]
+    assert paired["run"]["paired_with"] == run["run_id"] and paired["run"]["status"] == "ok"
+    assert {key: paired["run"]["params"][key] for key in ("strategy", "engine", "weights", "threads_used", "k")} == \
+        {"strategy": "llamacpp-generate", "engine": "llamacpp", "weights": "gguf-Q4_1", "threads_used": 1, "k": None}
+    assert [(m["prompt_id"], m["status"]) for m in paired["measurements"]] == [("a", "ok"), ("b", "ok")]
+    assert all(m["proposed_tokens"] is None for m in paired["measurements"])

@@ -142,6 +142,9 @@ def test_weight_formats_and_llamacpp_cells(tiny_models):
     assert {(c["strategy"], c["target"], c["gpus"]) for c in llama} == {
         ("llamacpp-generate", "smollm2-135m", 0), ("llamacpp-speculative", "smollm2-135m", 0)}
     assert all("weights" not in c and c["threads"] == 1 for c in llama)
+    # llama.cpp's plain decoding is a baseline cell (no pairing of its own); the others pair with it in their job
+    assert {c["strategy"]: c.get("baseline_mode") for c in llama} == {"llamacpp-generate": None,
+                                                                      "llamacpp-speculative": "paired"}
     assert "smollm2-135m__ngram__wint8__k4__g0__t0" in cells
     plain = matrix.expand_cells(base_config(tiny_models))
     assert all("weights" not in c and "threads" not in c for c in plain.values())
@@ -157,6 +160,13 @@ def test_train_free_cells_carry_their_own_parameters_only(tiny_models):
     assert by_strategy["rest"]["rest_corpus"] is None
     assert all("recycle_topk" not in c for c in cells.values() if c["strategy"] != "recycling")
     assert all(c["draft"] is None for c in cells.values())  # model-free: the pair's draft is not loaded
+    # their llama.cpp strategies carry the same parameters, and only on the GGUF target
+    config = base_config(tiny_models, pairs=[{"target": "tiny-target"}, {"target": "smollm2-135m"}],
+                         strategies=["llamacpp-recycling", "llamacpp-rest"])
+    config["generation"].update(recycle_topk=4, rest_corpus="corpus.jsonl")
+    cells = matrix.expand_cells(config)
+    assert {(c["strategy"], c["target"], c.get("recycle_topk"), c.get("rest_corpus")) for c in cells.values()} == {
+        ("llamacpp-recycling", "smollm2-135m", 4, None), ("llamacpp-rest", "smollm2-135m", None, "corpus.jsonl")}
 
 
 @pytest.mark.parametrize("change, field", [
