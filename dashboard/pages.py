@@ -11,7 +11,7 @@ import streamlit as st
 from specdec.dashboard import queries as q
 from specdec.dashboard.queries import Filters
 from specdec.db.query import QueryError, UnsafeSQLError, run_query
-from specdec.strategies import STRATEGIES
+from specdec.strategies import STRATEGIES, is_plain_baseline
 
 # What fills an empty store, from the repository root: the default matrix (its last step ingests), or ingesting
 # result files that already exist. Both write the default store ($SPECDEC_DB or results/specdec.duckdb).
@@ -44,7 +44,8 @@ def series_label(df: pd.DataFrame, with_k: bool = False, like: pd.DataFrame | No
     if with_k:
         label += df.draft_length.map(lambda k: "" if pd.isna(k) else f" · k={int(k)}")
     for col, fmt in (("host", "{}"), ("gpus", "{} GPU"), ("temperature", "T={}"), ("top_p", "top-p={}"),
-                     ("top_k", "top-k={}"), ("max_new_tokens", "{} new tokens")):
+                     ("top_k", "top-k={}"), ("max_new_tokens", "{} new tokens"), ("weights", "{}"),
+                     ("threads", "{} threads")):
         if col in df and col in like and like[col].nunique(dropna=False) > 1:
             label += " · " + df[col].map(lambda v: fmt.format(v))
     return label
@@ -278,7 +279,7 @@ def page_overview(db: str, f: Filters) -> None:
     b = b.drop(columns=["noisy", "noise_reason"])
     # settings that are the same in every row add nothing to the table; the others tell two rows of one pair
     # and strategy apart, so they come first
-    settings = ("host", "gpus", "temperature", "top_p", "top_k", "max_new_tokens")
+    settings = ("host", "gpus", "temperature", "top_p", "top_k", "max_new_tokens", "weights", "threads")
     constant = [c for c in settings if b[c].nunique() <= 1]
     unpriced = [] if b.cost_per_mtok.notna().any() else ["cost_per_mtok"]  # no device prices configured
     shown = b.drop(columns=["target", "draft", *constant, *unpriced])
@@ -293,8 +294,9 @@ def page_overview(db: str, f: Filters) -> None:
         "acceptance_rate": st.column_config.NumberColumn("acceptance", format="percent"),
         "tokens_per_s": st.column_config.NumberColumn("tok/s", format="%.1f"),
         "baseline_tokens_per_s": st.column_config.NumberColumn("baseline tok/s", format="%.1f")})
-    if constant:
-        st.caption("All rows: " + ", ".join(f"{c} = {b[c].iloc[0]}" for c in constant) + ".")
+    stated = [c for c in constant if b[c].notna().any()]  # unset weights/threads (the alias's, torch's): nothing to say
+    if stated:
+        st.caption("All rows: " + ", ".join(f"{c} = {b[c].iloc[0]}" for c in stated) + ".")
 
     status = q.store_status(db)
     s = st.columns(3)
@@ -580,7 +582,7 @@ def page_losslessness(db: str, f: Filters) -> None:
     st.caption("Greedy speculative decoding must reproduce the baseline's tokens exactly. Share of outputs whose "
                "token hash equals the baseline's, per cell (sampled runs are not compared).")
     c = q.cells(db, f)
-    d = c[(c.compared > 0) & (c.strategy != "baseline")].copy()
+    d = c[(c.compared > 0) & ~c.strategy.map(lambda s: s in STRATEGIES and is_plain_baseline(s))].copy()
     if d.empty:
         no_rows(f, "greedy cells with a baseline")
         return
@@ -682,6 +684,54 @@ def run_console(sql: str, db: str, limit: int, timeout: float) -> tuple[str, obj
         return "failed", str(exc)
 
 
+# ---------------------------------------------------------------------------------------------- engines
+
+def method_of(strategy: str) -> str:
+    """The method a strategy runs, whatever the engine: another engine's strategy that mirrors one of ours
+    (registry `peer`) is that method, so one method's column shows it on every engine."""
+    st_ = STRATEGIES.get(strategy)
+    return st_.peer if st_ is not None and st_.engine != "specdec" and st_.peer else strategy
+
+
+def page_engines(db: str, f: Filters) -> None:
+    st.header("Engines and weight formats")
+    st.caption("Each engine's methods against that engine's own plain decoding in the same weight format "
+               "(ours: float32 or the weight format of `weights`; llama.cpp: the GGUF's own quantisation), at each "
+               "cell's fastest draft length. Speculation pays where the speedup is above 1.")
+    e = q.engines(db, f)
+    if e.empty:
+        no_rows(f)
+        return
+    e["method"] = e.strategy.map(method_of)
+    # the registry's engine (the store's `engine` column only picks baselines: transformers' cells share ours)
+    e["engine"] = [STRATEGIES[x].engine if x in STRATEGIES else eng for x, eng in zip(e.strategy, e.engine)]
+    e["weights"] = e.weights.fillna("as loaded")
+    e["pays"] = [("yes" if v > 1 else "no") if pd.notna(k) and pd.notna(v) else ""  # drafting cells only
+                 for k, v in zip(e.best_k, e.speedup)]
+    labels = {"host": "{}", "target": "{}", "threads": "{} threads", "gpus": "{} GPU", "temperature": "T={}"}
+    varying = [c for c in labels if e[c].nunique(dropna=False) > 1]
+    e["series"] = e.engine + " · " + e.weights.astype(str)
+    for c in varying:
+        e["series"] += " · " + e[c].map(lambda v, f=labels[c]: f.format(v))
+    drafting = e[e.best_k.notna() & e.speedup.notna()]
+    if not drafting.empty:
+        show(cell_heatmaps(drafting, "method", "method", [("speedup", "speedup ×", ".2f"),
+                                                          ("mean_accepted_tokens", "tokens per target pass", ".2f")]))
+    st.subheader("Plain decoding across engines")
+    plain = e[e.best_k.isna()].copy()
+    plain["tok/s ÷ fastest plain"] = plain.tokens_per_s / plain.tokens_per_s.max()
+    table(plain[["series", "strategy", "tokens_per_s", "tok/s ÷ fastest plain", "n"]])
+    st.subheader("Every engine × method × weight format")
+    lead = ["engine", "method", "weights", *varying]
+    table(e[lead + ["strategy", "best_k", "tokens_per_s", "baseline_tokens_per_s", "speedup", "pays",
+                    "mean_accepted_tokens", "acceptance_rate", "share_identical", "n"]], column_config={
+        "best_k": st.column_config.NumberColumn("best k", format="%d"),
+        "speedup": st.column_config.NumberColumn("speedup", format="%.2f×"),
+        "mean_accepted_tokens": st.column_config.NumberColumn("tokens / target pass", format="%.2f"),
+        "acceptance_rate": st.column_config.NumberColumn("acceptance", format="percent"),
+        "share_identical": st.column_config.NumberColumn("= own plain decoding", format="percent")})
+
+
 PAGES = {
     "overview": ("Overview", page_overview),
     "leaderboard": ("Leaderboard", page_leaderboard),
@@ -691,6 +741,7 @@ PAGES = {
     "latency": ("Latency and memory", page_latency),
     "scaling": ("Scaling", page_scaling),
     "losslessness": ("Losslessness", page_losslessness),
+    "engines": ("Engines and weight formats", page_engines),
     "runs": ("Runs", page_runs),
     "sql": ("SQL console", page_sql),
 }

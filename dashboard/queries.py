@@ -55,7 +55,7 @@ MEASUREMENT_RUN_COLS = {**RUNS_COLS, "category": "m.category"}
 # The cell key of the `cell_summary` view: top_k and max_new_tokens are part of the baseline key, so cells that
 # differ only in them stay apart.
 CELL_KEYS = ("s.host, s.target, s.draft, s.strategy, s.draft_length, s.gpus, s.temperature, s.top_p, s.top_k, "
-             "s.max_new_tokens")
+             "s.max_new_tokens, s.engine, s.weights, s.threads")
 
 
 def pair_key(target: str, draft: str | None) -> str:
@@ -234,8 +234,8 @@ def cells(db: str, f: Filters) -> pd.DataFrame:
 
 
 def best_k(db: str, f: Filters) -> pd.DataFrame:
-    """The fastest draft length of every pair × strategy, separately per host, GPU count and sampling settings
-    (a draft length that pays on one machine need not pay on another). Only strategies that draft. Cells measured
+    """The fastest draft length of every pair × strategy, separately per host, GPU count, sampling settings, weight
+    format and threads (a draft length that pays on one machine need not pay on another). Only strategies that draft. Cells measured
     on a quiet machine come first: a noisy k is the answer only when every k of that row was noisy."""
     sql, params = _cells_sql(f)
     return fetch(db, f"""
@@ -243,11 +243,13 @@ def best_k(db: str, f: Filters) -> pd.DataFrame:
         SELECT target, draft, strategy, draft_length AS best_k, speedup, speedup_ci_low, speedup_ci_high,
                noisy, noise_reason, speedup_p25, speedup_p75,
                acceptance_rate, mean_accepted_tokens, cost_ratio_c, predicted_speedup, tokens_per_s,
-               baseline_tokens_per_s, cost_per_mtok, host, gpus, temperature, top_p, top_k, max_new_tokens, n
+               baseline_tokens_per_s, cost_per_mtok, host, gpus, temperature, top_p, top_k, max_new_tokens, weights,
+               threads, n
         FROM c
         WHERE draft_length IS NOT NULL AND speedup IS NOT NULL
         QUALIFY row_number() OVER (
-            PARTITION BY host, target, draft, strategy, gpus, temperature, top_p, top_k, max_new_tokens
+            PARTITION BY host, target, draft, strategy, gpus, temperature, top_p, top_k, max_new_tokens, weights,
+                         threads
             ORDER BY coalesce(noisy, false), speedup DESC, draft_length) = 1
         ORDER BY coalesce(noisy, false), speedup DESC, target, draft, strategy""", params)
 
@@ -264,6 +266,23 @@ def leaderboard(db: str, f: Filters) -> tuple[pd.DataFrame, dict]:
     cells = fetch(db, report.cell_groups_sql(features, False, w), params)
     by_category = fetch(db, report.cell_groups_sql(features, True, w), params)
     return report.leaderboard_frame(cells, by_category), features
+
+
+def engines(db: str, f: Filters) -> pd.DataFrame:
+    """Every engine × strategy × weight format (× threads) at its fastest draft length: tok/s, speedup over the same
+    engine's plain decoding in the same format, tokens per target pass, and the plain decoding's own tok/s."""
+    sql, params = _cells_sql(f)
+    return fetch(db, f"""
+        WITH c AS ({sql})
+        SELECT engine, strategy, weights, threads, draft_length AS best_k, tokens_per_s, baseline_tokens_per_s,
+               speedup, speedup_p25, speedup_p75, mean_accepted_tokens, acceptance_rate, share_identical, host,
+               target, draft, gpus, temperature, top_p, top_k, max_new_tokens, n
+        FROM c
+        QUALIFY row_number() OVER (
+            PARTITION BY host, target, draft, strategy, weights, threads, gpus, temperature, top_p, top_k,
+                         max_new_tokens
+            ORDER BY speedup DESC NULLS LAST, draft_length) = 1
+        ORDER BY host, target, engine, weights, threads, strategy""", params)
 
 
 # ---------------------------------------------------------------------------------------------- acceptance

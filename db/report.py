@@ -32,6 +32,7 @@ import pandas as pd
 import sqlalchemy as sa
 
 from specdec.db.store import db_error_message, default_db_path, engine_for
+from specdec.strategies import STRATEGIES, is_plain_baseline
 
 # Spec-Bench's leaderboard columns, in its order, under the category names prompt files use (Spec-Bench's own
 # and specdec's suite); any other category follows, alphabetically.
@@ -39,8 +40,11 @@ CATEGORY_ORDER = ("multi-turn", "translation", "summarization", "summarisation",
                   "rag")
 CELL_KEY = ("host", "target", "draft", "strategy", "draft_length", "gpus", "temperature", "top_p", "top_k",
             "max_new_tokens")
+FORMAT_KEY = ("weights", "threads")  # also part of a cell where the store has them (feature `formats`)
 # Settings that tell leaderboard rows apart beyond method, draft and k; shown only when they vary.
-SETTINGS = ("host", "target", "gpus", "temperature", "top_p", "top_k", "max_new_tokens")
+SETTINGS = ("host", "target", "gpus", "temperature", "top_p", "top_k", "max_new_tokens", *FORMAT_KEY)
+# The plain decoding strategies: each engine's own baseline (ours, llama.cpp's), listed last.
+BASELINES = tuple(name for name in STRATEGIES if is_plain_baseline(name))
 FIGURES = ("speedup-vs-k.svg", "acceptance-per-position.svg")
 
 
@@ -98,11 +102,18 @@ FEATURES_SQL = """
                    AND function_type = 'macro') AS ci,
            EXISTS (SELECT 1 FROM duckdb_views() WHERE view_name = 'run_noise') AS noise,
            EXISTS (SELECT 1 FROM information_schema.columns WHERE table_name = 'speedup'
-                   AND column_name = 'degenerate') AS degenerate"""
+                   AND column_name = 'degenerate') AS degenerate,
+           EXISTS (SELECT 1 FROM information_schema.columns WHERE table_name = 'speedup'
+                   AND column_name = 'weights') AS formats"""
 
 
 def store_features(conn) -> dict[str, bool]:
     return {k: bool(v) for k, v in read(conn, FEATURES_SQL).iloc[0].items()}
+
+
+def cell_key(features: dict) -> tuple[str, ...]:
+    """The columns of the speedup view that make a cell: weight format and threads too where the store has them."""
+    return CELL_KEY + (FORMAT_KEY if features.get("formats") else ())
 
 
 def cell_groups_sql(features: dict, by_category: bool, where: str = "") -> str:
@@ -110,7 +121,7 @@ def cell_groups_sql(features: dict, by_category: bool, where: str = "") -> str:
     category: median speedup, its interval, noise, losslessness, Spec-Bench's mean accepted tokens. The interval
     is cell_summary's (the store's median_ci over the same values), so unfiltered and per cell they are the same
     numbers as the view's. `where`: a WHERE clause on `s` (the report's runs, the dashboard's filters)."""
-    key = ", ".join(f"s.{c}" for c in CELL_KEY) + (", s.category" if by_category else "")
+    key = ", ".join(f"s.{c}" for c in cell_key(features)) + (", s.category" if by_category else "")
     optional = []
     if features["noise"]:
         optional += ["bool_or(n.noisy) AS noisy",
@@ -151,11 +162,12 @@ def cell_groups_sql(features: dict, by_category: bool, where: str = "") -> str:
               FROM ({sql}))"""
 
 
-def acceptance_sql(f: ReportFilters) -> tuple[str, list]:
+def acceptance_sql(f: ReportFilters, features: dict | None = None) -> tuple[str, list]:
     """Acceptance at each draft position per cell: per-position counts summed over the cell's decodes, accepted ÷
     proposed (position i counts as accepted when drafts 1..i all were, so the curve falls with i)."""
     chosen, params = runs_sql(f)
-    key = ", ".join(f"s.{c}" for c in CELL_KEY)
+    columns = cell_key(features or {})
+    key = ", ".join(f"s.{c}" for c in columns)
     return f"""
         WITH x AS (
             SELECT {key},
@@ -165,7 +177,7 @@ def acceptance_sql(f: ReportFilters) -> tuple[str, list]:
             JOIN measurements m ON m.run_id = s.run_id AND m.prompt_id = s.prompt_id AND m."repeat" = s."repeat"
             WHERE s.run_id IN ({chosen}) AND m.proposed_per_position IS NOT NULL),
         y AS (SELECT *, unnest(range(1, len(prop) + 1)) AS position FROM x)
-        SELECT {", ".join(CELL_KEY)}, position, sum(acc[position]) AS accepted, sum(prop[position]) AS proposed,
+        SELECT {", ".join(columns)}, position, sum(acc[position]) AS accepted, sum(prop[position]) AS proposed,
                sum(acc[position]) / nullif(sum(prop[position]), 0) AS acceptance
         FROM y GROUP BY ALL ORDER BY ALL""", params
 
@@ -200,7 +212,7 @@ def leaderboard_frame(cells: pd.DataFrame, by_category: pd.DataFrame) -> pd.Data
     flag, the share of outputs identical to the baseline. Fastest overall first; baselines last."""
     if cells.empty:
         return pd.DataFrame()
-    keys = list(CELL_KEY)
+    keys = [c for c in CELL_KEY + FORMAT_KEY if c in cells]
     board = cells.copy()
     cats = category_order(by_category.category.dropna().unique()) if not by_category.empty else []
     wide = by_category[by_category.category.notna()]
@@ -210,17 +222,20 @@ def leaderboard_frame(cells: pd.DataFrame, by_category: pd.DataFrame) -> pd.Data
         board = board.merge(part[keys + list(cols)].rename(columns=cols), on=keys, how="left")
     board = board.rename(columns={"speedup": "overall", "ci_low": "overall low", "ci_high": "overall high",
                                   "strategy": "method", "draft_length": "k"})
-    board["is_baseline"] = board.method == "baseline"
-    order = ["is_baseline", "overall", "method", "draft", "k", *SETTINGS]  # ties in a fixed order
+    board["is_baseline"] = board.method.isin(BASELINES)
+    settings = [c for c in SETTINGS if c in board]
+    order = ["is_baseline", "overall", "method", "draft", "k", *settings]  # ties in a fixed order
     board = board.sort_values(order, ascending=[True, False] + [True] * (len(order) - 2), na_position="last")
-    lead = ["method", "draft", "k", *(c for c in SETTINGS if board[c].nunique(dropna=False) > 1)]
+    lead = ["method", "draft", "k", *(c for c in settings if board[c].nunique(dropna=False) > 1)]
     per_cat = [c for cat in cats for c in (cat, f"{cat} low", f"{cat} high") if c in board]
     tail = [c for c in ("mean_accepted_tokens", "overall", "overall low", "overall high", "noisy", "noise_reason",
                         "speedup_clean", "degenerate_share", "share_identical", "compared", "n", "prompts",
                         "tokens_per_s", "baseline_tokens_per_s") if c in board]
     out = board[lead + per_cat + tail].reset_index(drop=True)
     out.attrs["categories"] = cats
-    out.attrs["constant"] = {c: board[c].iloc[0] for c in SETTINGS if c not in lead}
+    # weights and threads left unset (the alias's own, torch's count) say nothing worth a note
+    out.attrs["constant"] = {c: board[c].iloc[0] for c in settings
+                             if c not in lead and not (c in FORMAT_KEY and pd.isna(board[c].iloc[0]))}
     return out
 
 
@@ -251,7 +266,7 @@ def display_frame(board: pd.DataFrame) -> pd.DataFrame:
             row["noise"] = {None: "not measured", True: "noisy", False: "quiet"}[flag(r.noisy)]
         if "speedup_clean" in board:
             row["overall, non-degenerate"] = fmt_speedup(r.speedup_clean)
-        row["identical to baseline"] = ("—" if pd.isna(r.share_identical) or r.method == "baseline"
+        row["identical to baseline"] = ("—" if pd.isna(r.share_identical) or r.method in BASELINES
                                         else f"{r.share_identical:.0%} of {int(r.compared)}")
         rows.append(row)
     return pd.DataFrame(rows)
@@ -271,8 +286,8 @@ def series(df: pd.DataFrame) -> pd.Series:
     """"target ← draft · strategy" plus the settings that vary in `df`, so lines of two machines never merge."""
     label = df.target.astype(str) + df.draft.map(lambda d: f" ← {d}" if isinstance(d, str) and d else "") \
         + " · " + df.strategy.astype(str)
-    for col in ("host", "gpus", "temperature"):
-        if df[col].nunique(dropna=False) > 1:
+    for col in ("host", "gpus", "temperature", *FORMAT_KEY):
+        if col in df and df[col].nunique(dropna=False) > 1:
             label += " · " + col + "=" + df[col].astype(str)
     return label
 
@@ -347,7 +362,7 @@ def collect(db: str | Path, f: ReportFilters = ReportFilters()) -> Report:
             chosen, params = runs_sql(f)
             cells = read(conn, cell_groups_sql(features, False, f"WHERE s.run_id IN ({chosen})"), params)
             by_cat = read(conn, cell_groups_sql(features, True, f"WHERE s.run_id IN ({chosen})"), params)
-            acceptance = read(conn, *acceptance_sql(f))
+            acceptance = read(conn, *acceptance_sql(f, features))
             provenance = read(conn, *provenance_sql(f))
         finally:
             raw.close()

@@ -66,11 +66,14 @@ class Run(Base):
     warmup: Mapped[int | None] = mapped_column(Integer)
     dtype: Mapped[str | None] = mapped_column(String)
     gpu_mode: Mapped[str | None] = mapped_column(String)
+    weights: Mapped[str | None] = mapped_column(String)  # format asked (NULL: the alias's); llama.cpp: gguf-Q4_1
+    threads: Mapped[int | None] = mapped_column(Integer)  # CPU threads asked of the engine (NULL: torch's count)
     slurm_job_id: Mapped[str | None] = mapped_column(String)
     # Paired baselines and noise (format 2; NULL on older runs). A cell's paired baseline is a run of its own
-    # with strategy `baseline` and `paired_with` = the cell's run_id; `baseline_mode` (a param) is 'paired' or
-    # 'shared' on cells that are not baselines. The noise readings (specdec/noise.py) are judged by the run_noise
-    # view against the noise_thresholds table.
+    # with its engine's plain decoding (`baseline`, or `llamacpp-generate` for llama.cpp cells) as strategy and
+    # `paired_with` = the cell's run_id; `baseline_mode` (a param) is 'paired' or 'shared' on cells that are not
+    # baselines. The noise readings (specdec/noise.py) are judged by the run_noise view against the
+    # noise_thresholds table.
     baseline_mode: Mapped[str | None] = mapped_column(String)
     paired_with: Mapped[str | None] = mapped_column(String)
     load_avg: Mapped[float | None] = mapped_column(Double)
@@ -181,6 +184,6 @@ JSON_FIELDS = ("gpu_names", "devices", "proposed_per_position", "accepted_per_po
 # params keys flattened into `runs` columns (everything else stays in params_json only).
 PARAM_COLUMNS = ("cell", "target", "draft", "strategy", "k", "gpus", "temperature", "top_p", "top_k",
                  "draft_sampling", "use_cache", "max_new_tokens", "repeats", "warmup", "dtype", "gpu_mode",
-                 "baseline_mode")
+                 "baseline_mode", "weights", "threads")
 # Filled by the store from whatever a result file carries beyond the columns, so no recorded field is lost.
 EXTRA_FIELD = "extra_json"

@@ -31,6 +31,7 @@ from sqlalchemy.engine import URL, Engine
 from sqlalchemy.pool import NullPool
 
 from specdec import noise
+from specdec.strategies import STRATEGIES, store_baseline
 from specdec.db import bootstrap
 from specdec.db.schema import (EXTRA_FIELD, JSON_FIELDS, PARAM_COLUMNS, Base, measurements, median_ci_ranks,
                                noise_thresholds, runs)
@@ -264,8 +265,9 @@ def load_result_file(path: str | os.PathLike) -> dict:
 
     Checks the format tag, the required fields (REQUIRED_RUN, REQUIRED_PARAMS, REQUIRED_MEASUREMENT), the type
     of every field that has a column, the status values and that no (prompt_id, repeat) occurs twice — for the
-    cell's run and for its paired baseline, which must be a `baseline` run whose `paired_with` is the cell's
-    run_id. Raises ResultFileError with a one-line message naming the file and the field.
+    cell's run and for its paired baseline, which must be a run of the cell's plain decoding
+    (strategies.store_baseline: `baseline`, or `llamacpp-generate` for llama.cpp cells) whose `paired_with` is the
+    cell's run_id. Raises ResultFileError with a one-line message naming the file and the field.
     """
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -289,8 +291,11 @@ def load_result_file(path: str | os.PathLike) -> dict:
         if paired["run"].get("paired_with") != doc["run"]["run_id"]:
             raise _fail(path, "paired_baseline.run.paired_with", f"must be the cell's run_id "
                                                                  f"{_show(doc['run']['run_id'])}")
-        if paired["run"]["params"]["strategy"] != "baseline":
-            raise _fail(path, "paired_baseline.run.params.strategy", "must be 'baseline'")
+        cell_strategy = doc["run"]["params"]["strategy"]
+        expected = store_baseline(cell_strategy) if cell_strategy in STRATEGIES else "baseline"
+        if paired["run"]["params"]["strategy"] != expected:
+            raise _fail(path, "paired_baseline.run.params.strategy", f"must be {expected!r} (the plain decoding "
+                                                                     f"of a {cell_strategy!r} cell)")
         if paired["run"]["run_id"] == doc["run"]["run_id"]:
             raise _fail(path, "paired_baseline.run.run_id", "must differ from the cell's run_id")
     return doc

@@ -7,12 +7,16 @@
 --
 -- Paired (baseline_mode = 'paired', format 2): the baseline of a row is its own job's paired baseline decode
 -- of the same prompt and repeat (the run whose paired_with is this run), decoded seconds apart on the same
--- loaded target. If that decode failed, the row has no speedup: it never falls back to another job.
--- Shared (baseline_mode = 'shared', runs stored before pairing, and baseline cells themselves): the `baseline`
--- cell on the same machine — same hostname, CPU model and GPU models — with the same target, gpus, temperature,
--- top_p, top_k, max_new_tokens and prompt_id, taken from the most recent such baseline run (by started_utc,
--- then run_id) that has an ok measurement of that prompt, so a baseline run that failed on a prompt does not
--- hide an older good one. No speedup ever divides by a measurement from another machine or device model.
+-- loaded target by the same engine (llama.cpp cells pair with `llamacpp-generate`, every other cell with our
+-- `baseline`) in the same weight format and thread count. If that decode failed, the row has no speedup: it
+-- never falls back to another job.
+-- Shared (baseline_mode = 'shared', runs stored before pairing, and baseline cells themselves): the plain
+-- decoding cell of the row's engine (`llamacpp-generate` for llama.cpp strategies, named llamacpp-*, else
+-- `baseline`) on the same machine — same hostname, CPU model and GPU models — with the same target, gpus,
+-- temperature, top_p, top_k, max_new_tokens, weights, threads and prompt_id, taken from the most recent such
+-- baseline run (by started_utc, then run_id) that has an ok measurement of that prompt, so a baseline run that
+-- failed on a prompt does not hide an older good one. No speedup ever divides by a measurement from another
+-- machine or device model.
 --   baseline_tokens_per_s = paired: that decode's tokens/s; shared: median over the baseline run's ok repeats;
 --   speedup               = tokens_per_s / baseline_tokens_per_s;
 --   matches_baseline      = token_hash equals the baseline decode's (paired: the same repeat; shared: the
@@ -49,9 +53,13 @@ CREATE OR REPLACE VIEW speedup AS
 WITH ok AS (
     SELECT m.*, r.host, r.cpu_name, r.gpu_names, r.target, r.draft, r.strategy, r.k, r.gpus, r.temperature,
            r.top_p, r.top_k, r.max_new_tokens, r.started_utc, r.paired_with, r.baseline_mode, c.cost_per_hour,
-           -- what a shared baseline must have in common with the row: the machine and the decoding settings
-           row(r.host, r.cpu_name, r.gpu_names, r.target, r.gpus, r.temperature, r.top_p, r.top_k,
-               r.max_new_tokens) AS baseline_key
+           r.weights, r.threads,
+           CASE WHEN r.strategy LIKE 'llamacpp-%' THEN 'llamacpp' ELSE 'specdec' END AS engine,
+           -- what a shared baseline must have in common with the row: the machine, the engine, the weight format,
+           -- the threads and the decoding settings
+           row(r.host, r.cpu_name, r.gpu_names, r.target, r.gpus, r.temperature, r.top_p, r.top_k, r.max_new_tokens,
+               CASE WHEN r.strategy LIKE 'llamacpp-%' THEN 'llamacpp' ELSE 'specdec' END, r.weights, r.threads)
+               AS baseline_key
     FROM measurements AS m
     JOIN runs AS r ON r.run_id = m.run_id
     LEFT JOIN run_cost AS c ON c.run_id = m.run_id
@@ -68,7 +76,7 @@ baseline_runs AS (
            arg_min(token_hash, "repeat") AS baseline_token_hash,
            min("repeat") AS baseline_repeat
     FROM ok
-    WHERE strategy = 'baseline' AND paired_with IS NULL
+    WHERE strategy IN ('baseline', 'llamacpp-generate') AND paired_with IS NULL
     GROUP BY ALL
 ),
 latest_baseline AS (
@@ -78,7 +86,7 @@ latest_baseline AS (
 )
 SELECT
     o.run_id, o.host, o.target, o.draft, o.strategy,
-    CASE WHEN o.strategy IN ('baseline', 'hf-generate') THEN NULL ELSE o.k END AS draft_length,
+    CASE WHEN o.strategy IN ('baseline', 'hf-generate', 'llamacpp-generate') THEN NULL ELSE o.k END AS draft_length,
     o.gpus, o.temperature, o.top_p, o.top_k, o.max_new_tokens,
     o.prompt_id, o.category, o."repeat", o.new_tokens, o.tokens_per_s,
     coalesce(p.tokens_per_s, b.baseline_tokens_per_s) AS baseline_tokens_per_s,
@@ -92,7 +100,7 @@ SELECT
     CASE WHEN p.run_id IS NOT NULL THEN 'paired' WHEN b.run_id IS NOT NULL THEN 'shared' END AS baseline_source,
     coalesce(p.run_id, b.run_id) AS baseline_run_id,
     coalesce(p."repeat", b.baseline_repeat) AS baseline_repeat,
-    o.cpu_name, o.gpu_names
+    o.cpu_name, o.gpu_names, o.engine, o.weights, o.threads
 FROM ok AS o
 LEFT JOIN paired AS p
     ON  p.cell_run_id = o.run_id
@@ -155,9 +163,10 @@ CREATE OR REPLACE MACRO median_ci(vals) AS (
     FROM (SELECT list_sort(vals) AS x, len(vals) AS n) AS s
     LEFT JOIN median_ci_ranks AS r ON r.n = s.n);
 
--- cell_summary: one row per cell, i.e. per (host, target, draft, strategy, draft_length, gpus,
--- temperature, top_p, top_k, max_new_tokens) of the speedup view. top_k and max_new_tokens are part
--- of the baseline key, so cells that differ only in them are kept apart rather than mixed.
+-- cell_summary: one row per cell, i.e. per (host, target, draft, strategy, draft_length, gpus, temperature,
+-- top_p, top_k, max_new_tokens, weights, threads) of the speedup view (engine follows from strategy). top_k,
+-- max_new_tokens, weights and threads are part of the baseline key, so cells that differ only in them are kept
+-- apart rather than mixed.
 -- Medians and quantiles ignore NULLs (e.g. rows without a baseline have no speedup);
 -- match_share is the share of rows with matches_baseline true among rows where it is not NULL.
 -- speedup_ci_low / speedup_ci_high: 95 % bootstrap interval of speedup_median over the cell's prompt × repeat
@@ -170,7 +179,7 @@ CREATE OR REPLACE VIEW cell_summary AS
 WITH agg AS (
     SELECT
         s.host, s.target, s.draft, s.strategy, s.draft_length, s.gpus, s.temperature, s.top_p, s.top_k,
-        s.max_new_tokens,
+        s.max_new_tokens, s.engine, s.weights, s.threads,
         count(DISTINCT s.run_id) AS n_runs,
         count(*) AS n_measurements,
         median(s.speedup) AS speedup_median,

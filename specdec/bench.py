@@ -1,9 +1,9 @@
-"""`specdec bench`: our decoding engine against transformers' own, side by side in one process.
+"""`specdec bench`: our decoding engine against transformers' and llama.cpp's, side by side in one process.
 
-Every runner (a strategy, with a draft where it needs one) decodes the same prompts with the same pair, k and
-sampling settings, interleaved (measure.py). Numbers are medians over repeats; speedups are against the same
-engine's plain decoding, measured in the same run; each of our runners is also compared with its peer in the
-other engine (strategies.Strategy.peer).
+Every runner (a strategy, with a draft where it needs one, in a weight format for the torch engines) decodes the
+same prompts with the same pair, k and sampling settings, interleaved (measure.py). Numbers are medians over
+repeats; speedups are against the same engine's plain decoding in the same weight format, measured in the same
+run; each of our runners is also compared with its peer in the other engines (strategies.Strategy.peer).
 
 Output: one table per concern (speed, where the time goes, memory) and, as the last line, one JSON object.
 Peak memory is measured per runner in a fresh subprocess (measure.probe_memory), because a process's peak RSS
@@ -28,9 +28,9 @@ from specdec.drafters import DrafterError, find_drafter, parse_alias
 from specdec.kernels import linear_kernels
 from specdec.measure import (BenchError, Cell, by_category, load_models, measure_memory, parse_draft,
                              probe_memory, profile_cell, run_interleaved, summarise)
-from specdec.models import ModelError, encode_prompt, load_registry, resolve
+from specdec.models import WEIGHT_FORMATS, ModelError, encode_prompt, load_registry, resolve
 from specdec.prompts import PromptFileError, load_prompts, select
-from specdec.runner import SettingsError, check_settings
+from specdec.runner import SettingsError, check_settings, weight_format
 from specdec.strategies import NAMES, STRATEGIES, add_proposer_args
 
 DEFAULT_RUNNERS = ("baseline", "speculative", "ngram", "hf-generate", "hf-assisted", "hf-ngram")
@@ -78,7 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run one generation per runner of ours under the torch profiler and print op shares")
     p.add_argument("--stock-kernels", action="store_true",
                    help="ablation: run our loops on stock transformers layers (no prepare_model)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--weights", default=None, metavar="LIST",
+                   help="comma-separated weight formats for ours and transformers' runners, one runner each: "
+                        f"{', '.join(WEIGHT_FORMATS)} (default: the alias's own); llama.cpp runs the GGUF's own")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of every engine: torch's intra-op threads and llama.cpp's (default: torch's "
+                        "choice)")
     p.add_argument("--device", default="cpu", help="cpu | cuda:N (default: cpu)")
     p.add_argument("--probe-memory", default=None, help=argparse.SUPPRESS)  # internal: one runner, one process
     return p
@@ -112,6 +117,10 @@ def check_args(args, registry) -> tuple[list[Cell], object, list[dict]]:
     drafts = args.draft or [args.target]
     for spec in drafts:
         parse_draft(spec)
+    formats = split_list(args.weights) or [None]
+    bad = [f for f in formats if f is not None and f not in WEIGHT_FORMATS]
+    if bad:
+        raise BenchError(f"--weights: unknown format(s) {bad}; choose from {', '.join(WEIGHT_FORMATS)}")
     s = DecodeSettings.from_mapping(args)
     try:
         resolve(args.target, registry)
@@ -126,16 +135,20 @@ def check_args(args, registry) -> tuple[list[Cell], object, list[dict]]:
     cells = []
     for strategy in dict.fromkeys(strategies):
         st = STRATEGIES[strategy]
+        llama = st.engine == "llamacpp"
         for draft in (drafts if st.needs_draft else [None]):
             if draft and parse_alias(draft) and not st.takes_trained_drafter:
                 continue  # e.g. transformers' hf-assisted cannot drive a drafter specdec trained
-            try:
-                # --tree-budget is for the tree runners; the others ignore it
-                check_settings(strategy, parse_draft(draft)[0] if draft else None,
-                               s if st.tree else replace(s, tree_budget=None), registry, args.target)
-            except SettingsError as exc:
-                raise BenchError(str(exc)) from None
-            cells.append(Cell(strategy, draft))
+            if llama and draft and parse_draft(draft)[1]:
+                continue  # llama.cpp drafts are whole GGUF files, not layer cuts
+            for fmt in ([None] if llama else formats):  # llama.cpp: the GGUF's own quantisation
+                try:
+                    # --tree-budget is for the tree runners; the others ignore it
+                    check_settings(strategy, parse_draft(draft)[0] if draft else None,
+                                   s if st.tree else replace(s, tree_budget=None), registry, args.target, weights=fmt)
+                except SettingsError as exc:
+                    raise BenchError(str(exc)) from None
+                cells.append(Cell(strategy, draft, fmt))
     path = Path(args.prompts) if args.prompts else default_prompts_file()
     try:
         prompts = select(load_prompts(path), ids=split_list(args.prompt_ids) or None,
@@ -158,16 +171,20 @@ def print_tables(summary: dict, memory: dict, profiles: dict, header: str, out=N
     out = out or sys.stdout
     cells = summary["cells"]
     print(header, file=out)
-    cols = ["runner", "engine", "tok/s", "x peer", "speedup", "alpha", "tok/step", "c", "Leviathan", "meas/pred",
-            "verify/step", "meas/pred*v", "same tokens", "degenerate"]
+    cols = ["runner", "engine", "tok/s", "x peer", "x llama.cpp", "speedup", "alpha", "tok/step", "c", "Leviathan",
+            "meas/pred", "verify/step", "meas/pred*v", "same tokens", "= ours", "prefix = ours", "degenerate"]
     rows = []
     for name, r in cells.items():
-        rows.append([name, r["engine"], fmt(r["tokens_per_s"], ".1f"), fmt(r["over_peer"]), fmt(r["speedup"]),
-                     fmt(r["acceptance_rate"]), fmt(r["mean_accepted_tokens"]), fmt(r["cost_ratio_c"], ".3f"),
-                     fmt(r["leviathan_prediction"]), fmt(r["measured_over_predicted"]), fmt(r["verify_over_step"]),
-                     fmt(r["measured_over_predicted_with_verify_cost"]), fmt(r["identical_to_baseline"], ".0%"),
-                     fmt(r["degenerate_share"], ".0%")])
+        rows.append([name, r["engine"], fmt(r["tokens_per_s"], ".1f"), fmt(r["over_peer"]), fmt(r["over_llamacpp"]),
+                     fmt(r["speedup"]), fmt(r["acceptance_rate"]), fmt(r["mean_accepted_tokens"]),
+                     fmt(r["cost_ratio_c"], ".3f"), fmt(r["leviathan_prediction"]), fmt(r["measured_over_predicted"]),
+                     fmt(r["verify_over_step"]), fmt(r["measured_over_predicted_with_verify_cost"]),
+                     fmt(r["identical_to_baseline"], ".0%"), fmt(r["identical_to_ours"], ".0%"),
+                     fmt(r["prefix_agreement_with_ours"], ".0%"), fmt(r["degenerate_share"], ".0%")])
     print_table(cols, rows, out)
+    print("(x peer: ours / transformers; x llama.cpp: ours / the same method in llama.cpp; speedup: over the same "
+          "engine's plain decoding in the same weights; same tokens: greedy outputs equal to that plain decoding's; "
+          "= ours, prefix = ours: equal to / shared prefix with our plain decoding's)", file=out)
     breakdown = [(n, r["step_breakdown"]) for n, r in cells.items() if r["step_breakdown"]]
     if breakdown:
         print("\nwhere the time goes, ms per target step (ours):", file=out)
@@ -258,7 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         started = time.perf_counter()
-        loaded = load_models(args.target, cells, registry, args.device, args.stock_kernels, args.drafters_dir)
+        loaded = load_models(args.target, cells, registry, args.device, args.stock_kernels, args.drafters_dir,
+                             args.threads)
+        formats = {c.name: weight_format(loaded.pairs[c.key]) for c in cells}  # as run: int8, gguf-Q4_1, ...
         any_pair = next(iter(loaded.pairs.values()))
         encoded = [encode_prompt(any_pair.target, p["prompt"]) for p in prompts]
         runs = run_interleaved(loaded, cells, encoded, s, args.repeats, args.warmup)
@@ -289,10 +308,15 @@ def main(argv: list[str] | None = None) -> int:
         "tokens_per_s": {n: r["tokens_per_s"] for n, r in cells_out.items()},
         "ratios": summary["ratios"],
         "speedup": {n: r["speedup"] for n, r in cells_out.items()},
+        "tokens_per_target_pass": {n: r["mean_accepted_tokens"] for n, r in cells_out.items()},
         "leviathan": summary["leviathan"],
         "acceptance_by_position": {n: r["acceptance_by_position"] for n, r in cells_out.items()
                                    if r["acceptance_by_position"] is not None},
         "identical_to_baseline": {n: r["identical_to_baseline"] for n, r in cells_out.items()},
+        "identical_to_ours": {n: r["identical_to_ours"] for n, r in cells_out.items()},
+        "prefix_agreement_with_ours": {n: r["prefix_agreement_with_ours"] for n, r in cells_out.items()},
+        "engines": {n: r["engine"] for n, r in cells_out.items()},
+        "weights": formats,
         "degenerate_share": {n: r["degenerate_share"] for n, r in cells_out.items()},  # metrics.DegenerateRule
         "step_breakdown_ms": {n: r["step_breakdown"] for n, r in cells_out.items() if r["step_breakdown"]},
         "by_category": categories,

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from specdec import __version__, fail
+from specdec.models import WEIGHT_FORMATS
 from specdec.strategies import add_proposer_args, describe
 
 # specdec.metrics.DegenerateRule's defaults, written out so `specdec --help` does not import torch
@@ -48,6 +49,12 @@ def add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ngram-max", type=int, default=3, help="ngram: longest suffix n-gram looked up (default: 3)")
     add_proposer_args(p)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda:N (default: auto)")
+    p.add_argument("--weights", default=None, choices=WEIGHT_FORMATS,
+                   help="our engine's weight format for target and draft (default: the alias's; llama.cpp strategies "
+                        "run the GGUF's own)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of both engines: torch's intra-op threads and llama.cpp's (default: torch's "
+                        "choice; llama.cpp spins its threads, so leave cores free for other processes)")
     p.add_argument("--warmup", type=int, default=1, help="untimed short generations before the measured one")
 
 
@@ -95,12 +102,15 @@ def cmd_generate(args) -> int:
     from specdec.drafters import find_drafter, parse_alias
     from specdec.metrics import DegenerateRule
     from specdec.models import ModelError, encode_prompt, load_registry
-    from specdec.runner import SettingsError, check_settings, generate, load_pair, warm_up
+    from specdec.runner import (SettingsError, check_settings, generate, load_pair, threads_in_use, use_threads,
+                                warm_up, weight_format)
+    from specdec.strategies import STRATEGIES
 
     s = DecodeSettings.from_mapping(args)
     try:
         registry = load_registry(args.models)
-        check_settings(args.strategy, args.draft, s, registry, args.target)
+        check_settings(args.strategy, args.draft, s, registry, args.target, weights=args.weights)
+        use_threads(args.threads)
         rule = DegenerateRule.from_dict({"ngram": args.degenerate_ngram, "repeat_share": args.degenerate_repeat,
                                          "copy_share": args.degenerate_copy})
         prompt, turns = prompt_of(args)
@@ -108,14 +118,19 @@ def cmd_generate(args) -> int:
         if parse_alias(args.draft):  # the name means the most recently trained drafter of that target and kind
             drafters_dir = find_drafter(args.draft, args.drafters_dir, latest=True)
             print(f"specdec: drafter '{args.draft}': {drafters_dir}", file=sys.stderr)
-        device = auto_device(args.device)
-        pair = load_pair(args.target, args.draft, registry, device=device, drafters_dir=drafters_dir)
+        engine = STRATEGIES[args.strategy].engine
+        if engine == "llamacpp" and args.device not in ("auto", "cpu"):
+            raise SettingsError(f"'{args.strategy}' runs llama.cpp on the CPU (built without CUDA here): drop --device")
+        device = "cpu" if engine == "llamacpp" else auto_device(args.device)
+        pair = load_pair(args.target, args.draft, registry, device=device, drafters_dir=drafters_dir, engine=engine,
+                         weights=args.weights, threads=args.threads)
         warm_up(pair, args.strategy, encode_prompt(pair.target, prompt), s, args.warmup)
         record = generate(pair, args.strategy, prompt, s, turns, rule=rule)
     except (ModelError, SettingsError, ValueError, OSError) as exc:
         return fail(str(exc))
     if args.json:
         out = {"target": args.target, "draft": args.draft, "strategy": args.strategy, "device": device,
+               "engine": engine, "weights": weight_format(pair), "threads": threads_in_use(pair),
                "settings": vars(s), **record}
         if parse_alias(args.draft):
             out["drafter_dir"] = str(drafters_dir)

@@ -3,9 +3,10 @@
 Default corpus: the target's own greedy answers to the first DEFAULT_PROMPTS prompts of prompts/training.jsonl
 (as a trained drafter learns from them; the benchmark suite's prompts are not among them), generated once and
 cached as `<datastores root>/<target>-<hash of the settings>.npy` (root: $SPECDEC_DATASTORES_DIR or
-results/datastores), so every later job reuses it. A corpus file given in the settings (`rest_corpus`) is a
-JSONL file (each row's "text", else "prompt") or a plain-text file (one document), tokenised with the target's
-tokenizer on every load (no chat template).
+results/datastores; `<target>` is `<alias>@<format>` for a weight format other than float32, e.g. `@int4` or
+llama.cpp's `@gguf-Q4_1`, runner.rest_datastore), so every later job reuses it. A corpus file given in the
+settings (`rest_corpus`) is a JSONL file (each row's "text", else "prompt") or a plain-text file (one document),
+tokenised with the target's tokenizer on every load (no chat template).
 """
 
 from __future__ import annotations

@@ -303,12 +303,18 @@ def plan_cell(target_spec, draft_spec, mode: str, claim: Claim, inventory: list[
 
 
 def loaded_bytes(models: list, used: list[str]) -> list[int]:
-    """Bytes of parameters actually resident on each used device (a sharded tensor counts its local shard only),
-    so the record shows how a pipeline or tensor-parallel split really came out, next to the estimate."""
+    """Bytes of weights actually resident on each used device (a sharded tensor counts its local shard only),
+    so the record shows how a pipeline or tensor-parallel split really came out, next to the estimate. Saved
+    buffers count too (quantised weights are buffers; rotary tables are not saved); a llama.cpp model counts its
+    tensors' bytes on the CPU."""
     totals = dict.fromkeys(used, 0)
     seen = set()
     for model in models:
-        for param in model.parameters():
+        if not hasattr(model, "parameters"):  # llama_cpp.Llama
+            if "cpu" in totals:
+                totals["cpu"] += int(model._model.size())
+            continue
+        for param in model.state_dict(keep_vars=True).values():
             if id(param) in seen:
                 continue
             seen.add(id(param))

@@ -3,8 +3,9 @@
 The file format is docs/results.md. A cell that fails (missing weights, too few GPUs, out of memory) still writes
 its file, with the error on every affected row, so the failure is stored and the rest of the matrix runs on.
 
-Paired baselines (`baseline_mode: paired`, the default): a cell that is not itself a baseline also decodes the
-`baseline` strategy on the same loaded target, with the same settings and seeds, interleaved with its own decodes
+Paired baselines (`baseline_mode: paired`, the default): a cell that is not itself a baseline also decodes its
+engine's plain decoding (strategies.store_baseline: `llamacpp-generate` for llama.cpp cells, else `baseline`) on
+the same loaded target, with the same settings, weights, threads and seeds, interleaved with its own decodes
 prompt × repeat by prompt × repeat in ABBA order, so load that comes and goes hits both sides alike and every
 speedup is a ratio of two decodes taken seconds apart on the same machine. Those rows go into the same file as a
 second run (`paired_baseline`, linked by `paired_with`). While the cell decodes, specdec.noise samples what else
@@ -31,8 +32,8 @@ from specdec.decoding import DecodeSettings
 from specdec.metrics import DegenerateRule
 from specdec.models import encode_prompt, load_registry
 from specdec.prompts import load_prompts, select
-from specdec.runner import check_settings, generate, load_pair, warm_up
-from specdec.strategies import STRATEGIES, names
+from specdec.runner import check_settings, generate, load_pair, threads_in_use, use_threads, warm_up, weight_format
+from specdec.strategies import STRATEGIES, is_plain_baseline, names, store_baseline
 
 FORMAT = "specdec-result/2"
 BASELINE_MODES = ("paired", "shared")
@@ -42,7 +43,8 @@ JOB_DEFAULTS = dict(baseline_mode="paired", draft=None, k=None, tree_budget=None
                     recycle_topk=8, rest_corpus=None,  # train-free proposers' parameters
                     config_hash=None, workflow_run_id=None, cell=None, gpu_mode="pipeline",
                     drafters_dir=None, drafter_settings=None,  # trained drafters: cache root, training settings
-                    degenerate=None)  # metrics.DegenerateRule fields (None: its defaults)
+                    degenerate=None,  # metrics.DegenerateRule fields (None: its defaults)
+                    weights=None, threads=None)  # our engine's weight format (None: the alias's); CPU threads
 
 
 def utc_now() -> str:
@@ -131,7 +133,7 @@ def failed_rows(prompts: list[dict], repeats: int, error: str) -> list[dict]:
 
 def is_paired(job: dict) -> bool:
     """Whether this cell decodes a paired baseline: every cell but a baseline, unless the config shares baselines."""
-    return job["baseline_mode"] == "paired" and job["strategy"] != "baseline"
+    return job["baseline_mode"] == "paired" and not is_plain_baseline(job["strategy"])
 
 
 def unit_order(i: int, paired: bool) -> tuple[str, ...]:
@@ -174,10 +176,11 @@ def run_cell(job: dict, progress=None, read_noise=None) -> dict:
     params = {key: job[key] for key in ("cell", "target", "draft", "strategy", "k", "tree_budget", "gpus",
                                         "temperature", "top_p", "top_k", "draft_sampling", "use_cache",
                                         "max_new_tokens", "repeats", "warmup", "prompts_file", "stop_at_eos",
-                                        "ngram_max", "recycle_topk", "rest_corpus", "gpu_mode")}
+                                        "ngram_max", "recycle_topk", "rest_corpus", "gpu_mode", "weights", "threads")}
+    params["engine"] = STRATEGIES[job["strategy"]].engine
     rule = DegenerateRule.from_dict(job["degenerate"])
     params["degenerate"] = rule.to_dict()  # the rule behind every measurement's `degenerate` flag
-    if job["strategy"] != "baseline":  # a baseline is its own reference: it has no baseline mode
+    if not is_plain_baseline(job["strategy"]):  # a baseline is its own reference: it has no baseline mode
         params["baseline_mode"] = job["baseline_mode"]
     run["params"] = params
     prompts = select(load_prompts(job["prompts_file"]), job["prompt_ids"], job["categories"], job["per_category"])
@@ -186,8 +189,9 @@ def run_cell(job: dict, progress=None, read_noise=None) -> dict:
     gpu_uuids: list[str] = []
     try:
         registry = load_registry(job["models"])
-        check_settings(job["strategy"], job["draft"], s, registry, job["target"])
+        check_settings(job["strategy"], job["draft"], s, registry, job["target"], weights=job["weights"])
         check_gpu_mode(job)
+        use_threads(job["threads"])
         target_spec = registry[job["target"]]
         trained = drafters.parse_alias(job["draft"])  # `<target>+eagle|medusa`: no registry entry, a folder
         draft_spec = registry[job["draft"]] if job["draft"] and not trained else None
@@ -215,14 +219,21 @@ def run_cell(job: dict, progress=None, read_noise=None) -> dict:
             kwargs = ({"device_map": "balanced", "max_memory": placement.max_memory}
                       if placement.mode == "pipeline" else {})
             pair = load_pair(job["target"], job["draft"], registry, device=claim.devices[0], **kwargs,
-                             drafters_dir=job["drafters_dir"], drafter_settings=job["drafter_settings"])
+                             drafters_dir=job["drafters_dir"], drafter_settings=job["drafter_settings"],
+                             engine=params["engine"], weights=job["weights"], threads=job["threads"])
             used = claim.devices
+        # `weights` and `threads` stay as asked (None: the alias's format, torch's thread count), so cells that set
+        # neither keep matching baselines stored before these existed; llama.cpp cells always run the GGUF's own
+        # quantisation and record it. What ran is kept beside them.
+        if params["engine"] == "llamacpp":
+            params["weights"] = weight_format(pair)
+        params.update(weights_used=weight_format(pair), threads_used=threads_in_use(pair))
         # weights as loaded, before decoding's first call repacks CPU layers into non-parameter buffers
         weights = devices.loaded_bytes([pair.target.model] + ([pair.draft.model] if pair.draft else []), used)
         warm_ids = encode_prompt(pair.target, prompts[0]["prompt"])
         warm_up(pair, job["strategy"], warm_ids, s, job["warmup"])  # also with warmup 0: see runner.warm_up
         if paired:  # both sides: one-time costs must not land on whichever decodes first
-            warm_up(pair, "baseline", warm_ids, s, job["warmup"])
+            warm_up(pair, store_baseline(job["strategy"]), warm_ids, s, job["warmup"])
     except Exception as exc:  # the cell fails as a whole; record why on every row it would have produced
         if worker:
             raise
@@ -238,7 +249,7 @@ def run_cell(job: dict, progress=None, read_noise=None) -> dict:
 
     def decode_one(side: str, p: dict, repeat: int) -> dict:
         nonlocal peaks
-        strategy = job["strategy"] if side == "cell" else "baseline"
+        strategy = job["strategy"] if side == "cell" else store_baseline(job["strategy"])
         try:
             out = generate(pair, strategy, p["prompt"], replace(s, seed=s.seed + repeat), p["turns"], rule)
         except Exception as exc:  # e.g. out of memory on one long prompt: keep going with the next
@@ -265,10 +276,11 @@ def run_cell(job: dict, progress=None, read_noise=None) -> dict:
 
 
 def paired_baseline(run: dict, rows: list[dict]) -> dict:
-    """The paired baseline as a run of its own: the cell's provenance and settings with strategy `baseline` (no
+    """The paired baseline as a run of its own: the cell's provenance and settings with its plain decoding (no
     draft, no k), linked to the cell's run by `paired_with`."""
     params = {key: value for key, value in run["params"].items() if key != "baseline_mode"}
-    params.update(strategy="baseline", draft=None, k=None, draft_source=None)
+    baseline = store_baseline(params["strategy"])
+    params.update(strategy=baseline, draft=None, k=None, draft_source=None, engine=STRATEGIES[baseline].engine)
     failed = all(m["status"] == "failed" for m in rows)
     base = {**run, "run_id": uuid.uuid4().hex, "paired_with": run["run_id"], "params": params,
             "status": "failed" if failed else "ok", "error": rows[0]["error"] if failed else None}
@@ -285,7 +297,7 @@ def add_noise(document: dict, readings: list) -> dict:
     baseline = document.get("paired_baseline")
     if baseline:
         spread = noise.repeat_spread(baseline["measurements"])
-    elif document["run"]["params"]["strategy"] == "baseline":
+    elif is_plain_baseline(document["run"]["params"]["strategy"]):
         spread = noise.repeat_spread(document["measurements"])
     else:
         spread = None  # a shared baseline was measured in another job; its own run has its spread
@@ -299,6 +311,12 @@ def check_gpu_mode(job: dict) -> None:
         raise devices.DeviceError(f"gpu_mode must be one of {', '.join(devices.GPU_MODES)}, got {job['gpu_mode']!r}")
     if not isinstance(job["gpus"], int) or job["gpus"] < 0:
         raise devices.DeviceError(f"gpus must be an integer >= 0 (0 = CPU), got {job['gpus']!r}")
+    if job["weights"] and job["gpu_mode"] == "tensor" and job["gpus"] > 1:
+        raise devices.DeviceError("weights apply to whole models, not to a target sharded by gpu_mode tensor: drop "
+                                  "weights or use gpu_mode pipeline")
+    if job["gpus"] and STRATEGIES[job["strategy"]].engine == "llamacpp":
+        raise devices.DeviceError(f"'{job['strategy']}' runs llama.cpp on the CPU (llama-cpp-python is built without "
+                                  "CUDA here): use gpus: 0 for llama.cpp cells")
     if job["gpu_mode"] == "tensor" and job["gpus"] > 1:
         tensor = names(tensor_parallel=True)
         if job["strategy"] not in tensor or drafters.parse_alias(job["draft"]):

@@ -1,9 +1,10 @@
 """Measuring for `specdec bench`: load one target and every runner's draft, decode the prompts interleaved, and
 summarise each runner's records (metrics.pool); plus the per-runner memory probe and the torch profile.
 
-A runner is a `Cell`: a strategy with a draft where it needs one. Every runner gets its own copy of the weights,
-so none shares a prepared model with another (ours are prepared by kernels.prepare_model; transformers' stay
-stock). Runs are interleaved: each repeat walks the prompts, and for each prompt every runner decodes it once, in
+A runner is a `Cell`: a strategy with a draft where it needs one, and a weight format (quant.py) for the torch
+engines. Every runner gets its own copy of the weights, so none shares a prepared model with another (ours are
+prepared by kernels.prepare_model; transformers' stay stock); llama.cpp runners each get their own Llama over the
+GGUF file. Runs are interleaved: each repeat walks the prompts, and for each prompt every runner decodes it once, in
 an order that rotates with the repeat, so load from other processes hits every runner alike.
 """
 
@@ -29,7 +30,8 @@ from specdec.devices import kv_cache_bytes
 from specdec.drafters import DrafterError, find_drafter, load_drafter, parse_alias
 from specdec.kernels import prepare_model
 from specdec.models import LoadedModel, ModelError, load_model, load_registry, resolve, shared_logit_rows
-from specdec.runner import Pair, decode, record_of, warm_up
+from specdec.quant import apply_weights
+from specdec.runner import Pair, decode, load_pair, record_of, warm_up
 from specdec.strategies import STRATEGIES, plain_baseline
 
 
@@ -39,28 +41,43 @@ class BenchError(ValueError):
 
 @dataclass(frozen=True)
 class Cell:
-    """One runner: a strategy and, for strategies that need one, a draft spec ("alias" or "alias:LAYERS")."""
+    """One runner: a strategy, for strategies that need one a draft spec ("alias" or "alias:LAYERS"), and for the
+    torch engines a weight format (None: the alias's own)."""
     strategy: str
     draft: str | None = None
+    weights: str | None = None
 
     @property
     def name(self) -> str:
-        return f"{self.strategy}@{self.draft}" if self.draft else self.strategy
+        return (f"{self.strategy}@{self.draft}" if self.draft else self.strategy) + (
+            f"[{self.weights}]" if self.weights else "")
 
     @property
     def engine(self) -> str:
         return STRATEGIES[self.strategy].engine
 
+    @property
+    def key(self) -> tuple:
+        """What a runner's models are loaded for (`Loaded.pairs`)."""
+        return self.engine, self.draft, self.weights
+
 
 def peer_of(cell: Cell) -> Cell | None:
-    """transformers' counterpart of one of our runners (same draft), if it has one."""
+    """transformers' counterpart of one of our runners (same draft and weights), if it has one."""
     peer = STRATEGIES[cell.strategy].peer
+    return Cell(peer, cell.draft, cell.weights) if peer else None
+
+
+def llamacpp_peer_of(cell: Cell) -> Cell | None:
+    """llama.cpp's counterpart of one of our runners (the same method on the GGUF, same draft), if it has one."""
+    peer = next((name for name, st in STRATEGIES.items() if st.engine == "llamacpp" and st.peer == cell.strategy),
+                None)
     return Cell(peer, cell.draft) if peer else None
 
 
 def engine_baseline(cell: Cell) -> Cell:
-    """Speedups are measured against the same engine's plain decoding."""
-    return Cell(plain_baseline(cell.engine))
+    """Speedups are measured against the same engine's plain decoding, in the same weight format."""
+    return Cell(plain_baseline(cell.engine), weights=cell.weights)
 
 
 def parse_draft(spec: str) -> tuple[str, int | None]:
@@ -106,7 +123,9 @@ def truncate_layers(model, n: int):
 
 
 def parameter_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes of the weights a model saves: parameters and saved buffers (quantised weights are buffers), each once."""
+    tensors = {id(t): t for t in model.state_dict(keep_vars=True).values()}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def held_bytes(models) -> int:
@@ -130,19 +149,21 @@ def kv_bytes_per_token(model) -> int:
 
 @dataclass
 class Loaded:
-    """Per engine ('specdec' or 'transformers'): runner.Pair per draft spec (None: no draft)."""
+    """runner.Pair per Cell.key: (engine, draft spec or None, weight format or None)."""
     pairs: dict
-    weights_bytes: dict   # (engine, draft spec) -> target + draft parameter bytes, counted before preparing
-    kv_per_token: dict    # (engine, draft spec) -> KV bytes per token, target + draft
+    weights_bytes: dict   # Cell.key -> target + draft weight bytes, counted before preparing
+    kv_per_token: dict    # Cell.key -> KV bytes per token, target + draft
 
 
 def load_models(target_alias: str, cells: list[Cell], registry, device: str, stock_kernels: bool,
-                drafters_dir=None) -> Loaded:
-    """One stock target load; every engine and draft gets its own copy, so no runner shares weights with
-    another (a self-draft is a second copy of the target, as a separately loaded draft would be). A trained
-    drafter reads its engine's target (features, embedding, LM head), as it does in a workflow cell."""
-    def copy_of(loaded: LoadedModel, model=None) -> LoadedModel:
-        return replace(loaded, model=copy.deepcopy(model if model is not None else loaded.model))
+                drafters_dir=None, threads: int | None = None) -> Loaded:
+    """One stock target load; every engine, weight format and draft gets its own copy, so no runner shares
+    weights with another (a self-draft is a second copy of the target, as a separately loaded draft would be). A
+    trained drafter reads its engine's target (features, embedding, LM head), as it does in a workflow cell.
+    llama.cpp runners load the GGUF files themselves (`threads` threads, default torch's)."""
+    def copy_of(loaded: LoadedModel, model=None, weights: str | None = None) -> LoadedModel:
+        return replace(loaded, model=apply_weights(copy.deepcopy(model if model is not None else loaded.model),
+                                                   weights))
 
     def ready(loaded: LoadedModel, engine: str) -> LoadedModel:
         if engine == "specdec":
@@ -151,17 +172,23 @@ def load_models(target_alias: str, cells: list[Cell], registry, device: str, sto
             prepare_model(loaded.model)
         return loaded
 
+    pairs, weights, kv = {}, {}, {}
     try:
-        target = load_model(resolve(target_alias, registry), device=device)
-        engines = sorted({c.engine for c in cells})
+        for cell in cells:
+            if cell.engine == "llamacpp" and cell.key not in pairs:
+                pairs[cell.key] = load_pair(target_alias, parse_draft(cell.draft)[0] if cell.draft else None,
+                                            registry, engine="llamacpp", threads=threads)
+        groups = sorted({(c.engine, c.weights) for c in cells if c.engine != "llamacpp"}, key=str)
+        target = load_model(resolve(target_alias, registry), device=device) if groups else None
         base_drafts: dict[str, LoadedModel] = {}
-        pairs, weights, kv = {}, {}, {}
-        for engine in engines:
-            drafts = sorted({c.draft for c in cells if c.engine == engine}, key=lambda d: d or "")
-            # the last engine takes the loaded target itself; drafts are copied from it before it is prepared
-            engine_target = target if engine == engines[-1] else copy_of(target)
+        for engine, fmt in groups:
+            drafts = sorted({c.draft for c in cells if (c.engine, c.weights) == (engine, fmt)}, key=lambda d: d or "")
+            # the last group takes the loaded target itself; drafts are copied from it before it is converted
+            last = (engine, fmt) == groups[-1]
+            engine_target = replace(target, model=apply_weights(target.model, fmt)) if last else \
+                copy_of(target, weights=fmt)
             for spec in drafts:
-                key = (engine, spec)
+                key = (engine, spec, fmt)
                 if spec is None:
                     weights[key] = parameter_bytes(engine_target.model)
                     kv[key] = kv_bytes_per_token(engine_target.model)
@@ -183,7 +210,7 @@ def load_models(target_alias: str, cells: list[Cell], registry, device: str, sto
                     if alias not in base_drafts:
                         base_drafts[alias] = load_model(resolve(alias, registry), device=device)
                     base = base_drafts[alias]
-                draft = replace(base, model=truncate_layers(base.model, layers)) if layers else copy_of(base)
+                draft = copy_of(base, truncate_layers(base.model, layers) if layers else None, fmt)
                 vocab = shared_logit_rows(engine_target, draft)
                 weights[key] = parameter_bytes(engine_target.model) + parameter_bytes(draft.model)
                 kv[key] = kv_bytes_per_token(engine_target.model) + kv_bytes_per_token(draft.model)
@@ -199,7 +226,7 @@ def load_models(target_alias: str, cells: list[Cell], registry, device: str, sto
 def run_once(loaded: Loaded, cell: Cell, prompt_ids: list[int], s):
     """One generation → (record, trace), timed by the strategy's own loop. Copy and repeat shares are taken
     against the whole encoded prompt (chat template included), as the default degenerate rule judges them."""
-    pair = loaded.pairs[(cell.engine, cell.draft)]
+    pair = loaded.pairs[cell.key]
     trace = decode(pair, cell.strategy, prompt_ids, s)
     record = record_of(trace, cell.strategy, s, len(prompt_ids), None)
     record.update(metrics.degeneracy(record["token_ids"], [prompt_ids]))
@@ -210,7 +237,7 @@ def run_interleaved(loaded: Loaded, cells: list[Cell], encoded: list[list[int]],
                     log=print) -> dict:
     """Every cell on every prompt, `repeats` times; within a repeat the cells take turns on each prompt."""
     for cell in cells:
-        warm_up(loaded.pairs[(cell.engine, cell.draft)], cell.strategy, encoded[0], s, warmup)
+        warm_up(loaded.pairs[cell.key], cell.strategy, encoded[0], s, warmup)
     runs = {c.name: [] for c in cells}
     for repeat in range(repeats):
         order = cells[repeat % len(cells):] + cells[:repeat % len(cells)]
@@ -285,11 +312,32 @@ def verify_over_step(runs: list[dict], base_runs: list[dict] | None) -> float | 
 
 
 def identical_fraction(runs: list[dict], reference: list[dict]) -> float | None:
-    """Share of (prompt, repeat) generations whose tokens equal our baseline's (meaningful for greedy only)."""
+    """Share of (prompt, repeat) generations whose tokens equal the reference's (meaningful for greedy only)."""
     ref = {(r["prompt"], r["repeat"]): r["record"]["token_hash"] for r in reference}
     pairs = [(r["record"]["token_hash"], ref.get((r["prompt"], r["repeat"]))) for r in runs]
     pairs = [(a, b) for a, b in pairs if b is not None]
     return sum(a == b for a, b in pairs) / len(pairs) if pairs else None
+
+
+def prefix_agreement(runs: list[dict], reference: list[dict]) -> float | None:
+    """Mean share of each output's tokens before its first difference from the reference output of the same
+    (prompt, repeat), over the longer of the two: 1.0 when identical, near 0 when they part at once."""
+    ref = {(r["prompt"], r["repeat"]): r["record"]["token_ids"] for r in reference}
+    shares = []
+    for run in runs:
+        other = ref.get((run["prompt"], run["repeat"]))
+        if other is None:
+            continue
+        mine = run["record"]["token_ids"]
+        same = next((i for i, (a, b) in enumerate(zip(mine, other)) if a != b), min(len(mine), len(other)))
+        shares.append(same / max(len(mine), len(other), 1))
+    return sum(shares) / len(shares) if shares else None
+
+
+def reference_baseline(runs: dict) -> str | None:
+    """The runner other engines and weight formats are compared with: our plain decoding in the aliases' own
+    format if it ran, else our first plain decoding runner."""
+    return "baseline" if "baseline" in runs else next((n for n in runs if n.startswith("baseline[")), None)
 
 
 def by_category(cells: list[Cell], runs: dict, categories: list[str]) -> dict:
@@ -342,8 +390,21 @@ def summarise(cells: list[Cell], runs: dict, s) -> dict:
                                     "verify_over_step": v,
                                     "measured_over_predicted_with_verify_cost":
                                         row["measured_over_predicted_with_verify_cost"]}
-        row["identical_to_baseline"] = (identical_fraction(runs[cell.name], runs["baseline"])
-                                        if s.greedy and "baseline" in runs else None)
+        # greedy only: the same engine's plain decoding (same weights), and our reference plain decoding
+        own, ours = engine_baseline(cell).name, reference_baseline(runs)
+        row["identical_to_baseline"] = (identical_fraction(runs[cell.name], runs[own])
+                                        if s.greedy and own in runs else None)
+        row["identical_to_ours"] = (identical_fraction(runs[cell.name], runs[ours])
+                                    if s.greedy and ours else None)
+        row["prefix_agreement_with_ours"] = (prefix_agreement(runs[cell.name], runs[ours])
+                                             if s.greedy and ours else None)
+        mirror = llamacpp_peer_of(cell) if cell.engine == "specdec" else None
+        if mirror is not None and mirror.name in summary:
+            ours_tps, theirs = row["tokens_per_s"], summary[mirror.name]["tokens_per_s"]
+            row["over_llamacpp"] = ours_tps / theirs if ours_tps and theirs else None
+            ratios[f"{cell.name}/{mirror.name}"] = row["over_llamacpp"]
+        else:
+            row["over_llamacpp"] = None
         row["step_breakdown"] = step_breakdown(runs[cell.name]) if cell.engine == "specdec" else None
     return {"cells": summary, "ratios": ratios, "leviathan": leviathan}
 
@@ -409,7 +470,7 @@ def probe_memory(spec: dict) -> dict:
     device = spec["device"]
     cuda = device.startswith("cuda")
     registry = load_registry(spec["models"])
-    cell = Cell(spec["strategy"], spec["draft"])
+    cell = Cell(spec["strategy"], spec["draft"], spec.get("weights"))
     s = DecodeSettings.from_mapping(spec["settings"])
     def resident() -> int:
         return torch.cuda.memory_allocated(device) if cuda else proc_status_kb("VmRSS") * 1024
@@ -419,7 +480,7 @@ def probe_memory(spec: dict) -> dict:
     loaded = load_models(spec["target"], [cell], registry, device, spec["stock_kernels"], spec.get("drafters_dir"))
     gc.collect()
     after_load = resident()
-    key = (cell.engine, cell.draft)
+    key = cell.key
     # One short untimed generation first, as in the timed runs: the libraries' one-time lazy set-up (kernel code
     # pages, thread pools, oneDNN primitives) is reported as warmup_bytes, not charged to the run.
     warm_up(loaded.pairs[key], cell.strategy, spec["prompt_ids"], s, 1)
@@ -449,7 +510,10 @@ def measure_memory(cells: list[Cell], args, s, prompt_ids: list[int], log=print)
     results = {}
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}  # freed tensors leave RSS at once (no arena reuse)
     for cell in cells:
-        spec = {"strategy": cell.strategy, "draft": cell.draft, "target": args.target, "models": args.models,
+        if cell.engine == "llamacpp":  # its weights are a mapped file and its KV and logits buffers are
+            continue                   # allocated at load for the whole context: no tensors to count
+        spec = {"strategy": cell.strategy, "draft": cell.draft, "weights": cell.weights, "target": args.target,
+                "models": args.models,
                 "device": args.device, "threads": args.threads, "stock_kernels": args.stock_kernels,
                 "drafters_dir": args.drafters_dir, "prompt_ids": prompt_ids, "settings": vars(s)}
         out = subprocess.run([sys.executable, "-m", "specdec.bench", "--probe-memory", json.dumps(spec)],

@@ -22,8 +22,10 @@ from urllib.parse import urlparse
 import yaml
 
 DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")
+WEIGHT_FORMATS = ("float32", "bfloat16", "int8", "int4")  # quant.WEIGHT_FORMATS, spelled out: no torch import here
 SOURCE_KEYS = ("package", "path", "hub")
-SPEC_KEYS = {"package", "path", "hub", "gguf_file", "revision", "dtype", "trust_remote_code", "chat", "description"}
+SPEC_KEYS = {"package", "path", "hub", "gguf_file", "revision", "dtype", "weights", "trust_remote_code", "chat",
+             "description"}
 DEFAULT_ALIAS = "smollm2-135m"
 
 
@@ -40,6 +42,7 @@ class ModelSpec:
     gguf_file: str | None = None
     revision: str | None = None
     dtype: str = "auto"
+    weights: str | None = None  # our engine's weight format after loading (quant.WEIGHT_FORMATS); None: as loaded
     trust_remote_code: bool = False
     chat: bool | str = "auto"
     description: str = ""
@@ -79,12 +82,15 @@ def spec_from_dict(alias: str, entry: dict) -> ModelSpec:
     dtype = entry.get("dtype", "auto")
     if dtype not in DTYPES:
         raise ModelError(f"model alias '{alias}': dtype '{dtype}' is not one of {DTYPES}")
+    weights = entry.get("weights")
+    if weights is not None and weights not in WEIGHT_FORMATS:
+        raise ModelError(f"model alias '{alias}': weights '{weights}' is not one of {WEIGHT_FORMATS}")
     chat = entry.get("chat", "auto")
     if chat not in (True, False, "auto"):
         raise ModelError(f"model alias '{alias}': chat must be true, false or auto, not {chat!r}")
     return ModelSpec(alias=alias, package=entry.get("package"), path=entry.get("path"), hub=entry.get("hub"),
                      gguf_file=entry.get("gguf_file"), revision=entry.get("revision"), dtype=dtype,
-                     trust_remote_code=bool(entry.get("trust_remote_code", False)), chat=chat,
+                     weights=weights, trust_remote_code=bool(entry.get("trust_remote_code", False)), chat=chat,
                      description=entry.get("description", ""))
 
 
@@ -320,6 +326,13 @@ def load_model(spec: ModelSpec, device: str = "cpu", device_map=None, max_memory
         model.to(device)
     model.eval()
     model.requires_grad_(False)
+    if spec.weights is not None:
+        from specdec.quant import WeightFormatError, apply_weights
+
+        try:
+            apply_weights(model, spec.weights)
+        except WeightFormatError as exc:
+            raise ModelError(f"model '{spec.alias}': {exc}") from None
     return LoadedModel(spec=spec, model=model, tokenizer=tokenizer, device=str(model.device),
                        load_s=time.perf_counter() - start, eos_token_ids=eos_token_ids(model, tokenizer))
 

@@ -28,8 +28,8 @@ import torch
 from specdec.decoding import DecodeSettings, Trace, forward, hit_eos, logits_to_probs, new_cache, rollback, sample
 from specdec.drafters import Drafter
 from specdec.kernels import prepare_model
-from specdec.trainfree import (MEMORY_TOKENS, concatenate, continuations, frequency_tree, match_ends, new_matrix,
-                               recycled_tree, recycling_template, remember, update_matrix)
+from specdec.trainfree import (MEMORY_TOKENS, concatenate, continuations, frequency_chain, frequency_tree, match_ends,
+                               new_matrix, recycled_tree, recycling_template, remember, update_matrix)
 from specdec.tree import Tree, build_tree, chain
 
 HEURISTIC_K_MAX = 16        # heuristic schedule: k never grows past max(this, the starting k)
@@ -323,7 +323,8 @@ class RecyclingProposer:
         self.learned.append((tokens, rows))
 
     def propose(self, committed, feats, shape: Shape, trace: Trace) -> Proposal:
-        template = recycling_template(shape.budget, shape.depth, self.topk)
+        # a chain (width 1, e.g. llama.cpp's draft hook) is the template's best path: rank 0 at every depth
+        template = recycling_template(shape.budget, shape.depth, self.topk if shape.width > 1 else 1)
         tree = recycled_tree(self.matrix, committed[-1], template, shape.depth, shape.stop_tokens)
         trace.draft_units += len(tree)
         return Proposal(tree)
@@ -331,6 +332,14 @@ class RecyclingProposer:
     def observe(self, committed, proposal, logits) -> None:
         self.learn([committed[self.seen - 1]] + proposal.tree.tokens, logits)
         self.seen = len(committed)
+
+
+def frequency_draft(conts: list[list[int]], shape: Shape) -> Tree:
+    """The continuations' trie cut to the shape's `budget` most frequent nodes, or for a chain (width 1, e.g.
+    llama.cpp's draft hook) its most frequent path."""
+    if shape.width > 1:
+        return frequency_tree(conts, shape.budget, shape.stop_tokens)
+    return frequency_chain(conts, shape.depth, shape.stop_tokens)
 
 
 SUFFIX_MAX_MATCH = 32      # longest context suffix matched (longer matches add no information here)
@@ -376,7 +385,7 @@ class SuffixProposer:
             conts += continuations(self.history, own_ends[-SUFFIX_MAX_HITS:], depth, stop=length)
         if best and past == best:
             conts += continuations(self.corpus, past_ends[-SUFFIX_MAX_HITS:], depth)
-        tree = frequency_tree(conts, shape.budget, shape.stop_tokens)
+        tree = frequency_draft(conts, shape)
         trace.draft_units += len(tree)
         return Proposal(tree)
 
@@ -407,7 +416,7 @@ class RestProposer:
     def propose(self, committed, feats, shape: Shape, trace: Trace) -> Proposal:
         _, conts = self.datastore.retrieve(committed[-REST_MAX_MATCH:], shape.depth, REST_MAX_MATCH,
                                            max_hits=REST_MAX_HITS)
-        tree = frequency_tree(conts, shape.budget, shape.stop_tokens)
+        tree = frequency_draft(conts, shape)
         trace.draft_units += len(tree)
         return Proposal(tree)
 

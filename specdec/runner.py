@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from specdec import metrics
+from specdec import llamacpp, metrics
 from specdec.datastore import DEFAULT_NEW_TOKENS, corpus_documents, load_datastore
 from specdec.decoding import DecodeSettings, baseline_decode
 from specdec.drafters import DrafterError, find_drafter, load_drafter, parse_for_target
 from specdec.hf_reference import hf_decode
 from specdec.kernels import linear_kernels
-from specdec.models import LoadedModel, ModelError, encode_prompt, load_model, resolve, shared_logit_rows
+from specdec.models import (WEIGHT_FORMATS, LoadedModel, ModelError, encode_prompt, load_model, resolve,
+                            shared_logit_rows)
 from specdec.proposers import DraftLength, make_proposer
 from specdec.speculative import speculative_decode
 from specdec.strategies import NAMES, STRATEGIES, names
@@ -32,8 +33,9 @@ class SettingsError(ValueError):
 
 
 def check_settings(strategy: str, draft: str | None, s: DecodeSettings, registry: dict | None = None,
-                   target: str | None = None) -> None:
-    """Every check that needs no model, so bad arguments fail in milliseconds."""
+                   target: str | None = None, weights: str | None = None) -> None:
+    """Every check that needs no model, so bad arguments fail in milliseconds. `weights`: a weight format that
+    overrides the aliases' (our engine and transformers'; llama.cpp runs the GGUF's own)."""
     if strategy not in STRATEGIES:
         raise SettingsError(f"unknown strategy '{strategy}'; choose one of: {', '.join(NAMES)}")
     st = STRATEGIES[strategy]
@@ -63,7 +65,7 @@ def check_settings(strategy: str, draft: str | None, s: DecodeSettings, registry
         raise SettingsError(f"need 1 <= ngram_min <= ngram_max, got {s.ngram_min} and {s.ngram_max}")
     if not isinstance(s.recycle_topk, int) or s.recycle_topk < 1:
         raise SettingsError(f"recycle_topk must be an integer >= 1, got {s.recycle_topk!r}")
-    if s.rest_corpus is not None and strategy == "rest":
+    if s.rest_corpus is not None and st.proposer == "rest":
         try:
             corpus_documents(s.rest_corpus)
         except ValueError as exc:
@@ -79,11 +81,23 @@ def check_settings(strategy: str, draft: str | None, s: DecodeSettings, registry
     if (trained or st.tree or st.length != "fixed") and s.draft_sampling != "greedy":
         raise SettingsError(f"'{strategy}' with draft '{draft}' proposes the draft's top tokens (exact at any "
                             "temperature): use draft_sampling greedy")
+    if st.engine == llamacpp.ENGINE:
+        try:
+            llamacpp.check_settings(strategy, s)
+        except llamacpp.LlamaCppError as exc:
+            raise SettingsError(str(exc)) from None
+        if weights is not None:
+            raise SettingsError(f"'{strategy}' runs the GGUF's own quantisation; weights ({weights}) apply to our "
+                                "engine only: drop the weight format for llama.cpp strategies")
+    elif weights is not None and weights not in WEIGHT_FORMATS:
+        raise SettingsError(f"weight format '{weights}' is not one of {', '.join(WEIGHT_FORMATS)}")
     if registry is not None:
         for alias in (target, None if trained else draft):
             if alias:
                 try:
-                    resolve(alias, registry)
+                    spec = resolve(alias, registry)
+                    if st.engine == llamacpp.ENGINE:
+                        llamacpp.gguf_file(spec)  # a GGUF alias whose file is here, with no weight format set
                 except ModelError as exc:
                     raise SettingsError(str(exc)) from None
 
@@ -100,10 +114,21 @@ class Pair:
 
 def load_pair(target_alias: str, draft_alias: str | None, registry: dict, device: str = "cpu",
               device_map=None, max_memory=None, tp_plan: str | None = None, drafters_dir=None,
-              drafter_settings: dict | None = None) -> Pair:
+              drafter_settings: dict | None = None, engine: str = "specdec", weights: str | None = None,
+              threads: int | None = None) -> Pair:
     """With a device_map the target is placed by accelerate (with tp_plan, sharded by transformers' tensor
     parallelism); the draft always sits whole on `device` (a small draft loses more to cross-device hops than it
-    gains from being split). A trained drafter is looked up (and its absence reported) before any model loads."""
+    gains from being split). A trained drafter is looked up (and its absence reported) before any model loads.
+    engine 'llamacpp' (strategies.Strategy.engine) loads both as llama.cpp models: GGUF aliases on the CPU with
+    `threads` threads (default: torch's count). `weights` overrides the aliases' weight format (target and draft
+    alike; quant.py)."""
+    if engine == llamacpp.ENGINE:
+        target, draft = llamacpp.load_pair(resolve(target_alias, registry),
+                                           resolve(draft_alias, registry) if draft_alias else None, threads)
+        return Pair(target, draft)
+    if weights is not None:
+        registry = {**registry, **{a: replace(registry[a], weights=weights) for a in (target_alias, draft_alias)
+                                   if a in registry}}
     folder = find_drafter(draft_alias, drafters_dir, drafter_settings) if parse_for_target(draft_alias, target_alias) \
         else None
     target = load_model(resolve(target_alias, registry), device=device, device_map=device_map,
@@ -134,13 +159,20 @@ def prepare(pair: Pair, strategy: str, s: DecodeSettings) -> dict:
 
 
 def rest_datastore(pair: Pair, s: DecodeSettings):
-    """REST's datastore for this target (datastore.py): the corpus file, or the target's own greedy answers."""
+    """REST's datastore for this target (datastore.py): the corpus file, or the target's own greedy answers as
+    this engine decodes them in this weight format, cached per alias and format (`<alias>@int8`,
+    `<alias>@gguf-Q4_1` for llama.cpp; float32 keeps the plain alias): each is built once, and no cell's corpus
+    depends on which format happened to run first."""
     greedy = DecodeSettings(max_new_tokens=DEFAULT_NEW_TOKENS, k=8)
+    llama = llamacpp.is_llama(pair.target.model)
+    fmt = weight_format(pair)
+    label = pair.target.spec.alias + ("" if fmt == "float32" else f"@{fmt}")
 
     def answer(prompt: str) -> list[int]:  # prompt lookup: the same greedy tokens as the baseline, sooner
-        return decode(pair, "ngram", encode_prompt(pair.target, prompt), greedy).tokens
+        strategy = "llamacpp-specdec-ngram" if llama else "ngram"
+        return decode(pair, strategy, encode_prompt(pair.target, prompt), greedy).tokens
 
-    return load_datastore(pair.target.spec.alias, s.rest_corpus,
+    return load_datastore(label, s.rest_corpus,
                           lambda text: pair.target.tokenizer.encode(text, add_special_tokens=False), answer)
 
 
@@ -148,6 +180,10 @@ def decode_models(strategy: str, target, prompt_ids: list[int], s: DecodeSetting
                   drafter=None, vocab: int | None = None, pad_id: int | None = None, memory: dict | None = None):
     """One generation with the strategy's engine, proposer and draft-length policy → Trace."""
     st = STRATEGIES[strategy]
+    if st.engine == llamacpp.ENGINE:
+        return llamacpp.decode_models(strategy, target, prompt_ids, s, eos_ids, draft_model, memory)
+    if llamacpp.is_llama(target):
+        raise SettingsError(f"'{strategy}' runs on {st.engine}'s engine, but the pair was loaded for llama.cpp")
     if st.engine == "transformers":
         return hf_decode(strategy, target, prompt_ids, s, sorted(eos_ids), draft=draft_model, pad_id=pad_id)
     eos = set(eos_ids)
@@ -156,6 +192,36 @@ def decode_models(strategy: str, target, prompt_ids: list[int], s: DecodeSetting
     proposer = make_proposer(st.proposer, s, draft_model, drafter, vocab, memory)
     length = DraftLength(s, st.length, st.width, eos if s.stop_at_eos else ())
     return speculative_decode(target, prompt_ids, s, eos, proposer, length, vocab)
+
+
+def use_threads(threads: int | None) -> None:
+    """One thread setting for both engines: torch's intra-op threads (process-wide) are set here, and llama.cpp
+    models are created with torch's count (load_pair). None keeps torch's default (one per core)."""
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise SettingsError(f"threads must be an integer >= 1, got {threads!r}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def threads_in_use(pair: Pair) -> int:
+    """The threads the pair decodes with: llama.cpp's for its models, else torch's."""
+    model = pair.target.model
+    if llamacpp.is_llama(model):
+        return int(model.n_threads)
+    import torch
+
+    return torch.get_num_threads()
+
+
+def weight_format(pair: Pair) -> str:
+    """The target's weight format as it runs: 'gguf-<type>' under llama.cpp, else quant.weight_format."""
+    from specdec import quant
+
+    model = pair.target.model
+    return llamacpp.weight_format(model) if llamacpp.is_llama(model) else quant.weight_format(model)
 
 
 def generate(pair: Pair, strategy: str, prompt: str | list[int], s: DecodeSettings,

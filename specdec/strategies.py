@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ENGINES = ("specdec", "transformers")
+ENGINES = ("specdec", "transformers", "llamacpp")
 
 
 @dataclass(frozen=True)
@@ -16,9 +16,11 @@ class Strategy:
     name: str
     help: str
     color: str                     # dashboard colour, fixed per strategy so a series keeps it under any filter
-    engine: str = "specdec"        # whose decoding loop runs it: ours, or transformers' generate() (a reference)
+    engine: str = "specdec"        # whose decoding loop runs it: ours, transformers' generate() (a reference), or
+                                   # llama.cpp's (llama-cpp-python's Llama.generate over a GGUF file, llamacpp.py)
     draft: str = "none"            # none | model (a draft LM) | model-or-drafter (also `<target>+eagle|medusa`)
-    proposer: str | None = None    # ours: which proposer drafts (proposers.make_proposer); None = no drafting
+    proposer: str | None = None    # ours: which proposer drafts (proposers.make_proposer); None = no drafting;
+                                   # llama.cpp: our model-free proposer plugged into its draft hook, if any
     width: int = 1                 # children per expanded node: 1 = chains, > 1 = trees (tree_budget applies)
     length: str = "fixed"          # draft-length policy: fixed | heuristic | confidence (proposers.DraftLength)
     tensor_parallel: bool = False  # runs with the target sharded over GPUs (gpu_mode: tensor; a draft model,
@@ -27,7 +29,7 @@ class Strategy:
 
     @property
     def uses_k(self) -> bool:
-        return self.name not in ("baseline", "hf-generate")
+        return self.name not in ("baseline", "hf-generate", "llamacpp-generate")
 
     @property
     def needs_draft(self) -> bool:
@@ -73,6 +75,22 @@ _ALL = (
              engine="transformers", draft="model", peer="speculative"),
     Strategy("hf-ngram", "transformers' prompt lookup decoding, fixed k", "#76b7b2", engine="transformers",
              tensor_parallel=True, peer="ngram"),
+    Strategy("llamacpp-generate", "llama.cpp's plain decoding of a GGUF file (llama-cpp-python)", "#8c564b",
+             engine="llamacpp", peer="baseline"),
+    Strategy("llamacpp-ngram", "llama.cpp with llama-cpp-python's prompt lookup (earliest match) as draft hook",
+             "#17becf", engine="llamacpp"),
+    Strategy("llamacpp-specdec-ngram", "llama.cpp with our prompt lookup (the ngram proposer) in its draft hook",
+             "#9edae5", engine="llamacpp", proposer="ngram", peer="ngram"),
+    Strategy("llamacpp-speculative", "llama.cpp with a second GGUF drafting greedily through its draft hook",
+             "#c49c94", engine="llamacpp", draft="model", peer="speculative"),
+    # our train-free proposers in llama.cpp's hook: it verifies one sequence, so each drafts its best chain
+    Strategy("llamacpp-recycling", "llama.cpp with our Token Recycling in its draft hook: the chain of rank-0 "
+             "candidates (the adjacency matrix learns from the target's logits in llama.cpp's buffer)", "#bcbd22",
+             engine="llamacpp", proposer="recycling", peer="recycling"),
+    Strategy("llamacpp-suffix", "llama.cpp with our suffix matching in its draft hook: the most frequent "
+             "continuation as a chain", "#e377c2", engine="llamacpp", proposer="suffix", peer="suffix"),
+    Strategy("llamacpp-rest", "llama.cpp with our REST retrieval in its draft hook: the most frequent retrieved "
+             "continuation as a chain", "#aec7e8", engine="llamacpp", proposer="rest", peer="rest"),
 )
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in _ALL}
 NAMES = tuple(STRATEGIES)
@@ -86,6 +104,19 @@ def names(**where) -> tuple[str, ...]:
 def plain_baseline(engine: str) -> str:
     """The strategy each engine's speedups are measured against: its own plain decoding."""
     return next(s.name for s in _ALL if s.engine == engine and not s.uses_k)
+
+
+def store_baseline(strategy: str) -> str:
+    """The plain decoding a cell of the workflow is compared with (its paired baseline, the store's speedup view):
+    llama.cpp's own for llama.cpp strategies (same GGUF, threads), ours for every other (transformers' cells
+    included: the store has always compared them with our `baseline`)."""
+    engine = STRATEGIES[strategy].engine
+    return plain_baseline(engine) if engine == "llamacpp" else "baseline"
+
+
+def is_plain_baseline(strategy: str) -> bool:
+    """A strategy that is its own reference (a baseline cell of the workflow): no paired baseline, no mode."""
+    return store_baseline(strategy) == strategy
 
 
 def describe() -> str:

@@ -20,7 +20,7 @@ import math
 
 import numpy as np
 
-from specdec.tree import Tree
+from specdec.tree import Tree, chain
 
 SEPARATOR = -1               # between documents in a corpus: never matched, never proposed
 MEMORY_TOKENS = 1 << 20      # suffix memory keeps at most this many earlier output tokens (8 MiB of int64)
@@ -170,6 +170,24 @@ def frequency_tree(conts: list[list[int]], budget: int, stop_tokens=()) -> Tree:
     renumber = {old: new for new, old in enumerate(kept)}
     return Tree([tokens[i] for i in kept], [renumber[parents[i]] if parents[i] >= 0 else -1 for i in kept],
                 [depths[i] for i in kept])
+
+
+def frequency_chain(conts: list[list[int]], depth: int, stop_tokens=()) -> Tree:
+    """The most frequent path of the continuations' trie, up to `depth` tokens, for engines that verify one
+    sequence: at each step the next token shared by most continuations that agree so far (ties go to the
+    earlier-seen token, as in frequency_tree). Nothing is drafted past an end-of-sequence."""
+    path: list[int] = []
+    alive = [c for c in conts if c]
+    while alive and len(path) < depth:
+        counts: dict[int, int] = {}
+        for cont in alive:
+            counts[cont[len(path)]] = counts.get(cont[len(path)], 0) + 1
+        token = max(counts, key=counts.get)  # the first of the most frequent, in order of first sight
+        path.append(token)
+        if token in stop_tokens:
+            break
+        alive = [c for c in alive if c[len(path) - 1] == token and len(c) > len(path)]
+    return chain(path)
 
 
 def concatenate(documents: list[np.ndarray]) -> np.ndarray:

@@ -107,6 +107,62 @@ def test_memory_probe_runs_each_runner_in_its_own_process(tiny_setup, capsys):
     assert "peak memory per runner" in out
 
 
+def test_weight_formats_are_runners_with_their_own_baseline(tiny_setup, capsys):
+    code, out, err = run_bench(capsys, tiny_setup + [
+        "--runners", "baseline,ngram", "--weights", "float32,int8", "--max-new-tokens", "8", "--repeats", "1",
+        "--ignore-eos", "--memory", "off", "--prompt-ids", "rep-1", "--threads", "1"])
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    tps = result["tokens_per_s"]
+    assert list(tps) == ["baseline[float32]", "baseline[int8]", "ngram[float32]", "ngram[int8]"]
+    assert result["weights"] == {"baseline[float32]": "float32", "baseline[int8]": "int8",
+                                 "ngram[float32]": "float32", "ngram[int8]": "int8"}
+    for fmt in ("float32", "int8"):
+        assert result["speedup"][f"ngram[{fmt}]"] == pytest.approx(tps[f"ngram[{fmt}]"] / tps[f"baseline[{fmt}]"])
+        assert result["identical_to_baseline"][f"ngram[{fmt}]"] == 1.0  # own plain decoding, same format
+    assert result["identical_to_ours"]["baseline[float32]"] == 1.0
+    assert 0 <= result["prefix_agreement_with_ours"]["baseline[int8]"] <= 1
+    assert result["threads"] == 1
+
+
+def test_llamacpp_runners_in_the_bench(capsys, tmp_path):
+    """The embedded GGUF under llama.cpp only (no torch model loads): its own baseline, counted acceptance."""
+    pytest.importorskip("llama_cpp")
+    prompt_file = tmp_path / "p.jsonl"
+    prompt_file.write_text(json.dumps({"id": "rep-1", "category": "repetitive",
+                                       "prompt": "Repeat exactly: red green blue, red green blue."}) + "\n")
+    code, out, err = run_bench(capsys, [
+        "--prompts", str(prompt_file), "--runners", "llamacpp-generate,llamacpp-specdec-ngram,llamacpp-ngram",
+        "--max-new-tokens", "12", "--repeats", "1", "--threads", "1", "--memory", "subprocess"])
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    tps = result["tokens_per_s"]
+    assert set(result["engines"].values()) == {"llamacpp"} and set(result["weights"].values()) == {"gguf-Q4_1"}
+    for name in ("llamacpp-specdec-ngram", "llamacpp-ngram"):
+        assert result["speedup"][name] == pytest.approx(tps[name] / tps["llamacpp-generate"])
+        assert len(result["acceptance_by_position"][name]) == 4
+        assert result["leviathan"][name]["alpha"] is not None
+    assert result["identical_to_ours"]["llamacpp-generate"] is None  # our engine did not run
+    assert result["memory"] == {}  # llama.cpp allocates its own buffers: not probed
+
+
+def test_summary_compares_ours_with_the_same_method_in_llamacpp():
+    s = DecodeSettings(k=2)
+    cells = [measure.Cell("baseline", weights="int4"), measure.Cell("llamacpp-generate"),
+             measure.Cell("ngram", weights="int4"), measure.Cell("llamacpp-specdec-ngram")]
+    runs = {"baseline[int4]": [fake_run(0, 0, 10, 1.0)], "llamacpp-generate": [fake_run(0, 0, 10, 2.0)],
+            "ngram[int4]": [fake_run(0, 0, 10, 0.5, k=2, proposed=[4, 2], accepted=[3, 1], steps=5)],
+            "llamacpp-specdec-ngram": [fake_run(0, 0, 10, 4.0, k=2, proposed=[4, 2], accepted=[3, 1], steps=5)]}
+    summary = measure.summarise(cells, runs, s)
+    rows = summary["cells"]
+    assert rows["ngram[int4]"]["speedup"] == pytest.approx(2.0)  # over baseline[int4]
+    assert rows["llamacpp-specdec-ngram"]["speedup"] == pytest.approx(0.5)  # over llamacpp-generate
+    assert summary["ratios"] == {"baseline[int4]/llamacpp-generate": pytest.approx(2.0),
+                                 "ngram[int4]/llamacpp-specdec-ngram": pytest.approx(8.0)}
+    assert rows["llamacpp-generate"]["identical_to_ours"] == 1.0  # fake runs all produce the same tokens
+    assert rows["llamacpp-generate"]["prefix_agreement_with_ours"] == 1.0
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--runners", "baseline,beam"], "unknown runner(s) ['beam']"),
     (["--k", "0"], "draft length k must be an integer from 1 to 64"),
@@ -115,6 +171,8 @@ def test_memory_probe_runs_each_runner_in_its_own_process(tiny_setup, capsys):
     (["--repeats", "0"], "--repeats must be >= 1"),
     (["--categories", "poetry"], "categories ['poetry'] are not in the prompt file"),
     (["--prompt-ids", "nope"], "prompt id(s) ['nope'] are not in the prompt file"),
+    (["--weights", "int3"], "--weights: unknown format(s) ['int3']"),
+    (["--runners", "llamacpp-generate"], "not a GGUF file"),
 ])
 def test_bad_arguments_fail_in_one_line_before_any_model_loads(tiny_setup, capsys, monkeypatch, argv, message):
     def no_loading(*a, **k):

@@ -537,6 +537,35 @@ def test_specdec_dashboard_accepts_its_options(capsys):
     assert "--db DB" in capsys.readouterr().out
 
 
+def test_engines_page_compares_each_engine_with_its_own_plain_decoding(tmp_path, monkeypatch):
+    """Ours in float32 and int4, llama.cpp on the GGUF: speedups over the same engine and weight format, one method
+    (ngram) on both engines, and whether speculation pays."""
+    def run(strategy, weights, **kw):
+        result = make_result(host="h", target=TARGET, draft=None, strategy=strategy, **kw)
+        result["run"]["params"].update(weights=weights, threads=2)
+        return result
+
+    results = [run("baseline", "float32", k=None), run("baseline", "int4", k=None, baseline_tps=40.0),
+               run("ngram", "int4", k=4, speed=1.2, alpha=0.4, baseline_tps=40.0),
+               run("llamacpp-generate", "gguf-Q4_1", k=None, speed=3.0),
+               run("llamacpp-specdec-ngram", "gguf-Q4_1", k=4, speed=2.4, alpha=0.5)]
+    db = tmp_path / "engines.duckdb"
+    ingest(db, write_results(results, tmp_path / "results"))
+    monkeypatch.setenv("SPECDEC_DB", str(db))
+    at = run_page("engines")
+    assert not at.error and charts(at)
+    table = frame_with(at, "engine", "method", "weights", "speedup", "pays")
+    rows = {(r.engine, r.method, r.weights): r for r in table.itertuples()}
+    assert set(rows) == {("specdec", "baseline", "float32"), ("specdec", "baseline", "int4"),
+                         ("specdec", "ngram", "int4"), ("llamacpp", "baseline", "gguf-Q4_1"),
+                         ("llamacpp", "ngram", "gguf-Q4_1")}
+    assert round(rows["specdec", "ngram", "int4"].speedup, 9) == 1.2 and rows["specdec", "ngram", "int4"].pays == "yes"
+    assert round(rows["llamacpp", "ngram", "gguf-Q4_1"].speedup, 9) == 0.8  # over llamacpp-generate (60 tok/s)
+    assert rows["llamacpp", "ngram", "gguf-Q4_1"].pays == "no"
+    plain = frame_with(at, "series", "tokens_per_s", "tok/s ÷ fastest plain")
+    assert sorted(plain["tok/s ÷ fastest plain"].round(9)) == [round(20 / 60, 9), round(40 / 60, 9), 1.0]
+
+
 def test_stopping_specdec_dashboard_stops_the_server(fixture_db, tmp_path):
     """SIGTERM to `specdec dashboard` (a service manager, `kill`, a closed terminal) stops the Streamlit server:
     the launcher becomes the server (exec), so no orphan keeps the port. Without --port, Streamlit's own

@@ -41,11 +41,11 @@ FAILURE_TEXT = ("Traceback (most recent call last)", "StreamlitAPIException", "C
                 "Is Streamlit still running?")
 PAGE_HEADERS = {"overview": "Overview", "leaderboard": "Leaderboard", "speedup": "Speedup vs draft length", "acceptance": "Acceptance",
                 "predicted": "Predicted vs measured speedup", "latency": "Latency and memory",
-                "scaling": "Scaling with GPU count", "losslessness": "Losslessness", "runs": "Runs",
-                "sql": "SQL console"}
+                "scaling": "Scaling with GPU count", "losslessness": "Losslessness",
+                "engines": "Engines and weight formats", "runs": "Runs", "sql": "SQL console"}
 # Charts each page draws on the fixture store (the SQL console and runs pages draw none).
 PAGE_CHARTS = {"overview": 0, "leaderboard": 0, "speedup": 1, "acceptance": 4, "predicted": 1, "latency": 1,
-               "scaling": 2, "losslessness": 1, "runs": 0, "sql": 0}
+               "scaling": 2, "losslessness": 1, "engines": 1, "runs": 0, "sql": 0}
 
 # Polled in the page: the app's run state, the charts and whether each has drawn, and any exception boxes.
 PAGE_STATE_JS = """(() => {

@@ -13,6 +13,7 @@ from specdec import job as job_module
 from specdec.db.store import ResultFileError, ingest, load_result_file
 from specdec.job import decode_units, run_cell, unit_order
 from specdec.noise import Reading
+from specdec.strategies import is_plain_baseline, store_baseline
 
 PROMPTS = [{"id": "p1", "category": "qa"}, {"id": "p2", "category": "code"}]
 
@@ -208,6 +209,53 @@ def test_shared_baselines_come_only_from_the_same_machine(tmp_path):
     got = dict(fetch(db, "SELECT run_id, max(speedup) FROM speedup WHERE strategy = 'speculative' GROUP BY run_id"))
     assert got == {"here": 1.5, "new-cpu": None, "gpu-a": None, "other-host": None}
     assert set(fetch(db, "SELECT DISTINCT baseline_run_id FROM speedup WHERE run_id = 'here'")) == {("base-here",)}
+
+
+def test_llamacpp_cells_are_compared_with_llamacpp_plain_decoding(tmp_path):
+    """A llama.cpp cell pairs with llamacpp-generate (same GGUF and threads); shared, it takes the latest
+    llamacpp-generate run with its weights and threads on the machine, never our baseline."""
+    assert store_baseline("llamacpp-suffix") == "llamacpp-generate" and store_baseline("hf-assisted") == "baseline"
+    assert is_plain_baseline("llamacpp-generate") and is_plain_baseline("baseline")
+    assert not is_plain_baseline("hf-generate")  # transformers' cells compare with ours, as before
+
+    def llama(doc_or_run, strategy, k=4, threads=2):
+        params = doc_or_run["params"]
+        params.update(strategy=strategy, k=k, draft=None, weights="gguf-Q4_1", threads=threads)
+        return doc_or_run
+
+    paired = paired_file("lc", CELL, PAIR)
+    llama(paired["run"], "llamacpp-specdec-ngram")
+    llama(paired["paired_baseline"]["run"], "llamacpp-generate", k=None)
+
+    def plain(run_id, strategy, tps, threads=2, started="2026-12-01T10:00:00Z"):
+        doc = {"format": "specdec-result/2", "run": run(run_id, "baseline", started=started),
+               "measurements": rows({k: tps for k in CELL})}
+        if strategy != "baseline":
+            llama(doc["run"], strategy, k=None, threads=threads)
+        return doc
+
+    shared = {"format": "specdec-result/2", "measurements": rows({k: 30.0 for k in CELL}),
+              "run": llama(run("lc-shared", "baseline", mode="shared"), "llamacpp-suffix")}
+    db = store(tmp_path, [paired, shared, plain("ours", "baseline", 100.0),
+                          plain("llama-2", "llamacpp-generate", 60.0),
+                          plain("llama-1", "llamacpp-generate", 10.0, threads=1, started="2026-12-02T10:00:00Z")])
+    got = fetch(db, "SELECT run_id, prompt_id, \"repeat\", speedup, baseline_source, baseline_run_id, engine "
+                    "FROM speedup WHERE run_id IN ('lc', 'lc-shared') ORDER BY ALL")
+    assert got[:3] == [("lc", "p1", 0, 1.5, "paired", "lc-base", "llamacpp"),
+                       ("lc", "p1", 1, 1.5, "paired", "lc-base", "llamacpp"),
+                       ("lc", "p2", 0, 2.0, "paired", "lc-base", "llamacpp")]
+    assert {row[3:6] for row in got if row[0] == "lc-shared"} == {(0.5, "shared", "llama-2")}
+    # the llama.cpp plain decoding cells are baselines of their own, beside ours
+    assert fetch(db, "SELECT strategy, threads, round(speedup_median, 6) FROM cell_summary "
+                     "WHERE strategy IN ('baseline', 'llamacpp-generate') ORDER BY ALL") == [
+        ("baseline", None, 1.0), ("llamacpp-generate", 1, 1.0), ("llamacpp-generate", 2, 1.0)]
+    # a paired baseline of the wrong engine is refused
+    bad = json.loads(json.dumps(paired))
+    bad["paired_baseline"]["run"]["params"]["strategy"] = "baseline"
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ResultFileError, match="paired_baseline.run.params.strategy: must be 'llamacpp-generate'"):
+        load_result_file(path)
 
 
 def test_paired_baseline_is_validated(tmp_path):

@@ -173,6 +173,27 @@ def test_cli_writes_the_report_and_errors_are_one_line(store, tmp_path, capsys):
         assert code == 2 and message in err and "\n" not in err
 
 
+def test_weight_formats_are_rows_of_their_own_and_each_engine_has_its_baseline(tmp_path):
+    """Cells that differ only in weight format (or threads) are separate rows with the format shown; llama.cpp's
+    plain decoding is listed with the baselines, last."""
+    def result(strategy, weights, speed, k=3, threads=2):
+        res = make_result(host="lab-w", target=TARGET, draft=None, strategy=strategy, k=k, speed=speed,
+                          alpha=0.5 if k else None)
+        res["run"]["params"].update(weights=weights, threads=threads)
+        return res
+
+    results = [result("baseline", "float32", 1.0, k=None), result("baseline", "int4", 1.0, k=None),
+               result("ngram", "float32", 1.2), result("ngram", "int4", 1.6),
+               result("llamacpp-generate", "gguf-Q4_1", 1.0, k=None)]
+    db = tmp_path / "w.duckdb"
+    ingest(db, write_results(results, tmp_path / "results"))
+    board = report.collect(db).leaderboard
+    assert [(m, w) for m, w in zip(board.method, board.weights)][:2] == [("ngram", "int4"), ("ngram", "float32")]
+    assert board.overall.tolist()[:2] == pytest.approx([1.6, 1.2])  # each over plain decoding in its own format
+    assert sorted(board.method.tolist()[2:]) == ["baseline", "baseline", "llamacpp-generate"]
+    assert "threads" not in board and board.attrs["constant"]["threads"] == 2
+
+
 def test_intervals_noise_and_degenerate_columns_are_used_when_the_store_has_them(store, tmp_path):
     """Stand-ins for the store's median_ci macro, run_noise view and degenerate flag (issues 13 and 19): the report
     takes its intervals, noise flags and non-degenerate speedups from them, and marks noisy rows."""
@@ -190,7 +211,7 @@ def test_intervals_noise_and_degenerate_columns_are_used_when_the_store_has_them
         con.execute("CREATE OR REPLACE VIEW speedup AS SELECT *, prompt_id = 'sum-02' AS degenerate FROM speedup_plain")
     con.close()
     r = report.collect(db)
-    assert r.features == {"ci": True, "noise": True, "degenerate": True}
+    assert r.features == {"ci": True, "noise": True, "degenerate": True, "formats": True}
     spread = sql(db, """SELECT strategy AS method, draft, draft_length AS k, host, gpus, temperature,
                                min(speedup) AS lo, max(speedup) AS hi FROM speedup GROUP BY ALL""")
     assert by_key(r.leaderboard, "overall low") == pytest.approx(by_key(spread, "lo"))

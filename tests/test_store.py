@@ -378,7 +378,8 @@ def test_speedup_view(store):
                         "mean_accepted_tokens", "matches_baseline", "ttft_s", "tpot_s", "peak_memory_bytes",
                         "cost_ratio_c", "leviathan_speedup", "started_utc", "cost_per_mtok",
                         "copy_share", "repeat_share", "degenerate", "baseline_source",
-                        "baseline_run_id", "baseline_repeat", "cpu_name", "gpu_names"]
+                        "baseline_run_id", "baseline_repeat", "cpu_name", "gpu_names", "engine", "weights",
+                        "threads"]
     assert list(df.columns) == expected_columns
     assert set(df["baseline_source"]) == {"shared"}  # format-1 files: no pairing
 
@@ -390,6 +391,39 @@ def test_speedup_view_baseline_rows(store):
     assert df["draft_length"].isna().all()  # k = 4 in the file, but a baseline does not draft
     assert list(df["matches_baseline"]) == [True] * 6
 
+
+def with_params(doc: dict, **params) -> dict:
+    doc["run"]["params"].update(params)
+    return doc
+
+
+def test_speedup_is_over_the_same_engine_and_weight_format(tmp_path):
+    """llama.cpp rows take llamacpp-generate as their baseline, int8 rows the int8 baseline; threads keep apart."""
+    half = {p: tuple(v / 2 for v in tps) for p, tps in BASE_TPS.items()}
+    files = [write(tmp_path, "base.json", with_params(make_result("b", "baseline", BASE_TPS, BASE_HASH),
+                                                     weights="float32", threads=2)),
+             write(tmp_path, "base8.json", with_params(make_result("b8", "baseline", half, BASE_HASH),
+                                                      weights="int8", threads=2)),
+             write(tmp_path, "ng8.json", with_params(make_result("n8", "ngram", SPEC_TPS, SPEC_HASH, k=4),
+                                                    weights="int8", threads=2)),
+             write(tmp_path, "lgen.json", with_params(make_result("lg", "llamacpp-generate", SPEC_TPS, BASE_HASH),
+                                                     weights="gguf-Q4_1", threads=2)),
+             write(tmp_path, "lng.json", with_params(make_result("ln", "llamacpp-ngram", SPEC_TPS, SPEC_HASH, k=4),
+                                                    weights="gguf-Q4_1", threads=2)),
+             write(tmp_path, "lng1.json", with_params(make_result("ln1", "llamacpp-ngram", SPEC_TPS, SPEC_HASH, k=4),
+                                                     weights="gguf-Q4_1", threads=1))]
+    db = tmp_path / "s.duckdb"
+    ingest(db, files)
+    df = run_query("SELECT run_id, engine, weights, threads, prompt_id, repeat, speedup, baseline_tokens_per_s "
+                   "FROM speedup ORDER BY run_id, prompt_id, repeat", db)
+    rows = {run: part for run, part in df.groupby("run_id")}
+    assert list(rows["n8"]["baseline_tokens_per_s"]) == pytest.approx([5.5, 5.5, 10, 10, 4.5, 4.5])  # int8 base
+    assert list(rows["ln"]["speedup"]) == pytest.approx([1.0, 1.0, 30 / 32, 34 / 32, 1.0, 1.0])  # over llamacpp-gen
+    assert set(rows["ln"]["engine"]) == {"llamacpp"} and set(rows["n8"]["engine"]) == {"specdec"}
+    assert rows["ln1"]["speedup"].isna().all()  # no llama.cpp baseline at 1 thread
+    summary = run_query("SELECT strategy, engine, weights, threads, draft_length FROM cell_summary "
+                        "ORDER BY strategy, threads", db)
+    assert len(summary) == 6 and summary["draft_length"].isna().sum() == 3
 
 def test_cell_summary(store):
     db, _, _ = store

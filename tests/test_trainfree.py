@@ -9,10 +9,11 @@ import torch
 
 from specdec.datastore import DEFAULT_PROMPTS, load_datastore
 from specdec.decoding import DecodeSettings, Trace, baseline_decode
-from specdec.proposers import RecyclingProposer, Shape, SuffixProposer
+from specdec.proposers import RecyclingProposer, RestProposer, Shape, SuffixProposer
 from specdec.runner import decode_models
-from specdec.trainfree import (SEPARATOR, Datastore, concatenate, continuations, frequency_tree, match_ends,
-                               new_matrix, recycled_tree, recycling_template, remember, update_matrix)
+from specdec.trainfree import (SEPARATOR, Datastore, concatenate, continuations, frequency_chain, frequency_tree,
+                               match_ends, new_matrix, recycled_tree, recycling_template, remember, update_matrix)
+from specdec.tree import is_chain
 from tiny import EOS, prompts
 
 MODEL_FREE_TREES = ("recycling", "suffix", "rest")
@@ -79,6 +80,11 @@ def test_recycling_matrix_learns_from_prompt_and_verify_logits():
     proposer.seen = 4
     proposer.observe([7, 4, 8, 7, 11], type("P", (), {"tree": tree})(), verify)
     assert all(proposer.matrix[t][0] == 11 for t in [7] + tree.tokens)
+    # a chain (width 1, llama.cpp's hook): the rank-0 path only, as deep as the matrix knows
+    chain_ = proposer.propose([7, 4, 8, 7], None, Shape(depth=3, budget=3), Trace()).tree
+    assert is_chain(chain_) and chain_.tokens == [11]  # 7 -> 11, and the row of 11 is unseen
+    proposer.start([7, 4, 8], None, logits)
+    assert proposer.propose([7, 4, 8, 7], None, Shape(depth=3, budget=3), Trace()).tree.tokens == [4, 8, 1]
 
 
 def test_match_ends_finds_the_longest_suffix_match():
@@ -103,6 +109,33 @@ def test_frequency_tree_keeps_the_most_frequent_nodes_and_their_parents():
     assert paths(tree) == {(1,), (1, 2), (1, 2, 3), (1, 2, 4)}
     assert paths(frequency_tree(conts, budget=2, stop_tokens={1})) == {(1,), (6,)}
     assert len(frequency_tree([], 5)) == 0
+
+
+def test_frequency_chain_follows_the_most_frequent_path():
+    conts = [[1, 2, 3], [1, 2, 4], [1, 5], [6, 7], [1, 2, 3]]
+    assert frequency_chain(conts, 3).tokens == [1, 2, 3] and is_chain(frequency_chain(conts, 3))
+    assert frequency_chain(conts, 2).tokens == [1, 2]
+    assert frequency_chain(conts, 3, stop_tokens={2}).tokens == [1, 2]  # nothing past an end of sequence
+    # where the budget-cut trie branches (1 and 4 both kept), the chain takes the most frequent child each step
+    branching = [[1, 2], [1, 3], [1, 2], [1, 3], [4], [4], [4]]
+    assert paths(frequency_tree(branching, budget=2)) == {(1,), (4,)}
+    assert frequency_chain(branching, 2).tokens == [1, 2]  # 2 and 3 tie: the first seen
+    assert frequency_chain([], 4).tokens == [] and frequency_chain([[5, 6]], 0).tokens == []
+
+
+def test_suffix_and_rest_propose_chains_for_width_one():
+    s = DecodeSettings(k=4, max_new_tokens=20)
+    prompt = [1, 2, 3, 9, 1, 2, 3, 8, 1, 2, 4]
+    suffix = SuffixProposer(s, {})
+    suffix.start(prompt, None, None)
+    tree = suffix.propose(prompt + [7, 1, 2], None, Shape(depth=4, budget=4), Trace()).tree
+    # [1, 2] (not [7, 1, 2]) occurs three times, followed by 3 9 1 2, 3 8 1 2, 4 7 1 2: 3 twice, then 9 and 8
+    # once each (the first seen wins)
+    assert is_chain(tree) and tree.tokens == [3, 9, 1, 2]
+    docs = [[5, 6, 7, 8], [5, 6, 7, 8, 1], [5, 6, 9], [5, 6, 7, 0]]
+    rest = RestProposer(s, {"datastore": Datastore(concatenate([np.array(d) for d in docs]))})
+    tree = rest.propose([3, 5, 6], None, Shape(depth=3, budget=3), Trace()).tree
+    assert is_chain(tree) and tree.tokens == [7, 8, 1]  # 7 three times, then 8 twice, then 1
 
 
 def test_datastore_retrieves_continuations_of_the_longest_match():

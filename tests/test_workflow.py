@@ -126,6 +126,30 @@ def test_cell_parameters_do_not_depend_on_unrelated_config(tiny_models):
         assert big[name] == cell
 
 
+def test_weight_formats_and_llamacpp_cells(tiny_models):
+    """Weight formats multiply our cells (one baseline each); llama.cpp cells run the GGUF pair only, on the
+    CPU, in its own format; configs without the new keys keep their cells' parameters (and so their results)."""
+    config = base_config(tiny_models, pairs=[{"target": "tiny-target", "draft": "tiny-draft"},
+                                             {"target": "smollm2-135m", "draft": "smollm2-135m"}],
+                         strategies=["baseline", "ngram", "llamacpp-generate", "llamacpp-speculative"],
+                         draft_lengths=[4], gpus=[0, 1], weights=["float32", "int8"])
+    config["generation"]["threads"] = 1
+    cells = matrix.expand_cells(config)
+    base = [c for c in cells.values() if c["strategy"] == "baseline"]
+    assert {(c["target"], c["weights"], c["gpus"]) for c in base} == {
+        (t, w, g) for t in ("tiny-target", "smollm2-135m") for w in ("float32", "int8") for g in (0, 1)}
+    llama = [c for c in cells.values() if c["strategy"].startswith("llamacpp-")]
+    assert {(c["strategy"], c["target"], c["gpus"]) for c in llama} == {
+        ("llamacpp-generate", "smollm2-135m", 0), ("llamacpp-speculative", "smollm2-135m", 0)}
+    assert all("weights" not in c and c["threads"] == 1 for c in llama)
+    # llama.cpp's plain decoding is a baseline cell (no pairing of its own); the others pair with it in their job
+    assert {c["strategy"]: c.get("baseline_mode") for c in llama} == {"llamacpp-generate": None,
+                                                                      "llamacpp-speculative": "paired"}
+    assert "smollm2-135m__ngram__wint8__k4__g0__t0" in cells
+    plain = matrix.expand_cells(base_config(tiny_models))
+    assert all("weights" not in c and "threads" not in c for c in plain.values())
+
+
 def test_train_free_cells_carry_their_own_parameters_only(tiny_models):
     config = base_config(tiny_models, strategies=["baseline", "ngram", "recycling", "suffix", "rest"],
                          tree_budgets=[15])
@@ -136,6 +160,13 @@ def test_train_free_cells_carry_their_own_parameters_only(tiny_models):
     assert by_strategy["rest"]["rest_corpus"] is None
     assert all("recycle_topk" not in c for c in cells.values() if c["strategy"] != "recycling")
     assert all(c["draft"] is None for c in cells.values())  # model-free: the pair's draft is not loaded
+    # their llama.cpp strategies carry the same parameters, and only on the GGUF target
+    config = base_config(tiny_models, pairs=[{"target": "tiny-target"}, {"target": "smollm2-135m"}],
+                         strategies=["llamacpp-recycling", "llamacpp-rest"])
+    config["generation"].update(recycle_topk=4, rest_corpus="corpus.jsonl")
+    cells = matrix.expand_cells(config)
+    assert {(c["strategy"], c["target"], c.get("recycle_topk"), c.get("rest_corpus")) for c in cells.values()} == {
+        ("llamacpp-recycling", "smollm2-135m", 4, None), ("llamacpp-rest", "smollm2-135m", None, "corpus.jsonl")}
 
 
 @pytest.mark.parametrize("change, field", [
@@ -155,6 +186,9 @@ def test_train_free_cells_carry_their_own_parameters_only(tiny_models):
      "place; move it (mv db/specdec.duckdb* results/) or set db: db/specdec.duckdb"),
     (lambda c: c.update(strategies=["rest"]) or c["generation"].update(rest_corpus="none.txt"),
      "generation.rest_corpus: file 'none.txt' does not exist"),
+    (lambda c: c.update(strategies=["llamacpp-ngram"]), "strategies: 'llamacpp-ngram' runs llama.cpp on GGUF models"),
+    (lambda c: c.update(strategies=["llamacpp-generate"], gpus=[1], pairs=[{"target": "smollm2-135m"}]),
+     "strategies: 'llamacpp-generate' runs llama.cpp on the CPU only"),
 ])
 def test_semantic_config_errors_name_the_field(workdir, tiny_models, monkeypatch, change, field):
     monkeypatch.chdir(workdir)

@@ -26,7 +26,7 @@ from db.store import DEFAULT_DB, LEGACY_DB
 from specdec.drafters import DrafterError, DrafterSettings, drafter_dir, parse_alias, parse_for_target
 from specdec.models import ModelError, load_registry, resolve
 from specdec.prompts import PromptFileError, load_prompts, select
-from specdec.strategies import STRATEGIES
+from specdec.strategies import STRATEGIES, is_plain_baseline
 
 
 class ConfigError(ValueError):
@@ -114,6 +114,14 @@ def schema_error_line(exc: BaseException) -> str:
     return f"{field}: {message}"
 
 
+def runs_on_llamacpp(alias: str | None, registry: dict) -> bool:
+    """Whether llama.cpp can run an alias: a GGUF file with no weight format of our engine set."""
+    from specdec.models import is_gguf
+
+    spec = registry.get(alias)
+    return spec is not None and is_gguf(spec) and spec.weights is None
+
+
 def drafters_root(config: dict) -> str:
     return f"{config.get('results', 'results')}/drafters"
 
@@ -148,12 +156,23 @@ def check_config(config: dict) -> list[dict]:
                     resolve(alias, registry)
                 except ModelError as exc:
                     raise ConfigError(f"pairs[{i}].{role}: {exc}") from None
+    for name in config["strategies"]:
+        st = STRATEGIES[name]
+        if st.engine == "llamacpp" and not any(
+                runs_on_llamacpp(p["target"], registry)
+                and (not st.needs_draft or runs_on_llamacpp(p.get("draft"), registry)) for p in config["pairs"]):
+            raise ConfigError(f"strategies: '{name}' runs llama.cpp on GGUF models, but no pair has a GGUF target"
+                              + (" and draft" if st.needs_draft else "") + " without `weights`; add one (e.g. "
+                              "smollm2-135m) or drop the strategy")
+        if st.engine == "llamacpp" and 0 not in config["gpus"]:
+            raise ConfigError(f"strategies: '{name}' runs llama.cpp on the CPU only, but gpus has no 0; add 0 to gpus "
+                              "or drop the strategy")
     wanted = [s for s in config["strategies"] if STRATEGIES[s].needs_draft]
     if wanted and not any(p.get("draft") for p in config["pairs"]):
         raise ConfigError(f"strategies: {', '.join(wanted)} need a draft model, but no pair has a `draft:`; "
                           "add one to a pair or drop those strategies")
     corpus = config["generation"].get("rest_corpus")
-    if corpus and "rest" in config["strategies"] and not os.path.isfile(corpus):
+    if corpus and any(STRATEGIES[s].proposer == "rest" for s in config["strategies"]) and not os.path.isfile(corpus):
         raise ConfigError(f"generation.rest_corpus: file '{corpus}' does not exist; give a .jsonl or text corpus, or "
                           "remove the key to use the target's own answers")
     try:
@@ -174,9 +193,11 @@ def check_config(config: dict) -> list[dict]:
 
 
 def cell_name(target: str, draft: str | None, strategy: str, k: int | None, gpus: int, temperature: float,
-              tree_budget: int | None = None) -> str:
-    """A file-name-safe, human-readable, unique name: e.g. `smollm2-135m__ngram__k4__g0__t0`."""
-    parts = [target] + ([draft] if draft else []) + [strategy] + ([f"k{k}"] if k is not None else [])
+              tree_budget: int | None = None, weights: str | None = None) -> str:
+    """A file-name-safe, human-readable, unique name: e.g. `smollm2-135m__ngram__k4__g0__t0` (`__wint8` after the
+    strategy when the config sets weight formats)."""
+    parts = [target] + ([draft] if draft else []) + [strategy] + ([f"w{weights}"] if weights else [])
+    parts += [f"k{k}"] if k is not None else []
     parts += [f"b{tree_budget}"] if tree_budget is not None else []
     parts += [f"g{gpus}", f"t{temperature:g}"]
     return "__".join(SAFE.sub("_", p) for p in parts)
@@ -195,7 +216,10 @@ def expand_cells(config: dict) -> dict[str, dict]:
                   ngram_max=gen.get("ngram_max", 3), prompts_file=config["prompts"],
                   prompt_ids=config.get("prompt_ids"), categories=config.get("categories"),
                   per_category=config.get("per_category"), gpu_mode=config.get("gpu_mode", "pipeline"))
+    if gen.get("threads"):  # only when set, so configs without it keep their cells' hashes (and results)
+        shared["threads"] = gen["threads"]
     extra_models = config.get("models") or {}
+    registry = load_registry(extra_models)
     cells: dict[str, dict] = {}
     for pair in config["pairs"]:
         target, draft = pair["target"], pair.get("draft")
@@ -203,6 +227,10 @@ def expand_cells(config: dict) -> dict[str, dict]:
             st = STRATEGIES[strategy]
             if st.needs_draft and not draft:
                 continue  # pruned: this pair has no draft model
+            llama = st.engine == "llamacpp"
+            if llama and not all(runs_on_llamacpp(a, registry) for a in (target, draft if st.needs_draft else None)
+                                 if a):
+                continue  # pruned: llama.cpp runs GGUF files (check_config made sure some pair has them)
             cell_draft = draft if st.needs_draft else None
             trained = parse_alias(cell_draft)
             if trained and not st.takes_trained_drafter:
@@ -210,18 +238,24 @@ def expand_cells(config: dict) -> dict[str, dict]:
             ks = config["draft_lengths"] if st.uses_k else [None]
             budgets = (config.get("tree_budgets") or [None]) if st.tree else [None]
             temperatures = [float(t) for t in gen.get("temperatures", [0.0])]
-            for k, budget, gpus, temperature in itertools.product(ks, budgets, config["gpus"], temperatures):
-                name = cell_name(target, cell_draft, strategy, k, gpus, temperature, budget)
+            # llama.cpp runs the GGUF's own quantisation on the CPU: one weight format, no GPU cells
+            formats = [None] if llama else (config.get("weights") or [None])
+            gpu_counts = [0] if llama else config["gpus"]
+            for k, budget, gpus, temperature, weights in itertools.product(ks, budgets, gpu_counts, temperatures,
+                                                                          formats):
+                name = cell_name(target, cell_draft, strategy, k, gpus, temperature, budget, weights)
                 cell = dict(shared, cell=name, target=target, draft=cell_draft, strategy=strategy, k=k, gpus=gpus,
                             temperature=temperature)
-                if strategy != "baseline":  # a baseline cell is the same job in either mode
+                if not is_plain_baseline(strategy):  # a baseline cell is the same job in either mode
                     cell["baseline_mode"] = config.get("baseline", "paired")
                 if budget is not None:  # only tree cells carry it, so other cells' hashes stay as they were
                     cell["tree_budget"] = budget
+                if weights is not None:  # likewise only cells of configs that set weight formats
+                    cell["weights"] = weights
                 # a train-free proposer's own parameter: only its cells carry it (others' hashes stay as they were)
-                if strategy == "recycling":
+                if st.proposer == "recycling":
                     cell["recycle_topk"] = gen.get("recycle_topk", 8)
-                if strategy == "rest":
+                if st.proposer == "rest":
                     cell["rest_corpus"] = gen.get("rest_corpus")
                 # Only the aliases this cell uses, so editing another model's entry reruns nothing here.
                 used = {a: extra_models[a] for a in (target, cell_draft) if a in extra_models}

@@ -22,10 +22,11 @@ rule ingest:
 
 
 # The summary printed at the end of every run (rule all in the Snakefile; it always runs, also when every cell was
-# already done): per pair and strategy the best k on this host, quiet cells first, so a noisy cell is shown only
+# already done): per pair, strategy and weight format the best k on this host, quiet cells first, so a noisy cell is shown only
 # when every k of it was noisy, and then marked. The interval is cell_summary's 95 % bootstrap interval.
 SUMMARY_SQL = """
-SELECT target, coalesce(draft, '-') AS draft, strategy, draft_length AS k, gpus, temperature,
+SELECT target, coalesce(draft, '-') AS draft, strategy, coalesce(weights, '-') AS weights, draft_length AS k, gpus,
+       temperature,
        round(speedup_median, 2) AS speedup,
        CASE WHEN speedup_ci_low IS NOT NULL
             THEN printf('%.2f-%.2f', speedup_ci_low, speedup_ci_high) ELSE '-' END AS ci_95,
@@ -36,8 +37,8 @@ SELECT target, coalesce(draft, '-') AS draft, strategy, draft_length AS k, gpus,
        round(mean_accepted_tokens_median_clean, 2) AS tok_per_step_clean,
        CASE WHEN noisy THEN 'NOISY: ' || noise_reason WHEN noisy IS NULL THEN 'unknown' ELSE 'quiet' END AS noise
 FROM cell_summary
-WHERE host = '{host}' AND strategy <> 'baseline'
-QUALIFY row_number() OVER (PARTITION BY target, draft, strategy, gpus, temperature
+WHERE host = '{host}' AND strategy NOT IN ('baseline', 'llamacpp-generate')
+QUALIFY row_number() OVER (PARTITION BY target, draft, strategy, weights, threads, gpus, temperature
                            ORDER BY coalesce(noisy, false), speedup_median DESC NULLS LAST) = 1
 ORDER BY target, draft, speedup_median DESC NULLS LAST
 """

@@ -1,0 +1,158 @@
+"""Weight formats of our engine: float32, and bfloat16 / int8 / int4 weight-only linear layers, applied after loading.
+
+As gpt-fast does it, the weights of every linear layer are stored in the format and multiplied by torch's packed
+CPU kernels:
+
+* bfloat16 — the weight in bfloat16, `torch.nn.functional.linear` in bfloat16.
+* int8 — per output channel, symmetric: w ≈ q · scale, q in [-128, 127]; `torch.ops.aten._weight_int8pack_mm`.
+* int4 — per group of INT4_GROUP input weights, asymmetric: w ≈ (q − 8) · scale + zero, q in [0, 15] (gpt-fast's
+  layout); packed by `_convert_weight_to_int4pack_for_cpu`, multiplied by `_weight_int4pack_mm_for_cpu`. The
+  output head stays int8, as the GGUF keeps its embedding/head at Q8_0: the argmax is what greedy decoding keeps.
+
+Unlike gpt-fast, the rest of the model keeps its dtype (float32 for the embedded model): each layer casts its input
+to bfloat16 for the kernel and its output back. The packed kernels are fast only for bfloat16 inputs (all 210
+decoder matrices of SmolLM2-135M, one row, one thread, 2-core EPYC: int8 17 ms and int4 9 ms with bfloat16 inputs,
+136 and 318 ms with float32 inputs, against 43 ms for float32 in pre-packed oneDNN). These layers give each row
+bit-identical results whatever the number of rows (tested), and the residual stream, norms and attention keep
+their precision. `kernels.prepare_model` swaps only exact float32 `nn.Linear` layers for oneDNN, so it leaves
+these layers alone (and still gives float32 attention its verify-pass variant).
+
+Greedy identity of speculative decoding with its own plain decoding is then exact only as far as attention is:
+torch's float32 SDPA returns a 5-query verify pass within ~4e-7 of five 1-query steps, not bit-identically, and
+the cast to bfloat16 before the next matmul turns a few of those differences into a bfloat16 rounding step, which
+can flip a near-tied argmax later on (a whole-bfloat16 model is worse: bfloat16 attention differs by far more).
+The README reports the share of identical outputs on the suite; the tests check exact identity where attention is
+exact to the bits that matter (the float64 tiny model).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+WEIGHT_FORMATS = ("float32", "bfloat16", "int8", "int4")  # models.WEIGHT_FORMATS validates aliases against the same
+INT4_GROUP = 32  # divides every matrix width of SmolLM2 (576, 1536; 128 does not divide 576), Q4_1's block too
+KERNEL_DTYPE = torch.bfloat16
+
+
+class WeightFormatError(ValueError):
+    """A weight format that is unknown or cannot run here (one-line message)."""
+
+
+def check_format(fmt: str | None, device: str = "cpu") -> None:
+    """Refuse an unknown format, or an integer format off the CPU, before any model loads."""
+    if fmt is None:
+        return
+    if fmt not in WEIGHT_FORMATS:
+        raise WeightFormatError(f"weight format '{fmt}' is not one of {', '.join(WEIGHT_FORMATS)}")
+    if fmt in ("int8", "int4") and not str(device).startswith("cpu"):
+        raise WeightFormatError(f"weight format '{fmt}' uses torch's packed CPU kernels and runs on the CPU only, "
+                                f"not on '{device}': use float32 or bfloat16 there")
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8: (q [N, K] int8, scales [N] float32) with weight ≈ q · scales[:, None]."""
+    w = weight.detach().float()
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).eps)
+    q = torch.round(w / scales[:, None]).clamp(-128, 127).to(torch.int8)
+    return q, scales
+
+
+def quantize_int4(weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group asymmetric int4: (q [N, K] int32 in 0..15, scales_and_zeros [K / group, N, 2] float32) with
+    weight ≈ (q − 8) · scale + zero, zero = min + 8 · scale (gpt-fast's convention)."""
+    w = weight.detach().float()
+    rows, cols = w.shape
+    groups = w.reshape(-1, group)
+    low, high = groups.amin(dim=1, keepdim=True), groups.amax(dim=1, keepdim=True)
+    scales = ((high - low) / 15).clamp(min=1e-6)
+    zeros = low + 8 * scales
+    q = ((groups - low) / scales).round().clamp(0, 15).to(torch.int32).reshape(rows, cols)
+    scales_and_zeros = torch.cat([scales.reshape(rows, -1, 1), zeros.reshape(rows, -1, 1)], dim=2)
+    return q, scales_and_zeros.transpose(0, 1).contiguous()
+
+
+def int4_fits(linear: nn.Linear) -> bool:
+    """The packed int4 CPU kernel's shape rules: whole groups along the input, output rows in blocks of 16."""
+    return linear.in_features % INT4_GROUP == 0 and linear.out_features % 16 == 0
+
+
+class WeightOnlyLinear(nn.Module):
+    """An nn.Linear whose weight is stored as `fmt` (bfloat16, int8 or int4) and multiplied in bfloat16; input
+    and output keep the caller's dtype."""
+
+    def __init__(self, linear: nn.Linear, fmt: str, group: int = INT4_GROUP):
+        super().__init__()
+        self.fmt, self.group = fmt, group
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        if fmt == "int4":
+            if not int4_fits(linear):
+                raise WeightFormatError(f"int4 needs in_features divisible by {INT4_GROUP} and out_features by 16, "
+                                        f"got {linear.in_features} and {linear.out_features}")
+            q, scales_and_zeros = quantize_int4(linear.weight, group)
+            self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+            self.register_buffer("scales", scales_and_zeros.to(KERNEL_DTYPE))
+        elif fmt == "int8":
+            q, scales = quantize_int8(linear.weight)
+            self.register_buffer("weight", q)
+            self.register_buffer("scales", scales.to(KERNEL_DTYPE))
+        elif fmt == "bfloat16":
+            self.register_buffer("weight", linear.weight.detach().to(KERNEL_DTYPE))
+            self.scales = None
+        else:
+            raise WeightFormatError(f"no weight-only layer for format '{fmt}'")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = x.reshape(-1, self.in_features).to(KERNEL_DTYPE)
+        if self.fmt == "int4":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(a, self.weight, self.group, self.scales)
+        elif self.fmt == "int8":
+            y = torch.ops.aten._weight_int8pack_mm(a, self.weight, self.scales)
+        else:
+            y = torch.nn.functional.linear(a, self.weight)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"
+
+
+def weight_format(model) -> str:
+    """The format of a model's linear layers: int4, int8, bfloat16 (weight-only), else its parameters' dtype.
+    int4 models keep an int8 head, so int4 wins over int8."""
+    formats = {m.fmt for m in model.modules() if isinstance(m, WeightOnlyLinear)}
+    for fmt in ("int4", "int8", "bfloat16"):
+        if fmt in formats:
+            return fmt
+    param = next(model.parameters(), None)
+    return str(param.dtype).removeprefix("torch.") if param is not None else "unknown"
+
+
+def apply_weights(model, fmt: str | None):
+    """Convert a freshly loaded model (before kernels.prepare_model) to the weight format `fmt`, in place.
+
+    float32 casts every parameter to float32. bfloat16 / int8 / int4 replace every nn.Linear by a
+    WeightOnlyLinear (with int4, the output head and any layer whose width is not a multiple of INT4_GROUP take
+    int8) and leave everything else in the dtype it was loaded in (float32 for the embedded model). A head tied
+    to the input embedding gets its own copy; the embedding stays a table (a lookup reads one row per token).
+    None leaves the model as it was loaded (the alias's dtype).
+    """
+    if fmt is None:
+        return model
+    check_format(fmt, str(next(model.parameters()).device))
+    if getattr(model, "_specdec_prepared", False):
+        raise WeightFormatError("apply_weights must run before kernels.prepare_model repacks the layers")
+    if fmt == "float32":
+        with torch.no_grad():
+            for param in model.parameters():
+                param.data = param.data.float()
+        return model
+    head = model.get_output_embeddings()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear:
+                continue
+            int8_instead = fmt == "int4" and (child is head or not int4_fits(child))
+            setattr(parent, name, WeightOnlyLinear(child, "int8" if int8_instead else fmt))
+    return model

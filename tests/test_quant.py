@@ -1,0 +1,126 @@
+"""Weight formats of our engine (specdec/quant.py): row-invariant kernels, speculative decoding identical to plain
+decoding in the same format, and a stated agreement with float32 on the tiny model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from specdec import quant
+from specdec.decoding import DecodeSettings, baseline_decode, forward
+from specdec.kernels import prepare_model
+from specdec.models import WEIGHT_FORMATS, ModelError, load_model, load_registry
+from specdec.runner import decode_models
+from tiny import EOS, noisy_copy, prompts, tiny_target
+
+FORMATS = ("bfloat16", "int8", "int4")
+# Teacher-forced top-1 agreement with float32 over 20 random prompts x 24 positions of the tiny model, and the
+# largest logit error relative to the largest logit (measured: 0.996 / 0.983 / 0.896 and 0.007 / 0.015 / 0.144).
+MIN_AGREEMENT = {"bfloat16": 0.98, "int8": 0.95, "int4": 0.85}
+MAX_RELATIVE_ERROR = {"bfloat16": 0.02, "int8": 0.03, "int4": 0.2}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_layers_give_each_row_the_same_bits_whatever_the_batch(fmt):
+    """Why a verify pass of k + 1 rows can agree with k + 1 one-row steps at all."""
+    torch.manual_seed(0)
+    for rows_out, width in ((96, 64), (64, 128), (208, 64)):
+        layer = quant.WeightOnlyLinear(torch.nn.Linear(width, rows_out, bias=False), fmt)
+        x = torch.randn(9, width)
+        full = layer(x)
+        assert full.dtype == x.dtype and full.shape == (9, rows_out)
+        for i in range(9):
+            assert torch.equal(layer(x[i:i + 1]), full[i:i + 1])
+        assert torch.equal(layer(x[:5]), full[:5])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_speculative_decoding_matches_plain_decoding_in_the_same_format(fmt):
+    """float64 tiny models: attention is exact to far below a bfloat16 step, so outputs must be identical."""
+    target = quant.apply_weights(tiny_target(), fmt)
+    draft = quant.apply_weights(noisy_copy(tiny_target(), 0.3), fmt)
+    assert quant.weight_format(target) == fmt
+    s = DecodeSettings(max_new_tokens=16, k=4)
+    accepted = 0
+    for ids in prompts(4):
+        plain = decode_models("baseline", target, ids, s, {EOS})
+        ngram = decode_models("ngram", target, ids, s, {EOS})
+        drafted = decode_models("speculative", target, ids, s, {EOS}, draft_model=draft)
+        assert ngram.tokens == plain.tokens and drafted.tokens == plain.tokens
+        accepted += sum(drafted.accepted_per_position)
+    assert accepted > 0  # the accept path ran, not only rejections
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_agreement_with_float32_stays_within_the_stated_bounds(fmt):
+    reference = tiny_target(dtype=torch.float32)
+    model = quant.apply_weights(copy.deepcopy(reference), fmt)
+    agree = total = 0
+    error = 0.0
+    for ids in prompts(20, length=24):  # one forward each
+        a, b = forward(reference, ids, None, len(ids))[0], forward(model, ids, None, len(ids))[0]
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        total += len(ids)
+        error = max(error, float((a - b).abs().max() / a.abs().max()))
+    assert agree / total >= MIN_AGREEMENT[fmt]
+    assert 0 < error <= MAX_RELATIVE_ERROR[fmt]  # > 0: the weights really are in the format
+
+
+def test_prepare_model_keeps_quantised_layers_and_float32_attention():
+    model = quant.apply_weights(tiny_target(dtype=torch.float32), "int4")
+    prepare_model(model)
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "WeightOnlyLinear" in kinds and "PackedLinear" not in kinds and "Linear" not in kinds
+    head = model.get_output_embeddings()
+    assert head.fmt == "int8"  # the head stays int8 with int4, as the GGUF keeps it at Q8_0
+    assert model.get_input_embeddings().weight.dtype == torch.float32
+    trace = baseline_decode(model, prompts(1)[0], DecodeSettings(max_new_tokens=8), {EOS})
+    assert len(trace.tokens) >= 1
+    with pytest.raises(quant.WeightFormatError, match="before kernels.prepare_model"):
+        quant.apply_weights(model, "int8")
+
+
+def test_formats_are_checked():
+    assert quant.WEIGHT_FORMATS == WEIGHT_FORMATS  # aliases are validated against the formats quant implements
+    with pytest.raises(quant.WeightFormatError, match="not one of"):
+        quant.check_format("int3")
+    with pytest.raises(quant.WeightFormatError, match="CPU only"):
+        quant.check_format("int4", "cuda:0")
+    with pytest.raises(quant.WeightFormatError, match="out_features by 16"):
+        quant.WeightOnlyLinear(torch.nn.Linear(64, 200), "int4")
+    model = torch.nn.Sequential(torch.nn.Linear(64, 200), torch.nn.Linear(200, 64))
+    model.get_output_embeddings = lambda: None
+    quant.apply_weights(model, "int4")  # a shape the int4 kernel cannot take falls back to int8
+    assert [m.fmt for m in model] == ["int8", "int8"]
+    quant.check_format("bfloat16", "cuda:0")
+
+
+def test_alias_weight_format_is_applied_on_load(tiny_models):
+    registry = load_registry({**tiny_models, "tiny-int8": {**tiny_models["tiny-target"], "weights": "int8"}})
+    assert quant.weight_format(load_model(registry["tiny-int8"]).model) == "int8"
+    assert quant.weight_format(load_model(registry["tiny-target"]).model) == "float32"
+    with pytest.raises(ModelError, match="weights 'int3'"):
+        load_registry({"x": {**tiny_models["tiny-target"], "weights": "int3"}})
+
+
+def test_a_cell_records_the_weight_format_and_threads_it_asked_for_and_ran(prompt_file, tiny_models):
+    from specdec.job import run_cell
+
+    base = {"target": "tiny-target", "strategy": "ngram", "k": 2, "prompts_file": str(prompt_file),
+            "models": tiny_models, "max_new_tokens": 6, "warmup": 0}
+    threads = torch.get_num_threads()
+    try:
+        asked = run_cell({**base, "weights": "int8", "threads": 1})
+    finally:
+        torch.set_num_threads(threads)  # the cell set the process-wide count
+    params = asked["run"]["params"]
+    assert asked["run"]["status"] == "ok", asked["run"]["error"]
+    assert (params["weights"], params["weights_used"], params["threads"], params["threads_used"]) == \
+        ("int8", "int8", 1, 1)
+    assert params["engine"] == "specdec"
+    plain = run_cell(base)["run"]["params"]  # nothing asked: matched with older runs by NULL, what ran beside it
+    assert (plain["weights"], plain["weights_used"], plain["threads"]) == (None, "float32", None)
+    refused = run_cell({**base, "strategy": "llamacpp-generate", "k": None})
+    assert refused["run"]["status"] == "failed" and "not a GGUF file" in refused["run"]["error"]
