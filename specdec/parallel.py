@@ -74,6 +74,9 @@ class RankZeroDraft:
     def parameters(self):
         return self.model.parameters() if self.model is not None else iter(())
 
+    def state_dict(self, *args, **kwargs):  # devices.loaded_bytes counts saved buffers too; ranks > 0 hold none
+        return self.model.state_dict(*args, **kwargs) if self.model is not None else {}
+
     def __getattr__(self, name):
         # Everything but the forward call is the real model's (on rank 0), e.g. for decoding.prepare_model.
         model = self.__dict__.get("model")
