@@ -22,7 +22,7 @@ import socket
 import sys
 from pathlib import Path
 
-from db.store import DEFAULT_DB, LEGACY_DB
+from specdec.db.store import DEFAULT_DB, LEGACY_DB
 from specdec.drafters import DrafterError, DrafterSettings, drafter_dir, parse_alias, parse_for_target
 from specdec.models import ModelError, load_registry, resolve
 from specdec.prompts import PromptFileError, load_prompts, select
