@@ -462,3 +462,14 @@ def test_a_drafter_for_another_target_is_a_config_error(tiny_models):
     with pytest.raises(matrix.ConfigError, match=r"pairs\[0\]\.draft: drafter 'tiny-draft\+eagle' is trained for "
                                                   r"target 'tiny-draft', not 'tiny-target'"):
         matrix.check_config(config)
+
+
+def test_matrix_check_runs_as_run_matrix_sh_calls_it(tmp_path):
+    """run-matrix.sh runs `python workflow/matrix.py` as a script (sys.path[0] = workflow/, no repository root):
+    every import must resolve through the installed package, and a bad --configfile is named on stderr."""
+    (tmp_path / "bad.yaml").write_text("- a\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, str(REPO / "workflow" / "matrix.py"), "--configfile",
+                          str(tmp_path / "bad.yaml")], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.startswith(f"config error: {tmp_path / 'bad.yaml'}: a config file is a mapping of keys")
