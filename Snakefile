@@ -2,8 +2,12 @@
 # Every cell of config.yaml's matrix becomes one `specdec run-job` writing one result file; a single ingest step
 # then inserts all of them into the DuckDB store (DuckDB allows one writer process; jobs never open it).
 
+import os
 import sys
 
+# Rules call `specdec` (and python) by name: find the ones of the environment running Snakemake, also when it was
+# started as .venv/bin/snakemake or `.venv/bin/python -m snakemake` without activating the venv.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 sys.path.insert(0, f"{workflow.basedir}/workflow")
 import matrix  # noqa: E402  (workflow/matrix.py: config checks and the cell matrix)
 
