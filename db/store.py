@@ -31,11 +31,11 @@ from sqlalchemy.engine import URL, Engine
 from sqlalchemy.pool import NullPool
 
 from specdec import noise
-from specdec.strategies import STRATEGIES, store_baseline
 from specdec.db import bootstrap
 from specdec.db.schema import (EXTRA_FIELD, JSON_FIELDS, PARAM_COLUMNS, Base, measurements, median_ci_ranks,
                                noise_thresholds, runs)
 from specdec.db.schema import prices as prices_table
+from specdec.strategies import STRATEGIES, store_baseline
 
 RESULT_FORMAT = "specdec-result/2"
 RESULT_FORMATS = ("specdec-result/1", RESULT_FORMAT)  # 1: before paired baselines and noise readings
@@ -76,7 +76,7 @@ class IngestReport:
 
 DEFAULT_DB = Path("results/specdec.duckdb")
 # The default before 2026-12 (db/ now holds only the store's code). Still read while it is the only store, so an
-# upgrade hides nothing; the workflow refuses to start a second store beside it (workflow/matrix.py says how to move it).
+# upgrade hides nothing; the workflow refuses to start a second store beside it (workflow/matrix.py says how).
 LEGACY_DB = Path("db/specdec.duckdb")
 
 

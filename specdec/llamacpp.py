@@ -56,8 +56,11 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
+from specdec import models
 from specdec.decoding import DecodeSettings, Trace
+from specdec.proposers import Shape, make_proposer
 from specdec.strategies import STRATEGIES
 
 ENGINE = "llamacpp"
@@ -84,8 +87,6 @@ def check_settings(strategy: str, s: DecodeSettings) -> None:
 
 def gguf_file(spec):
     """The GGUF file of an alias, or a one-line ModelError: llama.cpp runs GGUF files only."""
-    from specdec import models
-
     if not models.is_gguf(spec):
         raise models.ModelError(f"model '{spec.alias}' is not a GGUF file ({spec.source}); llama.cpp strategies "
                                 "need a GGUF alias (package + gguf_file, or a path to a .gguf file)")
@@ -104,8 +105,6 @@ def load(path, threads: int | None = None, n_ctx: int = N_CTX, ubatch: int | Non
     import llama_cpp
 
     if threads is None:
-        import torch
-
         threads = torch.get_num_threads()
     kwargs = dict(n_ubatch=ubatch) if ubatch else {}  # llama_decode splits a pass; its logits stay whole
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
@@ -116,9 +115,7 @@ def load_tokenizer(spec, path):
     """The alias's transformers tokenizer: from the converted copy our engine caches (fast), else the GGUF."""
     from transformers import AutoTokenizer
 
-    from specdec.models import _converted_cache_dir
-
-    cached = _converted_cache_dir(path, spec.dtype)
+    cached = models.converted_cache_dir(path, spec.dtype)
     if (cached / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(cached)
     return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -126,15 +123,13 @@ def load_tokenizer(spec, path):
 
 def load_model(spec, threads: int | None = None, ubatch: int | None = None):
     """A models.LoadedModel whose model is a Llama (device 'cpu')."""
-    from specdec.models import LoadedModel
-
     start = time.perf_counter()
     path = gguf_file(spec)
     llm = load(path, threads, ubatch=ubatch)
     tokenizer = load_tokenizer(spec, path)
     eos = {i for i in (llm.token_eos(), getattr(tokenizer, "eos_token_id", None)) if i is not None and i >= 0}
-    return LoadedModel(spec=spec, model=llm, tokenizer=tokenizer, device="cpu", load_s=time.perf_counter() - start,
-                       eos_token_ids=sorted(eos))
+    return models.LoadedModel(spec=spec, model=llm, tokenizer=tokenizer, device="cpu",
+                              load_s=time.perf_counter() - start, eos_token_ids=sorted(eos))
 
 
 def load_pair(target_spec, draft_spec=None, threads: int | None = None, ubatch: int | None = None):
@@ -157,14 +152,12 @@ def vocabulary(llm) -> list[bytes]:
 
 def check_same_vocab(target, draft) -> None:
     """Draft and target must map text to the same token ids (compared on llama.cpp's own vocabularies)."""
-    from specdec.models import ModelError
-
     t_vocab, d_vocab = vocabulary(target.model), vocabulary(draft.model)
     if t_vocab != d_vocab:
         differing = sum(a != b for a, b in zip(t_vocab, d_vocab)) + abs(len(t_vocab) - len(d_vocab))
-        raise ModelError(f"target '{target.spec.alias}' and draft '{draft.spec.alias}' do not share a vocabulary "
-                         f"({len(t_vocab)} vs {len(d_vocab)} tokens, {differing} differ); llamacpp-speculative "
-                         "needs a draft from the target's family")
+        raise models.ModelError(f"target '{target.spec.alias}' and draft '{draft.spec.alias}' do not share a "
+                                f"vocabulary ({len(t_vocab)} vs {len(d_vocab)} tokens, {differing} differ); "
+                                "llamacpp-speculative needs a draft from the target's family")
 
 
 def weight_format(llm) -> str:
@@ -252,13 +245,9 @@ class ProposerDraft:
 
     def rows(self, start: int, n: int):
         """The target's logits at positions start .. start + n - 1 (written by a pass evaluated with logits_all)."""
-        import torch
-
         return torch.from_numpy(self.llm.scores[start:start + n])
 
     def __call__(self, input_ids, /, **kwargs):
-        from specdec.proposers import Shape
-
         committed = [int(t) for t in input_ids]
         if not self.started:
             self.proposer.start(self.prompt, None, self.rows(0, len(self.prompt)) if self.reads_logits else None)
@@ -327,8 +316,6 @@ def make_draft(strategy: str, s: DecodeSettings, eos_ids: set[int], draft_llm=No
             raise LlamaCppError(f"'{strategy}' needs a draft model: add --draft ALIAS (a GGUF alias)")
         return GreedyDraft(draft_llm, s.k, eos_ids)
     if st.proposer is not None:
-        from specdec.proposers import make_proposer
-
         return ProposerDraft(make_proposer(st.proposer, s, memory=memory), eos_ids, target_llm)
     return LlamaPromptLookupDecoding(max_ngram_size=s.ngram_max, num_pred_tokens=s.k)
 

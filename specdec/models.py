@@ -187,7 +187,7 @@ def torch_dtype(name: str):
     return "auto" if name == "auto" else getattr(torch, name)
 
 
-def _converted_cache_dir(gguf_path: Path, dtype: str) -> Path:
+def converted_cache_dir(gguf_path: Path, dtype: str) -> Path:
     """Dequantising SmolLM2's GGUF takes ~20 s; a safetensors copy keyed by the file's identity loads in ~1 s."""
     stat = gguf_path.stat()
     key = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{dtype}".encode()).hexdigest()[:16]
@@ -198,7 +198,7 @@ def _converted_cache_dir(gguf_path: Path, dtype: str) -> Path:
 def _load_gguf(gguf_path: Path, dtype: str, trust_remote_code: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cached = _converted_cache_dir(gguf_path, dtype)
+    cached = converted_cache_dir(gguf_path, dtype)
     if (cached / "config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(cached)
         model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch_dtype(dtype))
@@ -274,7 +274,7 @@ def model_config(spec: ModelSpec):
     from transformers import AutoConfig
 
     if is_gguf(spec):
-        converted = _converted_cache_dir(gguf_path(spec), spec.dtype)
+        converted = converted_cache_dir(gguf_path(spec), spec.dtype)
         return AutoConfig.from_pretrained(converted) if (converted / "config.json").is_file() else None
     where, local_only = checkpoint_source(spec)
     try:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from specdec import llamacpp, metrics
+import torch
+
+from specdec import llamacpp, metrics, quant
 from specdec.datastore import DEFAULT_NEW_TOKENS, corpus_documents, load_datastore
 from specdec.decoding import DecodeSettings, baseline_decode
 from specdec.drafters import DrafterError, find_drafter, load_drafter, parse_for_target
@@ -201,8 +203,6 @@ def use_threads(threads: int | None) -> None:
         return
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise SettingsError(f"threads must be an integer >= 1, got {threads!r}")
-    import torch
-
     torch.set_num_threads(threads)
 
 
@@ -211,15 +211,11 @@ def threads_in_use(pair: Pair) -> int:
     model = pair.target.model
     if llamacpp.is_llama(model):
         return int(model.n_threads)
-    import torch
-
     return torch.get_num_threads()
 
 
 def weight_format(pair: Pair) -> str:
     """The target's weight format as it runs: 'gguf-<type>' under llama.cpp, else quant.weight_format."""
-    from specdec import quant
-
     model = pair.target.model
     return llamacpp.weight_format(model) if llamacpp.is_llama(model) else quant.weight_format(model)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from specdec.db.store import DEFAULT_DB, LEGACY_DB
 from specdec.drafters import DrafterError, DrafterSettings, drafter_dir, parse_alias, parse_for_target
-from specdec.models import ModelError, load_registry, resolve
+from specdec.models import ModelError, is_gguf, load_registry, resolve
 from specdec.prompts import PromptFileError, load_prompts, select
 from specdec.strategies import STRATEGIES, is_plain_baseline
 
@@ -116,8 +116,6 @@ def schema_error_line(exc: BaseException) -> str:
 
 def runs_on_llamacpp(alias: str | None, registry: dict) -> bool:
     """Whether llama.cpp can run an alias: a GGUF file with no weight format of our engine set."""
-    from specdec.models import is_gguf
-
     spec = registry.get(alias)
     return spec is not None and is_gguf(spec) and spec.weights is None
 
