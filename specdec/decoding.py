@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from specdec.kernels import prepare_model
+from specdec.strategies import LOOKAHEAD_DEFAULTS
 
 
 @dataclass
@@ -37,6 +38,11 @@ class DecodeSettings:
     ngram_min: int = 1
     recycle_topk: int = 8           # recycling: candidates kept per token in the adjacency matrix
     rest_corpus: str | None = None  # rest: corpus file for the datastore (None: the target's own generations)
+    # lookahead: W, the Jacobi window's columns (n-grams collected per pass); N, the n-gram size (the window has
+    # N - 1 levels, guesses are N - 1 deep); G, n-grams kept per first token (all verified when it comes up)
+    lookahead_window: int = LOOKAHEAD_DEFAULTS["lookahead_window"]
+    lookahead_ngram: int = LOOKAHEAD_DEFAULTS["lookahead_ngram"]
+    lookahead_guesses: int = LOOKAHEAD_DEFAULTS["lookahead_guesses"]
 
     @property
     def greedy(self) -> bool:

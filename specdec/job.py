@@ -33,14 +33,14 @@ from specdec.metrics import DegenerateRule
 from specdec.models import encode_prompt, load_registry
 from specdec.prompts import load_prompts, select
 from specdec.runner import check_settings, generate, load_pair, threads_in_use, use_threads, warm_up, weight_format
-from specdec.strategies import STRATEGIES, is_plain_baseline, names, store_baseline
+from specdec.strategies import LOOKAHEAD_DEFAULTS, STRATEGIES, is_plain_baseline, names, store_baseline
 
 FORMAT = "specdec-result/2"
 BASELINE_MODES = ("paired", "shared")
 JOB_DEFAULTS = dict(baseline_mode="paired", draft=None, k=None, tree_budget=None, gpus=0, temperature=0.0, top_p=1.0,
                     top_k=0, draft_sampling="greedy", use_cache=True, max_new_tokens=128, repeats=1, warmup=1, seed=0,
                     stop_at_eos=True, ngram_max=3, prompt_ids=None, categories=None, per_category=None, models=None,
-                    recycle_topk=8, rest_corpus=None,  # train-free proposers' parameters
+                    recycle_topk=8, rest_corpus=None, **LOOKAHEAD_DEFAULTS,  # train-free proposers' parameters
                     config_hash=None, workflow_run_id=None, cell=None, gpu_mode="pipeline",
                     drafters_dir=None, drafter_settings=None,  # trained drafters: cache root, training settings
                     degenerate=None,  # metrics.DegenerateRule fields (None: its defaults)
@@ -176,7 +176,8 @@ def run_cell(job: dict, progress=None, read_noise=None) -> dict:
     params = {key: job[key] for key in ("cell", "target", "draft", "strategy", "k", "tree_budget", "gpus",
                                         "temperature", "top_p", "top_k", "draft_sampling", "use_cache",
                                         "max_new_tokens", "repeats", "warmup", "prompts_file", "stop_at_eos",
-                                        "ngram_max", "recycle_topk", "rest_corpus", "gpu_mode", "weights", "threads")}
+                                        "ngram_max", "recycle_topk", "rest_corpus", "gpu_mode", "weights", "threads",
+                                        *LOOKAHEAD_DEFAULTS)}
     params["engine"] = STRATEGIES[job["strategy"]].engine
     rule = DegenerateRule.from_dict(job["degenerate"])
     params["degenerate"] = rule.to_dict()  # the rule behind every measurement's `degenerate` flag

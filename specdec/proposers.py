@@ -10,10 +10,12 @@ A proposer is any object with
                             within `shape`; count its own draft forwards in trace.draft_passes / draft_units
   observe(committed, proposal, logits)
                           — after verification: `committed` holds the accepted drafts and the target's next token;
-                            `logits` are the verify pass's rows ([root] + tree nodes); drop what was drafted past
-                            the accepted prefix, update any state
+                            `logits` are the verify pass's rows ([root] + tree nodes + the proposal's extra rows);
+                            drop what was drafted past the accepted prefix, update any state
+  max_extra_rows: int     — optional: the most extra rows a proposal of this proposer holds (sizes the KV cache)
 Proposals are token trees (a chain is a tree of width 1) with, for sampled draft chains only, the draft
-distributions q (verify.accept then uses the chain rule; everything else is checked with the tree rule).
+distributions q (verify.accept then uses the chain rule; everything else is checked with the tree rule), and
+optionally extra rows (tree.ExtraRows) the verify pass computes but does not verify: Lookahead's Jacobi window.
 
 `DraftLength` is the draft-length policy (fixed, heuristic, confidence); it composes with any proposer.
 """
@@ -28,9 +30,10 @@ import torch
 from specdec.decoding import DecodeSettings, Trace, forward, hit_eos, logits_to_probs, new_cache, rollback, sample
 from specdec.drafters import Drafter
 from specdec.kernels import prepare_model
-from specdec.trainfree import (MEMORY_TOKENS, concatenate, continuations, frequency_chain, frequency_tree, match_ends,
-                               new_matrix, recycled_tree, recycling_template, remember, update_matrix)
-from specdec.tree import Tree, build_tree, chain
+from specdec.trainfree import (MEMORY_TOKENS, add_ngram, advance_window, concatenate, continuations, frequency_chain,
+                               frequency_tree, match_ends, new_matrix, recycled_tree, recycling_template, remember,
+                               update_matrix, window_rows)
+from specdec.tree import ExtraRows, Tree, build_tree, chain
 
 HEURISTIC_K_MAX = 16        # heuristic schedule: k never grows past max(this, the starting k)
 CONFIDENCE_THRESHOLD = 0.4  # confidence stop: transformers' default assistant_confidence_threshold
@@ -41,6 +44,7 @@ POLICIES = ("fixed", "heuristic", "confidence")
 class Proposal:
     tree: Tree
     q: torch.Tensor | None = None  # [len(tree), V]: distributions a sampled chain was drawn from; None = deterministic
+    extra: ExtraRows | None = None  # rows the verify pass computes after the tree but does not verify
 
 
 @dataclass(frozen=True)
@@ -424,10 +428,49 @@ class RestProposer:
         pass
 
 
+class LookaheadProposer:
+    """Lookahead decoding (Fu et al. 2024, LADE as in Spec-Bench): every verify pass also runs one Jacobi
+    iteration of a window of W columns × N − 1 levels (trainfree.window_rows: extra rows nobody verifies), which
+    yields W n-grams per pass for a pool keyed by first token (the latest G per key); the pool's n-grams that
+    start with the last committed token are the guesses, merged into a trie (most recent first, cut to the
+    `budget` nodes and depth k) and verified by the tree rule. A pass holds 1 + W(N − 1) − 1 + guess rows: with W
+    5, N 3, G 3 at most 1 + 9 + 6 = 16. The window starts as W + N − 3 tokens drawn from the prompt (seeded),
+    needs N − 2 passes to fill, and moves one position per pass; the pool lives for one generation, so repeats
+    draft exactly as the first run did."""
+
+    needs_features = reads_prompt_logits = False
+
+    def __init__(self, s: DecodeSettings, memory: dict | None = None):
+        self.w, self.n, self.g, self.seed = s.lookahead_window, s.lookahead_ngram, s.lookahead_guesses, s.seed
+        self.max_extra_rows = self.w * (self.n - 1) - 1  # the full window; a filling one holds fewer rows
+
+    def start(self, prompt_ids: list[int], generator=None, prompt_logits=None) -> None:
+        rng = np.random.default_rng(self.seed)
+        self.levels = [rng.choice(np.asarray(prompt_ids), self.w + self.n - 3).tolist()]
+        self.pool: dict[int, list[tuple[int, ...]]] = {}
+
+    def propose(self, committed, feats, shape: Shape, trace: Trace) -> Proposal:
+        self.root = committed[-1]
+        guesses = [list(gram[:shape.depth]) for gram in reversed(self.pool.get(self.root, ()))]
+        tree = frequency_tree(guesses, shape.budget, shape.stop_tokens)
+        tokens, depths, attend = window_rows(self.levels)
+        trace.draft_units += len(tree)
+        return Proposal(tree, extra=ExtraRows(tokens, depths, torch.from_numpy(attend)))
+
+    def observe(self, committed, proposal, logits) -> None:
+        if proposal.extra is None:  # the loop verified without asking (no room left to draft)
+            return
+        # the window's predictions are argmaxes at any temperature (LADE): they only decide what is guessed
+        preds = torch.cat([logits[:1], logits[len(proposal.tree) + 1:]]).argmax(dim=-1).tolist()
+        self.levels, grams = advance_window(self.root, self.levels, preds, self.n)
+        for key, gram in grams:
+            add_ngram(self.pool, key, gram, self.g)
+
+
 # Proposers that need no draft model: kind → class(settings, memory). `memory` is a dict that lives as long as the
 # loaded pair (a job's prompts, a bench run), for proposers that learn across generations.
 MODEL_FREE_PROPOSERS = {"ngram": NgramProposer, "recycling": RecyclingProposer, "suffix": SuffixProposer,
-                        "rest": RestProposer}
+                        "rest": RestProposer, "lookahead": LookaheadProposer}
 
 
 def make_proposer(kind: str, s: DecodeSettings, draft_model=None, drafter: Drafter | None = None,

@@ -67,6 +67,10 @@ def check_settings(strategy: str, draft: str | None, s: DecodeSettings, registry
         raise SettingsError(f"need 1 <= ngram_min <= ngram_max, got {s.ngram_min} and {s.ngram_max}")
     if not isinstance(s.recycle_topk, int) or s.recycle_topk < 1:
         raise SettingsError(f"recycle_topk must be an integer >= 1, got {s.recycle_topk!r}")
+    for key, low in (("lookahead_window", 1), ("lookahead_ngram", 3), ("lookahead_guesses", 1)):
+        value = getattr(s, key)
+        if not isinstance(value, int) or value < low:
+            raise SettingsError(f"{key} must be an integer >= {low}, got {value!r}")
     if s.rest_corpus is not None and st.proposer == "rest":
         try:
             corpus_documents(s.rest_corpus)

@@ -5,7 +5,9 @@ Each step: the proposer drafts a tree within the shape the draft-length policy a
 for chains); verify.accept picks the accepted path and the next token; tree.keep_path keeps the accepted KV
 entries in place (nothing is recomputed). The target's cache holds `committed[:-1]`: the last committed token
 is the root of the next verify pass. When the proposer reads target features (EAGLE, Medusa), they come out of the
-same verify forward, so they cost no extra target pass.
+same verify forward, so they cost no extra target pass. A proposal may add rows that the pass computes but does
+not verify (Proposal.extra: Lookahead's Jacobi window), after the tree: the proposer reads their logits in
+observe, and keep_path drops their KV entries with the rejected nodes.
 
 Per-position counts are by depth: a step "proposes" position d when its tree reaches depth d and "accepts" it when
 the accepted path does, so for chains they are the usual counts and for trees α is the chance the path goes one
@@ -35,7 +37,8 @@ def speculative_decode(target, prompt_ids: list[int], s: DecodeSettings, eos_ids
         features = proposer.needs_features
         start = clock()
         n_prompt = len(prompt_ids)
-        room = n_prompt + s.max_new_tokens + length.max_nodes + 2  # + one proposal's nodes before they are dropped
+        # + one proposal's nodes (and extra rows) before they are dropped
+        room = n_prompt + s.max_new_tokens + length.max_nodes + getattr(proposer, "max_extra_rows", 0) + 2
         cache = new_cache(target, room)
         rows = n_prompt if proposer.reads_prompt_logits else 1
         logits, hidden = forward(target, prompt_ids, cache, rows, vocab, hidden=features)
@@ -57,9 +60,10 @@ def speculative_decode(target, prompt_ids: list[int], s: DecodeSettings, eos_ids
             proposal = proposer.propose(committed, feats, shape, trace) if shape.depth > 0 else Proposal(Tree())
             t1 = clock()
             before = len(committed) - 1  # the root's slot in the target's cache
-            logits, hidden = forward_tree(target, committed[-1], proposal.tree, cache, vocab, features)
+            logits, hidden = forward_tree(target, committed[-1], proposal.tree, cache, vocab, features,
+                                          proposal.extra)
             t_forward = clock()
-            path, token = accept(logits, proposal.tree, proposal.q, s, generator)
+            path, token = accept(logits[:len(proposal.tree) + 1], proposal.tree, proposal.q, s, generator)
             t2 = clock()
             keep_path(cache, before, path)
             if features:

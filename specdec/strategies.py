@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 ENGINES = ("specdec", "transformers", "llamacpp")
+# Lookahead's W, N, G (decoding.DecodeSettings, the CLI, the workflow's cells): 1 + W(N-1) - 1 + G(N-1) = 16 rows
+# per verify pass, the issue's cap (Spec-Bench runs W 7, N 5, G 7 on a GPU: 57 rows)
+LOOKAHEAD_DEFAULTS = {"lookahead_window": 5, "lookahead_ngram": 3, "lookahead_guesses": 3}
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,9 @@ _ALL = (
              " the output and other prompts' outputs, as a frequency tree", "#86bcb6", proposer="suffix", width=4),
     Strategy("rest", "REST: continuations of the longest context match retrieved from a datastore (suffix array), "
              "as a frequency tree", "#d37295", proposer="rest", width=4),
+    Strategy("lookahead", "Lookahead decoding: a Jacobi window (W columns x N-1 levels) in every verify pass fills "
+             "an n-gram pool; up to G pooled n-grams after the last token are verified as a tree", "#b6992d",
+             proposer="lookahead", width=4),
     Strategy("hf-generate", "transformers' generate(), plain greedy or sampled", "#bab0ac", engine="transformers",
              tensor_parallel=True, peer="baseline"),
     Strategy("hf-assisted", "transformers' assisted generation with the draft model, fixed k", "#f28e2b",
@@ -131,3 +137,11 @@ def add_proposer_args(p) -> None:
     p.add_argument("--rest-corpus", default=None, metavar="FILE",
                    help="rest: corpus for the datastore, .jsonl (\"text\" per row) or text (default: the target's "
                         "own answers to prompts/training.jsonl, built once and cached in results/datastores)")
+    helps = {"lookahead_window": ("W", "Jacobi window columns, n-grams collected per verify pass"),
+             "lookahead_ngram": ("N", "n-gram size; the window has N-1 levels and guesses are N-1 tokens deep"),
+             "lookahead_guesses": ("G", "n-grams kept per first token, the guesses verified after it; a pass "
+                                        "verifies min(G(N-1), tree budget) guess nodes besides the window's "
+                                        "W(N-1)-1 rows")}
+    for key, (metavar, text) in helps.items():
+        p.add_argument("--" + key.replace("_", "-"), type=int, default=LOOKAHEAD_DEFAULTS[key], metavar=metavar,
+                       help=f"lookahead: {text} (default: {LOOKAHEAD_DEFAULTS[key]})")

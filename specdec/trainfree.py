@@ -1,6 +1,6 @@
 """Data structures of the train-free proposers (proposers.py): Token Recycling's adjacency matrix and static tree
-template, suffix matching over token histories (SuffixDecoding / SAMD), REST's suffix-array datastore, and the
-rule that keeps what a proposer remembers across generations honest.
+template, suffix matching over token histories (SuffixDecoding / SAMD), REST's suffix-array datastore, Lookahead's
+Jacobi window and n-gram pool, and the rule that keeps what a proposer remembers across generations honest.
 
 Pure numpy over token ids: no model, no torch, so every structure is tested on scripted histories.
 
@@ -238,3 +238,59 @@ class Datastore:
                 ends = np.sort(hits)[:max_hits] + n - 1
                 return n, continuations(self.tokens, ends, depth)
         return 0, []
+
+
+# --- Lookahead decoding: the Jacobi window and the n-gram pool ----------------------------------------------------
+
+def window_rows(levels: list[list[int]]) -> tuple[list[int], list[int], np.ndarray]:
+    """The Jacobi window's rows for a verify pass after the root: (tokens, depths, attend).
+
+    levels[0] is the first level without the root (level 0 = [root] + levels[0], e tokens); levels[1:] are the
+    upper levels, e tokens each. Level l's column j sits at depth j + l and sees level 0's columns 0..j and levels
+    1..l at column j: the Jacobi iterates that lead to it, at consecutive positions (the Lookahead paper's mask).
+    Rows: level 0 from column 1, then each upper level; attend is bool [rows, 1 + rows] (column 0 = the root),
+    level l's column j being attend column l·e + j."""
+    e = len(levels[0]) + 1
+    if any(len(level) != e for level in levels[1:]):
+        raise ValueError(f"every upper window level needs {e} tokens, got {[len(level) for level in levels[1:]]}")
+    tokens = list(levels[0]) + [token for level in levels[1:] for token in level]
+    depths = list(range(1, e)) + [j + l for l in range(1, len(levels)) for j in range(e)]
+    attend = np.zeros((len(tokens), 1 + len(tokens)), dtype=bool)
+    for l in range(len(levels)):
+        for j in range(1 if l == 0 else 0, e):
+            row = attend[l * e + j - 1]
+            row[:j + 1] = True                                  # level 0, columns 0..j (the root is column 0)
+            row[[r * e + j for r in range(1, l + 1)]] = True    # levels 1..l at column j (itself included)
+    return tokens, depths, attend
+
+
+def advance_window(root: int, levels: list[list[int]], preds: list[int], n: int
+                   ) -> tuple[list[list[int]], list[tuple[int, tuple[int, ...]]]]:
+    """One Jacobi step of the window (LADE's rule: the window moves one position on, whatever the pass accepted).
+
+    preds: the target's argmax at the root and at each window row, in window_rows order. While the window has
+    fewer than n − 2 upper levels, every level drops its first column and the top level's predictions from column
+    1 on become a new level (a window of W + n − 3 first-level tokens is full after n − 2 steps, W columns wide).
+    Once full, each column j gives the n-gram (level 0, levels 1..n−2, the top's prediction) at column j, keyed by
+    its first token, and the levels move down one: level 0 = level 1 from column 1, the top = the predictions.
+    Returns (the new levels, the n-grams as (first token, the n − 1 tokens after it))."""
+    grid = [[root] + list(levels[0])] + [list(level) for level in levels[1:]]
+    e, top = len(grid[0]), len(grid) - 1
+    if len(preds) != e * len(grid):
+        raise ValueError(f"the window needs {e * len(grid)} predictions (the root's and one per row), got {len(preds)}")
+    new = list(preds[top * e:(top + 1) * e])
+    if top < n - 2:
+        return [grid[0][2:]] + [level[1:] for level in grid[1:]] + [new[1:]], []
+    grams = [(grid[0][j], tuple(level[j] for level in grid[1:]) + (new[j],)) for j in range(e)]
+    return [grid[1][1:]] + grid[2:] + [new], grams
+
+
+def add_ngram(pool: dict, key: int, gram: tuple[int, ...], capacity: int) -> None:
+    """Lookahead's n-gram pool: per first token, the latest `capacity` distinct continuations, the most recently
+    seen last (LADE's GUESS_SET_SIZE, least recently seen dropped first)."""
+    grams = pool.setdefault(key, [])
+    if gram in grams:
+        grams.remove(gram)
+    elif len(grams) >= capacity:
+        grams.pop(0)
+    grams.append(gram)

@@ -5,6 +5,10 @@ so that a parent always comes before its children. Verifying a tree is one targe
 node i sits at position `cached + depth(i)` and attends to the cached prefix, the root, its ancestors and itself
 (tree attention as in SpecInfer and Medusa). A chain of k drafts is the tree in which node i's parent is i − 1.
 The acceptance rules are in verify.py.
+
+A pass may also compute rows that are not verified (`ExtraRows`: Lookahead's Jacobi window), after the tree nodes.
+Tree rows never see them and they never see tree nodes, so verification is unchanged; their KV entries sit after
+the tree's, so keep_path drops them with the rejected nodes.
 """
 
 from __future__ import annotations
@@ -50,21 +54,52 @@ def ancestor_mask(parents: list[int]) -> torch.Tensor:
     return mask
 
 
-def forward_tree(model, root: int, tree: Tree, cache, vocab: int | None = None, hidden: bool = False):
-    """Verify pass: logits (and hidden states) for [root] + tree nodes (row 0 = root, row i + 1 = node i)."""
+@dataclass
+class ExtraRows:
+    """Rows a verify pass computes but does not verify, appended after the tree nodes: row j holds tokens[j] at
+    position `cached + depths[j]` and sees the cached prefix plus the pass rows `attend[j]` marks (column 0 = the
+    root, column i + 1 = extra row i)."""
+    tokens: list[int]
+    depths: list[int]
+    attend: torch.Tensor  # bool [len(tokens), 1 + len(tokens)]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def pass_mask(parents: list[int], extra: ExtraRows | None = None) -> torch.Tensor:
+    """bool over a pass's rows ([root] + tree nodes + extra rows): the tree's ancestor mask, and the extra rows'
+    own mask over the root and each other (no tree row sees an extra row, no extra row sees a tree node)."""
+    n, m = len(parents) + 1, len(extra) if extra is not None else 0
+    mask = torch.zeros(n + m, n + m, dtype=torch.bool)
+    mask[:n, :n] = ancestor_mask(parents)
+    if m:
+        mask[n:, 0] = extra.attend[:, 0]
+        mask[n:, n:] = extra.attend[:, 1:]
+    return mask
+
+
+def forward_tree(model, root: int, tree: Tree, cache, vocab: int | None = None, hidden: bool = False,
+                 extra: ExtraRows | None = None):
+    """Verify pass: logits (and hidden states) for [root] + tree nodes (row 0 = root, row i + 1 = node i), then
+    the extra rows (row len(tree) + 1 + j = extra row j)."""
     cached = cache.get_seq_length()
+    ids = [root] + tree.tokens
     positions = [cached] + [cached + d for d in tree.depths]
+    if extra is not None:
+        ids += extra.tokens
+        positions += [cached + d for d in extra.depths]
     attend = None
-    if not is_chain(tree):  # a chain's tree mask is the causal mask
-        visible = torch.ones(len(tree) + 1, cached, dtype=torch.bool)
-        attend = torch.cat([visible, ancestor_mask(tree.parents)], dim=1)
-    return forward(model, [root] + tree.tokens, cache, len(tree) + 1, vocab, positions, attend, hidden)
+    if not is_chain(tree) or extra:  # a chain alone is the causal mask
+        visible = torch.ones(len(ids), cached, dtype=torch.bool)
+        attend = torch.cat([visible, pass_mask(tree.parents, extra)], dim=1)
+    return forward(model, ids, cache, len(ids), vocab, positions, attend, hidden)
 
 
 @torch.inference_mode()
 def keep_path(cache, start: int, path: list[int]) -> None:
     """After a verify pass that began at cache length `start` (the root's slot), keep the root and the accepted
-    nodes' KV entries, in order, and drop the rest of the tree."""
+    nodes' KV entries, in order, and drop the rest of the tree (and the pass's extra rows after it)."""
     keep = start + 1 + len(path)
     if path != list(range(len(path))):  # not already contiguous: move the path's entries into place
         src = torch.tensor([start + 1 + i for i in path], device=cache.layers[0].keys.device)

@@ -124,6 +124,10 @@ def test_tiny_pair_through_the_cli_speculative_equals_baseline(tmp_path):
     assert spec["token_ids"] == base["token_ids"] and len(base["token_ids"]) == 24
     assert base["acceptance_rate"] is None and base["mean_accepted_tokens"] == 1.0
     assert 0 <= spec["acceptance_rate"] <= 1 and spec["target_forward_passes"] < 24
+    lookahead = run_cli(*common, "--strategy", "lookahead", "--k", "4", "--tree-budget", "6", "--lookahead-window",
+                        "4", "--lookahead-ngram", "4", "--lookahead-guesses", "2")
+    assert lookahead.returncode == 0, lookahead.stderr
+    assert json.loads(lookahead.stdout)["token_ids"] == base["token_ids"]
 
 
 @pytest.mark.slow

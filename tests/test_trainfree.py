@@ -14,21 +14,9 @@ from specdec.runner import decode_models
 from specdec.trainfree import (SEPARATOR, Datastore, concatenate, continuations, frequency_chain, frequency_tree,
                                match_ends, new_matrix, recycled_tree, recycling_template, remember, update_matrix)
 from specdec.tree import is_chain
-from tiny import EOS, prompts
+from tiny import EOS, paths, prompts
 
 MODEL_FREE_TREES = ("recycling", "suffix", "rest")
-
-
-def paths(tree) -> set[tuple[int, ...]]:
-    """Every root-to-node token path of a tree."""
-    out = set()
-    for i in range(len(tree)):
-        path, node = [], i
-        while node >= 0:
-            path.append(tree.tokens[node])
-            node = tree.parents[node]
-        out.add(tuple(reversed(path)))
-    return out
 
 
 # --- structures -------------------------------------------------------------------------------------------------

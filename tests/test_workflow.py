@@ -18,6 +18,7 @@ import duckdb
 import pytest
 import yaml
 
+from specdec.strategies import LOOKAHEAD_DEFAULTS
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,14 +152,17 @@ def test_weight_formats_and_llamacpp_cells(tiny_models):
 
 
 def test_train_free_cells_carry_their_own_parameters_only(tiny_models):
-    config = base_config(tiny_models, strategies=["baseline", "ngram", "recycling", "suffix", "rest"],
+    config = base_config(tiny_models, strategies=["baseline", "ngram", "recycling", "suffix", "rest", "lookahead"],
                          tree_budgets=[15])
-    config["generation"].update(recycle_topk=4)
+    config["generation"].update(recycle_topk=4, lookahead_window=7)
     cells = matrix.expand_cells(config)
     by_strategy = {c["strategy"]: c for c in cells.values()}
     assert by_strategy["recycling"]["recycle_topk"] == 4 and by_strategy["recycling"]["tree_budget"] == 15
     assert by_strategy["rest"]["rest_corpus"] is None
+    lookahead = by_strategy["lookahead"]
+    assert (lookahead["lookahead_window"], lookahead["lookahead_ngram"], lookahead["lookahead_guesses"]) == (7, 3, 3)
     assert all("recycle_topk" not in c for c in cells.values() if c["strategy"] != "recycling")
+    assert all("lookahead_window" not in c for c in cells.values() if c["strategy"] != "lookahead")
     assert all(c["draft"] is None for c in cells.values())  # model-free: the pair's draft is not loaded
     # their llama.cpp strategies carry the same parameters, and only on the GGUF target
     config = base_config(tiny_models, pairs=[{"target": "tiny-target"}, {"target": "smollm2-135m"}],
@@ -212,6 +216,7 @@ def test_semantic_config_errors_name_the_field(workdir, tiny_models, monkeypatch
     (lambda c: c.update(baseline="both"), "baseline: 'both' is not one of ['paired', 'shared']"),
     (lambda c: c.update(noise={"other_cpu_cores": -1}), "noise.other_cpu_cores: -1 is less than the minimum of 0"),
     (lambda c: c.update(noise={"loud": 1}), "noise: Additional properties are not allowed ('loud' was unexpected)"),
+    (lambda c: c["generation"].update(lookahead_ngram=2), "generation.lookahead_ngram: 2 is less than the minimum of 3"),
 ])
 def test_schema_errors_are_one_line_naming_the_field(tiny_models, change, expected):
     from snakemake.utils import validate
@@ -233,6 +238,8 @@ def test_schema_bounds_are_the_engines():
     assert schema["draft_lengths"]["items"]["maximum"] == runner.MAX_K
     assert generation["temperatures"]["items"]["maximum"] == runner.MAX_TEMPERATURE
     assert generation["max_new_tokens"]["maximum"] == runner.MAX_NEW_TOKENS
+    for key, value in LOOKAHEAD_DEFAULTS.items():  # the documented defaults are the engine's
+        assert generation[key]["default"] == value
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -52,6 +52,18 @@ def prompts(n: int, length: int = 12, seed: int = 0, vocab: int = VOCAB) -> list
     return out
 
 
+def paths(tree) -> set[tuple[int, ...]]:
+    """Every root-to-node token path of a draft tree (specdec.tree.Tree)."""
+    out = set()
+    for i in range(len(tree)):
+        path, node = [], i
+        while node >= 0:
+            path.append(tree.tokens[node])
+            node = tree.parents[node]
+        out.add(tuple(reversed(path)))
+    return out
+
+
 CHARS = ["<pad>", "<s>", "</s>", "<unk>"] + [chr(c) for c in range(32, 127)]  # 99 ids: char-level tokenizer
 
 

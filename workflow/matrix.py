@@ -26,7 +26,7 @@ from specdec.db.store import DEFAULT_DB, LEGACY_DB
 from specdec.drafters import DrafterError, DrafterSettings, drafter_dir, parse_alias, parse_for_target
 from specdec.models import ModelError, is_gguf, load_registry, resolve
 from specdec.prompts import PromptFileError, load_prompts, select
-from specdec.strategies import STRATEGIES, is_plain_baseline
+from specdec.strategies import LOOKAHEAD_DEFAULTS, STRATEGIES, is_plain_baseline
 
 
 class ConfigError(ValueError):
@@ -255,6 +255,8 @@ def expand_cells(config: dict) -> dict[str, dict]:
                     cell["recycle_topk"] = gen.get("recycle_topk", 8)
                 if st.proposer == "rest":
                     cell["rest_corpus"] = gen.get("rest_corpus")
+                if st.proposer == "lookahead":
+                    cell.update({key: gen.get(key, default) for key, default in LOOKAHEAD_DEFAULTS.items()})
                 # Only the aliases this cell uses, so editing another model's entry reruns nothing here.
                 used = {a: extra_models[a] for a in (target, cell_draft) if a in extra_models}
                 cell["models"] = used or None
