@@ -124,3 +124,48 @@ def test_a_cell_records_the_weight_format_and_threads_it_asked_for_and_ran(promp
     assert (plain["weights"], plain["weights_used"], plain["threads"]) == (None, "float32", None)
     refused = run_cell({**base, "strategy": "llamacpp-generate", "k": None})
     assert refused["run"]["status"] == "failed" and "not a GGUF file" in refused["run"]["error"]
+
+
+class Projections(torch.nn.Module):
+    """q, k, v and gate, up as a decoder layer holds them (transformers' names)."""
+
+    def __init__(self, width=64, bias=False):
+        super().__init__()
+        torch.manual_seed(0)
+        for name, rows in (("q_proj", 64), ("k_proj", 32), ("v_proj", 32), ("gate_proj", 96), ("up_proj", 96)):
+            setattr(self, name, torch.nn.Linear(width, rows, bias=bias))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_projections_give_each_projection_its_own_layers_bits(fmt, bias):
+    layers = Projections(bias=bias)
+    separate = {name: quant.WeightOnlyLinear(getattr(layers, name), fmt) for name, _ in layers.named_children()}
+    quant.fuse_projections(layers, fmt)
+    assert isinstance(layers.q_proj, quant.ProjectionSlice) and isinstance(layers.up_proj, quant.ProjectionSlice)
+    assert sum(isinstance(m, quant.FusedWeightOnly) for m in layers.modules()) == 2
+    x, y = torch.randn(3, 64), torch.randn(3, 64)
+    # in the model's order, in another order, and with another input between two reads of one fused group
+    for order in (("q_proj", "k_proj", "v_proj"), ("v_proj", "q_proj", "k_proj"), ("gate_proj", "up_proj")):
+        for name in order:
+            assert torch.equal(getattr(layers, name)(x), separate[name](x)), name
+    assert torch.equal(layers.q_proj(x), separate["q_proj"](x))
+    assert torch.equal(layers.k_proj(y), separate["k_proj"](y))  # not x's cached slice
+    assert torch.equal(layers.q_proj(x), separate["q_proj"](x))  # q read twice: computed again, not stale
+    assert torch.equal(layers.v_proj(x), separate["v_proj"](x))  # from q's computation
+    assert layers.q_k_v_fused.pending.input is x
+    assert torch.equal(layers.k_proj(x), separate["k_proj"](x))
+    assert layers.q_k_v_fused.pending.input is None  # every part read: no activations held between passes
+
+
+def test_apply_weights_fuses_the_decoder_projections_and_decoding_is_unchanged(monkeypatch):
+    fused = quant.apply_weights(tiny_target(), "int8")
+    monkeypatch.setattr(quant, "fuse_projections", lambda parent, fmt: None)
+    separate = quant.apply_weights(tiny_target(), "int8")
+    kinds = [type(m).__name__ for m in fused.modules()]
+    layers = fused.config.num_hidden_layers
+    assert kinds.count("FusedWeightOnly") == 2 * layers and kinds.count("ProjectionSlice") == 5 * layers
+    s = DecodeSettings(max_new_tokens=12)
+    for ids in prompts(3):
+        assert torch.equal(forward(fused, ids, None, len(ids))[0], forward(separate, ids, None, len(ids))[0])
+        assert baseline_decode(fused, ids, s, {EOS}).tokens == baseline_decode(separate, ids, s, {EOS}).tokens
