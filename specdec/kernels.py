@@ -50,13 +50,52 @@ class DenseOneDNNLinear(torch.nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
+def exact_rows_requested() -> bool:
+    """$SPECDEC_EXACT_ATTENTION=1: verify passes compute attention row by row (`attention_row_by_row`); 0 or
+    unset: not. Anything else is a ValueError naming the variable (runner.check_settings asks before loading)."""
+    value = os.environ.get("SPECDEC_EXACT_ATTENTION", "0").strip() or "0"
+    if value not in ("0", "1"):
+        raise ValueError(f"SPECDEC_EXACT_ATTENTION must be 0 or 1, got '{value}'")
+    return value == "1"
+
+
+def visible_keys(mask_row: torch.Tensor) -> torch.Tensor | int:
+    """The key positions one query row may attend to, from its row of a bool ("may attend") or additive mask: an
+    int n when they are the prefix 0..n-1 (then a slice keeps the cache's own view), else an index tensor."""
+    visible = mask_row if mask_row.dtype == torch.bool else mask_row == 0
+    n = int(visible.sum())
+    return n if bool(visible[:n].all()) else visible.nonzero().flatten()
+
+
+def attention_row_by_row(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """A multi-row pass's attention computed as each row's own one-row step computes it: transformers' SDPA with
+    one query and no mask over the keys that row sees. SDPA gives a row of a masked multi-row pass slightly other
+    bits than a one-row step; in float32 that is invisible, but the weight-only formats round every matmul input
+    to bfloat16 and turn it into a flipped near-tie now and then (quant.py). With this, a verify pass is
+    bit-identical to one-row steps and greedy speculative decoding to plain decoding in every format, at the cost
+    of one SDPA call per row and layer (opt-in: $SPECDEC_EXACT_ATTENTION=1, a diagnostic, not a speed setting)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    rows = []
+    for r in range(query.shape[2]):
+        keep = visible_keys(attention_mask[0, 0, r])
+        k, v = (key[:, :, :keep], value[:, :, :keep]) if isinstance(keep, int) else (key[:, :, keep], value[:, :, keep])
+        rows.append(sdpa_attention_forward(module, query[:, :, r:r + 1], k, v, None, dropout=dropout,
+                                           scaling=scaling, is_causal=False, **kwargs)[0])
+    return torch.cat(rows, dim=1), None
+
+
 def sdpa_gqa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                        **kwargs):
     """transformers' SDPA attention, except that a multi-token pass with a mask (a verify pass) lets SDPA share
-    the key/value heads (enable_gqa) instead of materialising repeated copies of the whole KV cache per layer.
+    the key/value heads (enable_gqa) instead of materialising repeated copies of the whole KV cache per layer,
+    or, with $SPECDEC_EXACT_ATTENTION=1, is computed row by row (`attention_row_by_row`).
     Anything else goes to transformers' own function unchanged."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if (query.shape[2] > 1 and attention_mask is not None and attention_mask.shape[:2] == (1, 1)
+            and query.shape[0] == 1 and exact_rows_requested() and kwargs.get("position_bias") is None):
+        return attention_row_by_row(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
     if (query.shape[2] == 1 or attention_mask is None or groups == 1 or dropout or kwargs.get("position_bias")
             is not None or kwargs.get("softcap") is not None or kwargs.get("cache") is not None):

@@ -22,7 +22,9 @@ torch's float32 SDPA returns a 5-query verify pass within ~4e-7 of five 1-query 
 the cast to bfloat16 before the next matmul turns a few of those differences into a bfloat16 rounding step, which
 can flip a near-tied argmax later on (a whole-bfloat16 model is worse: bfloat16 attention differs by far more).
 The README reports the share of identical outputs on the suite; the tests check exact identity where attention is
-exact to the bits that matter (the float64 tiny model).
+exact to the bits that matter (the float64 tiny model). $SPECDEC_EXACT_ATTENTION=1 computes verify passes'
+attention row by row (kernels.attention_row_by_row): every other layer already gives each row the same bits, so
+greedy speculative decoding is then identical to plain decoding in these formats too (a diagnostic: slower).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from specdec.datastore import DEFAULT_NEW_TOKENS, corpus_documents, load_datasto
 from specdec.decoding import DecodeSettings, baseline_decode
 from specdec.drafters import DrafterError, find_drafter, load_drafter, parse_for_target
 from specdec.hf_reference import hf_decode
-from specdec.kernels import linear_kernels
+from specdec.kernels import exact_rows_requested, linear_kernels
 from specdec.models import (WEIGHT_FORMATS, LoadedModel, ModelError, encode_prompt, load_model, resolve,
                             shared_logit_rows)
 from specdec.proposers import DraftLength, make_proposer
@@ -77,7 +77,8 @@ def check_settings(strategy: str, draft: str | None, s: DecodeSettings, registry
         except ValueError as exc:
             raise SettingsError(str(exc)) from None
     try:
-        linear_kernels()  # a bad $SPECDEC_CPU_LINEAR fails here, before any model loads
+        linear_kernels()  # a bad $SPECDEC_CPU_LINEAR or $SPECDEC_EXACT_ATTENTION fails here, before any model loads
+        exact_rows_requested()
         trained = parse_for_target(draft, target)
     except (ValueError, DrafterError) as exc:
         raise SettingsError(str(exc)) from None

@@ -169,3 +169,76 @@ def test_apply_weights_fuses_the_decoder_projections_and_decoding_is_unchanged(m
     for ids in prompts(3):
         assert torch.equal(forward(fused, ids, None, len(ids))[0], forward(separate, ids, None, len(ids))[0])
         assert baseline_decode(fused, ids, s, {EOS}).tokens == baseline_decode(separate, ids, s, {EOS}).tokens
+
+
+def test_visible_keys_reads_bool_and_additive_mask_rows():
+    from specdec.kernels import visible_keys
+
+    prefix = torch.tensor([True, True, True, False, False])
+    assert visible_keys(prefix) == 3
+    assert visible_keys(torch.zeros(5).masked_fill(~prefix, torch.finfo(torch.float32).min)) == 3
+    tree_row = torch.tensor([True, True, False, True, False])  # cached prefix, root, a sibling skipped, itself
+    assert visible_keys(tree_row).tolist() == [0, 1, 3]
+
+
+def test_exact_attention_gives_each_row_of_a_masked_pass_its_one_row_bits(monkeypatch):
+    """SDPA's rows of a masked 5-row pass differ in the last bits from 5 one-row calls (20 of 20 random cases on
+    torch 2.13, one thread); with $SPECDEC_EXACT_ATTENTION=1 they are the same bits, for chains and trees."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from specdec.kernels import sdpa_gqa_attention
+
+    monkeypatch.setenv("SPECDEC_EXACT_ATTENTION", "1")
+    module = SimpleNamespace(num_key_value_groups=3, is_causal=True, training=False)
+    torch.manual_seed(0)
+    for cached in (20, 33):
+        rows = 5
+        q = torch.randn(1, 9, rows, 64)
+        k, v = torch.randn(1, 3, cached + rows, 64), torch.randn(1, 3, cached + rows, 64)
+        chain = torch.ones(rows, cached + rows, dtype=torch.bool).tril(cached)
+        tree = chain.clone()
+        tree[2:, cached + 1] = False  # rows 2.. skip node 1 (a sibling branch), as a tree mask does
+        for attend in (chain, tree):
+            additive = torch.zeros(attend.shape).masked_fill(~attend, torch.finfo(torch.float32).min)
+            for mask in (attend[None, None], additive[None, None]):
+                out = sdpa_gqa_attention(module, q, k, v, mask, scaling=0.125)[0]
+                for r in range(rows):
+                    seen = attend[r].nonzero().flatten()
+                    one = sdpa_attention_forward(module, q[:, :, r:r + 1], k[:, :, seen], v[:, :, seen], None,
+                                                 scaling=0.125, is_causal=False)[0]
+                    assert torch.equal(out[:, r:r + 1], one)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_exact_attention_makes_verify_passes_bit_identical_to_one_row_steps(fmt, monkeypatch):
+    """float32 activations, bfloat16 matmul inputs: the setting where SDPA's multi-row bits matter (quant.py)."""
+    from specdec.decoding import new_cache
+
+    monkeypatch.setenv("SPECDEC_EXACT_ATTENTION", "1")
+    model = prepare_model(quant.apply_weights(tiny_target(dtype=torch.float32), fmt))
+    for ids in prompts(4, length=10):
+        head, tail = ids[:6], ids[6:]
+        cache = new_cache(model, 32)
+        forward(model, head, cache, 1)
+        steps = torch.cat([forward(model, [t], cache, 1)[0] for t in tail])
+        cache = new_cache(model, 32)
+        forward(model, head, cache, 1)
+        assert torch.equal(forward(model, tail, cache, len(tail))[0], steps)
+    s = DecodeSettings(max_new_tokens=16, k=4, tree_budget=6)
+    draft = quant.apply_weights(noisy_copy(tiny_target(dtype=torch.float32), 0.3), fmt)
+    for ids in prompts(4):
+        plain = decode_models("baseline", model, ids, s, {EOS}).tokens
+        for strategy in ("ngram", "suffix", "recycling", "speculative"):
+            out = decode_models(strategy, model, ids, s, {EOS},
+                                draft_model=draft if strategy == "speculative" else None)
+            assert out.tokens == plain, strategy
+
+
+def test_a_bad_exact_attention_setting_is_refused_before_loading(monkeypatch):
+    from specdec.runner import SettingsError, check_settings
+
+    monkeypatch.setenv("SPECDEC_EXACT_ATTENTION", "yes")
+    with pytest.raises(SettingsError, match="SPECDEC_EXACT_ATTENTION must be 0 or 1, got 'yes'"):
+        check_settings("ngram", None, DecodeSettings(), load_registry())
