@@ -94,7 +94,7 @@ def sdpa_gqa_attention(module, query, key, value, attention_mask, dropout=0.0, s
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if (query.shape[2] > 1 and attention_mask is not None and attention_mask.shape[:2] == (1, 1)
-            and query.shape[0] == 1 and exact_rows_requested() and kwargs.get("position_bias") is None):
+            and query.shape[0] == 1 and kwargs.get("position_bias") is None and exact_rows_requested()):
         return attention_row_by_row(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
     if (query.shape[2] == 1 or attention_mask is None or groups == 1 or dropout or kwargs.get("position_bias")

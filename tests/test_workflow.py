@@ -216,7 +216,8 @@ def test_semantic_config_errors_name_the_field(workdir, tiny_models, monkeypatch
     (lambda c: c.update(baseline="both"), "baseline: 'both' is not one of ['paired', 'shared']"),
     (lambda c: c.update(noise={"other_cpu_cores": -1}), "noise.other_cpu_cores: -1 is less than the minimum of 0"),
     (lambda c: c.update(noise={"loud": 1}), "noise: Additional properties are not allowed ('loud' was unexpected)"),
-    (lambda c: c["generation"].update(lookahead_ngram=2), "generation.lookahead_ngram: 2 is less than the minimum of 3"),
+    (lambda c: c["generation"].update(lookahead_ngram=2),
+     "generation.lookahead_ngram: 2 is less than the minimum of 3"),
 ])
 def test_schema_errors_are_one_line_naming_the_field(tiny_models, change, expected):
     from snakemake.utils import validate
