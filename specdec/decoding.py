@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from specdec import llama_forward
 from specdec.kernels import prepare_model
 from specdec.strategies import LOOKAHEAD_DEFAULTS
 
@@ -205,10 +206,14 @@ def forward(model, ids: list[int], cache, rows: int = 1, vocab: int | None = Non
     """
     device = model.device
     extra = {}
-    if positions is not None:
-        extra["position_ids"] = torch.tensor([positions], device=device)
     if attend is not None:
         extra["attention_mask"] = additive_mask(attend, model.dtype, device)
+    own = getattr(model, "_specdec_own_forward", None) if cache is not None else None  # kernels.prepare_model
+    if own is not None:
+        logits, states = llama_forward.forward(own, ids, cache, rows, positions, extra.get("attention_mask"), hidden)
+        return (logits if vocab is None else logits[:, :vocab]).float(), states
+    if positions is not None:
+        extra["position_ids"] = torch.tensor([positions], device=device)
     out = model(input_ids=torch.tensor([ids], dtype=torch.long, device=device), past_key_values=cache,
                 use_cache=cache is not None, logits_to_keep=rows, output_hidden_states=hidden, **extra)
     logits = out.logits[0, -rows:]

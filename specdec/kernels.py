@@ -10,9 +10,19 @@ model is left as it is.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
+
+from specdec import llama_forward
+from specdec.attention import exact_rows_requested, visible_keys
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """oneDNN's linear on 2-D inputs, the weight pre-packed or dense. Kernel calls are partials of functions like
+    this one, not closures: a deep copy of a prepared model then calls its own copied weights."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 class PackedLinear(torch.nn.Module):
@@ -31,8 +41,11 @@ class PackedLinear(torch.nn.Module):
         return self.packed.to_dense()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.packed, self.bias, "none", [], "")
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return self.kernel()(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+
+    def kernel(self):
+        """The bare kernel call on 2-D inputs (llama_forward calls it without the module)."""
+        return functools.partial(onednn_linear, weight=self.packed, bias=self.bias)
 
 
 class DenseOneDNNLinear(torch.nn.Module):
@@ -45,26 +58,11 @@ class DenseOneDNNLinear(torch.nn.Module):
         self.weight, self.bias = linear.weight, linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.weight, self.bias, "none", [],
-                                               "")
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return self.kernel()(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
 
-
-def exact_rows_requested() -> bool:
-    """$SPECDEC_EXACT_ATTENTION=1: verify passes compute attention row by row (`attention_row_by_row`); 0 or
-    unset: not. Anything else is a ValueError naming the variable (runner.check_settings asks before loading)."""
-    value = os.environ.get("SPECDEC_EXACT_ATTENTION", "0").strip() or "0"
-    if value not in ("0", "1"):
-        raise ValueError(f"SPECDEC_EXACT_ATTENTION must be 0 or 1, got '{value}'")
-    return value == "1"
-
-
-def visible_keys(mask_row: torch.Tensor) -> torch.Tensor | int:
-    """The key positions one query row may attend to, from its row of a bool ("may attend") or additive mask: an
-    int n when they are the prefix 0..n-1 (then a slice keeps the cache's own view), else an index tensor."""
-    visible = mask_row if mask_row.dtype == torch.bool else mask_row == 0
-    n = int(visible.sum())
-    return n if bool(visible[:n].all()) else visible.nonzero().flatten()
+    def kernel(self):
+        """The bare kernel call on 2-D inputs (llama_forward calls it without the module)."""
+        return functools.partial(onednn_linear, weight=self.weight, bias=self.bias)
 
 
 def attention_row_by_row(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -161,13 +159,22 @@ def prepare_model(model, linear: str | None = None):
     becomes a PackedLinear (its dense weight is freed, so memory does not grow); with 'mkl' they stay as they
     are. Elsewhere (GPU, float16, float64, accelerate device maps, tensor parallelism) the model is left as it
     is. Outputs agree with the stock layers to float32 rounding (another summation order).
+    Then, wherever it applies (a Llama on the CPU: llama_forward.unsupported), decoding.forward runs our own
+    forward over these layers instead of transformers' (the same bits, fewer operator calls).
     Call it on any model a new decoding loop runs on; prepared models still work with transformers' generate().
     """
     if getattr(model, "_specdec_prepared", False):
         return model
     model._specdec_prepared = True
-    if not fast_kernels_available(model):
-        return model
+    if fast_kernels_available(model):
+        use_fast_kernels(model, linear)
+    # after the kernel swap and the copies: our forward calls the kernels and reads the tensors the model keeps
+    model._specdec_own_forward = llama_forward.llama_weights(model)
+    return model
+
+
+def use_fast_kernels(model, linear: str | None) -> None:
+    """prepare_model's CPU float32 part: oneDNN head, GQA verify attention, packed or MKL linears, own copies."""
     pack = (linear or linear_kernels()) == "onednn"
     use_gqa_attention(model)
     output = model.get_output_embeddings()
@@ -191,4 +198,3 @@ def prepare_model(model, linear: str | None = None):
             for name, buf in list(module.named_buffers(recurse=False)):
                 if buf is not None:
                     module._buffers[name] = buf.clone()
-    return model

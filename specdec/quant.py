@@ -29,6 +29,7 @@ greedy speculative decoding is then identical to plain decoding in these formats
 
 from __future__ import annotations
 
+import functools
 from types import SimpleNamespace
 
 import torch
@@ -81,6 +82,22 @@ def int4_fits(linear: nn.Linear) -> bool:
     return linear.in_features % INT4_GROUP == 0 and linear.out_features % 16 == 0
 
 
+def int4_matmul(x, weight, group, scales, bias):
+    """x [rows, in] (any float dtype) times an int4-packed weight: in bfloat16, back in x's dtype, plus bias."""
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(KERNEL_DTYPE), weight, group, scales).to(x.dtype)
+    return y if bias is None else y + bias
+
+
+def int8_matmul(x, weight, scales, bias):
+    y = torch.ops.aten._weight_int8pack_mm(x.to(KERNEL_DTYPE), weight, scales).to(x.dtype)
+    return y if bias is None else y + bias
+
+
+def bfloat16_matmul(x, weight, bias):
+    y = torch.nn.functional.linear(x.to(KERNEL_DTYPE), weight).to(x.dtype)
+    return y if bias is None else y + bias
+
+
 class WeightOnlyLinear(nn.Module):
     """An nn.Linear whose weight is stored as `fmt` (bfloat16, int8 or int4) and multiplied in bfloat16; input
     and output keep the caller's dtype."""
@@ -108,15 +125,17 @@ class WeightOnlyLinear(nn.Module):
             raise WeightFormatError(f"no weight-only layer for format '{fmt}'")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = x.reshape(-1, self.in_features).to(KERNEL_DTYPE)
+        return self.kernel()(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+
+    def kernel(self):
+        """The bare call on 2-D inputs (llama_forward calls it without the module): a partial, so a deep copy of
+        the model gets one over the copied weights."""
         if self.fmt == "int4":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(a, self.weight, self.group, self.scales)
-        elif self.fmt == "int8":
-            y = torch.ops.aten._weight_int8pack_mm(a, self.weight, self.scales)
-        else:
-            y = torch.nn.functional.linear(a, self.weight)
-        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+            return functools.partial(int4_matmul, weight=self.weight, group=self.group, scales=self.scales,
+                                     bias=self.bias)
+        if self.fmt == "int8":
+            return functools.partial(int8_matmul, weight=self.weight, scales=self.scales, bias=self.bias)
+        return functools.partial(bfloat16_matmul, weight=self.weight, bias=self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"

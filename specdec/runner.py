@@ -13,6 +13,7 @@ from specdec.decoding import DecodeSettings, baseline_decode
 from specdec.drafters import DrafterError, find_drafter, load_drafter, parse_for_target
 from specdec.hf_reference import hf_decode
 from specdec.kernels import exact_rows_requested, linear_kernels
+from specdec.llama_forward import forward_choice
 from specdec.models import (WEIGHT_FORMATS, LoadedModel, ModelError, encode_prompt, load_model, resolve,
                             shared_logit_rows)
 from specdec.proposers import DraftLength, make_proposer
@@ -77,8 +78,9 @@ def check_settings(strategy: str, draft: str | None, s: DecodeSettings, registry
         except ValueError as exc:
             raise SettingsError(str(exc)) from None
     try:
-        linear_kernels()  # a bad $SPECDEC_CPU_LINEAR or $SPECDEC_EXACT_ATTENTION fails here, before any model loads
-        exact_rows_requested()
+        linear_kernels()  # a bad $SPECDEC_CPU_LINEAR, $SPECDEC_EXACT_ATTENTION or $SPECDEC_FORWARD fails here,
+        exact_rows_requested()  # before any model loads
+        forward_choice()
         trained = parse_for_target(draft, target)
     except (ValueError, DrafterError) as exc:
         raise SettingsError(str(exc)) from None

@@ -172,7 +172,7 @@ def test_apply_weights_fuses_the_decoder_projections_and_decoding_is_unchanged(m
 
 
 def test_visible_keys_reads_bool_and_additive_mask_rows():
-    from specdec.kernels import visible_keys
+    from specdec.attention import visible_keys
 
     prefix = torch.tensor([True, True, True, False, False])
     assert visible_keys(prefix) == 3
@@ -188,6 +188,7 @@ def test_exact_attention_gives_each_row_of_a_masked_pass_its_one_row_bits(monkey
 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    from specdec.attention import attend_rows
     from specdec.kernels import sdpa_gqa_attention
 
     monkeypatch.setenv("SPECDEC_EXACT_ATTENTION", "1")
@@ -204,11 +205,12 @@ def test_exact_attention_gives_each_row_of_a_masked_pass_its_one_row_bits(monkey
             additive = torch.zeros(attend.shape).masked_fill(~attend, torch.finfo(torch.float32).min)
             for mask in (attend[None, None], additive[None, None]):
                 out = sdpa_gqa_attention(module, q, k, v, mask, scaling=0.125)[0]
+                ours = attend_rows(q, k, v, mask, 0.125).transpose(1, 2)  # llama_forward's row-by-row attention
                 for r in range(rows):
                     seen = attend[r].nonzero().flatten()
                     one = sdpa_attention_forward(module, q[:, :, r:r + 1], k[:, :, seen], v[:, :, seen], None,
                                                  scaling=0.125, is_causal=False)[0]
-                    assert torch.equal(out[:, r:r + 1], one)
+                    assert torch.equal(out[:, r:r + 1], one) and torch.equal(ours[:, r:r + 1], one)
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])

@@ -1,0 +1,37 @@
+"""Attention of verify passes row by row: the opt-in $SPECDEC_EXACT_ATTENTION=1 (kernels.attention_row_by_row for
+transformers' forward, `attend_rows` for ours in llama_forward; why: kernels.attention_row_by_row)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+
+def exact_rows_requested() -> bool:
+    """$SPECDEC_EXACT_ATTENTION=1: verify passes compute attention row by row (`attention_row_by_row`); 0 or
+    unset: not. Anything else is a ValueError naming the variable (runner.check_settings asks before loading)."""
+    value = os.environ.get("SPECDEC_EXACT_ATTENTION", "0").strip() or "0"
+    if value not in ("0", "1"):
+        raise ValueError(f"SPECDEC_EXACT_ATTENTION must be 0 or 1, got '{value}'")
+    return value == "1"
+
+
+def visible_keys(mask_row: torch.Tensor) -> torch.Tensor | int:
+    """The key positions one query row may attend to, from its row of a bool ("may attend") or additive mask: an
+    int n when they are the prefix 0..n-1 (then a slice keeps the cache's own view), else an index tensor."""
+    visible = mask_row if mask_row.dtype == torch.bool else mask_row == 0
+    n = int(visible.sum())
+    return n if bool(visible[:n].all()) else visible.nonzero().flatten()
+
+
+def attend_rows(query, key, value, mask, scaling):
+    """SDPA of a masked multi-row pass computed row by row, each row exactly as its one-row step computes it:
+    one query, no mask, the keys its row of `mask` (bool or additive [1, 1, rows, keys]) lets it see."""
+    rows = []
+    for r in range(query.shape[2]):
+        keep = visible_keys(mask[0, 0, r])
+        k, v = (key[:, :, :keep], value[:, :, :keep]) if isinstance(keep, int) else (key[:, :, keep], value[:, :, keep])
+        rows.append(F.scaled_dot_product_attention(query[:, :, r:r + 1], k, v, scale=scaling, enable_gqa=True))
+    return torch.cat(rows, dim=2)

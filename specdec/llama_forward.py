@@ -1,0 +1,207 @@
+"""Our own forward pass for Llama-architecture decoders on the CPU, as gpt-fast writes its model: the same
+operations as transformers' LlamaForCausalLM, in the same order, as one flat function over the layers' weights.
+
+Why: a one-token step of SmolLM2-135M in int4 issues ~5,700 aten calls through transformers' modules (profile
+on a 2-core EPYC: 13.7-15 ms a step, of which the int4/int8 matmuls are ~4.5 ms and attention ~0.8 ms); the rest
+is the modules' plumbing (hooks, keyword routing, mask and rotary set-up, casts and reshapes per projection).
+This forward makes ~50 calls per layer and the same step takes 9.1-9.3 ms (README, "Our forward pass").
+
+It computes what transformers computes, bit for bit (tests/test_llama_forward.py compares logits, hidden states
+and KV caches with torch.equal): RMSNorm in float32 as LlamaRMSNorm, rotary embeddings as apply_rotary_pos_emb
+(q and k rotated together: element-wise, the same bits), SDPA with shared KV heads (enable_gqa), the causal /
+tree masks transformers would pass, and the model's own linear layers (oneDNN, MKL or the weight-only formats,
+called on their kernels directly). `llama_weights` returns None for anything else — another architecture, rotary
+scaling that changes with the sequence, eager attention, a GPU, a device map, sharded weights, a model in
+training — and decoding.forward then runs transformers' forward as before. $SPECDEC_FORWARD=transformers turns it
+off (an ablation: bench records which forward ran).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from specdec.attention import attend_rows, exact_rows_requested
+from specdec.quant import FusedWeightOnly, ProjectionSlice
+
+FORWARDS = ("own", "transformers")
+ROPE_TYPES = ("default", "linear", "llama3")  # inv_freq fixed at load time (dynamic/yarn/longrope change or scale it)
+
+Matmul = Callable[[torch.Tensor], torch.Tensor]  # [rows, in] -> [rows, out], in the model's dtype
+
+
+def forward_choice() -> str:
+    """'own' (default) or 'transformers', from $SPECDEC_FORWARD."""
+    choice = os.environ.get("SPECDEC_FORWARD", "own").strip().lower() or "own"
+    if choice not in FORWARDS:
+        raise ValueError(f"SPECDEC_FORWARD must be one of {', '.join(FORWARDS)}, got '{choice}'")
+    return choice
+
+
+def matmul(module) -> Matmul:
+    """The kernel call of a linear layer without its module wrapping (inputs are already 2-D): the `kernel()` of
+    our layers (kernels.PackedLinear, kernels.DenseOneDNNLinear, quant.WeightOnlyLinear), F.linear for nn.Linear."""
+    if hasattr(module, "kernel"):
+        return module.kernel()
+    if type(module) is torch.nn.Linear:
+        return functools.partial(F.linear, weight=module.weight, bias=module.bias)
+    raise TypeError(f"no kernel call for {type(module).__name__}")
+
+
+def projections(modules: list) -> Matmul:
+    """One call computing the concatenated outputs of projections of the same input: the fused weight-only layer
+    they are slices of, else each layer's kernel and a concatenation."""
+    if all(isinstance(m, ProjectionSlice) for m in modules):
+        fused = modules[0].fused[0]
+        if (isinstance(fused, FusedWeightOnly) and all(m.fused[0] is fused for m in modules)
+                and [m.index for m in modules] == list(range(len(fused.sizes)))):
+            return matmul(fused.linear)
+    return functools.partial(concatenated, calls=tuple(matmul(m) for m in modules))
+
+
+def concatenated(x: torch.Tensor, calls: tuple[Matmul, ...]) -> torch.Tensor:
+    return torch.cat([call(x) for call in calls], dim=-1)
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor
+    attn_eps: float
+    qkv: Matmul          # -> [rows, (heads + 2 kv_heads) * head_dim]
+    out: Matmul
+    mlp_norm: torch.Tensor
+    mlp_eps: float
+    gate_up: Matmul      # -> [rows, 2 * intermediate]
+    down: Matmul
+
+
+@dataclass
+class LlamaWeights:
+    embed: torch.Tensor
+    layers: list[LayerWeights]
+    norm: torch.Tensor
+    norm_eps: float
+    head: Matmul
+    inv_freq: torch.Tensor
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    scaling: float
+
+
+def unsupported(model) -> str | None:
+    """Why our forward cannot stand in for transformers' on `model` (None: it can)."""
+    from transformers import LlamaForCausalLM
+
+    if type(model) is not LlamaForCausalLM:
+        return f"{type(model).__name__} is not LlamaForCausalLM"
+    config = model.config
+    param = next(model.parameters(), None)
+    if param is None or param.device.type != "cpu" or type(param.detach()) is not torch.Tensor:
+        return "weights are not ordinary CPU tensors"
+    if getattr(model, "hf_device_map", None) is not None:
+        return "the model is spread by a device map"
+    if model.training:
+        return "the model is in training mode"
+    if config._attn_implementation not in ("sdpa", "specdec_sdpa"):
+        return f"attention '{config._attn_implementation}' is not SDPA"
+    if config.hidden_act != "silu" or getattr(config, "pretraining_tp", 1) != 1:
+        return "activation or tensor-parallel pretraining layout differs from Llama's"
+    rotary = model.model.rotary_emb
+    if rotary.rope_type not in ROPE_TYPES or rotary.attention_scaling != 1.0:
+        return f"rotary scaling '{rotary.rope_type}' changes with the sequence"
+    if model.model.embed_tokens.weight.dtype not in (torch.float32, torch.float64):
+        return "hidden states are not float32 or float64"
+    for layer in model.model.layers:
+        for module in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+                       layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+            if not isinstance(module, ProjectionSlice):
+                try:
+                    matmul(module)
+                except TypeError as exc:
+                    return str(exc)
+    return None
+
+
+def llama_weights(model) -> LlamaWeights | None:
+    """The tensors and kernel calls our forward reads, or None where it does not apply (`unsupported`)."""
+    if forward_choice() != "own" or unsupported(model) is not None:
+        return None
+    config, inner = model.config, model.model
+    layers = []
+    for layer in inner.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        layers.append(LayerWeights(
+            attn_norm=layer.input_layernorm.weight, attn_eps=layer.input_layernorm.variance_epsilon,
+            qkv=projections([attn.q_proj, attn.k_proj, attn.v_proj]), out=matmul(attn.o_proj),
+            mlp_norm=layer.post_attention_layernorm.weight, mlp_eps=layer.post_attention_layernorm.variance_epsilon,
+            gate_up=projections([mlp.gate_proj, mlp.up_proj]), down=matmul(mlp.down_proj)))
+    attn = inner.layers[0].self_attn
+    return LlamaWeights(embed=inner.embed_tokens.weight, layers=layers, norm=inner.norm.weight,
+                        norm_eps=inner.norm.variance_epsilon, head=matmul(model.lm_head),
+                        inv_freq=inner.rotary_emb.inv_freq, heads=config.num_attention_heads,
+                        kv_heads=config.num_key_value_heads, head_dim=attn.head_dim,
+                        intermediate=config.intermediate_size, scaling=attn.scaling)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm: in float32, then back to the input's dtype, then the weight."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def rotary(weights: LlamaWeights, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """LlamaRotaryEmbedding: cos and sin [rows, head_dim] for the positions."""
+    freqs = positions[:, None].float() * weights.inv_freq.float()
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def causal_mask(rows: int, start: int) -> torch.Tensor | None:
+    """The mask transformers passes to SDPA without a tree mask: None for a prefill (SDPA's causal flag) and for
+    one row, a bool causal mask [1, 1, rows, start + rows] for a multi-row pass after cached positions."""
+    if rows == 1 or start == 0:
+        return None
+    keys = torch.arange(start + rows)
+    return (keys[None, :] <= (start + torch.arange(rows))[:, None])[None, None]
+
+
+def forward(weights: LlamaWeights, ids: list[int], cache, rows: int = 1, positions: list[int] | None = None,
+            tree_mask: torch.Tensor | None = None, hidden: bool = False):
+    """decoding.forward's contract: (logits of the last `rows` positions [rows, vocab] in the model's dtype, the
+    final (normed) hidden states of all ids [len(ids), hidden] when `hidden`, else None); extends `cache`.
+    tree_mask: the additive float mask [1, 1, rows, cached + rows] transformers would get (decoding.additive_mask)."""
+    n = len(ids)
+    start = cache.get_seq_length()
+    pos = torch.tensor(positions) if positions is not None else torch.arange(start, start + n)
+    x = weights.embed[torch.tensor(ids)]
+    cos, sin = rotary(weights, pos, x.dtype)
+    mask = tree_mask if tree_mask is not None else causal_mask(n, start)
+    by_rows = mask is not None and exact_rows_requested()
+    heads, kv_heads, dim, half = weights.heads, weights.kv_heads, weights.head_dim, weights.head_dim // 2
+    for index, layer in enumerate(weights.layers):
+        h = rms_norm(x, layer.attn_norm, layer.attn_eps)
+        qkv = layer.qkv(h).view(n, heads + 2 * kv_heads, dim).transpose(0, 1)  # [heads, rows, dim]
+        qk, v = qkv[:heads + kv_heads], qkv[heads + kv_heads:]
+        qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
+        k, v = cache.layers[index].update(qk[None, heads:], v[None])
+        q = qk[None, :heads]
+        if by_rows:
+            att = attend_rows(q, k, v, mask, weights.scaling)
+        else:
+            att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=weights.scaling,
+                                                 is_causal=mask is None and n > 1, enable_gqa=True)
+        x = x + layer.out(att[0].transpose(0, 1).reshape(n, heads * dim))
+        gate_up = layer.gate_up(rms_norm(x, layer.mlp_norm, layer.mlp_eps))
+        x = x + layer.down(F.silu(gate_up[:, :weights.intermediate]) * gate_up[:, weights.intermediate:])
+    if hidden:
+        x = rms_norm(x, weights.norm, weights.norm_eps)
+        return weights.head(x[-rows:]), x
+    return weights.head(rms_norm(x[-rows:], weights.norm, weights.norm_eps)), None

@@ -1,0 +1,147 @@
+"""Our own Llama forward (specdec/llama_forward.py) computes transformers' forward bit for bit, in every pass our
+loops make (prefill, one-row steps, chain verify, tree verify with extra rows, hidden states), and in every
+kernel set (float64, float32 oneDNN and MKL, bfloat16/int8/int4 weight-only); it stands aside where it does not
+apply."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from specdec import decoding, llama_forward, quant
+from specdec.decoding import DecodeSettings, additive_mask, forward, new_cache
+from specdec.kernels import prepare_model
+from specdec.models import load_registry
+from specdec.runner import SettingsError, check_settings, decode_models
+from tiny import EOS, prompts, tiny_config, tiny_target
+
+def own_forward(model):
+    return getattr(model, "_specdec_own_forward", None)  # installed by kernels.prepare_model
+
+
+KERNELS = ["float64", "float32-onednn", "float32-mkl", "bfloat16", "int8", "int4"]
+
+
+def prepared(kind: str, monkeypatch):
+    """A prepared tiny Llama whose linear layers run `kind`'s kernels."""
+    if kind == "float64":
+        return prepare_model(tiny_target())
+    if kind.startswith("float32"):
+        monkeypatch.setenv("SPECDEC_CPU_LINEAR", kind.split("-")[1])
+        return prepare_model(tiny_target(dtype=torch.float32))
+    return prepare_model(quant.apply_weights(tiny_target(dtype=torch.float32), kind))
+
+
+def passes(model, cache, ids: list[int]):
+    """The passes our loops make, in order, on one cache: (logits, hidden states) of each."""
+    out = [forward(model, ids[:10], cache, 10, hidden=True)]           # prefill, all rows (EAGLE reads them)
+    for token in ids[10:13]:                                          # one-row steps
+        out.append(forward(model, [token], cache))
+    out.append(forward(model, ids[13:18], cache, 5))                  # chain verify pass: causal mask
+    decoding.rollback(cache, 14)                                      # two of them rejected
+    cached = cache.get_seq_length()
+    # a tree pass: root, two children of the root, a grandchild, and one extra row seeing only the root
+    attend = torch.ones(5, cached + 5, dtype=torch.bool)
+    attend[:, cached:] = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 1, 0, 1, 0],
+                                       [1, 0, 0, 0, 1]], dtype=torch.bool)
+    positions = [cached, cached + 1, cached + 1, cached + 2, cached + 1]
+    out.append(forward(model, ids[18:23], cache, 5, positions=positions, attend=attend, hidden=True))
+    return out
+
+
+@pytest.mark.parametrize("kind", KERNELS)
+def test_our_forward_equals_transformers_bit_for_bit(kind, monkeypatch):
+    model = prepared(kind, monkeypatch)
+    ours = own_forward(model)
+    assert isinstance(ours, llama_forward.LlamaWeights)  # our forward really runs below
+    for ids in prompts(3, length=24):
+        caches = new_cache(model, 8), new_cache(model, 8)  # small: the buffers grow during the passes
+        model._specdec_own_forward = ours
+        mine = passes(model, caches[0], ids)
+        model._specdec_own_forward = None                     # transformers' forward
+        theirs = passes(model, caches[1], ids)
+        for (a_logits, a_hidden), (b_logits, b_hidden) in zip(mine, theirs):
+            assert a_logits.dtype == torch.float32 and torch.equal(a_logits, b_logits)
+            assert (a_hidden is None) == (b_hidden is None)
+            assert a_hidden is None or torch.equal(a_hidden, b_hidden)
+        for a, b in zip(caches[0].layers, caches[1].layers):
+            assert a.get_seq_length() == b.get_seq_length()
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+@pytest.mark.parametrize("exact", ["0", "1"])
+def test_our_forward_computes_masked_passes_row_by_row_only_when_asked(exact, monkeypatch):
+    monkeypatch.setenv("SPECDEC_EXACT_ATTENTION", exact)
+    calls = []
+    real = llama_forward.attend_rows
+    monkeypatch.setattr(llama_forward, "attend_rows", lambda *a: calls.append(a[0].shape[2]) or real(*a))
+    model = prepared("int4", monkeypatch)
+    assert own_forward(model) is not None
+    passes(model, new_cache(model), prompts(1, length=24)[0])
+    layers = len(model.model.layers)
+    # the chain verify pass (5 rows) and the tree pass (5 rows), in every layer; never the prefill or a step
+    assert calls == ([5] * layers * 2 if exact == "1" else [])
+
+
+@pytest.mark.parametrize("strategy", ["ngram", "suffix", "recycling", "lookahead"])
+def test_greedy_methods_match_plain_decoding_in_our_forward(strategy):
+    target = prepare_model(tiny_target())
+    assert own_forward(target) is not None
+    s = DecodeSettings(max_new_tokens=24, k=4)
+    for ids in prompts(4):
+        assert decode_models(strategy, target, ids, s, {EOS}).tokens == \
+            decode_models("baseline", target, ids, s, {EOS}).tokens
+
+
+def test_our_forward_stands_aside_where_it_does_not_apply(monkeypatch):
+    assert own_forward(tiny_target()) is None  # not prepared: transformers' forward
+    eager = tiny_target()
+    eager.set_attn_implementation("eager")
+    assert "eager" in llama_forward.unsupported(eager)
+    assert own_forward(prepare_model(eager)) is None
+    config = tiny_config()
+    qwen = Qwen2ForCausalLM(Qwen2Config(**{k: getattr(config, k) for k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads")})).eval()
+    assert "Qwen2ForCausalLM" in llama_forward.unsupported(qwen)
+    assert own_forward(prepare_model(qwen)) is None
+    assert forward(qwen, [3, 4, 5], new_cache(qwen))[0].shape == (1, config.vocab_size)
+    training = copy.deepcopy(tiny_target()).train()
+    assert "training" in llama_forward.unsupported(training)
+    monkeypatch.setenv("SPECDEC_FORWARD", "transformers")
+    assert own_forward(prepare_model(tiny_target())) is None
+    monkeypatch.setenv("SPECDEC_FORWARD", "fast")
+    with pytest.raises(ValueError, match="SPECDEC_FORWARD must be one of own, transformers, got 'fast'"):
+        llama_forward.forward_choice()
+    with pytest.raises(SettingsError, match="SPECDEC_FORWARD"):  # before any model loads
+        check_settings("baseline", None, DecodeSettings(), load_registry())
+
+
+def test_additive_tree_mask_is_the_one_transformers_gets():
+    """decoding.forward hands our forward the same additive mask it gives transformers."""
+    attend = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    mask = additive_mask(attend, torch.float32, "cpu")
+    assert mask.shape == (1, 1, 2, 3) and mask[0, 0, 0, 2] == torch.finfo(torch.float32).min
+    assert llama_forward.causal_mask(1, 7) is None and llama_forward.causal_mask(4, 0) is None
+    causal = llama_forward.causal_mask(2, 3)
+    assert causal.shape == (1, 1, 2, 5) and causal[0, 0].tolist() == [[True] * 4 + [False], [True] * 5]
+
+
+@pytest.mark.parametrize("kind", ["float64", "float32-mkl", "int4"])  # oneDNN-packed weights cannot be deep-copied
+def test_a_deep_copy_of_a_prepared_model_computes_with_its_own_weights(kind, monkeypatch):
+    """Our forward's kernel calls are partials over the model's tensors, so a copy's forward reads the copy's."""
+    model = prepared(kind, monkeypatch)
+    twin = copy.deepcopy(model)
+    head = twin.get_output_embeddings()
+    with torch.no_grad():
+        (head.scales if isinstance(head, quant.WeightOnlyLinear) else head.weight).mul_(2.0)
+        twin.model.norm.weight.add_(0.5)
+    ids = prompts(1)[0]
+    ours = forward(twin, ids, new_cache(twin), len(ids))[0]
+    assert own_forward(twin) is not None and own_forward(twin) is not own_forward(model)
+    twin._specdec_own_forward = None
+    assert torch.equal(ours, forward(twin, ids, new_cache(twin), len(ids))[0])
+    assert not torch.equal(ours, forward(model, ids, new_cache(model), len(ids))[0])
