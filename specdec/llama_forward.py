@@ -1,10 +1,12 @@
 """Our own forward pass for Llama-architecture decoders on the CPU, as gpt-fast writes its model: the same
 operations as transformers' LlamaForCausalLM, in the same order, as one flat function over the layers' weights.
 
-Why: a one-token step of SmolLM2-135M in int4 issues ~5,700 aten calls through transformers' modules (profile
-on a 2-core EPYC: 13.7-15 ms a step, of which the int4/int8 matmuls are ~4.5 ms and attention ~0.8 ms); the rest
-is the modules' plumbing (hooks, keyword routing, mask and rotary set-up, casts and reshapes per projection).
-This forward makes ~50 calls per layer and the same step takes 9.1-9.3 ms (README, "Our forward pass").
+Why: a one-token step of SmolLM2-135M in int4 through transformers' modules spends ~4.5 ms in the int4/int8
+matmuls and ~0.8 ms in attention of 14-16 ms (torch profiler, 2-core EPYC); the rest is ~5,700 aten calls
+(nested ones included) and the Python around them: module calls and hooks, keyword routing, output objects, mask
+and rotary set-up, casts and reshapes per projection. This forward issues ~4,800 aten calls per step with far less
+Python between them: 10.4 against 15.8 ms per step in int4, 17.2 against 20.6 in float32 (bench/forward.py;
+README, "What the engine does for speed").
 
 It computes what transformers computes, bit for bit (tests/test_llama_forward.py compares logits, hidden states
 and KV caches with torch.equal): RMSNorm in float32 as LlamaRMSNorm, rotary embeddings as apply_rotary_pos_emb
