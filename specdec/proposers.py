@@ -33,7 +33,7 @@ from specdec.kernels import prepare_model
 from specdec.trainfree import (MEMORY_TOKENS, add_ngram, advance_window, concatenate, continuations, frequency_chain,
                                frequency_tree, match_ends, new_matrix, recycled_tree, recycling_template, remember,
                                update_matrix, window_rows)
-from specdec.tree import ExtraRows, Tree, build_tree, chain
+from specdec.tree import ExtraRows, Tree, build_tree, chain, merge
 
 HEURISTIC_K_MAX = 16        # heuristic schedule: k never grows past max(this, the starting k)
 CONFIDENCE_THRESHOLD = 0.4  # confidence stop: transformers' default assistant_confidence_threshold
@@ -327,11 +327,14 @@ class RecyclingProposer:
         self.learned.append((tokens, rows))
 
     def propose(self, committed, feats, shape: Shape, trace: Trace) -> Proposal:
-        # a chain (width 1, e.g. llama.cpp's draft hook) is the template's best path: rank 0 at every depth
-        template = recycling_template(shape.budget, shape.depth, self.topk if shape.width > 1 else 1)
-        tree = recycled_tree(self.matrix, committed[-1], template, shape.depth, shape.stop_tokens)
+        tree = self.draft(committed, shape)
         trace.draft_units += len(tree)
         return Proposal(tree)
+
+    def draft(self, committed, shape: Shape) -> Tree:
+        # a chain (width 1, e.g. llama.cpp's draft hook) is the template's best path: rank 0 at every depth
+        template = recycling_template(shape.budget, shape.depth, self.topk if shape.width > 1 else 1)
+        return recycled_tree(self.matrix, committed[-1], template, shape.depth, shape.stop_tokens)
 
     def observe(self, committed, proposal, logits) -> None:
         self.learn([committed[self.seen - 1]] + proposal.tree.tokens, logits)
@@ -376,6 +379,11 @@ class SuffixProposer:
         self.corpus = concatenate(others[::-1])
 
     def propose(self, committed, feats, shape: Shape, trace: Trace) -> Proposal:
+        tree = self.draft(committed, shape)
+        trace.draft_units += len(tree)
+        return Proposal(tree)
+
+    def draft(self, committed, shape: Shape) -> Tree:
         length = len(committed)
         self.history[self.filled:length] = committed[self.filled:]
         self.filled = self.output["end"] = length
@@ -389,12 +397,37 @@ class SuffixProposer:
             conts += continuations(self.history, own_ends[-SUFFIX_MAX_HITS:], depth, stop=length)
         if best and past == best:
             conts += continuations(self.corpus, past_ends[-SUFFIX_MAX_HITS:], depth)
-        tree = frequency_draft(conts, shape)
-        trace.draft_units += len(tree)
-        return Proposal(tree)
+        return frequency_draft(conts, shape)
 
     def observe(self, committed, proposal=None, logits=None) -> None:
         pass
+
+
+class SuffixRecyclingProposer:
+    """Suffix matching, then Token Recycling in the rest of the node budget: one tree, the union of the suffix
+    proposer's frequency tree and the recycling proposer's template tree (tree.merge: a path both propose is
+    verified once; suffix nodes first, recycling's fill what is left of tree_budget). Copying methods win where
+    the answer repeats its context (summarisation, RAG), Token Recycling where it does not (the README's
+    per-category table); this proposes both in one verify pass. Each part keeps its own memory rule."""
+
+    needs_features = False
+    reads_prompt_logits = True
+
+    def __init__(self, s: DecodeSettings, memory: dict | None = None):
+        memory = memory if memory is not None else {}
+        self.suffix, self.recycling = SuffixProposer(s, memory), RecyclingProposer(s, memory)
+
+    def start(self, prompt_ids: list[int], generator=None, prompt_logits=None) -> None:
+        self.suffix.start(prompt_ids, generator, prompt_logits)
+        self.recycling.start(prompt_ids, generator, prompt_logits)
+
+    def propose(self, committed, feats, shape: Shape, trace: Trace) -> Proposal:
+        tree = merge([self.suffix.draft(committed, shape), self.recycling.draft(committed, shape)], shape.budget)
+        trace.draft_units += len(tree)
+        return Proposal(tree)
+
+    def observe(self, committed, proposal, logits) -> None:
+        self.recycling.observe(committed, proposal, logits)  # learns every row of the merged tree
 
 
 REST_MAX_MATCH = 16  # REST: longest context suffix looked up in the datastore
@@ -470,7 +503,8 @@ class LookaheadProposer:
 # Proposers that need no draft model: kind → class(settings, memory). `memory` is a dict that lives as long as the
 # loaded pair (a job's prompts, a bench run), for proposers that learn across generations.
 MODEL_FREE_PROPOSERS = {"ngram": NgramProposer, "recycling": RecyclingProposer, "suffix": SuffixProposer,
-                        "rest": RestProposer, "lookahead": LookaheadProposer}
+                        "rest": RestProposer, "lookahead": LookaheadProposer,
+                        "suffix-recycling": SuffixRecyclingProposer}
 
 
 def make_proposer(kind: str, s: DecodeSettings, draft_model=None, drafter: Drafter | None = None,

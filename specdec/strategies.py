@@ -70,6 +70,8 @@ _ALL = (
              "static draft tree (depth <= k, tree_budget nodes)", "#9c755f", proposer="recycling", width=8),
     Strategy("suffix", "suffix matching (SuffixDecoding/SAMD): what followed the longest context match in the prompt,"
              " the output and other prompts' outputs, as a frequency tree", "#86bcb6", proposer="suffix", width=4),
+    Strategy("suffix-recycling", "suffix matching's frequency tree first, Token Recycling's template tree in the "
+             "rest of the tree_budget nodes, verified as one tree", "#b07aa1", proposer="suffix-recycling", width=8),
     Strategy("rest", "REST: continuations of the longest context match retrieved from a datastore (suffix array), "
              "as a frequency tree", "#d37295", proposer="rest", width=4),
     Strategy("lookahead", "Lookahead decoding: a Jacobi window (W columns x N-1 levels) in every verify pass fills "

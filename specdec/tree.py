@@ -79,6 +79,25 @@ def pass_mask(parents: list[int], extra: ExtraRows | None = None) -> torch.Tenso
     return mask
 
 
+def merge(trees: list[Tree], budget: int) -> Tree:
+    """The union of draft trees from one root as one trie: a path several trees propose is one set of nodes.
+    Nodes are taken tree by tree, each in its own order (parents first), until `budget` nodes are placed; a node
+    whose parent was left out is left out too."""
+    out = Tree()
+    placed_at: dict[tuple[int, int], int] = {}  # (merged parent, token) -> merged node
+    for tree in trees:
+        placed: list[int | None] = []
+        for token, parent, depth in zip(tree.tokens, tree.parents, tree.depths):
+            where = placed[parent] if parent >= 0 else -1
+            if where is not None and (where, token) not in placed_at and len(out) < budget:
+                placed_at[(where, token)] = len(out)
+                out.tokens.append(token)
+                out.parents.append(where)
+                out.depths.append(depth)
+            placed.append(placed_at.get((where, token)) if where is not None else None)
+    return out
+
+
 def forward_tree(model, root: int, tree: Tree, cache, vocab: int | None = None, hidden: bool = False,
                  extra: ExtraRows | None = None):
     """Verify pass: logits (and hidden states) for [root] + tree nodes (row 0 = root, row i + 1 = node i), then

@@ -9,14 +9,14 @@ import torch
 
 from specdec.datastore import DEFAULT_PROMPTS, load_datastore
 from specdec.decoding import DecodeSettings, Trace, baseline_decode
-from specdec.proposers import RecyclingProposer, RestProposer, Shape, SuffixProposer
+from specdec.proposers import Proposal, RecyclingProposer, RestProposer, Shape, SuffixProposer, SuffixRecyclingProposer
 from specdec.runner import decode_models
 from specdec.trainfree import (SEPARATOR, Datastore, concatenate, continuations, frequency_chain, frequency_tree,
                                match_ends, new_matrix, recycled_tree, recycling_template, remember, update_matrix)
-from specdec.tree import is_chain
+from specdec.tree import Tree, is_chain, merge
 from tiny import EOS, paths, prompts
 
-MODEL_FREE_TREES = ("recycling", "suffix", "rest")
+MODEL_FREE_TREES = ("recycling", "suffix", "rest", "suffix-recycling")
 
 
 # --- structures -------------------------------------------------------------------------------------------------
@@ -162,6 +162,45 @@ def test_suffix_proposer_drafts_from_other_prompts_outputs_only():
     again = SuffixProposer(s, memory)
     again.start([10, 11], None, None)  # a repeat: its own earlier output (22 after 20, 21) is not visible
     assert len(again.propose([10, 11, 20, 21], None, shape, Trace()).tree) == 0
+
+
+def test_merge_unites_trees_as_one_trie_within_the_budget():
+    first = Tree([5, 6, 7], [-1, 0, 1], [1, 2, 3])                  # 5 6 7
+    second = Tree([5, 8, 9, 6, 4], [-1, -1, 0, 0, 1], [1, 1, 2, 2, 2])  # 5 (9, 6), 8 (4)
+    merged = merge([first, second], budget=10)
+    assert paths(merged) == paths(first) | paths(second)
+    assert len(merged) == 6  # 5, 6 and (5, 6) proposed twice, placed once: 5 6 7 8 9 4
+    assert all(p < i for i, p in enumerate(merged.parents))  # parents first
+    cut = merge([first, second], budget=4)
+    assert paths(cut) == {(5,), (5, 6), (5, 6, 7), (8,)}      # the first tree whole, then the second's first new node
+    assert merge([Tree(), second], budget=3).tokens == [5, 8, 9]
+    assert len(merge([first, Tree()], budget=2)) == 2
+
+
+def test_suffix_recycling_proposes_the_suffix_tree_then_fills_with_recycled_nodes():
+    s = DecodeSettings(k=4, max_new_tokens=20, recycle_topk=2)
+    vocab = 50
+    shape = Shape(depth=4, budget=6, width=8)
+    hybrid = SuffixRecyclingProposer(s, {})
+    logits = torch.zeros(3, vocab)
+    logits[0, [40, 41]] = torch.tensor([2.0, 1.0])  # after 10: 40 then 41
+    logits[1, [42, 43]] = torch.tensor([2.0, 1.0])  # after 11: 42 then 43
+    logits[2, [44, 45]] = torch.tensor([2.0, 1.0])  # after 12: 44 then 45
+    hybrid.start([10, 11, 12], None, logits)
+    history = [10, 11, 12, 20, 21, 22, 11, 12]      # the context ends in [11, 12], seen before: 20 21 22 follow
+    trace = Trace()
+    tree = hybrid.propose(history, None, shape, trace).tree
+    suffix_paths = paths(hybrid.suffix.draft(history, shape))
+    recycled = paths(hybrid.recycling.draft(history, shape))
+    assert suffix_paths == {(20,), (20, 21), (20, 21, 22), (20, 21, 22, 11)}
+    assert suffix_paths < paths(tree) and paths(tree) - suffix_paths <= recycled and len(tree) == 6
+    assert trace.draft_units == len(tree)
+    rows = torch.zeros(1 + len(tree), vocab)
+    rows[:, 7] = 1.0
+    committed = history + [20]
+    root = committed[hybrid.recycling.seen - 1]
+    hybrid.observe(committed, Proposal(tree), rows)  # recycling learns every row of the merged tree
+    assert all(hybrid.recycling.matrix[t, 0] == 7 for t in [root] + tree.tokens)
 
 
 # --- engine: greedy identity --------------------------------------------------------------------------------
