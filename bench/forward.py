@@ -13,19 +13,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
-import subprocess
 import time
 
 import torch
 
 from specdec import decoding, models, prompts
 from specdec.bench import default_prompts_file
+from specdec.job import cpu_name
 from specdec.kernels import prepare_model
-
-
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
 
 
 def decode(model, ids: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
@@ -54,7 +49,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     registry = models.load_registry()
     suite = prompts.select(prompts.load_prompts(default_prompts_file()), per_category=args.per_category)
-    print(f"CPU: {cpu_model()}, {args.threads} threads, {len(suite)} prompts x {args.repeats} repeats, "
+    print(f"CPU: {cpu_name()}, {args.threads} threads, {len(suite)} prompts x {args.repeats} repeats, "
           f"{args.max_new_tokens} new tokens")
     print(f"{'weights':10} {'step ms: ours':>14} {'transformers':>13} {'ratio':>6}   {'prefill ms: ours':>17} "
           f"{'transformers':>13}   same tokens")

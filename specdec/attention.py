@@ -26,12 +26,18 @@ def visible_keys(mask_row: torch.Tensor) -> torch.Tensor | int:
     return n if bool(visible[:n].all()) else visible.nonzero().flatten()
 
 
-def attend_rows(query, key, value, mask, scaling):
-    """SDPA of a masked multi-row pass computed row by row, each row exactly as its one-row step computes it:
-    one query, no mask, the keys its row of `mask` (bool or additive [1, 1, rows, keys]) lets it see."""
+def attend_rows(query, key, value, mask, one_row, dim: int = 2):
+    """A masked multi-row pass's attention computed row by row, each row exactly as its one-row step computes it:
+    `one_row(q, k, v)` over one query and the keys its row of `mask` (bool or additive [1, 1, rows, keys]) lets it
+    see, with no mask; the rows are concatenated along `dim` (where one_row's output has its query axis)."""
     rows = []
     for r in range(query.shape[2]):
         keep = visible_keys(mask[0, 0, r])
         k, v = (key[:, :, :keep], value[:, :, :keep]) if isinstance(keep, int) else (key[:, :, keep], value[:, :, keep])
-        rows.append(F.scaled_dot_product_attention(query[:, :, r:r + 1], k, v, scale=scaling, enable_gqa=True))
-    return torch.cat(rows, dim=2)
+        rows.append(one_row(query[:, :, r:r + 1], k, v))
+    return torch.cat(rows, dim=dim)
+
+
+def sdpa_one_row(query, key, value, scaling):
+    """Our forward's one-row attention: SDPA with shared KV heads, no mask."""
+    return F.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=True)

@@ -16,7 +16,7 @@ import os
 import torch
 
 from specdec import llama_forward
-from specdec.attention import exact_rows_requested, visible_keys
+from specdec.attention import attend_rows, exact_rows_requested
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -74,13 +74,11 @@ def attention_row_by_row(module, query, key, value, attention_mask, dropout=0.0,
     of one SDPA call per row and layer (opt-in: $SPECDEC_EXACT_ATTENTION=1, a diagnostic, not a speed setting)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    rows = []
-    for r in range(query.shape[2]):
-        keep = visible_keys(attention_mask[0, 0, r])
-        k, v = (key[:, :, :keep], value[:, :, :keep]) if isinstance(keep, int) else (key[:, :, keep], value[:, :, keep])
-        rows.append(sdpa_attention_forward(module, query[:, :, r:r + 1], k, v, None, dropout=dropout,
-                                           scaling=scaling, is_causal=False, **kwargs)[0])
-    return torch.cat(rows, dim=1), None
+    def one_row(q, k, v):  # transformers' own one-row call, as a one-row step makes it
+        return sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling, is_causal=False,
+                                      **kwargs)[0]
+
+    return attend_rows(query, key, value, attention_mask, one_row, dim=1), None
 
 
 def sdpa_gqa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,

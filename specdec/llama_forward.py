@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from specdec.attention import attend_rows, exact_rows_requested
+from specdec.attention import attend_rows, exact_rows_requested, sdpa_one_row
 from specdec.quant import FusedWeightOnly, ProjectionSlice
 
 FORWARDS = ("own", "transformers")
@@ -120,33 +120,31 @@ def unsupported(model) -> str | None:
         return f"rotary scaling '{rotary.rope_type}' changes with the sequence"
     if model.model.embed_tokens.weight.dtype not in (torch.float32, torch.float64):
         return "hidden states are not float32 or float64"
-    for layer in model.model.layers:
-        for module in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
-                       layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
-            if not isinstance(module, ProjectionSlice):
-                try:
-                    matmul(module)
-                except TypeError as exc:
-                    return str(exc)
     return None
 
 
 def llama_weights(model) -> LlamaWeights | None:
-    """The tensors and kernel calls our forward reads, or None where it does not apply (`unsupported`)."""
+    """The tensors and kernel calls our forward reads, or None where it does not apply (`unsupported`, or a
+    linear layer with no kernel call we know: `matmul`)."""
     if forward_choice() != "own" or unsupported(model) is not None:
         return None
     config, inner = model.config, model.model
     layers = []
-    for layer in inner.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        layers.append(LayerWeights(
-            attn_norm=layer.input_layernorm.weight, attn_eps=layer.input_layernorm.variance_epsilon,
-            qkv=projections([attn.q_proj, attn.k_proj, attn.v_proj]), out=matmul(attn.o_proj),
-            mlp_norm=layer.post_attention_layernorm.weight, mlp_eps=layer.post_attention_layernorm.variance_epsilon,
-            gate_up=projections([mlp.gate_proj, mlp.up_proj]), down=matmul(mlp.down_proj)))
+    try:
+        for layer in inner.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            layers.append(LayerWeights(
+                attn_norm=layer.input_layernorm.weight, attn_eps=layer.input_layernorm.variance_epsilon,
+                qkv=projections([attn.q_proj, attn.k_proj, attn.v_proj]), out=matmul(attn.o_proj),
+                mlp_norm=layer.post_attention_layernorm.weight,
+                mlp_eps=layer.post_attention_layernorm.variance_epsilon,
+                gate_up=projections([mlp.gate_proj, mlp.up_proj]), down=matmul(mlp.down_proj)))
+        head = matmul(model.lm_head)
+    except TypeError:
+        return None
     attn = inner.layers[0].self_attn
     return LlamaWeights(embed=inner.embed_tokens.weight, layers=layers, norm=inner.norm.weight,
-                        norm_eps=inner.norm.variance_epsilon, head=matmul(model.lm_head),
+                        norm_eps=inner.norm.variance_epsilon, head=head,
                         inv_freq=inner.rotary_emb.inv_freq, heads=config.num_attention_heads,
                         kv_heads=config.num_key_value_heads, head_dim=attn.head_dim,
                         intermediate=config.intermediate_size, scaling=attn.scaling)
@@ -196,7 +194,7 @@ def forward(weights: LlamaWeights, ids: list[int], cache, rows: int = 1, positio
         k, v = cache.layers[index].update(qk[None, heads:], v[None])
         q = qk[None, :heads]
         if by_rows:
-            att = attend_rows(q, k, v, mask, weights.scaling)
+            att = attend_rows(q, k, v, mask, functools.partial(sdpa_one_row, scaling=weights.scaling))
         else:
             att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=weights.scaling,
                                                  is_causal=mask is None and n > 1, enable_gqa=True)

@@ -4,6 +4,7 @@ decoding in the same format, and a stated agreement with float32 on the tiny mod
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -188,7 +189,7 @@ def test_exact_attention_gives_each_row_of_a_masked_pass_its_one_row_bits(monkey
 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from specdec.attention import attend_rows
+    from specdec.attention import attend_rows, sdpa_one_row  # llama_forward's row-by-row attention
     from specdec.kernels import sdpa_gqa_attention
 
     monkeypatch.setenv("SPECDEC_EXACT_ATTENTION", "1")
@@ -205,7 +206,7 @@ def test_exact_attention_gives_each_row_of_a_masked_pass_its_one_row_bits(monkey
             additive = torch.zeros(attend.shape).masked_fill(~attend, torch.finfo(torch.float32).min)
             for mask in (attend[None, None], additive[None, None]):
                 out = sdpa_gqa_attention(module, q, k, v, mask, scaling=0.125)[0]
-                ours = attend_rows(q, k, v, mask, 0.125).transpose(1, 2)  # llama_forward's row-by-row attention
+                ours = attend_rows(q, k, v, mask, functools.partial(sdpa_one_row, scaling=0.125)).transpose(1, 2)
                 for r in range(rows):
                     seen = attend[r].nonzero().flatten()
                     one = sdpa_attention_forward(module, q[:, :, r:r + 1], k[:, :, seen], v[:, :, seen], None,
