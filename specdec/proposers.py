@@ -22,6 +22,7 @@ optionally extra rows (tree.ExtraRows) the verify pass computes but does not ver
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,9 +31,9 @@ import torch
 from specdec.decoding import DecodeSettings, Trace, forward, hit_eos, logits_to_probs, new_cache, rollback, sample
 from specdec.drafters import Drafter
 from specdec.kernels import prepare_model
-from specdec.trainfree import (MEMORY_TOKENS, add_ngram, advance_window, concatenate, continuations, frequency_chain,
+from specdec.trainfree import (MEMORY_TOKENS, Acceptance, ContextTable, add_ngram, build_trie, advance_window, concatenate, continuations, frequency_chain,
                                frequency_tree, match_ends, new_matrix, recycled_tree, recycling_template, remember,
-                               update_matrix, window_rows)
+                               scored_tree, update_matrix, window_rows)
 from specdec.tree import ExtraRows, Tree, build_tree, chain, merge
 
 HEURISTIC_K_MAX = 16        # heuristic schedule: k never grows past max(this, the starting k)
@@ -307,24 +308,49 @@ class RecyclingProposer:
     needs_features = False
     reads_prompt_logits = True
 
-    def __init__(self, s: DecodeSettings, memory: dict | None = None):
+    def __init__(self, s: DecodeSettings, memory: dict | None = None, scored: bool = False):
         self.topk, self.memory = s.recycle_topk, memory if memory is not None else {}
+        # scored (the dynamic tree's): also keep each candidate's score, and tables keyed by two and three tokens of
+        # context (trainfree.ContextTable)
+        self.scored = scored
 
     def start(self, prompt_ids: list[int], generator=None, prompt_logits=None) -> None:
-        self.learned: list[tuple[np.ndarray, np.ndarray]] = []  # (tokens, their top-k rows) this generation saw
-        others = remember(self.memory, "recycling", prompt_ids, self.learned)
-        self.topk = min(self.topk, prompt_logits.shape[-1])
-        self.matrix = new_matrix(prompt_logits.shape[-1], self.topk)
-        for tokens, rows in (chunk for learned in others for chunk in learned):
-            update_matrix(self.matrix, tokens, rows)
-        self.learn(prompt_ids, prompt_logits)
+        # (previous tokens, tokens, their top-k rows, the rows' scores or None) this generation saw
+        self.learned: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]] = []
+        others = remember(self.memory, "recycling+scored" if self.scored else "recycling", prompt_ids, self.learned)
+        vocab = prompt_logits.shape[-1]
+        self.topk = min(self.topk, vocab)
+        self.matrix = new_matrix(vocab, self.topk)
+        self.probs = np.zeros(self.matrix.shape, dtype=np.float32) if self.scored else None
+        # tables keyed by 2 and 3 tokens of context (the scored version's)
+        self.contexts = [ContextTable(vocab, self.topk, order) for order in (2,)] if self.scored else []
+        for chunk in (chunk for learned in others for chunk in learned):
+            self.update(*chunk)
+        n = len(prompt_ids)
+        self.learn(np.stack([([-1, -1] + prompt_ids)[:n], ([-1] + prompt_ids)[:n]], axis=1), prompt_ids, prompt_logits)
         self.seen = len(prompt_ids) + 1  # committed length at the next verify pass; its root is committed[seen - 1]
 
-    def learn(self, tokens: list[int], logits: torch.Tensor) -> None:
-        rows = torch.topk(logits, self.topk, dim=-1).indices.to(torch.int32).cpu().numpy()
-        tokens = np.asarray(tokens, dtype=np.int64)
+    def update(self, before: np.ndarray, tokens: np.ndarray, rows: np.ndarray, probs: np.ndarray | None) -> None:
         update_matrix(self.matrix, tokens, rows)
-        self.learned.append((tokens, rows))
+        if self.scored:
+            update_matrix(self.probs, tokens, probs)
+            for table in self.contexts:
+                table.update(before, tokens, rows, probs)
+
+    def learn(self, before, tokens: list[int], logits: torch.Tensor) -> None:
+        """Learn each token's top-k (the rows of `logits`); before[i]: the two tokens before tokens[i] (-1: none)."""
+        top = torch.topk(logits, self.topk, dim=-1)
+        rows = top.indices.to(torch.int32).cpu().numpy()
+        probs = None
+        if self.scored:
+            # the candidates' shares among the top-k: a score the dynamic tree calibrates, not the full softmax
+            # (whose exp over the whole vocabulary would cost more per pass than all the drafting)
+            probs = torch.softmax(top.values.float(), dim=-1).cpu().numpy()
+        chunk = (np.asarray(before, dtype=np.int64).reshape(len(tokens), 2), np.asarray(tokens, dtype=np.int64), rows,
+                 probs)
+        self.update(*chunk)
+        self.learned.append(chunk)
+        self.last_rows = rows  # rows[:, 0]: the target's argmax at each learned position
 
     def propose(self, committed, feats, shape: Shape, trace: Trace) -> Proposal:
         tree = self.draft(committed, shape)
@@ -337,7 +363,12 @@ class RecyclingProposer:
         return recycled_tree(self.matrix, committed[-1], template, shape.depth, shape.stop_tokens)
 
     def observe(self, committed, proposal, logits) -> None:
-        self.learn([committed[self.seen - 1]] + proposal.tree.tokens, logits)
+        tree, seen = proposal.tree, self.seen
+        tokens = [committed[seen - 1]] + tree.tokens
+        before = [(committed[seen - 3] if seen >= 3 else -1, committed[seen - 2] if seen >= 2 else -1)]
+        for parent in tree.parents:  # a node's two tokens before: its parent's last one and its parent
+            before.append((before[parent + 1][1], tokens[parent + 1]))
+        self.learn(before, tokens, logits)
         self.seen = len(committed)
 
 
@@ -384,6 +415,11 @@ class SuffixProposer:
         return Proposal(tree)
 
     def draft(self, committed, shape: Shape) -> Tree:
+        return frequency_draft(self.continuations(committed, shape.depth)[1], shape)
+
+    def continuations(self, committed, depth: int) -> tuple[int, list[list[int]]]:
+        """(the match length, what followed the longest match of the context's suffix in the history and the
+        earlier outputs, up to min(depth, SUFFIX_DEPTH_PER_MATCH × the match length) tokens each)."""
         length = len(committed)
         self.history[self.filled:length] = committed[self.filled:]
         self.filled = self.output["end"] = length
@@ -391,13 +427,13 @@ class SuffixProposer:
         own, own_ends = match_ends(self.history, context, SUFFIX_MAX_MATCH, before=length - 1)
         past, past_ends = match_ends(self.corpus, context, SUFFIX_MAX_MATCH)
         best = max(own, past)
-        depth = min(shape.depth, SUFFIX_DEPTH_PER_MATCH * best)
+        depth = min(depth, SUFFIX_DEPTH_PER_MATCH * best)
         conts = []
         if best and own == best:
             conts += continuations(self.history, own_ends[-SUFFIX_MAX_HITS:], depth, stop=length)
         if best and past == best:
             conts += continuations(self.corpus, past_ends[-SUFFIX_MAX_HITS:], depth)
-        return frequency_draft(conts, shape)
+        return best, conts
 
     def observe(self, committed, proposal=None, logits=None) -> None:
         pass
@@ -428,6 +464,99 @@ class SuffixRecyclingProposer:
 
     def observe(self, committed, proposal, logits) -> None:
         self.recycling.observe(committed, proposal, logits)  # learns every row of the merged tree
+
+
+class DynamicTreeProposer:
+    """Suffix matching and Token Recycling in one dynamic tree (EAGLE-2's best-first rule over model-free
+    candidates). A node's children are the suffix trie's continuations under it (raw score: their share of the
+    continuations through it, SuffixDecoding's), the top-k recycled after its last three and two tokens
+    (trainfree.ContextTable: Token Recycling with more context) and the adjacency matrix's top-k after its
+    token (raw score for both: the candidate's share of the target's top-k when it was recycled).
+    trainfree.Acceptance turns the raw scores into one estimate, the chance a candidate is accepted once its
+    parent is, learned per source from every verified node whose parent the target accepted (a suffix score also
+    by the length of the match it follows); a token several sources propose takes the highest. The tree holds the
+    `budget` nodes with the highest path probability (trainfree.scored_tree): deep where the target has been
+    predictable, wide where not. Memory rule as for its parts: the matrix, the context tables, the suffix memory and
+    the acceptance counts of a generation serve only the job's other conversations. Memory: the matrix and its
+    scores 8·vocab·topk bytes (3 MiB), the context tables 9 MiB each, each generation's learned rows 24 + 8·topk bytes per
+    verified row."""
+
+    needs_features = False
+    reads_prompt_logits = True
+    # Acceptance sources: candidates recycled after one token (0), after two tokens of context (1),
+    # then suffix continuations by the match length they follow (a longer match is a likelier copy: 1, 2, 3-4,
+    # 5-8, 9+ tokens)
+    RECYCLED, SUFFIX_MATCH_CLASSES = 0, (1, 2, 3, 5, 9)
+
+    def __init__(self, s: DecodeSettings, memory: dict | None = None):
+        self.memory = memory if memory is not None else {}
+        self.suffix = SuffixProposer(s, self.memory)
+        self.recycling = RecyclingProposer(s, self.memory, scored=True)
+
+    def start(self, prompt_ids: list[int], generator=None, prompt_logits=None) -> None:
+        self.suffix.start(prompt_ids, generator, prompt_logits)
+        self.recycling.start(prompt_ids, generator, prompt_logits)
+        sources = 2 + len(self.SUFFIX_MATCH_CLASSES)
+        self.acceptance, self.others = Acceptance(sources), Acceptance(sources)
+        for counts in remember(self.memory, "acceptance", prompt_ids, self.acceptance):
+            self.others.add(counts)
+        self.infos: list[list] = []  # per node of the last proposal: its (source, raw score) pairs
+
+    def propose(self, committed, feats, shape: Shape, trace: Trace) -> Proposal:
+        match, conts = self.suffix.continuations(committed, shape.depth)
+        trie = build_trie(conts, shape.stop_tokens)
+        suffix_source = 1 + bisect.bisect_right(self.SUFFIX_MATCH_CLASSES, match)  # 2.. (1 = no match: no trie)
+        matrix, probs, contexts = self.recycling.matrix, self.recycling.probs, self.recycling.contexts
+        estimate = self.acceptance.estimator(self.others)
+
+        def candidates(token: int, key: tuple) -> list:
+            node, before = key  # the node's trie node (None: off the trie) and the two tokens before it
+            found: dict[int, list] = {}  # token -> [probability, trie node or None, [(source, raw score), ...]]
+
+            def offer(candidate: int, source: int, raw: float, child: int | None = None) -> None:
+                p = estimate(source, raw)
+                entry = found.get(candidate)
+                if entry is None:
+                    found[candidate] = [p, child, [(source, raw)]]
+                else:
+                    entry[0] = max(entry[0], p)
+                    entry[2].append((source, raw))
+
+            if node is not None:
+                through = trie.count[node] if node >= 0 else trie.total
+                for child_token, child in trie.children[node + 1].items():
+                    offer(child_token, suffix_source, trie.count[child] / through, child)
+            for source, table in enumerate(contexts, start=1):
+                for candidate, raw in zip(*table.row(before, token)):
+                    offer(candidate, source, raw)
+            for candidate, raw in zip(matrix[token].tolist(), probs[token].tolist()):
+                if candidate < 0:
+                    break
+                offer(candidate, self.RECYCLED, raw)
+            return [(t, p, (child, (before[1], token)), sources) for t, (p, child, sources) in found.items()]
+
+        tree, infos, path_probs = scored_tree(candidates, committed[-1], shape.budget, shape.depth,
+                                              shape.stop_tokens, chain_only=shape.width == 1,
+                                              root_key=(-1 if trie.total else None, tuple(([-1, -1] + committed[-3:-1])[-2:])))
+        self.infos = infos
+        trace.draft_units += len(tree)
+        return Proposal(tree)
+
+    def observe(self, committed, proposal, logits) -> None:
+        self.recycling.observe(committed, proposal, logits)  # learns every row of the tree
+        tree = proposal.tree
+        if len(self.infos) == len(tree):
+            # count the nodes whose parent the target accepted (given by greedy acceptance along the tree): the
+            # estimate is the chance of acceptance once the parent is
+            argmax = self.recycling.last_rows[:, 0].tolist()  # the target's token after the root and each node
+            accepted = []
+            for token, parent, sources in zip(tree.tokens, tree.parents, self.infos):
+                reached = parent < 0 or accepted[parent]
+                accepted.append(reached and argmax[parent + 1] == token)
+                if reached:
+                    for source, raw in sources:
+                        self.acceptance.record(source, raw, accepted[-1])
+        self.infos = []
 
 
 REST_MAX_MATCH = 16  # REST: longest context suffix looked up in the datastore
@@ -504,7 +633,7 @@ class LookaheadProposer:
 # loaded pair (a job's prompts, a bench run), for proposers that learn across generations.
 MODEL_FREE_PROPOSERS = {"ngram": NgramProposer, "recycling": RecyclingProposer, "suffix": SuffixProposer,
                         "rest": RestProposer, "lookahead": LookaheadProposer,
-                        "suffix-recycling": SuffixRecyclingProposer}
+                        "suffix-recycling": SuffixRecyclingProposer, "dynamic-tree": DynamicTreeProposer}
 
 
 def make_proposer(kind: str, s: DecodeSettings, draft_model=None, drafter: Drafter | None = None,

@@ -17,6 +17,7 @@ import bisect
 import functools
 import heapq
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -110,6 +111,48 @@ def recycled_tree(matrix: np.ndarray, root: int, template, depth: int, stop_toke
     return tree
 
 
+CONTEXT_SLOTS = 1 << 17  # a context table's hashed slots: 2^17 × (8 + 8·topk) bytes = 9 MiB at topk 8
+
+
+class ContextTable:
+    """Token Recycling with more than one token of context: (the `order` − 1 tokens before a token, the token) ->
+    the target's top-k next tokens the last time it scored that context, and their scores. Two or three tokens
+    tell more than one (after "of the" vs after "the"), so where a context has been seen its row is the better
+    guess. Hashed into CONTEXT_SLOTS slots: a context that lands on a taken slot replaces what was there (only
+    the latest contexts are kept)."""
+
+    def __init__(self, vocab: int, topk: int, order: int, slots: int = CONTEXT_SLOTS):
+        self.vocab, self.order, self.slots = vocab, order, slots
+        self.keys = np.full(slots, -1, dtype=np.int64)
+        self.tokens = np.full((slots, topk), -1, dtype=np.int32)
+        self.probs = np.zeros((slots, topk), dtype=np.float32)
+
+    def update(self, before: np.ndarray, tokens: np.ndarray, rows: np.ndarray, probs: np.ndarray) -> None:
+        """Learn each (before[i, -(order-1):], tokens[i]) -> rows[i], probs[i]; before: [n, >= order − 1] token ids,
+        -1 where there is no token (such contexts are skipped); within one update the last of a repeat wins."""
+        before = before[:, before.shape[1] - (self.order - 1):]
+        known = (before >= 0).all(axis=1)
+        keys = tokens[known].astype(np.int64)
+        for i in range(1, self.order):  # vocab^order < 2^63 for vocabularies up to 2^21 at order 3
+            keys = keys + before[known, -i].astype(np.int64) * self.vocab ** i
+        where = keys % self.slots
+        self.keys[where] = keys
+        self.tokens[where] = rows[known]
+        self.probs[where] = probs[known]
+
+    def row(self, before: tuple, token: int) -> tuple[list[int], list[float]]:
+        """The context's (top-k tokens, scores), or two empty lists when it was not seen (or was replaced)."""
+        key = token
+        for i in range(1, self.order):
+            if before[-i] < 0:
+                return [], []
+            key += before[-i] * self.vocab ** i
+        where = key % self.slots
+        if self.keys[where] != key:
+            return [], []
+        return self.tokens[where].tolist(), self.probs[where].tolist()
+
+
 # --- suffix matching (SuffixDecoding / SAMD, REST) ------------------------------------------------------------
 
 def match_ends(seq: np.ndarray, context: np.ndarray, max_match: int, before: int | None = None
@@ -145,31 +188,50 @@ def continuations(seq: np.ndarray, ends: np.ndarray, depth: int, stop: int | Non
     return out
 
 
+@dataclass
+class Trie:
+    """The trie of token continuations: node i holds tokens[i] under parents[i] (-1 = the root) at depths[i];
+    count[i] = how many continuations pass through it; children[i + 1] maps a token to its node (children[0]: the
+    root's). Nodes are numbered in order of first sight, so a parent comes before its children."""
+    total: int = 0
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    depths: list[int] = field(default_factory=list)
+    count: list[int] = field(default_factory=list)
+    children: list[dict[int, int]] = field(default_factory=lambda: [{}])
+
+
+def build_trie(conts: list[list[int]], stop_tokens=()) -> Trie:
+    """The continuations' trie; a continuation ends at its first end-of-sequence (nothing is drafted past one)."""
+    trie = Trie(total=len(conts))
+    for cont in conts:
+        node = -1
+        for token in cont:
+            kids = trie.children[node + 1]
+            if token not in kids:
+                kids[token] = len(trie.tokens)
+                trie.tokens.append(token)
+                trie.parents.append(node)
+                trie.depths.append(trie.depths[node] + 1 if node >= 0 else 1)
+                trie.count.append(0)
+                trie.children.append({})
+            node = kids[token]
+            trie.count[node] += 1
+            if token in stop_tokens:
+                break
+    return trie
+
+
 def frequency_tree(conts: list[list[int]], budget: int, stop_tokens=()) -> Tree:
     """The trie of the continuations, cut to the `budget` nodes with the highest frequency (the share of
     continuations that pass through a node, SuffixDecoding's score); ties go to the earlier-seen node, so a node's
     parent (at least as frequent, seen earlier) is always kept. Nothing is drafted past an end-of-sequence."""
-    children: list[dict[int, int]] = [{}]
-    count, order, parents, tokens, depths = [], [], [], [], []
-    for cont in conts:
-        node = -1
-        for token in cont:
-            kids = children[node + 1]
-            if token not in kids:
-                kids[token] = len(tokens)
-                tokens.append(token)
-                parents.append(node)
-                depths.append(depths[node] + 1 if node >= 0 else 1)
-                count.append(0)
-                children.append({})
-            node = kids[token]
-            count[node] += 1
-            if token in stop_tokens:
-                break
-    kept = sorted(sorted(range(len(tokens)), key=lambda i: (-count[i], i))[:budget])
+    trie = build_trie(conts, stop_tokens)
+    kept = sorted(sorted(range(len(trie.tokens)), key=lambda i: (-trie.count[i], i))[:budget])
     renumber = {old: new for new, old in enumerate(kept)}
-    return Tree([tokens[i] for i in kept], [renumber[parents[i]] if parents[i] >= 0 else -1 for i in kept],
-                [depths[i] for i in kept])
+    return Tree([trie.tokens[i] for i in kept],
+                [renumber[trie.parents[i]] if trie.parents[i] >= 0 else -1 for i in kept],
+                [trie.depths[i] for i in kept])
 
 
 def frequency_chain(conts: list[list[int]], depth: int, stop_tokens=()) -> Tree:
@@ -198,6 +260,82 @@ def concatenate(documents: list[np.ndarray]) -> np.ndarray:
     for doc in documents:
         parts += [np.asarray(doc, dtype=np.int64), np.array([SEPARATOR], dtype=np.int64)]
     return np.concatenate(parts)
+
+
+# --- dynamic trees: candidates from several sources, scored by how often such candidates were accepted ----------
+
+SCORE_BINS = 10     # a source's raw scores (in [0, 1]) are counted in this many equal bins
+SCORE_PRIOR = 4.0   # a bin starts as this many pseudo-observations accepted at its raw score
+
+
+class Acceptance:
+    """Observed acceptance of drafted nodes per (source, raw-score bin): of the nodes a verify pass checked, how
+    many were the target's token after their parent (greedy acceptance given the parent). It puts the sources'
+    raw scores (Token Recycling's stored target probability, SuffixDecoding's frequency share) on one scale, the
+    chance a candidate is accepted once its parent is, so a dynamic tree can rank them against each other and
+    against the cost of a verify row. Counts only, 2 × sources × SCORE_BINS floats."""
+
+    def __init__(self, sources: int):
+        self.hits = np.zeros((sources, SCORE_BINS))
+        self.seen = np.zeros((sources, SCORE_BINS))
+
+    def add(self, other: "Acceptance") -> None:
+        self.hits += other.hits
+        self.seen += other.seen
+
+    @staticmethod
+    def bin(raw: float) -> int:
+        return min(int(raw * SCORE_BINS), SCORE_BINS - 1)
+
+    def record(self, source: int, raw: float, accepted: bool) -> None:
+        b = self.bin(raw)
+        self.seen[source, b] += 1
+        self.hits[source, b] += accepted
+
+    def estimator(self, base: "Acceptance | None" = None):
+        """estimate(source, raw): the chance a candidate of this source and raw score is accepted given its parent
+        is — its bin's observed rate (here and in `base`), pulled towards the raw score by SCORE_PRIOR
+        pseudo-observations. Reads the counts once (a tree asks for a hundred or so estimates)."""
+        hits, seen = self.hits, self.seen
+        if base is not None:
+            hits, seen = hits + base.hits, seen + base.seen
+        hits, seen = hits.tolist(), seen.tolist()
+
+        def estimate(source: int, raw: float) -> float:
+            b = min(int(raw * SCORE_BINS), SCORE_BINS - 1)
+            return (hits[source][b] + SCORE_PRIOR * raw) / (seen[source][b] + SCORE_PRIOR)
+        return estimate
+
+
+def scored_tree(candidates, root: int, budget: int, depth: int, stop_tokens=(), chain_only: bool = False,
+                root_key=None) -> tuple[Tree, list, list[float]]:
+    """Best-first dynamic tree (EAGLE-2's rule over model-free candidates): the `budget` nodes with the highest
+    path probability (the product of the conditional acceptance probabilities along the path), at most `depth`
+    deep. candidates(token, key) -> [(token, probability, key, info)]: the children a node holding `token` may
+    have (`key`: the sources' own state for that node, e.g. a trie node; root_key the root's; `info`: carried to
+    the caller; probabilities <= 1, so a child never outranks its parent). Nodes come
+    out in the order they were chosen, which is best first, so every prefix of the tree is a tree.
+    chain_only: one child per node (the best), for engines that verify one sequence.
+    Returns (tree, each node's info, each node's path probability)."""
+    tree, infos, path_probs = Tree(), [], []
+    heap = [(-p, order, -1, token, key, info) for order, (token, p, key, info) in enumerate(candidates(root, root_key))]
+    heapq.heapify(heap)
+    order = len(heap)
+    while heap and len(tree) < budget:
+        neg_p, _, parent, token, key, info = heapq.heappop(heap)
+        node = len(tree)
+        tree.tokens.append(token)
+        tree.parents.append(parent)
+        tree.depths.append(tree.depths[parent] + 1 if parent >= 0 else 1)
+        infos.append(info)
+        path_probs.append(-neg_p)
+        if chain_only:
+            heap = []
+        if tree.depths[node] < depth and token not in stop_tokens:
+            for child, p, child_key, child_info in candidates(token, key):
+                heapq.heappush(heap, (neg_p * p, order, node, child, child_key, child_info))
+                order += 1
+    return tree, infos, path_probs
 
 
 # --- REST datastore: a suffix array over a token corpus --------------------------------------------------------

@@ -197,10 +197,12 @@ def test_speculative_sampling_matches_target_sequence_distribution(draft_samplin
     assert pvalue > 1e-3, f"distribution differs from the target's (chi-square p={pvalue:.2e})"
 
 
-@pytest.mark.parametrize("strategy, length, per_sequence", [("recycling", 4, 1.0), ("lookahead", 6, 0.33)])
+@pytest.mark.parametrize("strategy, length, per_sequence", [("recycling", 4, 1.0), ("dynamic-tree", 4, 1.0),
+                                                            ("lookahead", 6, 0.33)])
 def test_train_free_trees_sampling_matches_target_sequence_distribution(strategy, length, per_sequence):
-    """Token Recycling's and Lookahead's one-hot draft trees (no q: the tree rule) keep sampling exact (Lookahead's
-    window rows are computed in the same passes and are not verified; its pool has guesses from the third pass)."""
+    """Token Recycling's, the dynamic tree's and Lookahead's one-hot draft trees (no q: the tree rule) keep sampling
+    exact (Lookahead's window rows are computed in the same passes and are not verified; its pool has guesses from
+    the third pass)."""
     target, _ = tiny_sampling_models()
     prompt, n = [1, 3, 0, 3], 1500
     s = DecodeSettings(max_new_tokens=length, temperature=1.0, k=3, tree_budget=6, stop_at_eos=False,

@@ -86,7 +86,7 @@ def test_our_forward_computes_masked_passes_row_by_row_only_when_asked(exact, mo
     assert calls == ([5] * layers * 2 if exact == "1" else [])
 
 
-@pytest.mark.parametrize("strategy", ["ngram", "suffix", "recycling", "lookahead"])
+@pytest.mark.parametrize("strategy", ["ngram", "suffix", "recycling", "dynamic-tree", "lookahead"])
 def test_greedy_methods_match_plain_decoding_in_our_forward(strategy):
     target = prepare_model(tiny_target())
     assert own_forward(target) is not None

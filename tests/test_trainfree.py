@@ -3,20 +3,24 @@ token identity with the baseline on tiny models, and the memory rule across gene
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from specdec.datastore import DEFAULT_PROMPTS, load_datastore
 from specdec.decoding import DecodeSettings, Trace, baseline_decode
-from specdec.proposers import Proposal, RecyclingProposer, RestProposer, Shape, SuffixProposer, SuffixRecyclingProposer
+from specdec.proposers import (DynamicTreeProposer, Proposal, RecyclingProposer, RestProposer, Shape, SuffixProposer,
+                               SuffixRecyclingProposer)
 from specdec.runner import decode_models
-from specdec.trainfree import (SEPARATOR, Datastore, concatenate, continuations, frequency_chain, frequency_tree,
-                               match_ends, new_matrix, recycled_tree, recycling_template, remember, update_matrix)
+from specdec.trainfree import (SCORE_BINS, SCORE_PRIOR, SEPARATOR, Acceptance, ContextTable, Datastore, build_trie,
+                               concatenate, continuations, frequency_chain, frequency_tree, match_ends, new_matrix,
+                               recycled_tree, recycling_template, remember, scored_tree, update_matrix)
 from specdec.tree import Tree, is_chain, merge
 from tiny import EOS, paths, prompts
 
-MODEL_FREE_TREES = ("recycling", "suffix", "rest", "suffix-recycling")
+MODEL_FREE_TREES = ("recycling", "suffix", "rest", "suffix-recycling", "dynamic-tree")
 
 
 # --- structures -------------------------------------------------------------------------------------------------
@@ -201,6 +205,136 @@ def test_suffix_recycling_proposes_the_suffix_tree_then_fills_with_recycled_node
     root = committed[hybrid.recycling.seen - 1]
     hybrid.observe(committed, Proposal(tree), rows)  # recycling learns every row of the merged tree
     assert all(hybrid.recycling.matrix[t, 0] == 7 for t in [root] + tree.tokens)
+
+
+# --- the dynamic tree ---------------------------------------------------------------------------------------------
+
+def test_build_trie_counts_the_continuations_through_each_node():
+    trie = build_trie([[1, 2, 3], [1, 2, 4], [1, 5], [6]], stop_tokens={5})
+    assert trie.total == 4
+    assert [(trie.tokens[i], trie.count[i]) for i in range(len(trie.tokens))] == [(1, 3), (2, 2), (3, 1), (4, 1),
+                                                                                    (5, 1), (6, 1)]
+    assert trie.children[0] == {1: 0, 6: 5} and trie.children[1 + 0] == {2: 1, 5: 4}
+    assert build_trie([[5, 7]], stop_tokens={5}).tokens == [5]  # nothing past an end of sequence
+
+
+def test_scored_tree_keeps_the_most_likely_paths_best_first():
+    # a scripted candidate graph: token -> [(child, probability)]
+    graph = {0: [(1, 0.9), (2, 0.3)], 1: [(3, 0.8), (4, 0.1)], 2: [(5, 0.9)], 3: [(6, 0.5)], 6: [(7, 0.9)]}
+
+    def candidates(token, key):
+        assert key == ("root" if token == 0 else token)  # each node's key is handed to its children's call
+        return [(child, p, child, f"info{child}") for child, p in graph.get(token, [])]
+
+    tree, infos, probs = scored_tree(candidates, 0, budget=5, depth=8, root_key="root")
+    # path probabilities: 1 .9, 1-3 .72, 1-3-6 .36, 1-3-6-7 .324, 2 .3, 2-5 .27, 1-4 .09
+    assert tree.tokens == [1, 3, 6, 7, 2] and tree.parents == [-1, 0, 1, 2, -1] and tree.depths == [1, 2, 3, 4, 1]
+    assert infos == ["info1", "info3", "info6", "info7", "info2"]
+    assert probs == pytest.approx([0.9, 0.72, 0.36, 0.324, 0.3])
+    assert all(a >= b for a, b in zip(probs, probs[1:]))  # best first: every prefix is the best smaller tree
+    assert scored_tree(candidates, 0, budget=5, depth=2, root_key="root")[0].tokens == [1, 3, 2, 5, 4]
+    assert scored_tree(candidates, 0, budget=5, depth=8, stop_tokens={3}, root_key="root")[0].tokens == [1, 3, 2, 5, 4]
+    chain_ = scored_tree(candidates, 0, budget=3, depth=3, chain_only=True, root_key="root")[0]
+    assert is_chain(chain_) and chain_.tokens == [1, 3, 6]
+    assert len(scored_tree(lambda token, key: [], 0, budget=5, depth=4)[0]) == 0
+
+
+def test_acceptance_estimates_start_at_the_raw_score_and_follow_observations():
+    acceptance = Acceptance(2)
+    estimate = acceptance.estimator()
+    assert estimate(0, 0.85) == pytest.approx(0.85) and estimate(1, 0.05) == pytest.approx(0.05)
+    for _ in range(96):
+        acceptance.record(0, 0.85, False)  # raw 0.85 was never accepted...
+    for accepted in [True] * 30 + [False] * 70:
+        acceptance.record(1, 0.81, accepted)  # ...the other source's 0.81 three times in ten
+    estimate = acceptance.estimator()
+    assert estimate(0, 0.85) == pytest.approx(SCORE_PRIOR * 0.85 / (96 + SCORE_PRIOR))
+    assert estimate(1, 0.85) == pytest.approx((30 + SCORE_PRIOR * 0.85) / (100 + SCORE_PRIOR))
+    assert estimate(0, 0.15) == pytest.approx(0.15)  # another bin: nothing seen there yet
+    other = Acceptance(2)
+    for _ in range(100):
+        other.record(0, 0.85, True)
+    both = acceptance.estimator(other)  # the job's other conversations' counts add to this generation's
+    assert both(0, 0.85) == pytest.approx((100 + SCORE_PRIOR * 0.85) / (196 + SCORE_PRIOR))
+    assert Acceptance.bin(1.0) == SCORE_BINS - 1 and Acceptance.bin(0.0) == 0
+
+
+def test_context_table_keys_rows_by_the_tokens_before():
+    table = ContextTable(vocab=50, topk=2, order=2, slots=64)
+    before = np.array([[-1, 7], [-1, 8], [-1, -1], [3, 7]])
+    table.update(before, np.array([9, 9, 9, 9]), np.array([[1, 2], [3, 4], [5, 6], [10, 11]]),
+                 np.array([[.6, .4], [.7, .3], [.5, .5], [.9, .1]], dtype=np.float32))
+    assert table.row((0, 7), 9)[0] == [10, 11]  # (7, 9) twice: the later row wins; the token before 7 is ignored
+    assert table.row((0, 8), 9) == ([3, 4], pytest.approx([.7, .3]))
+    assert table.row((0, 6), 9) == ([], []) and table.row((0, -1), 9) == ([], [])  # unseen, no context
+    triple = ContextTable(vocab=50, topk=2, order=3, slots=64)
+    triple.update(before, np.array([9, 9, 9, 9]), np.array([[1, 2], [3, 4], [5, 6], [10, 11]]),
+                  np.zeros((4, 2), dtype=np.float32))
+    assert triple.row((3, 7), 9)[0] == [10, 11] and triple.row((4, 7), 9) == ([], [])  # rows 0-2 lack a context
+    crowded = ContextTable(vocab=50, topk=2, order=2, slots=1)  # every context on one slot: the latest replaces
+    crowded.update(np.array([[-1, 1], [-1, 2]]), np.array([5, 5]), np.array([[1, 1], [2, 2]]),
+                   np.zeros((2, 2), dtype=np.float32))
+    assert crowded.row((0, 2), 5)[0] == [2, 2] and crowded.row((0, 1), 5) == ([], [])
+
+
+def scripted_dynamic_tree(memory=None) -> DynamicTreeProposer:
+    """A dynamic tree proposer that has read a 3-token prompt: after 10 the target gave 40 then 41, after 11 42 43,
+    after 12 44 45 (the second candidate with a quarter of the first's share)."""
+    proposer = DynamicTreeProposer(DecodeSettings(k=4, max_new_tokens=20, recycle_topk=2), {} if memory is None else memory)
+    logits = torch.full((3, 50), -30.0)
+    for row, (a, b) in enumerate(((40, 41), (42, 43), (44, 45))):
+        logits[row, [a, b]] = torch.tensor([math.log(4.0), 0.0])
+    proposer.start([10, 11, 12], None, logits)
+    return proposer
+
+
+def test_dynamic_tree_scores_suffix_and_recycled_candidates_on_one_scale():
+    proposer = scripted_dynamic_tree()
+    history = [10, 11, 12, 20, 21, 22, 11, 12]  # the context ends in [11, 12], seen before: 20 21 22 11 follow
+    trace = Trace()
+    tree = proposer.propose(history, None, Shape(depth=4, budget=6, width=8), trace).tree
+    # before any observation an estimate is its raw score: the suffix's continuation (share 1, a 2-token match
+    # reaches 4 deep) first, then the root's recycled candidates 44 (.8) and 45 (.2), which the matrix and the pair
+    # table (11, 12 was seen in the prompt) both propose
+    assert tree.tokens == [20, 21, 22, 11, 44, 45] and tree.parents == [-1, 0, 1, 2, -1, -1]
+    assert trace.draft_units == 6
+    suffix_source = 1 + 2  # the class of 2-token matches
+    assert [sorted(source for source, _ in info) for info in proposer.infos] == [[suffix_source]] * 4 + [[0, 1]] * 2
+    assert scripted_dynamic_tree().propose(history, None, Shape(depth=4, budget=3, width=8), Trace()).tree.tokens \
+        == [20, 21, 22]
+    # the verify pass: the target takes 20 and 21, then says 30; the nodes whose parent it accepted are counted
+    # (20, 21, 22 and the root's 44 and 45, each of those under both its sources), 11 (parent 22 rejected) is not
+    rows = torch.zeros(1 + len(tree), 50)
+    rows[0, 20] = rows[1, 21] = rows[2, 30] = rows[3:, 7] = 9.0
+    proposer.observe(history + [20, 21, 30], Proposal(tree), rows)
+    counts = proposer.acceptance
+    assert counts.seen[suffix_source].sum() == 3 and counts.hits[suffix_source].sum() == 2
+    assert counts.seen[0].sum() == counts.seen[1].sum() == 2 and counts.hits[:2].sum() == 0
+    assert proposer.infos == []
+    # the matrix and the pair table learned every row: after 20 the target gave 21, after (20, 21) 30
+    assert proposer.recycling.matrix[20, 0] == 21 and proposer.recycling.contexts[0].row((0, 20), 21)[0][0] == 30
+    # the next proposal reads the counts: a suffix continuation after a 2-token match is now an estimate below 1
+    estimate = counts.estimator()
+    assert estimate(suffix_source, 1.0) == pytest.approx((2 + SCORE_PRIOR) / (3 + SCORE_PRIOR))
+    # a chain for width one: the best child at every depth
+    chain_ = scripted_dynamic_tree().propose(history, None, Shape(depth=3, budget=3), Trace()).tree
+    assert is_chain(chain_) and chain_.tokens == [20, 21, 22]
+
+
+def test_dynamic_tree_learns_only_from_other_conversations():
+    memory: dict = {}
+    first = scripted_dynamic_tree(memory)
+    tree = first.propose([10, 11, 12, 7], None, Shape(depth=2, budget=4, width=8), Trace()).tree
+    assert len(tree) == 0  # 7 was never scored, never seen: nothing to propose
+    rows = torch.zeros(1, 50)
+    rows[0, 33] = 9.0
+    first.observe([10, 11, 12, 7, 33], Proposal(tree), rows)  # the target said 33 after 7
+    other = DynamicTreeProposer(DecodeSettings(k=4, max_new_tokens=20, recycle_topk=2), memory)
+    other.start([5, 6], None, torch.zeros(2, 50))  # another conversation drafts from what the first learned
+    assert other.propose([5, 6, 7], None, Shape(depth=1, budget=4, width=8), Trace()).tree.tokens[0] == 33
+    assert other.others.seen.sum() == 0  # the first verified nothing: no acceptance counts to share
+    again = scripted_dynamic_tree(memory)  # the same prompt again (a repeat): its own rows are not visible
+    assert len(again.propose([10, 11, 12, 7], None, Shape(depth=2, budget=4, width=8), Trace()).tree) == 0
 
 
 # --- engine: greedy identity --------------------------------------------------------------------------------
