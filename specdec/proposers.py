@@ -303,7 +303,7 @@ class RecyclingProposer:
     rows, accepted or not: the candidates are "recycled"); each step grows the static template
     (trainfree.recycling_template) from the last committed token through the matrix, and the target verifies the
     tree. The matrix is rebuilt per generation from what the job's other conversations taught (trainfree's
-    memory rule; int32 rows, 4·topk bytes per learned row) and is 4·vocab·topk bytes (49152 × 8: 1.5 MiB)."""
+    memory rule; 8 + 4·topk bytes per learned row) and is 4·vocab·topk bytes (49152 × 8: 1.5 MiB)."""
 
     needs_features = False
     reads_prompt_logits = True
@@ -324,13 +324,16 @@ class RecyclingProposer:
         self.probs = np.zeros(self.matrix.shape, dtype=np.float32) if self.scored else None
         # tables keyed by 2 and 3 tokens of context (the scored version's)
         self.contexts = [ContextTable(vocab, self.topk, order) for order in (2,)] if self.scored else []
-        for chunk in (chunk for learned in others for chunk in learned):
-            self.update(*chunk)
+        chunks = [chunk for learned in others for chunk in learned]
+        if chunks:  # one update over all of them, in order (a later row of a token wins): a job's generations
+            # leave thousands of chunks, and one numpy call per chunk would cost more than the decoding's steps
+            self.update(*(None if chunk[0] is None else np.concatenate(chunk) for chunk in zip(*chunks)))
         n = len(prompt_ids)
         self.learn(np.stack([([-1, -1] + prompt_ids)[:n], ([-1] + prompt_ids)[:n]], axis=1), prompt_ids, prompt_logits)
         self.seen = len(prompt_ids) + 1  # committed length at the next verify pass; its root is committed[seen - 1]
 
-    def update(self, before: np.ndarray, tokens: np.ndarray, rows: np.ndarray, probs: np.ndarray | None) -> None:
+    def update(self, before: np.ndarray | None, tokens: np.ndarray, rows: np.ndarray, probs: np.ndarray | None
+               ) -> None:
         update_matrix(self.matrix, tokens, rows)
         if self.scored:
             update_matrix(self.probs, tokens, probs)
@@ -346,8 +349,9 @@ class RecyclingProposer:
             # the candidates' shares among the top-k: a score the dynamic tree calibrates, not the full softmax
             # (whose exp over the whole vocabulary would cost more per pass than all the drafting)
             probs = torch.softmax(top.values.float(), dim=-1).cpu().numpy()
-        chunk = (np.asarray(before, dtype=np.int64).reshape(len(tokens), 2), np.asarray(tokens, dtype=np.int64), rows,
-                 probs)
+        # the tokens before are kept only for the context tables
+        context = np.asarray(before, dtype=np.int32).reshape(len(tokens), 2) if self.scored else None
+        chunk = (context, np.asarray(tokens, dtype=np.int64), rows, probs)
         self.update(*chunk)
         self.learned.append(chunk)
         self.last_rows = rows  # rows[:, 0]: the target's argmax at each learned position
@@ -478,7 +482,7 @@ class DynamicTreeProposer:
     `budget` nodes with the highest path probability (trainfree.scored_tree): deep where the target has been
     predictable, wide where not. Memory rule as for its parts: the matrix, the context tables, the suffix memory and
     the acceptance counts of a generation serve only the job's other conversations. Memory: the matrix and its
-    scores 8·vocab·topk bytes (3 MiB), the context tables 9 MiB each, each generation's learned rows 24 + 8·topk bytes per
+    scores 8·vocab·topk bytes (3 MiB), the context table 9 MiB, each generation's learned rows 16 + 8·topk bytes per
     verified row."""
 
     needs_features = False

@@ -71,10 +71,10 @@ _ALL = (
     Strategy("suffix", "suffix matching (SuffixDecoding/SAMD): what followed the longest context match in the prompt,"
              " the output and other prompts' outputs, as a frequency tree", "#86bcb6", proposer="suffix", width=4),
     Strategy("suffix-recycling", "suffix matching's frequency tree first, Token Recycling's template tree in the "
-             "rest of the tree_budget nodes, verified as one tree", "#b07aa1", proposer="suffix-recycling", width=8),
-    Strategy("dynamic-tree", "suffix matches and Token Recycling's candidates in one dynamic tree: each candidate "
-             "scored by how often such candidates were accepted, the most likely paths kept (tree_budget nodes, "
-             "depth <= k), as many rows verified as pay for their cost", "#f28e2b", proposer="dynamic-tree", width=8),
+             "rest of the tree_budget nodes, verified as one tree", "#98df8a", proposer="suffix-recycling", width=8),
+    Strategy("dynamic-tree", "suffix matches and Token Recycling's candidates (after one and after two tokens) in "
+             "one dynamic tree: each scored by how often such candidates were accepted, the most likely paths kept "
+             "(tree_budget nodes, depth <= k)", "#ff7f0e", proposer="dynamic-tree", width=8),
     Strategy("rest", "REST: continuations of the longest context match retrieved from a datastore (suffix array), "
              "as a frequency tree", "#d37295", proposer="rest", width=4),
     Strategy("lookahead", "Lookahead decoding: a Jacobi window (W columns x N-1 levels) in every verify pass fills "

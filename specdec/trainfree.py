@@ -83,9 +83,17 @@ def new_matrix(vocab: int, topk: int) -> np.ndarray:
     return np.full((vocab, topk), -1, dtype=np.int32)
 
 
+def latest(keys: np.ndarray) -> np.ndarray:
+    """Indices of the last occurrence of each distinct key (numpy leaves the winner of a repeated index in one
+    fancy assignment unspecified, so repeats are dropped before assigning)."""
+    _, first_from_end = np.unique(keys[::-1], return_index=True)
+    return len(keys) - 1 - first_from_end
+
+
 def update_matrix(matrix: np.ndarray, tokens: np.ndarray, rows: np.ndarray) -> None:
     """Overwrite the rows of `tokens` (the newest row of a repeated token wins)."""
-    matrix[tokens] = rows
+    keep = latest(tokens)
+    matrix[tokens[keep]] = rows[keep]
 
 
 def recycled_tree(matrix: np.ndarray, root: int, template, depth: int, stop_tokens=()) -> Tree:
@@ -129,16 +137,17 @@ class ContextTable:
 
     def update(self, before: np.ndarray, tokens: np.ndarray, rows: np.ndarray, probs: np.ndarray) -> None:
         """Learn each (before[i, -(order-1):], tokens[i]) -> rows[i], probs[i]; before: [n, >= order − 1] token ids,
-        -1 where there is no token (such contexts are skipped); within one update the last of a repeat wins."""
+        -1 where there is no token (such contexts are skipped); the latest context that lands on a slot wins."""
         before = before[:, before.shape[1] - (self.order - 1):]
         known = (before >= 0).all(axis=1)
         keys = tokens[known].astype(np.int64)
         for i in range(1, self.order):  # vocab^order < 2^63 for vocabularies up to 2^21 at order 3
             keys = keys + before[known, -i].astype(np.int64) * self.vocab ** i
         where = keys % self.slots
-        self.keys[where] = keys
-        self.tokens[where] = rows[known]
-        self.probs[where] = probs[known]
+        keep = latest(where)  # the latest context per slot
+        self.keys[where[keep]] = keys[keep]
+        self.tokens[where[keep]] = rows[known][keep]
+        self.probs[where[keep]] = probs[known][keep]
 
     def row(self, before: tuple, token: int) -> tuple[list[int], list[float]]:
         """The context's (top-k tokens, scores), or two empty lists when it was not seen (or was replaced)."""

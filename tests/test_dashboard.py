@@ -27,6 +27,7 @@ from specdec.dashboard.pages import FILL_COMMANDS, PAGES
 from specdec.db import report
 from specdec.db.query import run_query
 from specdec.db.store import ingest, init_db
+from specdec.strategies import STRATEGIES
 
 APP = str(Path(q.__file__).with_name("app.py"))
 CELL_KEY = ["host", "target", "draft", "strategy", "draft_length", "gpus", "temperature"]
@@ -467,6 +468,11 @@ def series_colours(at: AppTest) -> dict[str, tuple]:
                 out.update({name: (tuple(domain), domain.index(name), tuple(enc["scale"].get("range", ())))
                             for name in shown})
     return out
+
+
+def test_every_strategy_has_a_colour_of_its_own():
+    colours = [strategy.color for strategy in STRATEGIES.values()]
+    assert len(set(colours)) == len(colours), "two strategies would look like one series on the dashboard"
 
 
 @pytest.mark.parametrize("page, narrow", [("speedup", {"strategy": "ngram"}),

@@ -60,7 +60,7 @@ def test_gpu_claims_are_distinct_and_released(tmp_path, monkeypatch):
         claim_gpus(5, inventory)
 
 
-@pytest.mark.parametrize("strategy", ["recycling", "suffix", "rest", "lookahead"])
+@pytest.mark.parametrize("strategy", ["recycling", "suffix", "rest", "lookahead", "dynamic-tree"])
 def test_train_free_cells_give_the_baseline_tokens(prompt_file, tiny_models, tmp_path, strategy):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("what is two plus two? la la la la la la again: la la la")

@@ -79,6 +79,23 @@ def test_recycling_matrix_learns_from_prompt_and_verify_logits():
     assert proposer.propose([7, 4, 8, 7], None, Shape(depth=3, budget=3), Trace()).tree.tokens == [4, 8, 1]
 
 
+def test_the_latest_row_of_a_token_wins_across_updates_and_generations():
+    matrix = new_matrix(10, 1)
+    tokens = np.array([3, 4, 3] * 500 + [4])  # many repeats in one update: the last row of each token wins
+    update_matrix(matrix, tokens, np.arange(len(tokens), dtype=np.int32)[:, None])
+    assert matrix[3, 0] == len(tokens) - 2 and matrix[4, 0] == len(tokens) - 1
+    memory: dict = {}
+    for prompt, said in (([1], 5), ([2], 6)):  # two other conversations both scored token 9: the later one wins
+        proposer = RecyclingProposer(DecodeSettings(recycle_topk=1), memory)
+        logits = torch.zeros(1, 10)
+        logits[0, said] = 1.0
+        proposer.start(prompt, None, torch.zeros(1, 10))
+        proposer.observe(prompt + [9, 0], Proposal(Tree()), logits)  # the target scored the root 9: `said` next
+    third = RecyclingProposer(DecodeSettings(recycle_topk=1), memory)
+    third.start([7], None, torch.zeros(1, 10))
+    assert third.matrix[9, 0] == 6
+
+
 def test_match_ends_finds_the_longest_suffix_match():
     seq = np.array([1, 2, 3, 9, 2, 3, 4, 1, 2, 3])
     length, ends = match_ends(seq, seq, 8, before=len(seq) - 1)
