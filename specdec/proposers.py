@@ -31,12 +31,15 @@ import torch
 from specdec.decoding import DecodeSettings, Trace, forward, hit_eos, logits_to_probs, new_cache, rollback, sample
 from specdec.drafters import Drafter
 from specdec.kernels import prepare_model
-from specdec.trainfree import (MEMORY_TOKENS, Acceptance, ContextTable, add_ngram, build_trie, advance_window, concatenate, continuations, frequency_chain,
-                               frequency_tree, match_ends, new_matrix, recycled_tree, recycling_template, remember,
-                               scored_tree, update_matrix, window_rows)
+from specdec.trainfree import (MEMORY_TOKENS, Acceptance, ContextTable, add_ngram, advance_window, build_trie,
+                               concatenate, continuations, frequency_chain, frequency_tree, match_ends, new_matrix,
+                               recycled_tree, recycling_template, remember, scored_tree, update_matrix, window_rows)
 from specdec.tree import ExtraRows, Tree, build_tree, chain, merge
 
 HEURISTIC_K_MAX = 16        # heuristic schedule: k never grows past max(this, the starting k)
+# scored recycling (the dynamic tree's): context tables keyed by this many tokens (the token and the ones before
+# it). Three as well was tried: 2.06 accepted tokens per pass against 2.11 with two alone (16 suite prompts)
+CONTEXT_ORDERS = (2,)
 CONFIDENCE_THRESHOLD = 0.4  # confidence stop: transformers' default assistant_confidence_threshold
 POLICIES = ("fixed", "heuristic", "confidence")
 
@@ -310,20 +313,20 @@ class RecyclingProposer:
 
     def __init__(self, s: DecodeSettings, memory: dict | None = None, scored: bool = False):
         self.topk, self.memory = s.recycle_topk, memory if memory is not None else {}
-        # scored (the dynamic tree's): also keep each candidate's score, and tables keyed by two and three tokens of
-        # context (trainfree.ContextTable)
+        # scored (the dynamic tree's): also keep each candidate's score, and tables keyed by more context
+        # (CONTEXT_ORDERS, trainfree.ContextTable)
         self.scored = scored
 
     def start(self, prompt_ids: list[int], generator=None, prompt_logits=None) -> None:
-        # (previous tokens, tokens, their top-k rows, the rows' scores or None) this generation saw
+        # (the two tokens before each token or None, the tokens, their top-k rows, the rows' scores or None) this
+        # generation saw
         self.learned: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]] = []
         others = remember(self.memory, "recycling+scored" if self.scored else "recycling", prompt_ids, self.learned)
         vocab = prompt_logits.shape[-1]
         self.topk = min(self.topk, vocab)
         self.matrix = new_matrix(vocab, self.topk)
         self.probs = np.zeros(self.matrix.shape, dtype=np.float32) if self.scored else None
-        # tables keyed by 2 and 3 tokens of context (the scored version's)
-        self.contexts = [ContextTable(vocab, self.topk, order) for order in (2,)] if self.scored else []
+        self.contexts = [ContextTable(vocab, self.topk, order) for order in CONTEXT_ORDERS] if self.scored else []
         chunks = [chunk for learned in others for chunk in learned]
         if chunks:  # one update over all of them, in order (a later row of a token wins): a job's generations
             # leave thousands of chunks, and one numpy call per chunk would cost more than the decoding's steps
@@ -473,7 +476,7 @@ class SuffixRecyclingProposer:
 class DynamicTreeProposer:
     """Suffix matching and Token Recycling in one dynamic tree (EAGLE-2's best-first rule over model-free
     candidates). A node's children are the suffix trie's continuations under it (raw score: their share of the
-    continuations through it, SuffixDecoding's), the top-k recycled after its last three and two tokens
+    continuations through it, SuffixDecoding's), the top-k recycled after its last two tokens
     (trainfree.ContextTable: Token Recycling with more context) and the adjacency matrix's top-k after its
     token (raw score for both: the candidate's share of the target's top-k when it was recycled).
     trainfree.Acceptance turns the raw scores into one estimate, the chance a candidate is accepted once its
@@ -487,9 +490,8 @@ class DynamicTreeProposer:
 
     needs_features = False
     reads_prompt_logits = True
-    # Acceptance sources: candidates recycled after one token (0), after two tokens of context (1),
-    # then suffix continuations by the match length they follow (a longer match is a likelier copy: 1, 2, 3-4,
-    # 5-8, 9+ tokens)
+    # Acceptance sources: candidates recycled after one token (0), after each of CONTEXT_ORDERS (1..), then suffix
+    # continuations by the match length they follow (a longer match is a likelier copy: 1, 2, 3-4, 5-8, 9+ tokens)
     RECYCLED, SUFFIX_MATCH_CLASSES = 0, (1, 2, 3, 5, 9)
 
     def __init__(self, s: DecodeSettings, memory: dict | None = None):
@@ -500,7 +502,7 @@ class DynamicTreeProposer:
     def start(self, prompt_ids: list[int], generator=None, prompt_logits=None) -> None:
         self.suffix.start(prompt_ids, generator, prompt_logits)
         self.recycling.start(prompt_ids, generator, prompt_logits)
-        sources = 2 + len(self.SUFFIX_MATCH_CLASSES)
+        sources = 1 + len(CONTEXT_ORDERS) + len(self.SUFFIX_MATCH_CLASSES)
         self.acceptance, self.others = Acceptance(sources), Acceptance(sources)
         for counts in remember(self.memory, "acceptance", prompt_ids, self.acceptance):
             self.others.add(counts)
@@ -509,7 +511,8 @@ class DynamicTreeProposer:
     def propose(self, committed, feats, shape: Shape, trace: Trace) -> Proposal:
         match, conts = self.suffix.continuations(committed, shape.depth)
         trie = build_trie(conts, shape.stop_tokens)
-        suffix_source = 1 + bisect.bisect_right(self.SUFFIX_MATCH_CLASSES, match)  # 2.. (1 = no match: no trie)
+        # after the recycled sources, by the match's class (bisect 1..; 0 = no match: no trie, nothing offered)
+        suffix_source = len(CONTEXT_ORDERS) + bisect.bisect_right(self.SUFFIX_MATCH_CLASSES, match)
         matrix, probs, contexts = self.recycling.matrix, self.recycling.probs, self.recycling.contexts
         estimate = self.acceptance.estimator(self.others)
 
@@ -539,9 +542,9 @@ class DynamicTreeProposer:
                 offer(candidate, self.RECYCLED, raw)
             return [(t, p, (child, (before[1], token)), sources) for t, (p, child, sources) in found.items()]
 
-        tree, infos, path_probs = scored_tree(candidates, committed[-1], shape.budget, shape.depth,
-                                              shape.stop_tokens, chain_only=shape.width == 1,
-                                              root_key=(-1 if trie.total else None, tuple(([-1, -1] + committed[-3:-1])[-2:])))
+        root_key = (-1 if trie.total else None, tuple(([-1, -1] + committed[-3:-1])[-2:]))
+        tree, infos, _ = scored_tree(candidates, committed[-1], shape.budget, shape.depth, shape.stop_tokens,
+                                     chain_only=shape.width == 1, root_key=root_key)
         self.infos = infos
         trace.draft_units += len(tree)
         return Proposal(tree)
