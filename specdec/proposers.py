@@ -332,19 +332,22 @@ class RecyclingProposer:
             # leave thousands of chunks, and one numpy call per chunk would cost more than the decoding's steps
             self.update(*(None if chunk[0] is None else np.concatenate(chunk) for chunk in zip(*chunks)))
         n = len(prompt_ids)
-        self.learn(np.stack([([-1, -1] + prompt_ids)[:n], ([-1] + prompt_ids)[:n]], axis=1), prompt_ids, prompt_logits)
+        before = [([-1, -1] + prompt_ids)[i:i + 2] for i in range(n)] if self.scored else None
+        self.learn(prompt_ids, prompt_logits, before)
         self.seen = len(prompt_ids) + 1  # committed length at the next verify pass; its root is committed[seen - 1]
 
     def update(self, before: np.ndarray | None, tokens: np.ndarray, rows: np.ndarray, probs: np.ndarray | None
                ) -> None:
-        update_matrix(self.matrix, tokens, rows)
-        if self.scored:
-            update_matrix(self.probs, tokens, probs)
-            for table in self.contexts:
-                table.update(before, tokens, rows, probs)
+        if not self.scored:
+            update_matrix(tokens, (self.matrix, rows))
+            return
+        update_matrix(tokens, (self.matrix, rows), (self.probs, probs))
+        for table in self.contexts:
+            table.update(before, tokens, rows, probs)
 
-    def learn(self, before, tokens: list[int], logits: torch.Tensor) -> None:
-        """Learn each token's top-k (the rows of `logits`); before[i]: the two tokens before tokens[i] (-1: none)."""
+    def learn(self, tokens: list[int], logits: torch.Tensor, before=None) -> None:
+        """Learn each token's top-k (the rows of `logits`); before[i] (scored only): the two tokens before
+        tokens[i] (-1: none)."""
         top = torch.topk(logits, self.topk, dim=-1)
         rows = top.indices.to(torch.int32).cpu().numpy()
         probs = None
@@ -357,7 +360,6 @@ class RecyclingProposer:
         chunk = (context, np.asarray(tokens, dtype=np.int64), rows, probs)
         self.update(*chunk)
         self.learned.append(chunk)
-        self.last_rows = rows  # rows[:, 0]: the target's argmax at each learned position
 
     def propose(self, committed, feats, shape: Shape, trace: Trace) -> Proposal:
         tree = self.draft(committed, shape)
@@ -372,10 +374,12 @@ class RecyclingProposer:
     def observe(self, committed, proposal, logits) -> None:
         tree, seen = proposal.tree, self.seen
         tokens = [committed[seen - 1]] + tree.tokens
-        before = [(committed[seen - 3] if seen >= 3 else -1, committed[seen - 2] if seen >= 2 else -1)]
-        for parent in tree.parents:  # a node's two tokens before: its parent's last one and its parent
-            before.append((before[parent + 1][1], tokens[parent + 1]))
-        self.learn(before, tokens, logits)
+        before = None
+        if self.scored:  # a node's two tokens before: its parent's last one and its parent
+            before = [(committed[seen - 3] if seen >= 3 else -1, committed[seen - 2] if seen >= 2 else -1)]
+            for parent in tree.parents:
+                before.append((before[parent + 1][1], tokens[parent + 1]))
+        self.learn(tokens, logits, before)
         self.seen = len(committed)
 
 
@@ -555,7 +559,8 @@ class DynamicTreeProposer:
         if len(self.infos) == len(tree):
             # count the nodes whose parent the target accepted (given by greedy acceptance along the tree): the
             # estimate is the chance of acceptance once the parent is
-            argmax = self.recycling.last_rows[:, 0].tolist()  # the target's token after the root and each node
+            # the target's token after the root and each node: column 0 of the top-k rows just learned
+            argmax = self.recycling.learned[-1][2][:, 0].tolist()
             accepted = []
             for token, parent, sources in zip(tree.tokens, tree.parents, self.infos):
                 reached = parent < 0 or accepted[parent]

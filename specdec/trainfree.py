@@ -90,10 +90,12 @@ def latest(keys: np.ndarray) -> np.ndarray:
     return len(keys) - 1 - first_from_end
 
 
-def update_matrix(matrix: np.ndarray, tokens: np.ndarray, rows: np.ndarray) -> None:
-    """Overwrite the rows of `tokens` (the newest row of a repeated token wins)."""
+def update_matrix(tokens: np.ndarray, *updates: tuple[np.ndarray, np.ndarray]) -> None:
+    """For each (matrix, rows) of `updates`, overwrite the matrix's rows of `tokens` (the newest row of a repeated
+    token wins; matrices indexed alike, e.g. candidates and their scores, share one dedup)."""
     keep = latest(tokens)
-    matrix[tokens[keep]] = rows[keep]
+    for matrix, rows in updates:
+        matrix[tokens[keep]] = rows[keep]
 
 
 def recycled_tree(matrix: np.ndarray, root: int, template, depth: int, stop_tokens=()) -> Tree:
@@ -280,9 +282,9 @@ SCORE_PRIOR = 4.0   # a bin starts as this many pseudo-observations accepted at 
 class Acceptance:
     """Observed acceptance of drafted nodes per (source, raw-score bin): of the nodes a verify pass checked, how
     many were the target's token after their parent (greedy acceptance given the parent). It puts the sources'
-    raw scores (Token Recycling's stored target probability, SuffixDecoding's frequency share) on one scale, the
-    chance a candidate is accepted once its parent is, so a dynamic tree can rank them against each other and
-    against the cost of a verify row. Counts only, 2 × sources × SCORE_BINS floats."""
+    raw scores (a recycled candidate's share of the target's top-k, SuffixDecoding's frequency share) on one
+    scale, the chance a candidate is accepted once its parent is, so a dynamic tree can rank them against each
+    other. Counts only, 2 × sources × SCORE_BINS floats."""
 
     def __init__(self, sources: int):
         self.hits = np.zeros((sources, SCORE_BINS))
@@ -297,7 +299,7 @@ class Acceptance:
         return min(int(raw * SCORE_BINS), SCORE_BINS - 1)
 
     def record(self, source: int, raw: float, accepted: bool) -> None:
-        b = self.bin(raw)
+        b = Acceptance.bin(raw)
         self.seen[source, b] += 1
         self.hits[source, b] += accepted
 
@@ -311,7 +313,7 @@ class Acceptance:
         hits, seen = hits.tolist(), seen.tolist()
 
         def estimate(source: int, raw: float) -> float:
-            b = min(int(raw * SCORE_BINS), SCORE_BINS - 1)
+            b = Acceptance.bin(raw)
             return (hits[source][b] + SCORE_PRIOR * raw) / (seen[source][b] + SCORE_PRIOR)
         return estimate
 
@@ -322,8 +324,8 @@ def scored_tree(candidates, root: int, budget: int, depth: int, stop_tokens=(), 
     path probability (the product of the conditional acceptance probabilities along the path), at most `depth`
     deep. candidates(token, key) -> [(token, probability, key, info)]: the children a node holding `token` may
     have (`key`: the sources' own state for that node, e.g. a trie node; root_key the root's; `info`: carried to
-    the caller; probabilities <= 1, so a child never outranks its parent). Nodes come
-    out in the order they were chosen, which is best first, so every prefix of the tree is a tree.
+    the caller; probabilities <= 1, so a child never outranks its parent). Nodes come out in the order they were
+    chosen, which is best first, so every prefix of the tree is a tree.
     chain_only: one child per node (the best), for engines that verify one sequence.
     Returns (tree, each node's info, each node's path probability)."""
     tree, infos, path_probs = Tree(), [], []

@@ -134,9 +134,9 @@ def test_recycling_learns_from_the_rows_llama_cpp_evaluated(default_batch, monke
     learned = []
     learn = RecyclingProposer.learn
 
-    def recording(self, before, tokens, logits):
+    def recording(self, tokens, logits, before=None):
         learned.append((list(tokens), logits.clone()))
-        learn(self, before, tokens, logits)
+        learn(self, tokens, logits, before)
 
     monkeypatch.setattr(RecyclingProposer, "learn", recording)
     target, _ = default_batch

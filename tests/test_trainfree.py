@@ -41,7 +41,7 @@ def test_template_keeps_parents_first_and_respects_budget_and_depth():
 
 def test_recycled_tree_follows_the_matrix_and_skips_unseen_rows():
     matrix = new_matrix(10, 2)
-    update_matrix(matrix, np.array([1, 5, 6]), np.array([[5, 7], [6, 8], [9, 3]]))
+    update_matrix(np.array([1, 5, 6]), (matrix, np.array([[5, 7], [6, 8], [9, 3]])))
     template = ((-1, 0), (0, 0), (-1, 1), (1, 0), (0, 1), (2, 0))
     tree = recycled_tree(matrix, 1, template, depth=8)
     # 1 -> 5 (rank 0) -> 6 -> 9; 1 -> 7 (rank 1, row of 7 unseen: no children); 5 -> 8 (rank 1)
@@ -82,8 +82,11 @@ def test_recycling_matrix_learns_from_prompt_and_verify_logits():
 def test_the_latest_row_of_a_token_wins_across_updates_and_generations():
     matrix = new_matrix(10, 1)
     tokens = np.array([3, 4, 3] * 500 + [4])  # many repeats in one update: the last row of each token wins
-    update_matrix(matrix, tokens, np.arange(len(tokens), dtype=np.int32)[:, None])
+    scores = np.zeros((10, 1), dtype=np.float32)
+    update_matrix(tokens, (matrix, np.arange(len(tokens), dtype=np.int32)[:, None]),
+                  (scores, np.arange(len(tokens), dtype=np.float32)[:, None]))
     assert matrix[3, 0] == len(tokens) - 2 and matrix[4, 0] == len(tokens) - 1
+    assert scores[3, 0] == len(tokens) - 2 and scores[4, 0] == len(tokens) - 1  # the same rows won in both
     memory: dict = {}
     for prompt, said in (([1], 5), ([2], 6)):  # two other conversations both scored token 9: the later one wins
         proposer = RecyclingProposer(DecodeSettings(recycle_topk=1), memory)
