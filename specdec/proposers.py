@@ -482,21 +482,24 @@ class DynamicTreeProposer:
     candidates). A node's children are the suffix trie's continuations under it (raw score: their share of the
     continuations through it, SuffixDecoding's), the top-k recycled after its last two tokens
     (trainfree.ContextTable: Token Recycling with more context) and the adjacency matrix's top-k after its
-    token (raw score for both: the candidate's share of the target's top-k when it was recycled).
+    token (raw score for both: the candidate's share of the target's top-k when it was recycled); a token the target
+    has not scored in this job has the target's context-free row instead (memory['context_free'], the target's
+    top-k after that token alone, datastore.load_context_free_rows), so no step is left without a draft.
     trainfree.Acceptance turns the raw scores into one estimate, the chance a candidate is accepted once its
     parent is, learned per source from every verified node whose parent the target accepted (a suffix score also
     by the length of the match it follows); a token several sources propose takes the highest. The tree holds the
     `budget` nodes with the highest path probability (trainfree.scored_tree): deep where the target has been
     predictable, wide where not. Memory rule as for its parts: the matrix, the context tables, the suffix memory and
     the acceptance counts of a generation serve only the job's other conversations. Memory: the matrix and its
-    scores 8·vocab·topk bytes (3 MiB), the context table 9 MiB, each generation's learned rows 16 + 8·topk bytes per
-    verified row."""
+    scores 8·vocab·topk bytes (3 MiB), the context-free rows as much again (fixed for the job: the target's own), the
+    context table 9 MiB, each generation's learned rows 16 + 8·topk bytes per verified row."""
 
     needs_features = False
     reads_prompt_logits = True
-    # Acceptance sources: candidates recycled after one token (0), after each of CONTEXT_ORDERS (1..), then suffix
-    # continuations by the match length they follow (a longer match is a likelier copy: 1, 2, 3-4, 5-8, 9+ tokens)
-    RECYCLED, SUFFIX_MATCH_CLASSES = 0, (1, 2, 3, 5, 9)
+    # Acceptance sources: candidates recycled after one token (0), after each of CONTEXT_ORDERS (1..), context-free
+    # rows, then suffix continuations by the match length they follow (a longer match is a likelier copy: 1, 2,
+    # 3-4, 5-8, 9+ tokens)
+    RECYCLED, CONTEXT_FREE, SUFFIX_MATCH_CLASSES = 0, 1 + len(CONTEXT_ORDERS), (1, 2, 3, 5, 9)
 
     def __init__(self, s: DecodeSettings, memory: dict | None = None):
         self.memory = memory if memory is not None else {}
@@ -506,7 +509,9 @@ class DynamicTreeProposer:
     def start(self, prompt_ids: list[int], generator=None, prompt_logits=None) -> None:
         self.suffix.start(prompt_ids, generator, prompt_logits)
         self.recycling.start(prompt_ids, generator, prompt_logits)
-        sources = 1 + len(CONTEXT_ORDERS) + len(self.SUFFIX_MATCH_CLASSES)
+        # (rows, scores) [vocab, topk] or None (then a token with no matrix row has no recycled candidates)
+        self.context_free = self.memory.get("context_free")
+        sources = self.CONTEXT_FREE + 1 + len(self.SUFFIX_MATCH_CLASSES)
         self.acceptance, self.others = Acceptance(sources), Acceptance(sources)
         for counts in remember(self.memory, "acceptance", prompt_ids, self.acceptance):
             self.others.add(counts)
@@ -516,8 +521,9 @@ class DynamicTreeProposer:
         match, conts = self.suffix.continuations(committed, shape.depth)
         trie = build_trie(conts, shape.stop_tokens)
         # after the recycled sources, by the match's class (bisect 1..; 0 = no match: no trie, nothing offered)
-        suffix_source = len(CONTEXT_ORDERS) + bisect.bisect_right(self.SUFFIX_MATCH_CLASSES, match)
+        suffix_source = self.CONTEXT_FREE + bisect.bisect_right(self.SUFFIX_MATCH_CLASSES, match)
         matrix, probs, contexts = self.recycling.matrix, self.recycling.probs, self.recycling.contexts
+        context_free = self.context_free
         estimate = self.acceptance.estimator(self.others)
 
         def candidates(token: int, key: tuple) -> list:
@@ -540,10 +546,13 @@ class DynamicTreeProposer:
             for source, table in enumerate(contexts, start=1):
                 for candidate, raw in zip(*table.row(before, token)):
                     offer(candidate, source, raw)
-            for candidate, raw in zip(matrix[token].tolist(), probs[token].tolist()):
+            source, row, scores = self.RECYCLED, matrix[token], probs[token]
+            if row[0] < 0 and context_free is not None:  # not scored in this job yet
+                source, row, scores = self.CONTEXT_FREE, context_free[0][token], context_free[1][token]
+            for candidate, raw in zip(row.tolist(), scores.tolist()):
                 if candidate < 0:
                     break
-                offer(candidate, self.RECYCLED, raw)
+                offer(candidate, source, raw)
             return [(t, p, (child, (before[1], token)), sources) for t, (p, child, sources) in found.items()]
 
         root_key = (-1 if trie.total else None, tuple(([-1, -1] + committed[-3:-1])[-2:]))

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from specdec import llamacpp, metrics, quant
-from specdec.datastore import DEFAULT_NEW_TOKENS, corpus_documents, load_datastore
-from specdec.decoding import DecodeSettings, baseline_decode
+from specdec.datastore import (CONTEXT_FREE_PREFIX, DEFAULT_NEW_TOKENS, corpus_documents, load_context_free_rows,
+                               load_datastore)
+from specdec.decoding import DecodeSettings, baseline_decode, forward, new_cache
 from specdec.drafters import DrafterError, find_drafter, load_drafter, parse_for_target
 from specdec.hf_reference import hf_decode
 from specdec.kernels import exact_rows_requested, linear_kernels
@@ -160,11 +161,22 @@ def decode(pair: Pair, strategy: str, prompt_ids: list[int], s: DecodeSettings):
 
 def prepare(pair: Pair, strategy: str, s: DecodeSettings) -> dict:
     """The strategy's memory on this pair, with what must exist before its first generation (REST's datastore,
-    built or read once: warm_up calls this, so the cost never lands in a measured generation)."""
+    the dynamic tree's context-free rows: built or read once; warm_up calls this, so the cost never lands in a
+    measured generation)."""
     memory = pair.memory.setdefault(strategy, {})
-    if STRATEGIES[strategy].proposer == "rest" and memory.get("corpus", False) != s.rest_corpus:
+    proposer = STRATEGIES[strategy].proposer
+    if proposer == "rest" and memory.get("corpus", False) != s.rest_corpus:
         memory.update(datastore=rest_datastore(pair, s), corpus=s.rest_corpus)
+    if proposer == "dynamic-tree" and memory.get("context_free_topk") != s.recycle_topk:
+        memory.update(context_free=context_free_candidates(pair, s.recycle_topk), context_free_topk=s.recycle_topk)
     return memory
+
+
+def cache_label(pair: Pair) -> str:
+    """The target's name for what is cached per target (datastore.py): `<alias>` in float32, else
+    `<alias>@<format>` (`@int8`, llama.cpp's `@gguf-Q4_1`): what the target computes depends on its weights."""
+    fmt = weight_format(pair)
+    return pair.target.spec.alias + ("" if fmt == "float32" else f"@{fmt}")
 
 
 def rest_datastore(pair: Pair, s: DecodeSettings):
@@ -174,15 +186,34 @@ def rest_datastore(pair: Pair, s: DecodeSettings):
     depends on which format happened to run first."""
     greedy = DecodeSettings(max_new_tokens=DEFAULT_NEW_TOKENS, k=8)
     llama = llamacpp.is_llama(pair.target.model)
-    fmt = weight_format(pair)
-    label = pair.target.spec.alias + ("" if fmt == "float32" else f"@{fmt}")
 
     def answer(prompt: str) -> list[int]:  # prompt lookup: the same greedy tokens as the baseline, sooner
         strategy = "llamacpp-specdec-ngram" if llama else "ngram"
         return decode(pair, strategy, encode_prompt(pair.target, prompt), greedy).tokens
 
-    return load_datastore(label, s.rest_corpus,
+    return load_datastore(cache_label(pair), s.rest_corpus,
                           lambda text: pair.target.tokenizer.encode(text, add_special_tokens=False), answer)
+
+
+def context_free_candidates(pair: Pair, topk: int):
+    """The dynamic tree's context-free rows for this target (datastore.load_context_free_rows), cached per alias
+    and weight format like REST's datastore."""
+    model = pair.target.model
+    prefix = list(pair.target.tokenizer.encode(CONTEXT_FREE_PREFIX))
+    vocab = pair.vocab or model.config.vocab_size
+    return load_context_free_rows(cache_label(pair), prefix, vocab, min(topk, vocab),
+                                  lambda tokens: next_token_logits(model, prefix, tokens))
+
+
+def next_token_logits(model, prefix: list[int], tokens: list[int]):
+    """The model's logits after prefix + [t] for each t in `tokens`, in one forward: a one-level tree whose nodes
+    all sit at the position after the prefix and see the prefix and themselves."""
+    p, n = len(prefix), len(prefix) + len(tokens)
+    attend = torch.ones(n, n, dtype=torch.bool).tril()
+    attend[p:, p:] = torch.eye(len(tokens), dtype=torch.bool)
+    logits, _ = forward(model, prefix + tokens, new_cache(model, n), rows=len(tokens),
+                        positions=list(range(p)) + [p] * len(tokens), attend=attend)
+    return logits
 
 
 def decode_models(strategy: str, target, prompt_ids: list[int], s: DecodeSettings, eos_ids, draft_model=None,

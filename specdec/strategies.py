@@ -72,8 +72,9 @@ _ALL = (
              " the output and other prompts' outputs, as a frequency tree", "#86bcb6", proposer="suffix", width=4),
     Strategy("suffix-recycling", "suffix matching's frequency tree first, Token Recycling's template tree in the "
              "rest of the tree_budget nodes, verified as one tree", "#98df8a", proposer="suffix-recycling", width=8),
-    Strategy("dynamic-tree", "suffix matches and Token Recycling's candidates (after one and after two tokens) in "
-             "one dynamic tree: each scored by how often such candidates were accepted, the most likely paths kept "
+    Strategy("dynamic-tree", "suffix matches and Token Recycling's candidates (after one and after two tokens; for "
+             "a token not yet scored, the target's context-free top-k, computed once and cached) in one dynamic "
+             "tree: each scored by how often such candidates were accepted, the most likely paths kept "
              "(tree_budget nodes, depth <= k)", "#ff7f0e", proposer="dynamic-tree", width=8),
     Strategy("rest", "REST: continuations of the longest context match retrieved from a datastore (suffix array), "
              "as a frequency tree", "#d37295", proposer="rest", width=4),

@@ -1,4 +1,5 @@
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -8,6 +9,21 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny import noisy_copy, save_tiny_pair, tiny_target  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def datastores_outside_the_checkout(tmp_path_factory):
+    """What strategies cache per target (REST's datastore, the dynamic tree's context-free rows) goes to a
+    temporary folder, never into the checkout's results/."""
+    from specdec.datastore import ROOT_ENV
+
+    before = os.environ.get(ROOT_ENV)
+    os.environ[ROOT_ENV] = str(tmp_path_factory.mktemp("datastores"))
+    yield
+    if before is None:
+        os.environ.pop(ROOT_ENV, None)
+    else:
+        os.environ[ROOT_ENV] = before
 
 
 @pytest.fixture(scope="module")

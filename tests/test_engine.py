@@ -17,7 +17,7 @@ from specdec.decoding import DecodeSettings, baseline_decode, rollback
 from specdec.hf_reference import hf_decode
 from specdec.metrics import leviathan_speedup, make_record
 from specdec.runner import decode_models
-from tiny import EOS, noisy_copy, prompts, tiny_config
+from tiny import EOS, context_free_memory, noisy_copy, prompts, tiny_config
 
 from transformers import LlamaForCausalLM
 
@@ -210,8 +210,11 @@ def test_train_free_trees_sampling_matches_target_sequence_distribution(strategy
     exact = exact_sequence_distribution(target, prompt, length, s)
     accepted = []
 
+    memory = context_free_memory(target) if strategy == "dynamic-tree" else None  # what runner.prepare adds
+
     def run(seed):
-        trace = decode_models(strategy, target, prompt, DecodeSettings(**{**vars(s), "seed": seed}), set())
+        trace = decode_models(strategy, target, prompt, DecodeSettings(**{**vars(s), "seed": seed}), set(),
+                              memory=memory)
         accepted.append(sum(trace.accepted_per_position))
         return trace
 

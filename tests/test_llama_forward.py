@@ -16,7 +16,7 @@ from specdec.decoding import DecodeSettings, additive_mask, forward, new_cache
 from specdec.kernels import prepare_model
 from specdec.models import load_registry
 from specdec.runner import SettingsError, check_settings, decode_models
-from tiny import EOS, prompts, tiny_config, tiny_target
+from tiny import EOS, context_free_memory, prompts, tiny_config, tiny_target
 
 def own_forward(model):
     return getattr(model, "_specdec_own_forward", None)  # installed by kernels.prepare_model
@@ -91,8 +91,9 @@ def test_greedy_methods_match_plain_decoding_in_our_forward(strategy):
     target = prepare_model(tiny_target())
     assert own_forward(target) is not None
     s = DecodeSettings(max_new_tokens=24, k=4)
+    memory = context_free_memory(target) if strategy == "dynamic-tree" else None  # what runner.prepare adds
     for ids in prompts(4):
-        assert decode_models(strategy, target, ids, s, {EOS}).tokens == \
+        assert decode_models(strategy, target, ids, s, {EOS}, memory=memory).tokens == \
             decode_models("baseline", target, ids, s, {EOS}).tokens
 
 

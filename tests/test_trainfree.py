@@ -9,16 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from specdec.datastore import DEFAULT_PROMPTS, load_datastore
-from specdec.decoding import DecodeSettings, Trace, baseline_decode
+from specdec import datastore
+from specdec.datastore import DEFAULT_PROMPTS, load_context_free_rows, load_datastore
+from specdec.decoding import DecodeSettings, Trace, baseline_decode, forward, new_cache
 from specdec.proposers import (DynamicTreeProposer, Proposal, RecyclingProposer, RestProposer, Shape, SuffixProposer,
                                SuffixRecyclingProposer)
-from specdec.runner import decode_models
+from specdec.runner import decode_models, next_token_logits
 from specdec.trainfree import (SCORE_BINS, SCORE_PRIOR, SEPARATOR, Acceptance, ContextTable, Datastore, build_trie,
                                concatenate, continuations, frequency_chain, frequency_tree, match_ends, new_matrix,
                                recycled_tree, recycling_template, remember, scored_tree, update_matrix)
 from specdec.tree import Tree, is_chain, merge
-from tiny import EOS, paths, prompts
+from tiny import EOS, VOCAB, context_free_memory, paths, prompts
 
 MODEL_FREE_TREES = ("recycling", "suffix", "rest", "suffix-recycling", "dynamic-tree")
 
@@ -318,7 +319,7 @@ def test_dynamic_tree_scores_suffix_and_recycled_candidates_on_one_scale():
     # table (11, 12 was seen in the prompt) both propose
     assert tree.tokens == [20, 21, 22, 11, 44, 45] and tree.parents == [-1, 0, 1, 2, -1, -1]
     assert trace.draft_units == 6
-    suffix_source = 1 + 2  # the class of 2-token matches
+    suffix_source = DynamicTreeProposer.CONTEXT_FREE + 2  # the class of 2-token matches
     assert [sorted(source for source, _ in info) for info in proposer.infos] == [[suffix_source]] * 4 + [[0, 1]] * 2
     assert scripted_dynamic_tree().propose(history, None, Shape(depth=4, budget=3, width=8), Trace()).tree.tokens \
         == [20, 21, 22]
@@ -357,6 +358,51 @@ def test_dynamic_tree_learns_only_from_other_conversations():
     assert len(again.propose([10, 11, 12, 7], None, Shape(depth=2, budget=4, width=8), Trace()).tree) == 0
 
 
+def test_dynamic_tree_drafts_a_token_never_scored_from_its_context_free_row():
+    rows = np.tile(np.array([[47, 46]], dtype=np.int32), (50, 1))
+    rows[7] = [33, 34]
+    scores = np.tile(np.array([[.75, .25]], dtype=np.float32), (50, 1))
+    proposer = scripted_dynamic_tree({"context_free": (rows, scores)})
+    tree = proposer.propose([10, 11, 12, 7], None, Shape(depth=2, budget=4, width=8), Trace()).tree
+    # 7 has no matrix row: its context-free candidates (a share of .75 and .25), then theirs (33, 34 were never
+    # scored either)
+    assert tree.tokens[:2] == [33, 47] and tree.parents[:2] == [-1, 0]
+    assert set(tree.tokens) <= {33, 34, 46, 47}
+    assert {source for info in proposer.infos for source, _ in info} == {DynamicTreeProposer.CONTEXT_FREE}
+    # a token the target has scored keeps its matrix row: after 12 the prompt's logits said 44, 45
+    scored = proposer.propose([10, 11, 12], None, Shape(depth=1, budget=4, width=8), Trace()).tree
+    assert sorted(scored.tokens) == [44, 45]
+    # the verify pass counts the context-free candidates under their own source
+    rows_ = torch.zeros(1 + len(tree), 50)
+    rows_[0, 33] = 9.0
+    proposer.propose([10, 11, 12, 7], None, Shape(depth=2, budget=4, width=8), Trace())
+    proposer.observe([10, 11, 12, 7, 33, 5], Proposal(tree), rows_)
+    assert proposer.acceptance.hits[DynamicTreeProposer.CONTEXT_FREE].sum() == 1
+    assert proposer.acceptance.seen[DynamicTreeProposer.CONTEXT_FREE].sum() >= 2
+    assert proposer.recycling.matrix[7, 0] == 33  # and 7 now has a row of its own
+
+
+def test_context_free_rows_are_the_targets_top_tokens_after_each_token_alone(target, tmp_path, monkeypatch):
+    monkeypatch.setattr(datastore, "CONTEXT_FREE_CHUNK", 20)  # three chunks for the tiny vocabulary
+    calls = []
+
+    def score(tokens):
+        calls.append(len(tokens))
+        return next_token_logits(target, [1, 5], tokens)
+
+    rows, scores = load_context_free_rows("tiny", [1, 5], VOCAB, 4, score, root=tmp_path, log=lambda *a: None)
+    assert calls == [20, 20, 8] and rows.shape == scores.shape == (VOCAB, 4)
+    for token in (0, 3, 19, 20, 47):  # as one plain forward of [1, 5, token] says
+        logits, _ = forward(target, [1, 5, token], new_cache(target, 4))
+        assert rows[token].tolist() == torch.topk(logits[0], 4).indices.tolist()
+    assert np.allclose(scores.sum(axis=1), 1) and (np.diff(scores, axis=1) <= 0).all()
+    again = load_context_free_rows("tiny", [1, 5], VOCAB, 4, None, root=tmp_path)  # cached: no scoring
+    assert (again[0] == rows).all() and (again[1] == scores).all()
+    assert len(list(tmp_path.glob("tiny-context-free-*.npz"))) == 1
+    load_context_free_rows("tiny", [1], VOCAB, 4, score, root=tmp_path, log=lambda *a: None)  # another prefix
+    assert len(list(tmp_path.glob("tiny-context-free-*.npz"))) == 2
+
+
 # --- engine: greedy identity --------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -367,9 +413,15 @@ def datastore_memory(target):
     return {"datastore": Datastore(concatenate(outputs))}
 
 
+def strategy_memory(strategy, target, datastore_memory) -> dict:
+    """What runner.prepare gives a strategy before its first generation: REST's datastore, the dynamic tree's
+    context-free rows."""
+    return {"rest": datastore_memory, "dynamic-tree": context_free_memory(target)}.get(strategy, {})
+
+
 @pytest.mark.parametrize("strategy", MODEL_FREE_TREES)
 def test_greedy_train_free_trees_match_baseline(target, datastore_memory, strategy):
-    memory = datastore_memory if strategy == "rest" else {}
+    memory = strategy_memory(strategy, target, datastore_memory)
     accepted = proposed = 0
     for p in prompts(6, seed=3):
         base = baseline_decode(target, p, DecodeSettings(max_new_tokens=30), {EOS}).tokens
@@ -386,7 +438,7 @@ def test_greedy_train_free_trees_match_baseline(target, datastore_memory, strate
 
 @pytest.mark.parametrize("strategy", MODEL_FREE_TREES)
 def test_train_free_trees_stop_exactly_at_eos_and_max_tokens(target, datastore_memory, strategy):
-    memory = datastore_memory if strategy == "rest" else {}
+    memory = strategy_memory(strategy, target, datastore_memory)
     for p in prompts(3, seed=5):
         free = baseline_decode(target, p, DecodeSettings(max_new_tokens=30, stop_at_eos=False), set()).tokens
         eos = {free[7]}

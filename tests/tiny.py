@@ -94,3 +94,14 @@ def save_tiny_pair(root, noise: float = 0.3) -> dict:
         char_tokenizer().save_pretrained(root / alias)
         entries[alias] = {"path": str(root / alias), "dtype": "float32", "chat": False}
     return entries
+
+
+def context_free_memory(model, prefix=(1,), topk: int = 8) -> dict:
+    """The dynamic tree's context-free rows of `model` after `prefix` (default: BOS), as runner.prepare puts them
+    in the strategy's memory."""
+    from specdec.datastore import context_free_rows
+    from specdec.runner import next_token_logits
+
+    vocab = model.config.vocab_size
+    rows = context_free_rows(lambda tokens: next_token_logits(model, list(prefix), tokens), vocab, min(topk, vocab))
+    return {"context_free": rows}
