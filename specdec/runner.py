@@ -20,6 +20,7 @@ from specdec.models import (WEIGHT_FORMATS, LoadedModel, ModelError, encode_prom
 from specdec.proposers import DraftLength, make_proposer
 from specdec.speculative import speculative_decode
 from specdec.strategies import NAMES, STRATEGIES, names
+from specdec.tree import Tree, forward_tree
 
 DRAFT_SAMPLING = ("greedy", "sample")
 # Upper bounds that catch typos (k 1e9, temperature 70 meant as 0.7) before anything loads; the workflow's config
@@ -207,14 +208,15 @@ def context_free_candidates(pair: Pair, topk: int):
 
 
 def next_token_logits(model, prefix: list[int], tokens: list[int]):
-    """The model's logits after prefix + [t] for each t in `tokens`, in one forward: a one-level tree whose nodes
-    all sit at the position after the prefix and see the prefix and themselves."""
-    p, n = len(prefix), len(prefix) + len(tokens)
-    attend = torch.ones(n, n, dtype=torch.bool).tril()
-    attend[p:, p:] = torch.eye(len(tokens), dtype=torch.bool)
-    logits, _ = forward(model, prefix + tokens, new_cache(model, n), rows=len(tokens),
-                        positions=list(range(p)) + [p] * len(tokens), attend=attend)
-    return logits
+    """The model's logits after prefix + [t] for each t in `tokens` (prefix: at least one token), in one verify
+    pass of a one-level tree: each token a child of the prefix's last token (tree.forward_tree)."""
+    if not prefix:
+        raise ValueError("next_token_logits needs a prefix of at least one token (the tree's root)")
+    cache = new_cache(model, len(prefix) + len(tokens))
+    if len(prefix) > 1:
+        forward(model, prefix[:-1], cache)
+    star = Tree(list(tokens), [-1] * len(tokens), [1] * len(tokens))
+    return forward_tree(model, prefix[-1], star, cache)[0][1:]
 
 
 def decode_models(strategy: str, target, prompt_ids: list[int], s: DecodeSettings, eos_ids, draft_model=None,
