@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from specdec.decoding import DecodeSettings, Trace, forward, hit_eos, logits_to_probs, new_cache, rollback, sample
+from specdec.decoding import (DecodeSettings, Trace, forward, hit_eos, logits_to_probs, new_cache, rollback, sample,
+                              top_k_rows)
 from specdec.drafters import Drafter
 from specdec.kernels import prepare_model
 from specdec.trainfree import (MEMORY_TOKENS, Acceptance, ContextTable, add_ngram, advance_window, build_trie,
@@ -348,13 +349,13 @@ class RecyclingProposer:
     def learn(self, tokens: list[int], logits: torch.Tensor, before=None) -> None:
         """Learn each token's top-k (the rows of `logits`); before[i] (scored only): the two tokens before
         tokens[i] (-1: none)."""
-        top = torch.topk(logits, self.topk, dim=-1)
-        rows = top.indices.to(torch.int32).cpu().numpy()
+        values, indices = top_k_rows(logits, self.topk)
+        rows = indices.to(torch.int32).cpu().numpy()
         probs = None
         if self.scored:
             # the candidates' shares among the top-k: a score the dynamic tree calibrates, not the full softmax
             # (whose exp over the whole vocabulary would cost more per pass than all the drafting)
-            probs = torch.softmax(top.values.float(), dim=-1).cpu().numpy()
+            probs = torch.softmax(values.float(), dim=-1).cpu().numpy()
         # the tokens before are kept only for the context tables
         context = np.asarray(before, dtype=np.int32).reshape(len(tokens), 2) if self.scored else None
         chunk = (context, np.asarray(tokens, dtype=np.int64), rows, probs)

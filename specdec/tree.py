@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specdec.decoding import forward, rollback
+from specdec.decoding import forward, kv_arena, rollback
 
 
 @dataclass
@@ -122,9 +122,13 @@ def keep_path(cache, start: int, path: list[int]) -> None:
     keep = start + 1 + len(path)
     if path != list(range(len(path))):  # not already contiguous: move the path's entries into place
         src = torch.tensor([start + 1 + i for i in path], device=cache.layers[0].keys.device)
-        for layer in cache.layers:
-            layer.keys[..., start + 1:keep, :] = layer.keys.index_select(-2, src)
-            layer.values[..., start + 1:keep, :] = layer.values.index_select(-2, src)
+        arena = kv_arena(cache)
+        if arena is not None:  # every layer's keys and values in one buffer: one gather, one copy
+            arena[..., start + 1:keep, :] = arena.index_select(-2, src)
+        else:
+            for layer in cache.layers:
+                layer.keys[..., start + 1:keep, :] = layer.keys.index_select(-2, src)
+                layer.values[..., start + 1:keep, :] = layer.values.index_select(-2, src)
     rollback(cache, keep)
 
 

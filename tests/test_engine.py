@@ -248,6 +248,28 @@ def test_top_p_and_top_k_keep_the_right_tokens():
     assert kept.tolist() == [[True, True, False, False, False]] and probs[0] < 0.8
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_top_k_rows_are_torch_topk(seed):
+    """The blockwise top-k has torch.topk's values in its order, at indices holding them, all distinct: with ties
+    everywhere (rounded logits), winners in the short last block and in the first, any k and vocabulary size."""
+    gen = torch.Generator().manual_seed(seed)
+    for trial in range(40):
+        rows, k = int(torch.randint(1, 20, (1,), generator=gen)), int(torch.randint(1, 9, (1,), generator=gen))
+        vocab = int(torch.randint(1, 40_000, (1,), generator=gen))
+        logits = torch.randn(rows, vocab, generator=gen) * 4
+        if trial % 2:
+            logits = logits.round()
+        if trial % 5 == 0:
+            logits[:, -min(3, vocab):] = 50.0
+        if trial % 7 == 0:
+            logits[:, :min(5, vocab)] = 60.0
+        k = min(k, vocab)
+        values, indices = decoding.top_k_rows(logits, k)
+        assert torch.equal(values, torch.topk(logits, k).values)
+        assert torch.equal(logits.gather(1, indices), values)
+        assert all(len(set(row)) == k for row in indices.tolist())
+
+
 @pytest.mark.parametrize("strategy", ["baseline", "speculative", "ngram"])
 def test_same_seed_same_output_for_every_strategy(target, draft, strategy):
     p = prompts(1, seed=9)[0]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from specdec.decoding import DecodeSettings, baseline_decode, forward, make_generator, new_cache
+from specdec.decoding import DecodeSettings, baseline_decode, forward, kv_arena, make_generator, new_cache
 from specdec.proposers import DraftLength, DraftModelProposer, Proposal
 from specdec.runner import decode_models
 from specdec.speculative import speculative_decode
@@ -73,7 +73,10 @@ def test_tree_forward_matches_sequential_forwards(target, seed):
         torch.testing.assert_close(logits[node + 1], reference, rtol=0, atol=1e-9)
 
 
-def test_keep_path_leaves_the_cache_of_the_accepted_path(target):
+@pytest.mark.parametrize("capacity", [256, None])
+def test_keep_path_leaves_the_cache_of_the_accepted_path(target, capacity):
+    """With room (256) every layer stays in the cache's one KV buffer and the path moves in one copy; with none
+    (the prefill's length) the tree pass grows each layer into its own buffer and the path moves layer by layer."""
     prompt = prompts(1, seed=4)[0]
     tree = random_tree(12, 5)
     deepest = max(range(len(tree)), key=lambda i: tree.depths[i])
@@ -84,8 +87,10 @@ def test_keep_path_leaves_the_cache_of_the_accepted_path(target):
         node = tree.parents[node]
     path = path[::-1]
     assert path != list(range(len(path)))  # entries must move, not just be cropped
-    cache = prefilled(target, prompt[:-1])
+    cache = new_cache(target, capacity or len(prompt) - 1)
+    forward(target, prompt[:-1], cache)
     forward_tree(target, prompt[-1], tree, cache)
+    assert (kv_arena(cache) is not None) == (capacity is not None)
     keep_path(cache, len(prompt) - 1, path)
     ids = [prompt[-1]] + [tree.tokens[i] for i in path]
     assert cache.get_seq_length() == len(prompt) - 1 + len(ids)
