@@ -321,6 +321,7 @@ def test_growing_cache_survives_growth_and_rollbacks():
     history = prompts(1, seed=2)[0]
     cache = decoding.new_cache(target, capacity=4)  # forces several regrowths
     decoding.forward(target, history, cache)
+    assert decoding.kv_arena(cache) is not None  # every layer in the one buffer, sized for the prefill
     for fed, keep in (([5, 6, 7], 1), ([8, 9], 2), ([10] * 20, 20), ([11, 12, 13], 0)):
         out = decoding.forward(target, fed, cache, len(fed))[0]
         fresh = decoding.forward(target, history + fed, None, len(fed))[0]
@@ -328,3 +329,5 @@ def test_growing_cache_survives_growth_and_rollbacks():
         history = history + fed[:keep]  # as after a verify pass that accepted `keep` tokens
         decoding.rollback(cache, len(history))
         assert cache.get_seq_length() == len(history)
+    # grown out of it, each layer into a buffer of its own: the arena lets its memory go
+    assert decoding.kv_arena(cache) is None and cache.layers[0].arena.tensor is None
