@@ -333,7 +333,7 @@ def load_drafter(folder: str | Path, model) -> Drafter:
     module = (EagleDraft if meta["kind"] == "eagle" else MedusaHeads)(**cfg, vocab_ids=state["vocab_ids"])
     module.load_state_dict(state)
     module.to(model.device).eval().requires_grad_(False)
-    vocab = model.get_output_embeddings().weight.shape[0]
+    vocab = model.get_output_embeddings().out_features
     if module.vocab_ids.numel() and int(module.vocab_ids.max()) >= vocab:
         raise DrafterError(f"drafter in {folder} uses token ids beyond the target's {vocab}: another target's drafter")
     return attach(meta["kind"], module, model)

@@ -1,22 +1,28 @@
 """CPU kernels for our decoding loops: `prepare_model` makes a float32 model fast on a CPU, in place and once.
 
-On a CPU with float32 weights the output head goes through oneDNN (a 5-row head pass: 14-18 ms instead of MKL's
-25 ms on a Xeon), verify passes share KV heads in attention, and the decoder linear kernels are chosen per CPU
-(`linear_kernels`): on AMD, pre-packed oneDNN weights (a 1-token step of SmolLM2-135M 76 -> 38 ms on a 2-core EPYC,
-where MKL's small-matrix paths are slow); on Intel, MKL itself (1-row products 1.2-1.9x faster than packed oneDNN
-on a Sapphire Rapids Xeon, 5-row ones on par). Elsewhere (GPU, other dtypes, device maps, tensor parallelism) the
-model is left as it is.
+On a CPU with float32 weights verify passes share KV heads in attention, and the linear kernels are chosen per
+CPU (`linear_kernels`):
+- on AVX-512 CPUs other than Intel's, our own kernel (`PanelLinear`, csrc/panel_linear.cpp) for the decoder and
+  the output head: the weights in panels of 16 output features, streamed once per call, every row's sums in
+  registers. On a 2-core AMD EPYC a one-row step of SmolLM2-135M takes 22 instead of 28 ms (oneDNN), and a
+  12-row verify pass 1.31 instead of 1.34 one-row steps; a row's result does not depend on the other rows of the
+  call. It is compiled on first use (torch's cpp_extension, ~35 s, cached).
+- without it, pre-packed oneDNN weights (a 1-token step 76 -> 38 ms on that EPYC, where MKL's small-matrix paths
+  are slow), the head through oneDNN on its dense weight (5 rows: 14-18 ms instead of MKL's 25 ms on a Xeon);
+- on Intel, MKL itself (1-row products 1.2-1.9x faster than packed oneDNN on a Sapphire Rapids Xeon, 5-row ones
+  on par; our kernel is not measured there: $SPECDEC_CPU_LINEAR=panels tries it).
+Elsewhere (GPU, other dtypes, device maps, tensor parallelism) the model is left as it is.
 """
-
 from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
 
 import torch
 
 from specdec import llama_forward
-from specdec.attention import attend_rows, exact_rows_requested
+from specdec.attention import attend_rows, exact_rows_requested, fold_mask, grouped_rows
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -46,6 +52,112 @@ class PackedLinear(torch.nn.Module):
     def kernel(self):
         """The bare kernel call on 2-D inputs (llama_forward calls it without the module)."""
         return functools.partial(onednn_linear, weight=self.packed, bias=self.bias)
+
+
+PANEL_SOURCE = Path(__file__).parent / "csrc" / "panel_linear.cpp"
+
+
+@functools.cache
+def panel_extension():
+    """Our AVX-512 linear kernel (csrc/panel_linear.cpp), compiled by torch's cpp_extension the first time a
+    machine needs it (~35 s on 2 cores; cached under $TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions,
+    and rebuilt when the source changes). Raises PanelKernelError with the reason where it cannot run."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        raise PanelKernelError(f"this CPU (or $ATEN_CPU_CAPABILITY) offers {torch.backends.cpu.get_cpu_capability()}, "
+                               "not AVX512")
+    import sys
+    import time
+
+    from torch.utils import cpp_extension
+
+    start = time.perf_counter()
+    try:
+        # -fopenmp: at::parallel_for is inline OpenMP; the runtime is the one torch already loaded
+        module = cpp_extension.load(name="specdec_panel_linear", sources=[str(PANEL_SOURCE)],
+                                    extra_cflags=["-O3", "-mavx512f", "-mfma", "-fopenmp"], verbose=False)
+    except Exception as e:  # no compiler, no ninja, no Python headers: say which, in one line
+        reason = " ".join(str(e).split())[:300]
+        raise PanelKernelError(f"could not build {PANEL_SOURCE.name}: {type(e).__name__}: {reason}") from e
+    took = time.perf_counter() - start
+    if took > 5:  # a build, not a load from the cache
+        print(f"specdec: compiled the AVX-512 linear kernel in {took:.0f} s (once per machine)", file=sys.stderr)
+    return module
+
+
+class PanelKernelError(RuntimeError):
+    pass
+
+
+def panel_kernel_problem() -> str | None:
+    """Why the panel kernel cannot run here (None: it can; building it on the first call)."""
+    try:
+        panel_extension()
+    except PanelKernelError as e:
+        return str(e)
+    return None
+
+
+def pack_panels(weight: torch.Tensor) -> torch.Tensor:
+    """[out, in] -> [out/16, in, 16]: 16 output features side by side for every input feature."""
+    out, inp = weight.shape
+    return weight.detach().reshape(out // 16, 16, inp).transpose(1, 2).contiguous()
+
+
+def panel_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Our AVX-512 kernel on 2-D float32 inputs (a partial of it is a PanelLinear's kernel call)."""
+    return panel_extension().panel_linear(x, packed, bias)
+
+
+class PanelLinear(torch.nn.Module):
+    """A float32 nn.Linear whose weight is stored only in panels for our AVX-512 kernel (`pack_panels`; no dense
+    copy kept). Each output is one in-order sum over the inputs, so a row's result does not depend on how many
+    rows share the call: a verify pass's linear layers give each row a one-row step's bits."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = pack_panels(linear.weight)
+        self.bias = linear.bias
+
+    @staticmethod
+    def fits(linear: torch.nn.Linear) -> bool:
+        return linear.out_features % 16 == 0
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A dense copy, for code that reads weights (not used by forward)."""
+        return self.packed.transpose(1, 2).reshape(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernel()(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+
+    def kernel(self):
+        """The bare kernel call on 2-D inputs (llama_forward calls it without the module)."""
+        return functools.partial(panel_linear, packed=self.packed, bias=self.bias)
+
+
+class PanelEmbedding(torch.nn.Module):
+    """An input embedding that reads its rows from an output head's panels (`pack_panels` of the tied weight), so
+    a model whose head and embedding are one matrix keeps one copy of it when the head runs our kernel."""
+
+    def __init__(self, embedding: torch.nn.Embedding, packed: torch.Tensor):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
+        self.padding_idx = embedding.padding_idx
+        self.packed = packed
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A dense copy, for code that reads weights (not used by forward)."""
+        return self.packed.transpose(1, 2).reshape(self.num_embeddings, self.embedding_dim)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return panel_rows(ids, self.packed)
+
+
+def panel_rows(ids: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` of the dense [out, in] matrix that `packed` holds in panels: [*ids.shape, in]."""
+    return packed[ids // 16, :, ids % 16]
 
 
 class DenseOneDNNLinear(torch.nn.Module):
@@ -83,9 +195,10 @@ def attention_row_by_row(module, query, key, value, attention_mask, dropout=0.0,
 
 def sdpa_gqa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                        **kwargs):
-    """transformers' SDPA attention, except that a multi-token pass with a mask (a verify pass) lets SDPA share
-    the key/value heads (enable_gqa) instead of materialising repeated copies of the whole KV cache per layer,
-    or, with $SPECDEC_EXACT_ATTENTION=1, is computed row by row (`attention_row_by_row`).
+    """transformers' SDPA attention, except that a multi-token pass with a mask (a verify pass) shares the
+    key/value heads instead of materialising repeated copies of the whole KV cache per layer (each KV head's
+    query heads folded into its rows, `attention.grouped_rows`, as our forward does; else enable_gqa), or, with
+    $SPECDEC_EXACT_ATTENTION=1, is computed row by row (`attention_row_by_row`).
     Anything else goes to transformers' own function unchanged."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -97,8 +210,12 @@ def sdpa_gqa_attention(module, query, key, value, attention_mask, dropout=0.0, s
             is not None or kwargs.get("softcap") is not None or kwargs.get("cache") is not None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
-                                                           scale=scaling, enable_gqa=True)
+    if (query.shape[0] == 1 and attention_mask.shape[:2] == (1, 1)
+            and query.shape[1] == groups * key.shape[1]):  # as our forward computes it: llama_forward
+        out = grouped_rows(query, key, value, fold_mask(attention_mask, groups), scaling)
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                               scale=scaling, enable_gqa=True)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -122,7 +239,7 @@ def fast_kernels_available(model) -> bool:
             and getattr(model, "hf_device_map", None) is None)
 
 
-LINEAR_KERNELS = ("auto", "mkl", "onednn")
+LINEAR_KERNELS = ("auto", "mkl", "onednn", "panels")
 
 
 def cpu_vendor() -> str:
@@ -138,24 +255,33 @@ def cpu_vendor() -> str:
 
 
 def linear_kernels() -> str:
-    """Which kernels run the decoder's float32 linear layers on this CPU: 'mkl' (transformers' stock nn.Linear)
-    or 'onednn' (PackedLinear). $SPECDEC_CPU_LINEAR=mkl|onednn overrides the choice; 'auto' (the default) picks
-    MKL on Intel CPUs and pre-packed oneDNN elsewhere, from measurements on both (module docstring, README)."""
+    """Which kernels run the decoder's float32 linear layers on this CPU: 'mkl' (transformers' stock nn.Linear),
+    'onednn' (PackedLinear) or 'panels' (PanelLinear, our AVX-512 kernel). $SPECDEC_CPU_LINEAR=mkl|onednn|panels
+    overrides the choice; 'auto' (the default) picks MKL on Intel CPUs, else our kernel where it runs (AVX-512
+    and a C++ compiler), else pre-packed oneDNN, from measurements (module docstring, README)."""
     choice = os.environ.get("SPECDEC_CPU_LINEAR", "auto").strip().lower() or "auto"
     if choice not in LINEAR_KERNELS:
         raise ValueError(f"SPECDEC_CPU_LINEAR must be one of {', '.join(LINEAR_KERNELS)}, got '{choice}'")
+    if choice == "panels":
+        problem = panel_kernel_problem()
+        if problem:
+            raise ValueError(f"SPECDEC_CPU_LINEAR=panels cannot run here: {problem}; "
+                             "set SPECDEC_CPU_LINEAR=onednn or mkl")
     if choice != "auto":
         return choice
-    return "mkl" if torch.backends.mkl.is_available() and cpu_vendor() == "GenuineIntel" else "onednn"
+    if torch.backends.mkl.is_available() and cpu_vendor() == "GenuineIntel":
+        return "mkl"
+    return "panels" if panel_kernel_problem() is None else "onednn"
 
 
 def prepare_model(model, linear: str | None = None):
     """Make `model` fast for our decoding loops, in place and once (later calls return at once).
 
-    On a CPU with float32 weights: the output head becomes a DenseOneDNNLinear, SDPA attention becomes
-    `sdpa_gqa_attention`, and with `linear` == 'onednn' (default: `linear_kernels()`) every other linear layer
-    becomes a PackedLinear (its dense weight is freed, so memory does not grow); with 'mkl' they stay as they
-    are. Elsewhere (GPU, float16, float64, accelerate device maps, tensor parallelism) the model is left as it
+    On a CPU with float32 weights: SDPA attention becomes `sdpa_gqa_attention`; with `linear` == 'panels'
+    (default: `linear_kernels()`) every linear layer whose width is a multiple of 16 becomes a PanelLinear, the
+    head included (a tied input embedding becomes a PanelEmbedding over the head's panels); with 'onednn' the
+    head becomes a DenseOneDNNLinear and every other linear layer a PackedLinear; with 'mkl' only the head changes
+    (to DenseOneDNNLinear). Packed layers free their dense weights, so memory does not grow. Elsewhere (GPU, float16, float64, accelerate device maps, tensor parallelism) the model is left as it
     is. Outputs agree with the stock layers to float32 rounding (another summation order).
     Then, wherever it applies (a Llama on the CPU: llama_forward.unsupported), decoding.forward runs our own
     forward over these layers instead of transformers' (the same bits, fewer operator calls).
@@ -172,8 +298,10 @@ def prepare_model(model, linear: str | None = None):
 
 
 def use_fast_kernels(model, linear: str | None) -> None:
-    """prepare_model's CPU float32 part: oneDNN head, GQA verify attention, packed or MKL linears, own copies."""
-    pack = (linear or linear_kernels()) == "onednn"
+    """prepare_model's CPU float32 part: GQA verify attention; our panel kernel for the decoder and the head (a
+    tied input embedding then reads the head's panels), or packed oneDNN / MKL linears and a oneDNN head; own
+    copies of the weights."""
+    kind = linear or linear_kernels()
     use_gqa_attention(model)
     output = model.get_output_embeddings()
     embedding = model.get_input_embeddings()
@@ -182,9 +310,17 @@ def use_fast_kernels(model, linear: str | None) -> None:
         for name, child in list(parent.named_children()):
             if type(child) is not torch.nn.Linear or child.weight.dtype != torch.float32:
                 continue
-            if child is output or child.weight is tied:
+            if child is output and kind == "panels" and PanelLinear.fits(child) and (
+                    child.weight is not tied or type(embedding) is torch.nn.Embedding):
+                head = PanelLinear(child)
+                setattr(parent, name, head)
+                if child.weight is tied:  # one matrix for both: the embedding reads the head's panels
+                    model.set_input_embeddings(PanelEmbedding(embedding, head.packed))
+            elif child is output or child.weight is tied:
                 setattr(parent, name, DenseOneDNNLinear(child))
-            elif pack:
+            elif kind == "panels" and PanelLinear.fits(child):
+                setattr(parent, name, PanelLinear(child))
+            elif kind in ("onednn", "panels"):  # a width our kernel does not tile goes to oneDNN
                 setattr(parent, name, PackedLinear(child))
     # Weights loaded from safetensors are views of one memory-mapped file: while any of them lives, every page
     # of the file that was read stays resident. Copying the tensors into ordinary memory lets the mapping go,

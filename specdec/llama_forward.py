@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from specdec.attention import attend_rows, exact_rows_requested, sdpa_one_row
+from specdec.attention import attend_rows, exact_rows_requested, fold_mask, grouped_rows, sdpa_one_row
 from specdec.quant import FusedWeightOnly, ProjectionSlice
 
 FORWARDS = ("own", "transformers")
@@ -47,7 +47,8 @@ def forward_choice() -> str:
 
 def matmul(module) -> Matmul:
     """The kernel call of a linear layer without its module wrapping (inputs are already 2-D): the `kernel()` of
-    our layers (kernels.PackedLinear, kernels.DenseOneDNNLinear, quant.WeightOnlyLinear), F.linear for nn.Linear."""
+    our layers (kernels.PackedLinear, PanelLinear, DenseOneDNNLinear, quant.WeightOnlyLinear), F.linear for
+    nn.Linear."""
     if hasattr(module, "kernel"):
         return module.kernel()
     if type(module) is torch.nn.Linear:
@@ -84,7 +85,7 @@ class LayerWeights:
 
 @dataclass
 class LlamaWeights:
-    embed: torch.Tensor
+    embed: torch.nn.Module  # the input embedding: nn.Embedding, or kernels.PanelEmbedding over the head's panels
     layers: list[LayerWeights]
     norm: torch.Tensor
     norm_eps: float
@@ -118,7 +119,8 @@ def unsupported(model) -> str | None:
     rotary = model.model.rotary_emb
     if rotary.rope_type not in ROPE_TYPES or rotary.attention_scaling != 1.0:
         return f"rotary scaling '{rotary.rope_type}' changes with the sequence"
-    if model.model.embed_tokens.weight.dtype not in (torch.float32, torch.float64):
+    embed = model.model.embed_tokens
+    if getattr(embed, "packed", getattr(embed, "weight", None)).dtype not in (torch.float32, torch.float64):
         return "hidden states are not float32 or float64"
     return None
 
@@ -143,7 +145,7 @@ def llama_weights(model) -> LlamaWeights | None:
     except TypeError:
         return None
     attn = inner.layers[0].self_attn
-    return LlamaWeights(embed=inner.embed_tokens.weight, layers=layers, norm=inner.norm.weight,
+    return LlamaWeights(embed=inner.embed_tokens, layers=layers, norm=inner.norm.weight,
                         norm_eps=inner.norm.variance_epsilon, head=head,
                         inv_freq=inner.rotary_emb.inv_freq, heads=config.num_attention_heads,
                         kv_heads=config.num_key_value_heads, head_dim=attn.head_dim,
@@ -181,11 +183,13 @@ def forward(weights: LlamaWeights, ids: list[int], cache, rows: int = 1, positio
     n = len(ids)
     start = cache.get_seq_length()
     pos = torch.tensor(positions) if positions is not None else torch.arange(start, start + n)
-    x = weights.embed[torch.tensor(ids)]
+    x = weights.embed(torch.tensor(ids))
     cos, sin = rotary(weights, pos, x.dtype)
     mask = tree_mask if tree_mask is not None else causal_mask(n, start)
     by_rows = mask is not None and exact_rows_requested()
     heads, kv_heads, dim, half = weights.heads, weights.kv_heads, weights.head_dim, weights.head_dim // 2
+    # a masked multi-row pass (verify) with grouped KV heads: query heads folded into rows (attention.grouped_rows)
+    folded = fold_mask(mask, heads // kv_heads) if mask is not None and not by_rows and heads > kv_heads else None
     for index, layer in enumerate(weights.layers):
         h = rms_norm(x, layer.attn_norm, layer.attn_eps)
         qkv = layer.qkv(h).view(n, heads + 2 * kv_heads, dim).transpose(0, 1)  # [heads, rows, dim]
@@ -195,6 +199,8 @@ def forward(weights: LlamaWeights, ids: list[int], cache, rows: int = 1, positio
         q = qk[None, :heads]
         if by_rows:
             att = attend_rows(q, k, v, mask, functools.partial(sdpa_one_row, scaling=weights.scaling))
+        elif folded is not None:
+            att = grouped_rows(q, k, v, folded, weights.scaling)
         else:
             att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=weights.scaling,
                                                  is_causal=mask is None and n > 1, enable_gqa=True)

@@ -362,8 +362,8 @@ def check_same_vocab(target: LoadedModel, draft: LoadedModel) -> int:
                          f"({len(t_vocab)} vs {len(d_vocab)} tokens, {len(differing)} differ, e.g. {example}); "
                          "draft-target strategies need one tokenizer: pick a draft from the target's family, "
                          "or use the ngram strategy")
-    t_rows = target.model.get_output_embeddings().weight.shape[0]
-    d_rows = draft.model.get_output_embeddings().weight.shape[0]
+    t_rows = target.model.get_output_embeddings().out_features
+    d_rows = draft.model.get_output_embeddings().out_features
     shared = min(t_rows, d_rows)
     if shared < len(t_vocab):
         raise ModelError(f"target '{target.spec.alias}' ({t_rows} logits) and draft '{draft.spec.alias}' "
@@ -375,7 +375,7 @@ def shared_logit_rows(target: LoadedModel, draft: LoadedModel) -> int | None:
     """check_same_vocab, then the logit rows verification must keep: None when both heads have exactly those
     rows (nothing to slice), else the shared count."""
     shared = check_same_vocab(target, draft)
-    rows = {m.model.get_output_embeddings().weight.shape[0] for m in (target, draft)}
+    rows = {m.model.get_output_embeddings().out_features for m in (target, draft)}
     return None if rows == {shared} else shared
 
 

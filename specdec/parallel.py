@@ -110,7 +110,7 @@ def load_pair_tensor_parallel(target_alias: str, draft_alias: str | None, regist
     if rank() == 0:
         try:
             draft = load_model(spec, device=device)
-            rows = draft.model.get_output_embeddings().weight.shape[0]
+            rows = draft.model.get_output_embeddings().out_features
             meta = torch.tensor([1, rows, shared_logit_rows(target, draft) or 0], device=device)
         except Exception as exc:  # tell the other ranks before raising, so none waits for a draft that never comes
             error = exc

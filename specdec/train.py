@@ -276,7 +276,7 @@ def train(kind: str, loaded, settings: DrafterSettings, data: dict, deadline: fl
     n = len(data["tokens"])
     val = [i for i in range(n) if settings.val_every and i % settings.val_every == settings.val_every - 1]
     train_ids = [i for i in range(n) if i not in set(val)] or val
-    vocab = model.get_output_embeddings().weight.shape[0]
+    vocab = model.get_output_embeddings().out_features
     ids = reduced_vocab([data["tokens"][i] for i in train_ids], settings.vocab, vocab, loaded.eos_token_ids)
     module = new_module(kind, model, ids, settings.heads).float()
     drafter = attach(kind, module, model)

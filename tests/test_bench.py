@@ -260,19 +260,24 @@ def test_leviathan_per_step_model_reduces_to_the_paper_formula_for_a_fixed_k():
 
 # --- engine speed work keeps outputs --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("linear", ["onednn", "mkl"])
+LINEARS = ["onednn", "mkl", pytest.param("panels", marks=pytest.mark.skipif(
+    kernels.panel_kernel_problem() is not None, reason="the panel kernel cannot run here"))]
+
+
+@pytest.mark.parametrize("linear", LINEARS)
 def test_prepared_float32_model_matches_stock(linear):
     stock = tiny_target(dtype=torch.float32)
     prepared = kernels.prepare_model(copy.deepcopy(stock), linear=linear)
     assert kernels.prepare_model(prepared) is prepared  # idempotent
     kinds = {type(m).__name__ for m in prepared.modules()}
-    assert "DenseOneDNNLinear" in kinds
-    if linear == "onednn":
-        assert "PackedLinear" in kinds and "Linear" not in kinds
+    head = type(prepared.get_output_embeddings()).__name__
+    assert head == ("PanelLinear" if linear == "panels" else "DenseOneDNNLinear")
+    if linear in ("onednn", "panels"):
+        assert {"onednn": "PackedLinear", "panels": "PanelLinear"}[linear] in kinds and "Linear" not in kinds
         packed_bytes = sum(p.numel() for p in prepared.parameters())
         assert packed_bytes < sum(p.numel() for p in stock.parameters()) / 2  # no dense copy of packed layers kept
     else:
-        assert "PackedLinear" not in kinds and "Linear" in kinds
+        assert "PackedLinear" not in kinds and "PanelLinear" not in kinds and "Linear" in kinds
         assert sum(p.numel() for p in prepared.parameters()) == sum(p.numel() for p in stock.parameters())
     ids = prompts(1, seed=3)[0] + [5, 6, 7]
     torch.testing.assert_close(decoding.forward(prepared, ids, None, 4)[0], decoding.forward(stock, ids, None, 4)[0],
@@ -284,19 +289,19 @@ def test_prepared_float32_model_matches_stock(linear):
 def test_linear_kernels_follow_the_cpu_vendor_unless_overridden(monkeypatch):
     monkeypatch.delenv("SPECDEC_CPU_LINEAR", raising=False)
     monkeypatch.setattr(kernels, "cpu_vendor", lambda: "AuthenticAMD")
-    assert kernels.linear_kernels() == "onednn"
+    assert kernels.linear_kernels() == ("panels" if kernels.panel_kernel_problem() is None else "onednn")
     monkeypatch.setattr(kernels, "cpu_vendor", lambda: "GenuineIntel")
     assert kernels.linear_kernels() == ("mkl" if torch.backends.mkl.is_available() else "onednn")
     monkeypatch.setenv("SPECDEC_CPU_LINEAR", "onednn")
     assert kernels.linear_kernels() == "onednn"
     monkeypatch.setenv("SPECDEC_CPU_LINEAR", "fast")
-    with pytest.raises(ValueError, match="SPECDEC_CPU_LINEAR must be one of auto, mkl, onednn, got 'fast'"):
+    with pytest.raises(ValueError, match="SPECDEC_CPU_LINEAR must be one of auto, mkl, onednn, panels, got 'fast'"):
         kernels.linear_kernels()
     with pytest.raises(SettingsError, match="SPECDEC_CPU_LINEAR"):  # before any model loads
         check_settings("baseline", None, DecodeSettings())
 
 
-@pytest.mark.parametrize("linear", ["onednn", "mkl"])
+@pytest.mark.parametrize("linear", LINEARS)
 def test_prepared_models_decode_like_stock_ones(linear):
     stock_target = tiny_target(dtype=torch.float32)
     target = kernels.prepare_model(copy.deepcopy(stock_target), linear=linear)

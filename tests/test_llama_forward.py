@@ -1,7 +1,7 @@
 """Our own Llama forward (specdec/llama_forward.py) computes transformers' forward bit for bit, in every pass our
 loops make (prefill, one-row steps, chain verify, tree verify with extra rows, hidden states), and in every
-kernel set (float64, float32 oneDNN and MKL, bfloat16/int8/int4 weight-only); it stands aside where it does not
-apply."""
+kernel set (float64, float32 oneDNN, MKL and our AVX-512 panels, bfloat16/int8/int4 weight-only); it stands
+aside where it does not apply."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from specdec import decoding, llama_forward, quant
+from specdec import decoding, kernels, llama_forward, quant
 from specdec.decoding import DecodeSettings, additive_mask, forward, new_cache
 from specdec.kernels import prepare_model
 from specdec.models import load_registry
@@ -22,7 +22,10 @@ def own_forward(model):
     return getattr(model, "_specdec_own_forward", None)  # installed by kernels.prepare_model
 
 
-KERNELS = ["float64", "float32-onednn", "float32-mkl", "bfloat16", "int8", "int4"]
+KERNELS = ["float64", "float32-onednn", "float32-mkl",
+           pytest.param("float32-panels", marks=pytest.mark.skipif(kernels.panel_kernel_problem() is not None,
+                                                                  reason="the panel kernel cannot run here")),
+           "bfloat16", "int8", "int4"]
 
 
 def prepared(kind: str, monkeypatch):
