@@ -292,6 +292,9 @@ def new_module(kind: str, model, vocab_ids: torch.Tensor | None, heads: int = 4)
 
 
 def attach(kind: str, module: nn.Module, model) -> Drafter:
+    # the drafter keeps the target's embedding and head weight: kernels.prepare_model must not repack them (a
+    # second copy of the largest matrix) — it leaves a head the drafter shares on its dense weight
+    model._specdec_head_shared = True
     return Drafter(kind, module, model.get_input_embeddings(), model.get_output_embeddings().weight)
 
 

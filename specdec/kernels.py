@@ -88,8 +88,10 @@ class PanelKernelError(RuntimeError):
     pass
 
 
+@functools.cache
 def panel_kernel_problem() -> str | None:
-    """Why the panel kernel cannot run here (None: it can; building it on the first call)."""
+    """Why the panel kernel cannot run here (None: it can; building it on the first call). Cached: where the
+    build fails, later calls do not try again (functools.cache keeps no exceptions of panel_extension)."""
     try:
         panel_extension()
     except PanelKernelError as e:
@@ -310,8 +312,9 @@ def use_fast_kernels(model, linear: str | None) -> None:
         for name, child in list(parent.named_children()):
             if type(child) is not torch.nn.Linear or child.weight.dtype != torch.float32:
                 continue
-            if child is output and kind == "panels" and PanelLinear.fits(child) and (
-                    child.weight is not tied or type(embedding) is torch.nn.Embedding):
+            if (child is output and kind == "panels" and PanelLinear.fits(child)
+                    and not getattr(model, "_specdec_head_shared", False)  # a drafter holds it: drafters.attach
+                    and (child.weight is not tied or type(embedding) is torch.nn.Embedding)):
                 head = PanelLinear(child)
                 setattr(parent, name, head)
                 if child.weight is tied:  # one matrix for both: the embedding reads the head's panels

@@ -115,3 +115,18 @@ def test_a_tied_head_and_embedding_keep_one_copy_in_panels():
     logits = decoding.forward(prepared, prompts(1, seed=9)[0], None, 3)[0]
     torch.testing.assert_close(logits, decoding.forward(stock, prompts(1, seed=9)[0], None, 3)[0],
                                rtol=1e-4, atol=1e-4)
+
+
+@needs_panels
+def test_a_head_that_a_trained_drafter_shares_stays_dense(monkeypatch):
+    from specdec import drafters
+    from tiny import tiny_target
+
+    monkeypatch.delenv("SPECDEC_CPU_LINEAR", raising=False)
+    model = tiny_target(dtype=torch.float32)
+    head = model.get_output_embeddings().weight
+    drafter = drafters.attach("medusa", drafters.new_module("medusa", model, None, heads=2), model)
+    kernels.prepare_model(model, linear="panels")
+    assert type(model.get_output_embeddings()) is kernels.DenseOneDNNLinear
+    assert model.get_output_embeddings().weight is head and drafter.lm_weight is head  # still one matrix
+    assert type(model.model.layers[0].mlp.up_proj) is kernels.PanelLinear  # the decoder still runs panels
