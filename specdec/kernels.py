@@ -4,15 +4,16 @@ On a CPU with float32 weights verify passes share KV heads in attention, and the
 CPU (`linear_kernels`):
 - on AVX-512 CPUs other than Intel's, our own kernel (`PanelLinear`, csrc/panel_linear.cpp) for the decoder and
   the output head: the weights in panels of 16 output features, streamed once per call, every row's sums in
-  registers. On a 2-core AMD EPYC a one-row step of SmolLM2-135M takes 22 instead of 28 ms (oneDNN), and a
-  12-row verify pass 1.31 instead of 1.34 one-row steps; a row's result does not depend on the other rows of the
-  call. It is compiled on first use (torch's cpp_extension, ~35 s, cached).
+  registers. On a 2-core AMD EPYC all of SmolLM2-135M's decoder linear layers take 11.2 instead of 18.5 ms
+  (oneDNN) for one row and 15.3 instead of 24.6 ms for 16 (README); a row's result does not depend on the other
+  rows of the call. It is compiled on first use (torch's cpp_extension, ~35 s, cached).
 - without it, pre-packed oneDNN weights (a 1-token step 76 -> 38 ms on that EPYC, where MKL's small-matrix paths
   are slow), the head through oneDNN on its dense weight (5 rows: 14-18 ms instead of MKL's 25 ms on a Xeon);
 - on Intel, MKL itself (1-row products 1.2-1.9x faster than packed oneDNN on a Sapphire Rapids Xeon, 5-row ones
   on par; our kernel is not measured there: $SPECDEC_CPU_LINEAR=panels tries it).
 Elsewhere (GPU, other dtypes, device maps, tensor parallelism) the model is left as it is.
 """
+
 from __future__ import annotations
 
 import functools
@@ -31,7 +32,15 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-class PackedLinear(torch.nn.Module):
+class KernelLinear(torch.nn.Module):
+    """A linear layer that runs a bare kernel call on 2-D inputs (`kernel()`, which llama_forward calls without
+    the module); forward reshapes around it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernel()(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+
+
+class PackedLinear(KernelLinear):
     """A float32 nn.Linear whose weight is stored only in oneDNN's pre-packed layout (no dense copy is kept)."""
 
     def __init__(self, linear: torch.nn.Linear, batch_hint: int = 4):
@@ -46,15 +55,16 @@ class PackedLinear(torch.nn.Module):
         """A dense copy, for code that reads weights (not used by forward)."""
         return self.packed.to_dense()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.kernel()(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
-
     def kernel(self):
         """The bare kernel call on 2-D inputs (llama_forward calls it without the module)."""
         return functools.partial(onednn_linear, weight=self.packed, bias=self.bias)
 
 
 PANEL_SOURCE = Path(__file__).parent / "csrc" / "panel_linear.cpp"
+
+
+class PanelKernelError(RuntimeError):
+    pass
 
 
 @functools.cache
@@ -84,10 +94,6 @@ def panel_extension():
     return module
 
 
-class PanelKernelError(RuntimeError):
-    pass
-
-
 @functools.cache
 def panel_kernel_problem() -> str | None:
     """Why the panel kernel cannot run here (None: it can; building it on the first call). Cached: where the
@@ -105,12 +111,17 @@ def pack_panels(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().reshape(out // 16, 16, inp).transpose(1, 2).contiguous()
 
 
+def unpack_panels(packed: torch.Tensor) -> torch.Tensor:
+    """pack_panels undone: a dense [out, in] copy."""
+    return packed.transpose(1, 2).reshape(packed.shape[0] * 16, packed.shape[1])
+
+
 def panel_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Our AVX-512 kernel on 2-D float32 inputs (a partial of it is a PanelLinear's kernel call)."""
     return panel_extension().panel_linear(x, packed, bias)
 
 
-class PanelLinear(torch.nn.Module):
+class PanelLinear(KernelLinear):
     """A float32 nn.Linear whose weight is stored only in panels for our AVX-512 kernel (`pack_panels`; no dense
     copy kept). Each output is one in-order sum over the inputs, so a row's result does not depend on how many
     rows share the call: a verify pass's linear layers give each row a one-row step's bits."""
@@ -128,10 +139,7 @@ class PanelLinear(torch.nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """A dense copy, for code that reads weights (not used by forward)."""
-        return self.packed.transpose(1, 2).reshape(self.out_features, self.in_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.kernel()(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+        return unpack_panels(self.packed)
 
     def kernel(self):
         """The bare kernel call on 2-D inputs (llama_forward calls it without the module)."""
@@ -151,7 +159,7 @@ class PanelEmbedding(torch.nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """A dense copy, for code that reads weights (not used by forward)."""
-        return self.packed.transpose(1, 2).reshape(self.num_embeddings, self.embedding_dim)
+        return unpack_panels(self.packed)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return panel_rows(ids, self.packed)
@@ -162,7 +170,7 @@ def panel_rows(ids: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return packed[ids // 16, :, ids % 16]
 
 
-class DenseOneDNNLinear(torch.nn.Module):
+class DenseOneDNNLinear(KernelLinear):
     """The output head through oneDNN on its own dense weight: the weight stays shared (tied to the input
     embedding in many models) and readable, so no second copy of the largest matrix is made."""
 
@@ -170,9 +178,6 @@ class DenseOneDNNLinear(torch.nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.kernel()(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
 
     def kernel(self):
         """The bare kernel call on 2-D inputs (llama_forward calls it without the module)."""
@@ -281,10 +286,12 @@ def prepare_model(model, linear: str | None = None):
 
     On a CPU with float32 weights: SDPA attention becomes `sdpa_gqa_attention`; with `linear` == 'panels'
     (default: `linear_kernels()`) every linear layer whose width is a multiple of 16 becomes a PanelLinear, the
-    head included (a tied input embedding becomes a PanelEmbedding over the head's panels); with 'onednn' the
+    head included unless a trained drafter shares it (drafters.attach; a tied input embedding becomes a
+    PanelEmbedding over the head's panels); with 'onednn' the
     head becomes a DenseOneDNNLinear and every other linear layer a PackedLinear; with 'mkl' only the head changes
-    (to DenseOneDNNLinear). Packed layers free their dense weights, so memory does not grow. Elsewhere (GPU, float16, float64, accelerate device maps, tensor parallelism) the model is left as it
-    is. Outputs agree with the stock layers to float32 rounding (another summation order).
+    (to DenseOneDNNLinear). Packed layers free their dense weights, so memory does not grow. Elsewhere (GPU,
+    float16, float64, accelerate device maps, tensor parallelism) the model is left as it is. Outputs agree with
+    the stock layers to float32 rounding (another summation order).
     Then, wherever it applies (a Llama on the CPU: llama_forward.unsupported), decoding.forward runs our own
     forward over these layers instead of transformers' (the same bits, fewer operator calls).
     Call it on any model a new decoding loop runs on; prepared models still work with transformers' generate().

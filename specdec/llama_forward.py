@@ -119,8 +119,8 @@ def unsupported(model) -> str | None:
     rotary = model.model.rotary_emb
     if rotary.rope_type not in ROPE_TYPES or rotary.attention_scaling != 1.0:
         return f"rotary scaling '{rotary.rope_type}' changes with the sequence"
-    embed = model.model.embed_tokens
-    if getattr(embed, "packed", getattr(embed, "weight", None)).dtype not in (torch.float32, torch.float64):
+    embed = model.model.embed_tokens  # a PanelEmbedding's `weight` would unpack a copy: read its panels' dtype
+    if (embed.packed if hasattr(embed, "packed") else embed.weight).dtype not in (torch.float32, torch.float64):
         return "hidden states are not float32 or float64"
     return None
 

@@ -238,7 +238,7 @@ def without_gc(fn, *args):
     collection that fires inside a timed generation walks every live object of the process — other runners'
     tries and tables included — and charges that to whichever runner happened to allocate last. Measured: with
     `suffix-recycling` in the same bench, `dynamic-tree`'s speedup read 1.39-1.41x with the collector on during
-    generations, against 1.51-1.55x beside other runners. Reference counting still frees everything acyclic."""
+    generations, against 1.48-1.55x beside other runners, and 1.50x with the pause. Reference counting still frees everything acyclic."""
     gc.collect()
     gc.disable()
     try:

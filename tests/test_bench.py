@@ -16,7 +16,7 @@ from specdec import bench, decoding, kernels, measure
 from specdec.decoding import DecodeSettings, Trace, baseline_decode
 from specdec.metrics import degeneracy, expected_tokens, leviathan_speedup, make_record
 from specdec.runner import SettingsError, check_settings, decode_models
-from tiny import EOS, noisy_copy, prompts, save_tiny_pair, tiny_target
+from tiny import EOS, needs_panels, noisy_copy, prompts, save_tiny_pair, tiny_target
 
 
 @pytest.fixture(scope="module")
@@ -260,8 +260,7 @@ def test_leviathan_per_step_model_reduces_to_the_paper_formula_for_a_fixed_k():
 
 # --- engine speed work keeps outputs --------------------------------------------------------------------------
 
-LINEARS = ["onednn", "mkl", pytest.param("panels", marks=pytest.mark.skipif(
-    kernels.panel_kernel_problem() is not None, reason="the panel kernel cannot run here"))]
+LINEARS = ["onednn", "mkl", pytest.param("panels", marks=needs_panels)]
 
 
 @pytest.mark.parametrize("linear", LINEARS)

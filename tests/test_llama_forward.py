@@ -11,20 +11,18 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from specdec import decoding, kernels, llama_forward, quant
+from specdec import decoding, llama_forward, quant
 from specdec.decoding import DecodeSettings, additive_mask, forward, new_cache
 from specdec.kernels import prepare_model
 from specdec.models import load_registry
 from specdec.runner import SettingsError, check_settings, decode_models
-from tiny import EOS, context_free_memory, prompts, tiny_config, tiny_target
+from tiny import EOS, context_free_memory, needs_panels, prompts, tiny_config, tiny_target
 
 def own_forward(model):
     return getattr(model, "_specdec_own_forward", None)  # installed by kernels.prepare_model
 
 
-KERNELS = ["float64", "float32-onednn", "float32-mkl",
-           pytest.param("float32-panels", marks=pytest.mark.skipif(kernels.panel_kernel_problem() is not None,
-                                                                  reason="the panel kernel cannot run here")),
+KERNELS = ["float64", "float32-onednn", "float32-mkl", pytest.param("float32-panels", marks=needs_panels),
            "bfloat16", "int8", "int4"]
 
 

@@ -8,9 +8,7 @@ import pytest
 import torch
 
 from specdec import kernels
-
-PROBLEM = kernels.panel_kernel_problem()  # builds the kernel once per machine (~35 s), then loads it from cache
-needs_panels = pytest.mark.skipif(PROBLEM is not None, reason=f"the panel kernel cannot run here: {PROBLEM}")
+from tiny import needs_panels
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from specdec import kernels
+
 VOCAB = 48
 EOS = 2
+
+PANEL_PROBLEM = kernels.panel_kernel_problem()  # builds our AVX-512 kernel once per machine (~35 s), then cached
+needs_panels = pytest.mark.skipif(PANEL_PROBLEM is not None,
+                                  reason=f"the panel kernel cannot run here: {PANEL_PROBLEM}")
 
 
 def tiny_config(vocab: int = VOCAB, layers: int = 2, hidden: int = 64) -> LlamaConfig:

@@ -2,8 +2,8 @@
 //
 // Why our own kernel: a decoding step multiplies 1 to 16 rows by every weight matrix, and on a 2-core AMD EPYC
 // oneDNN's pre-packed kernels reach neither the memory bandwidth (1 row) nor the float32 peak (8-16 rows) there;
-// this kernel streams the weights once per call and keeps every row's accumulators in registers (README, "CPU
-// kernels", has the measurements). Weights are packed in panels of 16 output features, [N/16][K][16], so one
+// this kernel streams the weights once per call and keeps every row's accumulators in registers (the README's
+// "Speed" section has the measurements). Weights are packed in panels of 16 output features, [N/16][K][16], so one
 // 64-byte load feeds one fused multiply-add per input row.
 //
 // Every output element is one accumulator updated in order k = 0..K-1, whatever the number of rows or which tile
@@ -67,12 +67,12 @@ torch::Tensor panel_linear(torch::Tensor x, const torch::Tensor& packed, const c
     const float* xp = x.data_ptr<float>();
     const float* wp = packed.data_ptr<float>();
     float* yp = y.data_ptr<float>();
-    // Threads split the panels (each streams its own part of the weights). A prompt's rows go chunk by chunk over
-    // a group of 6 panels before the next group, so they reuse those panels from cache instead of reading the
-    // weights again for every chunk.
     // Up to 16 rows (steps and verify passes) in one tile row; longer inputs (prompts) 8 rows at a time with 3
     // panels per tile, which needs fewer loads per multiply-add (measured: a 300-row prompt as fast as oneDNN).
     const int64_t chunk = M <= 16 ? M : 8;
+    // Threads split the panels (each streams its own part of the weights). A prompt's rows go chunk by chunk over
+    // a group of 6 panels before the next group, so they reuse those panels from cache instead of reading the
+    // weights again for every chunk.
     at::parallel_for(0, panels, 6, [&](int64_t pa, int64_t pb) {
         for (int64_t g = pa; g < pb; g += 6) {
             const int64_t ge = std::min<int64_t>(g + 6, pb);
