@@ -454,9 +454,10 @@ def profile_cell(loaded: Loaded, cell: Cell, prompt_ids: list[int], s) -> dict:
 
 # --- memory ---------------------------------------------------------------------------------------------------
 
-def proc_status_kb(field: str) -> int | None:
+def proc_status_number(field: str) -> int | None:
+    """A number from /proc/self/status: kB for the memory fields (VmRSS, VmHWM), a count for Threads."""
     try:
-        match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+        match = re.search(rf"^{field}:\s+(\d+)(?: kB)?$", Path("/proc/self/status").read_text(), re.M)
     except OSError:
         return None
     return int(match.group(1)) if match else None
@@ -469,6 +470,30 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def rss_resolution_bytes() -> int:
+    """How far apart two readings of the kernel's RSS counters can be with nothing changed. Linux 6.2+ keeps a
+    process's RSS in per-CPU counters: the peak (hiwater, reset and raised from the approximate read) can lag the
+    exact sum by up to one batch of pages per CPU, the batch being max(32, 2 x CPUs); older kernels cache up to
+    64 pages per thread. A growth smaller than this is below what the counters can tell apart."""
+    cpus = os.cpu_count() or 1
+    threads = proc_status_number("Threads") or 1
+    return max(max(32, 2 * cpus) * cpus, 64 * threads) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_growth(before: int, peak: int, resolution: int) -> int:
+    """The peak's growth over the reading before the run. The peak counter is an approximate read and the RSS
+    before the run an exact one (see rss_resolution_bytes): a run that grows memory by less than their
+    resolution can read a few pages negative (-52 KiB once in CI with a tiny model) and counts as 0; anything
+    further below is an error, not noise."""
+    if peak - before >= 0:
+        return peak - before
+    if before - peak > resolution:
+        raise BenchError(f"the peak memory during the run read {(before - peak) / 2**20:.2f} MiB below the "
+                         f"memory before it, more than the counters' resolution ({resolution / 2**20:.2f} MiB); "
+                         "run with --memory off and report this")
+    return 0
 
 
 def probe_memory(spec: dict) -> dict:
@@ -486,7 +511,7 @@ def probe_memory(spec: dict) -> dict:
     cell = Cell(spec["strategy"], spec["draft"], spec.get("weights"))
     s = DecodeSettings.from_mapping(spec["settings"])
     def resident() -> int:
-        return torch.cuda.memory_allocated(device) if cuda else proc_status_kb("VmRSS") * 1024
+        return torch.cuda.memory_allocated(device) if cuda else proc_status_number("VmRSS") * 1024
 
     gc.collect()
     start = resident()
@@ -502,18 +527,20 @@ def probe_memory(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     elif not reset_peak_rss():
         raise BenchError("cannot reset the peak RSS (/proc/self/clear_refs); run with --memory off")
-    # read after the reset: the reset sets the peak to the RSS of that moment, which can be a few pages below a
-    # reading taken just before it (a negative growth in one run of the tests)
+    # read after the reset: the reset sets the peak to the RSS of that moment (approximately: run_growth)
     before_run = resident()
     record, _ = run_once(loaded, cell, spec["prompt_ids"], s)
-    peak_run = torch.cuda.max_memory_allocated(device) if cuda else proc_status_kb("VmHWM") * 1024
+    peak_run = torch.cuda.max_memory_allocated(device) if cuda else proc_status_number("VmHWM") * 1024
     seq = len(spec["prompt_ids"]) + record["new_tokens"] + (s.k if cell.strategy != "baseline" else 0)
     weights, kv = loaded.weights_bytes[key], loaded.kv_per_token[key] * seq
     pair = loaded.pairs[key]
     held = held_bytes([pair.target.model] + ([pair.draft.model] if pair.draft else [])
                       + ([pair.drafter.module] if pair.drafter else []))
-    peak = held + (peak_run - before_run)
-    return {"cell": cell.name, "peak_bytes": peak, "held_bytes": held, "run_bytes": peak_run - before_run,
+    resolution = 0 if cuda else rss_resolution_bytes()
+    run = run_growth(before_run, peak_run, resolution)
+    peak = held + run
+    return {"cell": cell.name, "peak_bytes": peak, "held_bytes": held, "run_bytes": run,
+            "rss_resolution_bytes": resolution,
             "loaded_rss_bytes": after_load - start, "warmup_bytes": before_run - after_load,
             "weights_bytes": weights, "kv_bytes": kv, "sequence_tokens": seq,
             "over_weights_and_kv": peak / (weights + kv),

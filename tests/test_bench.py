@@ -101,10 +101,18 @@ def test_memory_probe_runs_each_runner_in_its_own_process(tiny_setup, capsys):
     assert spec["kv_bytes"] == 2 * per_token * spec["sequence_tokens"]
     for m in (base, spec):
         assert m["peak_bytes"] == m["held_bytes"] + m["run_bytes"] and m["run_bytes"] >= 0
+        assert 4096 * 64 <= m["rss_resolution_bytes"] <= 2**30  # at least one batch of pages, never a GiB
         # ours holds pre-packed weights: about the parameter bytes, never a second copy
         assert 0.9 * m["weights_bytes"] <= m["held_bytes"] <= 1.1 * m["weights_bytes"]
         assert m["over_weights_and_kv"] == pytest.approx(m["peak_bytes"] / (m["weights_bytes"] + m["kv_bytes"]))
     assert "peak memory per runner" in out
+
+
+def test_run_growth_forgives_only_the_counters_resolution():
+    assert measure.run_growth(1000, 5096, 4096) == 4096
+    assert measure.run_growth(53248 + 4096, 4096, 524288) == 0  # -52 KiB: below the resolution, read as no growth
+    with pytest.raises(measure.BenchError, match="resolution"):
+        measure.run_growth(10 * 2**20, 2**20, 524288)  # 9 MiB below: not counter noise
 
 
 def test_weight_formats_are_runners_with_their_own_baseline(tiny_setup, capsys):
