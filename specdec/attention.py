@@ -1,5 +1,7 @@
-"""Attention of verify passes row by row: the opt-in $SPECDEC_EXACT_ATTENTION=1 (kernels.attention_row_by_row for
-transformers' forward, `attend_rows` for ours in llama_forward; why: kernels.attention_row_by_row)."""
+"""Attention helpers shared by our forward (llama_forward) and transformers' path (kernels.sdpa_gqa_attention):
+verify passes row by row (the opt-in $SPECDEC_EXACT_ATTENTION=1: `attend_rows`; why: kernels.attention_row_by_row),
+query heads folded into rows for SDPA (`grouped_rows`), and the mask our few-row kernel reads
+(`transposed_mask`; the kernel: kernels.few_row_attention)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ import os
 
 import torch
 import torch.nn.functional as F
+
+FEW_ROWS = 16  # passes of up to this many query rows (steps and verify passes) go to our attention kernel
 
 
 def exact_rows_requested() -> bool:
@@ -58,3 +62,25 @@ def grouped_rows(query, key, value, folded_mask, scaling):
     folded = query.reshape(1, kv_heads, heads // kv_heads * rows, dim)
     out = F.scaled_dot_product_attention(folded, key, value, attn_mask=folded_mask, scale=scaling)
     return out.view(1, heads, rows, dim)
+
+
+def transposed_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A pass's mask [1, 1, rows, keys] (bool "may attend" or additive float) as the additive float32 [keys, rows]
+    matrix our few-row attention kernel reads (one per pass: every layer shares it)."""
+    m = mask[0, 0]
+    if m.dtype == torch.bool:
+        m = torch.zeros(m.shape, dtype=torch.float32).masked_fill_(~m, torch.finfo(torch.float32).min)
+    return m.to(torch.float32).t().contiguous()
+
+
+def few_rows_fit(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether our few-row kernel (kernels.few_row_attention) computes this attention (query [1, H, R, D], key
+    [1, KVH, T, D], mask None or [1, 1, R, T]): float32 on the CPU, one sequence, 1..FEW_ROWS rows, head dimension
+    64 or 128, whole groups of query heads; a multi-row pass needs its mask (a causal prompt without one stays on
+    SDPA)."""
+    _, heads, rows, dim = query.shape
+    return (query.shape[0] == 1 and key.shape[0] == 1 and query.dtype == torch.float32
+            and query.device.type == "cpu" and rows <= FEW_ROWS and dim in (64, 128)
+            and heads % key.shape[1] == 0
+            and (rows == 1 if mask is None
+                 else mask.dim() == 4 and mask.shape[:3] == (1, 1, rows) and mask.shape[3] == key.shape[2]))

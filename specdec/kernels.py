@@ -11,6 +11,10 @@ CPU (`linear_kernels`):
   are slow), the head through oneDNN on its dense weight (5 rows: 14-18 ms instead of MKL's 25 ms on a Xeon);
 - on Intel, MKL itself (1-row products 1.2-1.9x faster than packed oneDNN on a Sapphire Rapids Xeon, 5-row ones
   on par; our kernel is not measured there: $SPECDEC_CPU_LINEAR=panels tries it).
+Attention of passes of 1 to 16 rows (steps and verify passes) runs our AVX-512 kernel where it builds
+(`attention_kernel`, csrc/few_row_attention.cpp): one KV head's query rows side by side in the vector lanes, every
+row's result independent of the other rows; a 14-row verify pass's attention over 400 keys in about 2/5 of torch's
+SDPA time (README). Prompts stay on SDPA.
 Elsewhere (GPU, other dtypes, device maps, tensor parallelism) the model is left as it is.
 """
 
@@ -23,7 +27,8 @@ from pathlib import Path
 import torch
 
 from specdec import llama_forward
-from specdec.attention import attend_rows, exact_rows_requested, fold_mask, grouped_rows
+from specdec.attention import (attend_rows, exact_rows_requested, few_rows_fit, fold_mask, grouped_rows,
+                               transposed_mask)
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -61,6 +66,7 @@ class PackedLinear(KernelLinear):
 
 
 PANEL_SOURCE = Path(__file__).parent / "csrc" / "panel_linear.cpp"
+ATTENTION_SOURCE = Path(__file__).parent / "csrc" / "few_row_attention.cpp"
 
 
 class PanelKernelError(RuntimeError):
@@ -81,9 +87,14 @@ def panel_extension():
     from torch.utils import cpp_extension
 
     start = time.perf_counter()
+    # The ninja that installs with specdec, whether or not its environment is activated: another ninja on PATH
+    # (a system one) hashes the build commands otherwise and rebuilds the kernel every time the two alternate.
+    ninja_dir = ninja_bin_dir()
+    if ninja_dir and os.environ.get("PATH", "").split(os.pathsep)[0] != ninja_dir:
+        os.environ["PATH"] = os.pathsep.join([ninja_dir, os.environ.get("PATH", "")])
     try:
         # -fopenmp: at::parallel_for is inline OpenMP; the runtime is the one torch already loaded
-        module = cpp_extension.load(name="specdec_panel_linear", sources=[str(PANEL_SOURCE)],
+        module = cpp_extension.load(name="specdec_panel_linear", sources=[str(PANEL_SOURCE), str(ATTENTION_SOURCE)],
                                     extra_cflags=["-O3", "-mavx512f", "-mfma", "-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, no Python headers: say which, in one line
         reason = " ".join(str(e).split())[:300]
@@ -92,6 +103,15 @@ def panel_extension():
     if took > 5:  # a build, not a load from the cache
         print(f"specdec: compiled the AVX-512 linear kernel in {took:.0f} s (once per machine)", file=sys.stderr)
     return module
+
+
+def ninja_bin_dir() -> str | None:
+    """The folder of the ninja binary that pip installed with specdec (the `ninja` package), None without it."""
+    try:
+        import ninja
+    except ImportError:
+        return None
+    return getattr(ninja, "BIN_DIR", None)
 
 
 @functools.cache
@@ -119,6 +139,35 @@ def unpack_panels(packed: torch.Tensor) -> torch.Tensor:
 def panel_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Our AVX-512 kernel on 2-D float32 inputs (a partial of it is a PanelLinear's kernel call)."""
     return panel_extension().panel_linear(x, packed, bias)
+
+
+ATTENTION_KERNELS = ("auto", "few-rows", "sdpa")
+
+
+def attention_kernel() -> str:
+    """Which kernel computes float32 attention on the CPU for passes of 1 to attention.FEW_ROWS query rows
+    (decoding steps and verify passes; prompts stay on SDPA): 'few-rows' (ours, csrc/few_row_attention.cpp) or
+    'sdpa' (torch's flash attention). 'auto' (default) picks ours where it builds (AVX-512 and a C++ compiler),
+    from measurements (README, "Speed"); $SPECDEC_CPU_ATTENTION=few-rows|sdpa overrides it."""
+    choice = os.environ.get("SPECDEC_CPU_ATTENTION", "auto").strip().lower() or "auto"
+    if choice not in ATTENTION_KERNELS:
+        raise ValueError(f"SPECDEC_CPU_ATTENTION must be one of {', '.join(ATTENTION_KERNELS)}, got '{choice}'")
+    if choice == "few-rows" and panel_kernel_problem():
+        raise ValueError(f"SPECDEC_CPU_ATTENTION=few-rows cannot run here: {panel_kernel_problem()}; "
+                         "set SPECDEC_CPU_ATTENTION=sdpa")
+    if choice != "auto":
+        return choice
+    return "few-rows" if panel_kernel_problem() is None else "sdpa"
+
+
+def few_row_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask_t: torch.Tensor | None,
+                      scale: float) -> torch.Tensor:
+    """Our AVX-512 attention for 1 to attention.FEW_ROWS query rows with grouped KV heads: query [H, R, D], key
+    and value [KVH, T, D] (cache views: only the last dimension must be contiguous), mask_t None (every key visible) or
+    `attention.transposed_mask`'s [T, R]; returns [R, H * D], the layout the output projection reads. Each row's
+    result does not depend on the other rows (a verify pass attends each row as its one-row step does); it agrees
+    with SDPA to float32 rounding (another summation order, our exp)."""
+    return panel_extension().few_row_attention(query, key, value, mask_t, scale)
 
 
 class PanelLinear(KernelLinear):
@@ -212,6 +261,12 @@ def sdpa_gqa_attention(module, query, key, value, attention_mask, dropout=0.0, s
     if (query.shape[2] > 1 and attention_mask is not None and attention_mask.shape[:2] == (1, 1)
             and query.shape[0] == 1 and kwargs.get("position_bias") is None and exact_rows_requested()):
         return attention_row_by_row(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    if (getattr(module, "_specdec_few_rows", False) and not dropout and kwargs.get("position_bias") is None
+            and kwargs.get("softcap") is None and kwargs.get("cache") is None
+            and few_rows_fit(query, key, attention_mask)):  # as our forward computes it: llama_forward
+        mask_t = None if attention_mask is None else transposed_mask(attention_mask)
+        out = few_row_attention(query[0], key[0], value[0], mask_t, scaling)
+        return out.view(1, query.shape[2], query.shape[1], query.shape[3]), None
     groups = getattr(module, "num_key_value_groups", 1)
     if (query.shape[2] == 1 or attention_mask is None or groups == 1 or dropout or kwargs.get("position_bias")
             is not None or kwargs.get("softcap") is not None or kwargs.get("cache") is not None):
@@ -302,16 +357,23 @@ def prepare_model(model, linear: str | None = None):
     if fast_kernels_available(model):
         use_fast_kernels(model, linear)
     # after the kernel swap and the copies: our forward calls the kernels and reads the tensors the model keeps
-    model._specdec_own_forward = llama_forward.llama_weights(model)
+    few_rows = few_row_attention if getattr(model, "_specdec_few_rows", False) else None
+    model._specdec_own_forward = llama_forward.llama_weights(model, few_rows)
     return model
 
 
 def use_fast_kernels(model, linear: str | None) -> None:
-    """prepare_model's CPU float32 part: GQA verify attention; our panel kernel for the decoder and the head (a
+    """prepare_model's CPU float32 part: GQA verify attention (our few-row kernel where it runs:
+    `attention_kernel`); our panel kernel for the decoder and the head (a
     tied input embedding then reads the head's panels), or packed oneDNN / MKL linears and a oneDNN head; own
     copies of the weights."""
     kind = linear or linear_kernels()
     use_gqa_attention(model)
+    if attention_kernel() == "few-rows":  # steps and verify passes: our attention kernel, in both forwards
+        model._specdec_few_rows = True
+        for module in model.modules():
+            if hasattr(module, "num_key_value_groups"):  # transformers' attention layers
+                module._specdec_few_rows = True
     output = model.get_output_embeddings()
     embedding = model.get_input_embeddings()
     tied = embedding.weight if embedding is not None else None

@@ -28,7 +28,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from specdec.attention import attend_rows, exact_rows_requested, fold_mask, grouped_rows, sdpa_one_row
+from specdec.attention import (attend_rows, exact_rows_requested, few_rows_fit, fold_mask, grouped_rows,
+                               sdpa_one_row, transposed_mask)
 from specdec.quant import FusedWeightOnly, ProjectionSlice
 
 FORWARDS = ("own", "transformers")
@@ -96,6 +97,8 @@ class LlamaWeights:
     head_dim: int
     intermediate: int
     scaling: float
+    # kernels.few_row_attention where the model uses it (kernels.attention_kernel), else None (SDPA)
+    few_rows: Callable | None = None
 
 
 def unsupported(model) -> str | None:
@@ -125,9 +128,10 @@ def unsupported(model) -> str | None:
     return None
 
 
-def llama_weights(model) -> LlamaWeights | None:
+def llama_weights(model, few_rows: Callable | None = None) -> LlamaWeights | None:
     """The tensors and kernel calls our forward reads, or None where it does not apply (`unsupported`, or a
-    linear layer with no kernel call we know: `matmul`)."""
+    linear layer with no kernel call we know: `matmul`). few_rows: the attention kernel for passes of few rows
+    (kernels.few_row_attention), used for float32 models."""
     if forward_choice() != "own" or unsupported(model) is not None:
         return None
     config, inner = model.config, model.model
@@ -149,7 +153,8 @@ def llama_weights(model) -> LlamaWeights | None:
                         norm_eps=inner.norm.variance_epsilon, head=head,
                         inv_freq=inner.rotary_emb.inv_freq, heads=config.num_attention_heads,
                         kv_heads=config.num_key_value_heads, head_dim=attn.head_dim,
-                        intermediate=config.intermediate_size, scaling=attn.scaling)
+                        intermediate=config.intermediate_size, scaling=attn.scaling,
+                        few_rows=few_rows if model.dtype == torch.float32 else None)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -190,6 +195,7 @@ def forward(weights: LlamaWeights, ids: list[int], cache, rows: int = 1, positio
     heads, kv_heads, dim, half = weights.heads, weights.kv_heads, weights.head_dim, weights.head_dim // 2
     # a masked multi-row pass (verify) with grouped KV heads: query heads folded into rows (attention.grouped_rows)
     folded = fold_mask(mask, heads // kv_heads) if mask is not None and not by_rows and heads > kv_heads else None
+    few, mask_t = False, None  # our few-row attention kernel for this pass? (decided at the first layer)
     for index, layer in enumerate(weights.layers):
         h = rms_norm(x, layer.attn_norm, layer.attn_eps)
         qkv = layer.qkv(h).view(n, heads + 2 * kv_heads, dim).transpose(0, 1)  # [heads, rows, dim]
@@ -197,14 +203,21 @@ def forward(weights: LlamaWeights, ids: list[int], cache, rows: int = 1, positio
         qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
         k, v = cache.layers[index].update(qk[None, heads:], v[None])
         q = qk[None, :heads]
-        if by_rows:
-            att = attend_rows(q, k, v, mask, functools.partial(sdpa_one_row, scaling=weights.scaling))
-        elif folded is not None:
-            att = grouped_rows(q, k, v, folded, weights.scaling)
+        if index == 0 and weights.few_rows is not None and not by_rows and few_rows_fit(q, k, mask):
+            # steps and verify passes: each row as its one-row step computes it (kernels.few_row_attention)
+            few, mask_t = True, None if mask is None else transposed_mask(mask)
+        if few:
+            att = weights.few_rows(qk[:heads], k[0], v[0], mask_t, weights.scaling)  # [rows, heads * dim]
         else:
-            att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=weights.scaling,
-                                                 is_causal=mask is None and n > 1, enable_gqa=True)
-        x = x + layer.out(att[0].transpose(0, 1).reshape(n, heads * dim))
+            if by_rows:
+                att = attend_rows(q, k, v, mask, functools.partial(sdpa_one_row, scaling=weights.scaling))
+            elif folded is not None:
+                att = grouped_rows(q, k, v, folded, weights.scaling)
+            else:
+                att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=weights.scaling,
+                                                     is_causal=mask is None and n > 1, enable_gqa=True)
+            att = att[0].transpose(0, 1).reshape(n, heads * dim)
+        x = x + layer.out(att)
         gate_up = layer.gate_up(rms_norm(x, layer.mlp_norm, layer.mlp_eps))
         x = x + layer.down(F.silu(gate_up[:, :weights.intermediate]) * gate_up[:, weights.intermediate:])
     if hidden:

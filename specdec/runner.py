@@ -13,7 +13,7 @@ from specdec.datastore import (CONTEXT_FREE_PREFIX, DEFAULT_NEW_TOKENS, corpus_d
 from specdec.decoding import DecodeSettings, baseline_decode, forward, new_cache
 from specdec.drafters import DrafterError, find_drafter, load_drafter, parse_for_target
 from specdec.hf_reference import hf_decode
-from specdec.kernels import exact_rows_requested, linear_kernels, prepare_model
+from specdec.kernels import attention_kernel, exact_rows_requested, linear_kernels, prepare_model
 from specdec.llama_forward import forward_choice
 from specdec.models import (WEIGHT_FORMATS, LoadedModel, ModelError, encode_prompt, load_model, resolve,
                             shared_logit_rows)
@@ -80,8 +80,9 @@ def check_settings(strategy: str, draft: str | None, s: DecodeSettings, registry
         except ValueError as exc:
             raise SettingsError(str(exc)) from None
     try:
-        linear_kernels()  # a bad $SPECDEC_CPU_LINEAR, $SPECDEC_EXACT_ATTENTION or $SPECDEC_FORWARD fails here,
-        exact_rows_requested()  # before any model loads
+        linear_kernels()  # a bad $SPECDEC_CPU_LINEAR, $SPECDEC_CPU_ATTENTION, $SPECDEC_EXACT_ATTENTION or
+        attention_kernel()  # $SPECDEC_FORWARD fails here, before any model loads
+        exact_rows_requested()
         forward_choice()
         trained = parse_for_target(draft, target)
     except (ValueError, DrafterError) as exc:

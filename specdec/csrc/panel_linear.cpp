@@ -86,6 +86,11 @@ torch::Tensor panel_linear(torch::Tensor x, const torch::Tensor& packed, const c
     return y;
 }
 
+// few_row_attention.cpp
+torch::Tensor few_row_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                const c10::optional<torch::Tensor>& mask_t, double scale);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("panel_linear", &panel_linear, "float32 linear on panel-packed weights (AVX-512)");
+    m.def("few_row_attention", &few_row_attention, "float32 attention of 1-16 query rows, grouped KV heads (AVX-512)");
 }

@@ -1,0 +1,179 @@
+// Attention for passes of 1 to 16 query rows (decoding steps and verify passes) on AVX-512 CPUs, float32, with
+// grouped key/value heads: out[r, h*D + d] = sum_t softmax_t(scale * q[h, r] . k[g, t] + mask[r, t]) v[g, t, d],
+// g = h / (H / KVH).
+//
+// Why our own kernel: a verify pass of 14 rows spends most of its extra time over a one-row step in attention,
+// and torch's CPU flash attention computes it at a fraction of the float32 peak there (README, "Speed").
+//
+// Layout: the query rows of one KV head's query heads (H / KVH heads x R rows, "lanes") sit side by side in the 16
+// lanes of a vector, so the scores of 16 lanes against one key are 16 in-order fused multiply-add chains over d,
+// the softmax runs down the keys lane by lane, and the weighted sum of values keeps each lane's D outputs in
+// registers. Every lane's result is a sum in an order fixed by the key count alone, so a row's bits do not depend
+// on the other rows of the pass: a verify pass attends each row exactly as a one-row step does.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+// exp for x <= 0 (scores minus their maximum) to about 1 ulp: 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2, p the
+// degree-7 Taylor polynomial; below -87.3 (masked keys among them) exactly 0.
+inline __m512 exp_nonpositive(__m512 x) {
+    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+    const __m512 ln2_hi = _mm512_set1_ps(0.693359375f), ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
+    const __mmask16 underflow = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, ln2_hi, x);
+    r = _mm512_fnmadd_ps(n, ln2_lo, r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_maskz_mov_ps(static_cast<__mmask16>(~underflow), _mm512_scalef_ps(p, n));
+}
+
+struct Shape {
+    int64_t heads, kv_heads, rows, keys, dim;
+    int64_t q_head, q_row;     // strides of q [H, R, D] (the last dimension contiguous)
+    int64_t k_head, k_row;     // strides of k [KVH, T, D]
+    int64_t v_head, v_row;     // strides of v [KVH, T, D]
+    float scale;
+};
+
+// Scores of one group of up to 16 lanes against keys [t0, t0 + KB): KB accumulators, one per key, each lane an
+// in-order chain over d (KB independent chains hide the multiply-add latency).
+template <int KB>
+inline void score_keys(const float* qt, const float* k, const Shape& s, int64_t t0, float* out) {
+    __m512 acc[KB];
+    for (int i = 0; i < KB; ++i) acc[i] = _mm512_setzero_ps();
+    const float* key[KB];
+    for (int i = 0; i < KB; ++i) key[i] = k + (t0 + i) * s.k_row;
+    for (int64_t d = 0; d < s.dim; ++d) {
+        const __m512 q = _mm512_loadu_ps(qt + d * 16);
+        for (int i = 0; i < KB; ++i) acc[i] = _mm512_fmadd_ps(q, _mm512_set1_ps(key[i][d]), acc[i]);
+    }
+    for (int i = 0; i < KB; ++i) _mm512_storeu_ps(out + (t0 + i) * 16, acc[i]);
+}
+
+// The weighted sum of values for lanes [l0, l0 + L) of a group: each lane's D outputs (DV vectors) in registers
+// over all keys, in key order; p: the group's probabilities [T][16].
+template <int L, int DV>
+inline void weigh_values(const float* p, const float* v, const Shape& s, int l0, __m512 (&acc)[L][DV]) {
+    for (int l = 0; l < L; ++l)
+        for (int j = 0; j < DV; ++j) acc[l][j] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < s.keys; ++t) {
+        const float* value = v + t * s.v_row;
+        __m512 vv[DV];
+        for (int j = 0; j < DV; ++j) vv[j] = _mm512_loadu_ps(value + j * 16);
+        for (int l = 0; l < L; ++l) {
+            const __m512 w = _mm512_set1_ps(p[t * 16 + l0 + l]);
+            for (int j = 0; j < DV; ++j) acc[l][j] = _mm512_fmadd_ps(w, vv[j], acc[l][j]);
+        }
+    }
+}
+
+// One (KV head g, group of 16 lanes starting at lane `first`) item: scores, softmax down the keys, values.
+template <int DV>
+void attend_group(const float* q, const float* k, const float* v, const float* mask_t, float* out, const Shape& s,
+                  int64_t g, int64_t first, std::vector<float>& work) {
+    const int64_t groups = s.heads / s.kv_heads, lanes_total = groups * s.rows;
+    const int lanes = static_cast<int>(std::min<int64_t>(16, lanes_total - first));
+    work.resize(static_cast<size_t>(s.dim * 16 + s.keys * 16));
+    float* qt = work.data();              // [D][16]: the lanes' queries, transposed
+    float* scores = qt + s.dim * 16;      // [T][16]
+    int lane_row[16] = {0};
+    for (int l = 0; l < 16; ++l) {
+        const int64_t lane = first + std::min(l, lanes - 1);  // dead lanes repeat the last live one (never stored)
+        const int64_t h = g * groups + lane / s.rows, r = lane % s.rows;
+        lane_row[l] = static_cast<int>(r);
+        const float* row = q + h * s.q_head + r * s.q_row;
+        for (int64_t d = 0; d < s.dim; ++d) qt[d * 16 + l] = row[d];
+    }
+    const float* kg = k + g * s.k_head;
+    int64_t t = 0;
+    for (; t + 8 <= s.keys; t += 8) score_keys<8>(qt, kg, s, t, scores);
+    for (; t < s.keys; ++t) score_keys<1>(qt, kg, s, t, scores);
+    // scale, mask, maximum
+    const __m512 scale = _mm512_set1_ps(s.scale);
+    const __m512i rows_of_lanes = _mm512_loadu_si512(lane_row);
+    __m512 top = _mm512_set1_ps(-INFINITY);
+    for (t = 0; t < s.keys; ++t) {
+        __m512 x = _mm512_mul_ps(_mm512_loadu_ps(scores + t * 16), scale);
+        if (mask_t != nullptr) {  // mask_t [T][R]: this key's mask for every row, spread to the lanes' rows
+            const __m512 m = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << s.rows) - 1), mask_t + t * s.rows);
+            x = _mm512_add_ps(x, _mm512_permutexvar_ps(rows_of_lanes, m));
+        }
+        _mm512_storeu_ps(scores + t * 16, x);
+        top = _mm512_max_ps(top, x);
+    }
+    __m512 total = _mm512_setzero_ps();
+    for (t = 0; t < s.keys; ++t) {
+        const __m512 p = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(scores + t * 16), top));
+        _mm512_storeu_ps(scores + t * 16, p);
+        total = _mm512_add_ps(total, p);
+    }
+    alignas(64) float sums[16];
+    _mm512_store_ps(sums, total);
+    constexpr int L = 16 / DV;  // lanes per pass: 16 accumulators and DV values in registers; L divides 16
+    for (int l0 = 0; l0 < lanes; l0 += L) {
+        __m512 acc[L][DV];
+        weigh_values<L, DV>(scores, v + g * s.v_head, s, l0, acc);
+        for (int l = l0; l < std::min(l0 + L, lanes); ++l) {
+            const int64_t lane = first + l, h = g * groups + lane / s.rows, r = lane % s.rows;
+            float* dst = out + r * s.heads * s.dim + h * s.dim;
+            const __m512 inv = _mm512_set1_ps(sums[l]);
+            for (int j = 0; j < DV; ++j) _mm512_storeu_ps(dst + j * 16, _mm512_div_ps(acc[l - l0][j], inv));
+        }
+    }
+}
+
+}  // namespace
+
+// q [H, R, D], k and v [KVH, T, D] (last dimension contiguous; cache views welcome), mask_t: None or the additive
+// mask transposed, [T, R] contiguous. Returns [R, H * D], the layout the output projection reads.
+torch::Tensor few_row_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                const c10::optional<torch::Tensor>& mask_t, double scale) {
+    TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "few_row_attention: q, k, v must be 3-D");
+    for (const auto* t : {&q, &k, &v})
+        TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->device().is_cpu() && t->stride(2) == 1,
+                    "few_row_attention: q, k, v must be float32 CPU tensors with a contiguous last dimension");
+    Shape s{q.size(0), k.size(0), q.size(1), k.size(1), q.size(2), q.stride(0), q.stride(1), k.stride(0),
+            k.stride(1), v.stride(0), v.stride(1), static_cast<float>(scale)};
+    TORCH_CHECK(s.rows >= 1 && s.rows <= 16, "few_row_attention: 1 to 16 query rows, got ", s.rows);
+    TORCH_CHECK(s.kv_heads >= 1 && s.heads % s.kv_heads == 0 && v.size(0) == s.kv_heads && v.size(1) == s.keys &&
+                    k.size(2) == s.dim && v.size(2) == s.dim && s.keys >= 1,
+                "few_row_attention: shapes q [H, R, D], k and v [KVH, T, D] with H a multiple of KVH");
+    TORCH_CHECK(s.dim == 64 || s.dim == 128, "few_row_attention: head dimension 64 or 128, got ", s.dim);
+    const float* mask = nullptr;
+    if (mask_t.has_value() && mask_t->defined()) {
+        TORCH_CHECK(mask_t->scalar_type() == torch::kFloat32 && mask_t->is_contiguous() && mask_t->dim() == 2 &&
+                        mask_t->size(0) == s.keys && mask_t->size(1) == s.rows,
+                    "few_row_attention: mask_t must be a contiguous float32 [T, R] tensor");
+        mask = mask_t->data_ptr<float>();
+    }
+    auto out = torch::empty({s.rows, s.heads * s.dim}, q.options());
+    const int64_t lanes_total = s.heads / s.kv_heads * s.rows, per_head = (lanes_total + 15) / 16;
+    const float* qp = q.data_ptr<float>();
+    const float* kp = k.data_ptr<float>();
+    const float* vp = v.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    at::parallel_for(0, s.kv_heads * per_head, 1, [&](int64_t a, int64_t b) {
+        std::vector<float> work;
+        for (int64_t item = a; item < b; ++item) {
+            const int64_t g = item / per_head, first = (item % per_head) * 16;
+            if (s.dim == 64)
+                attend_group<4>(qp, kp, vp, mask, op, s, g, first, work);
+            else
+                attend_group<8>(qp, kp, vp, mask, op, s, g, first, work);
+        }
+    });
+    return out;
+}
