@@ -9,11 +9,10 @@ medians over repeats. Prints the CPU model and ms per pass over all layers, per 
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import time
 
 import torch
+from panel_kernel import kernel_args, timed  # bench/: the kernel A/B scripts' shared parts
 
 from specdec import kernels
 from specdec.attention import fold_mask, grouped_rows, transposed_mask
@@ -22,23 +21,8 @@ from specdec.job import cpu_name
 HEADS, KV_HEADS, DIM, LAYERS = 9, 3, 64, 30
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", default="1,4,8,12,14,16")
-    p.add_argument("--keys", default="200,400,700")
-    p.add_argument("--repeats", type=int, default=9)
-    p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    problem = kernels.panel_kernel_problem()
-    if problem:
-        raise SystemExit(f"the kernel cannot run here: {problem}")
+    args = kernel_args(__doc__, "1,4,8,12,14,16", keys="200,400,700")
     row_counts = [int(r) for r in args.rows.split(",")]
     key_counts = [int(k) for k in args.keys.split(",")]
     scale = DIM ** -0.5

@@ -29,16 +29,25 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", default="1,2,4,8,12,16,300")
+def kernel_args(doc: str, rows: str, **more: str) -> argparse.Namespace:
+    """The kernel A/B scripts' command line (--rows, --repeats, --threads and `more` comma lists), with the
+    threads set and the kernels built, or a one-line exit where they cannot run."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--rows", default=rows)
+    for name, default in more.items():
+        p.add_argument(f"--{name}", default=default)
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     problem = kernels.panel_kernel_problem()
     if problem:
-        raise SystemExit(f"the panel kernel cannot run here: {problem}")
+        raise SystemExit(f"our kernels cannot run here: {problem}")
+    return args
+
+
+def main() -> None:
+    args = kernel_args(__doc__, "1,2,4,8,12,16,300")
     dense = [torch.randn(o, i) for _ in range(LAYERS) for o, i in SHAPES]
     onednn = [torch.ops.mkldnn._reorder_linear_weight(w, 4) for w in dense]
     panels = [kernels.pack_panels(w) for w in dense]

@@ -13,7 +13,8 @@ Unlike gpt-fast, the rest of the model keeps its dtype (float32 for the embedded
 to bfloat16 for the kernel and its output back. The packed kernels are fast only for bfloat16 inputs (all 210
 decoder matrices of SmolLM2-135M, one row, one thread, 2-core EPYC: int8 17 ms and int4 9 ms with bfloat16 inputs,
 136 and 318 ms with float32 inputs, against 43 ms for float32 in pre-packed oneDNN). These layers give each row
-bit-identical results whatever the number of rows (tested), and the residual stream, norms and attention keep
+bit-identical results whatever the number of rows (tested on the tiny models' shapes; not bfloat16 over SmolLM2's
+1536-wide down projection: below), and the residual stream, norms and attention keep
 their precision. `kernels.prepare_model` swaps only exact float32 `nn.Linear` layers for oneDNN, so it leaves
 these layers alone (and still gives float32 attention its verify-pass variant).
 
@@ -25,6 +26,9 @@ The README reports the share of identical outputs on the suite; the tests check 
 exact to the bits that matter (the float64 tiny model). $SPECDEC_EXACT_ATTENTION=1 computes verify passes'
 attention row by row (kernels.attention_row_by_row): every other layer already gives each row the same bits, so
 greedy speculative decoding is then identical to plain decoding in these formats too (a diagnostic: slower).
+Where our few-row attention kernel runs (kernels.attention_kernel) attention is row-invariant without that cost,
+and int8 and int4 verify passes give each row its one-row step's bits; bfloat16's down projection (torch's
+bfloat16 matmul over 1536 inputs in SmolLM2) still does not (README, "Identity").
 """
 
 from __future__ import annotations
