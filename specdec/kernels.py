@@ -149,15 +149,23 @@ def attention_kernel() -> str:
     (decoding steps and verify passes; prompts stay on SDPA): 'few-rows' (ours, csrc/few_row_attention.cpp) or
     'sdpa' (torch's flash attention). 'auto' (default) picks ours where it builds (AVX-512 and a C++ compiler),
     from measurements (README, "Speed"); $SPECDEC_CPU_ATTENTION=few-rows|sdpa overrides it."""
-    choice = os.environ.get("SPECDEC_CPU_ATTENTION", "auto").strip().lower() or "auto"
-    if choice not in ATTENTION_KERNELS:
-        raise ValueError(f"SPECDEC_CPU_ATTENTION must be one of {', '.join(ATTENTION_KERNELS)}, got '{choice}'")
-    if choice == "few-rows" and panel_kernel_problem():
-        raise ValueError(f"SPECDEC_CPU_ATTENTION=few-rows cannot run here: {panel_kernel_problem()}; "
-                         "set SPECDEC_CPU_ATTENTION=sdpa")
+    choice = kernel_choice("SPECDEC_CPU_ATTENTION", ATTENTION_KERNELS, "few-rows", "SPECDEC_CPU_ATTENTION=sdpa")
     if choice != "auto":
         return choice
     return "few-rows" if panel_kernel_problem() is None else "sdpa"
+
+
+def kernel_choice(variable: str, choices: tuple[str, ...], ours: str, instead: str) -> str:
+    """$variable's value ('auto' when unset), one of `choices`, else a ValueError naming them; asking for `ours`
+    (a kernel of our extension) where the extension cannot run is a ValueError with the reason and `instead`."""
+    choice = os.environ.get(variable, "auto").strip().lower() or "auto"
+    if choice not in choices:
+        raise ValueError(f"{variable} must be one of {', '.join(choices)}, got '{choice}'")
+    if choice == ours:
+        problem = panel_kernel_problem()
+        if problem:
+            raise ValueError(f"{variable}={ours} cannot run here: {problem}; set {instead}")
+    return choice
 
 
 def few_row_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask_t: torch.Tensor | None,
@@ -321,14 +329,7 @@ def linear_kernels() -> str:
     'onednn' (PackedLinear) or 'panels' (PanelLinear, our AVX-512 kernel). $SPECDEC_CPU_LINEAR=mkl|onednn|panels
     overrides the choice; 'auto' (the default) picks MKL on Intel CPUs, else our kernel where it runs (AVX-512
     and a C++ compiler), else pre-packed oneDNN, from measurements (module docstring, README)."""
-    choice = os.environ.get("SPECDEC_CPU_LINEAR", "auto").strip().lower() or "auto"
-    if choice not in LINEAR_KERNELS:
-        raise ValueError(f"SPECDEC_CPU_LINEAR must be one of {', '.join(LINEAR_KERNELS)}, got '{choice}'")
-    if choice == "panels":
-        problem = panel_kernel_problem()
-        if problem:
-            raise ValueError(f"SPECDEC_CPU_LINEAR=panels cannot run here: {problem}; "
-                             "set SPECDEC_CPU_LINEAR=onednn or mkl")
+    choice = kernel_choice("SPECDEC_CPU_LINEAR", LINEAR_KERNELS, "panels", "SPECDEC_CPU_LINEAR=onednn or mkl")
     if choice != "auto":
         return choice
     if torch.backends.mkl.is_available() and cpu_vendor() == "GenuineIntel":

@@ -193,9 +193,6 @@ def forward(weights: LlamaWeights, ids: list[int], cache, rows: int = 1, positio
     mask = tree_mask if tree_mask is not None else causal_mask(n, start)
     by_rows = mask is not None and exact_rows_requested()
     heads, kv_heads, dim, half = weights.heads, weights.kv_heads, weights.head_dim, weights.head_dim // 2
-    # a masked multi-row pass (verify) with grouped KV heads: query heads folded into rows (attention.grouped_rows)
-    folded = fold_mask(mask, heads // kv_heads) if mask is not None and not by_rows and heads > kv_heads else None
-    few, mask_t = False, None  # our few-row attention kernel for this pass? (decided at the first layer)
     for index, layer in enumerate(weights.layers):
         h = rms_norm(x, layer.attn_norm, layer.attn_eps)
         qkv = layer.qkv(h).view(n, heads + 2 * kv_heads, dim).transpose(0, 1)  # [heads, rows, dim]
@@ -203,9 +200,14 @@ def forward(weights: LlamaWeights, ids: list[int], cache, rows: int = 1, positio
         qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
         k, v = cache.layers[index].update(qk[None, heads:], v[None])
         q = qk[None, :heads]
-        if index == 0 and weights.few_rows is not None and not by_rows and few_rows_fit(q, k, mask):
-            # steps and verify passes: each row as its one-row step computes it (kernels.few_row_attention)
-            few, mask_t = True, None if mask is None else transposed_mask(mask)
+        if index == 0:  # how this pass attends, once its keys are known; every layer alike
+            # steps and verify passes: our kernel, each row as its one-row step computes it
+            # (kernels.few_row_attention); else a masked multi-row pass (verify) with grouped KV heads folds its
+            # query heads into rows for SDPA (attention.grouped_rows)
+            few = weights.few_rows is not None and not by_rows and few_rows_fit(q, k, mask)
+            mask_t = transposed_mask(mask) if few and mask is not None else None
+            folded = (fold_mask(mask, heads // kv_heads)
+                      if not few and mask is not None and not by_rows and heads > kv_heads else None)
         if few:
             att = weights.few_rows(qk[:heads], k[0], v[0], mask_t, weights.scaling)  # [rows, heads * dim]
         else:
