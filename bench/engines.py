@@ -7,7 +7,7 @@ the same GGUF (its own Q4_1), greedy, on the suite. Goal (issue 16): our plain d
                             [--out results/engines.json]
 
 For each thread count, one `specdec bench` run (one process, runners interleaved per prompt, medians over repeats;
-specdec/measure.py) measures every runner: our baseline and --methods (default ngram and speculative, the target
+specdec/run/bench_measure.py) measures every runner: our baseline and --methods (default ngram and speculative, the target
 as its own draft; the train-free recycling, suffix and rest can be added) per weight format, and on llama.cpp its
 plain decoding, its own prompt lookup (llamacpp-ngram, with ngram) and the llama.cpp strategy of each method
 (registry `peer`: llamacpp-specdec-ngram, -speculative, -recycling, -suffix, -rest). The load average

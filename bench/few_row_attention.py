@@ -14,9 +14,9 @@ import statistics
 import torch
 from panel_kernel import kernel_args, timed  # bench/: the kernel A/B scripts' shared parts
 
-from specdec import kernels
-from specdec.attention import fold_mask, grouped_rows, transposed_mask
-from specdec.job import cpu_name
+from specdec.model import kernels
+from specdec.model.attention import fold_mask, grouped_rows, transposed_mask
+from specdec.run.job import cpu_name
 
 HEADS, KV_HEADS, DIM, LAYERS = 9, 3, 64, 30
 

@@ -1,4 +1,4 @@
-"""Our forward (specdec/llama_forward.py) against transformers' forward of the same prepared model, A/B in one
+"""Our forward (specdec/model/llama_forward.py) against transformers' forward of the same prepared model, A/B in one
 process: per weight format, the embedded target's plain decoding of suite prompts, the two forwards interleaved
 prompt by prompt (the order alternates), medians over repeats. Prints the CPU model, ms per one-token step and per
 prefill for each, the ratio, and whether the tokens were identical (they must be: the forwards compute the same
@@ -17,10 +17,12 @@ import time
 
 import torch
 
-from specdec import decoding, models, prompts
-from specdec.bench import default_prompts_file
-from specdec.job import cpu_name
-from specdec.kernels import prepare_model
+from specdec import prompts
+
+from specdec.model import decoding, models
+from specdec.run.bench import default_prompts_file
+from specdec.run.job import cpu_name
+from specdec.model.kernels import prepare_model
 
 
 def decode(model, ids: list[int], new_tokens: int) -> tuple[float, float, list[int]]:

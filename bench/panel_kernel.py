@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from specdec import kernels
-from specdec.job import cpu_name
+from specdec.model import kernels
+from specdec.run.job import cpu_name
 
 HIDDEN, KV, INTERMEDIATE, VOCAB, LAYERS = 576, 192, 1536, 49152, 30
 SHAPES = [(HIDDEN, HIDDEN), (KV, HIDDEN), (KV, HIDDEN), (HIDDEN, HIDDEN), (INTERMEDIATE, HIDDEN),

@@ -72,7 +72,7 @@ class Run(Base):
     # Paired baselines and noise (format 2; NULL on older runs). A cell's paired baseline is a run of its own
     # with its engine's plain decoding (`baseline`, or `llamacpp-generate` for llama.cpp cells) as strategy and
     # `paired_with` = the cell's run_id; `baseline_mode` (a param) is 'paired' or 'shared' on cells that are not
-    # baselines. The noise readings (specdec/noise.py) are judged by the run_noise view against the
+    # baselines. The noise readings (specdec/measure/noise.py) are judged by the run_noise view against the
     # noise_thresholds table.
     baseline_mode: Mapped[str | None] = mapped_column(String)
     paired_with: Mapped[str | None] = mapped_column(String)
@@ -148,7 +148,7 @@ class Price(Base):
 
 
 class NoiseThreshold(Base):
-    """The thresholds the run_noise view judges runs by (config `noise:`, defaults specdec.noise.THRESHOLDS),
+    """The thresholds the run_noise view judges runs by (config `noise:`, defaults specdec.measure.noise.THRESHOLDS),
     replaced by each workflow ingest. Kept apart from the readings, like prices: a changed threshold re-judges every
     stored run without measuring anything again."""
 

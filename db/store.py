@@ -30,7 +30,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert  # duckdb_engine 
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.pool import NullPool
 
-from specdec import noise
+from specdec.measure import noise
 from specdec.db import bootstrap
 from specdec.db.schema import (EXTRA_FIELD, JSON_FIELDS, PARAM_COLUMNS, Base, measurements, median_ci_ranks,
                                noise_thresholds, runs)

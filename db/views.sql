@@ -113,7 +113,7 @@ LEFT JOIN latest_baseline AS b
 WHERE o.paired_with IS NULL;
 
 -- run_noise: per run (paired baselines excluded: the cell's run holds the readings of the whole job), what else
--- loaded the machine while it ran (specdec/noise.py) and whether that makes it `noisy`: a reading above its
+-- loaded the machine while it ran (specdec/measure/noise.py) and whether that makes it `noisy`: a reading above its
 -- threshold in noise_thresholds (config `noise:`; defaults other_cpu_cores 0.25 cores, steal_share 0.05,
 -- gpu_other_processes 0, baseline_spread 0.35). noise_reason says which, in words. Runs without readings
 -- (stored before format 2) have noisy NULL: unknown, not quiet.

@@ -9,14 +9,15 @@ import sys
 from pathlib import Path
 
 from specdec import __version__, fail
-from specdec.models import WEIGHT_FORMATS
+from specdec.model.models import WEIGHT_FORMATS
 from specdec.strategies import add_proposer_args, describe
 
-# specdec.metrics.DegenerateRule's defaults, written out so `specdec --help` does not import torch
+# specdec.measure.metrics.DegenerateRule's defaults, written out so `specdec --help` does not import torch
 DEGENERATE_DEFAULTS = {"ngram": 4, "repeat_share": 0.5, "copy_share": 0.8}
 
 
 def auto_device(name: str) -> str:
+    # inside the command: `specdec query|report|ingest|--help` start without importing torch and transformers
     import torch
 
     if name != "auto":
@@ -61,7 +62,8 @@ def add_decode_args(p: argparse.ArgumentParser) -> None:
 
 def read_prompt_file(path: str) -> str:
     """The whole file is the prompt; an unreadable file is a one-line error naming it."""
-    from specdec.runner import SettingsError
+    # inside the command: `specdec query|report|ingest|--help` start without importing torch and transformers
+    from specdec.run.runner import SettingsError
 
     try:
         return Path(path).read_text(encoding="utf-8")
@@ -76,8 +78,9 @@ def read_prompt_file(path: str) -> str:
 def prompt_of(args) -> tuple[str, list[str]]:
     """(first turn, follow-up turns) from --prompt, a text --prompt-file, or one prompt of a JSONL prompt file
     (specdec's form or a Spec-Bench/MT-Bench question file: --prompt-id, default its first prompt)."""
+    # inside the command: `specdec query|report|ingest|--help` start without importing torch and transformers
     from specdec.prompts import load_prompts, select
-    from specdec.runner import SettingsError
+    from specdec.run.runner import SettingsError
 
     if args.prompt is None and args.prompt_file is None:
         raise SettingsError("give the prompt with --prompt TEXT or --prompt-file FILE")
@@ -98,12 +101,13 @@ def prompt_of(args) -> tuple[str, list[str]]:
 
 
 def cmd_generate(args) -> int:
-    from specdec.decoding import DecodeSettings
-    from specdec.drafters import find_drafter, parse_alias
-    from specdec.metrics import DegenerateRule
-    from specdec.models import ModelError, encode_prompt, load_registry
-    from specdec.runner import (SettingsError, check_settings, generate, load_pair, threads_in_use, use_threads,
-                                warm_up, weight_format)
+    # inside the command: `specdec query|report|ingest|--help` start without importing torch and transformers
+    from specdec.measure.metrics import DegenerateRule
+    from specdec.methods.drafters import find_drafter, parse_alias
+    from specdec.model.decoding import DecodeSettings
+    from specdec.model.models import ModelError, encode_prompt, load_registry
+    from specdec.run.runner import (SettingsError, check_settings, generate, load_pair, threads_in_use, use_threads,
+                                    warm_up, weight_format)
     from specdec.strategies import STRATEGIES
 
     s = DecodeSettings.from_mapping(args)
@@ -146,7 +150,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from specdec.models import ModelError, availability, load_registry
+    # inside the command: `specdec query|report|ingest|--help` start without importing torch and transformers
+    from specdec.model.models import ModelError, availability, load_registry
 
     try:
         registry = load_registry(args.models)
@@ -167,14 +172,16 @@ def cmd_models(args) -> int:
 
 
 def cmd_run_job(args) -> int:
-    from specdec.job import run_job
+    # inside the command: `specdec query|report|ingest|--help` start without importing torch and transformers
+    from specdec.run.job import run_job
 
     return run_job(args.job, args.out)
 
 
 def cmd_train_drafter(args) -> int:
-    from specdec import devices
-    from specdec.train import cmd_train_drafter as train
+    # inside the command: `specdec query|report|ingest|--help` start without importing torch and transformers
+    from specdec.methods.train import cmd_train_drafter as train
+    from specdec.run import devices
 
     try:
         if args.device == "auto":  # a free GPU, claimed like a cell's (lock files); no GPU: an empty claim, the CPU
@@ -234,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     j.set_defaults(func=cmd_run_job)
 
     t = sub.add_parser("train-drafter", help="train an EAGLE-style drafter or Medusa heads for a target (cached)",
-                       description="Defaults of the training settings: specdec.drafters.DrafterSettings.")
+                       description="Defaults of the training settings: specdec.methods.drafters.DrafterSettings.")
     t.add_argument("--target", default="smollm2-135m", help="target model alias (default: %(default)s)")
     t.add_argument("--kind", required=True, help="eagle | medusa")
     t.add_argument("--budget-minutes", type=float, default=None, metavar="M",
@@ -271,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 DELEGATED = {"ingest": ("specdec.db.ingest", "main"), "query": ("specdec.db.query", "main_query"),
              "report": ("specdec.db.report", "main"),
-             "dashboard": ("specdec.dashboard.launch", "main"), "bench": ("specdec.bench", "main")}
+             "dashboard": ("specdec.dashboard.launch", "main"), "bench": ("specdec.run.bench", "main")}
 
 
 def command_index(argv: list[str]) -> int:

@@ -15,7 +15,7 @@ from tiny import noisy_copy, save_tiny_pair, tiny_target  # noqa: E402
 def datastores_outside_the_checkout(tmp_path_factory):
     """What strategies cache per target (REST's datastore, the dynamic tree's context-free rows) goes to a
     temporary folder, never into the checkout's results/."""
-    from specdec.datastore import ROOT_ENV
+    from specdec.methods.datastore import ROOT_ENV
 
     before = os.environ.get(ROOT_ENV)
     os.environ[ROOT_ENV] = str(tmp_path_factory.mktemp("datastores"))

@@ -12,7 +12,7 @@ import json
 import uuid
 from pathlib import Path
 
-from specdec.metrics import DegenerateRule, degeneracy
+from specdec.measure.metrics import DegenerateRule, degeneracy
 
 PROMPTS = [("sum-01", "summarisation"), ("sum-02", "summarisation"), ("code-01", "code"), ("code-02", "code")]
 # per-prompt multipliers on tokens/s; over 2 repeats: .7 .7 .95 .95 1.05 1.05 1.5 1.5 -> median 1.0, but mean 1.05,
@@ -25,7 +25,7 @@ C_RATIO = 0.1
 
 TARGET, DRAFT = "smollm2-135m", "smollm2-draft"
 BEST = {"speedup": 2.0, "target": TARGET, "draft": DRAFT, "strategy": "speculative", "k": 4, "acceptance": 0.7}
-# this prompt's outputs copy the prompt and loop (specdec.metrics.degeneracy flags them): without it a cell's
+# this prompt's outputs copy the prompt and loop (specdec.measure.metrics.degeneracy flags them): without it a cell's
 # median speedup is `speed` x 0.95 (factors .7 .95 1.05) and its median acceptance that of category code
 DEGENERATE_PROMPT = "sum-02"
 MISMATCH = {"prompt_id": "code-02", "repeat": 1, "strategy": "speculative", "k": 8}

@@ -11,11 +11,12 @@ import pytest
 import torch
 import yaml
 
-import specdec.models
-from specdec import bench, decoding, kernels, measure
-from specdec.decoding import DecodeSettings, Trace, baseline_decode
-from specdec.metrics import degeneracy, expected_tokens, leviathan_speedup, make_record
-from specdec.runner import SettingsError, check_settings, decode_models
+import specdec.model.models
+from specdec.run import bench, bench_measure as measure
+from specdec.model import decoding, kernels
+from specdec.model.decoding import DecodeSettings, Trace, baseline_decode
+from specdec.measure.metrics import degeneracy, expected_tokens, leviathan_speedup, make_record
+from specdec.run.runner import SettingsError, check_settings, decode_models
 from tiny import EOS, needs_panels, noisy_copy, prompts, save_tiny_pair, tiny_target
 
 
@@ -186,7 +187,7 @@ def test_bad_arguments_fail_in_one_line_before_any_model_loads(tiny_setup, capsy
     def no_loading(*a, **k):
         raise AssertionError("a model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(specdec.models, "load_model", no_loading)
+    monkeypatch.setattr(specdec.model.models, "load_model", no_loading)
     code, out, err = run_bench(capsys, tiny_setup + argv)
     assert code == 2 and out == ""
     assert message in err and len(err.strip().splitlines()) == 1

@@ -10,9 +10,9 @@ import sys
 import pytest
 import yaml
 
-import specdec.models
+import specdec.model.models
 from specdec.cli import main
-from specdec.models import ModelError, load_model, load_registry, resolve
+from specdec.model.models import ModelError, load_model, load_registry, resolve
 from tiny import CHARS, save_tiny_pair
 
 SUMMARY_PROMPT = ("Summarise in one sentence: The Amazon rainforest covers about 5.5 million square kilometres "
@@ -43,8 +43,8 @@ def test_bad_arguments_fail_in_one_line_before_any_model_loads(argv, message, mo
     def no_loading(*a, **k):
         raise AssertionError("a model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(specdec.models, "load_model", no_loading)
-    monkeypatch.setattr("specdec.runner.load_model", no_loading)
+    monkeypatch.setattr(specdec.model.models, "load_model", no_loading)
+    monkeypatch.setattr("specdec.run.runner.load_model", no_loading)
     assert main(["generate", "--prompt", "hi", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and err.startswith("specdec: error:")
@@ -57,7 +57,7 @@ def test_bad_arguments_fail_in_one_line_before_any_model_loads(argv, message, mo
      "prompt file '{path}' is not UTF-8 text (--prompt-file)"),
 ])
 def test_unreadable_prompt_file_is_one_line_naming_it(make, message, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("specdec.runner.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr("specdec.run.runner.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     path = make(tmp_path)
     assert main(["generate", "--prompt-file", str(path)]) == 2
     err = capsys.readouterr().err.strip()

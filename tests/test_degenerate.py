@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from specdec.metrics import DegenerateRule, copy_share, degeneracy, repeat_share
+from specdec.measure.metrics import DegenerateRule, copy_share, degeneracy, repeat_share
 
 PROMPT = ("Translate from German to English : Eine hartnäckige Verletzung hält den Stürmer der FSV Mainz 05 "
           "vom Auswärtsspiel in Bremen fern .")
@@ -104,7 +104,7 @@ NEW_COLUMNS = ("copy_share", "repeat_share", "degenerate")
 def test_every_measurement_carries_the_shares_of_its_rule(prompt_file, tiny_models):
     from transformers import AutoTokenizer
 
-    from specdec.job import run_cell
+    from specdec.run.job import run_cell
     from specdec.prompts import load_prompts
 
     rule = {"ngram": 3, "repeat_share": 0.4, "copy_share": 0.6}
@@ -139,7 +139,7 @@ def test_the_workflow_hands_its_rule_to_every_cell_and_validates_it(tiny_models)
 
 
 def test_a_bad_rule_in_a_job_is_refused_before_anything_loads(prompt_file):
-    from specdec.job import run_job
+    from specdec.run.job import run_job
 
     code = run_job({"target": "x", "strategy": "baseline", "prompts_file": str(prompt_file),
                     "degenerate": {"copy_share": 2}}, "unused.json")
@@ -147,7 +147,7 @@ def test_a_bad_rule_in_a_job_is_refused_before_anything_loads(prompt_file):
 
 
 def test_generate_takes_the_rule_from_flags_and_checks_it_before_loading(monkeypatch, capsys):
-    import specdec.models
+    import specdec.model.models
     from specdec import cli
 
     assert cli.DEGENERATE_DEFAULTS == DegenerateRule().to_dict()  # written out there so --help needs no torch
@@ -155,8 +155,8 @@ def test_generate_takes_the_rule_from_flags_and_checks_it_before_loading(monkeyp
     def no_loading(*a, **k):
         raise AssertionError("a model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(specdec.models, "load_model", no_loading)
-    monkeypatch.setattr("specdec.runner.load_model", no_loading)
+    monkeypatch.setattr(specdec.model.models, "load_model", no_loading)
+    monkeypatch.setattr("specdec.run.runner.load_model", no_loading)
     assert cli.main(["generate", "--prompt", "hi", "--degenerate-copy", "1.5"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "specdec: error: degenerate copy_share threshold must be a number in (0, 1], got 1.5"

@@ -8,12 +8,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from specdec import devices
-from specdec.devices import GiB, Claim, DeviceError, DeviceInfo, plan_placement
-from specdec.job import run_cell
-from specdec.models import ModelSpec
-from specdec.devices import tensor_parallel_problem
-from specdec.parallel import child_visible_devices
+from specdec.run import devices
+from specdec.run.devices import GiB, Claim, DeviceError, DeviceInfo, plan_placement
+from specdec.run.job import run_cell
+from specdec.model.models import ModelSpec
+from specdec.run.devices import tensor_parallel_problem
+from specdec.run.parallel import child_visible_devices
 from tiny import tiny_config
 
 A100_40GB = 40 * GiB
@@ -132,7 +132,7 @@ def cell(prompt_file, models, **kw):
 
 def test_a_cell_that_cannot_fit_fails_before_loading_with_estimate_and_available(prompt_file, tiny_models,
                                                                               fake_gpus, monkeypatch):
-    monkeypatch.setattr("specdec.job.load_pair", lambda *a, **k: pytest.fail("must not load weights"))
+    monkeypatch.setattr("specdec.run.job.load_pair", lambda *a, **k: pytest.fail("must not load weights"))
     doc = run_cell(cell(prompt_file, tiny_models, gpus=1, max_new_tokens=32_768))  # the largest KV cache allowed
     assert doc["run"]["status"] == "failed" and doc["run"]["gpu_names"] == ["FakeGPU"]
     # keys and values x 2 layers x 2 kv heads x 16 dims x (2048 + 32769) tokens x 4 bytes + 0.3 MiB weights

@@ -14,13 +14,13 @@ import torch
 import yaml
 
 from specdec.cli import main as cli_main
-from specdec.decoding import DecodeSettings, baseline_decode
-from specdec.drafters import (DrafterError, DrafterSettings, attach, drafter_dir, find_drafter, load_drafter,
+from specdec.model.decoding import DecodeSettings, baseline_decode
+from specdec.methods.drafters import (DrafterError, DrafterSettings, attach, drafter_dir, find_drafter, load_drafter,
                               new_module, parse_alias)
-from specdec.job import run_cell
-from specdec.models import load_model, load_registry
-from specdec.runner import SettingsError, check_settings, decode_models, load_pair
-from specdec.train import generate_sequences, train, train_drafter
+from specdec.run.job import run_cell
+from specdec.model.models import load_model, load_registry
+from specdec.run.runner import SettingsError, check_settings, decode_models, load_pair
+from specdec.methods.train import generate_sequences, train, train_drafter
 from tiny import EOS, prompts, save_tiny_pair, tiny_target
 
 SMALL = DrafterSettings(gen_tokens=20, vocab=40, epochs=12, batch_size=4, lr=3e-3, val_every=4, budget_minutes=2)
@@ -210,7 +210,7 @@ def test_a_drafter_is_found_by_its_name_whatever_its_training_settings(tiny_env,
 def test_budget_counts_from_the_start_of_the_command(tiny_env, tmp_path, monkeypatch):
     """The budget covers loading and data generation too: a command that started an hour ago with a 2-minute
     budget trains no step once the data is ready (with MIN_TRAIN_S, the floor after data generation, at 0)."""
-    from specdec import train as train_module
+    from specdec.methods import train as train_module
 
     monkeypatch.setattr(train_module, "MIN_TRAIN_S", 0)
     loaded = load_model(load_registry(tiny_env["models"])["tiny-target"])
@@ -233,7 +233,7 @@ def test_train_drafter_on_a_missing_gpu_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_bench_runs_trained_drafters_beside_the_baseline(tiny_env, capsys, tmp_path):
-    from specdec import bench
+    from specdec.run import bench
 
     loaded = load_model(load_registry(tiny_env["models"])["tiny-target"])
     quick = DrafterSettings(**{**tiny_env["settings"].__dict__, "epochs": 2})

@@ -10,13 +10,13 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-import specdec.decoding as decoding
-import specdec.tree
-import specdec.verify
-from specdec.decoding import DecodeSettings, baseline_decode, rollback
-from specdec.hf_reference import hf_decode
-from specdec.metrics import leviathan_speedup, make_record
-from specdec.runner import decode_models
+import specdec.model.decoding as decoding
+import specdec.methods.tree
+import specdec.methods.verify
+from specdec.model.decoding import DecodeSettings, baseline_decode, rollback
+from specdec.engines.hf_reference import hf_decode
+from specdec.measure.metrics import leviathan_speedup, make_record
+from specdec.run.runner import decode_models
 from tiny import EOS, context_free_memory, noisy_copy, prompts, tiny_config
 
 from transformers import LlamaForCausalLM
@@ -112,9 +112,9 @@ def test_every_verify_pass_after_rejections_sees_a_correct_cache(target, draft, 
         calls.append((before, list(ids), logits.clone()))
         return logits, hidden
 
-    monkeypatch.setattr(specdec.tree, "forward", recording_forward)
+    monkeypatch.setattr(specdec.methods.tree, "forward", recording_forward)
     trace = spec(target, draft, p, DecodeSettings(max_new_tokens=40, k=5))
-    monkeypatch.setattr(specdec.tree, "forward", real_forward)
+    monkeypatch.setattr(specdec.methods.tree, "forward", real_forward)
     full = p + trace.tokens
     rejections = sum(trace.proposed_per_position) - sum(trace.accepted_per_position)
     assert rejections > 0 and len(calls) > 3
@@ -155,7 +155,7 @@ def test_verify_rule_reproduces_the_target_distribution():
     counts = collections.Counter()
     for _ in range(n):
         x = int(torch.multinomial(q, 1, generator=gen))
-        accepted, correction = specdec.verify.chain_rule(torch.cat([p_logits, p_logits]), [x], q[None], s, gen)
+        accepted, correction = specdec.methods.verify.chain_rule(torch.cat([p_logits, p_logits]), [x], q[None], s, gen)
         counts[x if accepted else correction] += 1
     pvalue = empirical_vs_expected(counts, {i: float(p[i]) for i in range(6)}, n)
     assert pvalue > 1e-3, f"speculative sampling does not reproduce p (chi-square p={pvalue:.2e})"
@@ -233,7 +233,7 @@ def test_a_wrong_acceptance_rule_fails_the_same_test(monkeypatch):
     def accept_everything(target_logits, drafts, draft_probs, s, generator):
         return len(drafts), decoding.sample(decoding.logits_to_probs(target_logits[-1], s), generator)
 
-    monkeypatch.setattr(specdec.verify, "chain_rule", accept_everything)
+    monkeypatch.setattr(specdec.methods.verify, "chain_rule", accept_everything)
     counts = run_sampling(lambda seed: spec(target, draft, prompt, DecodeSettings(**{**vars(s), "seed": seed}),
                                             set()), n)
     assert empirical_vs_expected(counts, exact, n) < 1e-6

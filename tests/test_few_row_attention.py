@@ -1,4 +1,4 @@
-"""Our AVX-512 attention for passes of 1 to 16 query rows (specdec/csrc/few_row_attention.cpp): SDPA's result to
+"""Our AVX-512 attention for passes of 1 to 16 query rows (specdec/model/csrc/few_row_attention.cpp): SDPA's result to
 float32 rounding with grouped KV heads, cache views and tree masks; each row's bits independent of the other rows
 (so a verify pass attends each row as its one-row step does); both forwards use it, bit for bit alike, and greedy
 decoding stays token-identical to plain decoding; where it does not apply, SDPA runs, and the choice is named."""
@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
-from specdec import decoding, kernels
-from specdec.attention import few_rows_fit, transposed_mask
-from specdec.decoding import DecodeSettings, forward, new_cache
-from specdec.runner import SettingsError, check_settings, decode_models
+from specdec.model import decoding, kernels
+from specdec.model.attention import few_rows_fit, transposed_mask
+from specdec.model.decoding import DecodeSettings, forward, new_cache
+from specdec.run.runner import SettingsError, check_settings, decode_models
 from tiny import EOS, context_free_memory, needs_panels, prompts, tiny_config
 
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from specdec import devices
-from specdec.devices import DeviceError, DeviceInfo, claim_gpus
-from specdec.job import run_cell, run_job
+from specdec.run import devices
+from specdec.run.devices import DeviceError, DeviceInfo, claim_gpus
+from specdec.run.job import run_cell, run_job
 
 
 def job(prompt_file, models, **kw):

@@ -1,4 +1,4 @@
-"""Our own Llama forward (specdec/llama_forward.py) computes transformers' forward bit for bit, in every pass our
+"""Our own Llama forward (specdec/model/llama_forward.py) computes transformers' forward bit for bit, in every pass our
 loops make (prefill, one-row steps, chain verify, tree verify with extra rows, hidden states), and in every
 kernel set (float64, float32 oneDNN, MKL and our AVX-512 panels, bfloat16/int8/int4 weight-only); it stands
 aside where it does not apply."""
@@ -11,11 +11,11 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from specdec import decoding, llama_forward, quant
-from specdec.decoding import DecodeSettings, additive_mask, forward, new_cache
-from specdec.kernels import prepare_model
-from specdec.models import load_registry
-from specdec.runner import SettingsError, check_settings, decode_models
+from specdec.model import decoding, llama_forward, quant
+from specdec.model.decoding import DecodeSettings, additive_mask, forward, new_cache
+from specdec.model.kernels import prepare_model
+from specdec.model.models import load_registry
+from specdec.run.runner import SettingsError, check_settings, decode_models
 from tiny import EOS, context_free_memory, needs_panels, prompts, tiny_config, tiny_target
 
 def own_forward(model):

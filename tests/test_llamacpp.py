@@ -8,10 +8,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from specdec import llamacpp, runner
-from specdec.decoding import DecodeSettings
-from specdec.models import ModelError, encode_prompt, load_registry
-from specdec.trainfree import Datastore, concatenate
+from specdec.engines import llamacpp
+
+from specdec.run import runner
+from specdec.model.decoding import DecodeSettings
+from specdec.model.models import ModelError, encode_prompt, load_registry
+from specdec.methods.trainfree import Datastore, concatenate
 
 pytest.importorskip("llama_cpp")
 
@@ -129,7 +131,7 @@ def test_recycling_learns_from_the_rows_llama_cpp_evaluated(default_batch, monke
     """Token Recycling reads the target's logits from llama.cpp's scores buffer: the prompt's rows at the start,
     then each verify pass's rows ([root] + drafts). Under greedy verification the root's row predicts the token
     that followed the root, so an off-by-one read would show."""
-    from specdec.proposers import RecyclingProposer
+    from specdec.methods.proposers import RecyclingProposer
 
     learned = []
     learn = RecyclingProposer.learn
@@ -161,7 +163,7 @@ def test_recycling_learns_from_the_rows_llama_cpp_evaluated(default_batch, monke
 def test_rest_builds_its_datastore_from_llama_cpp_answers(default_batch, tmp_path, monkeypatch):
     """The default REST corpus of a llama.cpp cell is the GGUF's own answers as llama.cpp decodes them, cached
     apart from our engine's (`<alias>@gguf-Q4_1`)."""
-    from specdec import datastore
+    from specdec.methods import datastore
 
     monkeypatch.setenv(datastore.ROOT_ENV, str(tmp_path))
     monkeypatch.setattr(datastore, "DEFAULT_PROMPTS", 2)
@@ -224,7 +226,7 @@ def test_a_workflow_cell_runs_on_llamacpp(prompt_file):
     format and thread count recorded, the GGUF's bytes as the weights held."""
     import torch
 
-    from specdec.job import run_cell
+    from specdec.run.job import run_cell
 
     threads = torch.get_num_threads()
     try:

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specdec.decoding import DecodeSettings, Trace, baseline_decode, forward, new_cache
-from specdec.proposers import LookaheadProposer, Proposal, Shape
-from specdec.runner import SettingsError, check_settings, decode_models
+from specdec.model.decoding import DecodeSettings, Trace, baseline_decode, forward, new_cache
+from specdec.methods.proposers import LookaheadProposer, Proposal, Shape
+from specdec.run.runner import SettingsError, check_settings, decode_models
 from specdec.strategies import STRATEGIES
-from specdec.trainfree import add_ngram, advance_window, window_rows
-from specdec.tree import ExtraRows, Tree, forward_tree, keep_path, pass_mask
+from specdec.methods.trainfree import add_ngram, advance_window, window_rows
+from specdec.methods.tree import ExtraRows, Tree, forward_tree, keep_path, pass_mask
 from tiny import EOS, paths, prompts
 
 

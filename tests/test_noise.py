@@ -8,9 +8,9 @@ import json
 import pytest
 
 from duck import fetch
-from specdec import noise
+from specdec.measure import noise
 from specdec.db.store import ResultFileError, ingest
-from specdec.noise import Reading
+from specdec.measure.noise import Reading
 
 PROC_STAT = """cpu  1000 50 300 5000 20 0 30 100 0 0
 cpu0 500 25 150 2500 10 0 15 50 0 0

@@ -9,10 +9,10 @@ import statistics
 import pytest
 
 from duck import fetch
-from specdec import job as job_module
+from specdec.run import job as job_module
 from specdec.db.store import ResultFileError, ingest, load_result_file
-from specdec.job import decode_units, run_cell, unit_order
-from specdec.noise import Reading
+from specdec.run.job import decode_units, run_cell, unit_order
+from specdec.measure.noise import Reading
 from specdec.strategies import is_plain_baseline, store_baseline
 
 PROMPTS = [{"id": "p1", "category": "qa"}, {"id": "p2", "category": "code"}]

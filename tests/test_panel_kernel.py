@@ -1,4 +1,4 @@
-"""Our AVX-512 linear kernel (specdec/csrc/panel_linear.cpp): a dense linear layer's product to float32 rounding,
+"""Our AVX-512 linear kernel (specdec/model/csrc/panel_linear.cpp): a dense linear layer's product to float32 rounding,
 each row's bits independent of the other rows of the call (so a verify pass's linear layers give every row a
 one-row step's bits), and the kernel choice and its errors."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specdec import kernels
+from specdec.model import kernels
 from tiny import needs_panels
 
 
@@ -84,9 +84,9 @@ def test_a_tied_head_and_embedding_keep_one_copy_in_panels():
 
     from transformers import LlamaForCausalLM
 
-    from specdec import decoding
-    from specdec.decoding import DecodeSettings, baseline_decode
-    from specdec.runner import decode_models
+    from specdec.model import decoding
+    from specdec.model.decoding import DecodeSettings, baseline_decode
+    from specdec.run.runner import decode_models
     from tiny import EOS, VOCAB, prompts, tiny_config
 
     config = tiny_config()
@@ -117,7 +117,7 @@ def test_a_tied_head_and_embedding_keep_one_copy_in_panels():
 
 @needs_panels
 def test_a_head_that_a_trained_drafter_shares_stays_dense(monkeypatch):
-    from specdec import drafters
+    from specdec.methods import drafters
     from tiny import tiny_target
 
     monkeypatch.delenv("SPECDEC_CPU_LINEAR", raising=False)

@@ -12,9 +12,9 @@ import shutil
 
 import pytest
 
-from specdec import devices
-from specdec.devices import DeviceInfo
-from specdec.job import run_cell
+from specdec.run import devices
+from specdec.run.devices import DeviceInfo
+from specdec.run.job import run_cell
 
 pytestmark = pytest.mark.slow
 

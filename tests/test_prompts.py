@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from specdec.cli import main as cli_main
-from specdec.job import run_cell
+from specdec.run.job import run_cell
 from specdec.prompts import MT_BENCH_CATEGORIES, MULTI_TURN, PromptFileError, load_prompts, select
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Weight formats of our engine (specdec/quant.py): row-invariant kernels, speculative decoding identical to plain
+"""Weight formats of our engine (specdec/model/quant.py): row-invariant kernels, speculative decoding identical to plain
 decoding in the same format, and a stated agreement with float32 on the tiny model."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import functools
 import pytest
 import torch
 
-from specdec import quant
-from specdec.decoding import DecodeSettings, baseline_decode, forward
-from specdec.kernels import prepare_model
-from specdec.models import WEIGHT_FORMATS, ModelError, load_model, load_registry
-from specdec.runner import decode_models
+from specdec.model import quant
+from specdec.model.decoding import DecodeSettings, baseline_decode, forward
+from specdec.model.kernels import prepare_model
+from specdec.model.models import WEIGHT_FORMATS, ModelError, load_model, load_registry
+from specdec.run.runner import decode_models
 from tiny import EOS, noisy_copy, prompts, tiny_target
 
 FORMATS = ("bfloat16", "int8", "int4")
@@ -107,7 +107,7 @@ def test_alias_weight_format_is_applied_on_load(tiny_models):
 
 
 def test_a_cell_records_the_weight_format_and_threads_it_asked_for_and_ran(prompt_file, tiny_models):
-    from specdec.job import run_cell
+    from specdec.run.job import run_cell
 
     base = {"target": "tiny-target", "strategy": "ngram", "k": 2, "prompts_file": str(prompt_file),
             "models": tiny_models, "max_new_tokens": 6, "warmup": 0}
@@ -173,7 +173,7 @@ def test_apply_weights_fuses_the_decoder_projections_and_decoding_is_unchanged(m
 
 
 def test_visible_keys_reads_bool_and_additive_mask_rows():
-    from specdec.attention import visible_keys
+    from specdec.model.attention import visible_keys
 
     prefix = torch.tensor([True, True, True, False, False])
     assert visible_keys(prefix) == 3
@@ -189,8 +189,8 @@ def test_exact_attention_gives_each_row_of_a_masked_pass_its_one_row_bits(monkey
 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from specdec.attention import attend_rows, sdpa_one_row  # llama_forward's row-by-row attention
-    from specdec.kernels import sdpa_gqa_attention
+    from specdec.model.attention import attend_rows, sdpa_one_row  # llama_forward's row-by-row attention
+    from specdec.model.kernels import sdpa_gqa_attention
 
     monkeypatch.setenv("SPECDEC_EXACT_ATTENTION", "1")
     module = SimpleNamespace(num_key_value_groups=3, is_causal=True, training=False)
@@ -217,7 +217,7 @@ def test_exact_attention_gives_each_row_of_a_masked_pass_its_one_row_bits(monkey
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_exact_attention_makes_verify_passes_bit_identical_to_one_row_steps(fmt, monkeypatch):
     """float32 activations, bfloat16 matmul inputs: the setting where SDPA's multi-row bits matter (quant.py)."""
-    from specdec.decoding import new_cache
+    from specdec.model.decoding import new_cache
 
     monkeypatch.setenv("SPECDEC_EXACT_ATTENTION", "1")
     model = prepare_model(quant.apply_weights(tiny_target(dtype=torch.float32), fmt))
@@ -240,7 +240,7 @@ def test_exact_attention_makes_verify_passes_bit_identical_to_one_row_steps(fmt,
 
 
 def test_a_bad_exact_attention_setting_is_refused_before_loading(monkeypatch):
-    from specdec.runner import SettingsError, check_settings
+    from specdec.run.runner import SettingsError, check_settings
 
     monkeypatch.setenv("SPECDEC_EXACT_ATTENTION", "yes")
     with pytest.raises(SettingsError, match="SPECDEC_EXACT_ATTENTION must be 0 or 1, got 'yes'"):

@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from specdec import datastore
-from specdec.datastore import DEFAULT_PROMPTS, load_context_free_rows, load_datastore
-from specdec.decoding import DecodeSettings, Trace, baseline_decode, forward, new_cache
-from specdec.proposers import (DynamicTreeProposer, Proposal, RecyclingProposer, RestProposer, Shape, SuffixProposer,
+from specdec.methods import datastore
+from specdec.methods.datastore import DEFAULT_PROMPTS, load_context_free_rows, load_datastore
+from specdec.model.decoding import DecodeSettings, Trace, baseline_decode, forward, new_cache
+from specdec.methods.proposers import (DynamicTreeProposer, Proposal, RecyclingProposer, RestProposer, Shape, SuffixProposer,
                                SuffixRecyclingProposer)
-from specdec.runner import decode_models, next_token_logits
-from specdec.trainfree import (SCORE_BINS, SCORE_PRIOR, SEPARATOR, Acceptance, ContextTable, Datastore, build_trie,
+from specdec.run.runner import decode_models, next_token_logits
+from specdec.methods.trainfree import (SCORE_BINS, SCORE_PRIOR, SEPARATOR, Acceptance, ContextTable, Datastore, build_trie,
                                concatenate, continuations, frequency_chain, frequency_tree, match_ends, new_matrix,
                                recycled_tree, recycling_template, remember, scored_tree, update_matrix)
-from specdec.tree import Tree, is_chain, merge
+from specdec.methods.tree import Tree, is_chain, merge
 from tiny import EOS, VOCAB, context_free_memory, paths, prompts
 
 MODEL_FREE_TREES = ("recycling", "suffix", "rest", "suffix-recycling", "dynamic-tree")

@@ -11,12 +11,12 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from specdec.decoding import DecodeSettings, baseline_decode, forward, kv_arena, make_generator, new_cache
-from specdec.proposers import DraftLength, DraftModelProposer, Proposal
-from specdec.runner import decode_models
-from specdec.speculative import speculative_decode
-from specdec.tree import Tree, ancestor_mask, build_tree, chain, forward_tree, keep_path
-from specdec.verify import tree_rule
+from specdec.model.decoding import DecodeSettings, baseline_decode, forward, kv_arena, make_generator, new_cache
+from specdec.methods.proposers import DraftLength, DraftModelProposer, Proposal
+from specdec.run.runner import decode_models
+from specdec.methods.speculative import speculative_decode
+from specdec.methods.tree import Tree, ancestor_mask, build_tree, chain, forward_tree, keep_path
+from specdec.methods.verify import tree_rule
 from tiny import EOS, prompts
 
 

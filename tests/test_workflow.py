@@ -232,7 +232,7 @@ def test_schema_errors_are_one_line_naming_the_field(tiny_models, change, expect
 
 def test_schema_bounds_are_the_engines():
     """The config schema refuses exactly what the engine's check_settings refuses (before any job runs)."""
-    from specdec import runner
+    from specdec.run import runner
 
     schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())["properties"]
     generation = schema["generation"]["properties"]

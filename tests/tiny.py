@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from specdec import kernels
+from specdec.model import kernels
 
 VOCAB = 48
 EOS = 2
@@ -60,7 +60,7 @@ def prompts(n: int, length: int = 12, seed: int = 0, vocab: int = VOCAB) -> list
 
 
 def paths(tree) -> set[tuple[int, ...]]:
-    """Every root-to-node token path of a draft tree (specdec.tree.Tree)."""
+    """Every root-to-node token path of a draft tree (specdec.methods.tree.Tree)."""
     out = set()
     for i in range(len(tree)):
         path, node = [], i
@@ -106,8 +106,8 @@ def save_tiny_pair(root, noise: float = 0.3) -> dict:
 def context_free_memory(model, prefix=(1,), topk: int = 8) -> dict:
     """The dynamic tree's context-free rows of `model` after `prefix` (default: BOS), as runner.prepare puts them
     in the strategy's memory."""
-    from specdec.datastore import context_free_rows
-    from specdec.runner import next_token_logits
+    from specdec.methods.datastore import context_free_rows
+    from specdec.run.runner import next_token_logits
 
     vocab = model.config.vocab_size
     rows = context_free_rows(lambda tokens: next_token_logits(model, list(prefix), tokens), vocab, min(topk, vocab))

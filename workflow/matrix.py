@@ -23,8 +23,8 @@ import sys
 from pathlib import Path
 
 from specdec.db.store import DEFAULT_DB, LEGACY_DB
-from specdec.drafters import DrafterError, DrafterSettings, drafter_dir, parse_alias, parse_for_target
-from specdec.models import ModelError, is_gguf, load_registry, resolve
+from specdec.methods.drafters import DrafterError, DrafterSettings, drafter_dir, parse_alias, parse_for_target
+from specdec.model.models import ModelError, is_gguf, load_registry, resolve
 from specdec.prompts import PromptFileError, load_prompts, select
 from specdec.strategies import LOOKAHEAD_DEFAULTS, STRATEGIES, is_plain_baseline
 

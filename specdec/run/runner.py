@@ -7,20 +7,24 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from specdec import llamacpp, metrics, quant
-from specdec.datastore import (CONTEXT_FREE_PREFIX, DEFAULT_NEW_TOKENS, corpus_documents, load_context_free_rows,
+from specdec.engines import llamacpp
+
+from specdec.measure import metrics
+
+from specdec.model import quant
+from specdec.methods.datastore import (CONTEXT_FREE_PREFIX, DEFAULT_NEW_TOKENS, corpus_documents, load_context_free_rows,
                                load_datastore)
-from specdec.decoding import DecodeSettings, baseline_decode, forward, new_cache
-from specdec.drafters import DrafterError, find_drafter, load_drafter, parse_for_target
-from specdec.hf_reference import hf_decode
-from specdec.kernels import attention_kernel, exact_rows_requested, linear_kernels, prepare_model
-from specdec.llama_forward import forward_choice
-from specdec.models import (WEIGHT_FORMATS, LoadedModel, ModelError, encode_prompt, load_model, resolve,
+from specdec.model.decoding import DecodeSettings, baseline_decode, forward, new_cache
+from specdec.methods.drafters import DrafterError, find_drafter, load_drafter, parse_for_target
+from specdec.engines.hf_reference import hf_decode
+from specdec.model.kernels import attention_kernel, exact_rows_requested, linear_kernels, prepare_model
+from specdec.model.llama_forward import forward_choice
+from specdec.model.models import (WEIGHT_FORMATS, LoadedModel, ModelError, encode_prompt, load_model, resolve,
                             shared_logit_rows)
-from specdec.proposers import DraftLength, make_proposer
-from specdec.speculative import speculative_decode
+from specdec.methods.proposers import DraftLength, make_proposer
+from specdec.methods.speculative import speculative_decode
 from specdec.strategies import NAMES, STRATEGIES, names
-from specdec.tree import Tree, forward_tree
+from specdec.methods.tree import Tree, forward_tree
 
 DRAFT_SAMPLING = ("greedy", "sample")
 # Upper bounds that catch typos (k 1e9, temperature 70 meant as 0.7) before anything loads; the workflow's config

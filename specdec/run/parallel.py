@@ -27,8 +27,8 @@ from types import SimpleNamespace
 
 import torch
 
-from specdec.models import LoadedModel, load_model, resolve, shared_logit_rows
-from specdec.runner import Pair, load_pair
+from specdec.model.models import LoadedModel, load_model, resolve, shared_logit_rows
+from specdec.run.runner import Pair, load_pair
 
 WORKER_ENV = "SPECDEC_TP_WORKER"
 
@@ -153,7 +153,7 @@ def run_under_torchrun(job: dict, nproc: int, indices: list[int]) -> dict:
             env["CUDA_VISIBLE_DEVICES"] = child_visible_devices(indices)
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "specdec.tp_worker", str(job_path), str(out)]
+               "-m", "specdec.run.tp_worker", str(job_path), str(out)]
         code = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL).returncode
         if code != 0 or not out.is_file():
             errors = sorted(tmp.glob("rank*.error"))

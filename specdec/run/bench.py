@@ -23,15 +23,15 @@ from pathlib import Path
 import torch
 
 from specdec import fail
-from specdec.decoding import DecodeSettings
-from specdec.drafters import DrafterError, find_drafter, parse_alias
-from specdec.kernels import attention_kernel, exact_rows_requested, linear_kernels
-from specdec.llama_forward import forward_choice
-from specdec.measure import (BenchError, Cell, by_category, load_models, measure_memory, parse_draft,
+from specdec.model.decoding import DecodeSettings
+from specdec.methods.drafters import DrafterError, find_drafter, parse_alias
+from specdec.model.kernels import attention_kernel, exact_rows_requested, linear_kernels
+from specdec.model.llama_forward import forward_choice
+from specdec.run.bench_measure import (BenchError, Cell, by_category, load_models, measure_memory, parse_draft,
                              probe_memory, profile_cell, run_interleaved, summarise)
-from specdec.models import WEIGHT_FORMATS, ModelError, encode_prompt, load_registry, resolve
+from specdec.model.models import WEIGHT_FORMATS, ModelError, encode_prompt, load_registry, resolve
 from specdec.prompts import PromptFileError, load_prompts, select
-from specdec.runner import SettingsError, check_settings, weight_format
+from specdec.run.runner import SettingsError, check_settings, weight_format
 from specdec.strategies import NAMES, STRATEGIES, add_proposer_args
 
 DEFAULT_RUNNERS = ("baseline", "speculative", "ngram", "hf-generate", "hf-assisted", "hf-ngram")

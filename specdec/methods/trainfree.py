@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from specdec.tree import Tree, chain
+from specdec.methods.tree import Tree, chain
 
 SEPARATOR = -1               # between documents in a corpus: never matched, never proposed
 MEMORY_TOKENS = 1 << 20      # suffix memory keeps at most this many earlier output tokens (8 MiB of int64)

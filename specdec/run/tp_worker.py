@@ -1,4 +1,4 @@
-"""Entry point of every tensor-parallel rank: `python -m specdec.tp_worker JOB OUT`, started by torchrun from
+"""Entry point of every tensor-parallel rank: `python -m specdec.run.tp_worker JOB OUT`, started by torchrun from
 parallel.run_under_torchrun. Each rank runs the cell (job.run_cell); rank 0 writes the result document."""
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from specdec.job import one_line, read_job, run_cell, write_atomic
-from specdec.parallel import rank
+from specdec.run.job import one_line, read_job, run_cell, write_atomic
+from specdec.run.parallel import rank
 
 
 def worker_main(argv: list[str]) -> int:
-    """Entry point of every rank (python -m specdec.tp_worker JOB OUT under torchrun)."""
+    """Entry point of every rank (python -m specdec.run.tp_worker JOB OUT under torchrun)."""
     job_path, out = argv
     out = Path(out)
     try:

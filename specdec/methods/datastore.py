@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from specdec.prompts import load_prompts
-from specdec.trainfree import Datastore, concatenate
+from specdec.methods.trainfree import Datastore, concatenate
 
 ROOT_ENV = "SPECDEC_DATASTORES_DIR"
 DEFAULT_PROMPTS = 32        # training prompts answered by the target for the default corpus

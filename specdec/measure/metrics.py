@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from specdec.decoding import Trace
+from specdec.model.decoding import Trace
 
 
 def token_hash(token_ids: list[int]) -> str:

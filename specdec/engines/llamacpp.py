@@ -58,9 +58,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from specdec import models
-from specdec.decoding import DecodeSettings, Trace
-from specdec.proposers import Shape, make_proposer
+from specdec.model import models
+from specdec.model.decoding import DecodeSettings, Trace
+from specdec.methods.proposers import Shape, make_proposer
 from specdec.strategies import STRATEGIES
 
 ENGINE = "llamacpp"

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from specdec import llama_forward
-from specdec.kernels import prepare_model
+from specdec.model import llama_forward
+from specdec.model.kernels import prepare_model
 from specdec.strategies import LOOKAHEAD_DEFAULTS
 
 

@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from specdec import models
-from specdec.metrics import peak_memory
+from specdec.model import models
+from specdec.measure.metrics import peak_memory
 
 GPU_MODES = ("pipeline", "tensor")
 GiB = 1 << 30

@@ -24,14 +24,14 @@ from pathlib import Path
 
 import torch
 
-from specdec import metrics
-from specdec.decoding import DecodeSettings
-from specdec.devices import kv_cache_bytes
-from specdec.drafters import DrafterError, find_drafter, load_drafter, parse_alias
-from specdec.kernels import prepare_model
-from specdec.models import LoadedModel, ModelError, load_model, load_registry, resolve, shared_logit_rows
-from specdec.quant import apply_weights
-from specdec.runner import Pair, decode, load_pair, record_of, warm_up
+from specdec.measure import metrics
+from specdec.model.decoding import DecodeSettings
+from specdec.run.devices import kv_cache_bytes
+from specdec.methods.drafters import DrafterError, find_drafter, load_drafter, parse_alias
+from specdec.model.kernels import prepare_model
+from specdec.model.models import LoadedModel, ModelError, load_model, load_registry, resolve, shared_logit_rows
+from specdec.model.quant import apply_weights
+from specdec.run.runner import Pair, decode, load_pair, record_of, warm_up
 from specdec.strategies import STRATEGIES, plain_baseline
 
 
@@ -558,7 +558,7 @@ def measure_memory(cells: list[Cell], args, s, prompt_ids: list[int], log=print)
                 "models": args.models,
                 "device": args.device, "threads": args.threads, "stock_kernels": args.stock_kernels,
                 "drafters_dir": args.drafters_dir, "prompt_ids": prompt_ids, "settings": vars(s)}
-        out = subprocess.run([sys.executable, "-m", "specdec.bench", "--probe-memory", json.dumps(spec)],
+        out = subprocess.run([sys.executable, "-m", "specdec.run.bench", "--probe-memory", json.dumps(spec)],
                              capture_output=True, text=True, env=env, timeout=1800)
         lines = out.stdout.strip().splitlines()
         if out.returncode != 0 or not lines:

@@ -8,7 +8,7 @@ engine's plain decoding (strategies.store_baseline: `llamacpp-generate` for llam
 the same loaded target, with the same settings, weights, threads and seeds, interleaved with its own decodes
 prompt × repeat by prompt × repeat in ABBA order, so load that comes and goes hits both sides alike and every
 speedup is a ratio of two decodes taken seconds apart on the same machine. Those rows go into the same file as a
-second run (`paired_baseline`, linked by `paired_with`). While the cell decodes, specdec.noise samples what else
+second run (`paired_baseline`, linked by `paired_with`). While the cell decodes, specdec.measure.noise samples what else
 loads the machine.
 """
 
@@ -27,12 +27,18 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from specdec import __version__, devices, drafters, noise, parallel
-from specdec.decoding import DecodeSettings
-from specdec.metrics import DegenerateRule
-from specdec.models import encode_prompt, load_registry
+from specdec import __version__
+
+from specdec.run import devices, parallel
+
+from specdec.methods import drafters
+
+from specdec.measure import noise
+from specdec.model.decoding import DecodeSettings
+from specdec.measure.metrics import DegenerateRule
+from specdec.model.models import encode_prompt, load_registry
 from specdec.prompts import load_prompts, select
-from specdec.runner import check_settings, generate, load_pair, threads_in_use, use_threads, warm_up, weight_format
+from specdec.run.runner import check_settings, generate, load_pair, threads_in_use, use_threads, warm_up, weight_format
 from specdec.strategies import LOOKAHEAD_DEFAULTS, STRATEGIES, is_plain_baseline, names, store_baseline
 
 FORMAT = "specdec-result/2"
@@ -167,7 +173,7 @@ def run_cell(job: dict, progress=None, read_noise=None) -> dict:
 
     Inside a tensor-parallel worker (see parallel.py) it runs this rank's share and raises instead, so torchrun
     stops every rank and the parent process stores the failure. `read_noise` replaces the machine reading of
-    specdec.noise (tests)."""
+    specdec.measure.noise (tests)."""
     job = read_job(job)
     worker = parallel.in_worker()
     paired = is_paired(job)

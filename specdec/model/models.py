@@ -95,7 +95,7 @@ def spec_from_dict(alias: str, entry: dict) -> ModelSpec:
 
 
 def builtin_registry() -> dict[str, ModelSpec]:
-    text = importlib.resources.files("specdec").joinpath("models.yaml").read_text()
+    text = importlib.resources.files("specdec.model").joinpath("models.yaml").read_text()
     return {alias: spec_from_dict(alias, entry) for alias, entry in yaml.safe_load(text).items()}
 
 
@@ -327,7 +327,8 @@ def load_model(spec: ModelSpec, device: str = "cpu", device_map=None, max_memory
     model.eval()
     model.requires_grad_(False)
     if spec.weights is not None:
-        from specdec.quant import WeightFormatError, apply_weights
+        # inside the function: quant imports torch, and `specdec --help` reads this module's WEIGHT_FORMATS
+        from specdec.model.quant import WeightFormatError, apply_weights
 
         try:
             apply_weights(model, spec.weights)

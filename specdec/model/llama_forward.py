@@ -28,9 +28,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from specdec.attention import (attend_rows, exact_rows_requested, few_rows_fit, fold_mask, grouped_rows,
+from specdec.model.attention import (attend_rows, exact_rows_requested, few_rows_fit, fold_mask, grouped_rows,
                                sdpa_one_row, transposed_mask)
-from specdec.quant import FusedWeightOnly, ProjectionSlice
+from specdec.model.quant import FusedWeightOnly, ProjectionSlice
 
 FORWARDS = ("own", "transformers")
 ROPE_TYPES = ("default", "linear", "llama3")  # inv_freq fixed at load time (dynamic/yarn/longrope change or scale it)

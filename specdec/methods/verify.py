@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from specdec.decoding import DecodeSettings, logits_to_probs, sample
-from specdec.tree import Tree
+from specdec.model.decoding import DecodeSettings, logits_to_probs, sample
+from specdec.methods.tree import Tree
 
 
 def tree_rule(logits: torch.Tensor, tree: Tree, s: DecodeSettings, generator) -> tuple[list[int], int]:

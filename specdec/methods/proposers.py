@@ -28,14 +28,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from specdec.decoding import (DecodeSettings, Trace, forward, hit_eos, logits_to_probs, new_cache, rollback, sample,
+from specdec.model.decoding import (DecodeSettings, Trace, forward, hit_eos, logits_to_probs, new_cache, rollback, sample,
                               top_k_rows)
-from specdec.drafters import Drafter
-from specdec.kernels import prepare_model
-from specdec.trainfree import (MEMORY_TOKENS, Acceptance, ContextTable, add_ngram, advance_window, build_trie,
+from specdec.methods.drafters import Drafter
+from specdec.model.kernels import prepare_model
+from specdec.methods.trainfree import (MEMORY_TOKENS, Acceptance, ContextTable, add_ngram, advance_window, build_trie,
                                concatenate, continuations, frequency_chain, frequency_tree, match_ends, new_matrix,
                                recycled_tree, recycling_template, remember, scored_tree, update_matrix, window_rows)
-from specdec.tree import ExtraRows, Tree, build_tree, chain, merge
+from specdec.methods.tree import ExtraRows, Tree, build_tree, chain, merge
 
 HEURISTIC_K_MAX = 16        # heuristic schedule: k never grows past max(this, the starting k)
 # scored recycling (the dynamic tree's): context tables keyed by this many tokens (the token and the ones before

@@ -1,6 +1,6 @@
 """What else loads the machine while a cell runs: readings taken in the background, summarised per run.
 
-A speedup is a ratio of two speeds measured on a machine that may be shared. Paired baselines (specdec/job.py)
+A speedup is a ratio of two speeds measured on a machine that may be shared. Paired baselines (specdec/run/job.py)
 cancel slow drift, but not load that comes and goes within seconds, and nothing cancels a machine that is simply
 too busy to measure on. So every cell samples, every SAMPLE_S seconds while it decodes:
 

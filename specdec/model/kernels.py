@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from specdec import llama_forward
-from specdec.attention import (attend_rows, exact_rows_requested, few_rows_fit, fold_mask, grouped_rows,
+from specdec.model import llama_forward
+from specdec.model.attention import (attend_rows, exact_rows_requested, few_rows_fit, fold_mask, grouped_rows,
                                transposed_mask)
 
 

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import torch
 
-from specdec.decoding import (Clock, DecodeSettings, Trace, forward, hit_eos, make_generator, new_cache,
+from specdec.model.decoding import (Clock, DecodeSettings, Trace, forward, hit_eos, make_generator, new_cache,
                               select_token)
-from specdec.kernels import prepare_model
-from specdec.proposers import DraftLength, Proposal
-from specdec.tree import Tree, forward_tree, keep_path
-from specdec.verify import accept
+from specdec.model.kernels import prepare_model
+from specdec.methods.proposers import DraftLength, Proposal
+from specdec.methods.tree import Tree, forward_tree, keep_path
+from specdec.methods.verify import accept
 
 
 def speculative_decode(target, prompt_ids: list[int], s: DecodeSettings, eos_ids: set[int], proposer,

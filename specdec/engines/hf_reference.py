@@ -14,7 +14,7 @@ import torch
 from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
-from specdec.decoding import Clock, DecodeSettings, Trace
+from specdec.model.decoding import Clock, DecodeSettings, Trace
 
 
 class FirstTokenTimer(BaseStreamer):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specdec.decoding import forward, kv_arena, rollback
+from specdec.model.decoding import forward, kv_arena, rollback
 
 
 @dataclass

@@ -30,11 +30,11 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
 from specdec import fail
-from specdec.decoding import new_cache
-from specdec.drafters import (KINDS, DrafterError, DrafterSettings, attach, drafter_dir, drafters_root, new_module,
+from specdec.model.decoding import new_cache
+from specdec.methods.drafters import (KINDS, DrafterError, DrafterSettings, attach, drafter_dir, drafters_root, new_module,
                               save_drafter)
-from specdec.models import encode_prompt
-from specdec.prompts import load_prompts
+from specdec.model.models import ModelError, encode_prompt, load_model, load_registry, resolve
+from specdec.prompts import PromptFileError, load_prompts
 
 CE_WEIGHT = 1.0         # EAGLE loss = feature regression + CE_WEIGHT × cross-entropy against the target's distribution
                         # (EAGLE uses 0.1 with far more data; here top-1 agreement on held-out prompts was better
@@ -357,9 +357,6 @@ def settings_from_args(args) -> DrafterSettings:
 
 def cmd_train_drafter(args) -> int:
     """`specdec train-drafter`: checks everything cheap first, then loads the target and trains."""
-    from specdec.models import ModelError, load_model, load_registry, resolve
-    from specdec.prompts import PromptFileError
-
     started = time.perf_counter()  # --budget-minutes counts from here
     try:
         settings = settings_from_args(args)
