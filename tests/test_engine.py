@@ -11,7 +11,7 @@ import torch
 from scipy.stats import chisquare
 
 import specdec.model.decoding as decoding
-import specdec.methods.tree
+import specdec.methods.speculative
 import specdec.methods.verify
 from specdec.model.decoding import DecodeSettings, baseline_decode, rollback
 from specdec.engines.hf_reference import hf_decode
@@ -104,17 +104,18 @@ def test_every_verify_pass_after_rejections_sees_a_correct_cache(target, draft, 
     sequence the cache should hold (the committed prefix) plus the pass's input."""
     p = prompts(1, seed=4)[0]
     calls = []
-    real_forward = decoding.forward
+    real_forward, real_passes = decoding.forward, decoding.forward_passes
 
-    def recording_forward(model, ids, cache, rows=1, *args, **kwargs):  # the verify passes (tree.forward_tree)
-        before = cache.get_seq_length()
-        logits, hidden = real_forward(model, ids, cache, rows, *args, **kwargs)
-        calls.append((before, list(ids), logits.clone()))
-        return logits, hidden
+    def recording_passes(model, passes, vocab=None):  # the verify passes (speculative.decode_slots)
+        before = [p.cache.get_seq_length() for p in passes]
+        outs = real_passes(model, passes, vocab)
+        calls.extend((cached, list(p.ids), logits.clone()) for cached, p, (logits, _) in zip(before, passes, outs))
+        return outs
 
-    monkeypatch.setattr(specdec.methods.tree, "forward", recording_forward)
+    monkeypatch.setattr(specdec.methods.speculative, "forward_passes", recording_passes)
     trace = spec(target, draft, p, DecodeSettings(max_new_tokens=40, k=5))
-    monkeypatch.setattr(specdec.methods.tree, "forward", real_forward)
+    monkeypatch.setattr(specdec.methods.speculative, "forward_passes", real_passes)
+    calls = calls[1:]  # the prefill
     full = p + trace.tokens
     rejections = sum(trace.proposed_per_position) - sum(trace.accepted_per_position)
     assert rejections > 0 and len(calls) > 3

@@ -12,17 +12,29 @@ observe, and keep_path drops their KV entries with the rejected nodes.
 Per-position counts are by depth: a step "proposes" position d when its tree reaches depth d and "accepts" it when
 the accepted path does, so for chains they are the usual counts and for trees α is the chance the path goes one
 level deeper.
+
+Batched decoding (`decode_slots`) runs the same steps for several sequences at once: a batch size is a number of
+slots; every target pass holds each live sequence's rows (its prefill, or [root] + its own tree: ragged, an empty
+draft is one row), each with its own cache, positions and mask (decoding.forward_passes); acceptance, the next
+token and keep_path are per sequence, so each cache keeps exactly its accepted entries. When a sequence ends (EOS
+or max tokens) the next prompt in the queue takes its slot in the next pass. Each sequence has its own proposer
+(and generator, seeded as it would be alone), so with row-independent kernels its output is the one it gets alone.
+`baseline` at a batch size runs the same slots with no proposer: one row per sequence per pass.
 """
+
 
 from __future__ import annotations
 
+from collections import deque
+from dataclasses import dataclass
+
 import torch
 
-from specdec.model.decoding import (Clock, DecodeSettings, Trace, forward, hit_eos, make_generator, new_cache,
-                              select_token)
+from specdec.model.decoding import (Clock, DecodeSettings, Pass, Trace, forward_passes, hit_eos, make_generator,
+                                    new_cache, select_token)
 from specdec.model.kernels import prepare_model
 from specdec.methods.proposers import DraftLength, Proposal
-from specdec.methods.tree import Tree, forward_tree, keep_path
+from specdec.methods.tree import Tree, keep_path, tree_pass
 from specdec.methods.verify import accept
 
 
@@ -30,57 +42,140 @@ def speculative_decode(target, prompt_ids: list[int], s: DecodeSettings, eos_ids
                        length: DraftLength, vocab: int | None = None) -> Trace:
     """Lossless speculative decoding of `prompt_ids` with `proposer` under the draft-length policy `length`.
     vocab: the logit rows target and draft share (None: all)."""
-    prepare_model(target)  # before inference mode: it swaps modules and copies parameters
-    with torch.inference_mode():
-        clock, generator = Clock(target.device), make_generator(s, target.device)
-        trace = Trace(proposed_per_position=[0] * length.k_max, accepted_per_position=[0] * length.k_max)
-        features = proposer.needs_features
-        start = clock()
-        n_prompt = len(prompt_ids)
+    return decode_slots(target, [Request(prompt_ids, proposer, length)], s, eos_ids, vocab, slots=1)[0]
+
+
+@dataclass
+class Request:
+    """One prompt of a batched decode with its own proposer (None: plain decoding) and draft-length policy."""
+    prompt_ids: list[int]
+    proposer: object = None
+    length: DraftLength | None = None
+
+
+class Generation:
+    """One sequence in flight: its cache, committed tokens, proposer and trace. The target's cache holds
+    `committed[:-1]`; `next_pass` says what the sequence needs from the next target pass, `take` reads its
+    share of that pass."""
+
+    def __init__(self, target, request: Request, s: DecodeSettings, eos_ids: set[int], clock: Clock):
+        self.s, self.eos_ids, self.clock = s, eos_ids, clock
+        self.proposer, self.length = request.proposer, request.length
+        self.prompt_ids = list(request.prompt_ids)
+        self.generator = make_generator(s, target.device)
+        k_max = self.length.k_max if self.length else 0
+        self.trace = Trace(proposed_per_position=[0] * k_max, accepted_per_position=[0] * k_max)
+        self.features = bool(self.proposer is not None and self.proposer.needs_features)
+        self.start = clock()
+        n_prompt = len(self.prompt_ids)
         # + one proposal's nodes (and extra rows) before they are dropped
-        room = n_prompt + s.max_new_tokens + length.max_nodes + getattr(proposer, "max_extra_rows", 0) + 2
-        cache = new_cache(target, room)
-        rows = n_prompt if proposer.reads_prompt_logits else 1
-        logits, hidden = forward(target, prompt_ids, cache, rows, vocab, hidden=features)
-        token = select_token(logits[-1], s, generator)
-        trace.ttft_s = clock() - start
-        trace.target_passes = 1
-        committed = list(prompt_ids) + [token]
-        feats = None
-        if features:  # feats[i] = the target's final hidden state at committed[i]
-            feats = hidden.new_empty(room, hidden.shape[-1])
-            feats[:n_prompt] = hidden
-        proposer.start(prompt_ids, generator, logits if proposer.reads_prompt_logits else None)
-        done = s.stop_at_eos and token in eos_ids
-        if done:
-            trace.stop_reason = "eos"
-        while not done and len(committed) - n_prompt < s.max_new_tokens:
-            shape = length.shape(s.max_new_tokens - (len(committed) - n_prompt) - 1)
+        extra_rows = getattr(self.proposer, "max_extra_rows", 0) if self.proposer is not None else 0
+        self.room = n_prompt + s.max_new_tokens + (self.length.max_nodes if self.length else 0) + extra_rows + 2
+        self.cache = new_cache(target, self.room)
+        self.committed: list[int] = []
+        self.feats = None
+        self.done = False
+        self.proposal = self.before = None
+        self.t_draft = 0.0
+
+    def next_pass(self) -> Pass:
+        if not self.committed:  # the prefill
+            rows = len(self.prompt_ids) if self.proposer is not None and self.proposer.reads_prompt_logits else 1
+            return Pass(self.prompt_ids, self.cache, rows, hidden=self.features)
+        if self.proposer is None:
+            self.proposal = Proposal(Tree())
+            return Pass([self.committed[-1]], self.cache)
+        shape = self.length.shape(self.s.max_new_tokens - (len(self.committed) - len(self.prompt_ids)) - 1)
+        t0 = self.clock()
+        self.proposal = (self.proposer.propose(self.committed, self.feats, shape, self.trace) if shape.depth > 0
+                         else Proposal(Tree()))
+        self.t_draft = self.clock() - t0
+        self.before = len(self.committed) - 1  # the root's slot in the target's cache
+        return tree_pass(self.committed[-1], self.proposal.tree, self.cache, self.features, self.proposal.extra)
+
+    def take(self, logits: torch.Tensor, hidden: torch.Tensor | None, forward_s: float) -> None:
+        """Read this sequence's rows of the pass that just ran (forward_s: that pass's time)."""
+        if not self.committed:
+            self._prefilled(logits, hidden)
+        else:
+            self._verified(logits, hidden, forward_s)
+        if not self.done and len(self.committed) - len(self.prompt_ids) >= self.s.max_new_tokens:
+            self.done = True
+        if self.done:
+            self.trace.wall_s = self.clock() - self.start
+            self.trace.tokens = self.committed[len(self.prompt_ids):]
+
+    def _prefilled(self, logits, hidden) -> None:
+        s, n_prompt = self.s, len(self.prompt_ids)
+        token = select_token(logits[-1], s, self.generator)
+        self.trace.ttft_s = self.clock() - self.start
+        self.trace.target_passes = 1
+        self.committed = self.prompt_ids + [token]
+        if self.features:  # feats[i] = the target's final hidden state at committed[i]
+            self.feats = hidden.new_empty(self.room, hidden.shape[-1])
+            self.feats[:n_prompt] = hidden
+        if self.proposer is not None:
+            self.proposer.start(self.prompt_ids, self.generator, logits if self.proposer.reads_prompt_logits else None)
+        if s.stop_at_eos and token in self.eos_ids:
+            self.done, self.trace.stop_reason = True, "eos"
+
+    def _verified(self, logits, hidden, forward_s: float) -> None:
+        s, trace, proposal = self.s, self.trace, self.proposal
+        if self.proposer is None:  # plain decoding: one row, no acceptance
+            token = select_token(logits[-1], s, self.generator)
+            trace.target_passes += 1
+            trace.steps += 1
+            self._commit([token])
+            return
+        t_forward = self.clock()
+        path, token = accept(logits[:len(proposal.tree) + 1], proposal.tree, proposal.q, s, self.generator)
+        t2 = self.clock()
+        keep_path(self.cache, self.before, path)
+        if self.features:
+            rows = torch.tensor([0] + [i + 1 for i in path], device=hidden.device)
+            self.feats[self.before:self.before + len(rows)] = hidden.index_select(0, rows)
+        trace.draft_s += self.t_draft
+        trace.verify_s += forward_s + (t2 - t_forward)
+        trace.accept_s += t2 - t_forward
+        trace.count_step(proposal.tree.depth, len(path))
+        self._commit([proposal.tree.tokens[i] for i in path] + [token])
+        self.proposer.observe(self.committed, proposal, logits)
+        self.length.observe(len(path), proposal.tree.depth)
+        trace.rollback_s += self.clock() - t2  # KV compaction, proposer catch-up and bookkeeping
+
+    def _commit(self, new: list[int]) -> None:
+        eos_at = hit_eos(new, self.eos_ids) if self.s.stop_at_eos else None
+        if eos_at is not None:
+            new, self.done, self.trace.stop_reason = new[:eos_at + 1], True, "eos"
+        self.committed.extend(new)
+
+
+def decode_slots(target, requests: list[Request], s: DecodeSettings, eos_ids: set[int], vocab: int | None = None,
+                 slots: int = 1, on_pass=None) -> list[Trace]:
+    """Decode every request with `slots` sequences in flight: one target pass per step holds every live
+    sequence's rows; a finished sequence's slot goes to the next request at once (no slot waits for the slowest).
+    Returns one Trace per request, in order; each Trace's ttft_s and wall_s count from the request's admission.
+    on_pass(rows per sequence): called after each target pass (tests, bench)."""
+    if slots < 1:
+        raise ValueError(f"slots must be >= 1, got {slots}")
+    prepare_model(target)  # before inference mode: it swaps modules and copies parameters
+    traces: list[Trace | None] = [None] * len(requests)
+    with torch.inference_mode():
+        clock = Clock(target.device)
+        queue, live = deque(enumerate(requests)), []
+        while queue or live:
+            while queue and len(live) < slots:
+                index, request = queue.popleft()
+                live.append((index, Generation(target, request, s, eos_ids, clock)))
+            passes = [g.next_pass() for _, g in live]
             t0 = clock()
-            proposal = proposer.propose(committed, feats, shape, trace) if shape.depth > 0 else Proposal(Tree())
-            t1 = clock()
-            before = len(committed) - 1  # the root's slot in the target's cache
-            logits, hidden = forward_tree(target, committed[-1], proposal.tree, cache, vocab, features,
-                                          proposal.extra)
-            t_forward = clock()
-            path, token = accept(logits[:len(proposal.tree) + 1], proposal.tree, proposal.q, s, generator)
-            t2 = clock()
-            keep_path(cache, before, path)
-            if features:
-                rows = torch.tensor([0] + [i + 1 for i in path], device=hidden.device)
-                feats[before:before + len(rows)] = hidden.index_select(0, rows)
-            trace.draft_s += t1 - t0
-            trace.verify_s += t2 - t1
-            trace.accept_s += t2 - t_forward
-            trace.count_step(proposal.tree.depth, len(path))
-            new = [proposal.tree.tokens[i] for i in path] + [token]
-            eos_at = hit_eos(new, eos_ids) if s.stop_at_eos else None
-            if eos_at is not None:
-                new, done, trace.stop_reason = new[:eos_at + 1], True, "eos"
-            committed.extend(new)
-            proposer.observe(committed, proposal, logits)
-            length.observe(len(path), proposal.tree.depth)
-            trace.rollback_s += clock() - t2  # KV compaction, proposer catch-up and bookkeeping
-        trace.wall_s = clock() - start
-        trace.tokens = committed[n_prompt:]
-        return trace
+            outs = forward_passes(target, passes, vocab)
+            forward_s = clock() - t0
+            if on_pass is not None:
+                on_pass([len(p.ids) for p in passes])
+            for (index, g), (logits, hidden) in zip(live, outs):
+                g.take(logits, hidden, forward_s)
+                if g.done:
+                    traces[index] = g.trace
+            live = [(index, g) for index, g in live if not g.done]
+    return traces

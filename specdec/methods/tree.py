@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specdec.model.decoding import forward, kv_arena, rollback
+from specdec.model.decoding import Pass, forward_passes, kv_arena, rollback
 
 
 @dataclass
@@ -102,6 +102,11 @@ def forward_tree(model, root: int, tree: Tree, cache, vocab: int | None = None, 
                  extra: ExtraRows | None = None):
     """Verify pass: logits (and hidden states) for [root] + tree nodes (row 0 = root, row i + 1 = node i), then
     the extra rows (row len(tree) + 1 + j = extra row j)."""
+    return forward_passes(model, [tree_pass(root, tree, cache, hidden, extra)], vocab)[0]
+
+
+def tree_pass(root: int, tree: Tree, cache, hidden: bool = False, extra: ExtraRows | None = None) -> Pass:
+    """The verify pass of forward_tree as one sequence's share of a (batched) target pass."""
     cached = cache.get_seq_length()
     ids = [root] + tree.tokens
     positions = [cached] + [cached + d for d in tree.depths]
@@ -112,7 +117,7 @@ def forward_tree(model, root: int, tree: Tree, cache, vocab: int | None = None, 
     if not is_chain(tree) or extra:  # a chain alone is the causal mask
         visible = torch.ones(len(ids), cached, dtype=torch.bool)
         attend = torch.cat([visible, pass_mask(tree.parents, extra)], dim=1)
-    return forward(model, ids, cache, len(ids), vocab, positions, attend, hidden)
+    return Pass(ids, cache, len(ids), positions, attend, hidden)
 
 
 @torch.inference_mode()

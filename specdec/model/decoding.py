@@ -250,6 +250,19 @@ def additive_mask(attend: torch.Tensor, dtype, device) -> torch.Tensor:
     return mask[None, None]
 
 
+@dataclass
+class Pass:
+    """One sequence's rows in a target forward: `ids` the cache has not seen, extending `cache`; logits for the last
+    `rows` of them. positions: explicit position ids (default: after the cache); attend: bool [len(ids), cached +
+    len(ids)] for tree attention (default: causal); hidden: also return the final hidden states of all `ids`."""
+    ids: list[int]
+    cache: object
+    rows: int = 1
+    positions: list[int] | None = None
+    attend: torch.Tensor | None = None
+    hidden: bool = False
+
+
 @torch.inference_mode()
 def forward(model, ids: list[int], cache, rows: int = 1, vocab: int | None = None, positions: list[int] | None = None,
             attend: torch.Tensor | None = None, hidden: bool = False):
@@ -259,22 +272,40 @@ def forward(model, ids: list[int], cache, rows: int = 1, vocab: int | None = Non
     [len(ids), hidden] when `hidden`, else None). positions: explicit position ids (default: after the cache);
     attend: bool [len(ids), cached + len(ids)] for tree attention (default: causal).
     """
+    return forward_passes(model, [Pass(ids, cache, rows, positions, attend, hidden)], vocab)[0]
+
+
+@torch.inference_mode()
+def forward_passes(model, passes: list[Pass], vocab: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """One target pass over several sequences' rows (batched decoding: each sequence its own cache, positions and
+    mask) -> (logits float32 [rows, vocab], hidden or None) per Pass, as `forward` returns them for one.
+
+    Our forward (kernels.prepare_model) runs them as one pass: every linear layer reads its weights once for all
+    rows, attention runs per sequence over its own cache (vLLM's flattened batch, without padding). transformers'
+    forward runs them one after another: correct, but not batched (README, batched decoding)."""
+    device = model.device
+    own = getattr(model, "_specdec_own_forward", None) if all(p.cache is not None for p in passes) else None
+    if own is not None:
+        masks = [None if p.attend is None else additive_mask(p.attend, model.dtype, device) for p in passes]
+        outs = llama_forward.forward_batch(own, [(p.ids, p.cache, p.rows, p.positions, mask, p.hidden)
+                                                 for p, mask in zip(passes, masks)])
+        return [((logits if vocab is None else logits[:, :vocab]).float(), states) for logits, states in outs]
+    return [_forward_transformers(model, p, vocab) for p in passes]
+
+
+def _forward_transformers(model, p: Pass, vocab: int | None):
     device = model.device
     extra = {}
-    if attend is not None:
-        extra["attention_mask"] = additive_mask(attend, model.dtype, device)
-    own = getattr(model, "_specdec_own_forward", None) if cache is not None else None  # kernels.prepare_model
-    if own is not None:
-        logits, states = llama_forward.forward(own, ids, cache, rows, positions, extra.get("attention_mask"), hidden)
-        return (logits if vocab is None else logits[:, :vocab]).float(), states
-    if positions is not None:
-        extra["position_ids"] = torch.tensor([positions], device=device)
-    out = model(input_ids=torch.tensor([ids], dtype=torch.long, device=device), past_key_values=cache,
-                use_cache=cache is not None, logits_to_keep=rows, output_hidden_states=hidden, **extra)
-    logits = out.logits[0, -rows:]
+    if p.attend is not None:
+        extra["attention_mask"] = additive_mask(p.attend, model.dtype, device)
+    if p.positions is not None:
+        extra["position_ids"] = torch.tensor([p.positions], device=device)
+    out = model(input_ids=torch.tensor([p.ids], dtype=torch.long, device=device), past_key_values=p.cache,
+                use_cache=p.cache is not None, logits_to_keep=p.rows, output_hidden_states=p.hidden, **extra)
+    logits = out.logits[0, -p.rows:]
     if vocab is not None:
         logits = logits[:, :vocab]
-    return logits.float(), (out.hidden_states[-1][0] if hidden else None)
+    return logits.float(), (out.hidden_states[-1][0] if p.hidden else None)
 
 
 def logits_to_probs(logits: torch.Tensor, s: DecodeSettings) -> torch.Tensor:

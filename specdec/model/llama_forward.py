@@ -185,44 +185,93 @@ def forward(weights: LlamaWeights, ids: list[int], cache, rows: int = 1, positio
     """decoding.forward's contract: (logits of the last `rows` positions [rows, vocab] in the model's dtype, the
     final (normed) hidden states of all ids [len(ids), hidden] when `hidden`, else None); extends `cache`.
     tree_mask: the additive float mask [1, 1, rows, cached + rows] transformers would get (decoding.additive_mask)."""
-    n = len(ids)
-    start = cache.get_seq_length()
-    pos = torch.tensor(positions) if positions is not None else torch.arange(start, start + n)
+    return forward_batch(weights, [(ids, cache, rows, positions, tree_mask, hidden)])[0]
+
+
+@dataclass
+class Segment:
+    """One sequence's rows in a batched pass: rows [start, end) of the pass, its cache, and how it attends (chosen
+    at the first layer, once its keys are known; every layer alike)."""
+    start: int
+    end: int
+    cache: object
+    mask: torch.Tensor | None
+    few: bool = False
+    mask_t: torch.Tensor | None = None
+    folded: torch.Tensor | None = None
+
+
+def forward_batch(weights: LlamaWeights, passes: list[tuple]):
+    """`forward` for several sequences in one pass: passes are (ids, cache, rows, positions, tree_mask, hidden)
+    each. The linear layers run once over all rows (their weights are read once per pass: what makes a batch
+    cheaper than its sequences one by one), attention per sequence over its own cache. With our linear kernels a
+    row's result does not depend on the other rows (kernels.PanelLinear), so each sequence gets the bits it gets
+    alone. Returns (logits, hidden or None) per pass, as `forward` does."""
+    segments, ids, pos = [], [], []
+    for seq_ids, cache, _, positions, tree_mask, _ in passes:
+        n, start = len(seq_ids), cache.get_seq_length()
+        segments.append(Segment(len(ids), len(ids) + n, cache,
+                                tree_mask if tree_mask is not None else causal_mask(n, start)))
+        ids += seq_ids
+        pos.append(torch.tensor(positions) if positions is not None else torch.arange(start, start + n))
     x = weights.embed(torch.tensor(ids))
-    cos, sin = rotary(weights, pos, x.dtype)
-    mask = tree_mask if tree_mask is not None else causal_mask(n, start)
-    by_rows = mask is not None and exact_rows_requested()
-    heads, kv_heads, dim, half = weights.heads, weights.kv_heads, weights.head_dim, weights.head_dim // 2
+    cos, sin = rotary(weights, torch.cat(pos) if len(pos) > 1 else pos[0], x.dtype)
+    by_rows = exact_rows_requested()
     for index, layer in enumerate(weights.layers):
-        h = rms_norm(x, layer.attn_norm, layer.attn_eps)
-        qkv = layer.qkv(h).view(n, heads + 2 * kv_heads, dim).transpose(0, 1)  # [heads, rows, dim]
-        qk, v = qkv[:heads + kv_heads], qkv[heads + kv_heads:]
-        qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
-        k, v = cache.layers[index].update(qk[None, heads:], v[None])
-        q = qk[None, :heads]
-        if index == 0:  # how this pass attends, once its keys are known; every layer alike
-            # steps and verify passes: our kernel, each row as its one-row step computes it
-            # (kernels.few_row_attention); else a masked multi-row pass (verify) with grouped KV heads folds its
-            # query heads into rows for SDPA (attention.grouped_rows)
-            few = weights.few_rows is not None and not by_rows and few_rows_fit(q, k, mask)
-            mask_t = transposed_mask(mask) if few and mask is not None else None
-            folded = (fold_mask(mask, heads // kv_heads)
-                      if not few and mask is not None and not by_rows and heads > kv_heads else None)
-        if few:
-            att = weights.few_rows(qk[:heads], k[0], v[0], mask_t, weights.scaling)  # [rows, heads * dim]
-        else:
-            if by_rows:
-                att = attend_rows(q, k, v, mask, functools.partial(sdpa_one_row, scaling=weights.scaling))
-            elif folded is not None:
-                att = grouped_rows(q, k, v, folded, weights.scaling)
-            else:
-                att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=weights.scaling,
-                                                     is_causal=mask is None and n > 1, enable_gqa=True)
-            att = att[0].transpose(0, 1).reshape(n, heads * dim)
-        x = x + layer.out(att)
+        qkv = layer.qkv(rms_norm(x, layer.attn_norm, layer.attn_eps))
+        att = [attend(weights, index, seg, qkv[seg.start:seg.end], cos[seg.start:seg.end], sin[seg.start:seg.end],
+                      by_rows and seg.mask is not None) for seg in segments]
+        x = x + layer.out(att[0] if len(att) == 1 else torch.cat(att))
         gate_up = layer.gate_up(rms_norm(x, layer.mlp_norm, layer.mlp_eps))
         x = x + layer.down(F.silu(gate_up[:, :weights.intermediate]) * gate_up[:, weights.intermediate:])
-    if hidden:
+    wanted = [(seg, rows, want_hidden) for seg, (_, _, rows, _, _, want_hidden) in zip(segments, passes)]
+    if any(want_hidden for *_, want_hidden in wanted):
         x = rms_norm(x, weights.norm, weights.norm_eps)
-        return weights.head(x[-rows:]), x
-    return weights.head(rms_norm(x[-rows:], weights.norm, weights.norm_eps)), None
+        logits = weights.head(last_rows(x, wanted))
+    else:
+        logits = weights.head(rms_norm(last_rows(x, wanted), weights.norm, weights.norm_eps))
+    out, at = [], 0
+    for seg, rows, want_hidden in wanted:
+        out.append((logits[at:at + rows], x[seg.start:seg.end] if want_hidden else None))
+        at += rows
+    return out
+
+
+def last_rows(x: torch.Tensor, wanted: list) -> torch.Tensor:
+    """Each segment's last `rows` rows of x, in order (one pass: a slice, as before batching)."""
+    if len(wanted) == 1:
+        seg, rows, _ = wanted[0]
+        return x[seg.end - rows:seg.end]
+    return torch.cat([x[seg.end - rows:seg.end] for seg, rows, _ in wanted])
+
+
+def attend(weights: LlamaWeights, index: int, seg: Segment, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+           by_rows: bool) -> torch.Tensor:
+    """One sequence's attention in layer `index`: rotary, its cache's update, and the attention of its rows over
+    the cache -> [rows, heads * head_dim]."""
+    n = qkv.shape[0]
+    heads, kv_heads, dim, half = weights.heads, weights.kv_heads, weights.head_dim, weights.head_dim // 2
+    qkv = qkv.view(n, heads + 2 * kv_heads, dim).transpose(0, 1)  # [heads, rows, dim]
+    qk, v = qkv[:heads + kv_heads], qkv[heads + kv_heads:]
+    qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
+    k, v = seg.cache.layers[index].update(qk[None, heads:], v[None])
+    q = qk[None, :heads]
+    mask = seg.mask
+    if index == 0:  # how this sequence attends, once its keys are known; every layer alike
+        # steps and verify passes: our kernel, each row as its one-row step computes it
+        # (kernels.few_row_attention); else a masked multi-row pass (verify) with grouped KV heads folds its
+        # query heads into rows for SDPA (attention.grouped_rows)
+        seg.few = weights.few_rows is not None and not by_rows and few_rows_fit(q, k, mask)
+        seg.mask_t = transposed_mask(mask) if seg.few and mask is not None else None
+        seg.folded = (fold_mask(mask, heads // kv_heads)
+                      if not seg.few and mask is not None and not by_rows and heads > kv_heads else None)
+    if seg.few:
+        return weights.few_rows(qk[:heads], k[0], v[0], seg.mask_t, weights.scaling)  # [rows, heads * dim]
+    if by_rows:
+        att = attend_rows(q, k, v, mask, functools.partial(sdpa_one_row, scaling=weights.scaling))
+    elif seg.folded is not None:
+        att = grouped_rows(q, k, v, seg.folded, weights.scaling)
+    else:
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=weights.scaling,
+                                             is_causal=mask is None and n > 1, enable_gqa=True)
+    return att[0].transpose(0, 1).reshape(n, heads * dim)

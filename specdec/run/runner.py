@@ -22,7 +22,7 @@ from specdec.model.llama_forward import forward_choice
 from specdec.model.models import (WEIGHT_FORMATS, LoadedModel, ModelError, encode_prompt, load_model, resolve,
                             shared_logit_rows)
 from specdec.methods.proposers import DraftLength, make_proposer
-from specdec.methods.speculative import speculative_decode
+from specdec.methods.speculative import Request, decode_slots, speculative_decode
 from specdec.strategies import NAMES, STRATEGIES, names
 from specdec.methods.tree import Tree, forward_tree
 
@@ -240,6 +240,30 @@ def decode_models(strategy: str, target, prompt_ids: list[int], s: DecodeSetting
     proposer = make_proposer(st.proposer, s, draft_model, drafter, vocab, memory)
     length = DraftLength(s, st.length, st.width, eos if s.stop_at_eos else ())
     return speculative_decode(target, prompt_ids, s, eos, proposer, length, vocab)
+
+
+def decode_batch(pair: Pair, strategy: str, prompts: list[list[int]], s: DecodeSettings, batch_size: int,
+                 on_pass=None) -> list:
+    """Every prompt decoded with `batch_size` sequences in flight (speculative.decode_slots) -> one Trace per
+    prompt, in order. Each sequence gets its own proposer over the strategy's shared memory (what a proposer
+    learns across a job's prompts, as in decode); `baseline` runs the same slots without one."""
+    st = STRATEGIES[strategy]
+    if st.engine != "specdec":
+        raise SettingsError(f"batch size {batch_size}: '{strategy}' runs on {st.engine}'s engine, which specdec "
+                            "drives one sequence at a time; batched decoding is ours (baseline and our speculative "
+                            "strategies)")
+    memory = prepare(pair, strategy, s)
+    eos = set(pair.target.eos_token_ids)
+    draft = pair.draft.model if pair.draft else None
+
+    def request(ids: list[int]) -> Request:
+        if st.proposer is None:
+            return Request(ids)
+        return Request(ids, make_proposer(st.proposer, s, draft, pair.drafter, pair.vocab, memory),
+                       DraftLength(s, st.length, st.width, eos if s.stop_at_eos else ()))
+
+    return decode_slots(pair.target.model, [request(ids) for ids in prompts], s, eos, pair.vocab, batch_size,
+                        on_pass)
 
 
 def use_threads(threads: int | None) -> None:
