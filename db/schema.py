@@ -68,6 +68,9 @@ class Run(Base):
     gpu_mode: Mapped[str | None] = mapped_column(String)
     weights: Mapped[str | None] = mapped_column(String)  # format asked (NULL: the alias's); llama.cpp: gguf-Q4_1
     threads: Mapped[int | None] = mapped_column(Integer)  # CPU threads asked of the engine (NULL: torch's count)
+    # sequences decoded at once (NULL: one, as every run before batching; the run's extra_json has `batches`: each
+    # batch's new tokens, wall time and throughput)
+    batch_size: Mapped[int | None] = mapped_column(Integer)
     slurm_job_id: Mapped[str | None] = mapped_column(String)
     # Paired baselines and noise (format 2; NULL on older runs). A cell's paired baseline is a run of its own
     # with its engine's plain decoding (`baseline`, or `llamacpp-generate` for llama.cpp cells) as strategy and
@@ -184,6 +187,6 @@ JSON_FIELDS = ("gpu_names", "devices", "proposed_per_position", "accepted_per_po
 # params keys flattened into `runs` columns (everything else stays in params_json only).
 PARAM_COLUMNS = ("cell", "target", "draft", "strategy", "k", "gpus", "temperature", "top_p", "top_k",
                  "draft_sampling", "use_cache", "max_new_tokens", "repeats", "warmup", "dtype", "gpu_mode",
-                 "baseline_mode", "weights", "threads")
+                 "baseline_mode", "weights", "threads", "batch_size")
 # Filled by the store from whatever a result file carries beyond the columns, so no recorded field is lost.
 EXTRA_FIELD = "extra_json"

@@ -13,7 +13,7 @@
 -- Shared (baseline_mode = 'shared', runs stored before pairing, and baseline cells themselves): the plain
 -- decoding cell of the row's engine (`llamacpp-generate` for llama.cpp strategies, named llamacpp-*, else
 -- `baseline`) on the same machine — same hostname, CPU model and GPU models — with the same target, gpus,
--- temperature, top_p, top_k, max_new_tokens, weights, threads and prompt_id, taken from the most recent such
+-- temperature, top_p, top_k, max_new_tokens, weights, threads, batch size and prompt_id, taken from the most recent such
 -- baseline run (by started_utc, then run_id) that has an ok measurement of that prompt, so a baseline run that
 -- failed on a prompt does not hide an older good one. No speedup ever divides by a measurement from another
 -- machine or device model.
@@ -53,12 +53,13 @@ CREATE OR REPLACE VIEW speedup AS
 WITH ok AS (
     SELECT m.*, r.host, r.cpu_name, r.gpu_names, r.target, r.draft, r.strategy, r.k, r.gpus, r.temperature,
            r.top_p, r.top_k, r.max_new_tokens, r.started_utc, r.paired_with, r.baseline_mode, c.cost_per_hour,
-           r.weights, r.threads,
+           r.weights, r.threads, coalesce(r.batch_size, 1) AS batch_size,
            CASE WHEN r.strategy LIKE 'llamacpp-%' THEN 'llamacpp' ELSE 'specdec' END AS engine,
            -- what a shared baseline must have in common with the row: the machine, the engine, the weight format,
            -- the threads and the decoding settings
            row(r.host, r.cpu_name, r.gpu_names, r.target, r.gpus, r.temperature, r.top_p, r.top_k, r.max_new_tokens,
-               CASE WHEN r.strategy LIKE 'llamacpp-%' THEN 'llamacpp' ELSE 'specdec' END, r.weights, r.threads)
+               CASE WHEN r.strategy LIKE 'llamacpp-%' THEN 'llamacpp' ELSE 'specdec' END, r.weights, r.threads,
+               coalesce(r.batch_size, 1))
                AS baseline_key
     FROM measurements AS m
     JOIN runs AS r ON r.run_id = m.run_id
@@ -100,7 +101,7 @@ SELECT
     CASE WHEN p.run_id IS NOT NULL THEN 'paired' WHEN b.run_id IS NOT NULL THEN 'shared' END AS baseline_source,
     coalesce(p.run_id, b.run_id) AS baseline_run_id,
     coalesce(p."repeat", b.baseline_repeat) AS baseline_repeat,
-    o.cpu_name, o.gpu_names, o.engine, o.weights, o.threads
+    o.cpu_name, o.gpu_names, o.engine, o.weights, o.threads, o.batch_size
 FROM ok AS o
 LEFT JOIN paired AS p
     ON  p.cell_run_id = o.run_id
@@ -164,8 +165,8 @@ CREATE OR REPLACE MACRO median_ci(vals) AS (
     LEFT JOIN median_ci_ranks AS r ON r.n = s.n);
 
 -- cell_summary: one row per cell, i.e. per (host, target, draft, strategy, draft_length, gpus, temperature,
--- top_p, top_k, max_new_tokens, weights, threads) of the speedup view (engine follows from strategy). top_k,
--- max_new_tokens, weights and threads are part of the baseline key, so cells that differ only in them are kept
+-- top_p, top_k, max_new_tokens, weights, threads, batch_size) of the speedup view (engine follows from strategy).
+-- top_k, max_new_tokens, weights, threads and batch_size are part of the baseline key, so cells that differ only in them are kept
 -- apart rather than mixed.
 -- Medians and quantiles ignore NULLs (e.g. rows without a baseline have no speedup);
 -- match_share is the share of rows with matches_baseline true among rows where it is not NULL.
@@ -179,7 +180,7 @@ CREATE OR REPLACE VIEW cell_summary AS
 WITH agg AS (
     SELECT
         s.host, s.target, s.draft, s.strategy, s.draft_length, s.gpus, s.temperature, s.top_p, s.top_k,
-        s.max_new_tokens, s.engine, s.weights, s.threads,
+        s.max_new_tokens, s.engine, s.weights, s.threads, s.batch_size,
         count(DISTINCT s.run_id) AS n_runs,
         count(*) AS n_measurements,
         median(s.speedup) AS speedup_median,
@@ -220,3 +221,25 @@ SELECT m.run_id, r.host, r.cell, r.target, r.draft, r.strategy, r.k, m.prompt_id
 FROM measurements AS m
 JOIN runs AS r ON r.run_id = m.run_id
 WHERE m.status <> 'ok';
+
+-- batch_throughput: per batched cell run (batch_size > 1, from the run's `batches` in extra_json) and repeat, the
+-- whole batch's throughput (all sequences' new tokens over the queue's wall time) of the cell and of its paired
+-- baseline decoded in the same job at the same batch size, and their ratio. Per-sequence speeds (tokens/s of each
+-- prompt while it was in a slot) and their paired speedups are in the speedup view as for batch size 1.
+CREATE OR REPLACE VIEW batch_throughput AS
+WITH batches AS (
+    SELECT r.run_id, r.host, r.cpu_name, r.target, r.draft, r.strategy, r.k, r.batch_size, r.started_utc,
+           unnest(from_json(json_extract(r.extra_json, '$.batches'),
+                            '[{"side": "VARCHAR", "repeat": "INTEGER", "sequences": "INTEGER", "new_tokens": "BIGINT",
+                               "wall_s": "DOUBLE", "tokens_per_s": "DOUBLE"}]')) AS b
+    FROM runs AS r
+    WHERE r.batch_size > 1 AND r.paired_with IS NULL AND r.status = 'ok'
+)
+SELECT run_id, host, cpu_name, target, draft, strategy, k AS draft_length, batch_size, started_utc,
+       b."repeat" AS "repeat",
+       max(b.tokens_per_s) FILTER (WHERE b.side = 'cell') AS tokens_per_s,
+       max(b.tokens_per_s) FILTER (WHERE b.side = 'baseline') AS baseline_tokens_per_s,
+       max(b.tokens_per_s) FILTER (WHERE b.side = 'cell')
+           / nullif(max(b.tokens_per_s) FILTER (WHERE b.side = 'baseline'), 0) AS throughput_speedup
+FROM batches
+GROUP BY ALL;

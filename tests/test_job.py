@@ -72,3 +72,45 @@ def test_train_free_cells_give_the_baseline_tokens(prompt_file, tiny_models, tmp
     rows = doc["measurements"]
     assert [r["token_ids"] for r in rows] == [r["token_ids"] for r in base]
     assert all(r["status"] == "ok" and r["mean_accepted_tokens"] >= 1 for r in rows)
+
+
+@pytest.mark.parametrize("strategy", ["speculative", "ngram"])
+def test_a_batched_cell_pairs_its_baseline_at_the_same_batch_size(prompt_file, tiny_models, strategy):
+    """batch_size 2: both prompts in flight at once (the second a two-turn conversation), the paired baseline at
+    the same batch size in the same job, every row's tokens those of the one-at-a-time cell."""
+    draft = "tiny-draft" if strategy == "speculative" else None
+    one = run_cell(job(prompt_file, tiny_models, draft=draft, strategy=strategy, k=3))["measurements"]
+    doc = run_cell(job(prompt_file, tiny_models, draft=draft, strategy=strategy, k=3, batch_size=2))
+    run, rows = doc["run"], doc["measurements"]
+    assert run["status"] == "ok", run["error"]
+    assert run["params"]["batch_size"] == 2
+
+    def tokens(measurements):
+        return {(r["prompt_id"], r["repeat"]): r["token_ids"] for r in measurements}
+
+    assert tokens(rows) == tokens(one)
+    assert [(r["prompt_id"], r["repeat"]) for r in rows] == [("a", 0), ("b", 0), ("a", 1), ("b", 1)]
+    base = doc["paired_baseline"]
+    assert base["run"]["params"]["batch_size"] == 2 and base["run"]["params"]["strategy"] == "baseline"
+    assert tokens(base["measurements"]) == tokens(one)
+    sides = [(b["repeat"], b["side"]) for b in run["batches"]]
+    assert sides == [(0, "cell"), (0, "baseline"), (1, "baseline"), (1, "cell")]  # ABBA over repeats
+    for b in run["batches"]:
+        assert b["sequences"] == 2 and b["new_tokens"] == 12 + 24
+        assert b["tokens_per_s"] == pytest.approx(b["new_tokens"] / b["wall_s"])
+
+
+def test_a_batch_larger_than_the_prompts_fails_the_cell_in_one_line(prompt_file, tiny_models):
+    doc = run_cell(job(prompt_file, tiny_models, batch_size=3))
+    assert doc["run"]["status"] == "failed"
+    assert "batch_size 3 is more than the job's 2 prompt(s)" in doc["run"]["error"]
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        run_cell(job(prompt_file, tiny_models, batch_size=0))
+
+
+def test_transformers_refuses_assisted_generation_in_a_batch_and_the_cell_says_so(prompt_file, tiny_models):
+    doc = run_cell(job(prompt_file, tiny_models, draft="tiny-draft", strategy="hf-assisted", k=3, batch_size=2,
+                       warmup=0))
+    rows = doc["measurements"]
+    assert all(r["status"] == "failed" for r in rows)
+    assert "batch_size = 1" in rows[0]["error"] or "batch size" in rows[0]["error"].lower()

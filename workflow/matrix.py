@@ -181,6 +181,10 @@ def check_config(config: dict) -> list[dict]:
     if not prompts:
         raise ConfigError(f"prompts: the selection (prompt_ids/categories/per_category) leaves no prompt of "
                           f"{config['prompts']}")
+    too_big = [b for b in config.get("batch_sizes", [1]) if b > len(prompts)]
+    if too_big:
+        raise ConfigError(f"batch_sizes: {max(too_big)} is more than the {len(prompts)} prompt(s) selected, so slots "
+                          f"would stay idle; use at most {len(prompts)} or select more prompts")
     db = config.get("db", str(DEFAULT_DB))
     if Path(db) == DEFAULT_DB and LEGACY_DB.exists() and not DEFAULT_DB.exists():
         raise ConfigError(f"db: the store's default moved from {LEGACY_DB} to {DEFAULT_DB} and yours is still at the "
@@ -191,13 +195,14 @@ def check_config(config: dict) -> list[dict]:
 
 
 def cell_name(target: str, draft: str | None, strategy: str, k: int | None, gpus: int, temperature: float,
-              tree_budget: int | None = None, weights: str | None = None) -> str:
+              tree_budget: int | None = None, weights: str | None = None, batch_size: int = 1) -> str:
     """A file-name-safe, human-readable, unique name: e.g. `smollm2-135m__ngram__k4__g0__t0` (`__wint8` after the
     strategy when the config sets weight formats)."""
     parts = [target] + ([draft] if draft else []) + [strategy] + ([f"w{weights}"] if weights else [])
     parts += [f"k{k}"] if k is not None else []
     parts += [f"b{tree_budget}"] if tree_budget is not None else []
     parts += [f"g{gpus}", f"t{temperature:g}"]
+    parts += [f"B{batch_size}"] if batch_size != 1 else []
     return "__".join(SAFE.sub("_", p) for p in parts)
 
 
@@ -239,9 +244,12 @@ def expand_cells(config: dict) -> dict[str, dict]:
             # llama.cpp runs the GGUF's own quantisation on the CPU: one weight format, no GPU cells
             formats = [None] if llama else (config.get("weights") or [None])
             gpu_counts = [0] if llama else config["gpus"]
-            for k, budget, gpus, temperature, weights in itertools.product(ks, budgets, gpu_counts, temperatures,
-                                                                          formats):
-                name = cell_name(target, cell_draft, strategy, k, gpus, temperature, budget, weights)
+            # llama.cpp is driven one sequence at a time; every other engine runs each batch size (transformers'
+            # assisted generation and prompt lookup then fail with transformers' own refusal: shown, not hidden)
+            batch_sizes = [1] if llama else config.get("batch_sizes", [1])
+            for k, budget, gpus, temperature, weights, batch_size in itertools.product(
+                    ks, budgets, gpu_counts, temperatures, formats, batch_sizes):
+                name = cell_name(target, cell_draft, strategy, k, gpus, temperature, budget, weights, batch_size)
                 cell = dict(shared, cell=name, target=target, draft=cell_draft, strategy=strategy, k=k, gpus=gpus,
                             temperature=temperature)
                 if not is_plain_baseline(strategy):  # a baseline cell is the same job in either mode
@@ -250,6 +258,8 @@ def expand_cells(config: dict) -> dict[str, dict]:
                     cell["tree_budget"] = budget
                 if weights is not None:  # likewise only cells of configs that set weight formats
                     cell["weights"] = weights
+                if batch_size != 1:  # likewise: cells at batch size 1 keep the hashes they had before batching
+                    cell["batch_size"] = batch_size
                 # a train-free proposer's own parameter: only its cells carry it (others' hashes stay as they were)
                 if st.proposer == "recycling":
                     cell["recycle_topk"] = gen.get("recycle_topk", 8)

@@ -121,3 +121,56 @@ def hf_decode(strategy: str, target, prompt_ids: list[int], s: DecodeSettings, e
             trace.draft_s = max(0.0, trace.wall_s - target_meter.seconds)
             trace.draft_units = trace.steps * s.k
     return trace
+
+
+def hf_decode_batch(strategy: str, target, prompts: list[list[int]], s: DecodeSettings, eos_ids: list[int],
+                    batch_size: int, draft=None, pad_id: int | None = None) -> list[Trace]:
+    """transformers' batched generate(), the peer of our batched decoding: the prompts in fixed blocks of
+    `batch_size`, left-padded (a block waits for its slowest sequence: generate has no slots). Each Trace's
+    wall_s and ttft_s are its block's. Assisted generation and prompt lookup refuse a batch above 1: that
+    refusal (transformers' own error) is raised as it is."""
+    clock = Clock(target.device)
+    cfg = generation_config(target.generation_config, s, eos_ids, pad_id)
+    kwargs = {}
+    if strategy == "hf-assisted":
+        pin_assistant(draft, s)
+        kwargs["assistant_model"] = draft
+    elif strategy == "hf-ngram":
+        cfg.prompt_lookup_num_tokens = s.k
+        cfg.max_matching_ngram_size = s.ngram_max
+    pad = pad_id if pad_id is not None else eos_ids[0]
+    cfg.pad_token_id = pad
+    traces = []
+    torch.manual_seed(s.seed)
+    for at in range(0, len(prompts), batch_size):
+        block = prompts[at:at + batch_size]
+        width = max(len(p) for p in block)
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in block], dtype=torch.long,
+                                 device=target.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in block], dtype=torch.long,
+                            device=target.device)
+        meter, timer = ForwardMeter(target, clock), FirstTokenTimer(clock)
+        try:
+            start = clock()
+            with torch.inference_mode():
+                out = target.generate(input_ids, attention_mask=mask, generation_config=cfg, streamer=timer,
+                                      **kwargs)
+            end = clock()
+        finally:
+            meter.remove()
+        for row in out[:, width:].tolist():
+            tokens = trim_padding(row, set(eos_ids), pad, s.stop_at_eos)
+            trace = Trace(tokens=tokens, wall_s=end - start, ttft_s=(timer.first_token_at or end) - start,
+                          target_passes=meter.calls, steps=max(0, meter.calls - 1))
+            trace.stop_reason = "eos" if s.stop_at_eos and tokens and tokens[-1] in eos_ids else "max_new_tokens"
+            traces.append(trace)
+    return traces
+
+
+def trim_padding(row: list[int], eos_ids: set[int], pad: int, stop_at_eos: bool) -> list[int]:
+    """A batched generate's row up to its sequence's end: through its first EOS (the rest is padding), else whole."""
+    if stop_at_eos:
+        for i, token in enumerate(row):
+            if token in eos_ids:
+                return row[:i + 1]
+    return row

@@ -38,7 +38,8 @@ from specdec.model.decoding import DecodeSettings
 from specdec.measure.metrics import DegenerateRule
 from specdec.model.models import encode_prompt, load_registry
 from specdec.prompts import load_prompts, select
-from specdec.run.runner import check_settings, generate, load_pair, threads_in_use, use_threads, warm_up, weight_format
+from specdec.run.runner import (check_settings, generate, generate_batch, load_pair, threads_in_use, use_threads, warm_up,
+                                weight_format)
 from specdec.strategies import LOOKAHEAD_DEFAULTS, STRATEGIES, is_plain_baseline, names, store_baseline
 
 FORMAT = "specdec-result/2"
@@ -50,7 +51,8 @@ JOB_DEFAULTS = dict(baseline_mode="paired", draft=None, k=None, tree_budget=None
                     config_hash=None, workflow_run_id=None, cell=None, gpu_mode="pipeline",
                     drafters_dir=None, drafter_settings=None,  # trained drafters: cache root, training settings
                     degenerate=None,  # metrics.DegenerateRule fields (None: its defaults)
-                    weights=None, threads=None)  # our engine's weight format (None: the alias's); CPU threads
+                    weights=None, threads=None,  # our engine's weight format (None: the alias's); CPU threads
+                    batch_size=1)  # sequences decoded at once (runner.generate_batch); 1: one at a time
 
 
 def utc_now() -> str:
@@ -127,6 +129,9 @@ def read_job(spec: str | dict) -> dict:
         if not job.get(key):
             raise ValueError(f"job is missing '{key}'")
     DegenerateRule.from_dict(job["degenerate"])
+    batch = job["batch_size"]
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch!r}")
     if job["baseline_mode"] not in BASELINE_MODES:
         raise ValueError(f"baseline_mode must be one of {', '.join(BASELINE_MODES)}, got {job['baseline_mode']!r}")
     return job
@@ -182,7 +187,7 @@ def run_cell(job: dict, progress=None, read_noise=None) -> dict:
     params = {key: job[key] for key in ("cell", "target", "draft", "strategy", "k", "tree_budget", "gpus",
                                         "temperature", "top_p", "top_k", "draft_sampling", "use_cache",
                                         "max_new_tokens", "repeats", "warmup", "prompts_file", "stop_at_eos",
-                                        "ngram_max", "recycle_topk", "rest_corpus", "gpu_mode", "weights", "threads",
+                                        "ngram_max", "recycle_topk", "rest_corpus", "gpu_mode", "weights", "threads", "batch_size",
                                         *LOOKAHEAD_DEFAULTS)}
     params["engine"] = STRATEGIES[job["strategy"]].engine
     rule = DegenerateRule.from_dict(job["degenerate"])
@@ -195,6 +200,9 @@ def run_cell(job: dict, progress=None, read_noise=None) -> dict:
     claim = None
     gpu_uuids: list[str] = []
     try:
+        if job["batch_size"] > len(prompts):
+            raise ValueError(f"batch_size {job['batch_size']} is more than the job's {len(prompts)} prompt(s): slots "
+                             "would stay idle; lower it or select more prompts")
         registry = load_registry(job["models"])
         check_settings(job["strategy"], job["draft"], s, registry, job["target"], weights=job["weights"])
         check_gpu_mode(job)
@@ -241,6 +249,10 @@ def run_cell(job: dict, progress=None, read_noise=None) -> dict:
         warm_up(pair, job["strategy"], warm_ids, s, job["warmup"])  # also with warmup 0: see runner.warm_up
         if paired:  # both sides: one-time costs must not land on whichever decodes first
             warm_up(pair, store_baseline(job["strategy"]), warm_ids, s, job["warmup"])
+        if job["batch_size"] > 1 and job["warmup"]:  # the batched passes' shapes too
+            for strategy in [job["strategy"]] + ([store_baseline(job["strategy"])] if paired else []):
+                generate_batch(pair, strategy, prompts[:job["batch_size"]], replace(s, max_new_tokens=8),
+                               job["batch_size"], rule)
     except Exception as exc:  # the cell fails as a whole; record why on every row it would have produced
         if worker:
             raise
@@ -267,8 +279,27 @@ def run_cell(job: dict, progress=None, read_noise=None) -> dict:
         peaks = [max(a, b) for a, b in zip(peaks, devices.peak_memory_per_device(used))]
         return out
 
+    batches = []
+
+    def decode_batch(side: str, repeat: int) -> list[dict]:
+        nonlocal peaks
+        strategy = job["strategy"] if side == "cell" else store_baseline(job["strategy"])
+        try:
+            rows, totals = generate_batch(pair, strategy, prompts, replace(s, seed=s.seed + repeat),
+                                          job["batch_size"], rule)
+            batches.append({"side": side, "repeat": repeat, **totals})
+        except Exception as exc:  # the whole batch failed (e.g. out of memory): its rows say why
+            _free_cuda()
+            rows = [{"status": "failed", "error": one_line(exc)} for _ in prompts]
+        peaks = [max(a, b) for a, b in zip(peaks, devices.peak_memory_per_device(used))]
+        return rows
+
     sampler = None if worker else start_noise(read_noise, gpu_uuids)  # the parent samples for its ranks
-    measurements, baseline_rows = decode_units(prompts, job["repeats"], paired, decode_one, progress)
+    if job["batch_size"] > 1:
+        measurements, baseline_rows = decode_batches(prompts, job["repeats"], paired, decode_batch, progress)
+        run["batches"] = batches
+    else:
+        measurements, baseline_rows = decode_units(prompts, job["repeats"], paired, decode_one, progress)
     if worker:
         used, peaks, weights = [sum(x, []) for x in zip(*parallel.gather((used, peaks, weights)))]
     else:
@@ -280,6 +311,21 @@ def run_cell(job: dict, progress=None, read_noise=None) -> dict:
     document = {"format": FORMAT, "run": run, "measurements": measurements,
                 "paired_baseline": paired_baseline(run, baseline_rows) if paired else None}
     return document if sampler is None else add_noise(document, sampler.stop())
+
+
+def decode_batches(prompts: list[dict], repeats: int, paired: bool, decode_batch, progress=None):
+    """decode_units for a batch size above 1: each repeat decodes every prompt at once (`decode_batch(side,
+    repeat)` returns one row of metrics per prompt), the cell's batch and its paired baseline's alternating in
+    unit_order (ABBA over repeats). Every row of one batch has the batch's `decode_index`."""
+    rows = {"cell": [], "baseline": []}
+    for index, (repeat, side) in enumerate((r, side) for r in range(repeats) for side in unit_order(r, paired)):
+        for p, metrics_row in zip(prompts, decode_batch(side, repeat)):
+            row = {"prompt_id": p["id"], "category": p["category"], "repeat": repeat, "status": "ok", "error": None,
+                   "decode_index": index, **metrics_row}
+            rows[side].append(row)
+            if progress:
+                progress(row if side == "cell" else {**row, "paired_baseline": True})
+    return rows["cell"], rows["baseline"]
 
 
 def paired_baseline(run: dict, rows: list[dict]) -> dict:

@@ -14,9 +14,9 @@ from specdec.measure import metrics
 from specdec.model import quant
 from specdec.methods.datastore import (CONTEXT_FREE_PREFIX, DEFAULT_NEW_TOKENS, corpus_documents, load_context_free_rows,
                                load_datastore)
-from specdec.model.decoding import DecodeSettings, baseline_decode, forward, new_cache
+from specdec.model.decoding import Clock, DecodeSettings, baseline_decode, forward, new_cache
 from specdec.methods.drafters import DrafterError, find_drafter, load_drafter, parse_for_target
-from specdec.engines.hf_reference import hf_decode
+from specdec.engines.hf_reference import hf_decode, hf_decode_batch
 from specdec.model.kernels import attention_kernel, exact_rows_requested, linear_kernels, prepare_model
 from specdec.model.llama_forward import forward_choice
 from specdec.model.models import (WEIGHT_FORMATS, LoadedModel, ModelError, encode_prompt, load_model, resolve,
@@ -244,17 +244,20 @@ def decode_models(strategy: str, target, prompt_ids: list[int], s: DecodeSetting
 
 def decode_batch(pair: Pair, strategy: str, prompts: list[list[int]], s: DecodeSettings, batch_size: int,
                  on_pass=None) -> list:
-    """Every prompt decoded with `batch_size` sequences in flight (speculative.decode_slots) -> one Trace per
-    prompt, in order. Each sequence gets its own proposer over the strategy's shared memory (what a proposer
-    learns across a job's prompts, as in decode); `baseline` runs the same slots without one."""
+    """Every prompt decoded with `batch_size` sequences in flight -> one Trace per prompt, in order. Ours:
+    speculative.decode_slots, each sequence with its own proposer over the strategy's shared memory (what a
+    proposer learns across a job's prompts, as in decode); `baseline` runs the same slots without one.
+    transformers: its batched generate (hf_decode_batch). llama.cpp: one sequence at a time only."""
     st = STRATEGIES[strategy]
-    if st.engine != "specdec":
-        raise SettingsError(f"batch size {batch_size}: '{strategy}' runs on {st.engine}'s engine, which specdec "
-                            "drives one sequence at a time; batched decoding is ours (baseline and our speculative "
-                            "strategies)")
-    memory = prepare(pair, strategy, s)
+    if st.engine == llamacpp.ENGINE:
+        raise SettingsError(f"batch size {batch_size}: '{strategy}' runs on llama.cpp's engine, which specdec drives "
+                            "one sequence at a time; use batch size 1 (or llama-server for concurrent requests)")
     eos = set(pair.target.eos_token_ids)
     draft = pair.draft.model if pair.draft else None
+    if st.engine == "transformers":
+        return hf_decode_batch(strategy, pair.target.model, prompts, s, sorted(eos), batch_size, draft=draft,
+                               pad_id=getattr(pair.target.tokenizer, "pad_token_id", None))
+    memory = prepare(pair, strategy, s)
 
     def request(ids: list[int]) -> Request:
         if st.proposer is None:
@@ -264,6 +267,49 @@ def decode_batch(pair: Pair, strategy: str, prompts: list[list[int]], s: DecodeS
 
     return decode_slots(pair.target.model, [request(ids) for ids in prompts], s, eos, pair.vocab, batch_size,
                         on_pass)
+
+
+def generate_batch(pair: Pair, strategy: str, prompts: list[dict], s: DecodeSettings, batch_size: int,
+                   rule: metrics.DegenerateRule = metrics.DegenerateRule()) -> tuple[list[dict], dict]:
+    """generate() for a queue of prompts ({"prompt": text or token ids, "turns": [...]}) decoded `batch_size` at a
+    time -> (one record per prompt, the batch's totals). Conversations go turn by turn: every first turn through
+    the slots, then every second turn (each asked after its own answer), and so on. The totals: new tokens of all
+    sequences, the wall time of the whole queue, and their ratio, the batch's throughput."""
+    device = pair.target.device
+    metrics.reset_peak_memory(device)
+    tok = pair.target.tokenizer
+    turns = [[p["prompt"]] + list(p.get("turns") or []) for p in prompts]
+    messages = [[] for _ in prompts]
+    records: list[list[dict]] = [[] for _ in prompts]
+    clock = Clock(device)
+    start = clock()
+    for i in range(max(len(t) for t in turns)):
+        active = [j for j, t in enumerate(turns) if i < len(t)]
+        encoded = []
+        for j in active:
+            if isinstance(turns[j][i], str):
+                if i:
+                    messages[j].append({"role": "assistant", "content": records[j][-1]["text"]})
+                messages[j].append({"role": "user", "content": turns[j][i]})
+                encoded.append(encode_prompt(pair.target, messages[j]))
+            else:  # raw token ids (tests, tiny models without a tokenizer)
+                encoded.append(list(turns[j][i]))
+        for j, ids, trace in zip(active, encoded, decode_batch(pair, strategy, encoded, s, batch_size)):
+            text = tok.decode(trace.tokens, skip_special_tokens=True) if tok is not None else None
+            records[j].append(record_of(trace, strategy, s, len(ids), text))
+    wall = clock() - start
+    peak = metrics.peak_memory(device)
+    out = []
+    for p, recs in zip(prompts, records):
+        record = recs[0] if len(recs) == 1 else merge_turns(recs)
+        if isinstance(p["prompt"], str):
+            user_ids = metrics.user_token_ids(tok, p["prompt"], p.get("turns"))
+            record.update(metrics.degeneracy(record["token_ids"], user_ids, rule))
+        record["peak_memory_bytes"], record["memory_kind"] = peak
+        out.append(record)
+    new_tokens = sum(r["new_tokens"] for r in out)
+    return out, {"batch_size": batch_size, "sequences": len(out), "new_tokens": new_tokens, "wall_s": wall,
+                 "tokens_per_s": new_tokens / wall if wall > 0 else None}
 
 
 def use_threads(threads: int | None) -> None:
