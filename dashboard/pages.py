@@ -575,6 +575,29 @@ def page_scaling(db: str, f: Filters) -> None:
                                               "n"]])
 
 
+# ---------------------------------------------------------------------------------------------- batch size
+
+def page_batch(db: str, f: Filters) -> None:
+    from specdec.db import report
+
+    st.header("Speedup vs batch size")
+    d = report.batch_frame(q.batch_cells(db, f))
+    if d.empty:
+        st.info("No pair and method measured at two or more batch sizes in the filtered data; run the matrix with "
+                "`batch_sizes: [1, 4]` (or more) to see where speculation stops paying.")
+        return
+    chart, band = report.batch_chart(d)
+    show(chart)
+    st.caption(f"Median per-sequence speedup over our plain decoding at the same batch size (decoded in the same "
+               f"job); bars: {band}. Dashed rule: the baseline (1.0×).")
+    found = report.crossovers(d)
+    table(pd.DataFrame([{"series": name, "largest batch size paying": above, "smallest batch size losing": below}
+                        for name, (above, below) in found.items()]))
+    columns = ["series", "batch_size", "speedup", "ci_low", "ci_high", "tokens_per_s", "baseline_tokens_per_s",
+               "mean_accepted_tokens", "n"]
+    table(d.sort_values(["series", "batch_size"])[[c for c in columns if c in d]])
+
+
 # ---------------------------------------------------------------------------------------------- losslessness
 
 def page_losslessness(db: str, f: Filters) -> None:
@@ -740,6 +763,7 @@ PAGES = {
     "predicted": ("Predicted vs measured", page_predicted),
     "latency": ("Latency and memory", page_latency),
     "scaling": ("Scaling", page_scaling),
+    "batch": ("Batch size", page_batch),
     "losslessness": ("Losslessness", page_losslessness),
     "engines": ("Engines and weight formats", page_engines),
     "runs": ("Runs", page_runs),

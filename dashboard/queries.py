@@ -268,6 +268,18 @@ def leaderboard(db: str, f: Filters) -> tuple[pd.DataFrame, dict]:
     return report.leaderboard_frame(cells, by_category), features
 
 
+def batch_cells(db: str, f: Filters) -> pd.DataFrame:
+    """The report's cells (specdec.db.report.cell_groups_sql, batch size part of the cell) over the filtered rows,
+    for speedup vs batch size."""
+    from specdec.db import report
+
+    features = {k: bool(v) for k, v in fetch(db, report.FEATURES_SQL).iloc[0].items()}
+    if not features.get("batch"):
+        return pd.DataFrame()
+    w, params = where(f, SPEEDUP_COLS)
+    return fetch(db, report.cell_groups_sql(features, False, w), params)
+
+
 def engines(db: str, f: Filters) -> pd.DataFrame:
     """Every engine × strategy × weight format (× threads) at its fastest draft length: tok/s, speedup over the same
     engine's plain decoding in the same format, tokens per target pass, and the plain decoding's own tok/s."""

@@ -41,11 +41,12 @@ CATEGORY_ORDER = ("multi-turn", "translation", "summarization", "summarisation",
 CELL_KEY = ("host", "target", "draft", "strategy", "draft_length", "gpus", "temperature", "top_p", "top_k",
             "max_new_tokens")
 FORMAT_KEY = ("weights", "threads")  # also part of a cell where the store has them (feature `formats`)
+BATCH_KEY = ("batch_size",)  # likewise (feature `batch`)
 # Settings that tell leaderboard rows apart beyond method, draft and k; shown only when they vary.
-SETTINGS = ("host", "target", "gpus", "temperature", "top_p", "top_k", "max_new_tokens", *FORMAT_KEY)
+SETTINGS = ("host", "target", "gpus", "temperature", "top_p", "top_k", "max_new_tokens", *FORMAT_KEY, *BATCH_KEY)
 # The plain decoding strategies: each engine's own baseline (ours, llama.cpp's), listed last.
 BASELINES = tuple(name for name in STRATEGIES if is_plain_baseline(name))
-FIGURES = ("speedup-vs-k.svg", "acceptance-per-position.svg")
+FIGURES = ("speedup-vs-k.svg", "acceptance-per-position.svg", "speedup-vs-batch-size.svg")
 
 
 class ReportError(RuntimeError):
@@ -104,7 +105,9 @@ FEATURES_SQL = """
            EXISTS (SELECT 1 FROM information_schema.columns WHERE table_name = 'speedup'
                    AND column_name = 'degenerate') AS degenerate,
            EXISTS (SELECT 1 FROM information_schema.columns WHERE table_name = 'speedup'
-                   AND column_name = 'weights') AS formats"""
+                   AND column_name = 'weights') AS formats,
+           EXISTS (SELECT 1 FROM information_schema.columns WHERE table_name = 'speedup'
+                   AND column_name = 'batch_size') AS batch"""
 
 
 def store_features(conn) -> dict[str, bool]:
@@ -112,8 +115,9 @@ def store_features(conn) -> dict[str, bool]:
 
 
 def cell_key(features: dict) -> tuple[str, ...]:
-    """The columns of the speedup view that make a cell: weight format and threads too where the store has them."""
-    return CELL_KEY + (FORMAT_KEY if features.get("formats") else ())
+    """The columns of the speedup view that make a cell: weight format, threads and batch size too where the store
+    has them."""
+    return CELL_KEY + (FORMAT_KEY if features.get("formats") else ()) + (BATCH_KEY if features.get("batch") else ())
 
 
 def cell_groups_sql(features: dict, by_category: bool, where: str = "") -> str:
@@ -286,7 +290,7 @@ def series(df: pd.DataFrame) -> pd.Series:
     """"target ← draft · strategy" plus the settings that vary in `df`, so lines of two machines never merge."""
     label = df.target.astype(str) + df.draft.map(lambda d: f" ← {d}" if isinstance(d, str) and d else "") \
         + " · " + df.strategy.astype(str)
-    for col in ("host", "gpus", "temperature", *FORMAT_KEY):
+    for col in ("host", "gpus", "temperature", *FORMAT_KEY, *BATCH_KEY):
         if col in df and df[col].nunique(dropna=False) > 1:
             label += " · " + col + "=" + df[col].astype(str)
     return label
@@ -310,6 +314,48 @@ def speedup_chart(cells: pd.DataFrame):
                       base.mark_line(point=True).encode(y="speedup:Q"), rule)
     band = "95 % interval of the median" if lo == "ci_low" else "p25–p75 over prompts and repeats"
     return chart.properties(width=640, height=300, title="Speedup vs draft length"), band
+
+
+def batch_frame(cells: pd.DataFrame) -> pd.DataFrame:
+    """The cells of series measured at more than one batch size, with `series` labelled without the batch size
+    (each series is one line over batch sizes) and the draft length folded into it."""
+    if "batch_size" not in cells or cells.batch_size.nunique() < 2:
+        return cells.iloc[0:0]
+    d = cells[cells.speedup.notna() & ~cells.strategy.isin(BASELINES)].copy()
+    d["series"] = series(d.drop(columns=list(BATCH_KEY))) + d.draft_length.map(
+        lambda k: f" · k={int(k)}" if pd.notna(k) else "")
+    return d[d.groupby("series").batch_size.transform("nunique") > 1]
+
+
+def crossovers(d: pd.DataFrame) -> dict[str, tuple]:
+    """Per series: (largest batch size whose speedup interval lies above 1, smallest whose interval lies below 1)
+    (issue 32's B*); None where no batch size qualifies or the store has no intervals."""
+    out = {}
+    for name, g in d.groupby("series"):
+        if "ci_low" not in g:
+            out[name] = (None, None)
+            continue
+        above = g.batch_size[g.ci_low > 1]
+        below = g.batch_size[g.ci_high < 1]
+        out[name] = (int(above.max()) if len(above) else None, int(below.min()) if len(below) else None)
+    return out
+
+
+def batch_chart(d: pd.DataFrame):
+    import altair as alt
+
+    if d.empty:
+        return None
+    lo, hi = ("ci_low", "ci_high") if "ci_low" in d and d.ci_low.notna().any() else ("speedup_p25", "speedup_p75")
+    base = alt.Chart(d).encode(
+        x=alt.X("batch_size:Q", title="batch size (sequences decoded at once)", scale=alt.Scale(type="log", base=2),
+                axis=alt.Axis(values=sorted(int(b) for b in d.batch_size.unique()))),
+        color=alt.Color("series:N", title=None, legend=alt.Legend(orient="bottom", columns=1, labelLimit=0)))
+    rule = alt.Chart(pd.DataFrame({"y": [1.0]})).mark_rule(strokeDash=[6, 4], color="gray").encode(y="y:Q")
+    chart = alt.layer(base.mark_errorbar().encode(y=alt.Y(f"{lo}:Q", title="speedup over baseline (×)"), y2=f"{hi}:Q"),
+                      base.mark_line(point=True).encode(y="speedup:Q"), rule)
+    band = "95 % interval of the median" if lo == "ci_low" else "p25–p75 over prompts and repeats"
+    return chart.properties(width=640, height=300, title="Speedup vs batch size"), band
 
 
 def acceptance_chart(pos: pd.DataFrame):
@@ -382,6 +428,15 @@ def collect(db: str | Path, f: ReportFilters = ReportFilters()) -> Report:
     chart = acceptance_chart(acceptance)
     if chart is not None:
         figures[FIGURES[1]] = (to_svg(chart), "Per-position counts summed over every prompt and repeat of a cell.")
+    batched = batch_frame(cells)
+    drawn = batch_chart(batched)
+    if drawn:
+        chart, band = drawn
+        found = "; ".join(f"{name}: B* {above or '—'} / {below or '—'}" for name, (above, below)
+                          in crossovers(batched).items())
+        figures[FIGURES[2]] = (to_svg(chart), f"Median per-sequence speedup per batch size, each batch size's "
+                               f"baseline decoded at that batch size in the same job; bars: {band}. Crossover "
+                               f"(largest batch size whose interval lies above 1 / smallest below 1): {found}.")
     return Report(board, display_frame(board), acceptance, provenance, features, figures, f, str(path))
 
 

@@ -379,8 +379,9 @@ def test_speedup_view(store):
                         "cost_ratio_c", "leviathan_speedup", "started_utc", "cost_per_mtok",
                         "copy_share", "repeat_share", "degenerate", "baseline_source",
                         "baseline_run_id", "baseline_repeat", "cpu_name", "gpu_names", "engine", "weights",
-                        "threads"]
+                        "threads", "batch_size"]
     assert list(df.columns) == expected_columns
+    assert set(df["batch_size"]) == {1}  # files from before batching: one sequence at a time
     assert set(df["baseline_source"]) == {"shared"}  # format-1 files: no pairing
 
 

@@ -481,3 +481,29 @@ def test_matrix_check_runs_as_run_matrix_sh_calls_it(tmp_path):
                           str(tmp_path / "bad.yaml")], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 1, out.stderr
     assert out.stderr.startswith(f"config error: {tmp_path / 'bad.yaml'}: a config file is a mapping of keys")
+
+
+def test_batch_sizes_run_end_to_end_into_the_store_and_the_report(workdir, tiny_models):
+    """batch_sizes [1, 3]: every cell of ours at both sizes, each with its paired baseline at its own size; the
+    store keeps the batch size and each batch's throughput; `specdec report` draws speedup vs batch size."""
+    config = base_config(tiny_models, strategies=["baseline", "ngram"], draft_lengths=[3], batch_sizes=[1, 3])
+    config["generation"]["repeats"] = 1
+    write_config(workdir, config)
+    result = snakemake(workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    db = workdir / "store.duckdb"
+    assert sorted(matrix.expand_cells(config)) == ["tiny-target__baseline__g0__t0", "tiny-target__baseline__g0__t0__B3",
+                                                   "tiny-target__ngram__k3__g0__t0",
+                                                   "tiny-target__ngram__k3__g0__t0__B3"]
+    assert rows(db, "SELECT batch_size, count(*) FROM speedup WHERE strategy = 'ngram' GROUP BY 1 ORDER BY 1") == [
+        (1, 3), (3, 3)]
+    assert rows(db, "SELECT count(*), bool_and(baseline_source = 'paired'), bool_and(matches_baseline) FROM speedup "
+                    "WHERE strategy = 'ngram' AND batch_size = 3") == [(3, True, True)]
+    assert rows(db, "SELECT count(*), bool_and(throughput_speedup > 0) FROM batch_throughput "
+                    "WHERE strategy = 'ngram'") == [(1, True)]
+    out = workdir / "report"
+    done = subprocess.run([sys.executable, "-m", "specdec.cli", "report", "--db", str(db), "--out", str(out)],
+                          capture_output=True, text=True, cwd=workdir, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (out / "speedup-vs-batch-size.svg").is_file()
+    assert "Speedup vs batch size" in (out / "report.html").read_text()

@@ -76,9 +76,10 @@ def pin_assistant(assistant, s: DecodeSettings) -> None:
     cfg.assistant_confidence_threshold = 0.0
 
 
-def hf_decode(strategy: str, target, prompt_ids: list[int], s: DecodeSettings, eos_ids: list[int],
-              draft=None, pad_id: int | None = None) -> Trace:
-    clock = Clock(target.device)
+def strategy_config(strategy: str, target, s: DecodeSettings, eos_ids: list[int], draft=None,
+                    pad_id: int | None = None) -> tuple[GenerationConfig, dict]:
+    """generate()'s config and keyword arguments for one of transformers' strategies (hf-generate, hf-assisted
+    with `draft` as the assistant, hf-ngram: prompt lookup at k)."""
     cfg = generation_config(target.generation_config, s, eos_ids, pad_id)
     kwargs = {}
     if strategy == "hf-assisted":
@@ -87,6 +88,13 @@ def hf_decode(strategy: str, target, prompt_ids: list[int], s: DecodeSettings, e
     elif strategy == "hf-ngram":
         cfg.prompt_lookup_num_tokens = s.k
         cfg.max_matching_ngram_size = s.ngram_max
+    return cfg, kwargs
+
+
+def hf_decode(strategy: str, target, prompt_ids: list[int], s: DecodeSettings, eos_ids: list[int],
+              draft=None, pad_id: int | None = None) -> Trace:
+    clock = Clock(target.device)
+    cfg, kwargs = strategy_config(strategy, target, s, eos_ids, draft, pad_id)
     target_meter = ForwardMeter(target, clock)
     draft_meter = ForwardMeter(draft, clock) if draft is not None else None
     timer = FirstTokenTimer(clock)
@@ -130,14 +138,7 @@ def hf_decode_batch(strategy: str, target, prompts: list[list[int]], s: DecodeSe
     wall_s and ttft_s are its block's. Assisted generation and prompt lookup refuse a batch above 1: that
     refusal (transformers' own error) is raised as it is."""
     clock = Clock(target.device)
-    cfg = generation_config(target.generation_config, s, eos_ids, pad_id)
-    kwargs = {}
-    if strategy == "hf-assisted":
-        pin_assistant(draft, s)
-        kwargs["assistant_model"] = draft
-    elif strategy == "hf-ngram":
-        cfg.prompt_lookup_num_tokens = s.k
-        cfg.max_matching_ngram_size = s.ngram_max
+    cfg, kwargs = strategy_config(strategy, target, s, eos_ids, draft, pad_id)
     pad = pad_id if pad_id is not None else eos_ids[0]
     cfg.pad_token_id = pad
     traces = []

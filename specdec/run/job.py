@@ -289,6 +289,8 @@ def run_cell(job: dict, progress=None, read_noise=None) -> dict:
                                           job["batch_size"], rule)
             batches.append({"side": side, "repeat": repeat, **totals})
         except Exception as exc:  # the whole batch failed (e.g. out of memory): its rows say why
+            if worker:  # as in decode_one: the other ranks wait inside a collective
+                raise
             _free_cuda()
             rows = [{"status": "failed", "error": one_line(exc)} for _ in prompts]
         peaks = [max(a, b) for a, b in zip(peaks, devices.peak_memory_per_device(used))]

@@ -22,11 +22,11 @@ rule ingest:
 
 
 # The summary printed at the end of every run (rule all in the Snakefile; it always runs, also when every cell was
-# already done): per pair, strategy and weight format the best k on this host, quiet cells first, so a noisy cell is shown only
+# already done): per pair, strategy, weight format and batch size the best k on this host, quiet cells first, so a noisy cell is shown only
 # when every k of it was noisy, and then marked. The interval is cell_summary's 95 % bootstrap interval.
 SUMMARY_SQL = """
 SELECT target, coalesce(draft, '-') AS draft, strategy, coalesce(weights, '-') AS weights, draft_length AS k, gpus,
-       temperature,
+       temperature, batch_size AS batch,
        round(speedup_median, 2) AS speedup,
        CASE WHEN speedup_ci_low IS NOT NULL
             THEN printf('%.2f-%.2f', speedup_ci_low, speedup_ci_high) ELSE '-' END AS ci_95,
@@ -38,9 +38,9 @@ SELECT target, coalesce(draft, '-') AS draft, strategy, coalesce(weights, '-') A
        CASE WHEN noisy THEN 'NOISY: ' || noise_reason WHEN noisy IS NULL THEN 'unknown' ELSE 'quiet' END AS noise
 FROM cell_summary
 WHERE host = '{host}' AND strategy NOT IN ('baseline', 'llamacpp-generate')
-QUALIFY row_number() OVER (PARTITION BY target, draft, strategy, weights, threads, gpus, temperature
+QUALIFY row_number() OVER (PARTITION BY target, draft, strategy, weights, threads, gpus, temperature, batch_size
                            ORDER BY coalesce(noisy, false), speedup_median DESC NULLS LAST) = 1
-ORDER BY target, draft, speedup_median DESC NULLS LAST
+ORDER BY target, draft, batch_size, speedup_median DESC NULLS LAST
 """
 
 
