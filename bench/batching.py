@@ -104,8 +104,11 @@ def main(argv=None) -> int:
 
     from specdec.model.decoding import DecodeSettings
     from specdec.model.kernels import prepare_model
-    from specdec.model.models import load_registry
+    from specdec.model.models import encode_prompt, load_registry
     from specdec.prompts import load_prompts, select
+    from specdec.strategies import STRATEGIES
+    from specdec.run.bench_measure import (kv_bytes_per_token, parameter_bytes, proc_status_number, reset_peak_rss,
+                                           rss_resolution_bytes, run_growth)
     from specdec.run.runner import generate_batch, load_pair, use_threads, warm_up
 
     sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -122,21 +125,30 @@ def main(argv=None) -> int:
     print(f"CPU: {cpu_model()}  threads: {torch.get_num_threads()}  prompts: {len(prompts)}  "
           f"max_new_tokens: {s.max_new_tokens}  k: {s.k}  tree budget: {s.tree_budget}  load before: "
           f"{load_average():.2f}", file=sys.stderr)
-    from specdec.model.models import encode_prompt
     warm_ids = encode_prompt(pair.target, prompts[0]["prompt"])
     for runner in runners:
         warm_up(pair, runner, warm_ids, s, 1)
     results: dict = {}  # (runner, B) -> list of (records, totals) per repeat
+    growth: dict = {}  # (runner, B) -> the largest peak-RSS growth over a batch decode, bytes
+    resolution = rss_resolution_bytes()
     for b in sizes:
         for repeat in range(args.repeats):
             order = runners[repeat % len(runners):] + runners[:repeat % len(runners)]
             for runner in order:
+                before = proc_status_number("VmRSS") * 1024
+                reset_peak_rss()
                 records, totals = generate_batch(pair, runner, prompts, replace(s, seed=repeat), b)
+                grown = run_growth(before, proc_status_number("VmHWM") * 1024, resolution)
+                growth[(runner, b)] = max(growth.get((runner, b), 0), grown)
                 results.setdefault((runner, b), []).append((records, totals))
                 print(f"[batching] B={b} repeat {repeat + 1}/{args.repeats} {runner}: "
                       f"{totals['tokens_per_s']:.1f} tok/s in all", file=sys.stderr)
     # the prediction's inputs: tokens per pass, verify rows and draft time per pass at B = 1
+    # before preparing: the weights as loaded, held once (the self-draft's copy too, for the runners that use it)
+    weights = parameter_bytes(pair.target.model)
+    draft_weights = parameter_bytes(pair.draft.model) if pair.draft else 0
     model = prepare_model(pair.target.model)
+    kv_token = kv_bytes_per_token(model)
     context = statistics.median(len(encode_prompt(pair.target, p["prompt"])) for p in prompts) + s.max_new_tokens // 2
     t1 = {b: profile_pass(model, b, 1, int(context)) for b in sizes}
     rows_out, table = [], []
@@ -161,10 +173,16 @@ def main(argv=None) -> int:
                 throughput.append(totals["tokens_per_s"] / base_totals["tokens_per_s"])
             med, low, high = median_interval(speedups)
             predicted = (tau * t1[b] / (tr[b] + b * draft_per_pass)) if tau and runner != "hf-generate" else None
+            # KV of the B sequences in flight at their longest (prompt + answer + one proposal's rows)
+            longest = max(r["prompt_tokens"] + r["new_tokens"] for records, _ in results[(runner, b)] for r in records)
+            uses_draft = STRATEGIES[runner].needs_draft
+            kv = b * (longest + r_rows) * kv_token * (2 if uses_draft else 1)
+            held = weights + (draft_weights if uses_draft else 0)
             row = {"runner": runner, "batch_size": b, "speedup": med, "ci_low": low, "ci_high": high,
                    "throughput_speedup": statistics.median(throughput), "identical_share": statistics.mean(identical),
                    "tokens_per_pass": statistics.mean(passes), "tpot_ms": 1e3 * statistics.median(t for t in tpot if t),
                    "predicted_speedup": predicted,
+                   "memory_over_weights_kv": (held + growth[(runner, b)]) / (held + kv),
                    "throughput_tok_s": statistics.median(t["tokens_per_s"] for _, t in results[(runner, b)]),
                    "baseline_throughput_tok_s": statistics.median(t["tokens_per_s"]
                                                                   for _, t in results[("baseline", b)])}
@@ -175,18 +193,22 @@ def main(argv=None) -> int:
         table.append({"runner": runner, "crossover": measured, "predicted_largest_paying": max(pred_paying, default=None),
                       "tau_at_1": tau, "verify_rows_at_1": verify_rows, "draft_s_per_pass_at_1": draft_per_pass})
     print(f"\n{'runner':<14}{'B':>4}{'speedup [95% CI]':>24}{'pred':>7}{'thru x':>8}{'tok/pass':>9}"
-          f"{'TPOT ms':>9}{'tok/s all':>10}{'same':>6}")
+          f"{'TPOT ms':>9}{'tok/s all':>10}{'same':>6}{'mem/(w+kv)':>11}")
     for r in rows_out:
         ci = f"[{r['ci_low']:.2f}-{r['ci_high']:.2f}]" if r["ci_low"] is not None else ""
         pred = f"{r['predicted_speedup']:.2f}" if r["predicted_speedup"] else "-"
         print(f"{r['runner']:<14}{r['batch_size']:>4}{r['speedup']:>9.2f} {ci:>14}{pred:>7}"
               f"{r['throughput_speedup']:>8.2f}{r['tokens_per_pass']:>9.2f}{r['tpot_ms']:>9.1f}"
-              f"{r['throughput_tok_s']:>10.1f}{r['identical_share']:>6.0%}")
+              f"{r['throughput_tok_s']:>10.1f}{r['identical_share']:>6.0%}{r['memory_over_weights_kv']:>11.2f}")
     print(f"\n{'runner':<14}{'B* measured (largest paying / smallest losing)':>48}{'B* predicted':>14}")
     for t in table:
         c = t["crossover"]
         print(f"{t['runner']:<14}{str(c['largest_paying']) + ' / ' + str(c['smallest_losing']):>48}"
               f"{str(t['predicted_largest_paying']):>14}")
+    if not args.no_peer:
+        print("\nours / transformers' batched generate, throughput: " + ", ".join(
+            f"B={r['batch_size']} {r['baseline_throughput_tok_s'] / r['throughput_tok_s']:.2f}x"
+            for r in rows_out if r["runner"] == "hf-generate"))
     print(f"load after: {load_average():.2f}", file=sys.stderr)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

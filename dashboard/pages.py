@@ -581,7 +581,11 @@ def page_batch(db: str, f: Filters) -> None:
     from specdec.db import report
 
     st.header("Speedup vs batch size")
-    d = report.batch_frame(q.batch_cells(db, f))
+    cells = q.batch_cells(db, f)
+    if cells.empty:
+        no_rows(f)
+        return
+    d = report.batch_frame(cells)
     if d.empty:
         st.info("No pair and method measured at two or more batch sizes in the filtered data; run the matrix with "
                 "`batch_sizes: [1, 4]` (or more) to see where speculation stops paying.")

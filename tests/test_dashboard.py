@@ -98,10 +98,13 @@ def test_every_page_runs_without_error(store, page):
     assert not at.error, [e.value for e in at.error]
     assert at.header[0].value == {"predicted": "Predicted vs measured speedup",
                                   "scaling": "Scaling with GPU count",
+                                  "batch": "Speedup vs batch size",
                                   "sql": "SQL console"}.get(page, PAGES[page][0])
     assert url(at, "page") == [page]  # the page is in the URL
-    if page not in ("overview", "leaderboard", "runs", "sql"):
+    if page not in ("overview", "leaderboard", "runs", "sql", "batch"):
         assert charts(at), f"{page} draws no chart"
+    if page == "batch":  # the fixture measures one batch size: the page says how to get a second
+        assert "batch_sizes: [1, 4]" in at.info[0].value
 
 
 def test_pages_with_nothing_to_show_say_so(tmp_path, monkeypatch):

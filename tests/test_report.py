@@ -110,9 +110,11 @@ def test_provenance_names_machines_versions_and_commits(store, built):
 
 def test_files_are_written_and_self_contained(store, built, tmp_path):
     written = report.write_report(built, tmp_path)
-    assert {p.name for p in written} == {"report.md", "report.html", "leaderboard.csv", *report.FIGURES}
+    # the batch-size figure is drawn only for series measured at two or more batch sizes (tests/test_workflow.py)
+    drawn = [name for name in report.FIGURES if name != "speedup-vs-batch-size.svg"]
+    assert {p.name for p in written} == {"report.md", "report.html", "leaderboard.csv", *drawn}
     md = (tmp_path / "report.md").read_text()
-    for name in report.FIGURES:  # figures linked from the Markdown, and real SVG
+    for name in drawn:  # figures linked from the Markdown, and real SVG
         assert f"]({name})" in md and (tmp_path / name).read_text().lstrip().startswith("<svg")
     best = built.table.iloc[0]
     assert f"| {BEST['strategy']} | {BEST['draft']} | {BEST['k']} |" in md and best.overall in md
@@ -211,7 +213,7 @@ def test_intervals_noise_and_degenerate_columns_are_used_when_the_store_has_them
         con.execute("CREATE OR REPLACE VIEW speedup AS SELECT *, prompt_id = 'sum-02' AS degenerate FROM speedup_plain")
     con.close()
     r = report.collect(db)
-    assert r.features == {"ci": True, "noise": True, "degenerate": True, "formats": True}
+    assert r.features == {"ci": True, "noise": True, "degenerate": True, "formats": True, "batch": True}
     spread = sql(db, """SELECT strategy AS method, draft, draft_length AS k, host, gpus, temperature,
                                min(speedup) AS lo, max(speedup) AS hi FROM speedup GROUP BY ALL""")
     assert by_key(r.leaderboard, "overall low") == pytest.approx(by_key(spread, "lo"))
@@ -224,3 +226,22 @@ def test_intervals_noise_and_degenerate_columns_are_used_when_the_store_has_them
     assert "overall, non-degenerate" in r.table and "summarisation low" in r.leaderboard
     page = report.render_html(r)
     assert page.count('<tr class="noisy">') == 2  # lab-b's speculative and baseline rows
+
+
+def test_speedup_vs_batch_size_draws_each_series_over_its_batch_sizes_and_names_the_crossover():
+    """Series measured at several batch sizes become one line each; B* from the intervals: the largest batch size
+    whose interval lies above 1, the smallest whose interval lies below 1; baselines and single sizes left out."""
+    rows = [("ngram", 4, b, s, lo, hi) for b, s, lo, hi in
+            ((1, 1.5, 1.3, 1.7), (2, 1.3, 1.1, 1.4), (4, 1.05, 0.95, 1.2), (8, 0.8, 0.7, 0.9), (16, 0.6, 0.5, 0.7))]
+    rows += [("suffix", 4, 1, 1.2, 1.1, 1.3), ("baseline", None, 1, 1.0, 0.9, 1.1), ("baseline", None, 2, 1.0, 0.9,
+                                                                                    1.1)]
+    cells = pd.DataFrame([{"host": "h", "target": "t", "draft": None, "strategy": st, "draft_length": k, "gpus": 0,
+                           "temperature": 0.0, "batch_size": b, "speedup": s, "ci_low": lo, "ci_high": hi,
+                           "speedup_p25": lo, "speedup_p75": hi} for st, k, b, s, lo, hi in rows])
+    d = report.batch_frame(cells)
+    assert set(d.strategy) == {"ngram"} and sorted(d.batch_size) == [1, 2, 4, 8, 16]
+    assert report.crossovers(d) == {"t · ngram · k=4": (2, 8)}
+    chart, band = report.batch_chart(d)
+    assert band == "95 % interval of the median"
+    assert report.to_svg(chart).lstrip().startswith("<svg")
+    assert report.batch_frame(cells[cells.batch_size == 1]).empty  # one batch size: nothing to draw
