@@ -595,11 +595,12 @@ def ingest(db_path: str | os.PathLike, result_paths: Iterable[str | os.PathLike]
            wait_s: float = LOCK_WAIT_S) -> IngestReport:
     """Insert result files into the store at `db_path` (created if missing) in one transaction.
 
-    All files are validated first (ResultFileError on the first bad one, before the database is opened). A run
-    whose run_id is already stored, or appears earlier in the same batch, is skipped if it is the same run, and is
-    an error naming both files if it is not (in a batch: any difference; against the store: host, start time,
-    parameters, and each measurement's status, tok/s and output hash). Any database error rolls the whole batch
-    back; one raised by a file's rows names that file. While another process holds the store (DuckDB allows one
+    All files are validated first (load_result_file), before the database is opened: a file that fails is refused,
+    its one-line reason in the report's `refused`, and the others go in; when every file is refused the store is
+    not touched. A run whose run_id is already stored, or appears earlier in the same batch, is skipped if it is
+    the same run, and its file is refused naming both files if it is not (in a batch: any difference; against the
+    store: host, start time, parameters, and each measurement's status, tok/s and output hash). Any database
+    error rolls the whole batch back (ResultFileError naming the file whose rows raised it). While another process holds the store (DuckDB allows one
     writer and no readers beside it), ingest retries for up to `wait_s` seconds, saying so once on stderr.
     `prices`, when given, replaces the `prices` table in the same transaction; `noise_limits` (the config's
     `noise:`, merged over the defaults) replaces the `noise_thresholds` table. A file's paired baseline is a run
