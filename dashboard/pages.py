@@ -11,6 +11,7 @@ import streamlit as st
 from specdec.dashboard import queries as q
 from specdec.dashboard.queries import Filters
 from specdec.db.query import QueryError, UnsafeSQLError, run_query
+from specdec.db.text import escape_markdown, show_frame_controls
 from specdec.strategies import STRATEGIES, is_plain_baseline
 
 # What fills an empty store, from the repository root: the default matrix (its last step ingests), or ingesting
@@ -195,12 +196,17 @@ def fmt_ci(low, high) -> str:
     return "—" if pd.isna(low) else f"{low:.2f}–{high:.2f}×"
 
 
+def md(value) -> str:
+    """A stored value inside a caption or warning (Streamlit renders Markdown): shown as written, no markup."""
+    return escape_markdown(str(value))
+
+
 def warn_noisy(df: pd.DataFrame, label: pd.Series) -> None:
     """A visible warning naming every noisy cell on the page, with why it was flagged."""
     noisy = df[noisy_mask(df)]
     if noisy.empty:
         return
-    lines = "\n".join(f"- {name}: {reason}" for name, reason in zip(label[noisy.index], noisy.noise_reason))
+    lines = "\n".join(f"- {md(name)}: {md(reason)}" for name, reason in zip(label[noisy.index], noisy.noise_reason))
     st.warning(f"{len(noisy)} cell(s) were measured while other work loaded the machine; their speedups are not "
                f"trustworthy (re-run them on a quieter machine, or see `noise:` in the config):\n{lines}", icon="⚠️")
 
@@ -240,11 +246,11 @@ def page_overview(db: str, f: Filters) -> None:
     faster_noisy = spec[noisy_mask(spec) & (spec.speedup > top.speedup)]
     if len(quiet) == 0:
         st.warning(f"Every cell here was measured on a noisy machine; the best one is shown, but its speedup is not "
-                   f"trustworthy: {top.noise_reason}.", icon="⚠️")
+                   f"trustworthy: {md(top.noise_reason)}.", icon="⚠️")
     elif len(faster_noisy):
         fast = faster_noisy.iloc[0]
-        st.warning(f"Not taken as the best: {series_label(faster_noisy).iloc[0]} · k={fmt_k(fast.draft_length)} "
-                   f"measured {fast.speedup:.2f}× on a noisy machine ({fast.noise_reason})"
+        st.warning(f"Not taken as the best: {md(series_label(faster_noisy).iloc[0])} · k={fmt_k(fast.draft_length)} "
+                   f"measured {fast.speedup:.2f}× on a noisy machine ({md(fast.noise_reason)})"
                    + (f", and {len(faster_noisy) - 1} more noisy cell(s) above the best quiet one"
                       if len(faster_noisy) > 1 else "") + ".", icon="⚠️")
     pair = q.pair_label(q.pair_key(top.target, top.draft if isinstance(top.draft, str) else None))
@@ -265,7 +271,7 @@ def page_overview(db: str, f: Filters) -> None:
     why = (f" Why: acceptance α = {top.acceptance_rate:.2f} and draft cost c = {top.cost_ratio_c:.3f} predict "
            f"{top.predicted_speedup:.2f}×; measured {top.speedup:.2f}×."
            if pd.notna(top.predicted_speedup) else "")
-    st.caption(f"Host {top.host}, {int(top.gpus)} GPU(s), temperature {top.temperature}; "
+    st.caption(f"Host {md(top.host)}, {int(top.gpus)} GPU(s), temperature {top.temperature}; "
                f"95 % confidence interval of the median speedup {fmt_ci(top.speedup_ci_low, top.speedup_ci_high)} "
                f"(bootstrap over {int(top.n)} prompt × repeat measurements), p25–p75 "
                f"{top.speedup_p25:.2f}–{top.speedup_p75:.2f}; "
@@ -296,7 +302,7 @@ def page_overview(db: str, f: Filters) -> None:
         "baseline_tokens_per_s": st.column_config.NumberColumn("baseline tok/s", format="%.1f")})
     stated = [c for c in constant if b[c].notna().any()]  # unset weights/threads (the alias's, torch's): nothing to say
     if stated:
-        st.caption("All rows: " + ", ".join(f"{c} = {b[c].iloc[0]}" for c in stated) + ".")
+        st.caption("All rows: " + ", ".join(f"{c} = {md(b[c].iloc[0])}" for c in stated) + ".")
 
     status = q.store_status(db)
     s = st.columns(3)
@@ -320,7 +326,7 @@ def page_leaderboard(db: str, f: Filters) -> None:
                "`specdec report` writes the same table as Markdown and HTML.")
     table(report.display_frame(board), height=min(35 * (len(board) + 1) + 3, 1100))  # every row, up to ~30
     for note in report.notes(features, board):
-        st.caption(note)
+        st.caption(escape_markdown(note, keep="`"))  # our notes' code spans stay; stored names in them stay text
     csv_download(board, "leaderboard.csv", "dl_leaderboard")
 
 
@@ -694,7 +700,7 @@ def page_sql(db: str, f: Filters) -> None:
     elif kind == "ok":
         note = " — row limit reached, there may be more" if len(payload) >= int(limit) else ""
         st.caption(f"{len(payload)} rows{note}")
-        table(payload)
+        table(show_frame_controls(payload))  # control characters as escapes; the CSV keeps every character
         csv_download(payload, "query.csv", "dl_sql")
     with st.expander("Schema"):
         table(q.schema(db))

@@ -18,6 +18,7 @@ import sqlalchemy as sa
 import streamlit as st
 
 from specdec.db.store import engine_for
+from specdec.db.text import show_frame_controls
 
 # The benchmark (bench/dashboard_queries.py) turns this off to time the SQL itself, not the cache.
 USE_CACHE = True
@@ -97,8 +98,8 @@ def _read(db: str, sql: str, params: list) -> pd.DataFrame:
         if "lock" in str(exc).lower():
             raise StoreBusy(f"the database {db} is being written (an ingest is running); reload in a moment") from exc
         raise
-    try:
-        return raw.driver_connection.execute(sql, params).df()
+    try:  # control characters in stored names spelled out (db/text.py): charts, tables and captions show them
+        return show_frame_controls(raw.driver_connection.execute(sql, params).df())
     finally:
         raw.close()
 

@@ -2,9 +2,11 @@
 
 Directories are searched recursively for `*.json`. A JSON file found there that is not a result file (no
 `"format": "specdec-result/..."`, e.g. a trained drafter's drafter.json or its training data's data.json under
-results/drafters/) is skipped with a note; every result file must be valid, or nothing is ingested (the error
-names the file and field). A file named on the command line must be a result file. Prints one summary line;
-errors are one `error: ...` line on stderr with exit status 2.
+results/drafters/) is skipped with a note. A result file that fails validation (db/store.py, docs/store.md) is
+refused with one `refused: FILE: FIELD: rule` line on stderr and the others go in, in one transaction; the exit
+status is then 2. A file named on the command line must be a result file. Prints one summary line; other errors
+(bad options, a store that cannot be opened) are one `error: ...` line on stderr with exit status 2 and nothing
+ingested.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def is_other_json(path: Path) -> bool:
     Unreadable or invalid JSON is not decided here: ingest reports it, since it may be a damaged result file."""
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
         return False
     fmt = doc.get("format") if isinstance(doc, dict) else None
     return not (isinstance(fmt, str) and fmt.startswith(RESULT_FAMILY))
@@ -61,7 +63,8 @@ def json_option(text: str | None, flag: str):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="specdec ingest", description="Insert result files into the DuckDB store "
-                                     "(one transaction; runs already stored are skipped).")
+                                     "(one transaction; runs already stored are skipped; files that fail validation "
+                                     "are refused, one line each, and the others go in).")
     parser.add_argument("--db", default=None, help="store path (default: $SPECDEC_DB or results/specdec.duckdb)")
     parser.add_argument("--prices", default=None, metavar="JSON",
                         help='replace the device price table, e.g. \'{"A100": 1.29, "cpu": 0.05}\' (price per hour)')
@@ -90,8 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         waited = f" (waited {args.wait:g} s; --wait sets how long)" if is_locked(exc) else ""
         print(f"error: {db_error_message(exc, db_path)}{waited} (nothing was ingested)", file=sys.stderr)
         return 2
+    for line in report.refused:
+        print(f"refused: {line}", file=sys.stderr)
     print(summary_line(report, db_path))
-    return 0
+    return 2 if report.refused else 0
 
 
 if __name__ == "__main__":

@@ -29,12 +29,14 @@ import re
 import sys
 import threading
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import duckdb
 import pandas as pd
 import sqlalchemy as sa
 
 from specdec.db.store import db_error_message, default_db_path, engine_for
+from specdec.db.text import show_controls
 
 
 class QueryError(RuntimeError):
@@ -159,11 +161,19 @@ def check_sql(sql: str) -> str:
     return sql
 
 
-def _execute_read_only(sql: str, db_path: str | Path, limit: int | None = None,
-                       timeout_s: float | None = None) -> pd.DataFrame:
-    """Run `sql` on a read-only connection with external access disabled, WITHOUT the text check.
+DEFAULT_TIMEOUT_S = 60.0  # `specdec query` interrupts a query still running after this (--timeout 0: never)
+BATCH_VECTORS = 1  # rows fetched at a time, in DuckDB vectors of 2048 rows: the memory a streamed query holds
 
-    Kept separate from run_query so tests can prove this layer alone stops writes and file reads.
+
+def iter_batches(sql: str, db_path: str | Path, limit: int | None = None, timeout_s: float | None = None,
+                 params: list | None = None) -> Iterator[pd.DataFrame]:
+    """Run `sql` on a read-only connection with external access disabled, WITHOUT the text check, and yield its
+    rows in DataFrames of one DuckDB vector (2048 rows) at a time: DuckDB streams the result, so a reader that
+    stops early (`| head -1`) stops the query and memory stays bounded by a batch. The first batch always comes
+    (empty, with the columns, for an empty result). `timeout_s` interrupts the query (fetching included); `params`
+are bound to its `?` placeholders.
+
+    Kept apart from the text check so tests can prove this layer alone stops writes and file reads.
     """
     path = Path(db_path)
     if not path.is_file():
@@ -178,12 +188,21 @@ def _execute_read_only(sql: str, db_path: str | Path, limit: int | None = None,
                 timer = threading.Timer(timeout_s, duck.interrupt)
                 timer.daemon = True
                 timer.start()
-            relation = duck.sql(sql)
-            if relation is None:  # a statement without a result
-                return pd.DataFrame()
-            if limit is not None:
-                relation = relation.limit(limit)
-            return relation.df()
+            result = duck.execute(sql, params) if params else duck.execute(sql)
+            if result.description is None:  # a statement without a result
+                yield pd.DataFrame()
+                return
+            left, first = limit, True
+            while True:
+                batch = result.fetch_df_chunk(BATCH_VECTORS)
+                if left is not None:
+                    batch = batch.iloc[:left]
+                    left -= len(batch)
+                if first or not batch.empty:
+                    yield batch
+                first = False
+                if batch.empty or left == 0:
+                    return
         finally:
             if timer is not None:
                 timer.cancel()
@@ -196,22 +215,32 @@ def _execute_read_only(sql: str, db_path: str | Path, limit: int | None = None,
         engine.dispose()
 
 
-def run_query(sql: str, db_path: str | Path, limit: int | None = None, timeout_s: float | None = None) -> pd.DataFrame:
+def _execute_read_only(sql: str, db_path: str | Path, limit: int | None = None, timeout_s: float | None = None,
+                       params: list | None = None) -> pd.DataFrame:
+    """iter_batches' rows in one DataFrame (WITHOUT the text check)."""
+    batches = list(iter_batches(sql, db_path, limit=limit, timeout_s=timeout_s, params=params))
+    return batches[0] if len(batches) == 1 else pd.concat(batches, ignore_index=True)
+
+
+def run_query(sql: str, db_path: str | Path, limit: int | None = None, timeout_s: float | None = None,
+              params: list | None = None) -> pd.DataFrame:
     """Check `sql` (UnsafeSQLError if refused) and run it read-only on the store at `db_path` (QueryError on
-    failure, including a missing store). `limit` caps the rows returned; `timeout_s` interrupts a slow query."""
+    failure, including a missing store). `limit` caps the rows returned; `timeout_s` interrupts a slow query;
+    `params` fill its `?` placeholders."""
     check_sql(sql)
-    return _execute_read_only(sql, db_path, limit=limit, timeout_s=timeout_s)
+    return _execute_read_only(sql, db_path, limit=limit, timeout_s=timeout_s, params=params)
 
 
 MAX_CELL_CHARS = 200  # a table cell longer than this is cut, with a marker saying how much is left out
 
 
 def short_cell(value):
-    """A text cell for the aligned table: one line (newlines shown as \\n) of at most MAX_CELL_CHARS characters;
-    a cut one ends in `…[+N chars]` (the csv and json formats keep every character)."""
+    """A text cell for the aligned table: one line (newlines shown as \\n, every other control character as an
+    escape such as \\x1b: db/text.py) of at most MAX_CELL_CHARS characters; a cut one ends in `…[+N chars]` (the
+    csv and json formats keep every character, json as JSON escapes)."""
     if not isinstance(value, str):
         return value
-    text = value.replace("\r", "\\r").replace("\n", "\\n")
+    text = show_controls(value)
     cut = len(text) - MAX_CELL_CHARS
     return text if cut <= 0 else f"{text[:MAX_CELL_CHARS]}…[+{cut} chars]"
 
@@ -219,61 +248,84 @@ def short_cell(value):
 def format_table(df: pd.DataFrame, fmt: str = "table") -> str:
     """Render a result as `table` (aligned plain text with a row count; long text cut, see short_cell), `csv` (with
     header) or `json` (a list of row objects; NaN/NULL → null, times as ISO 8601)."""
-    if fmt == "csv":
-        return df.to_csv(index=False).rstrip("\n")
-    if fmt == "json":
-        return df.to_json(orient="records", date_format="iso", double_precision=15)
-    if fmt != "table":
+    return "".join(format_batches([df], fmt)).rstrip("\n")
+
+
+def format_batches(batches: Iterable[pd.DataFrame], fmt: str = "table") -> Iterator[str]:
+    """format_table's text, piece by piece as the batches come (iter_batches), each piece ending in a newline.
+    A table's columns are aligned within a batch of 2048 rows; the row count follows the last batch."""
+    if fmt not in ("table", "csv", "json"):
         raise ValueError(f"unknown format {fmt!r}: use table, csv or json")
-    rows = f"({len(df)} row{'' if len(df) == 1 else 's'})"
-    if df.empty:
-        return ("  ".join(str(c) for c in df.columns) + "\n" + rows).lstrip("\n")
-    text_columns = [c for c in df.columns
-                    if pd.api.types.is_object_dtype(df[c]) or pd.api.types.is_string_dtype(df[c])]
-    shown = df.assign(**{c: df[c].map(short_cell) for c in text_columns}) if text_columns else df
-    return shown.to_string(index=False) + "\n" + rows
+    rows = 0
+    for i, df in enumerate(batches):
+        rows += len(df)
+        if fmt == "csv":
+            yield df.to_csv(index=False, header=i == 0)
+        elif fmt == "json":
+            records = df.to_json(orient="records", date_format="iso", double_precision=15)[1:-1]
+            if i == 0 or records:
+                yield ("[" if i == 0 else ",") + records
+        elif i == 0 and df.empty:
+            yield "  ".join(show_controls(str(c)) for c in df.columns) + "\n" * (len(df.columns) > 0)
+        elif not df.empty:
+            text_columns = [c for c in df.columns
+                            if pd.api.types.is_object_dtype(df[c]) or pd.api.types.is_string_dtype(df[c])]
+            shown = df.assign(**{c: df[c].map(short_cell) for c in text_columns}) if text_columns else df
+            shown = shown.rename(columns=lambda c: short_cell(c) if isinstance(c, str) else c)
+            yield shown.to_string(index=False, header=i == 0) + "\n"
+    if fmt == "json":
+        yield "]\n"
+    elif fmt == "table":
+        yield f"({rows} row{'' if rows == 1 else 's'})\n"
 
 
 def check_limits(limit: int | None, timeout_s: float | None) -> None:
-    """--limit is a row count >= 1; --timeout a finite number of seconds > 0 (0, negative and nan used to mean
-    "no limit" silently, and inf crashed the timer thread). Leaving either out means no limit."""
+    """--limit is a row count >= 1; --timeout a finite number of seconds >= 0, 0 meaning none (negative and nan
+    used to mean "no limit" silently, and inf crashed the timer thread). Leaving --limit out means every row."""
     if limit is not None and limit < 1:
         raise QueryError(f"--limit must be >= 1 (leave it out for every row), got {limit}")
-    if timeout_s is not None and not (math.isfinite(timeout_s) and timeout_s > 0):
-        raise QueryError(f"--timeout must be a number of seconds > 0 (leave it out for no limit), got {timeout_s}")
+    if timeout_s is not None and not (math.isfinite(timeout_s) and timeout_s >= 0):
+        raise QueryError(f"--timeout must be a number of seconds >= 0 (0: no limit), got {timeout_s}")
 
 
-def print_out(text: str) -> None:
-    """Print to stdout; a reader that stops early (`| head -1`) is not an error. Further writes (the interpreter's
-    last flush) go to /dev/null instead of raising BrokenPipeError again."""
+def print_out(text: str, end: str = "\n") -> bool:
+    """Print to stdout; False when the reader stopped early (`| head -1`), which is not an error. Further writes
+    (the interpreter's last flush) go to /dev/null instead of raising BrokenPipeError again."""
     try:
-        print(text, flush=True)
+        print(text, end=end, flush=True)
+        return True
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return False
 
 
 def main_query(argv: list[str] | None = None) -> int:
-    """`specdec query`: print the result, or one `error: ...` line on stderr and return 2."""
+    """`specdec query`: print the result as it streams, or one `error: ...` line on stderr and return 2."""
     parser = argparse.ArgumentParser(prog="specdec query",
                                      description="Run one read-only SQL query against the results store "
                                                  "(tables runs, measurements; views speedup, cell_summary, failures).")
     parser.add_argument("sql", help='e.g. "SELECT * FROM cell_summary ORDER BY speedup_median DESC"')
     parser.add_argument("--db", default=None, help="store path (default: $SPECDEC_DB or results/specdec.duckdb)")
     parser.add_argument("--format", choices=("table", "csv", "json"), default="table",
-                        help=f"table cuts text longer than {MAX_CELL_CHARS} characters (marked …[+N chars]); csv and "
-                             "json print every character (default: table)")
+                        help=f"table cuts text longer than {MAX_CELL_CHARS} characters (marked …[+N chars]) and "
+                             "shows control characters as escapes (\\n, \\x1b); csv and json print every character "
+                             "(default: table)")
     parser.add_argument("--limit", type=int, default=None, help="return at most N rows")
-    parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
-                        help="interrupt a slower query (default: no limit)")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                        help="interrupt a query still running after this, fetching included; 0: no limit "
+                             "(default: %(default)g)")
     args = parser.parse_args(argv)
     db_path = Path(args.db) if args.db else default_db_path()
     try:
         check_limits(args.limit, args.timeout)
-        df = run_query(args.sql, db_path, limit=args.limit, timeout_s=args.timeout)
+        check_sql(args.sql)
+        for piece in format_batches(iter_batches(args.sql, db_path, limit=args.limit, timeout_s=args.timeout or None),
+                                    args.format):
+            if not print_out(piece, end=""):
+                break  # the reader is gone: closing the generator ends the query and releases the store
     except QueryError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print_out(format_table(df, args.format))
     return 0
 
 

@@ -32,6 +32,7 @@ import pandas as pd
 import sqlalchemy as sa
 
 from specdec.db.store import db_error_message, default_db_path, engine_for
+from specdec.db.text import escape_markdown, show_frame_controls
 from specdec.strategies import STRATEGIES, is_plain_baseline
 
 # Spec-Bench's leaderboard columns, in its order, under the category names prompt files use (Spec-Bench's own
@@ -93,7 +94,9 @@ def runs_sql(f: ReportFilters) -> tuple[str, list]:
 # ---------------------------------------------------------------------------------------------------- store
 
 def read(conn, sql: str, params=()) -> pd.DataFrame:
-    return conn.execute(sql, list(params)).df()
+    """The result of `sql` with control characters in its text spelled out (db/text.py): a name stored with an ESC
+    or a newline must not break a table, a terminal or the SVG writer (vl-convert aborts on them)."""
+    return show_frame_controls(conn.execute(sql, list(params)).df())
 
 
 # Which optional parts the store has: `ci` (the median_ci macro of issue 13), `noise` (its run_noise view),
@@ -277,8 +280,8 @@ def display_frame(board: pd.DataFrame) -> pd.DataFrame:
 
 
 def markdown_table(df: pd.DataFrame) -> str:
-    def cell(v) -> str:
-        return text_of(v).replace("|", "\\|").replace("\n", " ")
+    def cell(v) -> str:  # stored names shown as written: no markup of theirs renders (`<img ...>`, links, `|`)
+        return escape_markdown(text_of(v))
     lines = ["| " + " | ".join(cell(c) for c in df.columns) + " |", "|" + "---|" * len(df.columns)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join(lines)
@@ -495,9 +498,10 @@ def provenance_table(r: Report) -> pd.DataFrame:
 
 def render_markdown(r: Report) -> str:
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    parts = [f"# specdec report\n\nStore `{r.db}`, generated {generated}. Filters: {filters_text(r.filters)}.\n",
-             "## Leaderboard\n", markdown_table(r.table), ""]
-    parts += [f"- {n}" for n in notes(r.features, r.leaderboard)] + [""]
+    parts = [f"# specdec report\n\nStore `{r.db}`, generated {generated}. Filters: "
+             f"{escape_markdown(filters_text(r.filters))}.\n", "## Leaderboard\n", markdown_table(r.table), ""]
+    # the notes' own `code` spans stay; the stored names in them get no other markup
+    parts += [f"- {escape_markdown(n, keep='`')}" for n in notes(r.features, r.leaderboard)] + [""]
     for name, (_, caption) in r.figures.items():
         parts += [f"![{caption}]({name})\n", f"*{caption}*\n"]
     parts += ["## Provenance\n", markdown_table(provenance_table(r)), ""]

@@ -175,7 +175,21 @@ class MedianCiRank(Base):
     high_b: Mapped[int] = mapped_column(Integer, nullable=False)
 
 
+class Prune(Base):
+    """One `specdec prune` that removed runs (db/prune.py): when, by which filter, how many, and which run ids."""
+
+    __tablename__ = "prunes"
+
+    prune_id: Mapped[str] = mapped_column(String, primary_key=True)  # uuid4 hex
+    pruned_utc: Mapped[datetime] = mapped_column(DateTime, nullable=False)
+    filter: Mapped[str] = mapped_column(Text, nullable=False)  # the filter as the command line gave it
+    runs: Mapped[int] = mapped_column(Integer, nullable=False)
+    measurements: Mapped[int] = mapped_column(Integer, nullable=False)
+    run_ids: Mapped[str] = mapped_column(Text, nullable=False)  # JSON list as text
+
+
 runs = Run.__table__
+prunes = Prune.__table__
 prices = Price.__table__
 noise_thresholds = NoiseThreshold.__table__
 median_ci_ranks = MedianCiRank.__table__

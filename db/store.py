@@ -5,22 +5,26 @@ workflow jobs never open the store: each writes a JSON result file, and `ingest`
 short transaction. Engines use `NullPool` so the file lock is released as soon as a connection closes, instead of
 being held by an idle pooled connection for the life of the process.
 
-Ingest is all-or-nothing: every file is read and validated before the database is touched, then all new runs and
-their measurements go in one transaction. A run whose `run_id` is already stored is skipped, so re-running ingest
-over the same folder is harmless. A format-2 file may carry a second run, the cell's paired baseline; it is stored
-as a run of its own, linked by `paired_with`. Format-1 files (before paired baselines) are still accepted.
+Ingest validates every file before the database is touched (load_result_file: db/result.schema.json, then the
+invariants of check_invariants; docs/store.md lists the rules). A file that fails is refused with one line naming
+the file, the field and the rule, and the others go in: all their new runs and measurements in one transaction,
+so a database error leaves nothing of the batch. A run whose `run_id` is already stored is skipped, so
+re-running ingest over the same folder is harmless. A format-2 file may carry a second run, the cell's paired
+baseline; it is stored as a run of its own, linked by `paired_with`. Format-1 files (before paired baselines) are
+still accepted.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import re
 import sys
 import time
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterable
 
@@ -72,6 +76,7 @@ class IngestReport:
     skipped_runs: int = 0
     measurement_rows: int = 0
     failed_rows: int = 0
+    refused: list[str] = field(default_factory=list)  # one line per file refused (the file and the rule)
 
 
 DEFAULT_DB = Path("results/specdec.duckdb")
@@ -269,12 +274,7 @@ def load_result_file(path: str | os.PathLike) -> dict:
     (strategies.store_baseline: `baseline`, or `llamacpp-generate` for llama.cpp cells) whose `paired_with` is the
     cell's run_id. Raises ResultFileError with a one-line message naming the file and the field.
     """
-    try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ResultFileError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ResultFileError(f"{path}: not valid JSON: {str(exc).splitlines()[0]}") from exc
+    doc = read_json(path)
     if not isinstance(doc, dict):
         raise _fail(path, "format", "the file is not a JSON object")
     if doc.get("format") not in RESULT_FORMATS:
@@ -298,7 +298,194 @@ def load_result_file(path: str | os.PathLike) -> dict:
                                                                      f"of a {cell_strategy!r} cell)")
         if paired["run"]["run_id"] == doc["run"]["run_id"]:
             raise _fail(path, "paired_baseline.run.run_id", "must differ from the cell's run_id")
+    check_schema(path, doc)
+    for prefix, part in (("", doc), ("paired_baseline.", paired)):
+        if part is not None:
+            check_invariants(path, part, prefix)
     return doc
+
+
+class DuplicateKeyError(ValueError):
+    pass
+
+
+def _refuse_duplicate_keys(pairs: list[tuple]) -> dict:
+    """json.loads' object_pairs_hook: an object that names a key twice (json.loads would keep the last silently)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise DuplicateKeyError(f"duplicate key {_show(key)} in one object")
+        out[key] = value
+    return out
+
+
+def read_json(path) -> object:
+    """A file's JSON, with the reading and parsing failures as one-line ResultFileErrors: unreadable, not UTF-8,
+    not JSON, a key twice in one object, or nested deeper than the parser's recursion limit."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"), object_pairs_hook=_refuse_duplicate_keys)
+    except OSError as exc:
+        raise ResultFileError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except DuplicateKeyError as exc:
+        raise ResultFileError(f"{path}: duplicate keys: {exc}") from None
+    except RecursionError:
+        raise ResultFileError(f"{path}: not valid JSON: nested too deeply (a result file is a few levels "
+                              "deep)") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ResultFileError(f"{path}: not valid JSON: {str(exc).splitlines()[0]}") from None
+
+
+# ---------------------------------------------------------------------------------------------------- schema
+
+RESULT_SCHEMA = Path(__file__).with_name("result.schema.json")
+# Lists the schema describes item by item but that are checked here in a loop instead (jsonschema takes ~10 us per
+# item: a campaign's token ids would take minutes): the same bounds, read from the schema file.
+LOOPED_LISTS = ("token_ids",)
+
+
+@functools.cache
+def schema_validator():
+    """A jsonschema validator of db/result.schema.json, without the item schemas of LOOPED_LISTS."""
+    import jsonschema
+
+    schema = json.loads(RESULT_SCHEMA.read_text(encoding="utf-8"))
+    for name in LOOPED_LISTS:
+        schema["$defs"]["measurement"]["properties"][name].pop("items")
+    return jsonschema.Draft202012Validator(schema)
+
+
+@functools.cache
+def looped_item_bounds(name: str) -> tuple[int, int]:
+    items = json.loads(RESULT_SCHEMA.read_text(encoding="utf-8"))["$defs"]["measurement"]["properties"][name]["items"]
+    return items["minimum"], items["maximum"]
+
+
+def field_name(parts) -> str:
+    """A jsonschema error path (`measurements`, 3, `token_ids`) as the messages write it: measurements[3].token_ids."""
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def schema_problem(error) -> str:
+    """jsonschema's error as a short rule: its own message quotes the whole (maybe 50 MB) value and the schema."""
+    if error.validator == "not":
+        return "contains a control character (names must be printable text)"
+    if error.validator == "maxLength":
+        return f"longer than {error.validator_value} characters ({len(error.instance)}): the bound of this field"
+    if error.validator == "type":
+        kinds = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
+        return f"must be of type {' or '.join(kinds)}, got {_show(error.instance)}"
+    if error.validator in ("minimum", "maximum"):
+        word = ">=" if error.validator == "minimum" else "<="
+        return f"must be {word} {error.validator_value}, got {_show(error.instance)}"
+    return " ".join(error.message.split())[:200]
+
+
+def check_schema(path, doc: dict) -> None:
+    """The file against db/result.schema.json (types, bounds, string sizes, printable names, list items)."""
+    error = next(iter(sorted(schema_validator().iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))),
+                 None)
+    if error is not None:
+        raise _fail(path, field_name(error.absolute_path) or "(top level)", schema_problem(error))
+    low, high = looped_item_bounds("token_ids")
+    for i, row in enumerate(_all_measurements(doc)):
+        ids = row[1].get("token_ids") or []
+        if not all(type(t) is int and low <= t <= high for t in ids):
+            bad = next(t for t in ids if not (type(t) is int and low <= t <= high))
+            raise _fail(path, f"{row[0]}.token_ids", f"token ids must be integers in [{low}, {high}] (the "
+                                                     f"vocabulary's range is not recorded), got {_show(bad)}")
+
+
+def _all_measurements(doc: dict) -> list[tuple[str, dict]]:
+    rows = [(f"measurements[{i}]", m) for i, m in enumerate(doc["measurements"])]
+    paired = doc.get("paired_baseline")
+    if paired:
+        rows += [(f"paired_baseline.measurements[{i}]", m) for i, m in enumerate(paired["measurements"])]
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------- invariants
+
+TPS_TOLERANCE = 1e-3  # tokens_per_s may differ from new_tokens / wall_s by this share (a writer's rounding)
+MAX_TOKENS_PER_S = 1e6  # one sequence's decoding speed: far above any hardware's (~1e3-1e4 tokens/s in 2026)
+CLOCK_SKEW_S = 600  # a time may lie this far in the future of the ingesting machine (clocks of other hosts)
+TURNS_UNRECORDED = 2  # files before `turns` was recorded: MT-Bench's, Spec-Bench's and specdec's prompt files
+KNOWN_ENGINES = tuple(sorted({st.engine for st in STRATEGIES.values()}))
+
+
+def check_invariants(path, doc: dict, prefix: str = "") -> None:
+    """What a schema cannot state, for one run and its measurements (docs/store.md, Validation): the strategy and
+    engine are known, times are in order and not in the future, an ok run has an ok measurement, and each
+    measurement's counts and rates agree with each other and with the run's max_new_tokens. Fields a runner
+    left out (null) are not checked: the format lets a runner omit what it cannot measure."""
+    run, params = doc["run"], doc["run"]["params"]
+    where = prefix + "run."
+    strategy = params["strategy"]
+    if strategy not in STRATEGIES:
+        raise _fail(path, where + "params.strategy", f"unknown strategy {_show(strategy)} (known: specdec.strategies)")
+    engine = params.get("engine")
+    if engine is not None and engine != STRATEGIES[strategy].engine:
+        raise _fail(path, where + "params.engine", f"must be {STRATEGIES[strategy].engine!r}, the engine of "
+                                                   f"{strategy!r} (known engines: {', '.join(KNOWN_ENGINES)}), got "
+                                                   f"{_show(engine)}")
+    started = _parse_utc(run["started_utc"])
+    latest = datetime.now(timezone.utc).replace(tzinfo=None) + timedelta(seconds=CLOCK_SKEW_S)
+    if started > latest:
+        raise _fail(path, where + "started_utc", f"{run['started_utc']} is in the future (more than "
+                                                 f"{CLOCK_SKEW_S} s of clock skew)")
+    if run.get("finished_utc") is not None:
+        finished = _parse_utc(run["finished_utc"])
+        if finished < started:
+            raise _fail(path, where + "finished_utc", f"{run['finished_utc']} is before started_utc "
+                                                      f"{run['started_utc']}")
+        if finished > latest:
+            raise _fail(path, where + "finished_utc", f"{run['finished_utc']} is in the future (more than "
+                                                      f"{CLOCK_SKEW_S} s of clock skew)")
+    rows = doc["measurements"]
+    if run["status"] == "ok" and not any(m["status"] == "ok" for m in rows):
+        raise _fail(path, prefix + "measurements", "a run with status ok needs at least one ok measurement")
+    for i, m in enumerate(rows):
+        check_measurement(path, m, f"{prefix}measurements[{i}].", params["max_new_tokens"])
+
+
+def check_measurement(path, m: dict, where: str, max_new_tokens: int) -> None:
+    """One measurement's counts and rates (see check_invariants)."""
+    proposed, accepted = m.get("proposed_per_position"), m.get("accepted_per_position")
+    if proposed is not None and accepted is not None:
+        if len(proposed) != len(accepted):
+            raise _fail(path, where + "accepted_per_position", f"has {len(accepted)} positions, "
+                                                               f"proposed_per_position {len(proposed)}")
+        for i, (p, a) in enumerate(zip(proposed, accepted)):
+            if a > p:
+                raise _fail(path, f"{where}accepted_per_position[{i}]", f"accepted {a} > proposed {p} at this "
+                                                                        "position (accepted <= proposed)")
+    if _known(m.get("accepted_tokens")) and _known(m.get("proposed_tokens")) \
+            and m["accepted_tokens"] > m["proposed_tokens"]:
+        raise _fail(path, where + "accepted_tokens", f"accepted {m['accepted_tokens']} > proposed "
+                                                     f"{m['proposed_tokens']} (accepted <= proposed)")
+    if m["status"] != "ok":
+        return
+    new, wall, rate = m.get("new_tokens"), m.get("wall_s"), m.get("tokens_per_s")
+    if _known(new) and new < 1:
+        raise _fail(path, where + "new_tokens", f"an ok measurement generated at least 1 token, got {new}")
+    turns = m.get("turns", TURNS_UNRECORDED)
+    if _known(new) and new > max_new_tokens * turns:
+        raise _fail(path, where + "new_tokens", f"{new} > max_new_tokens {max_new_tokens} x {turns} turn(s)")
+    if _known(wall) and wall <= 0 and _known(new):
+        raise _fail(path, where + "wall_s", f"an ok measurement of {new} tokens took time (> 0 s), got {wall}")
+    if _known(rate) and rate > MAX_TOKENS_PER_S:
+        raise _fail(path, where + "tokens_per_s", f"{rate:g} > {MAX_TOKENS_PER_S:g} tokens/s: no single "
+                                                  "sequence decodes that fast")
+    if _known(rate) and _known(new) and _known(wall) and abs(rate - new / wall) > TPS_TOLERANCE * (new / wall):
+        raise _fail(path, where + "tokens_per_s", f"{rate:g} is not new_tokens / wall_s = {new / wall:.6g} "
+                                                  f"(tolerance {TPS_TOLERANCE:.1%})")
+
+
+def _known(value) -> bool:
+    """A number that is there: not null, and finite (NaN and inf are stored as NULL)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_run_document(path, doc: dict, prefix: str) -> None:
@@ -408,11 +595,12 @@ def ingest(db_path: str | os.PathLike, result_paths: Iterable[str | os.PathLike]
            wait_s: float = LOCK_WAIT_S) -> IngestReport:
     """Insert result files into the store at `db_path` (created if missing) in one transaction.
 
-    All files are validated first (ResultFileError on the first bad one, before the database is opened). A run
-    whose run_id is already stored, or appears earlier in the same batch, is skipped if it is the same run, and is
-    an error naming both files if it is not (in a batch: any difference; against the store: host, start time,
-    parameters, and each measurement's status, tok/s and output hash). Any database error rolls the whole batch
-    back; one raised by a file's rows names that file. While another process holds the store (DuckDB allows one
+    All files are validated first (load_result_file), before the database is opened: a file that fails is refused,
+    its one-line reason in the report's `refused`, and the others go in; when every file is refused the store is
+    not touched. A run whose run_id is already stored, or appears earlier in the same batch, is skipped if it is
+    the same run, and its file is refused naming both files if it is not (in a batch: any difference; against the
+    store: host, start time, parameters, and each measurement's status, tok/s and output hash). Any database
+    error rolls the whole batch back (ResultFileError naming the file whose rows raised it). While another process holds the store (DuckDB allows one
     writer and no readers beside it), ingest retries for up to `wait_s` seconds, saying so once on stderr.
     `prices`, when given, replaces the `prices` table in the same transaction; `noise_limits` (the config's
     `noise:`, merged over the defaults) replaces the `noise_thresholds` table. A file's paired baseline is a run
@@ -425,12 +613,21 @@ def ingest(db_path: str | os.PathLike, result_paths: Iterable[str | os.PathLike]
         except ValueError as exc:
             raise ResultFileError(str(exc)) from None
     paths = [str(p) for p in result_paths]
-    docs = unique_runs([(p, load_result_file(p)) for p in paths])
+    loaded, refused = [], []
+    for path in paths:
+        try:
+            loaded.append((path, load_result_file(path)))
+        except ResultFileError as exc:
+            refused.append(str(exc))
+    docs, clashes = unique_runs(loaded)
+    refused += clashes
+    if paths and not loaded:  # every file refused: the store is not touched (nor created)
+        return IngestReport(files=len(paths), refused=refused)
     deadline = time.monotonic() + wait_s
     said = False
     while True:
         try:
-            return _ingest_once(db_path, docs, len(paths), prices, noise_limits)
+            return _ingest_once(db_path, docs, len(paths), prices, noise_limits, refused)
         except (duckdb.Error, sa.exc.SQLAlchemyError) as exc:
             if not is_locked(exc) or time.monotonic() >= deadline:
                 raise
@@ -441,11 +638,12 @@ def ingest(db_path: str | os.PathLike, result_paths: Iterable[str | os.PathLike]
             time.sleep(min(0.5, max(deadline - time.monotonic(), 0.0)))
 
 
-def unique_runs(docs: list[tuple[str, dict]]) -> list[tuple[str, dict | None]]:
-    """The batch with each run once: a later file holding the same run (same run_id, same content) becomes
-    (path, None), skipped; the same run_id with different content is an error naming both files."""
+def unique_runs(docs: list[tuple[str, dict]]) -> tuple[list[tuple[str, dict | None]], list[str]]:
+    """The batch with each run once, and the refusals: a later file holding the same run (same run_id, same
+    content) becomes (path, None), skipped; a later file with the same run_id and other content is refused, with a
+    message naming both files."""
     first: dict[str, tuple[str, dict]] = {}
-    out = []
+    out, refused = [], []
     for path, doc in docs:
         run_id = doc["run"]["run_id"]
         if run_id not in first:
@@ -454,9 +652,9 @@ def unique_runs(docs: list[tuple[str, dict]]) -> list[tuple[str, dict | None]]:
         elif doc == first[run_id][1]:
             out.append((path, None))
         else:
-            raise ResultFileError(f"run id {run_id!r} is in {first[run_id][0]} and in {path} with different "
-                                  "content; remove the wrong file")
-    return out
+            refused.append(f"{path}: run.run_id: {run_id!r} is also in {first[run_id][0]} with different content; "
+                           "remove the wrong file")
+    return out, refused
 
 
 def run_fingerprint(run: dict, rows: Iterable[dict]) -> tuple:
@@ -482,8 +680,9 @@ def stored_fingerprints(conn, ids: list[str]) -> dict[str, tuple[str, tuple]]:
     return {run_id: (run["result_file"], run_fingerprint(run, rows[run_id])) for run_id, run in found.items()}
 
 
-def _ingest_once(db_path, docs: list[tuple[str, dict | None]], files: int, prices, noise_limits) -> IngestReport:
-    report = IngestReport(files=files, skipped_runs=sum(1 for _, doc in docs if doc is None))
+def _ingest_once(db_path, docs: list[tuple[str, dict | None]], files: int, prices, noise_limits,
+                 refused: list[str]) -> IngestReport:
+    report = IngestReport(files=files, skipped_runs=sum(1 for _, doc in docs if doc is None), refused=list(refused))
     try:
         init_db(db_path)
     except OSError as exc:  # the folder cannot be made (a file in the way, no permission, read-only mount)
@@ -493,26 +692,30 @@ def _ingest_once(db_path, docs: list[tuple[str, dict | None]], files: int, price
     engine = engine_for(db_path)
     try:
         with engine.begin() as conn:
-            todo = [(path, part) for path, doc in docs if doc is not None for part in run_documents(doc)]
-            stored = stored_fingerprints(conn, [part["run"]["run_id"] for _, part in todo])
-            for path, part in todo:
-                run, rows = run_row(part, path, now), measurement_rows(part)
-                if run["run_id"] in stored:
-                    stored_file, fingerprint = stored[run["run_id"]]
-                    if fingerprint != run_fingerprint(run, rows):
-                        raise ResultFileError(f"run id {run['run_id']!r} of {path} is already stored from "
-                                              f"{stored_file} with different content; remove the wrong file")
-                    report.skipped_runs += 1
+            files_todo = [(path, run_documents(doc)) for path, doc in docs if doc is not None]
+            stored = stored_fingerprints(conn, [part["run"]["run_id"] for _, parts in files_todo for part in parts])
+            for path, parts in files_todo:
+                new = [(run_row(part, path, now), measurement_rows(part)) for part in parts]
+                clash = next((stored[run["run_id"]][0] for run, rows in new if run["run_id"] in stored
+                              and stored[run["run_id"]][1] != run_fingerprint(run, rows)), None)
+                if clash is not None:  # refused whole: a file's cell and paired baseline go in together
+                    report.refused.append(f"{path}: run.run_id: already stored from {clash} with different "
+                                          "content; remove the wrong file")
                     continue
-                try:
-                    conn.execute(sa.insert(runs), [run])
-                    if rows:
-                        conn.execute(sa.insert(measurements), rows)
-                except (duckdb.Error, sa.exc.SQLAlchemyError) as exc:
-                    raise ResultFileError(f"{path}: the store refused it: {db_error_message(exc, db_path)}") from exc
-                report.new_runs += 1
-                report.measurement_rows += len(rows)
-                report.failed_rows += sum(1 for row in rows if row["status"] != "ok")
+                for run, rows in new:
+                    if run["run_id"] in stored:
+                        report.skipped_runs += 1
+                        continue
+                    try:
+                        conn.execute(sa.insert(runs), [run])
+                        if rows:
+                            conn.execute(sa.insert(measurements), rows)
+                    except (duckdb.Error, sa.exc.SQLAlchemyError) as exc:
+                        raise ResultFileError(f"{path}: the store refused it: "
+                                              f"{db_error_message(exc, db_path)}") from exc
+                    report.new_runs += 1
+                    report.measurement_rows += len(rows)
+                    report.failed_rows += sum(1 for row in rows if row["status"] != "ok")
             if prices is not None:
                 replace_rows(conn, prices_table, [{"device": d, "price_per_hour": p, "updated_utc": now}
                                                   for d, p in prices.items()])
@@ -525,7 +728,8 @@ def _ingest_once(db_path, docs: list[tuple[str, dict | None]], files: int, price
 
 
 def summary_line(report: IngestReport, db_path: str | os.PathLike) -> str:
-    """The one line the ingest CLI prints."""
+    """The one line the ingest CLI prints (after one line per refused file)."""
+    refused = f"; {len(report.refused)} refused (above)" if report.refused else ""
     return (f"ingested {report.files} result files into {db_path}: {report.new_runs} new runs, "
             f"{report.skipped_runs} already stored (skipped), {report.measurement_rows} measurements "
-            f"({report.failed_rows} failed)")
+            f"({report.failed_rows} failed){refused}")

@@ -1,4 +1,5 @@
-"""The `specdec` command line: generate, models, run-job (workflow cells), ingest, query, report, dashboard, bench."""
+"""The `specdec` command line: generate, models, run-job (workflow cells), ingest, query, report, prune, dashboard,
+bench."""
 
 from __future__ import annotations
 
@@ -269,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in (("ingest", "insert result files into the DuckDB store"),
                             ("query", "run read-only SQL against the store"),
                             ("report", "write a leaderboard report of the store (Markdown + one HTML file)"),
+                            ("prune", "remove runs from the store by id, tag, host or SQL condition (--yes)"),
                             ("dashboard", "start the Streamlit dashboard"),
                             ("bench", "ours vs transformers, side by side")):
         d = sub.add_parser(name, help=help_text, add_help=False)
@@ -277,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 DELEGATED = {"ingest": ("specdec.db.ingest", "main"), "query": ("specdec.db.query", "main_query"),
-             "report": ("specdec.db.report", "main"),
+             "report": ("specdec.db.report", "main"), "prune": ("specdec.db.prune", "main"),
              "dashboard": ("specdec.dashboard.launch", "main"), "bench": ("specdec.run.bench", "main")}
 
 
@@ -306,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.models and args.command == "bench":
             rest = ["--models", args.models] + rest
         code = delegate(module, func, rest)
-        if args.command in ("ingest", "query", "report") and cli_run:
+        if args.command in ("ingest", "query", "report", "prune") and cli_run:
             # duckdb 2.0's bindings print dozens of spurious "nanobind: leaked ..." lines at interpreter teardown;
             # these commands keep no state worth tearing down, so a real CLI run exits right after flushing.
             sys.stdout.flush()

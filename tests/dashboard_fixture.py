@@ -163,5 +163,27 @@ def build_fixture_db(tmp: Path) -> Path:
 
     paths = write_results(fixture_results(), tmp / "results")
     db = tmp / "fixture.duckdb"
-    ingest(str(db), [str(p) for p in paths])
+    report = ingest(str(db), [str(p) for p in paths])
+    assert not report.refused, report.refused  # the fixture's files must be plausible results
+    return db
+
+
+# Names no result file can bring in any more (ingest refuses control characters), but a store written by an older
+# specdec or by hand may hold: a terminal escape, a newline, HTML and Markdown that would run or load something.
+HOSTILE = "evil\x1b[2J<img src=x onerror=alert(1)>\n![x](http://example.invalid/x.png)|\u202e"
+
+
+def build_hostile_db(tmp: Path) -> Path:
+    """The fixture store with hostile names written straight into it (bypassing ingest): a host, a strategy, a
+    category and a CPU name."""
+    import duckdb
+
+    db = build_fixture_db(tmp)
+    con = duckdb.connect(str(db))
+    try:
+        con.execute("UPDATE runs SET host = ? || host, cpu_name = ? WHERE host = 'lab-a'", [HOSTILE, HOSTILE])
+        con.execute("UPDATE runs SET strategy = ? WHERE strategy = 'ngram'", [HOSTILE])
+        con.execute("UPDATE measurements SET category = ? WHERE category = 'code'", [HOSTILE])
+    finally:
+        con.close()
     return db

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -19,8 +20,8 @@ import pyarrow as pa
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from dashboard_fixture import (BEST, C_RATIO, MISMATCH, PROMPT_FACTOR, TARGET, build_fixture_db, leviathan,
-                               make_result, write_results)
+from dashboard_fixture import (BEST, C_RATIO, HOSTILE, MISMATCH, PROMPT_FACTOR, TARGET, build_fixture_db,
+                               build_hostile_db, leviathan, make_result, write_results)
 from specdec.dashboard import launch
 from specdec.dashboard import queries as q
 from specdec.dashboard.pages import FILL_COMMANDS, PAGES
@@ -664,3 +665,23 @@ def test_speedup_page_shows_intervals_and_warns_about_noisy_cells(tmp_path, monk
     # the chart carries the intervals (error bars) and the noise flag (red rings) in its data
     data = next(f for f in chart_frames(charts(at)[0]) if "speedup_ci_low" in f.columns)
     assert {"speedup_ci_high", "noisy"} <= set(data.columns)
+
+
+def test_every_page_renders_a_store_with_hostile_names(tmp_path_factory, monkeypatch):
+    """Stored names with ESC, a newline, HTML and Markdown image syntax (dashboard_fixture.HOSTILE): every page
+    runs, and no caption, warning or table shows a control character or lets the markup render."""
+    monkeypatch.setenv("SPECDEC_DB", str(build_hostile_db(tmp_path_factory.mktemp("hostile"))))
+    control = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e]")
+    shown = set()
+    for page in PAGES:
+        at = run_page(page)
+        assert not at.error, [e.value for e in at.error]
+        markdown = [e.value for kind in ("markdown", "caption", "warning", "info", "metric") for e in at.get(kind)
+                    if isinstance(getattr(e, "value", None), str)]
+        cells = [v for df in at.dataframe for col in df.value.columns for v in df.value[col] if isinstance(v, str)]
+        assert not any(control.search(t) for t in markdown + cells), page
+        # tables show text as text; in Markdown the stored name's image and HTML must arrive escaped
+        assert not any(re.search(r"(?<!\\)(!\[x\]|<img)", t) for t in markdown), page
+        if any("evil" in t for t in markdown + cells):
+            shown.add(page)
+    assert {"overview", "leaderboard", "speedup", "acceptance", "runs", "sql"} <= shown  # the names were shown

@@ -114,3 +114,22 @@ def test_transformers_refuses_assisted_generation_in_a_batch_and_the_cell_says_s
     rows = doc["measurements"]
     assert all(r["status"] == "failed" for r in rows)
     assert "batch_size = 1" in rows[0]["error"] or "batch size" in rows[0]["error"].lower()
+
+
+def test_a_jobs_result_file_passes_ingest_validation(prompt_file, tiny_models, tmp_path):
+    """The workflow's own result files always pass the store's checks (db/result.schema.json and the invariants):
+    a cell with a paired baseline and a multi-turn prompt, whose new tokens exceed max_new_tokens (two turns)."""
+    from specdec.db.store import load_result_file
+
+    out = tmp_path / "r.json"
+    assert run_job(job(prompt_file, tiny_models, draft="tiny-draft", strategy="speculative", k=3,
+                       baseline_mode="paired"), out) == 0
+    doc = load_result_file(out)
+    assert doc["paired_baseline"] is not None
+    rows = doc["measurements"] + doc["paired_baseline"]["measurements"]
+    assert [r["turns"] for r in doc["measurements"]] == [1, 1, 2, 2]
+    assert max(r["new_tokens"] for r in rows) == 24 > doc["run"]["params"]["max_new_tokens"]
+    batched = tmp_path / "batched.json"  # a batched cell's rows too
+    assert run_job(job(prompt_file, tiny_models, strategy="ngram", k=3, batch_size=2, baseline_mode="paired"),
+                   batched) == 0
+    assert [r["turns"] for r in load_result_file(batched)["measurements"]] == [1, 2, 1, 2]

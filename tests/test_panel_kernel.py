@@ -4,6 +4,8 @@ one-row step's bits), and the kernel choice and its errors."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -128,3 +130,15 @@ def test_a_head_that_a_trained_drafter_shares_stays_dense(monkeypatch):
     assert type(model.get_output_embeddings()) is kernels.DenseOneDNNLinear
     assert model.get_output_embeddings().weight is head and drafter.lm_weight is head  # still one matrix
     assert type(model.model.layers[0].mlp.up_proj) is kernels.PanelLinear  # the decoder still runs panels
+
+
+def test_kernel_build_folder_is_one_per_environment(monkeypatch, tmp_path):
+    """Two virtual environments (interpreter prefixes) never share a build folder, so neither rebuilds the other's
+    kernels; one environment always finds its own; torch's version and the compiler flags are part of the key."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    a, b = kernels.kernel_build_dir("/envs/a/.venv"), kernels.kernel_build_dir("/envs/b/.venv")
+    assert a != b and a.parent == b.parent == tmp_path
+    assert a == kernels.kernel_build_dir("/envs/a/.venv") and a.name.startswith(kernels.KERNEL_NAME + "-")
+    assert kernels.kernel_build_dir("/envs/a/.venv", torch_version="0.0.0") != a
+    assert kernels.kernel_build_dir("/envs/a/.venv", cflags=("-O2",)) != a
+    assert kernels.kernel_build_dir() == kernels.kernel_build_dir(sys.prefix)

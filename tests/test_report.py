@@ -245,3 +245,32 @@ def test_speedup_vs_batch_size_draws_each_series_over_its_batch_sizes_and_names_
     assert band == "95 % interval of the median"
     assert report.to_svg(chart).lstrip().startswith("<svg")
     assert report.batch_frame(cells[cells.batch_size == 1]).empty  # one batch size: nothing to draw
+
+
+def test_a_store_with_hostile_names_renders_everywhere(tmp_path, capsys):
+    """A host, strategy, category and CPU name with ESC, a newline, HTML and Markdown image syntax (written to the
+    store directly, as ingest refuses them): the report is written (vl-convert used to abort on the ESC with exit
+    134), no file carries a control character or the raw markup, and `specdec query`'s table shows escapes."""
+    from dashboard_fixture import HOSTILE, build_hostile_db
+    from specdec.db.query import main_query
+
+    db = build_hostile_db(tmp_path)
+    out = tmp_path / "report"
+    assert report.main(["--db", str(db), "--out", str(out)]) == 0
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    svgs = [p.read_text() for p in out.glob("*.svg")]
+    assert len(svgs) == 2
+    for text in [md, page, *svgs, (out / "leaderboard.csv").read_text()]:
+        assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e]", text)
+    for text in [page, *svgs]:  # HTML and SVG: markup escaped (Markdown's link syntax is plain text there)
+        assert "<img" not in text
+    assert not re.search(r"(?<!\\)(<img|\]\(http)", md)  # Markdown: only backslash-escaped, shown as text
+    assert r"evil\\x1b\[2J\<img src=x onerror=alert(1)\>\\n!\[x\](http://example.invalid/x.png)\|\\u202e" in md
+    assert "evil\\x1b[2J&lt;img src=x onerror=alert(1)&gt;" in page
+    capsys.readouterr()
+    sql = "SELECT DISTINCT host, strategy FROM runs ORDER BY ALL"
+    assert main_query([sql, "--db", str(db)]) == 0
+    shown = capsys.readouterr().out
+    assert "\x1b" not in shown and "\u202e" not in shown and HOSTILE not in shown
+    rows = len(run_query(sql, db))
+    assert shown.count("\n") == rows + 2  # header, one line per row (no row broken by its newline), the count

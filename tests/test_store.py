@@ -152,7 +152,7 @@ def test_reingest_adds_nothing(tmp_path):
     assert count(db, "runs") == 3 and count(db, "measurements") == 18
 
 
-def test_bad_file_aborts_whole_ingest(tmp_path):
+def test_a_bad_file_is_refused_and_the_good_ones_go_in(tmp_path):
     db = tmp_path / "s.duckdb"
     files = standard_files(tmp_path / "results")
     ingest(db, files[:1])
@@ -160,18 +160,16 @@ def test_bad_file_aborts_whole_ingest(tmp_path):
     doc = make_result("run-bad", "baseline", BASE_TPS, BASE_HASH)
     del doc["run"]["host"]
     bad = write(tmp_path / "more", "bad.json", doc)
-    with pytest.raises(ResultFileError) as err:
-        ingest(db, [good, bad])
-    message = str(err.value)
-    assert "bad.json" in message and "run.host" in message and "missing" in message
-    assert "\n" not in message
-    assert count(db, "runs") == 1 and count(db, "measurements") == 6  # the good file went in neither
+    report = ingest(db, [bad, good])
+    assert report.refused == [f"{bad}: run.host: missing"]
+    assert report.new_runs == 1 and report.measurement_rows == 6
+    assert count(db, "runs") == 2 and count(db, "measurements") == 12  # the good file went in, the bad one not
 
 
 def test_bad_file_never_creates_the_store(tmp_path):
     bad = write(tmp_path, "bad.json", {"format": "specdec-result/1", "run": {}, "measurements": []})
-    with pytest.raises(ResultFileError, match=r"bad\.json: run\.run_id: missing"):
-        ingest(tmp_path / "db" / "s.duckdb", [bad])
+    report = ingest(tmp_path / "db" / "s.duckdb", [bad])
+    assert report.refused == [f"{bad}: run.run_id: missing"] and report.new_runs == 0
     assert not (tmp_path / "db").exists()
 
 
@@ -243,15 +241,14 @@ def test_impossible_values_are_refused_naming_the_file(tmp_path, mutate, message
     doc = make_result("run-x", "speculative", SPEC_TPS, SPEC_HASH, draft="d", k=4)
     mutate(doc)
     path = write(tmp_path, "odd.json", doc)
-    with pytest.raises(ResultFileError) as err:
-        ingest(tmp_path / "s.duckdb", [path])
-    assert str(err.value).startswith(f"{path}: ") and message in str(err.value)
+    [refusal] = ingest(tmp_path / "s.duckdb", [path]).refused
+    assert refusal.startswith(f"{path}: ") and message in refusal and "\n" not in refusal
     assert not (tmp_path / "s.duckdb").exists()
 
 
 def test_the_same_run_in_two_files(tmp_path):
-    """Identical copies are one run (skipped); the same run id with other content is an error naming both files,
-    within a batch and against what is stored, and nothing of the batch goes in."""
+    """Identical copies are one run (skipped); the same run id with other content is refused naming both files,
+    within a batch (the later file) and against what is stored, and the rest of the batch goes in."""
     db = tmp_path / "s.duckdb"
     doc = make_result("run-1", "baseline", BASE_TPS, BASE_HASH)
     original = write(tmp_path / "a", "r.json", doc)
@@ -260,18 +257,18 @@ def test_the_same_run_in_two_files(tmp_path):
     assert ingest(db, [copy]).skipped_runs == 1  # moved or copied result files: still the same run
     forged = json.loads(json.dumps(doc))
     forged["run"]["host"] = "EVIL"
-    forged["measurements"][0]["tokens_per_s"] = 9999.0
+    forged["measurements"][0].update(tokens_per_s=9999.0, wall_s=32 / 9999.0)  # plausible, but not what is stored
     fake = write(tmp_path / "c", "r.json", forged)
     other = write(tmp_path / "c", "new.json", make_result("run-2", "baseline", BASE_TPS, BASE_HASH))
-    with pytest.raises(ResultFileError) as err:
-        ingest(db, [other, fake])
-    assert str(err.value) == (f"run id 'run-1' of {fake} is already stored from {original} with different "
-                              "content; remove the wrong file")
-    with pytest.raises(ResultFileError) as err:
-        ingest(tmp_path / "fresh.duckdb", [fake, original])
-    assert str(err.value) == (f"run id 'run-1' is in {fake} and in {original} with different content; remove the "
-                              "wrong file")
-    assert count(db, "runs") == 1 and not (tmp_path / "fresh.duckdb").exists()
+    report = ingest(db, [other, fake])
+    assert report.refused == [f"{fake}: run.run_id: already stored from {original} with different content; remove "
+                              "the wrong file"]
+    assert report.new_runs == 1  # the other file went in
+    fresh = tmp_path / "fresh.duckdb"
+    report = ingest(fresh, [fake, original])
+    assert report.refused == [f"{original}: run.run_id: 'run-1' is also in {fake} with different content; remove "
+                              "the wrong file"]
+    assert count(db, "runs") == 2 and count(fresh, "runs") == 1
     assert run_query("SELECT DISTINCT host FROM runs", db)["host"].tolist() == ["h1"]
 
 
@@ -310,10 +307,10 @@ def test_ingest_cli_skips_other_json_in_folders_but_not_named_files(tmp_path, ca
     assert out.startswith("ingested 3 result files") and err.startswith("note: skipped 2 JSON files that are not")
     data = tmp_path / "results" / "drafters" / "data-x" / "data.json"
     assert ingest_cli.main(["--db", str(db), str(data)]) == 2
-    assert capsys.readouterr().err.startswith(f"error: {data}: format: expected one of 'specdec-result/1', "
+    assert capsys.readouterr().err.startswith(f"refused: {data}: format: expected one of 'specdec-result/1', "
                                               "'specdec-result/2', got null")
     broken = tmp_path / "results" / "default" / "broken.json"
-    broken.write_text('{"format": "specdec-result/1", "run": {')  # found by the walk, but damaged: an error
+    broken.write_text('{"format": "specdec-result/1", "run": {')  # found by the walk, but damaged: refused
     assert ingest_cli.main(["--db", str(db), str(tmp_path / "results")]) == 2
     assert "broken.json: not valid JSON" in capsys.readouterr().err
 
@@ -702,7 +699,7 @@ def test_table_format_cuts_long_text_with_a_marker(store, capsys):
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("--timeout", "0", "--timeout must be a number of seconds > 0"), ("--timeout", "-1", "> 0"),
+    ("--timeout", "-1", "--timeout must be a number of seconds >= 0 (0: no limit), got -1"),
     ("--timeout", "nan", "got nan"), ("--timeout", "inf", "got inf"), ("--limit", "0", "--limit must be >= 1"),
 ])
 def test_query_limits_are_validated(store, capsys, option, value, message):
@@ -712,11 +709,56 @@ def test_query_limits_are_validated(store, capsys, option, value, message):
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
-def test_query_into_a_closed_pipe_is_quiet(store):
+@pytest.mark.parametrize("rows", [200000, 10 ** 12])
+def test_query_into_a_closed_pipe_is_quiet(store, rows):
+    """The result streams: `| head -1` ends the query at once, even one of a trillion rows (it used to be built in
+    memory whole first: 13 s and 2.5 GB for 20 million rows, and no default timeout)."""
     db, _, _ = store
-    result = subprocess.run(f"{sys.executable} -m specdec.cli query --db {db} 'SELECT * FROM range(200000)' | head -1",
+    start = time.monotonic()
+    result = subprocess.run(f"{sys.executable} -m specdec.cli query --db {db} 'SELECT * FROM range({rows})' | head -1",
                             shell=True, capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "range" and result.stderr == ""
+    assert time.monotonic() - start < 50  # well below the default timeout: the query did not run to its end
+
+
+def test_query_batches_stream_and_stop_early(store):
+    from specdec.db.query import format_batches, iter_batches
+
+    db, _, _ = store
+    batches = iter_batches("SELECT * FROM range(1000000000000) t(x)", db, timeout_s=30)
+    first = next(batches)
+    assert len(first) == 2048 and first.x.iloc[-1] == 2047
+    batches.close()  # the reader stops: the query ends, the store is released
+    assert count(db, "runs") == 3
+    pieces = list(format_batches(iter_batches("SELECT * FROM range(5000) t(x)", db, limit=4100), "csv"))
+    assert len(pieces) == 3 and pieces[0].startswith("x\n0\n") and not pieces[1].startswith("x")
+    assert sum(p.count("\n") for p in pieces) == 4101
+    whole = "".join(format_batches(iter_batches("SELECT * FROM range(5000) t(x)", db), "json"))
+    assert json.loads(whole) == [{"x": i} for i in range(5000)]
+    table = "".join(format_batches(iter_batches("SELECT * FROM range(5000) t(x)", db), "table")).splitlines()
+    assert table[0].strip() == "x" and len(table) == 5002 and table[-1] == "(5000 rows)"
+
+
+def test_query_has_a_default_timeout_and_0_means_none(store, capsys, monkeypatch):
+    from specdec.db import query
+
+    db, _, _ = store
+    assert query.DEFAULT_TIMEOUT_S == 60
+    monkeypatch.setattr(query, "DEFAULT_TIMEOUT_S", 0.3)
+    slow = "SELECT count(*) FROM range(100000000000) a WHERE a % 7 = 3"
+    assert main_query([slow, "--db", str(db)]) == 2
+    assert capsys.readouterr().err == "error: query timed out after 0.3 s\n"
+    assert main_query(["SELECT 42 AS n", "--db", str(db), "--timeout", "0"]) == 0
+    assert capsys.readouterr().out.split() == ["n", "42", "(1", "row)"]
+
+
+def test_query_table_shows_control_characters_as_escapes(store, capsys):
+    db, _, _ = store
+    sql = "SELECT 'a' || chr(27) || '[2J' || chr(155) || chr(8238) || 'b' AS name"
+    assert main_query([sql, "--db", str(db)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x9b" not in out and "\u202e" not in out
+    assert "a\\x1b[2J\\x9b\\u202eb" in out
 
 
 def test_format_table_empty():
@@ -780,3 +822,198 @@ def test_fields_without_a_column_are_kept_as_json(tmp_path):
     assert json.loads(run_extra) == {"placement": {"mode": "pipeline", "per_device_bytes": [1, 2]}}
     extra = run_query("SELECT extra_json FROM measurements WHERE prompt_id = 'p1' AND \"repeat\" = 0", db)
     assert json.loads(extra["extra_json"][0]) == {"peak_memory_per_device": {"cuda:0": 123}}
+
+
+# ------------------------------------------------------------------------------------------------ tampered files
+
+REAL_RESULT = Path(__file__).parent / "data" / "result-tiny.json"  # a real `specdec run-job` file (data/README.md)
+
+
+def real_result() -> dict:
+    return json.loads(REAL_RESULT.read_text())
+
+
+def edited(edit) -> callable:
+    """A tampering of the parsed file: `edit(doc)` changes it in place."""
+    def text(doc: dict) -> str:
+        edit(doc)
+        return json.dumps(doc)
+    return text
+
+
+def future(doc: dict) -> None:
+    doc["run"].update(started_utc="9999-01-01T00:00:00Z", finished_utc="9999-01-01T01:00:00Z")
+
+
+# The issue's tampered files (issue 30: 16 of 40 were stored), and a few more: each is refused naming the rule.
+TAMPERED = {
+    "ESC in a strategy name": (edited(lambda d: d["run"]["params"].update(strategy="speculative\x1b[2J")),
+                               "run.params.strategy: contains a control character"),
+    "unknown strategy": (edited(lambda d: d["run"]["params"].update(strategy="warp-drive")),
+                         "run.params.strategy: unknown strategy"),
+    "token ids of other types": (edited(lambda d: d["measurements"][0].update(token_ids=["a", None, {"x": 1}])),
+                                 "measurements[0].token_ids: token ids must be integers"),
+    "1000 accepted of 10 proposed": (edited(lambda d: d["measurements"][1].update(accepted_tokens=1000,
+                                                                                  proposed_tokens=10)),
+                                     "measurements[1].accepted_tokens: accepted 1000 > proposed 10"),
+    "accepted > proposed at a position": (edited(lambda d: d["measurements"][0].update(
+        accepted_per_position=[p + 1 for p in d["measurements"][0]["proposed_per_position"]])),
+        "measurements[0].accepted_per_position[0]: accepted"),
+    "5000 new tokens, max 64": (edited(lambda d: (d["run"]["params"].update(max_new_tokens=64),
+                                                  d["measurements"][0].update(new_tokens=5000))),
+                                "measurements[0].new_tokens: 5000 > max_new_tokens 64 x 1 turn(s)"),
+    "tokens/s 1e308": (edited(lambda d: d["measurements"][0].update(tokens_per_s=1e308)),
+                       "measurements[0].tokens_per_s: 1e+308 > 1e+06 tokens/s"),
+    "tokens/s not new_tokens / wall_s": (edited(lambda d: d["measurements"][3].update(
+        tokens_per_s=2 * d["measurements"][3]["tokens_per_s"])), "measurements[3].tokens_per_s: "),
+    "ok with 0 new tokens": (edited(lambda d: d["measurements"][2].update(new_tokens=0, tokens_per_s=0.0)),
+                             "measurements[2].new_tokens: an ok measurement generated at least 1 token"),
+    "ok with no measurements": (edited(lambda d: d.update(measurements=[])),
+                                "measurements: a run with status ok needs at least one ok measurement"),
+    "finish before the start": (edited(lambda d: d["run"].update(finished_utc="2000-01-01T00:00:00Z")),
+                                "run.finished_utc: 2000-01-01T00:00:00Z is before started_utc"),
+    "start in year 9999": (edited(future), "run.started_utc: 9999-01-01T00:00:00Z is in the future"),
+    "a 5 MB error string": (edited(lambda d: d["measurements"][0].update(error="x" * 5_000_000)),
+                            "measurements[0].error: longer than 4096 characters (5000000)"),
+    "a 5 MB prompt id": (edited(lambda d: d["measurements"][0].update(prompt_id="p" * 5_000_000)),
+                         "measurements[0].prompt_id: longer than 512 characters"),
+    "duplicate JSON keys": (lambda doc: json.dumps(doc).replace('"run": {', '"run": {"host": "elsewhere", ', 1),
+                            "duplicate keys: duplicate key \"host\" in one object"),
+    "200,000 nested [": (lambda doc: "[" * 200_000, "not valid JSON: nested too deeply"),
+    "engine not the strategy's": (edited(lambda d: d["run"]["params"].update(engine="llamacpp")),
+                                  "run.params.engine: must be 'specdec'"),
+    "newline in a host name": (edited(lambda d: d["run"].update(host="vm\nFAKE LINE")),
+                               "run.host: contains a control character"),
+    "tampered paired baseline": (edited(lambda d: d["paired_baseline"]["measurements"][1].update(new_tokens=5000)),
+                                 "paired_baseline.measurements[1].new_tokens: 5000 > max_new_tokens 12"),
+}
+
+
+def test_the_real_result_file_passes(tmp_path):
+    report = ingest(tmp_path / "s.duckdb", [REAL_RESULT])
+    assert report.refused == [] and report.new_runs == 2 and report.measurement_rows == 8
+
+
+@pytest.mark.parametrize("case", list(TAMPERED))
+def test_tampered_copies_of_a_real_result_are_refused(tmp_path, case):
+    tamper, rule = TAMPERED[case]
+    path = tmp_path / "tampered.json"
+    path.write_text(tamper(real_result()))
+    db = tmp_path / "s.duckdb"
+    report = ingest(db, [path])
+    assert len(report.refused) == 1 and report.new_runs == 0
+    line = report.refused[0]
+    assert line.startswith(f"{path}: ") and rule in line and "\n" not in line and len(line) < 400, line
+    assert not db.exists()  # nothing stored
+
+
+def test_ingest_of_a_folder_refuses_the_tampered_files_and_stores_the_good_one(tmp_path, capsys):
+    """One folder with every tampered file and one good one: one line per refused file (the deeply nested one
+    too: it used to be a 32-line RecursionError traceback from the folder walk), exit 2, only the good one in."""
+    folder = tmp_path / "results"
+    folder.mkdir()
+    for i, (tamper, _) in enumerate(TAMPERED.values()):
+        (folder / f"t{i:02d}.json").write_text(tamper(real_result()))
+    (folder / "good.json").write_text(REAL_RESULT.read_text())
+    db = tmp_path / "s.duckdb"
+    assert ingest_cli.main(["--db", str(db), str(folder)]) == 2
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    assert len(lines) == len(TAMPERED) and all(line.startswith(f"refused: {folder}/t") for line in lines)
+    assert "Traceback" not in err
+    assert out.startswith(f"ingested {len(TAMPERED) + 1} result files into {db}: 2 new runs") and "refused" in out
+    assert count(db, "runs") == 2 and count(db, "measurements") == 8
+    assert ingest_cli.main(["--db", str(db), str(folder / "good.json")]) == 0  # a rerun: nothing twice
+    assert count(db, "runs") == 2
+
+
+def test_non_finite_numbers_are_null_where_the_format_allows_it(tmp_path):
+    """NaN and Infinity (JSON extensions Python reads) are stored as NULL in nullable columns (a 0/0 rate), and
+    refused where a value is required."""
+    doc = real_result()
+    doc["measurements"][0].update(cost_ratio_c=float("nan"), leviathan_speedup=float("inf"))
+    path = write(tmp_path, "nan.json", doc)
+    db = tmp_path / "s.duckdb"
+    assert ingest(db, [path]).refused == []
+    row = run_query("SELECT cost_ratio_c, leviathan_speedup FROM measurements WHERE decode_index = 0", db).iloc[0]
+    assert row.isna().all()
+    doc["run"].update(run_id="other")
+    doc["run"]["params"].update(top_p=float("nan"))
+    doc["paired_baseline"]["run"].update(paired_with="other")
+    [line] = ingest(db, [write(tmp_path, "nan2.json", doc)]).refused
+    assert "run.params.top_p: must be a finite number, got nan" in line
+
+
+def test_the_schema_file_covers_every_column():
+    """db/result.schema.json names every column a result file fills (a column added to db/schema.py without it
+    would go unchecked)."""
+    from specdec.db.schema import PARAM_COLUMNS, measurements, runs
+    from specdec.db.store import RESULT_SCHEMA, STORE_ONLY
+
+    schema = json.loads(RESULT_SCHEMA.read_text())["$defs"]
+    run_props, params, rows = (set(schema[k]["properties"]) for k in ("run", "params", "measurement"))
+    assert {c.name for c in runs.columns} - set(STORE_ONLY) - set(PARAM_COLUMNS) <= run_props
+    assert set(PARAM_COLUMNS) <= params
+    assert {c.name for c in measurements.columns} - set(STORE_ONLY) - {"run_id"} <= rows
+
+
+# ------------------------------------------------------------------------------------------------ prune
+
+@pytest.fixture
+def prunable(tmp_path):
+    """The three standard runs (host h1) and the real paired file (host vm) filed under tag t1."""
+    db = tmp_path / "s.duckdb"
+    real = tmp_path / "results" / "t1" / "vm" / "cell.json"
+    real.parent.mkdir(parents=True)
+    real.write_text(REAL_RESULT.read_text())
+    assert ingest(db, standard_files(tmp_path / "results" / "old") + [real]).new_runs == 5
+    return db, real_result()
+
+
+def prune_cli(db, *args) -> int:
+    from specdec.db import prune
+
+    return prune.main(["--db", str(db), *args])
+
+
+def test_prune_says_what_would_go_then_removes_it_with_yes(prunable, capsys):
+    db, doc = prunable
+    cell, paired = doc["run"]["run_id"], doc["paired_baseline"]["run"]["run_id"]
+    assert prune_cli(db, "--tag", "t1") == 0
+    out = capsys.readouterr().out
+    assert out.startswith("would remove 2 runs (8 measurements) matching (tag = t1): ") and "--yes" in out
+    assert count(db, "runs") == 5  # a dry run changes nothing
+    assert prune_cli(db, "--id", paired, "--yes") == 0  # the paired baseline alone: its cell goes with it
+    assert capsys.readouterr().out.startswith(f"removed 2 runs (8 measurements) matching (id = {paired}) from {db}")
+    assert count(db, "runs") == 3 and count(db, "measurements") == 18
+    log = run_query("SELECT filter, runs, measurements, run_ids FROM prunes", db).iloc[0]
+    assert (log["filter"], log["runs"], log["measurements"]) == (f"(id = {paired})", 2, 8)
+    assert json.loads(log["run_ids"]) == sorted([cell, paired])
+    assert prune_cli(db, "--host", "h1", "--where", "status = 'failed'", "--yes") == 0
+    assert run_query("SELECT run_id FROM runs ORDER BY run_id", db)["run_id"].tolist() == ["run-base", "run-spec"]
+    assert count(db, "measurements") == 12 and count(db, "prunes") == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    ((), "give at least one filter"),
+    (("--where", "1=1) OR (1=1"), "a ')' closes more than it opened"),
+    (("--where", "true; DROP TABLE runs"), "without ';'"),
+    (("--where", "(true"), "balanced parentheses"),
+    (("--where", "run_id IN (SELECT * FROM read_csv('/etc/passwd'))"), "read_csv() is not allowed"),
+    (("--where", "no_such_column = 1"), "no_such_column"),
+])
+def test_prune_refuses_bad_filters_before_removing_anything(prunable, capsys, args, message):
+    db, _ = prunable
+    assert prune_cli(db, *args, "--yes") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert count(db, "runs") == 5 and count(db, "measurements") == 26
+
+
+def test_prune_through_the_cli_and_of_nothing(prunable, capsys):
+    from specdec.cli import main as cli_main
+
+    db, _ = prunable
+    assert cli_main(["prune", "--db", str(db), "--host", "nobody", "--yes"]) == 0
+    assert capsys.readouterr().out.startswith("removed 0 runs (0 measurements) matching (host = nobody)")
+    assert count(db, "runs") == 5

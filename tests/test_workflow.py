@@ -507,3 +507,45 @@ def test_batch_sizes_run_end_to_end_into_the_store_and_the_report(workdir, tiny_
     assert done.returncode == 0, done.stderr
     assert (out / "speedup-vs-batch-size.svg").is_file()
     assert "Speedup vs batch size" in (out / "report.html").read_text()
+
+
+# --- NaN and infinities ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("yaml_text, field", [
+    ("generation:\n  temperatures: [.nan]\n", "generation.temperatures.0: must be a finite number, got nan"),
+    ("noise: {other_cpu_cores: .nan}\n", "noise.other_cpu_cores: must be a finite number, got nan"),
+    ("generation:\n  top_p: .nan\n", "generation.top_p: must be a finite number, got nan"),
+    ("degenerate: {repeat_share: .nan}\n", "degenerate.repeat_share: must be a finite number, got nan"),
+    ("prices: {cpu: .inf}\n", "prices.cpu: must be a finite number, got inf"),
+    ("prices: {cpu: -.inf}\n", "prices.cpu: must be a finite number, got -inf"),
+])
+def test_nan_and_infinities_are_refused_by_the_loader_and_the_check(tmp_path, monkeypatch, capsys, yaml_text, field):
+    """JSON Schema's bounds let NaN through (every comparison with it is false): `temperatures: [.nan]` used to
+    decode and then fail every ingest; `other_cpu_cores: .nan` silently turned noise detection off."""
+    monkeypatch.chdir(tmp_path)
+    Path("bad.yaml").write_text(yaml_text)
+    with pytest.raises(matrix.ConfigError, match=f"^bad.yaml: {field}$".replace(".", r"\.")):
+        matrix.load_config_file("bad.yaml")
+    with pytest.raises(SystemExit) as stop:  # run-matrix.sh's first command
+        matrix.main(["--configfile", "bad.yaml"])
+    assert stop.value.code == 1 and capsys.readouterr().err == f"config error: bad.yaml: {field}\n"
+    config = base_config({})  # Snakemake's own reading of the config (common.smk) refuses it too
+    config.update(yaml.safe_load(yaml_text))
+    with pytest.raises(matrix.ConfigError, match=field.split(":")[0]):
+        matrix.validate_config(config)
+
+
+def test_run_matrix_first_command_checks_values_not_only_syntax(tmp_path, tiny_models):
+    """`python workflow/matrix.py --configfile x.yaml` validates config.yaml merged with x.yaml against the
+    schema: one line and exit 1 for a bad value (it returned 0 for every config with valid YAML)."""
+    write_config(tmp_path, base_config(tiny_models))
+    (tmp_path / "x.yaml").write_text("draft_lengths: [0]\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    script = str(REPO / "workflow" / "matrix.py")
+    out = subprocess.run([sys.executable, script, "--configfile", "x.yaml"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and out.stderr == "config error: draft_lengths.0: 0 is less than the minimum of 1\n"
+    (tmp_path / "x.yaml").write_text("draft_lengths: [2]\n")
+    out = subprocess.run([sys.executable, script, "--configfile", "x.yaml"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr

@@ -16,6 +16,7 @@ import argparse
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import socket
@@ -71,7 +72,37 @@ def load_config_file(path: str | os.PathLike) -> dict:
     if doc is not None and not isinstance(doc, dict):
         raise ConfigError(f"{path}: a config file is a mapping of keys (see workflow/schemas/config.schema.yaml), "
                           f"not a {type(doc).__name__}")
+    try:
+        check_finite(doc or {})
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     return doc or {}
+
+
+SCHEMA = Path(__file__).resolve().parent / "schemas" / "config.schema.yaml"
+
+
+def check_finite(value, field: str = "") -> None:
+    """Refuse NaN and infinities anywhere in a config (YAML's .nan and .inf, JSON's NaN and Infinity): JSON Schema's
+    bounds let NaN through (every comparison with it is false), and no setting of the workflow means NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{field or '(top level)'}: must be a finite number, got {value}")
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        check_finite(item, f"{field}.{key}" if field else str(key))
+
+
+def validate_config(config: dict) -> None:
+    """The config's values against workflow/schemas/config.schema.yaml (filling in its defaults, as Snakemake's
+    validate does) after check_finite; ConfigError with one line naming the field."""
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import validate
+
+    check_finite(config)
+    try:
+        validate(config, str(SCHEMA))
+    except WorkflowError as exc:
+        raise ConfigError(schema_error_line(exc)) from None
 
 
 def check_creatable(field: str, path: str, folder: bool) -> None:
@@ -292,14 +323,22 @@ def host_label(config: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python workflow/matrix.py [snakemake arguments]`: check the files given with --configfile (run-matrix.sh
-    does, before Snakemake reads them itself and reports a YAML error without file or line)."""
+    """`python workflow/matrix.py [snakemake arguments]`: check the config Snakemake will read (./config.yaml, then
+    the files given with --configfile merged over it, as Snakemake merges them) before Snakemake starts: a YAML
+    error with file and line (Snakemake's own message names neither), then every value against the schema, NaN
+    and infinities refused. run-matrix.sh runs it first; a bad config is one `config error:` line and exit 1."""
+    from snakemake.utils import update_config
+
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # `--config` must not match --configfile
     parser.add_argument("--configfile", "--configfiles", nargs="+", action="extend", default=[])
     args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    paths = (["config.yaml"] if Path("config.yaml").is_file() else []) + args.configfile
     try:
-        for path in args.configfile:
-            load_config_file(path)
+        config: dict = {}
+        for path in paths:
+            update_config(config, load_config_file(path))
+        if paths:
+            validate_config(config)
     except ConfigError as exc:
         exit_with_config_error(str(exc))
     return 0

@@ -21,7 +21,10 @@ Elsewhere (GPU, other dtypes, device maps, tensor parallelism) the model is left
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -76,12 +79,11 @@ class PanelKernelError(RuntimeError):
 @functools.cache
 def panel_extension():
     """Our AVX-512 linear kernel (csrc/panel_linear.cpp), compiled by torch's cpp_extension the first time a
-    machine needs it (~35 s on 2 cores; cached under $TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions,
-    and rebuilt when the source changes). Raises PanelKernelError with the reason where it cannot run."""
+    environment needs it (~35 s on 2 cores; cached in kernel_build_dir(), one folder per environment, and rebuilt
+    when the source changes). Raises PanelKernelError with the reason where it cannot run."""
     if torch.backends.cpu.get_cpu_capability() != "AVX512":
         raise PanelKernelError(f"this CPU (or $ATEN_CPU_CAPABILITY) offers {torch.backends.cpu.get_cpu_capability()}, "
                                "not AVX512")
-    import sys
     import time
 
     from torch.utils import cpp_extension
@@ -92,17 +94,38 @@ def panel_extension():
     ninja_dir = ninja_bin_dir()
     if ninja_dir and os.environ.get("PATH", "").split(os.pathsep)[0] != ninja_dir:
         os.environ["PATH"] = os.pathsep.join([ninja_dir, os.environ.get("PATH", "")])
+    build = kernel_build_dir()
     try:
-        # -fopenmp: at::parallel_for is inline OpenMP; the runtime is the one torch already loaded
-        module = cpp_extension.load(name="specdec_panel_linear", sources=[str(PANEL_SOURCE), str(ATTENTION_SOURCE)],
-                                    extra_cflags=["-O3", "-mavx512f", "-mfma", "-fopenmp"], verbose=False)
-    except Exception as e:  # no compiler, no ninja, no Python headers: say which, in one line
+        build.mkdir(parents=True, exist_ok=True)
+        module = cpp_extension.load(name=KERNEL_NAME, sources=[str(PANEL_SOURCE), str(ATTENTION_SOURCE)],
+                                    extra_cflags=list(KERNEL_CFLAGS), build_directory=str(build), verbose=False)
+    except Exception as e:  # no compiler, no ninja, no Python headers, no writable cache: say which, in one line
         reason = " ".join(str(e).split())[:300]
         raise PanelKernelError(f"could not build {PANEL_SOURCE.name}: {type(e).__name__}: {reason}") from e
     took = time.perf_counter() - start
     if took > 5:  # a build, not a load from the cache
-        print(f"specdec: compiled the AVX-512 linear kernel in {took:.0f} s (once per machine)", file=sys.stderr)
+        print(f"specdec: compiled the AVX-512 kernels in {took:.0f} s, cached in {build} (once per environment)",
+              file=sys.stderr)
     return module
+
+
+KERNEL_NAME = "specdec_panel_linear"
+# -fopenmp: at::parallel_for is inline OpenMP; the runtime is the one torch already loaded
+KERNEL_CFLAGS = ("-O3", "-mavx512f", "-mfma", "-fopenmp")
+
+
+def kernel_build_dir(prefix: str | None = None, torch_version: str | None = None,
+                     cflags: tuple[str, ...] = KERNEL_CFLAGS) -> Path:
+    """Where the kernels are built and cached: `<root>/specdec_panel_linear-<hash>`, the hash of the interpreter's
+    prefix (sys.prefix: one folder per virtual environment), torch's version and the compiler flags. Two
+    environments on one machine each keep their own build instead of rebuilding a shared one in turn. The root
+    is torch's: $TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions."""
+    from torch.utils import cpp_extension
+
+    key = json.dumps([prefix or sys.prefix, torch_version or torch.__version__, list(cflags)])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()) / \
+        f"{KERNEL_NAME}-{digest}"
 
 
 def ninja_bin_dir() -> str | None:

@@ -155,6 +155,12 @@ def unit_order(i: int, paired: bool) -> tuple[str, ...]:
     return ("cell", "baseline") if i % 2 == 0 else ("baseline", "cell")
 
 
+def turns_of(prompt: dict) -> int:
+    """A prompt's user turns (1 + its follow-ups): a row's new_tokens may reach max_new_tokens x turns (ingest checks
+    it)."""
+    return 1 + len(prompt.get("turns") or [])
+
+
 def decode_units(prompts: list[dict], repeats: int, paired: bool, decode_one, progress=None):
     """Every prompt × repeat once for the cell (and once for its paired baseline, in unit_order). `decode_one(side,
     prompt, repeat)` returns the row's metrics (or raises). Returns (cell rows, baseline rows); every row has its
@@ -164,7 +170,7 @@ def decode_units(prompts: list[dict], repeats: int, paired: bool, decode_one, pr
     for i, (p, repeat) in enumerate((p, r) for p in prompts for r in range(repeats)):
         for side in unit_order(i, paired):
             row = {"prompt_id": p["id"], "category": p["category"], "repeat": repeat, "status": "ok", "error": None,
-                   "decode_index": index}
+                   "decode_index": index, "turns": turns_of(p)}
             row.update(decode_one(side, p, repeat))
             index += 1
             rows[side].append(row)
@@ -323,7 +329,7 @@ def decode_batches(prompts: list[dict], repeats: int, paired: bool, decode_batch
     for index, (repeat, side) in enumerate((r, side) for r in range(repeats) for side in unit_order(r, paired)):
         for p, metrics_row in zip(prompts, decode_batch(side, repeat)):
             row = {"prompt_id": p["id"], "category": p["category"], "repeat": repeat, "status": "ok", "error": None,
-                   "decode_index": index, **metrics_row}
+                   "decode_index": index, "turns": turns_of(p), **metrics_row}
             rows[side].append(row)
             if progress:
                 progress(row if side == "cell" else {**row, "paired_baseline": True})

@@ -4,18 +4,15 @@ import re
 import shlex
 import sys
 
-from snakemake.exceptions import WorkflowError
-from snakemake.utils import validate
-
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 import matrix  # noqa: E402  (workflow/matrix.py: checks and expansion, no decoding logic)
 
 
 # A bad config is one line naming the field, and nothing else: exit before Snakemake starts (or locks) anything.
 try:
-    validate(config, "../schemas/config.schema.yaml")
-except WorkflowError as exc:
-    matrix.exit_with_config_error(matrix.schema_error_line(exc))
+    matrix.validate_config(config)  # the schema's checks and defaults, NaN and infinities refused
+except matrix.ConfigError as exc:
+    matrix.exit_with_config_error(str(exc))
 try:
     PROMPTS = matrix.check_config(config)  # paths are relative to the working directory, as for the jobs
     CELLS = matrix.expand_cells(config)
