@@ -61,6 +61,11 @@ OTHER_TESTS = [
     "tests/test_gpu_check.py::test_peak_memory_reads_what_the_device_allocated",
 ]
 BENCH_RUNNERS = "baseline,ngram,suffix,dynamic-tree,speculative,hf-generate,hf-assisted,hf-ngram"
+# Every step that decodes: our CPU kernels (csrc/, built with a C++ compiler on first use) are no part of a GPU
+# check, so none is chosen or built on the GPU machine; no hub either
+GPU_ENV = {"SPECDEC_CPU_LINEAR": "mkl", "SPECDEC_CPU_ATTENTION": "sdpa", "HF_HUB_OFFLINE": "1"}
+# tests/tiny.py probes our AVX-512 kernel at import (a build where it can): a lower capability skips it
+TINY_ENV = {**GPU_ENV, "ATEN_CPU_CAPABILITY": "avx2"}
 EVENT_GAP_LIMIT = 0.05  # CUDA-event time vs synchronised wall time, per generation
 # SmolLM2-135M's shape (its GGUF's metadata), for the random-initialised stand-in when the bundle has no GGUF
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -236,9 +241,7 @@ def step_install(check: Check) -> str:
 def step_engine_tests(check: Check) -> str:
     """The engine tests that take a device, on the GPU (dry run: collected only, on the CPU)."""
     ids = list(dict.fromkeys(list(GREEDY_TESTS.values()) + OTHER_TESTS))
-    # ATEN_CPU_CAPABILITY: tests/tiny.py asks for our AVX-512 CPU kernel at import; no build needed to test the GPU
-    env = {"SPECDEC_TEST_DEVICE": "cpu" if check.dry_run else check.device, "ATEN_CPU_CAPABILITY": "avx2",
-           "HF_HUB_OFFLINE": "1"}
+    env = {**TINY_ENV, "SPECDEC_TEST_DEVICE": "cpu" if check.dry_run else check.device}
     args = [check.python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts="]
     if check.dry_run:
         text = sh(check, "engine-tests", args + ["--collect-only"] + ids, check.remaining(60), env)
@@ -266,7 +269,7 @@ def step_model(check: Check) -> str:
             f"m = LlamaForCausalLM(LlamaConfig(**json.loads(sys.argv[1]))); m.save_pretrained(sys.argv[2]); "
             f"char_tokenizer().save_pretrained(sys.argv[2])")
     sh(check, "model", [check.python, "-c", code, json.dumps(SMOLLM2_135M), str(folder)],
-       check.remaining(TIMEOUTS["model"]), {"ATEN_CPU_CAPABILITY": "avx2"})
+       check.remaining(TIMEOUTS["model"]), TINY_ENV)
     models.write_text(json.dumps({"smollm2-135m": {"path": str(folder), "dtype": "float32", "chat": False}}) + "\n")
     check.facts.update(models=str(models), model="RANDOM-INITIALISED model of SmolLM2-135M's shape (no GGUF in "
                                                  "the bundle): speeds are real, acceptance and outputs are not")
@@ -281,7 +284,7 @@ def step_bench(check: Check) -> str:
         raise StepFailed("no target model (the model step failed)")
     cmd = [check.python, "-m", "specdec.cli", "bench", "--models", check.facts["models"], "--device", check.device,
            "--runners", BENCH_RUNNERS, "--k", "4", "--per-category", "1", "--repeats", "2", "--warmup", "1"]
-    text = sh(check, "bench", cmd, check.remaining(TIMEOUTS["bench"]), {"HF_HUB_OFFLINE": "1"}, own_stdout=True)
+    text = sh(check, "bench", cmd, check.remaining(TIMEOUTS["bench"]), GPU_ENV, own_stdout=True)
     lines = text.rstrip().splitlines()
     result = json.loads(lines[-1])
     (check.out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -320,7 +323,7 @@ def step_matrix(check: Check) -> str:
         counts = dict(re.findall(r"^(run_cell|total)\s+(\d+)$", text, re.M))
         raise Skipped(f"needs a GPU; dry run: Snakemake planned the matrix with gpus [1]: {counts.get('run_cell')} "
                       f"cells, {counts.get('total')} jobs")
-    sh(check, "matrix", snake, check.remaining(TIMEOUTS["matrix"]), {"HF_HUB_OFFLINE": "1"})
+    sh(check, "matrix", snake, check.remaining(TIMEOUTS["matrix"]), GPU_ENV)
     sql = "SELECT strategy, k, status, devices, gpu_names, error FROM runs ORDER BY strategy, k"
     text = sh(check, "query", [check.python, "-m", "specdec.cli", "query", "--db", config["db"], "--format", "json",
                                sql], check.remaining(TIMEOUTS["query"]), own_stdout=True)
@@ -370,7 +373,7 @@ print(json.dumps({"claimed": first.devices, "locks": locks, "second_claim_blocke
 
 def step_parallel(check: Check) -> str:
     """One tensor-parallel cell at world size 1 over NCCL (torchrun, rank 0's draft), and the GPU claim/release."""
-    env = {"SPECDEC_GPU_LOCK_DIR": str(check.out / "locks"), "ATEN_CPU_CAPABILITY": "avx2"}
+    env = {**TINY_ENV, "SPECDEC_GPU_LOCK_DIR": str(check.out / "locks")}
     text = sh(check, "parallel", [check.python, "-c", CLAIM_CODE, "stand-in" if check.dry_run else "real"],
               check.remaining(TIMEOUTS["claim"]), env)
     claim = json.loads(text.strip().splitlines()[-1])
