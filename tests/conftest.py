@@ -8,7 +8,21 @@ import pytest
 # tests/tiny.py (tiny random models) is imported by several test modules
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny import noisy_copy, save_tiny_pair, tiny_target  # noqa: E402
+from tiny import DEVICE, noisy_copy, save_tiny_pair, tiny_target  # noqa: E402
+
+
+def pytest_configure(config):
+    """$SPECDEC_TEST_DEVICE names a device this machine has, or the run stops before any test (one line)."""
+    import torch
+
+    try:
+        kind = torch.device(DEVICE).type
+    except RuntimeError:
+        raise pytest.UsageError(f"SPECDEC_TEST_DEVICE={DEVICE!r} is not a device name; use cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError(f"SPECDEC_TEST_DEVICE={DEVICE!r} but no CUDA GPU is visible; unset it or use cpu")
+    if kind not in ("cpu", "cuda"):
+        raise pytest.UsageError(f"SPECDEC_TEST_DEVICE={DEVICE!r}: the tests run on cpu or cuda[:N] only")
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -28,8 +42,8 @@ def datastores_outside_the_checkout(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def target():
-    """A tiny random Llama target (rebuilt per module: decoding prepares models in place)."""
-    return tiny_target()
+    """A tiny random Llama target on $SPECDEC_TEST_DEVICE (rebuilt per module: decoding prepares models in place)."""
+    return tiny_target().to(DEVICE)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from specdec.model.decoding import DecodeSettings, baseline_decode, rollback
 from specdec.engines.hf_reference import hf_decode
 from specdec.measure.metrics import leviathan_speedup, make_record
 from specdec.run.runner import decode_models
-from tiny import EOS, context_free_memory, noisy_copy, prompts, tiny_config
+from tiny import DEVICE, EOS, context_free_memory, noisy_copy, prompts, tiny_config
 
 from transformers import LlamaForCausalLM
 
@@ -165,7 +165,7 @@ def test_verify_rule_reproduces_the_target_distribution():
 def tiny_sampling_models():
     torch.manual_seed(0)
     config = tiny_config(vocab=4, layers=1, hidden=16)
-    target = LlamaForCausalLM(config).double().eval().requires_grad_(False)
+    target = LlamaForCausalLM(config).double().eval().requires_grad_(False).to(DEVICE)
     with torch.no_grad():
         target.lm_head.weight.mul_(6.0)
     return target, noisy_copy(target, 1.5, seed=3)

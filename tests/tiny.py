@@ -8,6 +8,7 @@ forward passes numerically identical to ~1e-15, so greedy token identity tests t
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -17,6 +18,9 @@ from specdec.model import kernels
 
 VOCAB = 48
 EOS = 2
+# Where the engine tests that take a device run their models (conftest's `target` and `draft`, the sampling
+# tests' models): cpu by default, cuda (or cuda:N) for scripts/gpu-check.sh's run on a GPU
+DEVICE = os.environ.get("SPECDEC_TEST_DEVICE", "cpu")
 
 PANEL_PROBLEM = kernels.panel_kernel_problem()  # builds our AVX-512 kernel once per machine (~35 s), then cached
 needs_panels = pytest.mark.skipif(PANEL_PROBLEM is not None,
@@ -43,7 +47,7 @@ def noisy_copy(model: LlamaForCausalLM, noise: float, seed: int = 1) -> LlamaFor
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in draft.parameters():
-            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * noise * p.std().clamp_min(1e-3))
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) * noise * p.std().clamp_min(1e-3))
     return draft.eval().requires_grad_(False)
 
 

@@ -112,7 +112,7 @@ def hf_decode(strategy: str, target, prompt_ids: list[int], s: DecodeSettings, e
             draft_meter.remove()
     tokens = out[0, len(prompt_ids):].tolist()
     trace = Trace(tokens=tokens, wall_s=end - start, ttft_s=(timer.first_token_at or end) - start,
-                  target_passes=target_meter.calls, steps=max(0, target_meter.calls - 1))
+                  target_passes=target_meter.calls, steps=max(0, target_meter.calls - 1), event_s=clock.event_s())
     trace.stop_reason = "eos" if s.stop_at_eos and tokens and tokens[-1] in eos_ids else "max_new_tokens"
     if strategy != "hf-generate":
         # Verify pass i sees the uncached tokens: the prompt (first pass) or the last token, plus the candidates.

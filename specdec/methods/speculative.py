@@ -67,6 +67,7 @@ class Generation:
         self.trace = Trace(proposed_per_position=[0] * k_max, accepted_per_position=[0] * k_max)
         self.features = bool(self.proposer is not None and self.proposer.needs_features)
         self.start = clock()
+        self.start_event = clock.last  # CUDA: this request's span by events (a batch's requests share the clock)
         n_prompt = len(self.prompt_ids)
         # + one proposal's nodes (and extra rows) before they are dropped
         extra_rows = getattr(self.proposer, "max_extra_rows", 0) if self.proposer is not None else 0
@@ -103,6 +104,7 @@ class Generation:
             self.done = True
         if self.done:
             self.trace.wall_s = self.clock() - self.start
+            self.trace.event_s = self.clock.event_s(self.start_event)
             self.trace.tokens = self.committed[len(self.prompt_ids):]
 
     def _prefilled(self, logits, hidden) -> None:

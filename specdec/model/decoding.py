@@ -79,6 +79,7 @@ class Trace:
     draft_units: int = 0            # forwards of the draft model, or proposal slots for model-free drafting
     accept_s: float = 0.0           # part of verify_s spent in the acceptance rule (after the target forward)
     rollback_s: float = 0.0         # cache cropping and bookkeeping after each verify pass
+    event_s: float | None = None    # CUDA: the same span as wall_s timed by CUDA events (Clock.event_s); else None
 
     def count_step(self, depth: int, accepted: int) -> None:
         """One verify pass: the proposal reached `depth` draft positions and the target accepted `accepted`."""
@@ -91,15 +92,34 @@ class Trace:
 
 
 class Clock:
-    """perf_counter that waits for queued GPU work first, so a reading covers the kernels it claims to."""
+    """perf_counter that waits for queued GPU work first, so a reading covers the kernels it claims to.
+
+    On CUDA each reading also records an event on the device's stream before synchronising (`last`): `event_s()`
+    is the GPU's own time from the first reading, or from a given earlier reading's event, to the latest. Where
+    the synchronisation is right, it agrees with the perf_counter difference (scripts/gpu-check.sh checks 5 %); a
+    missing wait shows as a wall time shorter than the events'."""
 
     def __init__(self, device: torch.device | str):
-        self.cuda = torch.device(device).type == "cuda"
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.first = self.last = None  # torch.cuda.Event of the first and the latest reading
 
     def __call__(self) -> float:
         if self.cuda:
-            torch.cuda.synchronize()
+            event = torch.cuda.Event(enable_timing=True)
+            event.record(torch.cuda.current_stream(self.device))
+            self.first = event if self.first is None else self.first
+            self.last = event
+            torch.cuda.synchronize(self.device)
         return time.perf_counter()
+
+    def event_s(self, since=None) -> float | None:
+        """CUDA-event seconds from `since` (the `last` of an earlier reading; default: the first reading) to the
+        latest reading; None off CUDA or with no reading after it."""
+        first = self.first if since is None else since
+        if first is None or self.last is first:
+            return None
+        return first.elapsed_time(self.last) / 1000
 
 
 class KVArena:
@@ -396,5 +416,6 @@ def baseline_decode(model, prompt_ids: list[int], s: DecodeSettings, eos_ids: se
         trace.tokens.append(token)
         trace.target_passes += 1
     trace.wall_s = clock() - start
+    trace.event_s = clock.event_s()
     trace.steps = trace.target_passes - 1
     return trace

@@ -233,6 +233,14 @@ def print_categories(categories: dict, out=None) -> None:
     print_table(["runner"] + names, rows, out)
 
 
+def print_event_gaps(summary: dict, out=None) -> None:
+    """On CUDA: how far each runner's CUDA-event time strays from its synchronised wall time (largest per run)."""
+    gaps = {n: r["cuda_event_gap"] for n, r in summary["cells"].items() if r["cuda_event_gap"] is not None}
+    if gaps:
+        print("\nCUDA events vs synchronised wall time, largest gap per run: "
+              + ", ".join(f"{n} {g:.2%}" for n, g in gaps.items()), file=out)
+
+
 def goals(summary: dict, memory: dict) -> dict:
     """Each goal of issue 7 checked against this run's numbers (None where the run lacks the runners)."""
     cells = summary["cells"]
@@ -305,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
               + (", EXACT attention rows (SPECDEC_EXACT_ATTENTION=1: a diagnostic, slower)" if exact else ""))
     print_tables(summary, memory, profiles, header)
     print_categories(categories)
+    print_event_gaps(summary)
     cells_out = summary["cells"]
     result = {
         "target": args.target, "drafts": args.draft or [args.target], "k": s.k, "temperature": s.temperature,
@@ -325,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         "weights": formats,
         "degenerate_share": {n: r["degenerate_share"] for n, r in cells_out.items()},  # metrics.DegenerateRule
         "step_breakdown_ms": {n: r["step_breakdown"] for n, r in cells_out.items() if r["step_breakdown"]},
+        "cuda_event_gap": {n: r["cuda_event_gap"] for n, r in cells_out.items()},  # bench_measure.event_gap
         "by_category": categories,
         "memory": memory,
         "goals": goals(summary, memory),

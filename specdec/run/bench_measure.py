@@ -289,7 +289,15 @@ def summarise_cell(cell: Cell, runs: list[dict]) -> dict:
         "cost_ratio_c": pooled["cost_ratio_c"],
         "leviathan_prediction": pooled["leviathan_speedup"],
         "degenerate_share": sum(r["degenerate"] for r in records) / len(records),
+        "cuda_event_gap": event_gap([run["trace"] for run in runs]),
     }
+
+
+def event_gap(traces) -> float | None:
+    """Largest |CUDA-event time - synchronised wall time| / wall time over a runner's generations (decoding.Clock):
+    near 0 where every timed span waited for its kernels; None off CUDA (llama.cpp's runners time themselves)."""
+    gaps = [abs(t.event_s - t.wall_s) / t.wall_s for t in traces if t.event_s is not None and t.wall_s > 0]
+    return max(gaps) if gaps else None
 
 
 def step_breakdown(runs: list[dict]) -> dict | None:
