@@ -25,7 +25,7 @@ import torch
 from specdec import fail
 from specdec.model.decoding import DecodeSettings
 from specdec.methods.drafters import DrafterError, find_drafter, parse_alias
-from specdec.model.kernels import attention_kernel, exact_rows_requested, linear_kernels
+from specdec.model.kernels import attention_kernel, exact_rows_requested, linear_kernels, quant_kernels
 from specdec.model.llama_forward import forward_choice
 from specdec.run.bench_measure import (BenchError, Cell, by_category, load_models, measure_memory, parse_draft,
                              probe_memory, profile_cell, run_interleaved, summarise)
@@ -294,13 +294,15 @@ def main(argv: list[str] | None = None) -> int:
         return fail(exc, "specdec bench")
     kernels = None if args.stock_kernels or args.device != "cpu" else linear_kernels()
     attention = attention_kernel() if kernels else None  # float32 models on the CPU (kernels.prepare_model)
+    int_kernels = quant_kernels() if args.device == "cpu" else None  # int8/int4 layers (models.load_model)
     own = None if args.stock_kernels or args.device != "cpu" else forward_choice()  # where a Llama target applies
     exact = exact_rows_requested()
     header = (f"specdec bench: target {args.target}, drafts {', '.join(args.draft or [args.target])}, k={s.k}, "
               f"temperature {s.temperature}, {len(prompts)} prompts x {args.repeats} repeats, "
               f"max {s.max_new_tokens} new tokens, {torch.get_num_threads()} threads, device {args.device}"
               + (", STOCK kernels for ours (ablation)" if args.stock_kernels
-                 else f", our CPU linear kernels: {kernels}, attention: {attention}, forward: {own}" if kernels
+                 else f", our CPU linear kernels: {kernels}, attention: {attention}, forward: {own}, "
+                      f"int8/int4: {int_kernels}" if kernels
                  else "")
               + (", EXACT attention rows (SPECDEC_EXACT_ATTENTION=1: a diagnostic, slower)" if exact else ""))
     print_tables(summary, memory, profiles, header)
@@ -310,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         "target": args.target, "drafts": args.draft or [args.target], "k": s.k, "temperature": s.temperature,
         "max_new_tokens": s.max_new_tokens, "prompts": [p["id"] for p in prompts], "repeats": args.repeats,
         "device": args.device, "threads": torch.get_num_threads(), "stock_kernels": args.stock_kernels,
-        "linear_kernels": kernels, "attention_kernel": attention, "forward": own, "exact_attention": exact,
+        "linear_kernels": kernels, "attention_kernel": attention, "quant_kernels": int_kernels, "forward": own,
+        "exact_attention": exact,
         "tokens_per_s": {n: r["tokens_per_s"] for n, r in cells_out.items()},
         "ratios": summary["ratios"],
         "speedup": {n: r["speedup"] for n, r in cells_out.items()},

@@ -28,7 +28,7 @@ from specdec.measure import metrics
 from specdec.model.decoding import DecodeSettings
 from specdec.run.devices import kv_cache_bytes
 from specdec.methods.drafters import DrafterError, find_drafter, load_drafter, parse_alias
-from specdec.model.kernels import prepare_model
+from specdec.model.kernels import prepare_model, quant_ops
 from specdec.model.models import LoadedModel, ModelError, load_model, load_registry, resolve, shared_logit_rows
 from specdec.model.quant import apply_weights
 from specdec.run.runner import Pair, decode, load_pair, record_of, warm_up
@@ -163,7 +163,7 @@ def load_models(target_alias: str, cells: list[Cell], registry, device: str, sto
     llama.cpp runners load the GGUF files themselves (`threads` threads, default torch's)."""
     def copy_of(loaded: LoadedModel, model=None, weights: str | None = None) -> LoadedModel:
         return replace(loaded, model=apply_weights(copy.deepcopy(model if model is not None else loaded.model),
-                                                   weights))
+                                                   weights, quant_ops(weights)))
 
     def ready(loaded: LoadedModel, engine: str) -> LoadedModel:
         if engine == "specdec":
@@ -185,7 +185,7 @@ def load_models(target_alias: str, cells: list[Cell], registry, device: str, sto
             drafts = sorted({c.draft for c in cells if (c.engine, c.weights) == (engine, fmt)}, key=lambda d: d or "")
             # the last group takes the loaded target itself; drafts are copied from it before it is converted
             last = (engine, fmt) == groups[-1]
-            engine_target = replace(target, model=apply_weights(target.model, fmt)) if last else \
+            engine_target = replace(target, model=apply_weights(target.model, fmt, quant_ops(fmt))) if last else \
                 copy_of(target, weights=fmt)
             for spec in drafts:
                 key = (engine, spec, fmt)
