@@ -68,6 +68,7 @@ class PackedLinear(KernelLinear):
 PANEL_SOURCE = Path(__file__).parent / "csrc" / "panel_linear.cpp"
 ATTENTION_SOURCE = Path(__file__).parent / "csrc" / "few_row_attention.cpp"
 QUANT_SOURCE = Path(__file__).parent / "csrc" / "quant_linear.cpp"  # its functions carry their own VNNI target
+PROBE_SOURCE = Path(__file__).parent / "csrc" / "machine_probe.cpp"  # measure.machine: bandwidth and peak rates
 
 
 class PanelKernelError(RuntimeError):
@@ -96,7 +97,7 @@ def panel_extension():
     try:
         # -fopenmp: at::parallel_for is inline OpenMP; the runtime is the one torch already loaded
         module = cpp_extension.load(name="specdec_panel_linear", sources=[str(PANEL_SOURCE), str(ATTENTION_SOURCE),
-                                                                                 str(QUANT_SOURCE)],
+                                                                                 str(QUANT_SOURCE), str(PROBE_SOURCE)],
                                     extra_cflags=["-O3", "-mavx512f", "-mfma", "-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, no Python headers: say which, in one line
         reason = " ".join(str(e).split())[:300]
