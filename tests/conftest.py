@@ -40,6 +40,23 @@ def datastores_outside_the_checkout(tmp_path_factory):
         os.environ[ROOT_ENV] = before
 
 
+@pytest.fixture(autouse=True, scope="session")
+def machine_probe_small_and_outside_home(tmp_path_factory):
+    """`specdec bench` probes the machine (measure.machine): in tests a short probe, cached in a temporary
+    folder, never in ~/.cache."""
+    from specdec.measure import machine
+
+    saved = os.environ.get("SPECDEC_CACHE_DIR"), machine.PROBE_BYTES, machine.FMA_ITERATIONS, machine.VNNI_ITERATIONS
+    os.environ["SPECDEC_CACHE_DIR"] = str(tmp_path_factory.mktemp("specdec-cache"))
+    machine.PROBE_BYTES, machine.FMA_ITERATIONS, machine.VNNI_ITERATIONS = 16 << 20, 100_000, 100_000
+    yield
+    machine.PROBE_BYTES, machine.FMA_ITERATIONS, machine.VNNI_ITERATIONS = saved[1:]
+    if saved[0] is None:
+        os.environ.pop("SPECDEC_CACHE_DIR", None)
+    else:
+        os.environ["SPECDEC_CACHE_DIR"] = saved[0]
+
+
 @pytest.fixture(scope="module")
 def target():
     """A tiny random Llama target on $SPECDEC_TEST_DEVICE (rebuilt per module: decoding prepares models in place)."""

@@ -13,17 +13,18 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from specdec.model import decoding, llama_forward, quant
 from specdec.model.decoding import DecodeSettings, additive_mask, forward, new_cache
-from specdec.model.kernels import prepare_model
+from specdec.model.kernels import panel_extension, prepare_model
 from specdec.model.models import load_registry
 from specdec.run.runner import SettingsError, check_settings, decode_models
-from tiny import EOS, context_free_memory, needs_panels, prompts, tiny_config, tiny_target
+from tiny import EOS, context_free_memory, needs_panels, needs_vnni, prompts, tiny_config, tiny_target
 
 def own_forward(model):
     return getattr(model, "_specdec_own_forward", None)  # installed by kernels.prepare_model
 
 
 KERNELS = ["float64", "float32-onednn", "float32-mkl", pytest.param("float32-panels", marks=needs_panels),
-           "bfloat16", "int8", "int4"]
+           "bfloat16", "int8", "int4", pytest.param("int8-vnni", marks=needs_vnni),
+           pytest.param("int4-vnni", marks=needs_vnni)]
 
 
 def prepared(kind: str, monkeypatch):
@@ -33,6 +34,8 @@ def prepared(kind: str, monkeypatch):
     if kind.startswith("float32"):
         monkeypatch.setenv("SPECDEC_CPU_LINEAR", kind.split("-")[1])
         return prepare_model(tiny_target(dtype=torch.float32))
+    if kind.endswith("-vnni"):  # our int8/int4 kernels
+        return prepare_model(quant.apply_weights(tiny_target(dtype=torch.float32), kind[:4], panel_extension()))
     return prepare_model(quant.apply_weights(tiny_target(dtype=torch.float32), kind))
 
 
@@ -132,7 +135,8 @@ def test_additive_tree_mask_is_the_one_transformers_gets():
     assert causal.shape == (1, 1, 2, 5) and causal[0, 0].tolist() == [[True] * 4 + [False], [True] * 5]
 
 
-@pytest.mark.parametrize("kind", ["float64", "float32-mkl", "int4"])  # oneDNN-packed weights cannot be deep-copied
+# oneDNN-packed weights cannot be deep-copied
+@pytest.mark.parametrize("kind", ["float64", "float32-mkl", "int4", pytest.param("int4-vnni", marks=needs_vnni)])
 def test_a_deep_copy_of_a_prepared_model_computes_with_its_own_weights(kind, monkeypatch):
     """Our forward's kernel calls are partials over the model's tensors, so a copy's forward reads the copy's."""
     model = prepared(kind, monkeypatch)

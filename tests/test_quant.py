@@ -11,12 +11,17 @@ import torch
 
 from specdec.model import quant
 from specdec.model.decoding import DecodeSettings, baseline_decode, forward
-from specdec.model.kernels import prepare_model
+from specdec.model.kernels import prepare_model, quant_ops
 from specdec.model.models import WEIGHT_FORMATS, ModelError, load_model, load_registry
 from specdec.run.runner import decode_models
 from tiny import EOS, noisy_copy, prompts, tiny_target
 
 FORMATS = ("bfloat16", "int8", "int4")
+
+
+def convert(model, fmt):
+    """The model in `fmt` with the kernels the engine picks on this CPU (ours where it has AVX-512 VNNI)."""
+    return quant.apply_weights(model, fmt, quant_ops(fmt))
 # Teacher-forced top-1 agreement with float32 over 20 random prompts x 24 positions of the tiny model, and the
 # largest logit error relative to the largest logit (measured: 0.996 / 0.983 / 0.896 and 0.007 / 0.015 / 0.144).
 MIN_AGREEMENT = {"bfloat16": 0.98, "int8": 0.95, "int4": 0.85}
@@ -28,7 +33,7 @@ def test_layers_give_each_row_the_same_bits_whatever_the_batch(fmt):
     """Why a verify pass of k + 1 rows can agree with k + 1 one-row steps at all."""
     torch.manual_seed(0)
     for rows_out, width in ((96, 64), (64, 128), (208, 64)):
-        layer = quant.WeightOnlyLinear(torch.nn.Linear(width, rows_out, bias=False), fmt)
+        layer = quant.WeightOnlyLinear(torch.nn.Linear(width, rows_out, bias=False), fmt, ops=quant_ops(fmt))
         x = torch.randn(9, width)
         full = layer(x)
         assert full.dtype == x.dtype and full.shape == (9, rows_out)
@@ -40,8 +45,8 @@ def test_layers_give_each_row_the_same_bits_whatever_the_batch(fmt):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_speculative_decoding_matches_plain_decoding_in_the_same_format(fmt):
     """float64 tiny models: attention is exact to far below a bfloat16 step, so outputs must be identical."""
-    target = quant.apply_weights(tiny_target(), fmt)
-    draft = quant.apply_weights(noisy_copy(tiny_target(), 0.3), fmt)
+    target = convert(tiny_target(), fmt)
+    draft = convert(noisy_copy(tiny_target(), 0.3), fmt)
     assert quant.weight_format(target) == fmt
     s = DecodeSettings(max_new_tokens=16, k=4)
     accepted = 0
@@ -57,7 +62,7 @@ def test_speculative_decoding_matches_plain_decoding_in_the_same_format(fmt):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_agreement_with_float32_stays_within_the_stated_bounds(fmt):
     reference = tiny_target(dtype=torch.float32)
-    model = quant.apply_weights(copy.deepcopy(reference), fmt)
+    model = convert(copy.deepcopy(reference), fmt)
     agree = total = 0
     error = 0.0
     for ids in prompts(20, length=24):  # one forward each
@@ -70,7 +75,7 @@ def test_agreement_with_float32_stays_within_the_stated_bounds(fmt):
 
 
 def test_prepare_model_keeps_quantised_layers_and_float32_attention():
-    model = quant.apply_weights(tiny_target(dtype=torch.float32), "int4")
+    model = convert(tiny_target(dtype=torch.float32), "int4")
     prepare_model(model)
     kinds = {type(m).__name__ for m in model.modules()}
     assert "WeightOnlyLinear" in kinds and "PackedLinear" not in kinds and "Linear" not in kinds
@@ -141,8 +146,9 @@ class Projections(torch.nn.Module):
 @pytest.mark.parametrize("bias", [False, True])
 def test_fused_projections_give_each_projection_its_own_layers_bits(fmt, bias):
     layers = Projections(bias=bias)
-    separate = {name: quant.WeightOnlyLinear(getattr(layers, name), fmt) for name, _ in layers.named_children()}
-    quant.fuse_projections(layers, fmt)
+    separate = {name: quant.WeightOnlyLinear(getattr(layers, name), fmt, ops=quant_ops(fmt))
+                for name, _ in layers.named_children()}
+    quant.fuse_projections(layers, fmt, quant_ops(fmt))
     assert isinstance(layers.q_proj, quant.ProjectionSlice) and isinstance(layers.up_proj, quant.ProjectionSlice)
     assert sum(isinstance(m, quant.FusedWeightOnly) for m in layers.modules()) == 2
     x, y = torch.randn(3, 64), torch.randn(3, 64)
@@ -160,9 +166,9 @@ def test_fused_projections_give_each_projection_its_own_layers_bits(fmt, bias):
 
 
 def test_apply_weights_fuses_the_decoder_projections_and_decoding_is_unchanged(monkeypatch):
-    fused = quant.apply_weights(tiny_target(), "int8")
-    monkeypatch.setattr(quant, "fuse_projections", lambda parent, fmt: None)
-    separate = quant.apply_weights(tiny_target(), "int8")
+    fused = convert(tiny_target(), "int8")
+    monkeypatch.setattr(quant, "fuse_projections", lambda *args: None)
+    separate = convert(tiny_target(), "int8")
     kinds = [type(m).__name__ for m in fused.modules()]
     layers = fused.config.num_hidden_layers
     assert kinds.count("FusedWeightOnly") == 2 * layers and kinds.count("ProjectionSlice") == 5 * layers
@@ -220,7 +226,7 @@ def test_exact_attention_makes_verify_passes_bit_identical_to_one_row_steps(fmt,
     from specdec.model.decoding import new_cache
 
     monkeypatch.setenv("SPECDEC_EXACT_ATTENTION", "1")
-    model = prepare_model(quant.apply_weights(tiny_target(dtype=torch.float32), fmt))
+    model = prepare_model(convert(tiny_target(dtype=torch.float32), fmt))
     for ids in prompts(4, length=10):
         head, tail = ids[:6], ids[6:]
         cache = new_cache(model, 32)
@@ -230,7 +236,7 @@ def test_exact_attention_makes_verify_passes_bit_identical_to_one_row_steps(fmt,
         forward(model, head, cache, 1)
         assert torch.equal(forward(model, tail, cache, len(tail))[0], steps)
     s = DecodeSettings(max_new_tokens=16, k=4, tree_budget=6)
-    draft = quant.apply_weights(noisy_copy(tiny_target(dtype=torch.float32), 0.3), fmt)
+    draft = convert(noisy_copy(tiny_target(dtype=torch.float32), 0.3), fmt)
     for ids in prompts(4):
         plain = decode_models("baseline", model, ids, s, {EOS}).tokens
         for strategy in ("ngram", "suffix", "recycling", "speculative"):

@@ -25,6 +25,9 @@ DEVICE = os.environ.get("SPECDEC_TEST_DEVICE", "cpu")
 PANEL_PROBLEM = kernels.panel_kernel_problem()  # builds our AVX-512 kernel once per machine (~35 s), then cached
 needs_panels = pytest.mark.skipif(PANEL_PROBLEM is not None,
                                   reason=f"the panel kernel cannot run here: {PANEL_PROBLEM}")
+QUANT_PROBLEM = kernels.quant_kernel_problem()  # our int8/int4 kernels: the same extension, and AVX-512 VNNI
+needs_vnni = pytest.mark.skipif(QUANT_PROBLEM is not None,
+                                reason=f"our int8/int4 kernels cannot run here: {QUANT_PROBLEM}")
 
 
 def tiny_config(vocab: int = VOCAB, layers: int = 2, hidden: int = 64) -> LlamaConfig:

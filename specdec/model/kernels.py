@@ -70,6 +70,8 @@ class PackedLinear(KernelLinear):
 
 PANEL_SOURCE = Path(__file__).parent / "csrc" / "panel_linear.cpp"
 ATTENTION_SOURCE = Path(__file__).parent / "csrc" / "few_row_attention.cpp"
+QUANT_SOURCE = Path(__file__).parent / "csrc" / "quant_linear.cpp"  # its functions carry their own VNNI target
+PROBE_SOURCE = Path(__file__).parent / "csrc" / "machine_probe.cpp"  # measure.machine: bandwidth and peak rates
 
 
 class PanelKernelError(RuntimeError):
@@ -97,7 +99,8 @@ def panel_extension():
     build = kernel_build_dir()
     try:
         build.mkdir(parents=True, exist_ok=True)
-        module = cpp_extension.load(name=KERNEL_NAME, sources=[str(PANEL_SOURCE), str(ATTENTION_SOURCE)],
+        module = cpp_extension.load(name=KERNEL_NAME, sources=[str(PANEL_SOURCE), str(ATTENTION_SOURCE),
+                                                               str(QUANT_SOURCE), str(PROBE_SOURCE)],
                                     extra_cflags=list(KERNEL_CFLAGS), build_directory=str(build), verbose=False)
     except Exception as e:  # no compiler, no ninja, no Python headers, no writable cache: say which, in one line
         reason = " ".join(str(e).split())[:300]
@@ -178,14 +181,15 @@ def attention_kernel() -> str:
     return "few-rows" if panel_kernel_problem() is None else "sdpa"
 
 
-def kernel_choice(variable: str, choices: tuple[str, ...], ours: str, instead: str) -> str:
+def kernel_choice(variable: str, choices: tuple[str, ...], ours: str, instead: str, why_not=None) -> str:
     """$variable's value ('auto' when unset), one of `choices`, else a ValueError naming them; asking for `ours`
-    (a kernel of our extension) where the extension cannot run is a ValueError with the reason and `instead`."""
+    (a kernel of our extension) where it cannot run (`why_not()`, default `panel_kernel_problem`) is a ValueError
+    with the reason and `instead`."""
     choice = os.environ.get(variable, "auto").strip().lower() or "auto"
     if choice not in choices:
         raise ValueError(f"{variable} must be one of {', '.join(choices)}, got '{choice}'")
     if choice == ours:
-        problem = panel_kernel_problem()
+        problem = (why_not or panel_kernel_problem)()
         if problem:
             raise ValueError(f"{variable}={ours} cannot run here: {problem}; set {instead}")
     return choice
@@ -358,6 +362,48 @@ def linear_kernels() -> str:
     if torch.backends.mkl.is_available() and cpu_vendor() == "GenuineIntel":
         return "mkl"
     return "panels" if panel_kernel_problem() is None else "onednn"
+
+
+QUANT_KERNELS = ("auto", "vnni", "torch")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo ('avx512_vnni', 'amx_tile', ...), empty where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def quant_kernel_problem() -> str | None:
+    """Why our int8/int4 kernels (csrc/quant_linear.cpp) cannot run here, None where they can."""
+    missing = sorted({"avx512bw", "avx512_vnni"} - cpu_flags())
+    if missing:
+        return f"this CPU lacks {' and '.join(missing)}"
+    return panel_kernel_problem()
+
+
+def quant_kernels() -> str:
+    """Which kernels multiply int8 and int4 weights (quant.WeightOnlyLinear, chosen when a model is converted):
+    'vnni' (ours, csrc/quant_linear.cpp: activations quantised per row to int8, integer dot products, the weights
+    read once per call for all rows) or 'torch' (torch's packed weight-only kernels on bfloat16 activations, built
+    for one row). 'auto' (default) picks ours where the CPU has AVX-512 VNNI and the extension builds;
+    $SPECDEC_CPU_QUANT=vnni|torch overrides it. (No AMX path: none was at hand to test one.)"""
+    choice = kernel_choice("SPECDEC_CPU_QUANT", QUANT_KERNELS, "vnni", "SPECDEC_CPU_QUANT=torch",
+                           quant_kernel_problem)
+    if choice != "auto":
+        return choice
+    return "vnni" if quant_kernel_problem() is None else "torch"
+
+
+def quant_ops(fmt: str | None):
+    """The `ops` for quant.apply_weights(model, fmt, ops): our extension for int8 and int4 where `quant_kernels`
+    picks 'vnni', else None (torch's kernels)."""
+    return panel_extension() if fmt in ("int8", "int4") and quant_kernels() == "vnni" else None
 
 
 def prepare_model(model, linear: str | None = None):

@@ -328,10 +328,11 @@ def load_model(spec: ModelSpec, device: str = "cpu", device_map=None, max_memory
     model.requires_grad_(False)
     if spec.weights is not None:
         # inside the function: quant imports torch, and `specdec --help` reads this module's WEIGHT_FORMATS
+        from specdec.model.kernels import quant_ops
         from specdec.model.quant import WeightFormatError, apply_weights
 
         try:
-            apply_weights(model, spec.weights)
+            apply_weights(model, spec.weights, quant_ops(spec.weights))
         except WeightFormatError as exc:
             raise ModelError(f"model '{spec.alias}': {exc}") from None
     return LoadedModel(spec=spec, model=model, tokenizer=tokenizer, device=str(model.device),

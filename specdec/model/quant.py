@@ -29,6 +29,14 @@ greedy speculative decoding is then identical to plain decoding in these formats
 Where our few-row attention kernel runs (kernels.attention_kernel) attention is row-invariant without that cost,
 and int8 and int4 verify passes give each row its one-row step's bits; bfloat16's down projection (torch's
 bfloat16 matmul over 1536 inputs in SmolLM2) still does not (README, "Identity").
+
+Our int8/int4 kernels (csrc/quant_linear.cpp, chosen by kernels.quant_kernels where the CPU has AVX-512 VNNI;
+$SPECDEC_CPU_QUANT=vnni|torch overrides): the same weights (the format's bfloat16 scales and zeros), but the
+activations quantised per row to int8 (scale max|x| / 127) and multiplied with integer dot products, the weights
+read once per call for any number of rows. A verify pass of k + 1 rows then costs little more than a step
+(docs/kernels.md). The activation rounding moves outputs a little further from float32 than the weight-only path
+(tests/test_quant.py's bounds hold for both); each row's bits stay independent of the other rows, so greedy
+speculative decoding equals plain decoding in the same format and kernels.
 """
 
 from __future__ import annotations
@@ -81,9 +89,9 @@ def quantize_int4(weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.
     return q, scales_and_zeros.transpose(0, 1).contiguous()
 
 
-def int4_fits(linear: nn.Linear) -> bool:
-    """The packed int4 CPU kernel's shape rules: whole groups along the input, output rows in blocks of 16."""
-    return linear.in_features % INT4_GROUP == 0 and linear.out_features % 16 == 0
+def int4_fits(linear: nn.Linear, group: int = INT4_GROUP) -> bool:
+    """The int4 kernels' shape rules: whole groups along the input, output rows in blocks of 16."""
+    return linear.in_features % group == 0 and linear.out_features % 16 == 0
 
 
 def int4_matmul(x, weight, group, scales, bias):
@@ -102,26 +110,78 @@ def bfloat16_matmul(x, weight, bias):
     return y if bias is None else y + bias
 
 
-class WeightOnlyLinear(nn.Module):
-    """An nn.Linear whose weight is stored as `fmt` (bfloat16, int8 or int4) and multiplied in bfloat16; input
-    and output keep the caller's dtype."""
+def pack_int8(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our VNNI kernel's int8 layout: q [N, K] -> (packed [Np/16, Kp/4, 64]: 16 output columns side by side, 4
+    consecutive inputs of each, zero-padded to Np, Kp multiples of 16 and 4; col_sums [Np] int32 = 128 sum_k q)."""
+    rows, cols = q.shape
+    padded = torch.nn.functional.pad(q, (0, -cols % 4, 0, -rows % 16))
+    np_, kp = padded.shape
+    packed = padded.reshape(np_ // 16, 16, kp // 4, 4).transpose(1, 2).reshape(np_ // 16, kp // 4, 64)
+    return packed.contiguous(), (128 * padded.to(torch.int32).sum(dim=1)).to(torch.int32)
 
-    def __init__(self, linear: nn.Linear, fmt: str, group: int = INT4_GROUP):
+
+def pack_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our VNNI kernel's int4 layout: q [N, K] in 0..15 -> packed [N/16, K/8, 64] bytes, byte (column j, i) of
+    input octet o holding q[16p + j, 8o + i] low and q[16p + j, 8o + 4 + i] high; scales_and_zeros [K/G, N, 2]
+    -> bfloat16 [N/16, K/G, 2, 16] (a panel's 16 scales, then its 16 zeros, per group)."""
+    rows, cols = q.shape
+    nibbles = q.to(torch.uint8).reshape(rows // 16, 16, cols // 8, 2, 4).permute(0, 2, 1, 3, 4)
+    packed = (nibbles[..., 0, :] | (nibbles[..., 1, :] << 4)).reshape(rows // 16, cols // 8, 64)
+    groups = scales_and_zeros.shape[0]
+    sz = scales_and_zeros.to(KERNEL_DTYPE).reshape(groups, rows // 16, 16, 2).permute(1, 0, 3, 2)
+    return packed.contiguous(), sz.contiguous()
+
+
+def vnni_int8_matmul(x, op, weight, col_sums, scales, out_features, bias):
+    """x [rows, in] (any float dtype) times a pack_int8 weight in our VNNI kernel `op` (the extension's
+    int8_linear: int8 activations, per row), back in x's dtype, plus bias."""
+    y = op(x.float(), weight, col_sums, scales, out_features).to(x.dtype)
+    return y if bias is None else y + bias
+
+
+def vnni_int4_matmul(x, op, weight, group, scales, bias):
+    y = op(x.float(), weight, scales, group).to(x.dtype)
+    return y if bias is None else y + bias
+
+
+class WeightOnlyLinear(nn.Module):
+    """An nn.Linear whose weight is stored as `fmt` (bfloat16, int8 or int4); input and output keep the caller's
+    dtype. int8 and int4 run our VNNI kernels where `ops` is given (kernels.quant_ops(): the extension module;
+    the weights packed for it here, the activations quantised per row to int8 on every call), else torch's packed
+    kernels on bfloat16 activations. bfloat16 multiplies in bfloat16."""
+
+    def __init__(self, linear: nn.Linear, fmt: str, group: int = INT4_GROUP, ops=None):
         super().__init__()
         self.fmt, self.group = fmt, group
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.kernels = "vnni" if ops is not None and fmt in ("int8", "int4") else "torch"
+        # the extension's function, not its module: a deep copy of the model copies the layer (modules do not copy)
+        self.op = getattr(ops, f"{fmt}_linear") if self.kernels == "vnni" else None
         if fmt == "int4":
-            if not int4_fits(linear):
-                raise WeightFormatError(f"int4 needs in_features divisible by {INT4_GROUP} and out_features by 16, "
-                                        f"got {linear.in_features} and {linear.out_features}")
+            if not int4_fits(linear, group) or (self.kernels == "vnni" and group % 8):
+                raise WeightFormatError(f"int4 needs in_features divisible by the group size {group} (a multiple of "
+                                        f"8) and out_features by 16, got {linear.in_features} and "
+                                        f"{linear.out_features}")
             q, scales_and_zeros = quantize_int4(linear.weight, group)
-            self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
-            self.register_buffer("scales", scales_and_zeros.to(KERNEL_DTYPE))
+            if self.kernels == "vnni":
+                weight, scales = pack_int4(q, scales_and_zeros)
+            else:
+                weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+                scales = scales_and_zeros.to(KERNEL_DTYPE)
+            self.register_buffer("weight", weight)
+            self.register_buffer("scales", scales)
         elif fmt == "int8":
             q, scales = quantize_int8(linear.weight)
-            self.register_buffer("weight", q)
-            self.register_buffer("scales", scales.to(KERNEL_DTYPE))
+            scales = scales.to(KERNEL_DTYPE)  # the format's scales, whichever kernel multiplies them
+            if self.kernels == "vnni":
+                weight, col_sums = pack_int8(q)
+                self.register_buffer("weight", weight)
+                self.register_buffer("col_sums", col_sums)
+                self.register_buffer("scales", torch.nn.functional.pad(scales.float(), (0, -len(scales) % 16)))
+            else:
+                self.register_buffer("weight", q)
+                self.register_buffer("scales", scales)
         elif fmt == "bfloat16":
             self.register_buffer("weight", linear.weight.detach().to(KERNEL_DTYPE))
             self.scales = None
@@ -134,6 +194,12 @@ class WeightOnlyLinear(nn.Module):
     def kernel(self):
         """The bare call on 2-D inputs (llama_forward calls it without the module): a partial, so a deep copy of
         the model gets one over the copied weights."""
+        if self.fmt == "int4" and self.kernels == "vnni":
+            return functools.partial(vnni_int4_matmul, op=self.op, weight=self.weight, group=self.group,
+                                     scales=self.scales, bias=self.bias)
+        if self.fmt == "int8" and self.kernels == "vnni":
+            return functools.partial(vnni_int8_matmul, op=self.op, weight=self.weight, col_sums=self.col_sums,
+                                     scales=self.scales, out_features=self.out_features, bias=self.bias)
         if self.fmt == "int4":
             return functools.partial(int4_matmul, weight=self.weight, group=self.group, scales=self.scales,
                                      bias=self.bias)
@@ -142,7 +208,8 @@ class WeightOnlyLinear(nn.Module):
         return functools.partial(bfloat16_matmul, weight=self.weight, bias=self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"
+                + (f", kernels={self.kernels}" if self.fmt in ("int8", "int4") else ""))
 
 
 # Projections of one input that a decoder layer computes one after another (transformers' names): with weight-only
@@ -159,7 +226,7 @@ class FusedWeightOnly(nn.Module):
     (Identity, not a version check: inference tensors keep no version counter, and no decoder layer writes into
     its normed input between its projections.)"""
 
-    def __init__(self, linears: list[nn.Linear], fmt: str):
+    def __init__(self, linears: list[nn.Linear], fmt: str, ops=None):
         super().__init__()
         first = linears[0]
         joined = nn.Linear(first.in_features, sum(l.out_features for l in linears), bias=first.bias is not None)
@@ -167,7 +234,7 @@ class FusedWeightOnly(nn.Module):
             joined.weight.copy_(torch.cat([l.weight.detach() for l in linears]))
             if first.bias is not None:
                 joined.bias.copy_(torch.cat([l.bias.detach() for l in linears]))
-        self.linear = WeightOnlyLinear(joined, fmt)
+        self.linear = WeightOnlyLinear(joined, fmt, ops=ops)
         self.sizes = [l.out_features for l in linears]
         self.pending = SimpleNamespace(input=None, outputs=(), unread=set())  # plain attributes: no Module setattr
 
@@ -199,7 +266,7 @@ class ProjectionSlice(nn.Module):
         return f"part {self.index} of a fused {self.fmt} projection, out_features={self.out_features}"
 
 
-def fuse_projections(parent: nn.Module, fmt: str) -> None:
+def fuse_projections(parent: nn.Module, fmt: str, ops=None) -> None:
     """Replace each group of FUSED_PROJECTIONS that `parent` holds as plain nn.Linear layers of one input width
     (and all with or all without bias, int4-shaped for int4) by a FusedWeightOnly and its slices."""
     for names in FUSED_PROJECTIONS:
@@ -210,7 +277,7 @@ def fuse_projections(parent: nn.Module, fmt: str) -> None:
             continue
         if fmt == "int4" and not all(int4_fits(l) for l in linears):
             continue
-        fused = FusedWeightOnly(linears, fmt)
+        fused = FusedWeightOnly(linears, fmt, ops)
         parent.add_module("_".join(name.removesuffix("_proj") for name in names) + "_fused", fused)
         for index, name in enumerate(names):
             setattr(parent, name, ProjectionSlice(fused, index))
@@ -227,14 +294,15 @@ def weight_format(model) -> str:
     return str(param.dtype).removeprefix("torch.") if param is not None else "unknown"
 
 
-def apply_weights(model, fmt: str | None):
+def apply_weights(model, fmt: str | None, ops=None):
     """Convert a freshly loaded model (before kernels.prepare_model) to the weight format `fmt`, in place.
 
     float32 casts every parameter to float32. bfloat16 / int8 / int4 replace every nn.Linear by a
     WeightOnlyLinear (with int4, the output head and any layer whose width is not a multiple of INT4_GROUP take
     int8) and leave everything else in the dtype it was loaded in (float32 for the embedded model). A head tied
     to the input embedding gets its own copy; the embedding stays a table (a lookup reads one row per token).
-    None leaves the model as it was loaded (the alias's dtype).
+    None leaves the model as it was loaded (the alias's dtype). int8 and int4 layers run our VNNI kernels where
+    `ops` is kernels.quant_ops()'s extension (models.load_model passes this CPU's choice), else torch's.
     """
     if fmt is None:
         return model
@@ -248,10 +316,10 @@ def apply_weights(model, fmt: str | None):
         return model
     head = model.get_output_embeddings()
     for parent in list(model.modules()):
-        fuse_projections(parent, fmt)
+        fuse_projections(parent, fmt, ops)
         for name, child in list(parent.named_children()):
             if type(child) is not nn.Linear:
                 continue
             int8_instead = fmt == "int4" and (child is head or not int4_fits(child))
-            setattr(parent, name, WeightOnlyLinear(child, "int8" if int8_instead else fmt))
+            setattr(parent, name, WeightOnlyLinear(child, "int8" if int8_instead else fmt, ops=ops))
     return model

@@ -17,7 +17,7 @@ import gc
 import json
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -25,12 +25,15 @@ import torch
 from specdec import fail
 from specdec.model.decoding import DecodeSettings
 from specdec.methods.drafters import DrafterError, find_drafter, parse_alias
-from specdec.model.kernels import attention_kernel, exact_rows_requested, linear_kernels
+from specdec.measure.machine import machine_limits
+from specdec.model.kernels import (attention_kernel, exact_rows_requested, linear_kernels, panel_kernel_problem,
+                                   quant_kernels)
 from specdec.model.llama_forward import forward_choice
 from specdec.run.bench_measure import (BenchError, Cell, by_category, load_models, measure_memory, parse_draft,
-                             probe_memory, profile_cell, run_interleaved, summarise)
+                             probe_memory, profile_cell, roofline, run_interleaved, summarise)
 from specdec.model.models import WEIGHT_FORMATS, ModelError, encode_prompt, load_registry, resolve
 from specdec.prompts import PromptFileError, load_prompts, select
+from specdec.run.job import cpu_name
 from specdec.run.runner import SettingsError, check_settings, weight_format
 from specdec.strategies import NAMES, STRATEGIES, add_proposer_args
 
@@ -222,6 +225,22 @@ def print_table(cols: list[str], rows: list[list[str]], out) -> None:
         print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)), file=out)
 
 
+def print_roofline(machine, bounds: dict, out=None) -> None:
+    """Each of our runners' ms per target pass against its roofline bound (bench_measure.roofline)."""
+    if not machine:
+        return
+    out = out or sys.stdout
+    int8 = f"{machine.int8_gop_s:.0f} int8 GOP/s (VNNI)" if machine.int8_gop_s else "no VNNI"
+    print(f"\nroofline: {machine.cpu}, {machine.threads} threads: read {machine.bandwidth_gb_s:.1f} GB/s, "
+          f"{machine.float32_gflop_s:.0f} float32 GFLOP/s, {int8} (measure.machine's probe, cached per host)",
+          file=out)
+    if bounds:
+        cols = ["runner", "ms/pass", "rows <=", "weights MB", "memory ms", "compute ms", "pass/bound"]
+        print_table(cols, [[n, fmt(b["pass_ms"]), str(b["rows"]), fmt(b["weight_bytes"] / 1e6, ".1f"),
+                            fmt(b["memory_ms"]), fmt(b["compute_ms"]), fmt(b["over_bound"])]
+                           for n, b in bounds.items()], out)
+
+
 def print_categories(categories: dict, out=None) -> None:
     """Spec-Bench's table: speedup over the engine's baseline per prompt category, and mean accepted tokens."""
     names = list(next(iter(categories.values()), {}))
@@ -294,6 +313,10 @@ def main(argv: list[str] | None = None) -> int:
         categories = by_category(cells, runs, [p["category"] for p in prompts])
         profiles = ({c.name: profile_cell(loaded, c, encoded[0], s) for c in cells if c.engine == "specdec"}
                     if args.profile else {})
+        # the machine's limits (probed once per host and thread count, cached) and each pass against its bound
+        machine = machine_limits(cpu_name()) if args.device == "cpu" and panel_kernel_problem() is None else None
+        context = sum(map(len, encoded)) / len(encoded) + s.max_new_tokens / 2  # mean tokens in the KV cache
+        bounds = roofline(cells, loaded, summary, s, context, machine) if machine else {}
         del loaded, runs
         gc.collect()
         longest = max(encoded, key=len)
@@ -302,16 +325,19 @@ def main(argv: list[str] | None = None) -> int:
         return fail(exc, "specdec bench")
     kernels = None if args.stock_kernels or args.device != "cpu" else linear_kernels()
     attention = attention_kernel() if kernels else None  # float32 models on the CPU (kernels.prepare_model)
+    int_kernels = quant_kernels() if args.device == "cpu" else None  # int8/int4 layers (models.load_model)
     own = None if args.stock_kernels or args.device != "cpu" else forward_choice()  # where a Llama target applies
     exact = exact_rows_requested()
     header = (f"specdec bench: target {args.target}, drafts {', '.join(args.draft or [args.target])}, k={s.k}, "
               f"temperature {s.temperature}, {len(prompts)} prompts x {args.repeats} repeats, "
               f"max {s.max_new_tokens} new tokens, {torch.get_num_threads()} threads, device {args.device}"
               + (", STOCK kernels for ours (ablation)" if args.stock_kernels
-                 else f", our CPU linear kernels: {kernels}, attention: {attention}, forward: {own}" if kernels
+                 else f", our CPU linear kernels: {kernels}, attention: {attention}, forward: {own}, "
+                      f"int8/int4: {int_kernels}" if kernels
                  else "")
               + (", EXACT attention rows (SPECDEC_EXACT_ATTENTION=1: a diagnostic, slower)" if exact else ""))
     print_tables(summary, memory, profiles, header)
+    print_roofline(machine, bounds)
     print_categories(categories)
     print_event_gaps(summary)
     cells_out = summary["cells"]
@@ -319,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
         "target": args.target, "drafts": args.draft or [args.target], "k": s.k, "temperature": s.temperature,
         "max_new_tokens": s.max_new_tokens, "prompts": [p["id"] for p in prompts], "repeats": args.repeats,
         "device": args.device, "threads": torch.get_num_threads(), "stock_kernels": args.stock_kernels,
-        "linear_kernels": kernels, "attention_kernel": attention, "forward": own, "exact_attention": exact,
+        "linear_kernels": kernels, "attention_kernel": attention, "quant_kernels": int_kernels, "forward": own,
+        "exact_attention": exact,
+        "machine": asdict(machine) if machine else None, "roofline": bounds,
         "tokens_per_s": {n: r["tokens_per_s"] for n, r in cells_out.items()},
         "ratios": summary["ratios"],
         "speedup": {n: r["speedup"] for n, r in cells_out.items()},

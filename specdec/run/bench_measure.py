@@ -28,7 +28,7 @@ from specdec.measure import metrics
 from specdec.model.decoding import DecodeSettings
 from specdec.run.devices import kv_cache_bytes
 from specdec.methods.drafters import DrafterError, find_drafter, load_drafter, parse_alias
-from specdec.model.kernels import prepare_model
+from specdec.model.kernels import prepare_model, quant_ops
 from specdec.model.models import LoadedModel, ModelError, load_model, load_registry, resolve, shared_logit_rows
 from specdec.model.quant import apply_weights
 from specdec.run.runner import Pair, decode, load_pair, record_of, warm_up
@@ -142,6 +142,48 @@ def held_bytes(models) -> int:
     return total
 
 
+def linear_layers(model) -> list:
+    """The modules that multiply by a weight matrix (nn.Linear and our kernel layers; fused projections once)."""
+    return [m for m in model.modules() if type(m) is torch.nn.Linear or callable(getattr(m, "kernel", None))]
+
+
+def pass_cost(model) -> tuple[int, int]:
+    """(bytes of weights a pass reads: every linear layer's own tensors, not the input embedding's table, of
+    which a pass reads a row per token; multiply-adds per row: the linear layers' in x out, attention left out)."""
+    read, macs = 0, 0
+    for m in linear_layers(model):
+        tensors = list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
+        packed = getattr(m, "packed", None)
+        tensors += [packed] if isinstance(packed, torch.Tensor) else []
+        read += sum(t.numel() * t.element_size() for t in tensors)
+        macs += m.in_features * m.out_features
+    return read, macs
+
+
+def roofline(cells: list, loaded, summary: dict, s: DecodeSettings, context: float, machine) -> dict:
+    """Our runners' ms per target pass against the pass's roofline bound on `machine` (measure.machine): weights
+    read + KV cache read at `context` tokens over the bandwidth, and 2 x multiply-adds x rows verified over the
+    peak (int8's where the linear layers run our VNNI kernels, else float32's; rows: 1 for plain decoding, else
+    the most a pass verifies, k + 1 or tree_budget + 1, so the compute bound is an upper one)."""
+    from specdec.measure.machine import roofline_ms
+
+    out = {}
+    for cell in cells:
+        breakdown = summary["cells"][cell.name]["step_breakdown"]
+        pair = loaded.pairs.get(cell.key)
+        if cell.engine != "specdec" or not breakdown or pair is None:
+            continue
+        model = pair.target.model
+        read, macs = pass_cost(model)
+        st = STRATEGIES[cell.strategy]
+        rows = 1 if st.proposer is None else (s.tree_budget or s.k) + 1 if st.tree else s.k + 1
+        integer = any(getattr(m, "kernels", None) == "vnni" for m in linear_layers(model))
+        bound = roofline_ms(machine, read + kv_bytes_per_token(model) * context, 2 * macs * rows, integer)
+        out[cell.name] = {"pass_ms": breakdown["step_ms"], "rows": rows, "weight_bytes": read, **bound,
+                          "over_bound": breakdown["step_ms"] / bound["bound_ms"]}
+    return out
+
+
 def kv_bytes_per_token(model) -> int:
     """layers × 2 (K and V) × kv_heads × head_dim × bytes per element, at the model's own dtype."""
     return kv_cache_bytes(model.config, 1, next(model.parameters()).element_size())
@@ -163,7 +205,7 @@ def load_models(target_alias: str, cells: list[Cell], registry, device: str, sto
     llama.cpp runners load the GGUF files themselves (`threads` threads, default torch's)."""
     def copy_of(loaded: LoadedModel, model=None, weights: str | None = None) -> LoadedModel:
         return replace(loaded, model=apply_weights(copy.deepcopy(model if model is not None else loaded.model),
-                                                   weights))
+                                                   weights, quant_ops(weights)))
 
     def ready(loaded: LoadedModel, engine: str) -> LoadedModel:
         if engine == "specdec":
@@ -185,7 +227,7 @@ def load_models(target_alias: str, cells: list[Cell], registry, device: str, sto
             drafts = sorted({c.draft for c in cells if (c.engine, c.weights) == (engine, fmt)}, key=lambda d: d or "")
             # the last group takes the loaded target itself; drafts are copied from it before it is converted
             last = (engine, fmt) == groups[-1]
-            engine_target = replace(target, model=apply_weights(target.model, fmt)) if last else \
+            engine_target = replace(target, model=apply_weights(target.model, fmt, quant_ops(fmt))) if last else \
                 copy_of(target, weights=fmt)
             for spec in drafts:
                 key = (engine, spec, fmt)

@@ -17,7 +17,8 @@ from specdec.methods.datastore import (CONTEXT_FREE_PREFIX, DEFAULT_NEW_TOKENS, 
 from specdec.model.decoding import Clock, DecodeSettings, baseline_decode, forward, new_cache
 from specdec.methods.drafters import DrafterError, find_drafter, load_drafter, parse_for_target
 from specdec.engines.hf_reference import hf_decode, hf_decode_batch
-from specdec.model.kernels import attention_kernel, exact_rows_requested, linear_kernels, prepare_model
+from specdec.model.kernels import (attention_kernel, exact_rows_requested, linear_kernels, prepare_model,
+                                   quant_kernels)
 from specdec.model.llama_forward import forward_choice
 from specdec.model.models import (WEIGHT_FORMATS, LoadedModel, ModelError, encode_prompt, load_model, resolve,
                             shared_logit_rows)
@@ -86,6 +87,7 @@ def check_settings(strategy: str, draft: str | None, s: DecodeSettings, registry
     try:
         linear_kernels()  # a bad $SPECDEC_CPU_LINEAR, $SPECDEC_CPU_ATTENTION, $SPECDEC_EXACT_ATTENTION or
         attention_kernel()  # $SPECDEC_FORWARD fails here, before any model loads
+        quant_kernels()  # and a bad $SPECDEC_CPU_QUANT
         exact_rows_requested()
         forward_choice()
         trained = parse_for_target(draft, target)

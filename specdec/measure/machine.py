@@ -1,0 +1,95 @@
+"""The machine's limits, measured: memory bandwidth (a streaming read of a buffer far larger than the caches) and
+peak float32 multiply-add and int8 VNNI rates on the threads torch uses (csrc/machine_probe.cpp), so a decoding
+pass's time can be set against its roofline bound: max(bytes read / bandwidth, operations / peak).
+
+The probe takes about 2 s and is cached per host, CPU and thread count in $SPECDEC_CACHE_DIR (default
+~/.cache/specdec)/machine.json; `specdec bench` prints it and each runner's pass time against its bound
+(docs/kernels.md). On a busy machine the probe reads low: delete the file to measure again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from specdec.model import kernels
+
+PROBE_BYTES = 1 << 30  # read: far beyond any L3 this project meets (256 MiB on the largest EPYCs)
+FMA_ITERATIONS, VNNI_ITERATIONS = 20_000_000, 20_000_000  # per thread: ~0.1-0.3 s each
+FMA_OPS = 16 * 16 * 2   # per iteration: 16 vector FMAs x 16 float32 lanes x (multiply, add)
+VNNI_OPS = 16 * 64 * 2  # per iteration: 16 vpdpbusd x 64 int8 products x (multiply, add)
+
+
+@dataclass(frozen=True)
+class Machine:
+    host: str
+    cpu: str
+    threads: int
+    bandwidth_gb_s: float          # streaming read, 1e9 bytes per second
+    float32_gflop_s: float         # fused multiply-add peak, 1e9 operations per second (a multiply-add = 2)
+    int8_gop_s: float | None       # vpdpbusd peak; None where the CPU has no AVX-512 VNNI
+
+
+def best_seconds(fn, repeats: int = 3) -> float:
+    """The fastest of `repeats` timed calls (the machine's limit is what it reaches at best)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def probe(cpu: str) -> Machine:
+    """Measure now, on torch's current thread count (about 2 s plus allocating the buffer)."""
+    ext = kernels.panel_extension()  # PanelKernelError where it cannot build: the caller says why
+    buffer = torch.ones(PROBE_BYTES, dtype=torch.uint8)  # written once: the pages are real, not the zero page
+    ext.probe_read(buffer)
+    read_s = best_seconds(lambda: ext.probe_read(buffer))
+    del buffer
+    threads = torch.get_num_threads()
+    fma_s = best_seconds(lambda: ext.probe_compute(FMA_ITERATIONS, False))
+    vnni = kernels.quant_kernel_problem() is None
+    vnni_s = best_seconds(lambda: ext.probe_compute(VNNI_ITERATIONS, True)) if vnni else None
+    return Machine(host=socket.gethostname(), cpu=cpu, threads=threads,
+                   bandwidth_gb_s=round(PROBE_BYTES / read_s / 1e9, 2),
+                   float32_gflop_s=round(threads * FMA_ITERATIONS * FMA_OPS / fma_s / 1e9, 1),
+                   int8_gop_s=round(threads * VNNI_ITERATIONS * VNNI_OPS / vnni_s / 1e9, 1) if vnni else None)
+
+
+def cache_file() -> Path:
+    return Path(os.environ.get("SPECDEC_CACHE_DIR") or Path.home() / ".cache" / "specdec") / "machine.json"
+
+
+def machine_limits(cpu: str) -> Machine:
+    """This host's limits on torch's current thread count: from the cache, else probed and cached."""
+    key = f"{socket.gethostname()}|{cpu}|{torch.get_num_threads()}"
+    path = cache_file()
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if key in cached:
+        return Machine(**cached[key])
+    machine = probe(cpu)
+    cached[key] = asdict(machine)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(cached, indent=1))
+    tmp.replace(path)  # atomic: concurrent jobs never read half a file
+    return machine
+
+
+def roofline_ms(machine: Machine, bytes_read: float, ops: float, integer: bool) -> dict:
+    """A pass's bound: memory (bytes / bandwidth) and compute (ops / the float32 or int8 peak), ms each, and the
+    larger as the bound."""
+    memory = 1e3 * bytes_read / (machine.bandwidth_gb_s * 1e9)
+    peak = machine.int8_gop_s if integer and machine.int8_gop_s else machine.float32_gflop_s
+    compute = 1e3 * ops / (peak * 1e9)
+    return {"memory_ms": memory, "compute_ms": compute, "bound_ms": max(memory, compute)}

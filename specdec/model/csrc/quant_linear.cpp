@@ -1,0 +1,302 @@
+// Multi-row int8 and int4 linear layers on AVX-512 VNNI CPUs: y[m, n] = sum_k x[m, k] * W[n, k] for 1 to 64 (or
+// more) rows, with W in quant.py's formats and the activations quantised per row to int8 on every call.
+//
+// Why: torch's packed int4/int8 CPU kernels are built for one row, so a verify pass of k + 1 rows costs nearly
+// k + 1 steps. Here the weights stream from memory once per call for all rows (loop: a group of weight panels
+// outer, row chunks inner, so later chunks read the panels from cache), and the products are integer dot products
+// (`vpdpbusd`: 64 u8 x s8 products summed in fours into 16 int32 lanes per instruction).
+//
+// Activations: per row, scale = max|x| / 127 and xq = round-half-even(x / scale) in [-127, 127] (a row of zeros:
+// xq = 0). The row's scale is its own, so a row's result does not depend on the other rows of the call.
+//
+// int8 (per output channel, symmetric: w = q * s[n], q in [-128, 127]): vpdpbusd wants one operand unsigned, so the
+// activations enter as xq + 128 (u8) against the signed weights, and 128 * sum_k q[n, k] (precomputed per output
+// column) is subtracted: sum_k xq q = sum_k (xq + 128) q - 128 sum_k q. y = float(sum) * scale_m * s[n].
+// Packed [Np/16, Kp/4, 16, 4]: 16 output columns side by side, 4 consecutive inputs per column (one int32 lane).
+// K and N are padded with zero weights to multiples of 4 and 16.
+//
+// int4 (per group of G inputs, asymmetric: w = (q - 8) * scale[g, n] + zero[g, n], q in [0, 15]): the weights are
+// already unsigned, so they are vpdpbusd's u8 operand and the activations its s8 one; per group
+// sum_k x w = scale_m * (scale[g, n] * sum_k q xq + (zero[g, n] - 8 scale[g, n]) * sum_k xq), the integer sums exact,
+// the float sum over groups in group order. Packed [N/16, K/8, 16, 4] bytes: byte (j, i) of input octet o holds
+// q[n0 + j, 8o + i] in its low and q[n0 + j, 8o + 4 + i] in its high nibble; scales and zeros (bfloat16, as the
+// format stores them) [N/16, K/G, 2, 16].
+//
+// Every output element is computed by the same instruction sequence whatever the number of rows or the tile that
+// holds it (integer sums are exact; float operations in a fixed order), so a verify pass gives each row the bits
+// of its one-row step.
+//
+// No AMX: the AMX tile path for Intel Xeons is not written, as no AMX CPU was at hand to test it.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,fma")
+
+namespace {
+
+constexpr int kPanelGroup = 8;  // panels of 16 columns that all row chunks share from cache
+
+struct Rows {                    // the quantised activations of one call
+    const uint8_t* x;            // [M, stride] bytes: xq + 128 (int8 kernel) or xq (int4 kernel, as int8)
+    int64_t stride;
+    const float* scale;          // [M]
+    const float* group_sum;      // [M, groups]: sum of xq over each group (int4 kernel)
+    int64_t groups;
+};
+
+inline int32_t four_bytes(const uint8_t* p) {
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return v;
+}
+
+inline __m512 bf16_to_f32(const uint16_t* p) {  // 16 bfloat16 -> 16 float32 (a bfloat16 is a float32's top half)
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+inline void store(float* y, int64_t n0, int64_t N, __m512 v) {
+    if (n0 + 16 <= N) {
+        _mm512_storeu_ps(y + n0, v);
+    } else {
+        _mm512_mask_storeu_ps(y + n0, static_cast<__mmask16>((1u << (N - n0)) - 1), v);
+    }
+}
+
+// int8: M rows x NB panels, all of K.
+template <int M, int NB>
+void int8_tile(const Rows& r, int64_t m0, const int8_t* packed, int64_t quads, const int32_t* col_sums,
+               const float* scales, float* y, int64_t N, int64_t p0) {
+    __m512i acc[M][NB];
+    for (int m = 0; m < M; ++m)
+        for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_setzero_si512();
+    const int8_t* panel[NB];
+    for (int b = 0; b < NB; ++b) panel[b] = packed + (p0 + b) * quads * 64;
+    const uint8_t* x = r.x + m0 * r.stride;
+    for (int64_t q = 0; q < quads; ++q) {
+        __m512i w[NB];
+        for (int b = 0; b < NB; ++b) {
+            w[b] = _mm512_loadu_si512(panel[b] + q * 64);
+            _mm_prefetch(reinterpret_cast<const char*>(panel[b] + q * 64 + 4096), _MM_HINT_T0);
+        }
+        for (int m = 0; m < M; ++m) {
+            const __m512i a = _mm512_set1_epi32(four_bytes(x + m * r.stride + q * 4));
+            for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_dpbusd_epi32(acc[m][b], a, w[b]);
+        }
+    }
+    for (int b = 0; b < NB; ++b) {
+        const int64_t n0 = (p0 + b) * 16;
+        const __m512i offset = _mm512_loadu_si512(col_sums + n0);
+        const __m512 s = _mm512_loadu_ps(scales + n0);
+        for (int m = 0; m < M; ++m) {
+            const __m512 sum = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[m][b], offset));
+            const __m512 v = _mm512_mul_ps(_mm512_mul_ps(sum, _mm512_set1_ps(r.scale[m0 + m])), s);
+            store(y + (m0 + m) * N, n0, N, v);
+        }
+    }
+}
+
+// int4: M rows x NB panels, all of K, group by group.
+template <int M, int NB>
+void int4_tile(const Rows& r, int64_t m0, const uint8_t* packed, int64_t octets, int64_t group,
+               const uint16_t* scales_zeros, float* y, int64_t N, int64_t p0) {
+    __m512 acc[M][NB];
+    for (int m = 0; m < M; ++m)
+        for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_setzero_ps();
+    const uint8_t* panel[NB];
+    for (int b = 0; b < NB; ++b) panel[b] = packed + (p0 + b) * octets * 64;
+    const int64_t per_group = group / 8, groups = octets / per_group;
+    const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
+    const int8_t* x = reinterpret_cast<const int8_t*>(r.x) + m0 * r.stride;
+    for (int64_t g = 0; g < groups; ++g) {
+        __m512i isum[M][NB];
+        for (int m = 0; m < M; ++m)
+            for (int b = 0; b < NB; ++b) isum[m][b] = _mm512_setzero_si512();
+        for (int64_t o = g * per_group; o < (g + 1) * per_group; ++o) {
+            __m512i lo[NB], hi[NB];
+            for (int b = 0; b < NB; ++b) {
+                const __m512i v = _mm512_loadu_si512(panel[b] + o * 64);
+                _mm_prefetch(reinterpret_cast<const char*>(panel[b] + o * 64 + 4096), _MM_HINT_T0);
+                lo[b] = _mm512_and_si512(v, low_nibbles);
+                hi[b] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low_nibbles);
+            }
+            for (int m = 0; m < M; ++m) {
+                const int8_t* xm = x + m * r.stride + o * 8;
+                const __m512i a0 = _mm512_set1_epi32(four_bytes(reinterpret_cast<const uint8_t*>(xm)));
+                const __m512i a1 = _mm512_set1_epi32(four_bytes(reinterpret_cast<const uint8_t*>(xm + 4)));
+                for (int b = 0; b < NB; ++b) {
+                    isum[m][b] = _mm512_dpbusd_epi32(isum[m][b], lo[b], a0);
+                    isum[m][b] = _mm512_dpbusd_epi32(isum[m][b], hi[b], a1);
+                }
+            }
+        }
+        for (int b = 0; b < NB; ++b) {
+            const uint16_t* sz = scales_zeros + ((p0 + b) * groups + g) * 32;
+            const __m512 scale = bf16_to_f32(sz), zero = bf16_to_f32(sz + 16);
+            const __m512 low = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), scale, zero);  // zero - 8 scale, exact
+            for (int m = 0; m < M; ++m) {
+                acc[m][b] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(isum[m][b]), acc[m][b]);
+                acc[m][b] = _mm512_fmadd_ps(low, _mm512_set1_ps(r.group_sum[(m0 + m) * r.groups + g]), acc[m][b]);
+            }
+        }
+    }
+    for (int b = 0; b < NB; ++b) {
+        const int64_t n0 = (p0 + b) * 16;
+        for (int m = 0; m < M; ++m) {
+            const __m512 v = _mm512_mul_ps(acc[m][b], _mm512_set1_ps(r.scale[m0 + m]));
+            store(y + (m0 + m) * N, n0, N, v);
+        }
+    }
+}
+
+// Panels [pa, pb) for rows [m0, m0 + M): tiles of NB panels, NB chosen so the accumulators fit the 32 registers.
+template <int M>
+void int8_rows(const Rows& r, int64_t m0, const int8_t* packed, int64_t quads, const int32_t* col_sums,
+               const float* scales, float* y, int64_t N, int64_t pa, int64_t pb) {
+    constexpr int NB = M <= 6 ? 4 : 3;
+    int64_t p = pa;
+    for (; p + NB <= pb; p += NB) int8_tile<M, NB>(r, m0, packed, quads, col_sums, scales, y, N, p);
+    for (; p < pb; ++p) int8_tile<M, 1>(r, m0, packed, quads, col_sums, scales, y, N, p);
+}
+
+template <int M>
+void int4_rows(const Rows& r, int64_t m0, const uint8_t* packed, int64_t octets, int64_t group,
+               const uint16_t* scales_zeros, float* y, int64_t N, int64_t pa, int64_t pb) {
+    constexpr int NB = M <= 2 ? 4 : 2;
+    int64_t p = pa;
+    for (; p + NB <= pb; p += NB) int4_tile<M, NB>(r, m0, packed, octets, group, scales_zeros, y, N, p);
+    for (; p < pb; ++p) int4_tile<M, 1>(r, m0, packed, octets, group, scales_zeros, y, N, p);
+}
+
+using Int8Fn = void (*)(const Rows&, int64_t, const int8_t*, int64_t, const int32_t*, const float*,
+                        float*, int64_t, int64_t, int64_t);
+constexpr int kInt8Chunk = 8;
+constexpr Int8Fn kInt8Rows[kInt8Chunk + 1] = {nullptr,     int8_rows<1>, int8_rows<2>, int8_rows<3>, int8_rows<4>,
+                                              int8_rows<5>, int8_rows<6>, int8_rows<7>, int8_rows<8>};
+using Int4Fn = void (*)(const Rows&, int64_t, const uint8_t*, int64_t, int64_t, const uint16_t*,
+                        float*, int64_t, int64_t, int64_t);
+constexpr int kInt4Chunk = 4;
+constexpr Int4Fn kInt4Rows[kInt4Chunk + 1] = {nullptr, int4_rows<1>, int4_rows<2>, int4_rows<3>, int4_rows<4>};
+
+// Per-row activation quantisation into `out` ([M, stride] bytes, xq + offset, zero padding to `stride`).
+void quantize_rows(const float* x, int64_t M, int64_t K, int64_t stride, int offset, uint8_t* out, float* scale) {
+    for (int64_t m = 0; m < M; ++m) {
+        const float* row = x + m * K;
+        float amax = 0.0f;
+        for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(row[k]));
+        const float s = amax / 127.0f;
+        scale[m] = s;
+        uint8_t* o = out + m * stride;
+        for (int64_t k = 0; k < K; ++k) {
+            const float q = s > 0.0f ? std::nearbyint(row[k] / s) : 0.0f;
+            o[k] = static_cast<uint8_t>(static_cast<int>(std::min(127.0f, std::max(-127.0f, q))) + offset);
+        }
+        for (int64_t k = K; k < stride; ++k) o[k] = static_cast<uint8_t>(offset);
+    }
+}
+
+void check_input(const torch::Tensor& x, const char* name) {
+    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.device().is_cpu(),
+                name, ": x must be a 2-D float32 CPU tensor");
+}
+
+void int8_worker(const Rows& r, int64_t M, const int8_t* wp, int64_t quads, const int32_t* cs, const float* sc,
+                 float* yp, int64_t N, int64_t pa, int64_t pb) {
+    for (int64_t g = pa; g < pb; g += kPanelGroup) {
+        const int64_t ge = std::min<int64_t>(g + kPanelGroup, pb);
+        for (int64_t m0 = 0; m0 < M; m0 += kInt8Chunk) {
+            const int64_t rows = std::min<int64_t>(kInt8Chunk, M - m0);
+            kInt8Rows[rows](r, m0, wp, quads, cs, sc, yp, N, g, ge);
+        }
+    }
+}
+
+void int4_worker(const Rows& r, int64_t M, const uint8_t* wp, int64_t octets, int64_t group, const uint16_t* sz,
+                 float* yp, int64_t N, int64_t pa, int64_t pb) {
+    for (int64_t g = pa; g < pb; g += kPanelGroup) {
+        const int64_t ge = std::min<int64_t>(g + kPanelGroup, pb);
+        for (int64_t m0 = 0; m0 < M; m0 += kInt4Chunk) {
+            const int64_t rows = std::min<int64_t>(kInt4Chunk, M - m0);
+            kInt4Rows[rows](r, m0, wp, octets, group, sz, yp, N, g, ge);
+        }
+    }
+}
+
+}  // namespace
+
+// x [M, K] float32; packed int8 [Np/16, Kp/4, 64]; col_sums int32 [Np] (128 * sum_k q); scales float32 [Np];
+// out_features N <= Np. Returns [M, N] float32.
+torch::Tensor int8_linear(torch::Tensor x, const torch::Tensor& packed, const torch::Tensor& col_sums,
+                          const torch::Tensor& scales, int64_t N) {
+    check_input(x, "int8_linear");
+    x = x.contiguous();
+    TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 64 && packed.scalar_type() == torch::kInt8 &&
+                    packed.is_contiguous() && packed.size(1) * 4 >= x.size(1) && packed.size(1) * 4 < x.size(1) + 4,
+                "int8_linear: packed must be a contiguous int8 [Np/16, Kp/4, 64] tensor with Kp = x.size(1) "
+                "rounded up to 4");
+    const int64_t M = x.size(0), K = x.size(1), panels = packed.size(0), quads = packed.size(1);
+    TORCH_CHECK(col_sums.scalar_type() == torch::kInt32 && col_sums.is_contiguous() &&
+                    col_sums.numel() == panels * 16 && scales.scalar_type() == torch::kFloat32 &&
+                    scales.is_contiguous() && scales.numel() == panels * 16 && N > panels * 16 - 16 &&
+                    N <= panels * 16,
+                "int8_linear: col_sums (int32) and scales (float32) must hold the packed columns, N within them");
+    auto y = torch::empty({M, N}, x.options());
+    if (M == 0) return y;
+    std::vector<uint8_t> xq(M * quads * 4);
+    std::vector<float> xs(M);
+    quantize_rows(x.data_ptr<float>(), M, K, quads * 4, 128, xq.data(), xs.data());
+    const Rows r{xq.data(), quads * 4, xs.data(), nullptr, 0};
+    const int8_t* wp = packed.data_ptr<int8_t>();
+    const int32_t* cs = col_sums.data_ptr<int32_t>();
+    const float* sc = scales.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, panels, kPanelGroup, [&](int64_t pa, int64_t pb) {
+        int8_worker(r, M, wp, quads, cs, sc, yp, N, pa, pb);
+    });
+    return y;
+}
+
+// x [M, K] float32; packed uint8 [N/16, K/8, 64]; scales_zeros bfloat16 [N/16, K/group, 2, 16]. Returns [M, N].
+torch::Tensor int4_linear(torch::Tensor x, const torch::Tensor& packed, const torch::Tensor& scales_zeros,
+                          int64_t group) {
+    check_input(x, "int4_linear");
+    x = x.contiguous();
+    const int64_t M = x.size(0), K = x.size(1);
+    TORCH_CHECK(group > 0 && group % 8 == 0 && K % group == 0,
+                "int4_linear: the group size must be a multiple of 8 that divides the input width");
+    TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 64 && packed.scalar_type() == torch::kUInt8 &&
+                    packed.is_contiguous() && packed.size(1) * 8 == K,
+                "int4_linear: packed must be a contiguous uint8 [N/16, K/8, 64] tensor with K = x.size(1)");
+    const int64_t panels = packed.size(0), octets = packed.size(1), groups = K / group, N = panels * 16;
+    TORCH_CHECK(scales_zeros.scalar_type() == torch::kBFloat16 && scales_zeros.is_contiguous() &&
+                    scales_zeros.numel() == panels * groups * 32,
+                "int4_linear: scales_zeros must be a contiguous bfloat16 [N/16, K/group, 2, 16] tensor");
+    auto y = torch::empty({M, N}, x.options());
+    if (M == 0) return y;
+    std::vector<uint8_t> xq(M * K);
+    std::vector<float> xs(M), sums(M * groups);
+    quantize_rows(x.data_ptr<float>(), M, K, K, 0, xq.data(), xs.data());
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t g = 0; g < groups; ++g) {
+            int32_t s = 0;
+            for (int64_t k = g * group; k < (g + 1) * group; ++k) s += static_cast<int8_t>(xq[m * K + k]);
+            sums[m * groups + g] = static_cast<float>(s);
+        }
+    const Rows r{xq.data(), K, xs.data(), sums.data(), groups};
+    const uint8_t* wp = packed.data_ptr<uint8_t>();
+    const uint16_t* sz = reinterpret_cast<const uint16_t*>(scales_zeros.data_ptr<at::BFloat16>());
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, panels, kPanelGroup, [&](int64_t pa, int64_t pb) {
+        int4_worker(r, M, wp, octets, group, sz, yp, N, pa, pb);
+    });
+    return y;
+}
+
+#pragma GCC pop_options
