@@ -72,6 +72,10 @@ class Run(Base):
     # batch's new tokens, wall time and throughput)
     batch_size: Mapped[int | None] = mapped_column(Integer)
     slurm_job_id: Mapped[str | None] = mapped_column(String)
+    # serving cells (server-* strategies): concurrent clients and Poisson request rate (NULL: closed loop); the
+    # cell metrics (throughput, TPOT quantiles, goodput, server counters) are the run's `serving` in extra_json
+    concurrency: Mapped[int | None] = mapped_column(Integer)
+    request_rate: Mapped[float | None] = mapped_column(Double)
     # Paired baselines and noise (format 2; NULL on older runs). A cell's paired baseline is a run of its own
     # with its engine's plain decoding (`baseline`, or `llamacpp-generate` for llama.cpp cells) as strategy and
     # `paired_with` = the cell's run_id; `baseline_mode` (a param) is 'paired' or 'shared' on cells that are not
@@ -201,6 +205,6 @@ JSON_FIELDS = ("gpu_names", "devices", "proposed_per_position", "accepted_per_po
 # params keys flattened into `runs` columns (everything else stays in params_json only).
 PARAM_COLUMNS = ("cell", "target", "draft", "strategy", "k", "gpus", "temperature", "top_p", "top_k",
                  "draft_sampling", "use_cache", "max_new_tokens", "repeats", "warmup", "dtype", "gpu_mode",
-                 "baseline_mode", "weights", "threads", "batch_size")
+                 "baseline_mode", "weights", "threads", "batch_size", "concurrency", "request_rate")
 # Filled by the store from whatever a result file carries beyond the columns, so no recorded field is lost.
 EXTRA_FIELD = "extra_json"

@@ -54,12 +54,14 @@ WITH ok AS (
     SELECT m.*, r.host, r.cpu_name, r.gpu_names, r.target, r.draft, r.strategy, r.k, r.gpus, r.temperature,
            r.top_p, r.top_k, r.max_new_tokens, r.started_utc, r.paired_with, r.baseline_mode, c.cost_per_hour,
            r.weights, r.threads, coalesce(r.batch_size, 1) AS batch_size,
-           CASE WHEN r.strategy LIKE 'llamacpp-%' THEN 'llamacpp' ELSE 'specdec' END AS engine,
+           CASE WHEN r.strategy LIKE 'llamacpp-%' THEN 'llamacpp' WHEN r.strategy LIKE 'server-%' THEN 'server'
+                ELSE 'specdec' END AS engine,
            -- what a shared baseline must have in common with the row: the machine, the engine, the weight format,
-           -- the threads and the decoding settings
+           -- the threads and the decoding settings (serving cells: the same concurrency and request rate)
            row(r.host, r.cpu_name, r.gpu_names, r.target, r.gpus, r.temperature, r.top_p, r.top_k, r.max_new_tokens,
-               CASE WHEN r.strategy LIKE 'llamacpp-%' THEN 'llamacpp' ELSE 'specdec' END, r.weights, r.threads,
-               coalesce(r.batch_size, 1))
+               CASE WHEN r.strategy LIKE 'llamacpp-%' THEN 'llamacpp' WHEN r.strategy LIKE 'server-%' THEN 'server'
+                    ELSE 'specdec' END, r.weights, r.threads,
+               coalesce(r.batch_size, 1), r.concurrency, r.request_rate)
                AS baseline_key
     FROM measurements AS m
     JOIN runs AS r ON r.run_id = m.run_id
@@ -77,7 +79,7 @@ baseline_runs AS (
            arg_min(token_hash, "repeat") AS baseline_token_hash,
            min("repeat") AS baseline_repeat
     FROM ok
-    WHERE strategy IN ('baseline', 'llamacpp-generate') AND paired_with IS NULL
+    WHERE strategy IN ('baseline', 'llamacpp-generate', 'server-plain') AND paired_with IS NULL
     GROUP BY ALL
 ),
 latest_baseline AS (
@@ -87,7 +89,8 @@ latest_baseline AS (
 )
 SELECT
     o.run_id, o.host, o.target, o.draft, o.strategy,
-    CASE WHEN o.strategy IN ('baseline', 'hf-generate', 'llamacpp-generate') THEN NULL ELSE o.k END AS draft_length,
+    CASE WHEN o.strategy IN ('baseline', 'hf-generate', 'llamacpp-generate', 'server-plain') THEN NULL ELSE o.k END
+        AS draft_length,
     o.gpus, o.temperature, o.top_p, o.top_k, o.max_new_tokens,
     o.prompt_id, o.category, o."repeat", o.new_tokens, o.tokens_per_s,
     coalesce(p.tokens_per_s, b.baseline_tokens_per_s) AS baseline_tokens_per_s,

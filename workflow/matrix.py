@@ -193,6 +193,8 @@ def check_config(config: dict) -> list[dict]:
             raise ConfigError(f"strategies: '{name}' runs llama.cpp on GGUF models, but no pair has a GGUF target"
                               + (" and draft" if st.needs_draft else "") + " without `weights`; add one (e.g. "
                               "smollm2-135m) or drop the strategy")
+        if st.engine == "server":
+            check_server(name, config, registry)
         if st.engine == "llamacpp" and 0 not in config["gpus"]:
             raise ConfigError(f"strategies: '{name}' runs llama.cpp on the CPU only, but gpus has no 0; add 0 to gpus "
                               "or drop the strategy")
@@ -225,13 +227,38 @@ def check_config(config: dict) -> list[dict]:
     return prompts
 
 
+def check_server(name: str, config: dict, registry: dict) -> None:
+    """A serving strategy's server can run the config's pairs (the schema checked the keys' shapes)."""
+    server = config.get("server") or {}
+    kind = server.get("kind", "llama-server")
+    serve = STRATEGIES[name].serve
+    if serve in ("suffix", "eagle") and kind != "vllm":
+        raise ConfigError(f"strategies: '{name}' is vLLM's; set server.kind: vllm or drop the strategy")
+    if kind == "url" and not server.get("url"):
+        raise ConfigError(f"server: kind url needs server.url (http://HOST:PORT of the running server) for '{name}'")
+    if kind == "url" and config.get("baseline", "paired") == "paired" and serve != "off" \
+            and not server.get("baseline_url"):
+        raise ConfigError(f"server: '{name}' against a running server is paired with the same model served without "
+                          "speculation: set server.baseline_url, or baseline: shared")
+    if kind == "llama-server" and not any(
+            runs_on_llamacpp(p["target"], registry)
+            and (not STRATEGIES[name].needs_draft or runs_on_llamacpp(p.get("draft"), registry))
+            for p in config["pairs"]):
+        raise ConfigError(f"strategies: '{name}' runs llama-server on GGUF models, but no pair has a GGUF target"
+                          + (" and draft" if STRATEGIES[name].needs_draft else "") + "; add one (e.g. smollm2-135m)"
+                          " or drop the strategy")
+
+
 def cell_name(target: str, draft: str | None, strategy: str, k: int | None, gpus: int, temperature: float,
-              tree_budget: int | None = None, weights: str | None = None, batch_size: int = 1) -> str:
+              tree_budget: int | None = None, weights: str | None = None, batch_size: int = 1,
+              concurrency: int | None = None, request_rate: float | None = None) -> str:
     """A file-name-safe, human-readable, unique name: e.g. `smollm2-135m__ngram__k4__g0__t0` (`__wint8` after the
-    strategy when the config sets weight formats)."""
+    strategy when the config sets weight formats; serving cells: `__c4` clients, `__r2.5` requests/s)."""
     parts = [target] + ([draft] if draft else []) + [strategy] + ([f"w{weights}"] if weights else [])
     parts += [f"k{k}"] if k is not None else []
     parts += [f"b{tree_budget}"] if tree_budget is not None else []
+    parts += [f"c{concurrency}"] if concurrency is not None else []
+    parts += [f"r{request_rate:g}"] if request_rate is not None else []
     parts += [f"g{gpus}", f"t{temperature:g}"]
     parts += [f"B{batch_size}"] if batch_size != 1 else []
     return "__".join(SAFE.sub("_", p) for p in parts)
@@ -261,7 +288,7 @@ def expand_cells(config: dict) -> dict[str, dict]:
             st = STRATEGIES[strategy]
             if st.needs_draft and not draft:
                 continue  # pruned: this pair has no draft model
-            llama = st.engine == "llamacpp"
+            llama = st.engine == "llamacpp" or (st.engine == "server" and server_kind(config) == "llama-server")
             if llama and not all(runs_on_llamacpp(a, registry) for a in (target, draft if st.needs_draft else None)
                                  if a):
                 continue  # pruned: llama.cpp runs GGUF files (check_config made sure some pair has them)
@@ -277,12 +304,20 @@ def expand_cells(config: dict) -> dict[str, dict]:
             gpu_counts = [0] if llama else config["gpus"]
             # llama.cpp is driven one sequence at a time; every other engine runs each batch size (transformers'
             # assisted generation and prompt lookup then fail with transformers' own refusal: shown, not hidden)
-            batch_sizes = [1] if llama else config.get("batch_sizes", [1])
-            for k, budget, gpus, temperature, weights, batch_size in itertools.product(
-                    ks, budgets, gpu_counts, temperatures, formats, batch_sizes):
-                name = cell_name(target, cell_draft, strategy, k, gpus, temperature, budget, weights, batch_size)
+            serving = st.engine == "server"
+            batch_sizes = [1] if llama or serving else config.get("batch_sizes", [1])
+            if serving:  # the server's own quantisation and devices; one cell per load level (the server batches)
+                formats, gpu_counts = [None], [0] if server_kind(config) == "llama-server" else gpu_counts
+            loads = (list(itertools.product(config.get("concurrency") or [1], config.get("request_rate") or [None]))
+                     if serving else [(None, None)])
+            for k, budget, gpus, temperature, weights, batch_size, (clients, rate) in itertools.product(
+                    ks, budgets, gpu_counts, temperatures, formats, batch_sizes, loads):
+                name = cell_name(target, cell_draft, strategy, k, gpus, temperature, budget, weights, batch_size,
+                                 clients, rate)
                 cell = dict(shared, cell=name, target=target, draft=cell_draft, strategy=strategy, k=k, gpus=gpus,
                             temperature=temperature)
+                if serving:  # only serving cells carry these, so other cells' hashes stay as they were
+                    cell.update(concurrency=clients, request_rate=rate, server=config.get("server") or None)
                 if not is_plain_baseline(strategy):  # a baseline cell is the same job in either mode
                     cell["baseline_mode"] = config.get("baseline", "paired")
                 if budget is not None:  # only tree cells carry it, so other cells' hashes stay as they were
@@ -310,6 +345,10 @@ def expand_cells(config: dict) -> dict[str, dict]:
                 cell["config_hash"] = config_hash(cell)
                 cells[name] = cell
     return cells
+
+
+def server_kind(config: dict) -> str:
+    return (config.get("server") or {}).get("kind", "llama-server")
 
 
 def host_label(config: dict) -> str:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from specdec import __version__
 
-from specdec.run import devices, parallel
+from specdec.run import devices, parallel, serve
 
 from specdec.methods import drafters
 
@@ -52,7 +52,8 @@ JOB_DEFAULTS = dict(baseline_mode="paired", draft=None, k=None, tree_budget=None
                     drafters_dir=None, drafter_settings=None,  # trained drafters: cache root, training settings
                     degenerate=None,  # metrics.DegenerateRule fields (None: its defaults)
                     weights=None, threads=None,  # our engine's weight format (None: the alias's); CPU threads
-                    batch_size=1)  # sequences decoded at once (runner.generate_batch); 1: one at a time
+                    batch_size=1,  # sequences decoded at once (runner.generate_batch); 1: one at a time
+                    concurrency=1, request_rate=None, server=None)  # serving cells (run/serve.py)
 
 
 def utc_now() -> str:
@@ -203,6 +204,8 @@ def run_cell(job: dict, progress=None, read_noise=None) -> dict:
     run["params"] = params
     prompts = select(load_prompts(job["prompts_file"]), job["prompt_ids"], job["categories"], job["per_category"])
     s = settings_for(job)
+    if params["engine"] == "server":
+        return run_serving(job, run, prompts, s, rule, paired, progress, read_noise)
     claim = None
     gpu_uuids: list[str] = []
     try:
@@ -334,6 +337,46 @@ def decode_batches(prompts: list[dict], repeats: int, paired: bool, decode_batch
             if progress:
                 progress(row if side == "cell" else {**row, "paired_baseline": True})
     return rows["cell"], rows["baseline"]
+
+
+def run_serving(job: dict, run: dict, prompts: list[dict], s: DecodeSettings, rule: DegenerateRule, paired: bool,
+                progress=None, read_noise=None) -> dict:
+    """A serving cell (engine 'server'): a server process per side driven by concurrent clients (run/serve.py).
+    A server that does not start fails the whole cell before any request is measured."""
+    params = run["params"]
+    params.update(concurrency=job["concurrency"], request_rate=job["request_rate"],
+                  server={**serve.SERVER_DEFAULTS, **(job["server"] or {})}, threads_used=job["threads"] or os.cpu_count())
+    log_dir = Path(tempfile.mkdtemp(prefix=f"specdec-server-{job['cell'] or job['strategy']}-"))
+    run["server_logs"] = str(log_dir)
+    sampler = None
+    try:
+        registry = load_registry(job["models"])
+        check_settings(job["strategy"], job["draft"], s, registry, job["target"], weights=job["weights"])
+        if not isinstance(job["concurrency"], int) or job["concurrency"] < 1:
+            raise ValueError(f"concurrency must be an integer >= 1, got {job['concurrency']!r}")
+        if job["request_rate"] is not None and not job["request_rate"] > 0:
+            raise ValueError(f"request_rate must be > 0 requests/s (or null: closed loop), got {job['request_rate']!r}")
+        target_spec = registry[job["target"]]
+        params.update(target_source=target_spec.source, dtype=target_spec.dtype,
+                      draft_source=registry[job["draft"]].source if job["draft"] else None)
+        sampler = start_noise(read_noise, [])
+        measurements, baseline_rows, summaries = serve.run_server_cell(job, registry, prompts, paired, rule, log_dir,
+                                                                       unit_order, progress)
+    except Exception as exc:  # nothing half-measured: every row of the cell fails with the one-line reason
+        if sampler is not None:
+            sampler.stop()
+        run.update(status="failed", error=one_line(exc), finished_utc=utc_now())
+        return {"format": FORMAT, "run": run, "measurements": failed_rows(prompts, job["repeats"], run["error"]),
+                "paired_baseline": None}
+    run["serving"] = summaries["cell"]
+    if all(m["status"] == "failed" for m in measurements):
+        run.update(status="failed", error=measurements[0]["error"])
+    run["finished_utc"] = utc_now()
+    document = {"format": FORMAT, "run": run, "measurements": measurements, "paired_baseline": None}
+    if paired:
+        document["paired_baseline"] = paired_baseline(run, baseline_rows)
+        document["paired_baseline"]["run"]["serving"] = summaries["baseline"]
+    return add_noise(document, sampler.stop())
 
 
 def paired_baseline(run: dict, rows: list[dict]) -> dict:
