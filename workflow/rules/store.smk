@@ -18,6 +18,9 @@ rule ingest:
         # Always: the thresholds the store judges noise by are the config's (a change re-runs only this step).
         noise=f"--noise {shlex.quote(json.dumps(config['noise'], sort_keys=True))}",
         crashed=f"{RUN_DIR}/crashed",
+        # A new file there changes this parameter, so Snakemake reruns ingest and with it the missing cell (a
+        # missing input alone does not rerun an ingest whose output exists).
+        set_aside=sorted(p.name for p in Path(f"{RUN_DIR}/crashed").glob("*.json")),
     log:
         f"logs/{config['tag']}/{HOST}/ingest.log",
     shell:
