@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -54,6 +55,21 @@ def collect_result_files(paths: list[str]) -> tuple[list[Path], list[Path]]:
     return found, skipped
 
 
+def set_aside_crashed(files: list[Path], folder: Path) -> list[Path]:
+    """Move the result files of cells whose process crashed (`run.crash`: it died of a signal) into `folder`, as
+    <name>.<run id>.json. The workflow's ingest step does this once they are stored, so they stay in the store as
+    failures while the next run measures those cells again (a missing result file is what Snakemake reruns)."""
+    moved = []
+    for path in files:
+        run = json.loads(path.read_text(encoding="utf-8"))["run"]
+        if run.get("crash"):
+            folder.mkdir(parents=True, exist_ok=True)
+            target = folder / f"{path.stem}.{run['run_id']}.json"
+            os.replace(path, target)
+            moved.append(target)
+    return moved
+
+
 def json_option(text: str | None, flag: str):
     try:
         return json.loads(text) if text is not None else None
@@ -74,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--noise", default=None, metavar="JSON",
                         help='replace the noise thresholds runs are judged by, e.g. \'{"other_cpu_cores": 0.5}\' '
                              "(the rest keep their defaults)")
+    parser.add_argument("--set-aside-crashed", default=None, metavar="DIR", type=Path,
+                        help="once stored, move the result files of crashed cells (their process died of a signal) "
+                             "into DIR, so the workflow measures those cells again on its next run")
     parser.add_argument("paths", nargs="+", metavar="FILE_OR_DIR", help="result files, or folders to search for *.json")
     args = parser.parse_args(argv)
     db_path = Path(args.db) if args.db else default_db_path()
@@ -96,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     for line in report.refused:
         print(f"refused: {line}", file=sys.stderr)
     print(summary_line(report, db_path))
+    if args.set_aside_crashed:
+        moved = set_aside_crashed(files, args.set_aside_crashed)
+        if moved:
+            print(f"set aside {len(moved)} crashed cell result{'s' if len(moved) > 1 else ''} in "
+                  f"{args.set_aside_crashed} (stored as failures): the next run measures "
+                  f"{'them' if len(moved) > 1 else 'it'} again")
     return 2 if report.refused else 0
 
 

@@ -17,3 +17,25 @@ def fail(message: str, prog: str = "specdec") -> int:
 
     print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr)
     return EXIT_USAGE
+
+
+CRASH_ENV = "SPECDEC_SIMULATE_CRASH"
+
+
+def simulated_crash(point: str) -> bool:
+    """Whether $SPECDEC_SIMULATE_CRASH (comma-separated points) names `point`. Tests of crash isolation set it,
+    since a native crash cannot be had on demand: `amx` makes this CPU pass for one with AMX whose llama.cpp
+    extra buffers crash (engines.llamacpp), `decode:STRATEGY` makes a decode of STRATEGY crash (run.runner)."""
+    import os
+
+    return point in {p.strip() for p in os.environ.get(CRASH_ENV, "").split(",")}
+
+
+def crash(where: str) -> None:
+    """Die of SIGSEGV as a native crash would (faulthandler, where enabled, dumps the Python frames first)."""
+    import os
+    import signal
+    import sys
+
+    print(f"specdec: simulated native crash in {where} (${CRASH_ENV})", file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGSEGV)

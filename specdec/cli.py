@@ -107,8 +107,8 @@ def cmd_generate(args) -> int:
     from specdec.methods.drafters import find_drafter, parse_alias
     from specdec.model.decoding import DecodeSettings
     from specdec.model.models import ModelError, encode_prompt, load_registry
-    from specdec.run.runner import (SettingsError, check_settings, generate, load_pair, threads_in_use, use_threads,
-                                    warm_up, weight_format)
+    from specdec.run.runner import (SettingsError, check_settings, extra_buffers_in_use, generate, load_pair,
+                                    threads_in_use, use_threads, warm_up, weight_format)
     from specdec.strategies import STRATEGIES
 
     s = DecodeSettings.from_mapping(args)
@@ -137,6 +137,8 @@ def cmd_generate(args) -> int:
         out = {"target": args.target, "draft": args.draft, "strategy": args.strategy, "device": device,
                "engine": engine, "weights": weight_format(pair), "threads": threads_in_use(pair),
                "settings": vars(s), **record}
+        if engine == "llamacpp":
+            out["llamacpp_extra_buffers"] = extra_buffers_in_use(pair)
         if parse_alias(args.draft):
             out["drafter_dir"] = str(drafters_dir)
         print(json.dumps(out))
@@ -173,7 +175,13 @@ def cmd_models(args) -> int:
 
 
 def cmd_run_job(args) -> int:
-    # inside the command: `specdec query|report|ingest|--help` start without importing torch and transformers
+    # The cell runs in a child `specdec run-job` (a native crash takes down only that child); only the child
+    # imports torch and transformers.
+    from specdec.run import isolate
+
+    if not isolate.in_child():
+        return isolate.run_job_isolated(args.job, args.out)
+    isolate.enable_crash_dump()
     from specdec.run.job import run_job
 
     return run_job(args.job, args.out)

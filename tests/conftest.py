@@ -83,3 +83,108 @@ def prompt_file(tmp_path):
             {"id": "b", "category": "repetitive", "prompt": "la la la la la la", "turns": ["again: la la la"]}]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
+
+
+# --- tests that may crash natively run in a child pytest ------------------------------------------------------
+# A segfault inside llama.cpp (issue 29: its AMX kernels on some Intel Xeons) would kill pytest itself. Tests marked
+# `child_process` run instead, all the marked tests of a module at once (module-scoped fixtures load once), in a
+# child `python -m pytest` that reports every result back here as pytest's own serialised reports. A child that
+# dies of a signal fails the test it was in, naming the signal and the Python frame faulthandler saw; the tests
+# after it get a new child (at most CHILD_CRASHES crashes per module, then they fail unrun).
+
+CHILD_REPORTS_ENV = "SPECDEC_PYTEST_REPORTS"
+CHILD_CRASHES = 3
+_config = None
+
+
+def pytest_configure(config):
+    global _config
+    _config = config
+
+
+def _write_child_line(entry: dict) -> None:
+    with open(os.environ[CHILD_REPORTS_ENV], "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def pytest_runtest_logstart(nodeid, location):
+    if os.environ.get(CHILD_REPORTS_ENV):
+        _write_child_line({"start": nodeid})
+
+
+def pytest_runtest_logreport(report):
+    if os.environ.get(CHILD_REPORTS_ENV):
+        _write_child_line({"report": _config.hook.pytest_report_to_serializable(config=_config, report=report)})
+
+
+def _crash_reports(item, text: str) -> list:
+    from _pytest.reports import TestReport
+
+    def report(when, outcome, longrepr=None):
+        return TestReport(item.nodeid, item.location, {}, outcome, longrepr, when)
+
+    return [report("setup", "passed"), report("call", "failed", text), report("teardown", "passed")]
+
+
+def _run_in_child(item, nodeids: list[str]) -> dict:
+    """nodeid -> its reports, from child pytest runs of `nodeids` (rerun after a crash for those not started)."""
+    import subprocess
+    import tempfile
+
+    from specdec.run.isolate import crashing_frame, signal_name
+
+    items = {i.nodeid: i for i in item.session.items}
+    results: dict = {}
+    crashes = 0
+    while nodeids:
+        fd, path = tempfile.mkstemp(prefix="specdec-pytest-", suffix=".jsonl")
+        os.close(fd)
+        try:
+            proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *nodeids],
+                                  cwd=item.config.rootpath, env={**os.environ, CHILD_REPORTS_ENV: path},
+                                  capture_output=True, text=True)
+            lines = [json.loads(line) for line in Path(path).read_text().splitlines()]
+        finally:
+            os.unlink(path)
+        started = [e["start"] for e in lines if "start" in e]
+        for entry in lines:
+            if "report" in entry:
+                rep = item.config.hook.pytest_report_from_serializable(config=item.config, data=entry["report"])
+                results.setdefault(rep.nodeid, []).append(rep)
+        unfinished = [n for n in started if not any(r.when == "teardown" for r in results.get(n, []))]
+        if proc.returncode >= 0 or not unfinished:
+            for nodeid in nodeids:
+                if nodeid not in results:
+                    last = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or ["no output"]
+                    results[nodeid] = _crash_reports(items[nodeid], f"not run by the child pytest: {last[0]}")
+            break
+        crashes += 1
+        crashed = unfinished[0]
+        frame = crashing_frame(proc.stderr) or "no Python frame"
+        results[crashed] = _crash_reports(items[crashed], f"crashed: the child pytest died of "
+                                          f"{signal_name(proc.returncode)} in this test, at {frame}\n{proc.stderr[-3000:]}")
+        nodeids = [n for n in nodeids if n not in started]
+        if crashes >= CHILD_CRASHES:
+            for nodeid in nodeids:
+                results[nodeid] = _crash_reports(items[nodeid], f"not run: the child pytest crashed {crashes} times")
+            break
+    return results
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item, nextitem):
+    if os.environ.get(CHILD_REPORTS_ENV) or item.get_closest_marker("child_process") is None:
+        return None
+    done = item.session.stash.setdefault(_CHILD_RESULTS, {})
+    if item.nodeid not in done:
+        group = [i.nodeid for i in item.session.items if i.path == item.path and i.nodeid not in done
+                 and i.get_closest_marker("child_process") is not None]
+        done.update(_run_in_child(item, group))
+    item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+    for report in done[item.nodeid]:
+        item.ihook.pytest_runtest_logreport(report=report)
+    item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+    return True
+
+
+_CHILD_RESULTS = pytest.StashKey[dict]()

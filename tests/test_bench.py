@@ -134,17 +134,26 @@ def test_weight_formats_are_runners_with_their_own_baseline(tiny_setup, capsys):
     assert result["threads"] == 1
 
 
-def test_llamacpp_runners_in_the_bench(capsys, tmp_path):
-    """The embedded GGUF under llama.cpp only (no torch model loads): its own baseline, counted acceptance."""
+@pytest.mark.child_process  # llama.cpp runs in this process: a native crash fails this test only (conftest.py)
+def test_llamacpp_runners_in_the_bench(capsys, tmp_path, monkeypatch):
+    """The embedded GGUF under llama.cpp only (no torch model loads): its own baseline, counted acceptance; a
+    runner that crashes natively (simulated: its decoding dies of SIGSEGV) is reported, the others measured."""
     pytest.importorskip("llama_cpp")
+    monkeypatch.setenv("SPECDEC_SIMULATE_CRASH", "decode:llamacpp-suffix")
     prompt_file = tmp_path / "p.jsonl"
     prompt_file.write_text(json.dumps({"id": "rep-1", "category": "repetitive",
                                        "prompt": "Repeat exactly: red green blue, red green blue."}) + "\n")
     code, out, err = run_bench(capsys, [
-        "--prompts", str(prompt_file), "--runners", "llamacpp-generate,llamacpp-specdec-ngram,llamacpp-ngram",
+        "--prompts", str(prompt_file), "--runners",
+        "llamacpp-generate,llamacpp-suffix,llamacpp-specdec-ngram,llamacpp-ngram",
         "--max-new-tokens", "12", "--repeats", "1", "--threads", "1", "--memory", "subprocess"])
     assert code == 0, err
     result = json.loads(out.strip().splitlines()[-1])
+    assert list(result["crashed"]) == ["llamacpp-suffix"] and "llamacpp-suffix" not in result["tokens_per_s"]
+    assert result["crashed"]["llamacpp-suffix"].startswith("crashed: died of SIGSEGV in engine llamacpp, at File")
+    assert "CRASHED llamacpp-suffix: crashed: died of SIGSEGV" in out
+    assert out.splitlines()[0].endswith(f"llama.cpp extra buffers: {result['llamacpp_extra_buffers']}")
+    assert result["llamacpp_extra_buffers"] in ("on (no AMX)", "amx", "off (probe crashed: SIGSEGV)")
     tps = result["tokens_per_s"]
     assert set(result["engines"].values()) == {"llamacpp"} and set(result["weights"].values()) == {"gguf-Q4_1"}
     for name in ("llamacpp-specdec-ngram", "llamacpp-ngram"):

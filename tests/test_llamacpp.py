@@ -16,6 +16,7 @@ from specdec.model.models import ModelError, encode_prompt, load_registry
 from specdec.methods.trainfree import Datastore, concatenate
 
 pytest.importorskip("llama_cpp")
+pytestmark = pytest.mark.child_process  # a native crash in llama.cpp fails a test, not the run (conftest.py)
 
 PROMPTS = ["Repeat after me three times: the cat sat on the mat.",
            "Summarise in one sentence: The Amazon rainforest covers 5.5 million square kilometres across nine "

@@ -65,8 +65,8 @@ def write_config(workdir: Path, config: dict) -> Path:
     return path
 
 
-def snakemake(workdir: Path, *args, timeout=600, **popen) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SPECDEC_GPU_LOCK_DIR": str(workdir / "locks")}
+def snakemake(workdir: Path, *args, timeout=600, env=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SPECDEC_GPU_LOCK_DIR": str(workdir / "locks"), **(env or {})}
     return subprocess.run([*SNAKEMAKE, "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"),
                            "--cores", "2", *args], capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -386,6 +386,34 @@ def test_failed_cells_are_stored_and_the_rest_of_the_matrix_runs(workdir, tiny_m
     assert by_cell["tiny-target__baseline__g1__t0"].startswith("failed")
     assert "GPU" in by_cell["tiny-target__baseline__g1__t0"]
     assert rows(db, "SELECT count(*) FROM failures") == [(3 * len(PROMPTS),)]
+
+
+def test_a_crashed_cell_is_stored_as_failed_and_retried_alone(workdir, tiny_models):
+    """A cell whose process dies of SIGSEGV (simulated in its decoding): the matrix finishes, the store holds the
+    other cells and the crash as failed rows naming signal, engine and frame; the next run measures only it."""
+    config = base_config(tiny_models, strategies=["baseline", "ngram"], draft_lengths=[2], prompt_ids=["a1"])
+    config["generation"].update(max_new_tokens=4, repeats=1)
+    write_config(workdir, config)
+    crashed_cell = "tiny-target__ngram__k2__g0__t0"
+    result = snakemake(workdir, env={"SPECDEC_SIMULATE_CRASH": "decode:ngram"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    db = workdir / "store.duckdb"
+    by_cell = dict(rows(db, "SELECT r.cell, string_agg(DISTINCT m.status) || ' ' || coalesce(any_value(m.error), "
+                            "'') FROM runs r JOIN measurements m USING (run_id) GROUP BY r.cell"))
+    assert by_cell["tiny-target__baseline__g0__t0"] == "ok "
+    assert by_cell[crashed_cell].startswith("failed NativeCrash: the cell's process died of SIGSEGV in engine "
+                                            "specdec (ngram), at File ")
+    output = result.stdout + result.stderr
+    assert "Best speedup per pair and strategy" in output and "set aside 1 crashed cell result" in output
+    run_dir = workdir / "results" / "t1" / "testhost"
+    assert not (run_dir / "cells" / f"{crashed_cell}.json").exists()
+    assert [p.name.split(".")[0] for p in (run_dir / "crashed").glob("*.json")] == [crashed_cell]
+
+    again = snakemake(workdir)  # no crash this time: only the crashed cell runs, and is stored beside its failure
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert rows(db, "SELECT r.cell, string_agg(m.status, ',' ORDER BY m.status) FROM runs r JOIN measurements m "
+                    "USING (run_id) WHERE r.paired_with IS NULL GROUP BY r.cell ORDER BY r.cell") == [
+        ("tiny-target__baseline__g0__t0", "ok"), (crashed_cell, "failed,ok")]  # the baseline cell did not rerun
 
 
 def test_a_killed_run_resumes_with_only_the_missing_cells(workdir, tiny_models):

@@ -45,26 +45,68 @@ so with the default micro-batch greedy speculative output can leave llama.cpp's 
 With n_ubatch = 1 (`load(..., ubatch=1)`) every pass runs token by token and the outputs are identical (tested);
 the bench reports the share of identical outputs at the default.
 
+Extra buffer types (`extra_buffers`): llama.cpp repacks weights into "extra" buffer types for faster kernels,
+AMX tiles on Intel Xeons with AMX. On some of those machines its AMX matrix product segfaults
+(ggml_backend_amx_mul_mat; upstream ggml-org/llama.cpp#20824) and takes the process down. Where the CPU has AMX,
+a child process first evaluates a short prompt with them; if it dies of a signal, every Llama here loads with
+`use_extra_bufts = False`. The verdict is cached per CPU and llama.cpp build ($SPECDEC_LLAMACPP_PROBE_DIR,
+default ~/.cache/specdec). $SPECDEC_LLAMACPP_EXTRA_BUFFERS=on|off forces either way; what ran is recorded with
+every run. docs/engines-llamacpp-amx.md.
+
 Prompts are tokenised by the alias's transformers tokenizer (`models.encode_prompt`), so both engines decode the
 very same token ids and their outputs can be compared token for token.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from specdec import crash, simulated_crash
 from specdec.model import models
+from specdec.model.kernels import cpuinfo_field, kernel_choice
 from specdec.model.decoding import DecodeSettings, Trace
 from specdec.methods.proposers import Shape, make_proposer
 from specdec.strategies import STRATEGIES
 
 ENGINE = "llamacpp"
 N_CTX = 4096  # context per Llama: prompt + max_new_tokens + k + 1 must fit (checked before decoding)
+
+
+EXTRA_BUFFERS_ENV = "SPECDEC_LLAMACPP_EXTRA_BUFFERS"
+EXTRA_BUFFERS = ("auto", "on", "off")
+PROBE_DIR_ENV = "SPECDEC_LLAMACPP_PROBE_DIR"
+AMX_FLAGS = ("amx_tile", "amx_int8", "amx_bf16")  # /proc/cpuinfo flags of Intel's Advanced Matrix Extensions
+PROBE_TIMEOUT_S = 300  # load the GGUF and evaluate 15 tokens: seconds for small models, a minute for 7B on 2 cores
+# The probe runs in a child with llama_cpp only (no torch): a batch of tokens (the matrix-matrix product where the
+# AMX crash was seen) and then one token (matrix-vector), with llama.cpp's default model parameters.
+PROBE_SCRIPT = """
+import sys
+import llama_cpp
+from specdec import crash, simulated_crash
+
+path, threads = sys.argv[1], int(sys.argv[2])
+llm = llama_cpp.Llama(model_path=path, n_ctx=128, n_threads=threads, n_threads_batch=threads, verbose=False)
+if simulated_crash("amx"):
+    crash("llama.cpp's AMX buffers (probe)")
+tokens = llm.tokenize(b"The quick brown fox jumps over the lazy dog, and the dog sleeps on.")
+llm.eval(tokens)
+llm.eval(tokens[-1:])
+print("ok")
+"""
 
 
 class LlamaCppError(ValueError):
@@ -75,11 +117,131 @@ def available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
+# --- extra buffer types (AMX) ------------------------------------------------------------------------------------
+
+def extra_buffers_setting() -> str:
+    """$SPECDEC_LLAMACPP_EXTRA_BUFFERS: auto (the default), on or off; a bad value is a one-line LlamaCppError."""
+    try:
+        return kernel_choice(EXTRA_BUFFERS_ENV, EXTRA_BUFFERS)
+    except ValueError as exc:
+        raise LlamaCppError(str(exc)) from None
+
+
+def has_amx() -> bool:
+    """Whether this CPU has AMX (or a test simulates one whose llama.cpp extra buffers crash)."""
+    return simulated_crash("amx") or bool(set(cpuinfo_field("flags").split()) & set(AMX_FLAGS))
+
+
+def probe_dir() -> Path:
+    if os.environ.get(PROBE_DIR_ENV):
+        return Path(os.environ[PROBE_DIR_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "specdec"
+
+
+def llama_build() -> dict:
+    """What identifies the llama.cpp build: llama-cpp-python's version and its libraries (name, size, mtime)."""
+    import llama_cpp
+
+    lib = Path(os.environ.get("LLAMA_CPP_LIB_PATH") or Path(llama_cpp.__file__).parent / "lib")
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in lib.glob("*.so*") if f.is_file()) \
+        if lib.is_dir() else []
+    return {"llama_cpp_python": llama_cpp.__version__, "library_dir": str(lib), "libraries": files}
+
+
+def probe_file() -> Path:
+    """The cache file of this machine's verdict: keyed by CPU model, CPU flags and the llama.cpp build."""
+    key = json.dumps([cpuinfo_field("model name"), sorted(cpuinfo_field("flags").split()), llama_build(),
+                      simulated_crash("amx")])
+    return probe_dir() / f"llamacpp-extra-buffers-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def probe(path, threads: int) -> str:
+    """Evaluate a short prompt on `path` with llama.cpp's default (extra) buffers in a child process: 'amx' if it
+    works, 'off (probe crashed: SIGNAL)' if the child dies of a signal. Any other failure (an exception, the
+    timeout) is 'off (probe failed: ...)'; only the two clear verdicts are cached."""
+    cmd = [sys.executable, "-X", "faulthandler", "-c", PROBE_SCRIPT, str(path), str(threads)]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return f"off (probe failed: no answer in {PROBE_TIMEOUT_S} s)"
+    if out.returncode < 0:
+        return f"off (probe crashed: {signal.Signals(-out.returncode).name})"
+    if out.returncode != 0 or "ok" not in out.stdout.split():
+        last = (out.stderr.strip().splitlines() or [f"exit status {out.returncode}"])[-1]
+        return f"off (probe failed: {last[:200]})"
+    return "amx"
+
+
+_VERDICTS: dict[str, str] = {}  # probe file -> verdict, for this process
+
+
+def extra_buffers(path, threads: int) -> str:
+    """How Llamas load here: 'on (no AMX)' (llama.cpp's default; nothing to decide), 'amx' (the probe passed),
+    'off (probe crashed: SIGSEGV)', 'on (forced)' or 'off (forced)' ($SPECDEC_LLAMACPP_EXTRA_BUFFERS). The probe
+    runs once per machine and llama.cpp build (cached in probe_dir()), on the first GGUF loaded there."""
+    choice = extra_buffers_setting()
+    if choice != "auto":
+        return f"{choice} (forced)"
+    if not has_amx():
+        return "on (no AMX)"
+    cache = probe_file()
+    if str(cache) not in _VERDICTS:
+        try:
+            _VERDICTS[str(cache)] = json.loads(cache.read_text())["verdict"]
+        except (OSError, ValueError, KeyError, TypeError):
+            verdict = probe(path, threads)
+            print(f"specdec: llama.cpp extra buffers on this AMX CPU: {verdict} (probe of {Path(path).name}; "
+                  f"cached in {cache})", file=sys.stderr)
+            if verdict == "amx" or verdict.startswith("off (probe crashed"):
+                save_verdict(cache, verdict, path)
+            _VERDICTS[str(cache)] = verdict
+    return _VERDICTS[str(cache)]
+
+
+def save_verdict(cache: Path, verdict: str, model) -> None:
+    record = {"verdict": verdict, "cpu": cpuinfo_field("model name"), "model": str(model), **llama_build(),
+              "probed_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, cache)  # atomic: cells probing at once each write a whole file
+    except OSError as exc:  # a read-only home: probe again next time, say why once
+        print(f"specdec: cannot cache the llama.cpp probe in {cache} ({exc.strerror}); set {PROBE_DIR_ENV}",
+              file=sys.stderr)
+
+
+@contextlib.contextmanager
+def default_params_without_extra_buffers():
+    """llama-cpp-python's Llama builds its model parameters from llama_model_default_params() and has no argument
+    for use_extra_bufts: inside this block those defaults have it off."""
+    import llama_cpp.llama_cpp as c_api
+
+    default = c_api.llama_model_default_params
+
+    def without():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    c_api.llama_model_default_params = without
+    try:
+        yield
+    finally:
+        c_api.llama_model_default_params = default
+
+
+def extra_buffers_of(llm) -> str | None:
+    """How a Llama of ours was loaded (extra_buffers' value); None for other objects."""
+    return getattr(llm, "specdec_extra_buffers", None)
+
+
 def check_settings(strategy: str, s: DecodeSettings) -> None:
     """llama.cpp-specific checks that need no model (runner.check_settings does the generic ones)."""
     if not available():
         raise LlamaCppError(f"strategy '{strategy}' needs llama-cpp-python (pip install llama-cpp-python; it "
                             "compiles llama.cpp, about ten minutes on 2 cores)")
+    extra_buffers_setting()
     if STRATEGIES[strategy].uses_k and s.draft_sampling != "greedy":
         raise LlamaCppError(f"'{strategy}': llama.cpp's draft hook takes token ids, not draft probabilities, so "
                             "drafts are argmaxes or lookups (exact at any temperature): use draft_sampling greedy")
@@ -107,8 +269,18 @@ def load(path, threads: int | None = None, n_ctx: int = N_CTX, ubatch: int | Non
     if threads is None:
         threads = torch.get_num_threads()
     kwargs = dict(n_ubatch=ubatch) if ubatch else {}  # llama_decode splits a pass; its logits stay whole
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                           logits_all=True, verbose=False, **kwargs)
+    mode = extra_buffers(path, threads)
+    off = mode.startswith("off")
+    with default_params_without_extra_buffers() if off else contextlib.nullcontext():
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                              logits_all=True, verbose=False, **kwargs)
+    if llm.model_params.use_extra_bufts == off:
+        raise LlamaCppError(f"llama.cpp loaded {Path(path).name} with use_extra_bufts={not off} although asked for "
+                            f"{mode}: this llama-cpp-python sets its model parameters another way")
+    if not off and simulated_crash("amx"):
+        crash("llama.cpp's AMX buffers")
+    llm.specdec_extra_buffers = mode
+    return llm
 
 
 def load_tokenizer(spec, path):

@@ -181,7 +181,8 @@ def attention_kernel() -> str:
     return "few-rows" if panel_kernel_problem() is None else "sdpa"
 
 
-def kernel_choice(variable: str, choices: tuple[str, ...], ours: str, instead: str, why_not=None) -> str:
+def kernel_choice(variable: str, choices: tuple[str, ...], ours: str | None = None, instead: str = "",
+                  why_not=None) -> str:
     """$variable's value ('auto' when unset), one of `choices`, else a ValueError naming them; asking for `ours`
     (a kernel of our extension) where it cannot run (`why_not()`, default `panel_kernel_problem`) is a ValueError
     with the reason and `instead`."""
@@ -339,16 +340,22 @@ def fast_kernels_available(model) -> bool:
 LINEAR_KERNELS = ("auto", "mkl", "onednn", "panels")
 
 
-def cpu_vendor() -> str:
-    """The CPU vendor string from /proc/cpuinfo ('GenuineIntel', 'AuthenticAMD', ...), '' where unknown."""
+def cpuinfo_field(name: str) -> str:
+    """A field of the first CPU in /proc/cpuinfo ('vendor_id', 'model name', 'flags'), '' where unknown."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                if key.strip() == name:
+                    return value.strip()
     except OSError:
         pass
     return ""
+
+
+def cpu_vendor() -> str:
+    """The CPU vendor string from /proc/cpuinfo ('GenuineIntel', 'AuthenticAMD', ...), '' where unknown."""
+    return cpuinfo_field("vendor_id")
 
 
 def linear_kernels() -> str:

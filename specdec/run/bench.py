@@ -30,11 +30,12 @@ from specdec.model.kernels import (attention_kernel, exact_rows_requested, linea
                                    quant_kernels)
 from specdec.model.llama_forward import forward_choice
 from specdec.run.bench_measure import (BenchError, Cell, by_category, load_models, measure_memory, parse_draft,
-                             probe_memory, profile_cell, roofline, run_interleaved, summarise)
+                                       preflight, preflight_child, probe_memory, profile_cell, roofline,
+                                       run_interleaved, summarise)
 from specdec.model.models import WEIGHT_FORMATS, ModelError, encode_prompt, load_registry, resolve
 from specdec.prompts import PromptFileError, load_prompts, select
 from specdec.run.job import cpu_name
-from specdec.run.runner import SettingsError, check_settings, weight_format
+from specdec.run.runner import SettingsError, check_settings, extra_buffers_in_use, weight_format
 from specdec.strategies import NAMES, STRATEGIES, add_proposer_args
 
 DEFAULT_RUNNERS = ("baseline", "speculative", "ngram", "hf-generate", "hf-assisted", "hf-ngram")
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "choice)")
     p.add_argument("--device", default="cpu", help="cpu | cuda:N (default: cpu)")
     p.add_argument("--probe-memory", default=None, help=argparse.SUPPRESS)  # internal: one runner, one process
+    p.add_argument("--preflight", default=None, help=argparse.SUPPRESS)  # internal: llama.cpp runners, one child
     return p
 
 
@@ -171,7 +173,8 @@ def fmt(value, spec: str = ".2f", empty: str = "-") -> str:
     return empty if value is None else format(value, spec)
 
 
-def print_tables(summary: dict, memory: dict, profiles: dict, header: str, out=None) -> None:
+def print_tables(summary: dict, memory: dict, profiles: dict, header: str, crashed: dict | None = None,
+                 out=None) -> None:
     out = out or sys.stdout
     cells = summary["cells"]
     print(header, file=out)
@@ -185,7 +188,11 @@ def print_tables(summary: dict, memory: dict, profiles: dict, header: str, out=N
                      fmt(r["verify_over_step"]), fmt(r["measured_over_predicted_with_verify_cost"]),
                      fmt(r["identical_to_baseline"], ".0%"), fmt(r["identical_to_ours"], ".0%"),
                      fmt(r["prefix_agreement_with_ours"], ".0%"), fmt(r["degenerate_share"], ".0%")])
+    for name, why in (crashed or {}).items():
+        rows.append([name, STRATEGIES[name.split("@")[0]].engine, "CRASHED"] + [""] * (len(cols) - 3))
     print_table(cols, rows, out)
+    for name, why in (crashed or {}).items():
+        print(f"CRASHED {name}: {why} (left out of the run)", file=out)
     print("(x peer: ours / transformers; x llama.cpp: ours / the same method in llama.cpp; speedup: over the same "
           "engine's plain decoding in the same weights; same tokens: greedy outputs equal to that plain decoding's; "
           "= ours, prefix = ours: equal to / shared prefix with our plain decoding's)", file=out)
@@ -295,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.probe_memory:
         print(json.dumps(probe_memory(json.loads(args.probe_memory))))
         return 0
+    if args.preflight:
+        preflight_child(json.loads(args.preflight))
+        return 0
     try:
         registry = load_registry(args.models)
         cells, s, prompts = check_args(args, registry)
@@ -303,9 +313,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         started = time.perf_counter()
+        crashed = preflight(cells, args, s, prompts[0]["prompt"])
+        cells = [c for c in cells if c.name not in crashed]
+        if not cells:
+            raise BenchError("every runner crashed: " + "; ".join(f"{n} {why}" for n, why in crashed.items()))
         loaded = load_models(args.target, cells, registry, args.device, args.stock_kernels, args.drafters_dir,
                              args.threads)
         formats = {c.name: weight_format(loaded.pairs[c.key]) for c in cells}  # as run: int8, gguf-Q4_1, ...
+        extra_buffers = sorted({extra_buffers_in_use(loaded.pairs[c.key]) for c in cells if c.engine == "llamacpp"})
         any_pair = next(iter(loaded.pairs.values()))
         encoded = [encode_prompt(any_pair.target, p["prompt"]) for p in prompts]
         runs = run_interleaved(loaded, cells, encoded, s, args.repeats, args.warmup)
@@ -335,8 +350,9 @@ def main(argv: list[str] | None = None) -> int:
                  else f", our CPU linear kernels: {kernels}, attention: {attention}, forward: {own}, "
                       f"int8/int4: {int_kernels}" if kernels
                  else "")
-              + (", EXACT attention rows (SPECDEC_EXACT_ATTENTION=1: a diagnostic, slower)" if exact else ""))
-    print_tables(summary, memory, profiles, header)
+              + (", EXACT attention rows (SPECDEC_EXACT_ATTENTION=1: a diagnostic, slower)" if exact else "")
+              + (f", llama.cpp extra buffers: {', '.join(extra_buffers)}" if extra_buffers else ""))
+    print_tables(summary, memory, profiles, header, crashed)
     print_roofline(machine, bounds)
     print_categories(categories)
     print_event_gaps(summary)
@@ -348,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         "linear_kernels": kernels, "attention_kernel": attention, "quant_kernels": int_kernels, "forward": own,
         "exact_attention": exact,
         "machine": asdict(machine) if machine else None, "roofline": bounds,
+        "llamacpp_extra_buffers": extra_buffers[0] if len(extra_buffers) == 1 else extra_buffers or None,
+        "crashed": crashed,  # runner -> why: its preflight child died of a signal (left out of the run)
         "tokens_per_s": {n: r["tokens_per_s"] for n, r in cells_out.items()},
         "ratios": summary["ratios"],
         "speedup": {n: r["speedup"] for n, r in cells_out.items()},

@@ -18,6 +18,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,8 +30,10 @@ from specdec.model.decoding import DecodeSettings
 from specdec.run.devices import kv_cache_bytes
 from specdec.methods.drafters import DrafterError, find_drafter, load_drafter, parse_alias
 from specdec.model.kernels import prepare_model, quant_ops
-from specdec.model.models import LoadedModel, ModelError, load_model, load_registry, resolve, shared_logit_rows
+from specdec.model.models import (LoadedModel, ModelError, encode_prompt, load_model, load_registry, resolve,
+                                  shared_logit_rows)
 from specdec.model.quant import apply_weights
+from specdec.run.isolate import enable_crash_dump, run_child
 from specdec.run.runner import Pair, decode, load_pair, record_of, warm_up
 from specdec.strategies import STRATEGIES, plain_baseline
 
@@ -500,6 +503,49 @@ def profile_cell(loaded: Loaded, cell: Cell, prompt_ids: list[int], s) -> dict:
     shares["python_and_framework"] = max(0.0, 1 - sum(shares.values()))
     top.sort(reverse=True)
     return {"wall_s": wall, "shares": shares, "top_ops": [(n, round(t / wall, 4)) for t, n in top[:6]]}
+
+
+# --- crash preflight ------------------------------------------------------------------------------------------
+
+def preflight(cells: list[Cell], args, s, prompt: str, log=print) -> dict[str, str]:
+    """llama.cpp runners (native code whose kernels llama.cpp picks per machine: the AMX crash) first load and
+    decode one short warm-up generation in a child process, all in one child, before anything loads here. Returns
+    runner name -> one-line reason for those whose child died of a signal: they are left out of the run and
+    reported as crashed; after a crash a new child checks the runners not yet done. Our runners are not checked
+    (the memory probe runs each in a child, but after the timed runs)."""
+    todo = [c for c in cells if c.engine == "llamacpp"]
+    crashed: dict[str, str] = {}
+    while todo:
+        done_file = Path(tempfile.mkstemp(prefix="specdec-preflight-", suffix=".txt")[1])
+        spec = {"cells": [[c.strategy, c.draft] for c in todo], "target": args.target, "models": args.models,
+                "threads": args.threads, "prompt": prompt, "settings": vars(s), "done": str(done_file)}
+        try:
+            returncode, crash = run_child([sys.executable, "-m", "specdec.run.bench", "--preflight",
+                                           json.dumps(spec)])
+            done = set(done_file.read_text().split())
+        finally:
+            done_file.unlink()
+        if crash is None:  # all done, or an ordinary error, which the run here reports the usual way
+            break
+        bad = next(c for c in todo if c.name not in done)
+        crashed[bad.name] = (f"crashed: died of {crash['signal']} in engine {bad.engine}"
+                             + (f", at {crash['frame']}" if crash["frame"] else ""))
+        log(f"[bench] {bad.name} {crashed[bad.name]}; left out of the run", file=sys.stderr)
+        todo = [c for c in todo if c.name not in done and c != bad]
+    return crashed
+
+
+def preflight_child(spec: dict) -> None:
+    """Inside preflight's child: each runner in turn, its name appended to spec['done'] once it decoded."""
+    enable_crash_dump()
+    registry = load_registry(spec["models"])
+    s = DecodeSettings.from_mapping(spec["settings"])
+    for strategy, draft in spec["cells"]:
+        cell = Cell(strategy, draft)
+        pair = load_models(spec["target"], [cell], registry, "cpu", False, threads=spec["threads"]).pairs[cell.key]
+        warm_up(pair, strategy, encode_prompt(pair.target, spec["prompt"]), s, 1)
+        with open(spec["done"], "a") as done:
+            done.write(cell.name + "\n")
 
 
 # --- memory ---------------------------------------------------------------------------------------------------

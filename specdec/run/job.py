@@ -35,11 +35,12 @@ from specdec.methods import drafters
 
 from specdec.measure import noise
 from specdec.model.decoding import DecodeSettings
+from specdec.model.kernels import cpuinfo_field
 from specdec.measure.metrics import DegenerateRule
 from specdec.model.models import encode_prompt, load_registry
 from specdec.prompts import load_prompts, select
-from specdec.run.runner import (check_settings, generate, generate_batch, load_pair, threads_in_use, use_threads, warm_up,
-                                weight_format)
+from specdec.run.runner import (check_settings, extra_buffers_in_use, generate, generate_batch, load_pair,
+                                threads_in_use, use_threads, warm_up, weight_format)
 from specdec.strategies import LOOKAHEAD_DEFAULTS, STRATEGIES, is_plain_baseline, names, store_baseline
 
 FORMAT = "specdec-result/2"
@@ -79,13 +80,7 @@ def git_state(cwd: str | None = None) -> tuple[str | None, bool | None]:
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def driver_version() -> str | None:
@@ -180,6 +175,38 @@ def decode_units(prompts: list[dict], repeats: int, paired: bool, decode_one, pr
     return rows["cell"], rows["baseline"]
 
 
+def new_run(job: dict) -> tuple[dict, list[dict]]:
+    """(the run record of a cell about to run: provenance and parameters, status ok; the prompts it decodes)."""
+    run = {"run_id": uuid.uuid4().hex, "workflow_run_id": job["workflow_run_id"], "started_utc": utc_now(),
+           "status": "ok", "error": None, **provenance(job)}
+    params = {key: job[key] for key in ("cell", "target", "draft", "strategy", "k", "tree_budget", "gpus",
+                                        "temperature", "top_p", "top_k", "draft_sampling", "use_cache",
+                                        "max_new_tokens", "repeats", "warmup", "prompts_file", "stop_at_eos",
+                                        "ngram_max", "recycle_topk", "rest_corpus", "gpu_mode", "weights", "threads",
+                                        "batch_size", *LOOKAHEAD_DEFAULTS)}
+    params["engine"] = STRATEGIES[job["strategy"]].engine
+    params["degenerate"] = DegenerateRule.from_dict(job["degenerate"]).to_dict()  # behind every `degenerate` flag
+    if not is_plain_baseline(job["strategy"]):  # a baseline is its own reference: it has no baseline mode
+        params["baseline_mode"] = job["baseline_mode"]
+    run["params"] = params
+    prompts = select(load_prompts(job["prompts_file"]), job["prompt_ids"], job["categories"], job["per_category"])
+    return run, prompts
+
+
+def crashed_document(job: dict, crash: dict) -> dict:
+    """The result file of a cell whose process died of a signal (isolate.run_child's crash): every row failed
+    with a one-line reason naming the signal, the engine and the crashing frame; `run.crash` holds them apart, so
+    the workflow's ingest step can set the file aside once stored and the next run measures the cell again."""
+    job = read_job(job)
+    run, prompts = new_run(job)
+    reason = (f"NativeCrash: the cell's process died of {crash['signal']} in engine "
+              f"{run['params']['engine']} ({job['strategy']})" + (f", at {crash['frame']}" if crash["frame"] else ""))
+    run.update(status="failed", error=reason[:1000], finished_utc=utc_now(),
+               crash={"signal": crash["signal"], "frame": crash["frame"]})
+    return {"format": FORMAT, "run": run, "measurements": failed_rows(prompts, job["repeats"], run["error"]),
+            "paired_baseline": None}
+
+
 def run_cell(job: dict, progress=None, read_noise=None) -> dict:
     """Run one cell and return the result document (never raises for model or decoding failures).
 
@@ -189,20 +216,9 @@ def run_cell(job: dict, progress=None, read_noise=None) -> dict:
     job = read_job(job)
     worker = parallel.in_worker()
     paired = is_paired(job)
-    run = {"run_id": uuid.uuid4().hex, "workflow_run_id": job["workflow_run_id"], "started_utc": utc_now(),
-           "status": "ok", "error": None, **provenance(job)}
-    params = {key: job[key] for key in ("cell", "target", "draft", "strategy", "k", "tree_budget", "gpus",
-                                        "temperature", "top_p", "top_k", "draft_sampling", "use_cache",
-                                        "max_new_tokens", "repeats", "warmup", "prompts_file", "stop_at_eos",
-                                        "ngram_max", "recycle_topk", "rest_corpus", "gpu_mode", "weights", "threads", "batch_size",
-                                        *LOOKAHEAD_DEFAULTS)}
-    params["engine"] = STRATEGIES[job["strategy"]].engine
+    run, prompts = new_run(job)
+    params = run["params"]
     rule = DegenerateRule.from_dict(job["degenerate"])
-    params["degenerate"] = rule.to_dict()  # the rule behind every measurement's `degenerate` flag
-    if not is_plain_baseline(job["strategy"]):  # a baseline is its own reference: it has no baseline mode
-        params["baseline_mode"] = job["baseline_mode"]
-    run["params"] = params
-    prompts = select(load_prompts(job["prompts_file"]), job["prompt_ids"], job["categories"], job["per_category"])
     s = settings_for(job)
     if params["engine"] == "server":
         return run_serving(job, run, prompts, s, rule, paired, progress, read_noise)
@@ -251,6 +267,7 @@ def run_cell(job: dict, progress=None, read_noise=None) -> dict:
         # quantisation and record it. What ran is kept beside them.
         if params["engine"] == "llamacpp":
             params["weights"] = weight_format(pair)
+            params["llamacpp_extra_buffers"] = extra_buffers_in_use(pair)  # amx | off (probe crashed: ...) | ...
         params.update(weights_used=weight_format(pair), threads_used=threads_in_use(pair))
         # weights as loaded, before decoding's first call repacks CPU layers into non-parameter buffers
         weights = devices.loaded_bytes([pair.target.model] + ([pair.draft.model] if pair.draft else []), used)
@@ -461,6 +478,8 @@ def write_atomic(path: str | Path, document: dict) -> None:
 
 
 def run_job(spec: str | dict, out: str | Path) -> int:
+    """`specdec run-job` inside its child process (isolate.run_job_isolated starts it): run the cell, write its
+    result file."""
     try:
         job = read_job(spec)
     except (ValueError, OSError) as exc:

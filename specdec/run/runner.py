@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from specdec import crash, simulated_crash
 from specdec.engines import llamacpp
 
 from specdec.measure import metrics
@@ -162,6 +163,8 @@ def load_pair(target_alias: str, draft_alias: str | None, registry: dict, device
 def decode(pair: Pair, strategy: str, prompt_ids: list[int], s: DecodeSettings):
     """One generation of `prompt_ids` with a loaded pair → Trace."""
     memory = prepare(pair, strategy, s)
+    if simulated_crash(f"decode:{strategy}"):
+        crash(f"a decode of {strategy}")
     return decode_models(strategy, pair.target.model, prompt_ids, s, pair.target.eos_token_ids,
                          pair.draft.model if pair.draft else None, pair.drafter, pair.vocab,
                          getattr(pair.target.tokenizer, "pad_token_id", None), memory)
@@ -330,6 +333,12 @@ def threads_in_use(pair: Pair) -> int:
     if llamacpp.is_llama(model):
         return int(model.n_threads)
     return torch.get_num_threads()
+
+
+def extra_buffers_in_use(pair: Pair) -> str | None:
+    """How llama.cpp loaded the pair's target (llamacpp.extra_buffers: 'amx', 'off (probe crashed: SIGSEGV)',
+    'on (no AMX)', ...); None for the torch engines."""
+    return llamacpp.extra_buffers_of(pair.target.model)
 
 
 def weight_format(pair: Pair) -> str:

@@ -1,6 +1,7 @@
 # One job per cell: load the cell's models once, decode all its prompts, write one result file.
 # A cell that fails (missing weights, out of memory, too few GPUs) still writes its file, with failed rows and the
-# error, and exits 0 so the rest of the matrix runs; only a crash leaves no file (then Snakemake reports the job).
+# error, and exits 0 so the rest of the matrix runs. So does a cell whose process crashes (a signal, e.g. a segfault
+# in a native library): `specdec run-job` runs the cell in a child process and writes the failure when it dies.
 
 
 def cell_threads(wildcards):

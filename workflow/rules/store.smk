@@ -1,5 +1,7 @@
 # The only step that writes the DuckDB store: every result file of this tag and host, in one transaction.
 # Runs already stored are skipped by run id, so re-running it (or a resumed workflow) never duplicates a row.
+# Result files of cells that crashed (their process died of a signal: job.crashed_document) are moved to
+# {RUN_DIR}/crashed/ once stored, so the store keeps the failure and the next run measures those cells again.
 # It also replaces the store's device price table with the config's `prices`, if any, and its noise thresholds with
 # the config's `noise` (a change of either re-runs only this step, not the measurements).
 
@@ -15,10 +17,15 @@ rule ingest:
         prices=f"--prices {shlex.quote(json.dumps(config['prices'], sort_keys=True))}" if config["prices"] else "",
         # Always: the thresholds the store judges noise by are the config's (a change re-runs only this step).
         noise=f"--noise {shlex.quote(json.dumps(config['noise'], sort_keys=True))}",
+        crashed=f"{RUN_DIR}/crashed",
+        # A new file there changes this parameter, so Snakemake reruns ingest and with it the missing cell (a
+        # missing input alone does not rerun an ingest whose output exists).
+        set_aside=sorted(p.name for p in Path(f"{RUN_DIR}/crashed").glob("*.json")),
     log:
         f"logs/{config['tag']}/{HOST}/ingest.log",
     shell:
-        "specdec ingest --db {params.db:q} {params.prices} {params.noise} {input:q} 2>&1 | tee {log:q} {output:q}"
+        "specdec ingest --db {params.db:q} {params.prices} {params.noise} --set-aside-crashed {params.crashed:q}"
+        " {input:q} 2>&1 | tee {log:q} {output:q}"
 
 
 # The summary printed at the end of every run (rule all in the Snakefile; it always runs, also when every cell was
