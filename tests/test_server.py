@@ -152,7 +152,7 @@ def test_crossover_is_the_concurrency_from_which_speculation_stops_paying():
 
 # --- command lines ------------------------------------------------------------------------------------------------
 
-def test_llama_server_command_lines(monkeypatch):
+def test_llama_server_command_lines(monkeypatch, tmp_path):
     monkeypatch.delenv("SPECDEC_LLAMACPP_EXTRA_BUFFERS", raising=False)
     base = server.ServerSpec(model="m.gguf", slots=4, threads=2, port=8080)
     argv = server.llama_server_argv(base, "llama-server")
@@ -169,7 +169,15 @@ def test_llama_server_command_lines(monkeypatch):
     assert draft[draft.index("--spec-type") + 1] == "draft-simple" and draft[draft.index("--spec-draft-n-max") + 1] == "4"
     monkeypatch.setenv("SPECDEC_LLAMACPP_EXTRA_BUFFERS", "off")
     assert "--no-repack" in server.llama_server_argv(base, "ls")
+    # auto follows the in-process engine's per-machine decision (a crashing AMX probe turns the buffers off)
+    monkeypatch.setenv("SPECDEC_LLAMACPP_EXTRA_BUFFERS", "auto")
+    monkeypatch.setattr(server.llamacpp, "has_amx", lambda: True)
+    monkeypatch.setattr(server.llamacpp, "probe", lambda path, threads: "off (probe crashed: SIGSEGV)")
+    monkeypatch.setenv("SPECDEC_LLAMACPP_PROBE_DIR", str(tmp_path))
+    assert "--no-repack" in server.llama_server_argv(base, "ls")
     monkeypatch.setenv("SPECDEC_LLAMACPP_EXTRA_BUFFERS", "maybe")
+    with pytest.raises(server.ServerError, match="SPECDEC_LLAMACPP_EXTRA_BUFFERS must be one of auto, on, off"):
+        server.llama_server_argv(base, "ls")
     with pytest.raises(server.ServerError, match="SPECDEC_LLAMACPP_EXTRA_BUFFERS must be one of auto, on, off"):
         server.check_spec(base)
 

@@ -36,12 +36,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from specdec.engines import llamacpp
+
 SERVER_KINDS = ("llama-server", "vllm", "url")
 SPEC_KINDS = ("off", "ngram", "suffix", "draft", "eagle")  # what a cell asks the server to speculate with
 # llama-server's draft-free kinds (its --spec-type values); a strategy's `ngram` maps to ngram-simple
 LLAMA_SPEC_TYPES = {"ngram": "ngram-simple"}
 VLLM_METHODS = {"ngram": "ngram", "suffix": "suffix", "draft": "draft_model", "eagle": "eagle"}
-EXTRA_BUFFERS = ("auto", "on", "off")  # $SPECDEC_LLAMACPP_EXTRA_BUFFERS
 
 
 class ServerError(RuntimeError):
@@ -88,16 +89,20 @@ def check_spec(s: ServerSpec) -> None:
         raise ServerError(f"concurrency (server slots) must be from 1 to 1024, got {s.slots}")
     if s.spec != "off" and not 0 <= s.draft_min <= s.draft_max:
         raise ServerError(f"need 0 <= draft_min <= draft_max, got {s.draft_min} and {s.draft_max}")
-    extra_buffers()
+    try:
+        llamacpp.extra_buffers_setting()  # a bad $SPECDEC_LLAMACPP_EXTRA_BUFFERS: one line before the server starts
+    except llamacpp.LlamaCppError as exc:
+        raise ServerError(str(exc)) from None
 
 
-def extra_buffers() -> str:
-    """$SPECDEC_LLAMACPP_EXTRA_BUFFERS: whether llama.cpp may use its extra (repacked, AMX) weight buffers: auto
-    (llama.cpp's default), on, or off (the crash-safe choice on CPUs whose AMX path fails)."""
-    value = os.environ.get("SPECDEC_LLAMACPP_EXTRA_BUFFERS", "auto").strip().lower() or "auto"
-    if value not in EXTRA_BUFFERS:
-        raise ServerError(f"SPECDEC_LLAMACPP_EXTRA_BUFFERS must be one of {', '.join(EXTRA_BUFFERS)}, got {value!r}")
-    return value
+def extra_buffers(s: ServerSpec) -> str:
+    """Whether llama-server may use llama.cpp's extra (repacked, AMX) weight buffers: the in-process llama.cpp
+    engine's decision (llamacpp.extra_buffers: probed once per machine on CPUs with AMX, cached;
+    $SPECDEC_LLAMACPP_EXTRA_BUFFERS forces it), since the server runs the same llama.cpp code."""
+    try:
+        return llamacpp.extra_buffers(s.model, s.threads or 1)
+    except llamacpp.LlamaCppError as exc:
+        raise ServerError(str(exc)) from None
 
 
 def find_binary(name: str, given: str | None = None) -> str:
@@ -138,7 +143,7 @@ def llama_server_argv(s: ServerSpec, binary: str) -> list[str]:
     elif s.spec == "ngram":  # look up the last ngram_max tokens (llama.cpp's default: 12), draft up to k (its: 48)
         argv += ["--spec-type", LLAMA_SPEC_TYPES[s.spec], "--spec-ngram-simple-size-n", str(s.ngram_max),
                  "--spec-ngram-simple-size-m", str(s.draft_max)]
-    if extra_buffers() == "off":  # the AMX crash's safe side (the in-process engine's decision, same llama.cpp)
+    if extra_buffers(s).startswith("off"):  # the AMX crash's safe side: llama.cpp's repacked buffers off
         argv += ["--no-repack"]
     return argv + list(s.extra_args)
 
