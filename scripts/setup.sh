@@ -41,5 +41,10 @@ if ! python -c "import llama_cpp" 2>/dev/null; then
     python -m pip install llama-cpp-python
 fi
 say "installing specdec and its other dependencies (pip install -e .[test])"
-python -m pip install --quiet -e ".[test]"
+# pip shows the build backend's warnings for a local project even with --quiet. The one setuptools gives here is a
+# notice, "Editable installation ... be careful with folders in your working directory with the same name as your
+# package", printed for every editable install that is not a flat layout: db/ and dashboard/ are installed as
+# specdec.db and specdec.dashboard (pyproject.toml), so setuptools imports them through a finder instead of a path
+# entry, as intended. Only that message is silenced; any other warning still shows.
+PYTHONWARNINGS="ignore:Editable installation" python -m pip install --quiet -e ".[test]"
 say ".venv is ready (activate it with: . .venv/bin/activate)"
