@@ -109,6 +109,7 @@ def table_markdown(model, comments: dict[int, str], source: list[str]) -> list[s
         where = next((i + 1 for i, text in enumerate(source)
                       if re.match(rf"\s+{re.escape(column.key)}: Mapped", text)), None)
         key = "primary key" if column.primary_key else ("not null" if not column.nullable else "")
+        key = ", ".join([key] * bool(key) + [f"→ {fk.target_fullname}" for fk in column.foreign_keys])
         lines.append(f"| `{column.name}` | {column.type} | {key} | {cell(comments.get(where, ''))} |")
     return lines + [""]
 
