@@ -48,11 +48,11 @@ ORDER BY target, draft, batch_size, speedup_median DESC NULLS LAST
 # speeds side by side: what each engine decodes at before any speculation.
 PLAIN_SQL = """
 SELECT target, strategy AS plain_decoding, engine, coalesce(weights, '-') AS weights, gpus, temperature,
-       round(tokens_per_s_median, 1) AS tok_s, n_measurements AS n,
+       batch_size AS batch, round(tokens_per_s_median, 1) AS tok_s, n_measurements AS n,
        CASE WHEN noisy THEN 'NOISY: ' || noise_reason WHEN noisy IS NULL THEN 'unknown' ELSE 'quiet' END AS noise
 FROM cell_summary
 WHERE host = '{host}' AND strategy IN ({plain})
-ORDER BY target, gpus, temperature, tokens_per_s_median DESC
+ORDER BY target, gpus, temperature, batch_size, tokens_per_s_median DESC
 """
 
 
