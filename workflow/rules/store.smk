@@ -77,13 +77,15 @@ def summary_command():
 
 
 def report_command():
-    """With `report: true` (config.yaml sets it), the run ends by writing `specdec report` for this tag and host into
-    report/<tag>/ and printing the HTML file's path; tests' configs leave it off (a report takes seconds)."""
+    """With `report: true` (config.yaml sets it), the run ends by writing `specdec report` for this host, as the
+    summary shows it, into report/<tag>/ and printing the HTML file's path; tests' configs leave it off (a report
+    takes seconds). No --tag: that filter matches result folders named by the real hostname, so it would find
+    nothing where the config's `host` label names them."""
     if not config.get("report"):
         return ":"
     import socket
 
     out = f"report/{config['tag']}"
-    return (f"specdec report --db {shlex.quote(config['db'])} --tag {shlex.quote(config['tag'])} "
-            f"--host {shlex.quote(socket.gethostname())} --out {shlex.quote(out)} && "
+    return (f"specdec report --db {shlex.quote(config['db'])} --host {shlex.quote(socket.gethostname())} "
+            f"--out {shlex.quote(out)} && "
             f"echo && echo \"Report (open it in a browser): $(realpath {shlex.quote(out)}/report.html)\"")
