@@ -36,5 +36,6 @@ rule all:
     localrule: True
     params:
         summary=summary_command(),
+        report=report_command(),
     shell:
-        "{params.summary}"
+        "{params.summary}; {params.report}"

