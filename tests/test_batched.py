@@ -35,12 +35,12 @@ def ragged_prompts(n: int, seed: int) -> list[list[int]]:
 
 @pytest.mark.parametrize("strategy", STRATEGY_NAMES)
 def test_every_sequence_gets_its_batch_one_output(target, draft, strategy):
-    s = DecodeSettings(max_new_tokens=20, k=4, tree_budget=6)
+    s = DecodeSettings(max_new_tokens=16, k=4, tree_budget=6)
     ps = ragged_prompts(8, seed=21)
     memory = context_free_memory(target) if strategy == "dynamic-tree" else {}
     alone = [decode_models(strategy, target, p, s, {EOS}, draft_model=draft, memory=dict(memory)).tokens for p in ps]
     assert len({tuple(t) for t in alone}) > 4  # different outputs: not a vacuous comparison
-    for slots in (1, 3, 8):
+    for slots in (3, 8):  # one slot is every other test's decoding (speculative_decode is decode_slots with one)
         rows = []
         traces = decode_slots(target, requests(strategy, ps, s, draft, dict(memory)), s, {EOS}, slots=slots,
                               on_pass=rows.append)
