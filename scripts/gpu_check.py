@@ -310,8 +310,13 @@ def step_matrix(check: Check) -> str:
     """The default matrix with gpus: [1] through Snakemake into a DuckDB store, then one `specdec query`."""
     folder = check.out / "matrix"
     folder.mkdir(parents=True, exist_ok=True)
-    config = {"gpus": [1], "db": str(folder / "specdec.duckdb"), "results": str(folder / "results"),
-              "tag": "gpu-check"}
+    import yaml  # in the GPU image (pyyaml) as in specdec's own dependencies
+
+    # the default matrix's strategies on the GPU; llama.cpp's run on the CPU only (gpus [1] would refuse them)
+    default = yaml.safe_load(Path("config.yaml").read_text())
+    strategies = [s for s in default["strategies"] if not s.startswith("llamacpp-")]
+    config = {"gpus": [1], "strategies": strategies, "db": str(folder / "specdec.duckdb"),
+              "results": str(folder / "results"), "tag": "gpu-check"}
     if check.facts.get("models"):
         config["models"] = json.loads(Path(check.facts["models"]).read_text())
     (folder / "config.json").write_text(json.dumps(config, indent=1) + "\n")
