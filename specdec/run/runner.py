@@ -242,9 +242,16 @@ def decode_models(strategy: str, target, prompt_ids: list[int], s: DecodeSetting
     eos = set(eos_ids)
     if st.proposer is None:
         return baseline_decode(target, prompt_ids, s, eos)
-    proposer = make_proposer(st.proposer, s, draft_model, drafter, vocab, memory)
-    length = DraftLength(s, st.length, st.width, eos if s.stop_at_eos else ())
-    return speculative_decode(target, prompt_ids, s, eos, proposer, length, vocab)
+    return speculative_decode(target, prompt_ids, s, eos,
+                              *drafting(strategy, s, eos, draft_model, drafter, vocab, memory), vocab)
+
+
+def drafting(strategy: str, s: DecodeSettings, eos: set[int], draft_model=None, drafter=None,
+             vocab: int | None = None, memory: dict | None = None) -> tuple:
+    """(proposer, draft-length policy) of one generation with a strategy of ours."""
+    st = STRATEGIES[strategy]
+    return (make_proposer(st.proposer, s, draft_model, drafter, vocab, memory),
+            DraftLength(s, st.length, st.width, eos if s.stop_at_eos else ()))
 
 
 def decode_batch(pair: Pair, strategy: str, prompts: list[list[int]], s: DecodeSettings, batch_size: int,
@@ -267,8 +274,7 @@ def decode_batch(pair: Pair, strategy: str, prompts: list[list[int]], s: DecodeS
     def request(ids: list[int]) -> Request:
         if st.proposer is None:
             return Request(ids)
-        return Request(ids, make_proposer(st.proposer, s, draft, pair.drafter, pair.vocab, memory),
-                       DraftLength(s, st.length, st.width, eos if s.stop_at_eos else ()))
+        return Request(ids, *drafting(strategy, s, eos, draft, pair.drafter, pair.vocab, memory))
 
     return decode_slots(pair.target.model, [request(ids) for ids in prompts], s, eos, pair.vocab, batch_size,
                         on_pass)
