@@ -146,3 +146,27 @@ def test_sampled_sequences_match_their_batch_one_samples(target, draft):
 def test_slots_must_be_positive(target):
     with pytest.raises(ValueError, match="slots must be >= 1"):
         decode_slots(target, [Request([3, 4])], DecodeSettings(max_new_tokens=2), {EOS}, slots=0)
+
+
+@pytest.mark.parametrize("strategy", ["speculative", "tree", "speculative-heuristic"])
+def test_draft_models_draft_for_all_live_sequences_in_one_pass(target, draft, strategy, monkeypatch):
+    """A draft model runs one draft pass per draft position for every live sequence (draft_together), not one per
+    sequence: chains, trees (one depth per pass) and heuristic lengths that differ across sequences; outputs stay
+    each sequence's batch-1 output."""
+    s = DecodeSettings(max_new_tokens=16, k=4, tree_budget=6)
+    ps = ragged_prompts(6, seed=5)
+    alone = [decode_models(strategy, target, p, s, {EOS}, draft_model=draft).tokens for p in ps]
+    calls = []
+    real = speculative.forward_passes
+
+    def counting(model, passes, vocab=None):
+        calls.append((model is draft, len(passes)))
+        return real(model, passes, vocab)
+
+    monkeypatch.setattr(speculative, "forward_passes", counting)
+    traces = decode_slots(target, requests(strategy, ps, s, draft, {}), s, {EOS}, slots=3)
+    assert [t.tokens for t in traces] == alone
+    draft_calls = [n for is_draft, n in calls if is_draft]
+    assert max(draft_calls) == 3  # three live sequences' draft rows in one draft pass
+    assert sum(draft_calls) == sum(t.draft_passes for t in traces)  # every draft forward went through a shared pass
+    assert len(draft_calls) < sum(t.draft_passes for t in traces)

@@ -107,6 +107,8 @@ def test_every_verify_pass_after_rejections_sees_a_correct_cache(target, draft, 
     real_forward, real_passes = decoding.forward, decoding.forward_passes
 
     def recording_passes(model, passes, vocab=None):  # the verify passes (speculative.decode_slots)
+        if model is not target:  # the draft's passes (speculative.draft_together)
+            return real_passes(model, passes, vocab)
         before = [p.cache.get_seq_length() for p in passes]
         outs = real_passes(model, passes, vocab)
         calls.extend((cached, list(p.ids), logits.clone()) for cached, p, (logits, _) in zip(before, passes, outs))

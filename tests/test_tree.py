@@ -231,8 +231,14 @@ def test_trees_keep_to_their_depth_and_node_budget(target, draft):
         s = DecodeSettings(max_new_tokens=30, k=k, tree_budget=budget, stop_at_eos=False)
         proposer = DraftModelProposer(confident, s)
         trees = []
-        propose = proposer.propose
-        proposer.propose = lambda *a: trees.append(propose(*a).tree) or Proposal(trees[-1])
+        drafting = proposer.drafting
+
+        def recording(*a, drafting=drafting):  # decode_slots drafts through the generator (draft_together)
+            proposal = yield from drafting(*a)
+            trees.append(proposal.tree)
+            return proposal
+
+        proposer.drafting = recording
         for p in prompts(3, seed=8):
             assert speculative_decode(target, p, s, set(), proposer, DraftLength(s, width=width)).tokens == \
                 baseline_decode(target, p, s, set()).tokens

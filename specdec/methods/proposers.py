@@ -28,14 +28,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from specdec.model.decoding import (DecodeSettings, Trace, forward, hit_eos, logits_to_probs, new_cache, rollback, sample,
-                              top_k_rows)
+from specdec.model.decoding import (DecodeSettings, Pass, Trace, forward, forward_passes, hit_eos, logits_to_probs,
+                                    new_cache, rollback, sample, top_k_rows)
 from specdec.methods.drafters import Drafter
 from specdec.model.kernels import prepare_model
 from specdec.methods.trainfree import (MEMORY_TOKENS, Acceptance, ContextTable, add_ngram, advance_window, build_trie,
                                concatenate, continuations, frequency_chain, frequency_tree, match_ends, new_matrix,
                                recycled_tree, recycling_template, remember, scored_tree, update_matrix, window_rows)
-from specdec.methods.tree import ExtraRows, Tree, build_tree, chain, merge
+from specdec.methods.tree import ExtraRows, Tree, build_tree, chain, grow_tree, merge
 
 HEURISTIC_K_MAX = 16        # heuristic schedule: k never grows past max(this, the starting k)
 # scored recycling (the dynamic tree's): context tables keyed by this many tokens (the token and the ones before
@@ -125,7 +125,11 @@ def count_draft(trace: Trace, forwards: int) -> None:
 class DraftModelProposer:
     """A same-vocabulary draft LM with its own KV cache. Chains keep the drafts they fed in the cache (the accepted
     ones are valid next step); tree nodes are fed one depth per forward with a tree mask and dropped afterwards.
-    With temperature > 0 and draft_sampling 'sample', chains are sampled from the draft and carry q."""
+    With temperature > 0 and draft_sampling 'sample', chains are sampled from the draft and carry q.
+
+    `drafting` is `propose` as a generator of draft forwards: it yields (model, vocab, Pass) and receives that
+    pass's logits, so batched decoding (speculative.draft_together) runs one draft pass per draft position for all
+    live sequences that share the draft model; `propose` runs it alone."""
 
     needs_features = reads_prompt_logits = False
 
@@ -138,24 +142,32 @@ class DraftModelProposer:
         self.cache, self.cached, self.generator = new_cache(self.model), 0, generator
 
     def propose(self, committed, feats, shape: Shape, trace: Trace) -> Proposal:
+        return draft_alone(self.drafting(committed, feats, shape, trace))
+
+    def draft_pass(self, ids: list[int], rows: int = 1, positions=None, attend=None):
+        return self.model, self.vocab, Pass(ids, self.cache, rows, positions, attend)
+
+    def drafting(self, committed, feats, shape: Shape, trace: Trace):
         n = len(committed)
         # feeds every committed token the cache lacks (usually the target's last token, two after a full accept)
-        logits = forward(self.model, committed[self.cached:], self.cache, 1, self.vocab)[0]
+        logits = yield self.draft_pass(committed[self.cached:])
         self.cached = n
         if self.sampled:
-            return self.sample_chain(logits[0], shape, trace)
+            return (yield from self.sample_chain(logits[0], shape, trace))
         slots: dict[int, int] = {}
-
-        def expand(frontier, partial):
-            cached = self.cache.get_seq_length()
-            tree_mask = None if shape.width == 1 else path_attend(frontier, partial.parents, slots, n, cached)
-            positions = [n - 1 + partial.depths[f] for f in frontier]
-            out = forward(self.model, [partial.tokens[f] for f in frontier], self.cache, len(frontier), self.vocab,
-                          positions, tree_mask)[0]
-            return top(out, shape.width)
-
-        tree, expansions = build_tree(top(logits, shape.width)[0], expand, shape.budget, shape.width, shape.depth,
-                                      shape.stop_tokens, shape.min_prob)
+        steps = grow_tree(top(logits, shape.width)[0], shape.budget, shape.width, shape.depth, shape.stop_tokens,
+                          shape.min_prob)
+        try:
+            frontier, partial = next(steps)
+            while True:
+                cached = self.cache.get_seq_length()
+                tree_mask = None if shape.width == 1 else path_attend(frontier, partial.parents, slots, n, cached)
+                positions = [n - 1 + partial.depths[f] for f in frontier]
+                out = yield self.draft_pass([partial.tokens[f] for f in frontier], len(frontier), positions,
+                                            tree_mask)
+                frontier, partial = steps.send(top(out, shape.width))
+        except StopIteration as done:
+            tree, expansions = done.value
         if shape.width == 1:
             self.cached = n + expansions  # every chain token but the last was fed
         else:
@@ -163,7 +175,7 @@ class DraftModelProposer:
         count_draft(trace, 1 + expansions)
         return Proposal(tree)
 
-    def sample_chain(self, logits: torch.Tensor, shape: Shape, trace: Trace) -> Proposal:
+    def sample_chain(self, logits: torch.Tensor, shape: Shape, trace: Trace):
         tokens, q_rows = [], []
         for i in range(shape.depth):
             q = logits_to_probs(logits, self.settings)
@@ -171,7 +183,7 @@ class DraftModelProposer:
             q_rows.append(q)
             if tokens[-1] in shape.stop_tokens or i == shape.depth - 1:
                 break
-            logits = forward(self.model, tokens[-1:], self.cache, 1, self.vocab)[0][0]
+            logits = (yield self.draft_pass(tokens[-1:]))[0]
         self.cached += len(tokens) - 1
         count_draft(trace, len(tokens))
         return Proposal(chain(tokens), torch.stack(q_rows))
@@ -179,6 +191,16 @@ class DraftModelProposer:
     def observe(self, committed, proposal=None, logits=None) -> None:
         self.cached = min(self.cached, len(committed) - 1)  # drafts past the accepted prefix are stale
         rollback(self.cache, self.cached)
+
+
+def draft_alone(drafting) -> Proposal:
+    """Run a drafting generator (DraftModelProposer.drafting) one forward at a time; its Proposal."""
+    try:
+        model, vocab, p = next(drafting)
+        while True:
+            model, vocab, p = drafting.send(forward_passes(model, [p], vocab)[0][0])
+    except StopIteration as done:
+        return done.value
 
 
 class NgramProposer:

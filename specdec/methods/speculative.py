@@ -19,6 +19,8 @@ draft is one row), each with its own cache, positions and mask (decoding.forward
 token and keep_path are per sequence, so each cache keeps exactly its accepted entries. When a sequence ends (EOS
 or max tokens) the next prompt in the queue takes its slot in the next pass. Each sequence has its own proposer
 (and generator, seeded as it would be alone), so with row-independent kernels its output is the one it gets alone.
+Draft models draft for all live sequences in one draft pass per draft position (draft_together); other proposers
+(n-gram tables, trees, EAGLE/Medusa heads) draft per sequence.
 `baseline` at a batch size runs the same slots with no proposer: one row per sequence per pass.
 """
 
@@ -79,7 +81,10 @@ class Generation:
         self.proposal = self.before = None
         self.t_draft = 0.0
 
-    def next_pass(self) -> Pass:
+    def next_pass(self):
+        """A generator: yields the draft forwards this step's proposer needs as (model, vocab, Pass) (a draft
+        model's; draft_together runs them batched across sequences) and receives their logits; returns the
+        target Pass this sequence needs next."""
         if not self.committed:  # the prefill
             rows = len(self.prompt_ids) if self.proposer is not None and self.proposer.reads_prompt_logits else 1
             return Pass(self.prompt_ids, self.cache, rows, hidden=self.features)
@@ -88,9 +93,13 @@ class Generation:
             return Pass([self.committed[-1]], self.cache)
         shape = self.length.shape(self.s.max_new_tokens - (len(self.committed) - len(self.prompt_ids)) - 1)
         t0 = self.clock()
-        self.proposal = (self.proposer.propose(self.committed, self.feats, shape, self.trace) if shape.depth > 0
-                         else Proposal(Tree()))
-        self.t_draft = self.clock() - t0
+        if shape.depth == 0:
+            self.proposal = Proposal(Tree())
+        elif hasattr(self.proposer, "drafting"):
+            self.proposal = yield from self.proposer.drafting(self.committed, self.feats, shape, self.trace)
+        else:
+            self.proposal = self.proposer.propose(self.committed, self.feats, shape, self.trace)
+        self.t_draft = self.clock() - t0  # batched drafting: the wall time of the shared draft passes
         self.before = len(self.committed) - 1  # the root's slot in the target's cache
         return tree_pass(self.committed[-1], self.proposal.tree, self.cache, self.features, self.proposal.extra)
 
@@ -169,7 +178,7 @@ def decode_slots(target, requests: list[Request], s: DecodeSettings, eos_ids: se
             while queue and len(live) < slots:
                 index, request = queue.popleft()
                 live.append((index, Generation(target, request, s, eos_ids, clock)))
-            passes = [g.next_pass() for _, g in live]
+            passes = draft_together([g.next_pass() for _, g in live])
             t0 = clock()
             outs = forward_passes(target, passes, vocab)
             forward_s = clock() - t0
@@ -181,3 +190,30 @@ def decode_slots(target, requests: list[Request], s: DecodeSettings, eos_ids: se
                     traces[index] = g.trace
             live = [(index, g) for index, g in live if not g.done]
     return traces
+
+
+def draft_together(steps: list) -> list[Pass]:
+    """Drive every live sequence's next_pass generator to its target Pass. Draft forwards they yield run together:
+    each round, one forward_passes call per draft model holds every sequence waiting on that model (one draft pass
+    per draft position for all live sequences; each sequence its own cache, rows and mask)."""
+    targets: list[Pass | None] = [None] * len(steps)
+    waiting: dict[int, tuple] = {}
+
+    def advance(i: int, sent) -> None:
+        try:
+            waiting[i] = steps[i].send(sent)
+        except StopIteration as done:
+            targets[i] = done.value
+
+    for i in range(len(steps)):
+        advance(i, None)
+    while waiting:
+        groups: dict[tuple, list[int]] = {}
+        for i, (model, vocab, _) in waiting.items():
+            groups.setdefault((id(model), vocab), []).append(i)
+        for members in groups.values():
+            model, vocab, _ = waiting[members[0]]
+            outs = forward_passes(model, [waiting.pop(i)[2] for i in members], vocab)
+            for i, (logits, _) in zip(members, outs):
+                advance(i, logits)
+    return targets

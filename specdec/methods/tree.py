@@ -143,7 +143,20 @@ def build_tree(root_children: tuple[list[int], list[float]], expand, budget: int
 
     root_children: (top tokens, their log-probs) for depth 1. expand(frontier, partial) gets frontier node indices
     into `partial` (the tree so far: all candidates, unpruned) and returns, for each, (top tokens, log-probs) of
-    its children. At every depth the `width` best new nodes are
+    its children. grow_tree is the same as a generator (it yields (frontier, partial) and receives expand's answer),
+    for drafters whose expansions run batched across sequences. Returns (tree, number of expand calls)."""
+    steps = grow_tree(root_children, budget, width, max_depth, stop_tokens, min_prob)
+    try:
+        request = next(steps)
+        while True:
+            request = steps.send(expand(*request))
+    except StopIteration as done:
+        return done.value
+
+
+def grow_tree(root_children: tuple[list[int], list[float]], budget: int, width: int, max_depth: int,
+              stop_tokens=(), min_prob: float = 0.0):
+    """build_tree's search. At every depth the `width` best new nodes are
     expanded, until max_depth, or until no frontier node could still place a child among the `budget` best
     (a child scores at most its parent). The `budget` best nodes are kept; ties go to the earlier (shallower) node,
     so a kept node's parent is always kept. `stop_tokens` (end of sequence) are never expanded; with min_prob > 0 a
@@ -176,7 +189,7 @@ def build_tree(root_children: tuple[list[int], list[float]], expand, budget: int
                            and own[i] >= min_logp), key=lambda i: -scores[i])[:width]
         if not frontier:
             break
-        tops = expand(frontier, partial)
+        tops = yield frontier, partial
         expansions += 1
         level = [j for node, top in zip(frontier, tops) for j in add(node, depth + 1, top)]
     kept = sorted(sorted(range(len(tokens)), key=lambda i: (-scores[i], i))[:budget])
