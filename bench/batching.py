@@ -51,6 +51,8 @@ def parse_args(argv=None):
     parser.add_argument("--tree-budget", type=int, default=14)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-peer", action="store_true", help="skip transformers' batched generate")
+    parser.add_argument("--memory", choices=("on", "off"), default="on",
+                        help="peak memory per runner and B, each in a fresh process (about 15 s each)")
     parser.add_argument("--out", default=str(REPO / "results" / "batching.json"))
     return parser.parse_args(argv)
 
@@ -98,6 +100,37 @@ def profile_pass(model, batch: int, rows: int, context: int, repeats: int = 5) -
     return statistics.median(times[1:])
 
 
+def probe_batch_memory(args, runner: str, encoded: list[list[int]], s, batch_size: int) -> dict:
+    """Peak memory of one batched decode of the queue in a fresh process (bench_measure.probe_memory: the tensors
+    the models hold plus the peak RSS growth during the decode, after an untimed pass over the same queue),
+    against the weights plus the KV of the B longest sequences in flight."""
+    import os
+    import subprocess
+
+    from specdec.strategies import STRATEGIES
+
+    spec = {"strategy": runner, "draft": args.target if STRATEGIES[runner].needs_draft else None, "weights": None,
+            "target": args.target, "models": {}, "device": "cpu", "threads": args.threads, "stock_kernels": False,
+            "drafters_dir": None, "prompt_ids": encoded[0], "settings": vars(s), "batch_size": batch_size,
+            "batch_prompt_ids": encoded}
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}  # freed tensors leave RSS at once (no arena reuse)
+    out = subprocess.run([sys.executable, "-m", "specdec.run.bench", "--probe-memory", json.dumps(spec)],
+                         capture_output=True, text=True, env=env, timeout=1800)
+    lines = out.stdout.strip().splitlines()
+    if out.returncode != 0 or not lines:
+        error = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        print(f"[batching] memory of {runner} at B={batch_size} failed: {error}", file=sys.stderr)
+        return {"error": error}
+    probe = json.loads(lines[-1])
+    print(f"[batching] memory of {runner} at B={batch_size}: {probe['peak_bytes'] / 2**20:.0f} MiB, "
+          f"{probe['over_weights_and_kv']:.2f}x weights + KV", file=sys.stderr)
+    return probe
+
+
+def over(probe: dict | None) -> str:
+    return f"{probe['over_weights_and_kv']:.2f}" if probe and "over_weights_and_kv" in probe else "-"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -107,8 +140,6 @@ def main(argv=None) -> int:
     from specdec.model.models import encode_prompt, load_registry
     from specdec.prompts import load_prompts, select
     from specdec.strategies import STRATEGIES
-    from specdec.run.bench_measure import (kv_bytes_per_token, parameter_bytes, proc_status_number, reset_peak_rss,
-                                           rss_resolution_bytes, run_growth)
     from specdec.run.runner import generate_batch, load_pair, use_threads, warm_up
 
     sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -129,26 +160,22 @@ def main(argv=None) -> int:
     for runner in runners:
         warm_up(pair, runner, warm_ids, s, 1)
     results: dict = {}  # (runner, B) -> list of (records, totals) per repeat
-    growth: dict = {}  # (runner, B) -> the largest peak-RSS growth over a batch decode, bytes
-    resolution = rss_resolution_bytes()
     for b in sizes:
         for repeat in range(args.repeats):
             order = runners[repeat % len(runners):] + runners[:repeat % len(runners)]
             for runner in order:
-                before = proc_status_number("VmRSS") * 1024
-                reset_peak_rss()
                 records, totals = generate_batch(pair, runner, prompts, replace(s, seed=repeat), b)
-                grown = run_growth(before, proc_status_number("VmHWM") * 1024, resolution)
-                growth[(runner, b)] = max(growth.get((runner, b), 0), grown)
                 results.setdefault((runner, b), []).append((records, totals))
                 print(f"[batching] B={b} repeat {repeat + 1}/{args.repeats} {runner}: "
                       f"{totals['tokens_per_s']:.1f} tok/s in all", file=sys.stderr)
+    memory = {}  # (runner, B) -> probe_memory's answer: peak bytes against weights + KV of B sequences
+    if args.memory == "on":
+        encoded = [encode_prompt(pair.target, p["prompt"]) for p in prompts]
+        for runner in runners:
+            for b in sizes:
+                memory[(runner, b)] = probe_batch_memory(args, runner, encoded, s, b)
     # the prediction's inputs: tokens per pass, verify rows and draft time per pass at B = 1
-    # before preparing: the weights as loaded, held once (the self-draft's copy too, for the runners that use it)
-    weights = parameter_bytes(pair.target.model)
-    draft_weights = parameter_bytes(pair.draft.model) if pair.draft else 0
     model = prepare_model(pair.target.model)
-    kv_token = kv_bytes_per_token(model)
     context = statistics.median(len(encode_prompt(pair.target, p["prompt"])) for p in prompts) + s.max_new_tokens // 2
     t1 = {b: profile_pass(model, b, 1, int(context)) for b in sizes}
     rows_out, table = [], []
@@ -173,16 +200,11 @@ def main(argv=None) -> int:
                 throughput.append(totals["tokens_per_s"] / base_totals["tokens_per_s"])
             med, low, high = median_interval(speedups)
             predicted = (tau * t1[b] / (tr[b] + b * draft_per_pass)) if tau and runner != "hf-generate" else None
-            # KV of the B sequences in flight at their longest (prompt + answer + one proposal's rows)
-            longest = max(r["prompt_tokens"] + r["new_tokens"] for records, _ in results[(runner, b)] for r in records)
-            uses_draft = STRATEGIES[runner].needs_draft
-            kv = b * (longest + r_rows) * kv_token * (2 if uses_draft else 1)
-            held = weights + (draft_weights if uses_draft else 0)
             row = {"runner": runner, "batch_size": b, "speedup": med, "ci_low": low, "ci_high": high,
                    "throughput_speedup": statistics.median(throughput), "identical_share": statistics.mean(identical),
                    "tokens_per_pass": statistics.mean(passes), "tpot_ms": 1e3 * statistics.median(t for t in tpot if t),
                    "predicted_speedup": predicted,
-                   "memory_over_weights_kv": (held + growth[(runner, b)]) / (held + kv),
+                   "memory": memory.get((runner, b)),
                    "throughput_tok_s": statistics.median(t["tokens_per_s"] for _, t in results[(runner, b)]),
                    "baseline_throughput_tok_s": statistics.median(t["tokens_per_s"]
                                                                   for _, t in results[("baseline", b)])}
@@ -199,12 +221,20 @@ def main(argv=None) -> int:
         pred = f"{r['predicted_speedup']:.2f}" if r["predicted_speedup"] else "-"
         print(f"{r['runner']:<14}{r['batch_size']:>4}{r['speedup']:>9.2f} {ci:>14}{pred:>7}"
               f"{r['throughput_speedup']:>8.2f}{r['tokens_per_pass']:>9.2f}{r['tpot_ms']:>9.1f}"
-              f"{r['throughput_tok_s']:>10.1f}{r['identical_share']:>6.0%}{r['memory_over_weights_kv']:>11.2f}")
+              f"{r['throughput_tok_s']:>10.1f}{r['identical_share']:>6.0%}{over(r['memory']):>11}")
     print(f"\n{'runner':<14}{'B* measured (largest paying / smallest losing)':>48}{'B* predicted':>14}")
     for t in table:
         c = t["crossover"]
         print(f"{t['runner']:<14}{str(c['largest_paying']) + ' / ' + str(c['smallest_losing']):>48}"
               f"{str(t['predicted_largest_paying']):>14}")
+    if memory:
+        print(f"\npeak memory / (weights + KV of B sequences), each in a fresh process; MiB in brackets")
+        print(f"{'runner':<14}" + "".join(f"{'B=' + str(b):>16}" for b in sizes))
+        for runner in runners:
+            cells = [memory[(runner, b)] for b in sizes]
+            print(f"{runner:<14}" + "".join(
+                f"{over(c) + (' [' + str(round(c['peak_bytes'] / 2**20)) + ']' if 'peak_bytes' in c else ''):>16}"
+                for c in cells))
     if not args.no_peer:
         print("\nours / transformers' batched generate, throughput: " + ", ".join(
             f"B={r['batch_size']} {r['baseline_throughput_tok_s'] / r['throughput_tok_s']:.2f}x"
@@ -213,7 +243,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"cpu": cpu_model(), "threads": torch.get_num_threads(), "settings": vars(args),
-                               "pass_profile_s": {"rows_1": t1}, "rows": rows_out, "crossovers": table}, indent=1))
+                               "pass_profile_s": {"rows_1": t1}, "rows": rows_out, "crossovers": table,
+                               "memory": [{"runner": r, "batch_size": b, **m} for (r, b), m in memory.items()]}, indent=1))
     print(json.dumps({"rows": len(rows_out), "out": str(out)}))
     return 0
 

@@ -13,6 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 FAKE_PYTHON = """#!/usr/bin/env bash
 echo "python $*" >> "$SETUP_LOG"
+if [ -n "${CMAKE_ARGS:-}" ]; then echo "  with CMAKE_ARGS=$CMAKE_ARGS" >> "$SETUP_LOG"; fi
 case "$*" in
   "-c import torch") exit 0 ;;
   "-c import llama_cpp") exit "$LLAMA_CPP_MISSING" ;;
@@ -20,7 +21,8 @@ esac
 """
 
 
-def run_setup(tmp_path: Path, llama_cpp_missing: bool, path: str | None = None) -> tuple[str, list[str]]:
+def run_setup(tmp_path: Path, llama_cpp_missing: bool, path: str | None = None,
+              cmake_args: str | None = None) -> tuple[str, list[str]]:
     (tmp_path / "scripts").mkdir()
     shutil.copy(REPO / "scripts" / "setup.sh", tmp_path / "scripts" / "setup.sh")
     venv_bin = tmp_path / ".venv" / "bin"
@@ -31,6 +33,9 @@ def run_setup(tmp_path: Path, llama_cpp_missing: bool, path: str | None = None) 
     log = tmp_path / "calls.log"
     env = {**os.environ, "SETUP_LOG": str(log), "LLAMA_CPP_MISSING": "1" if llama_cpp_missing else "0",
            "PATH": path or os.environ["PATH"]}
+    env.pop("CMAKE_ARGS", None)
+    if cmake_args is not None:
+        env["CMAKE_ARGS"] = cmake_args
     result = subprocess.run(["/bin/bash", str(tmp_path / "scripts" / "setup.sh")], capture_output=True, text=True,
                             env=env, timeout=60)
     assert result.returncode == 0, result.stderr
@@ -47,6 +52,15 @@ def test_llama_cpp_python_is_built_in_its_own_step_with_progress(tmp_path):
     assert said.index(next(s for s in said if "installing llama-cpp-python" in s)) < said.index(
         next(s for s in said if "installing specdec" in s))
     assert "warning: no C++ compiler" not in err  # this machine has one
+    # the build skips llama.cpp's multimodal library (unused), and each step says how long it took
+    assert calls[calls.index("python -m pip install llama-cpp-python") + 1] == "  with CMAKE_ARGS=-DLLAVA_BUILD=OFF"
+    assert any(line.startswith("setup: ... llama-cpp-python took ") for line in said)
+    assert any(line.startswith("setup: ... specdec and its dependencies took ") for line in said)
+
+
+def test_a_cmake_args_of_your_own_replaces_the_default(tmp_path):
+    _, calls = run_setup(tmp_path, llama_cpp_missing=True, cmake_args="-DGGML_NATIVE=OFF")
+    assert calls[calls.index("python -m pip install llama-cpp-python") + 1] == "  with CMAKE_ARGS=-DGGML_NATIVE=OFF"
 
 
 def test_no_build_step_once_llama_cpp_is_installed(tmp_path):

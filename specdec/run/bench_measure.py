@@ -34,7 +34,7 @@ from specdec.model.models import (LoadedModel, ModelError, encode_prompt, load_m
                                   shared_logit_rows)
 from specdec.model.quant import apply_weights
 from specdec.run.isolate import enable_crash_dump, run_child
-from specdec.run.runner import Pair, decode, load_pair, record_of, warm_up
+from specdec.run.runner import Pair, decode, decode_batch, load_pair, record_of, warm_up
 from specdec.strategies import STRATEGIES, plain_baseline
 
 
@@ -618,6 +618,8 @@ def probe_memory(spec: dict) -> dict:
     # One short untimed generation first, as in the timed runs: the libraries' one-time lazy set-up (kernel code
     # pages, thread pools, oneDNN primitives) is reported as warmup_bytes, not charged to the run.
     warm_up(loaded.pairs[key], cell.strategy, spec["prompt_ids"], s, 1)
+    if spec.get("batch_prompt_ids"):
+        decode_batch(loaded.pairs[key], cell.strategy, spec["batch_prompt_ids"], s, spec["batch_size"])
     gc.collect()
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -625,9 +627,19 @@ def probe_memory(spec: dict) -> dict:
         raise BenchError("cannot reset the peak RSS (/proc/self/clear_refs); run with --memory off")
     # read after the reset: the reset sets the peak to the RSS of that moment (approximately: run_growth)
     before_run = resident()
-    record, _ = run_once(loaded, cell, spec["prompt_ids"], s)
-    peak_run = torch.cuda.max_memory_allocated(device) if cuda else proc_status_number("VmHWM") * 1024
-    seq = len(spec["prompt_ids"]) + record["new_tokens"] + (s.k if cell.strategy != "baseline" else 0)
+    rows = (s.tree_budget or s.k) if STRATEGIES[cell.strategy].tree else s.k
+    rows = rows if STRATEGIES[cell.strategy].proposer is not None else 0
+    batch = spec.get("batch_prompt_ids")
+    if batch:  # batched: the queue with batch_size slots, after one untimed pass over it (its shapes' set-up)
+        b = spec["batch_size"]
+        traces = decode_batch(loaded.pairs[key], cell.strategy, batch, s, b)
+        peak_run = torch.cuda.max_memory_allocated(device) if cuda else proc_status_number("VmHWM") * 1024
+        # the KV of the B longest sequences in flight at their longest (prompt + answer + one proposal's rows)
+        seq = sum(sorted((len(p) + len(t.tokens) + rows for p, t in zip(batch, traces)), reverse=True)[:b])
+    else:
+        record, _ = run_once(loaded, cell, spec["prompt_ids"], s)
+        peak_run = torch.cuda.max_memory_allocated(device) if cuda else proc_status_number("VmHWM") * 1024
+        seq = len(spec["prompt_ids"]) + record["new_tokens"] + rows
     weights, kv = loaded.weights_bytes[key], loaded.kv_per_token[key] * seq
     pair = loaded.pairs[key]
     held = held_bytes([pair.target.model] + ([pair.draft.model] if pair.draft else [])
