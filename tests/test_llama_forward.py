@@ -16,7 +16,7 @@ from specdec.model.decoding import DecodeSettings, additive_mask, forward, new_c
 from specdec.model.kernels import panel_extension, prepare_model
 from specdec.model.models import load_registry
 from specdec.run.runner import SettingsError, check_settings, decode_models
-from tiny import EOS, context_free_memory, needs_panels, needs_vnni, prompts, tiny_config, tiny_target
+from tiny import DEVICE, EOS, context_free_memory, needs_panels, needs_vnni, prompts, tiny_config, tiny_target
 
 def own_forward(model):
     return getattr(model, "_specdec_own_forward", None)  # installed by kernels.prepare_model
@@ -151,3 +151,28 @@ def test_a_deep_copy_of_a_prepared_model_computes_with_its_own_weights(kind, mon
     twin._specdec_own_forward = None
     assert torch.equal(ours, forward(twin, ids, new_cache(twin), len(ids))[0])
     assert not torch.equal(ours, forward(model, ids, new_cache(model), len(ids))[0])
+
+
+def test_on_stock_linear_layers_a_batched_pass_gives_each_sequence_its_own_logits():
+    """On a GPU prepare_model swaps no layer, and our forward runs over the stock nn.Linear layers: one pass over
+    every sequence's rows (batched decoding). The same code on the CPU's stock layers: each sequence of a ragged
+    batch (prefills, then one step each) gets the logits transformers' forward gives it alone, and its cache
+    holds exactly its own tokens. (With SPECDEC_TEST_DEVICE=cuda this runs on the GPU.)"""
+    model = tiny_target().to(DEVICE)
+    weights = llama_forward.llama_weights(model)
+    assert weights is not None and weights.few_rows is None
+    ps = [p[:6 + 3 * i] for i, p in enumerate(prompts(3, length=14, seed=2))]
+    caches = [new_cache(model) for _ in ps]
+    outs = llama_forward.forward_batch(weights, [(p, c, 2, None, None, False) for p, c in zip(ps, caches)])
+    steps = llama_forward.forward_batch(weights, [([7 + i], c, 1, None, None, False) for i, c in enumerate(caches)])
+    for i, (p, (logits, _), (step, _), cache) in enumerate(zip(ps, outs, steps, caches)):
+        with torch.inference_mode():
+            alone = model(torch.tensor([p + [7 + i]], device=DEVICE)).logits[0]
+        torch.testing.assert_close(logits, alone[len(p) - 2:len(p)])
+        torch.testing.assert_close(step, alone[-1:])
+        assert cache.get_seq_length() == len(p) + 1
+
+
+def test_bfloat16_on_the_cpu_stays_on_transformers_forward():
+    reason = llama_forward.unsupported(tiny_target(dtype=torch.bfloat16))
+    assert reason == "hidden states are bfloat16, not one of float32, float64 on the CPU"

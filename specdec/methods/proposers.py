@@ -477,7 +477,7 @@ class SuffixRecyclingProposer:
     """Suffix matching, then Token Recycling in the rest of the node budget: one tree, the union of the suffix
     proposer's frequency tree and the recycling proposer's template tree (tree.merge: a path both propose is
     verified once; suffix nodes first, recycling's fill what is left of tree_budget). Copying methods win where
-    the answer repeats its context (summarisation, RAG), Token Recycling where it does not (the README's
+    the answer repeats its context (summarisation, RAG), Token Recycling where it does not (docs/train-free.md's
     per-category table); this proposes both in one verify pass. Each part keeps its own memory rule."""
 
     needs_features = False

@@ -302,7 +302,8 @@ def forward_passes(model, passes: list[Pass], vocab: int | None = None) -> list[
 
     Our forward (kernels.prepare_model) runs them as one pass: every linear layer reads its weights once for all
     rows, attention runs per sequence over its own cache (vLLM's flattened batch, without padding). transformers'
-    forward runs them one after another: correct, but not batched (README, batched decoding)."""
+    forward (other architectures, device maps, tensor parallelism) runs them one after another: correct, but not
+    batched (docs/batching.md)."""
     device = model.device
     own = getattr(model, "_specdec_own_forward", None) if all(p.cache is not None for p in passes) else None
     if own is not None:

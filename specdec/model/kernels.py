@@ -5,7 +5,7 @@ CPU (`linear_kernels`):
 - on AVX-512 CPUs other than Intel's, our own kernel (`PanelLinear`, csrc/panel_linear.cpp) for the decoder and
   the output head: the weights in panels of 16 output features, streamed once per call, every row's sums in
   registers. On a 2-core AMD EPYC all of SmolLM2-135M's decoder linear layers take 11.2 instead of 18.5 ms
-  (oneDNN) for one row and 15.3 instead of 24.6 ms for 16 (README); a row's result does not depend on the other
+  (oneDNN) for one row and 15.3 instead of 24.6 ms for 16 (docs/kernels.md); a row's result does not depend on the other
   rows of the call. It is compiled on first use (torch's cpp_extension, ~35 s, cached).
 - without it, pre-packed oneDNN weights (a 1-token step 76 -> 38 ms on that EPYC, where MKL's small-matrix paths
   are slow), the head through oneDNN on its dense weight (5 rows: 14-18 ms instead of MKL's 25 ms on a Xeon);
@@ -14,7 +14,7 @@ CPU (`linear_kernels`):
 Attention of passes of 1 to 16 rows (steps and verify passes) runs our AVX-512 kernel where it builds
 (`attention_kernel`, csrc/few_row_attention.cpp): one KV head's query rows side by side in the vector lanes, every
 row's result independent of the other rows; a 14-row verify pass's attention over 400 keys in about 2/5 of torch's
-SDPA time (README). Prompts stay on SDPA.
+SDPA time (docs/kernels.md). Prompts stay on SDPA.
 Elsewhere (GPU, other dtypes, device maps, tensor parallelism) the model is left as it is.
 """
 
@@ -174,7 +174,7 @@ def attention_kernel() -> str:
     """Which kernel computes float32 attention on the CPU for passes of 1 to attention.FEW_ROWS query rows
     (decoding steps and verify passes; prompts stay on SDPA): 'few-rows' (ours, csrc/few_row_attention.cpp) or
     'sdpa' (torch's flash attention). 'auto' (default) picks ours where it builds (AVX-512 and a C++ compiler),
-    from measurements (README, "Speed"); $SPECDEC_CPU_ATTENTION=few-rows|sdpa overrides it."""
+    from measurements (docs/speed.md); $SPECDEC_CPU_ATTENTION=few-rows|sdpa overrides it."""
     choice = kernel_choice("SPECDEC_CPU_ATTENTION", ATTENTION_KERNELS, "few-rows", "SPECDEC_CPU_ATTENTION=sdpa")
     if choice != "auto":
         return choice
@@ -362,7 +362,7 @@ def linear_kernels() -> str:
     """Which kernels run the decoder's float32 linear layers on this CPU: 'mkl' (transformers' stock nn.Linear),
     'onednn' (PackedLinear) or 'panels' (PanelLinear, our AVX-512 kernel). $SPECDEC_CPU_LINEAR=mkl|onednn|panels
     overrides the choice; 'auto' (the default) picks MKL on Intel CPUs, else our kernel where it runs (AVX-512
-    and a C++ compiler), else pre-packed oneDNN, from measurements (module docstring, README)."""
+    and a C++ compiler), else pre-packed oneDNN, from measurements (module docstring, docs/kernels.md)."""
     choice = kernel_choice("SPECDEC_CPU_LINEAR", LINEAR_KERNELS, "panels", "SPECDEC_CPU_LINEAR=onednn or mkl")
     if choice != "auto":
         return choice

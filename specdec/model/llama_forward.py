@@ -1,4 +1,4 @@
-"""Our own forward pass for Llama-architecture decoders on the CPU, as gpt-fast writes its model: the same
+"""Our own forward pass for Llama-architecture decoders (CPU, one CUDA GPU), as gpt-fast writes its model: the same
 operations as transformers' LlamaForCausalLM, in the same order, as one flat function over the layers' weights.
 
 Why: a one-token step of SmolLM2-135M in int4 through transformers' modules spends ~4.5 ms in the int4/int8
@@ -6,16 +6,19 @@ matmuls and ~0.8 ms in attention of 14-16 ms (torch profiler, 2-core EPYC); the 
 (nested ones included) and the Python around them: module calls and hooks, keyword routing, output objects, mask
 and rotary set-up, casts and reshapes per projection. This forward issues ~4,800 aten calls per step with far less
 Python between them: 10.4 against 15.8 ms per step in int4, 17.2 against 20.6 in float32 (bench/forward.py;
-README, "What the engine does for speed").
+docs/engines.md, "What closed the gap").
 
 It computes what transformers computes, bit for bit (tests/test_llama_forward.py compares logits, hidden states
 and KV caches with torch.equal): RMSNorm in float32 as LlamaRMSNorm, rotary embeddings as apply_rotary_pos_emb
 (q and k rotated together: element-wise, the same bits), SDPA with shared KV heads (enable_gqa), the causal /
 tree masks transformers would pass, and the model's own linear layers (oneDNN, MKL or the weight-only formats,
-called on their kernels directly). `llama_weights` returns None for anything else — another architecture, rotary
-scaling that changes with the sequence, eager attention, a GPU, a device map, sharded weights, a model in
-training — and decoding.forward then runs transformers' forward as before. $SPECDEC_FORWARD=transformers turns it
-off (an ablation: bench records which forward ran).
+called on their kernels directly). On one CUDA GPU it runs the same operators over the stock nn.Linear layers
+(float32, bfloat16, float16; float64 for tests): what batched decoding needs there, one pass over every sequence's rows
+(forward_batch), where transformers' forward would take them one after another; written and tested on the CPU's
+operators, not yet run on a GPU (docs/verified-where.md). `llama_weights` returns None for anything else — another
+architecture, rotary scaling that changes with the sequence, eager attention, a device map or weights on several
+devices, sharded weights, a model in training — and decoding.forward then runs transformers' forward as before.
+$SPECDEC_FORWARD=transformers turns it off (an ablation: bench records which forward ran).
 """
 
 from __future__ import annotations
@@ -109,8 +112,10 @@ def unsupported(model) -> str | None:
         return f"{type(model).__name__} is not LlamaForCausalLM"
     config = model.config
     param = next(model.parameters(), None)
-    if param is None or param.device.type != "cpu" or type(param.detach()) is not torch.Tensor:
-        return "weights are not ordinary CPU tensors"
+    if param is None or param.device.type not in ("cpu", "cuda") or type(param.detach()) is not torch.Tensor:
+        return "weights are not ordinary CPU or CUDA tensors"
+    if len({p.device for p in model.parameters()}) > 1:
+        return "the weights are on several devices"
     if getattr(model, "hf_device_map", None) is not None:
         return "the model is spread by a device map"
     if model.training:
@@ -123,8 +128,15 @@ def unsupported(model) -> str | None:
     if rotary.rope_type not in ROPE_TYPES or rotary.attention_scaling != 1.0:
         return f"rotary scaling '{rotary.rope_type}' changes with the sequence"
     embed = model.model.embed_tokens  # a PanelEmbedding's `weight` would unpack a copy: read its panels' dtype
-    if (embed.packed if hasattr(embed, "packed") else embed.weight).dtype not in (torch.float32, torch.float64):
-        return "hidden states are not float32 or float64"
+    dtype = (embed.packed if hasattr(embed, "packed") else embed.weight).dtype
+    # a GPU: the dtypes models are served in (transformers' forward and ours issue the same operators; bitwise
+    # agreement is tested on the CPU only). The CPU's bfloat16 stays on transformers' forward (a different matmul
+    # path than the one our tests compare).
+    dtypes = ((torch.float32, torch.float64) if param.device.type == "cpu"
+              else (torch.float32, torch.bfloat16, torch.float16, torch.float64))
+    if dtype not in dtypes:
+        return f"hidden states are {str(dtype).removeprefix('torch.')}, not one of " + \
+            ", ".join(str(d).removeprefix("torch.") for d in dtypes) + f" on the {param.device.type.upper()}"
     return None
 
 
@@ -154,7 +166,7 @@ def llama_weights(model, few_rows: Callable | None = None) -> LlamaWeights | Non
                         inv_freq=inner.rotary_emb.inv_freq, heads=config.num_attention_heads,
                         kv_heads=config.num_key_value_heads, head_dim=attn.head_dim,
                         intermediate=config.intermediate_size, scaling=attn.scaling,
-                        few_rows=few_rows if model.dtype == torch.float32 else None)
+                        few_rows=few_rows if model.dtype == torch.float32 and model.device.type == "cpu" else None)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -171,13 +183,13 @@ def rotary(weights: LlamaWeights, positions: torch.Tensor, dtype) -> tuple[torch
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def causal_mask(rows: int, start: int) -> torch.Tensor | None:
+def causal_mask(rows: int, start: int, device=None) -> torch.Tensor | None:
     """The mask transformers passes to SDPA without a tree mask: None for a prefill (SDPA's causal flag) and for
     one row, a bool causal mask [1, 1, rows, start + rows] for a multi-row pass after cached positions."""
     if rows == 1 or start == 0:
         return None
-    keys = torch.arange(start + rows)
-    return (keys[None, :] <= (start + torch.arange(rows))[:, None])[None, None]
+    keys = torch.arange(start + rows, device=device)
+    return (keys[None, :] <= (start + torch.arange(rows, device=device))[:, None])[None, None]
 
 
 def forward(weights: LlamaWeights, ids: list[int], cache, rows: int = 1, positions: list[int] | None = None,
@@ -208,13 +220,15 @@ def forward_batch(weights: LlamaWeights, passes: list[tuple]):
     row's result does not depend on the other rows (kernels.PanelLinear), so each sequence gets the bits it gets
     alone. Returns (logits, hidden or None) per pass, as `forward` does."""
     segments, ids, pos = [], [], []
+    device = weights.inv_freq.device
     for seq_ids, cache, _, positions, tree_mask, _ in passes:
         n, start = len(seq_ids), cache.get_seq_length()
         segments.append(Segment(len(ids), len(ids) + n, cache,
-                                tree_mask if tree_mask is not None else causal_mask(n, start)))
+                                tree_mask if tree_mask is not None else causal_mask(n, start, device)))
         ids += seq_ids
-        pos.append(torch.tensor(positions) if positions is not None else torch.arange(start, start + n))
-    x = weights.embed(torch.tensor(ids))
+        pos.append(torch.tensor(positions, device=device) if positions is not None
+                   else torch.arange(start, start + n, device=device))
+    x = weights.embed(torch.tensor(ids, device=device))
     cos, sin = rotary(weights, torch.cat(pos) if len(pos) > 1 else pos[0], x.dtype)
     by_rows = exact_rows_requested()
     for index, layer in enumerate(weights.layers):

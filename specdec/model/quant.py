@@ -22,13 +22,13 @@ Greedy identity of speculative decoding with its own plain decoding is then exac
 torch's float32 SDPA returns a 5-query verify pass within ~4e-7 of five 1-query steps, not bit-identically, and
 the cast to bfloat16 before the next matmul turns a few of those differences into a bfloat16 rounding step, which
 can flip a near-tied argmax later on (a whole-bfloat16 model is worse: bfloat16 attention differs by far more).
-The README reports the share of identical outputs on the suite; the tests check exact identity where attention is
+docs/engines.md reports the share of identical outputs on the suite; the tests check exact identity where attention is
 exact to the bits that matter (the float64 tiny model). $SPECDEC_EXACT_ATTENTION=1 computes verify passes'
 attention row by row (kernels.attention_row_by_row): every other layer already gives each row the same bits, so
 greedy speculative decoding is then identical to plain decoding in these formats too (a diagnostic: slower).
 Where our few-row attention kernel runs (kernels.attention_kernel) attention is row-invariant without that cost,
 and int8 and int4 verify passes give each row its one-row step's bits; bfloat16's down projection (torch's
-bfloat16 matmul over 1536 inputs in SmolLM2) still does not (README, "Identity").
+bfloat16 matmul over 1536 inputs in SmolLM2) still does not (docs/engines.md, "Identity").
 
 Our int8/int4 kernels (csrc/quant_linear.cpp, chosen by kernels.quant_kernels where the CPU has AVX-512 VNNI;
 $SPECDEC_CPU_QUANT=vnni|torch overrides): the same weights (the format's bfloat16 scales and zeros), but the
@@ -214,7 +214,7 @@ class WeightOnlyLinear(nn.Module):
 
 # Projections of one input that a decoder layer computes one after another (transformers' names): with weight-only
 # formats they become one matmul each, as gpt-fast's fused wqkv. A 1-token step of SmolLM2-135M in int4 then makes
-# 4 kernel calls and 4 casts per layer instead of 7 of each (README: the time a step spends outside the kernels).
+# 4 kernel calls and 4 casts per layer instead of 7 of each (docs/speed.md: the time a step spends outside the kernels).
 FUSED_PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
