@@ -123,6 +123,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-in-process", action="store_true", help="skip our in-process llamacpp-generate at C = 1")
     p.add_argument("--out", default="results/serving.json")
+    p.add_argument("--figure", default=None, help="also draw median TPOT and throughput vs concurrency as SVG here")
     args = p.parse_args(argv)
     args.kinds = args.kinds.split(",")
     concurrencies = [int(c) for c in args.concurrency.split(",")]
@@ -197,8 +198,30 @@ def main(argv=None) -> int:
     out.write_text(json.dumps({"cpu": cpu_name(), "args": vars(args), "load_before": load_before,
                                "load_after": load_after, "table": table, "crossover": crossovers,
                                "in_process": local, "raw": {c: raw[c]["by_kind"] for c in raw}}, default=str))
+    if args.figure:
+        draw(table, concurrencies, args.kinds, cpu_name(), Path(args.figure))
     print(f"wrote {out}")
     return 0
+
+
+def draw(table: dict, concurrencies: list[int], kinds: list[str], cpu: str, path: Path) -> None:
+    """db/report.py:serving_chart from the bench's table: median TPOT with its interval, and throughput."""
+    import pandas as pd
+
+    from specdec.db.report import serving_chart, to_svg
+
+    rows = []
+    for kind in kinds:
+        for c in concurrencies:
+            t = table[c][kind]
+            lo, hi = t["tpot_ci_s"]
+            rows.append({"concurrency": c, "series": f"speculation {kind}", "tpot_ms": t["tpot_median_s"] * 1e3,
+                         "tpot_ci_low_ms": lo * 1e3 if lo is not None else None,
+                         "tpot_ci_high_ms": hi * 1e3 if hi is not None else None,
+                         "throughput_tok_s": t["throughput_median"]})
+    chart = serving_chart(pd.DataFrame(rows)).properties(title=f"llama-server, SmolLM2-135M GGUF, {cpu}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_svg(chart))
 
 
 if __name__ == "__main__":

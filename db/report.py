@@ -361,6 +361,26 @@ def batch_chart(d: pd.DataFrame):
     return chart.properties(width=640, height=300, title="Speedup vs batch size"), band
 
 
+def serving_chart(d: pd.DataFrame):
+    """Median TPOT (ms) against concurrency per speculation kind, with 95 % intervals of the median (columns
+    concurrency, series, tpot_ms, tpot_ci_low_ms, tpot_ci_high_ms), beside output throughput (throughput_tok_s)."""
+    import altair as alt
+
+    if d.empty:
+        return None
+    x = alt.X("concurrency:Q", title="concurrent requests", scale=alt.Scale(type="log", base=2),
+              axis=alt.Axis(values=sorted(int(c) for c in d.concurrency.unique())))
+    color = alt.Color("series:N", title=None, legend=alt.Legend(orient="bottom", columns=1, labelLimit=0))
+    base = alt.Chart(d).encode(x=x, color=color)
+    tpot = alt.layer(base.mark_errorbar().encode(y=alt.Y("tpot_ci_low_ms:Q", title="median TPOT (ms)"),
+                                                 y2="tpot_ci_high_ms:Q"),
+                     base.mark_line(point=True).encode(y="tpot_ms:Q")).properties(
+        width=300, height=260, title="Time per output token")
+    throughput = base.mark_line(point=True).encode(y=alt.Y("throughput_tok_s:Q", title="output tokens/s")).properties(
+        width=300, height=260, title="Throughput")
+    return alt.hconcat(tpot, throughput)
+
+
 def acceptance_chart(pos: pd.DataFrame):
     import altair as alt
 

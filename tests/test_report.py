@@ -274,3 +274,16 @@ def test_a_store_with_hostile_names_renders_everywhere(tmp_path, capsys):
     assert "\x1b" not in shown and "\u202e" not in shown and HOSTILE not in shown
     rows = len(run_query(sql, db))
     assert shown.count("\n") == rows + 2  # header, one line per row (no row broken by its newline), the count
+
+
+def test_serving_chart_draws_tpot_with_intervals_and_throughput_per_kind():
+    d = pd.DataFrame([{"concurrency": c, "series": f"speculation {kind}", "tpot_ms": t, "tpot_ci_low_ms": t - 1,
+                       "tpot_ci_high_ms": t + 1, "throughput_tok_s": 40.0 * c / t}
+                      for kind, base in (("off", 20.0), ("ngram", 15.0)) for c, t in ((1, base), (4, base * 2))])
+    spec = report.serving_chart(d).to_dict()
+    assert [panel["title"] for panel in spec["hconcat"]] == ["Time per output token", "Throughput"]
+    marks = [layer["mark"]["type"] for layer in spec["hconcat"][0]["layer"]]
+    assert marks == ["errorbar", "line"]
+    svg = report.to_svg(report.serving_chart(d))
+    assert svg.lstrip().startswith("<svg") and "speculation ngram" in svg and "concurrent requests" in svg
+    assert report.serving_chart(d.iloc[0:0]) is None

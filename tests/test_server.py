@@ -410,3 +410,64 @@ def test_config_keys_of_serving_cells(tmp_path):
         matrix.check_server("server-ngram", {**config, "server": {"kind": "url"}}, {})
     with pytest.raises(matrix.ConfigError, match="set server.baseline_url, or baseline: shared"):
         matrix.check_server("server-ngram", {**config, "server": {"kind": "url", "url": "http://gpu:8000"}}, {})
+
+
+# --- Snakemake killed mid-cell: no server outlives it ----------------------------------------------------------------
+
+FAKE_LLAMA_SERVER = """#!{python}
+# a stand-in for llama-server: takes its command line, serves slow streams on --port, records its pid
+import os, sys, time
+sys.path.insert(0, {here!r})
+from standin_server import Behaviour, serve
+port = int(sys.argv[sys.argv.index("--port") + 1])
+with open({pids!r}, "a") as f:
+    f.write(f"{{os.getpid()}}\\n")
+serve(Behaviour(tokens=("tok",) * 64, first_delay=0.05, gap=0.25), port)
+print("listening", flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+
+def test_snakemake_killed_mid_cell_leaves_no_server(tmp_path):
+    """`kill -TERM` of the Snakemake process while a serving cell streams from its llama-servers: Snakemake stops
+    the job, run-job forwards the signal to its cell, the cell stops its servers (process groups; the kernel's
+    parent-death signal behind them). Every server it started is gone."""
+    pids = tmp_path / "server-pids.txt"
+    fake = tmp_path / "llama-server"
+    fake.write_text(FAKE_LLAMA_SERVER.format(python=sys.executable, here=str(HERE), pids=str(pids)))
+    fake.chmod(0o755)
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"id": "a", "category": "qa", "prompt": "Name a colour."})
+                                            + "\n")
+    config = {"pairs": [{"target": "smollm2-135m", "draft": "smollm2-135m"}], "prompts": "prompts.jsonl",
+              "strategies": ["server-ngram"], "draft_lengths": [4], "gpus": [0],
+              "generation": {"max_new_tokens": 64, "temperatures": [0.0], "seed": 0, "repeats": 3, "warmup": 0},
+              "concurrency": [1], "server": {"binary": str(fake), "ready_timeout": 60},
+              "db": "store.duckdb", "tag": "kill", "host": "testhost", "report": False}
+    (tmp_path / "config.yaml").write_text(json.dumps(config))
+    snakemake = [sys.executable, "-m", "snakemake", "--snakefile", str(HERE.parent / "Snakefile"), "--profile",
+                 str(HERE.parent / "profiles" / "default"), "--directory", str(tmp_path), "--configfile",
+                 str(tmp_path / "config.yaml"), "--cores", "1"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SPECDEC_GPU_LOCK_DIR": str(tmp_path / "locks")}
+    proc = subprocess.Popen(snakemake, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and (not pids.exists() or len(pids.read_text().split()) < 2):
+            assert proc.poll() is None, "Snakemake ended before the cell started its servers"
+            time.sleep(0.2)
+        started = [int(p) for p in pids.read_text().split()]
+        assert len(started) == 2  # speculation on and off, side by side
+        time.sleep(1.0)  # mid-cell: the slow streams are going
+        assert all(not gone(pid, within=0.1) for pid in started)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+        alive = [pid for pid in started if not gone(pid, within=20)]
+        assert not alive, f"servers {alive} outlived the killed Snakemake run"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+        for pid in (int(p) for p in (pids.read_text().split() if pids.exists() else [])):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -10,7 +10,9 @@
 // the softmax runs down the keys lane by lane, and the weighted sum of values keeps each lane's D outputs in
 // registers. Every lane's result is a sum in an order fixed by the key count alone, so a row's bits do not depend
 // on the other rows of the pass: a verify pass attends each row exactly as a one-row step does.
-#include <torch/extension.h>
+// ATen only, not torch/extension.h: the pybind11 and libtorch API headers take ~2/3 of a translation unit's
+// compile time; panel_linear.cpp (the module definition) is the one that needs them
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
@@ -139,11 +141,11 @@ void attend_group(const float* q, const float* k, const float* v, const float* m
 
 // q [H, R, D], k and v [KVH, T, D] (last dimension contiguous; cache views welcome), mask_t: None or the additive
 // mask transposed, [T, R] contiguous. Returns [R, H * D], the layout the output projection reads.
-torch::Tensor few_row_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                                const c10::optional<torch::Tensor>& mask_t, double scale) {
+at::Tensor few_row_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const c10::optional<at::Tensor>& mask_t, double scale) {
     TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "few_row_attention: q, k, v must be 3-D");
     for (const auto* t : {&q, &k, &v})
-        TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->device().is_cpu() && t->stride(2) == 1,
+        TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu() && t->stride(2) == 1,
                     "few_row_attention: q, k, v must be float32 CPU tensors with a contiguous last dimension");
     Shape s{q.size(0), k.size(0), q.size(1), k.size(1), q.size(2), q.stride(0), q.stride(1), k.stride(0),
             k.stride(1), v.stride(0), v.stride(1), static_cast<float>(scale)};
@@ -154,12 +156,12 @@ torch::Tensor few_row_attention(const torch::Tensor& q, const torch::Tensor& k, 
     TORCH_CHECK(s.dim == 64 || s.dim == 128, "few_row_attention: head dimension 64 or 128, got ", s.dim);
     const float* mask = nullptr;
     if (mask_t.has_value() && mask_t->defined()) {
-        TORCH_CHECK(mask_t->scalar_type() == torch::kFloat32 && mask_t->is_contiguous() && mask_t->dim() == 2 &&
+        TORCH_CHECK(mask_t->scalar_type() == at::kFloat && mask_t->is_contiguous() && mask_t->dim() == 2 &&
                         mask_t->size(0) == s.keys && mask_t->size(1) == s.rows,
                     "few_row_attention: mask_t must be a contiguous float32 [T, R] tensor");
         mask = mask_t->data_ptr<float>();
     }
-    auto out = torch::empty({s.rows, s.heads * s.dim}, q.options());
+    auto out = at::empty({s.rows, s.heads * s.dim}, q.options());
     const int64_t lanes_total = s.heads / s.kv_heads * s.rows, per_head = (lanes_total + 15) / 16;
     const float* qp = q.data_ptr<float>();
     const float* kp = k.data_ptr<float>();

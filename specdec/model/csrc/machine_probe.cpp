@@ -1,7 +1,9 @@
 // The machine's limits on the threads torch uses (specdec/measure/machine.py times these calls): a streaming read
 // of a buffer far larger than the caches, and register-resident float32 fused multiply-add and int8 VNNI
 // (vpdpbusd) loops, each thread on its own independent chains so only the execution units bound the rate.
-#include <torch/extension.h>
+// ATen only, not torch/extension.h: the pybind11 and libtorch API headers take ~2/3 of a translation unit's
+// compile time; panel_linear.cpp (the module definition) is the one that needs them
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
@@ -48,8 +50,8 @@ double vnni_part(int64_t iterations) {
 }  // namespace
 
 // Sums a uint8 buffer as int64 lanes, the threads splitting it (returns the sum so nothing is optimised away).
-int64_t probe_read(const torch::Tensor& buffer) {
-    TORCH_CHECK(buffer.scalar_type() == torch::kUInt8 && buffer.is_contiguous(),
+int64_t probe_read(const at::Tensor& buffer) {
+    TORCH_CHECK(buffer.scalar_type() == at::kByte && buffer.is_contiguous(),
                 "probe_read: the buffer must be contiguous uint8");
     const uint8_t* p = buffer.data_ptr<uint8_t>();
     const int64_t blocks = buffer.numel() / (1 << 20);

@@ -27,7 +27,9 @@
 // of its one-row step.
 //
 // No AMX: the AMX tile path for Intel Xeons is not written, as no AMX CPU was at hand to test it.
-#include <torch/extension.h>
+// ATen only, not torch/extension.h: the pybind11 and libtorch API headers take ~2/3 of a translation unit's
+// compile time; panel_linear.cpp (the module definition) is the one that needs them
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
@@ -202,8 +204,8 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int64_t stride, int off
     }
 }
 
-void check_input(const torch::Tensor& x, const char* name) {
-    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.device().is_cpu(),
+void check_input(const at::Tensor& x, const char* name) {
+    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
                 name, ": x must be a 2-D float32 CPU tensor");
 }
 
@@ -233,21 +235,21 @@ void int4_worker(const Rows& r, int64_t M, const uint8_t* wp, int64_t octets, in
 
 // x [M, K] float32; packed int8 [Np/16, Kp/4, 64]; col_sums int32 [Np] (128 * sum_k q); scales float32 [Np];
 // out_features N <= Np. Returns [M, N] float32.
-torch::Tensor int8_linear(torch::Tensor x, const torch::Tensor& packed, const torch::Tensor& col_sums,
-                          const torch::Tensor& scales, int64_t N) {
+at::Tensor int8_linear(at::Tensor x, const at::Tensor& packed, const at::Tensor& col_sums,
+                          const at::Tensor& scales, int64_t N) {
     check_input(x, "int8_linear");
     x = x.contiguous();
-    TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 64 && packed.scalar_type() == torch::kInt8 &&
+    TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 64 && packed.scalar_type() == at::kChar &&
                     packed.is_contiguous() && packed.size(1) * 4 >= x.size(1) && packed.size(1) * 4 < x.size(1) + 4,
                 "int8_linear: packed must be a contiguous int8 [Np/16, Kp/4, 64] tensor with Kp = x.size(1) "
                 "rounded up to 4");
     const int64_t M = x.size(0), K = x.size(1), panels = packed.size(0), quads = packed.size(1);
-    TORCH_CHECK(col_sums.scalar_type() == torch::kInt32 && col_sums.is_contiguous() &&
-                    col_sums.numel() == panels * 16 && scales.scalar_type() == torch::kFloat32 &&
+    TORCH_CHECK(col_sums.scalar_type() == at::kInt && col_sums.is_contiguous() &&
+                    col_sums.numel() == panels * 16 && scales.scalar_type() == at::kFloat &&
                     scales.is_contiguous() && scales.numel() == panels * 16 && N > panels * 16 - 16 &&
                     N <= panels * 16,
                 "int8_linear: col_sums (int32) and scales (float32) must hold the packed columns, N within them");
-    auto y = torch::empty({M, N}, x.options());
+    auto y = at::empty({M, N}, x.options());
     if (M == 0) return y;
     std::vector<uint8_t> xq(M * quads * 4);
     std::vector<float> xs(M);
@@ -264,21 +266,21 @@ torch::Tensor int8_linear(torch::Tensor x, const torch::Tensor& packed, const to
 }
 
 // x [M, K] float32; packed uint8 [N/16, K/8, 64]; scales_zeros bfloat16 [N/16, K/group, 2, 16]. Returns [M, N].
-torch::Tensor int4_linear(torch::Tensor x, const torch::Tensor& packed, const torch::Tensor& scales_zeros,
+at::Tensor int4_linear(at::Tensor x, const at::Tensor& packed, const at::Tensor& scales_zeros,
                           int64_t group) {
     check_input(x, "int4_linear");
     x = x.contiguous();
     const int64_t M = x.size(0), K = x.size(1);
     TORCH_CHECK(group > 0 && group % 8 == 0 && K % group == 0,
                 "int4_linear: the group size must be a multiple of 8 that divides the input width");
-    TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 64 && packed.scalar_type() == torch::kUInt8 &&
+    TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 64 && packed.scalar_type() == at::kByte &&
                     packed.is_contiguous() && packed.size(1) * 8 == K,
                 "int4_linear: packed must be a contiguous uint8 [N/16, K/8, 64] tensor with K = x.size(1)");
     const int64_t panels = packed.size(0), octets = packed.size(1), groups = K / group, N = panels * 16;
-    TORCH_CHECK(scales_zeros.scalar_type() == torch::kBFloat16 && scales_zeros.is_contiguous() &&
+    TORCH_CHECK(scales_zeros.scalar_type() == at::kBFloat16 && scales_zeros.is_contiguous() &&
                     scales_zeros.numel() == panels * groups * 32,
                 "int4_linear: scales_zeros must be a contiguous bfloat16 [N/16, K/group, 2, 16] tensor");
-    auto y = torch::empty({M, N}, x.options());
+    auto y = at::empty({M, N}, x.options());
     if (M == 0) return y;
     std::vector<uint8_t> xq(M * K);
     std::vector<float> xs(M), sums(M * groups);
