@@ -412,7 +412,7 @@ def test_config_keys_of_serving_cells(tmp_path):
         matrix.check_server("server-ngram", {**config, "server": {"kind": "url", "url": "http://gpu:8000"}}, {})
 
 
-# --- Snakemake killed mid-cell: no server outlives it ----------------------------------------------------------------
+# --- Snakemake stopped mid-cell: no server outlives it -----------------------------------------------------------
 
 FAKE_LLAMA_SERVER = """#!{python}
 # a stand-in for llama-server: takes its command line, serves slow streams on --port, records its pid
@@ -422,17 +422,21 @@ from standin_server import Behaviour, serve
 port = int(sys.argv[sys.argv.index("--port") + 1])
 with open({pids!r}, "a") as f:
     f.write(f"{{os.getpid()}}\\n")
-serve(Behaviour(tokens=("tok",) * 64, first_delay=0.05, gap=0.25), port)
+serve(Behaviour(tokens=("tok",) * 64, first_delay=0.05, gap=0.05), port)
 print("listening", flush=True)
 while True:
     time.sleep(3600)
 """
 
 
-def test_snakemake_killed_mid_cell_leaves_no_server(tmp_path):
-    """`kill -TERM` of the Snakemake process while a serving cell streams from its llama-servers: Snakemake stops
-    the job, run-job forwards the signal to its cell, the cell stops its servers (process groups; the kernel's
-    parent-death signal behind them). Every server it started is gone."""
+@pytest.mark.parametrize("how", ["kill -TERM snakemake", "Ctrl-C", "kill -TERM its process group"])
+def test_snakemake_stopped_mid_cell_leaves_no_server(tmp_path, how):
+    """A serving cell streams from its two llama-servers (speculation on and off; the binary is a slow stand-in
+    given as server.binary) when Snakemake is stopped. `kill -TERM <snakemake>`: Snakemake lets the running job
+    finish, then exits; the cell stops its servers as it ends. Ctrl-C (SIGINT to the terminal's process group) and
+    `kill -TERM -<pgid>` (what Slurm's scancel does): run-job and its cell get the signal mid-cell, the cell stops
+    its servers (their own process groups; the kernel's parent-death signal behind them). No server is left."""
+    signum = signal.SIGINT if how == "Ctrl-C" else signal.SIGTERM
     pids = tmp_path / "server-pids.txt"
     fake = tmp_path / "llama-server"
     fake.write_text(FAKE_LLAMA_SERVER.format(python=sys.executable, here=str(HERE), pids=str(pids)))
@@ -441,7 +445,7 @@ def test_snakemake_killed_mid_cell_leaves_no_server(tmp_path):
                                             + "\n")
     config = {"pairs": [{"target": "smollm2-135m", "draft": "smollm2-135m"}], "prompts": "prompts.jsonl",
               "strategies": ["server-ngram"], "draft_lengths": [4], "gpus": [0],
-              "generation": {"max_new_tokens": 64, "temperatures": [0.0], "seed": 0, "repeats": 3, "warmup": 0},
+              "generation": {"max_new_tokens": 32, "temperatures": [0.0], "seed": 0, "repeats": 2, "warmup": 0},
               "concurrency": [1], "server": {"binary": str(fake), "ready_timeout": 60},
               "db": "store.duckdb", "tag": "kill", "host": "testhost", "report": False}
     (tmp_path / "config.yaml").write_text(json.dumps(config))
@@ -460,12 +464,19 @@ def test_snakemake_killed_mid_cell_leaves_no_server(tmp_path):
         assert len(started) == 2  # speculation on and off, side by side
         time.sleep(1.0)  # mid-cell: the slow streams are going
         assert all(not gone(pid, within=0.1) for pid in started)
-        proc.send_signal(signal.SIGTERM)
+        if how == "kill -TERM snakemake":
+            proc.send_signal(signum)
+        else:
+            os.killpg(proc.pid, signum)
         proc.wait(timeout=120)
         alive = [pid for pid in started if not gone(pid, within=20)]
-        assert not alive, f"servers {alive} outlived the killed Snakemake run"
+        assert not alive, f"servers {alive} outlived Snakemake ({how})"
+        if how == "kill -TERM snakemake":  # the job ran to its end and was kept
+            (cell,) = (tmp_path / "results").rglob("cells/*.json")
+            assert json.loads(cell.read_text())["run"]["status"] == "ok"
     finally:
-        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
         for pid in (int(p) for p in (pids.read_text().split() if pids.exists() else [])):
             try:
                 os.kill(pid, signal.SIGKILL)
