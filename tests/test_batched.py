@@ -14,7 +14,7 @@ from specdec.model.decoding import DecodeSettings, baseline_decode, forward, new
 from specdec.model.kernels import prepare_model
 from specdec.run.runner import decode_models
 from specdec.strategies import STRATEGIES
-from tiny import EOS, context_free_memory, prompts
+from tiny import DEVICE, EOS, context_free_memory, prompts, tiny_target
 
 STRATEGY_NAMES = ["baseline", "speculative", "ngram", "suffix", "recycling", "dynamic-tree", "lookahead"]
 
@@ -170,3 +170,21 @@ def test_draft_models_draft_for_all_live_sequences_in_one_pass(target, draft, st
     assert max(draft_calls) == 3  # three live sequences' draft rows in one draft pass
     assert sum(draft_calls) == sum(t.draft_passes for t in traces)  # every draft forward went through a shared pass
     assert len(draft_calls) < sum(t.draft_passes for t in traces)
+
+
+@pytest.mark.parametrize("own", [True, False])
+def test_a_prefill_can_hand_each_rows_top_k_instead_of_its_logits(own, monkeypatch):
+    """Pass.topk: the rows' top-k from the final hidden states, the head in chunks (decoding.RowsTop): the same
+    values, indices and last row as the full [rows, vocab] logits give, in our forward and in transformers'."""
+    from specdec.model import decoding
+
+    monkeypatch.setattr(decoding, "TOP_ROWS_CHUNK", 4)  # several chunks for a 11-row prompt
+    model = prepare_model(tiny_target().to(DEVICE)) if own else tiny_target().to(DEVICE)
+    assert (getattr(model, "_specdec_own_forward", None) is not None) == own
+    prompt = prompts(1, length=11, seed=3)[0]
+    (full, _), = decoding.forward_passes(model, [decoding.Pass(prompt, new_cache(model), len(prompt))])
+    (top, _), = decoding.forward_passes(model, [decoding.Pass(prompt, new_cache(model), len(prompt), topk=5)])
+    values, indices = decoding.top_k_rows(full.contiguous(), 5)
+    assert isinstance(top, decoding.RowsTop) and top.values.shape == (len(prompt), 5)
+    torch.testing.assert_close(top.values, values, rtol=0, atol=0)
+    assert torch.equal(top.indices, indices) and torch.equal(top.last, full[-1:])

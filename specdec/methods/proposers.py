@@ -3,6 +3,8 @@
 A proposer is any object with
   needs_features: bool    — wants the target's final hidden states (EAGLE, Medusa read them)
   reads_prompt_logits: bool — wants the target's logits at every prompt position (else start gets None)
+  prompt_topk: int        — optional, with reads_prompt_logits: start gets only each prompt row's top-k and the
+                            last row (decoding.RowsTop), not the [prompt, vocab] logits
   start(prompt_ids, generator, prompt_logits)
                           — a new generation begins (generator: the loop's random stream)
   propose(committed, feats, shape, trace) -> Proposal
@@ -28,8 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from specdec.model.decoding import (DecodeSettings, Pass, Trace, forward, forward_passes, hit_eos, logits_to_probs,
-                                    new_cache, rollback, sample, top_k_rows)
+from specdec.model.decoding import (DecodeSettings, Pass, RowsTop, Trace, forward, forward_passes, hit_eos,
+                                    logits_to_probs, new_cache, rollback, sample, top_k_rows)
 from specdec.methods.drafters import Drafter
 from specdec.model.kernels import prepare_model
 from specdec.methods.trainfree import (MEMORY_TOKENS, Acceptance, ContextTable, add_ngram, advance_window, build_trie,
@@ -339,13 +341,14 @@ class RecyclingProposer:
         # scored (the dynamic tree's): also keep each candidate's score, and tables keyed by more context
         # (CONTEXT_ORDERS, trainfree.ContextTable)
         self.scored = scored
+        self.prompt_topk = self.topk  # the prefill hands start each prompt row's top-k only (decoding.RowsTop)
 
     def start(self, prompt_ids: list[int], generator=None, prompt_logits=None) -> None:
         # (the two tokens before each token or None, the tokens, their top-k rows, the rows' scores or None) this
         # generation saw
         self.learned: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]] = []
         others = remember(self.memory, "recycling+scored" if self.scored else "recycling", prompt_ids, self.learned)
-        vocab = prompt_logits.shape[-1]
+        vocab = prompt_logits.vocab if isinstance(prompt_logits, RowsTop) else prompt_logits.shape[-1]
         self.topk = min(self.topk, vocab)
         self.matrix = new_matrix(vocab, self.topk)
         self.probs = np.zeros(self.matrix.shape, dtype=np.float32) if self.scored else None
@@ -371,7 +374,10 @@ class RecyclingProposer:
     def learn(self, tokens: list[int], logits: torch.Tensor, before=None) -> None:
         """Learn each token's top-k (the rows of `logits`); before[i] (scored only): the two tokens before
         tokens[i] (-1: none)."""
-        values, indices = top_k_rows(logits, self.topk)
+        if isinstance(logits, RowsTop):  # the prefill's rows, reduced in the forward (prompt_topk)
+            values, indices = logits.values[:, :self.topk], logits.indices[:, :self.topk]
+        else:
+            values, indices = top_k_rows(logits, self.topk)
         rows = indices.to(torch.int32).cpu().numpy()
         probs = None
         if self.scored:
@@ -528,6 +534,7 @@ class DynamicTreeProposer:
         self.memory = memory if memory is not None else {}
         self.suffix = SuffixProposer(s, self.memory)
         self.recycling = RecyclingProposer(s, self.memory, scored=True)
+        self.prompt_topk = self.recycling.prompt_topk
 
     def start(self, prompt_ids: list[int], generator=None, prompt_logits=None) -> None:
         self.suffix.start(prompt_ids, generator, prompt_logits)

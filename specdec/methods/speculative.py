@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from specdec.model.decoding import (Clock, DecodeSettings, Pass, Trace, forward_passes, hit_eos, make_generator,
-                                    new_cache, select_token)
+from specdec.model.decoding import (Clock, DecodeSettings, Pass, RowsTop, Trace, forward_passes, hit_eos,
+                                    make_generator, new_cache, select_token)
 from specdec.model.kernels import prepare_model
 from specdec.methods.proposers import DraftLength, Proposal
 from specdec.methods.tree import Tree, keep_path, tree_pass
@@ -86,8 +86,11 @@ class Generation:
         model's; draft_together runs them batched across sequences) and receives their logits; returns the
         target Pass this sequence needs next."""
         if not self.committed:  # the prefill
-            rows = len(self.prompt_ids) if self.proposer is not None and self.proposer.reads_prompt_logits else 1
-            return Pass(self.prompt_ids, self.cache, rows, hidden=self.features)
+            reads = self.proposer is not None and self.proposer.reads_prompt_logits
+            rows = len(self.prompt_ids) if reads else 1
+            # a proposer that learns only each row's top-k gets just that (decoding.RowsTop), not [rows, vocab]
+            topk = getattr(self.proposer, "prompt_topk", 0) if reads else 0
+            return Pass(self.prompt_ids, self.cache, rows, hidden=self.features, topk=topk)
         if self.proposer is None:
             self.proposal = Proposal(Tree())
             return Pass([self.committed[-1]], self.cache)
@@ -118,7 +121,7 @@ class Generation:
 
     def _prefilled(self, logits, hidden) -> None:
         s, n_prompt = self.s, len(self.prompt_ids)
-        token = select_token(logits[-1], s, self.generator)
+        token = select_token((logits.last if isinstance(logits, RowsTop) else logits)[-1], s, self.generator)
         self.trace.ttft_s = self.clock() - self.start
         self.trace.target_passes = 1
         self.committed = self.prompt_ids + [token]

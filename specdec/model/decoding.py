@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
+from typing import NamedTuple
 
 import torch
 
@@ -281,6 +282,25 @@ class Pass:
     positions: list[int] | None = None
     attend: torch.Tensor | None = None
     hidden: bool = False
+    topk: int = 0  # > 0: the `rows` logit rows come as a RowsTop (each row's top-k, the last row in full)
+
+
+class RowsTop(NamedTuple):
+    """A pass's last `rows` logit rows reduced to each row's top-k (values float32 [rows, k] and indices
+    [rows, k], best first, as top_k_rows gives them) with the last row in full (float32 [1, vocab]): what a
+    proposer that learns from every prompt row reads (Pass.topk), without the [rows, vocab] matrix — prompt ×
+    vocabulary floats per prefill (60 MB for a 300-token prompt of SmolLM2, 16 of them in one pass at batch 16;
+    GBs for a 128k vocabulary). The head runs over the final hidden states in chunks of TOP_ROWS_CHUNK rows."""
+    values: torch.Tensor
+    indices: torch.Tensor
+    last: torch.Tensor
+
+    @property
+    def vocab(self) -> int:
+        return self.last.shape[-1]
+
+
+TOP_ROWS_CHUNK = 64
 
 
 @torch.inference_mode()
@@ -304,6 +324,11 @@ def forward_passes(model, passes: list[Pass], vocab: int | None = None) -> list[
     rows, attention runs per sequence over its own cache (vLLM's flattened batch, without padding). transformers'
     forward (other architectures, device maps, tensor parallelism) runs them one after another: correct, but not
     batched (docs/batching.md)."""
+    if any(p.topk for p in passes):  # the rows' top-k from the final hidden states, the head in chunks
+        outs = forward_passes(model, [replace(p, rows=1, hidden=True, topk=0) if p.topk else p for p in passes],
+                              vocab)
+        return [(rows_top(model, hidden[len(hidden) - p.rows:], p.topk, vocab, logits), hidden if p.hidden else None)
+                if p.topk else (logits, hidden) for p, (logits, hidden) in zip(passes, outs)]
     device = model.device
     own = getattr(model, "_specdec_own_forward", None) if all(p.cache is not None for p in passes) else None
     if own is not None:
@@ -312,6 +337,21 @@ def forward_passes(model, passes: list[Pass], vocab: int | None = None) -> list[
                                                  for p, mask in zip(passes, masks)])
         return [((logits if vocab is None else logits[:, :vocab]).float(), states) for logits, states in outs]
     return [_forward_transformers(model, p, vocab) for p in passes]
+
+
+def rows_top(model, hidden: torch.Tensor, k: int, vocab: int | None, last: torch.Tensor) -> RowsTop:
+    """RowsTop of the rows whose final (normed) hidden states are `hidden`: the model's head over
+    TOP_ROWS_CHUNK rows at a time, each chunk reduced to its top-k before the next (row by row the same logits
+    as a pass that returns them all: the head's result for a row does not depend on the other rows)."""
+    head = model.get_output_embeddings()
+    values, indices = [], []
+    for start in range(0, len(hidden), TOP_ROWS_CHUNK):
+        logits = head(hidden[start:start + TOP_ROWS_CHUNK])
+        logits = (logits if vocab is None else logits[:, :vocab]).float().contiguous()
+        v, i = top_k_rows(logits, min(k, logits.shape[-1]))
+        values.append(v)
+        indices.append(i)
+    return RowsTop(torch.cat(values), torch.cat(indices), last)
 
 
 def _forward_transformers(model, p: Pass, vocab: int | None):
