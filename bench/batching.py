@@ -146,24 +146,17 @@ def probe_batch_memory(args, runner: str, encoded: list[list[int]], s, batch_siz
     """Peak memory of one batched decode of the queue in a fresh process (bench_measure.probe_memory: the tensors
     the models hold plus the peak RSS growth during the decode, after an untimed pass over the same queue),
     against the weights plus the KV of the B longest sequences in flight."""
-    import os
-    import subprocess
-
+    from specdec.run.bench_measure import run_memory_probe
     from specdec.strategies import STRATEGIES
 
     spec = {"strategy": runner, "draft": args.target if STRATEGIES[runner].needs_draft else None, "weights": None,
             "target": args.target, "models": {}, "device": "cpu", "threads": args.threads, "stock_kernels": False,
             "drafters_dir": None, "prompt_ids": encoded[0], "settings": vars(s), "batch_size": batch_size,
             "batch_prompt_ids": encoded}
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}  # freed tensors leave RSS at once (no arena reuse)
-    out = subprocess.run([sys.executable, "-m", "specdec.run.bench", "--probe-memory", json.dumps(spec)],
-                         capture_output=True, text=True, env=env, timeout=1800)
-    lines = out.stdout.strip().splitlines()
-    if out.returncode != 0 or not lines:
-        error = (out.stderr.strip().splitlines() or ["no output"])[-1]
-        print(f"[batching] memory of {runner} at B={batch_size} failed: {error}", file=sys.stderr)
-        return {"error": error}
-    probe = json.loads(lines[-1])
+    probe = run_memory_probe(spec)
+    if "error" in probe:
+        print(f"[batching] memory of {runner} at B={batch_size} failed: {probe['error']}", file=sys.stderr)
+        return probe
     print(f"[batching] memory of {runner} at B={batch_size}: {probe['peak_bytes'] / 2**20:.0f} MiB, "
           f"{probe['over_weights_and_kv']:.2f}x weights + KV", file=sys.stderr)
     return probe

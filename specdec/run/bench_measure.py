@@ -656,9 +656,20 @@ def probe_memory(spec: dict) -> dict:
                       + ("CUDA allocator counters" if cuda else "RSS from /proc/self/status")}
 
 
+def run_memory_probe(spec: dict) -> dict:
+    """probe_memory(spec) in a fresh process (a process's peak RSS only grows: one probe per process) -> its answer,
+    or {"error": the child's last stderr line}."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}  # freed tensors leave RSS at once (no arena reuse)
+    out = subprocess.run([sys.executable, "-m", "specdec.run.bench", "--probe-memory", json.dumps(spec)],
+                         capture_output=True, text=True, env=env, timeout=1800)
+    lines = out.stdout.strip().splitlines()
+    if out.returncode != 0 or not lines:
+        return {"error": (out.stderr.strip().splitlines() or ["no output"])[-1]}
+    return json.loads(lines[-1])
+
+
 def measure_memory(cells: list[Cell], args, s, prompt_ids: list[int], log=print) -> dict:
     results = {}
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}  # freed tensors leave RSS at once (no arena reuse)
     for cell in cells:
         if cell.engine == "llamacpp":  # its weights are a mapped file and its KV and logits buffers are
             continue                   # allocated at load for the whole context: no tensors to count
@@ -666,16 +677,13 @@ def measure_memory(cells: list[Cell], args, s, prompt_ids: list[int], log=print)
                 "models": args.models,
                 "device": args.device, "threads": args.threads, "stock_kernels": args.stock_kernels,
                 "drafters_dir": args.drafters_dir, "prompt_ids": prompt_ids, "settings": vars(s)}
-        out = subprocess.run([sys.executable, "-m", "specdec.run.bench", "--probe-memory", json.dumps(spec)],
-                             capture_output=True, text=True, env=env, timeout=1800)
-        lines = out.stdout.strip().splitlines()
-        if out.returncode != 0 or not lines:
-            error = (out.stderr.strip().splitlines() or ["no output"])[-1]
-            log(f"[bench] memory probe for {cell.name} failed: {error}", file=sys.stderr)
-            results[cell.name] = {"cell": cell.name, "error": error}
+        probe = run_memory_probe(spec)
+        if "error" in probe:
+            log(f"[bench] memory probe for {cell.name} failed: {probe['error']}", file=sys.stderr)
+            results[cell.name] = {"cell": cell.name, "error": probe["error"]}
             continue
-        results[cell.name] = json.loads(lines[-1])
-        log(f"[bench] memory of {cell.name}: {results[cell.name]['peak_bytes'] / 2**20:.0f} MiB", file=sys.stderr)
+        results[cell.name] = probe
+        log(f"[bench] memory of {cell.name}: {probe['peak_bytes'] / 2**20:.0f} MiB", file=sys.stderr)
     return results
 
 
