@@ -37,7 +37,7 @@ from specdec.model.kernels import prepare_model
 from specdec.methods.trainfree import (MEMORY_TOKENS, Acceptance, ContextTable, add_ngram, advance_window, build_trie,
                                concatenate, continuations, frequency_chain, frequency_tree, match_ends, new_matrix,
                                recycled_tree, recycling_template, remember, scored_tree, update_matrix, window_rows)
-from specdec.methods.tree import ExtraRows, Tree, build_tree, chain, grow_tree, merge
+from specdec.methods.tree import ExtraRows, Tree, answer_steps, build_tree, chain, grow_tree, merge
 
 HEURISTIC_K_MAX = 16        # heuristic schedule: k never grows past max(this, the starting k)
 # scored recycling (the dynamic tree's): context tables keyed by this many tokens (the token and the ones before
@@ -197,12 +197,7 @@ class DraftModelProposer:
 
 def draft_alone(drafting) -> Proposal:
     """Run a drafting generator (DraftModelProposer.drafting) one forward at a time; its Proposal."""
-    try:
-        model, vocab, p = next(drafting)
-        while True:
-            model, vocab, p = drafting.send(forward_passes(model, [p], vocab)[0][0])
-    except StopIteration as done:
-        return done.value
+    return answer_steps(drafting, lambda request: forward_passes(request[0], [request[2]], request[1])[0][0])
 
 
 class NgramProposer:

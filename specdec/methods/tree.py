@@ -145,11 +145,17 @@ def build_tree(root_children: tuple[list[int], list[float]], expand, budget: int
     into `partial` (the tree so far: all candidates, unpruned) and returns, for each, (top tokens, log-probs) of
     its children. grow_tree is the same as a generator (it yields (frontier, partial) and receives expand's answer),
     for drafters whose expansions run batched across sequences. Returns (tree, number of expand calls)."""
-    steps = grow_tree(root_children, budget, width, max_depth, stop_tokens, min_prob)
+    return answer_steps(grow_tree(root_children, budget, width, max_depth, stop_tokens, min_prob),
+                        lambda request: expand(*request))
+
+
+def answer_steps(steps, answer):
+    """Run a generator that yields requests and receives answers (grow_tree, DraftModelProposer.drafting) one
+    request at a time, each answered by answer(request); its return value."""
     try:
         request = next(steps)
         while True:
-            request = steps.send(expand(*request))
+            request = steps.send(answer(request))
     except StopIteration as done:
         return done.value
 
