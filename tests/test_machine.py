@@ -30,6 +30,26 @@ def test_the_probe_measures_and_is_cached_per_host_and_threads(monkeypatch, tmp_
     assert list(stored) == [f"{first.host}|some CPU|{first.threads}"]
 
 
+def test_a_probe_taken_on_a_busy_machine_is_taken_again_when_it_is_quiet(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPECDEC_CACHE_DIR", str(tmp_path))
+    cores = machine.os.cpu_count() or 1
+    loads = iter([cores + 3.0, 0.5, 0.5])  # probed busy; quiet on the next call (probed again); quiet after
+    monkeypatch.setattr(machine, "load_average", lambda: next(loads))
+    probes = iter([(5.0, 50.0, 200.0), (30.0, 40.0, 800.0)])
+
+    def fake_probe(cpu):
+        read, fma, vnni = next(probes)
+        return machine.Machine(host="h", cpu=cpu, threads=2, bandwidth_gb_s=read, float32_gflop_s=fma,
+                               int8_gop_s=vnni, load_average=machine.load_average())
+
+    monkeypatch.setattr(machine, "probe", fake_probe)
+    busy = machine.machine_limits("c")
+    assert busy.bandwidth_gb_s == 5.0 and busy.load_average == cores + 3.0
+    quiet = machine.machine_limits("c")  # the busy probe is replaced; each figure keeps its best
+    assert (quiet.bandwidth_gb_s, quiet.float32_gflop_s, quiet.int8_gop_s, quiet.load_average) == (30.0, 50.0, 800.0, 0.5)
+    assert machine.machine_limits("c") == quiet  # quiet now and then: read from the cache (a third probe would raise)
+
+
 def test_roofline_is_the_larger_of_memory_and_compute_time():
     m = machine.Machine(host="h", cpu="c", threads=2, bandwidth_gb_s=20.0, float32_gflop_s=100.0, int8_gop_s=400.0)
     one = machine.roofline_ms(m, bytes_read=100e6, ops=2e9, integer=False)

@@ -4,7 +4,9 @@ pass's time can be set against its roofline bound: max(bytes read / bandwidth, o
 
 The probe takes about 2 s and is cached per host, CPU and thread count in $SPECDEC_CACHE_DIR (default
 ~/.cache/specdec)/machine.json; `specdec bench` prints it and each runner's pass time against its bound
-(docs/kernels.md). On a busy machine the probe reads low: delete the file to measure again.
+(docs/kernels.md). On a busy machine the probe reads low, so each probe stores the load average it ran under: a cached
+probe taken with more runnable processes than cores is measured again as soon as the machine is quieter, and each
+figure keeps its best (delete the file to start over).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class Machine:
     bandwidth_gb_s: float          # streaming read, 1e9 bytes per second
     float32_gflop_s: float         # fused multiply-add peak, 1e9 operations per second (a multiply-add = 2)
     int8_gop_s: float | None       # vpdpbusd peak; None where the CPU has no AVX-512 VNNI
+    load_average: float | None = None  # /proc/loadavg's 1-minute figure when probed (None: not recorded)
 
 
 def best_seconds(fn, repeats: int = 3) -> float:
@@ -57,10 +60,31 @@ def probe(cpu: str) -> Machine:
     fma_s = best_seconds(lambda: ext.probe_compute(FMA_ITERATIONS, False))
     vnni = kernels.quant_kernel_problem() is None
     vnni_s = best_seconds(lambda: ext.probe_compute(VNNI_ITERATIONS, True)) if vnni else None
-    return Machine(host=socket.gethostname(), cpu=cpu, threads=threads,
+    return Machine(host=socket.gethostname(), cpu=cpu, threads=threads, load_average=load_average(),
                    bandwidth_gb_s=round(PROBE_BYTES / read_s / 1e9, 2),
                    float32_gflop_s=round(threads * FMA_ITERATIONS * FMA_OPS / fma_s / 1e9, 1),
                    int8_gop_s=round(threads * VNNI_ITERATIONS * VNNI_OPS / vnni_s / 1e9, 1) if vnni else None)
+
+
+def load_average() -> float | None:
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def busy(load: float | None) -> bool:
+    """More runnable processes than cores: a probe then measures the other processes as well as the machine."""
+    return load is not None and load > (os.cpu_count() or 1)
+
+
+def best_of(old: Machine, new: Machine) -> Machine:
+    """Each limit's higher figure (a limit is what the machine reaches at best), with the newer probe's load."""
+    best = lambda a, b: b if a is None else a if b is None else max(a, b)  # noqa: E731
+    return Machine(host=new.host, cpu=new.cpu, threads=new.threads, load_average=new.load_average,
+                   bandwidth_gb_s=max(old.bandwidth_gb_s, new.bandwidth_gb_s),
+                   float32_gflop_s=max(old.float32_gflop_s, new.float32_gflop_s),
+                   int8_gop_s=best(old.int8_gop_s, new.int8_gop_s))
 
 
 def cache_file() -> Path:
@@ -68,16 +92,20 @@ def cache_file() -> Path:
 
 
 def machine_limits(cpu: str) -> Machine:
-    """This host's limits on torch's current thread count: from the cache, else probed and cached."""
+    """This host's limits on torch's current thread count: from the cache, else probed and cached; a cached probe
+    taken on a busy machine is probed again once the machine is not busy, keeping each figure's best."""
     key = f"{socket.gethostname()}|{cpu}|{torch.get_num_threads()}"
     path = cache_file()
     try:
         cached = json.loads(path.read_text())
     except (OSError, ValueError):
         cached = {}
-    if key in cached:
-        return Machine(**cached[key])
-    machine = probe(cpu)
+    old = Machine(**cached[key]) if key in cached else None
+    # a probe from before loads were recorded (None) is as doubtful as a busy one
+    doubtful = old is not None and (old.load_average is None or busy(old.load_average))
+    if old is not None and not (doubtful and not busy(load_average())):
+        return old
+    machine = probe(cpu) if old is None else best_of(old, probe(cpu))
     cached[key] = asdict(machine)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
