@@ -48,9 +48,17 @@ def machine_probe_small_and_outside_home(tmp_path_factory):
 
     saved = os.environ.get("SPECDEC_CACHE_DIR"), machine.PROBE_BYTES, machine.FMA_ITERATIONS, machine.VNNI_ITERATIONS
     os.environ["SPECDEC_CACHE_DIR"] = str(tmp_path_factory.mktemp("specdec-cache"))
+    # workflow cells store the probe with their runs (machine.run_record, a full-size probe in a child process):
+    # off in the suite, on in the test of that record
+    probe_setting = os.environ.get("SPECDEC_MACHINE_PROBE")
+    os.environ["SPECDEC_MACHINE_PROBE"] = "off"
     machine.PROBE_BYTES, machine.FMA_ITERATIONS, machine.VNNI_ITERATIONS = 16 << 20, 100_000, 100_000
     yield
     machine.PROBE_BYTES, machine.FMA_ITERATIONS, machine.VNNI_ITERATIONS = saved[1:]
+    if probe_setting is None:
+        os.environ.pop("SPECDEC_MACHINE_PROBE", None)
+    else:
+        os.environ["SPECDEC_MACHINE_PROBE"] = probe_setting
     if saved[0] is None:
         os.environ.pop("SPECDEC_CACHE_DIR", None)
     else:

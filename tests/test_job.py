@@ -6,9 +6,11 @@ import json
 
 import pytest
 
+from specdec.measure import machine
 from specdec.run import devices
 from specdec.run.devices import DeviceError, DeviceInfo, claim_gpus
 from specdec.run.job import run_cell, run_job
+from tiny import needs_panels
 
 
 def job(prompt_file, models, **kw):
@@ -28,6 +30,20 @@ def test_a_cell_records_every_prompt_and_repeat_with_provenance(prompt_file, tin
         assert key in run
     assert run["params"]["k"] == 3 and run["params"]["target_source"].startswith("path:")
     assert run["devices"] == ["cpu"] and run["gpu_count"] == 0
+
+
+@needs_panels
+def test_a_cpu_cell_stores_the_machines_limits_probed_once_per_host(prompt_file, tiny_models, monkeypatch):
+    monkeypatch.setenv("SPECDEC_MACHINE_PROBE", "on")
+    monkeypatch.setattr(machine, "busy", lambda load: False)  # a busy suite must not make the cached probe stale
+    first = run_cell(job(prompt_file, tiny_models, repeats=1))["run"]
+    record = first["machine"]
+    assert record["bandwidth_gb_s"] > 0 and record["float32_gflop_s"] > 0
+    assert record["threads"] == first["params"]["threads_used"] and record["host"] == first["host"]
+    monkeypatch.setattr(machine, "probe_in_child", lambda *a: pytest.fail("probed again instead of the cache"))
+    assert run_cell(job(prompt_file, tiny_models, repeats=1))["run"]["machine"] == record
+    monkeypatch.setenv("SPECDEC_MACHINE_PROBE", "off")
+    assert run_cell(job(prompt_file, tiny_models, repeats=1))["run"]["machine"] is None
 
 
 def test_missing_weights_become_failed_rows_not_a_crash(prompt_file, tiny_models, tmp_path):

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -91,22 +93,39 @@ def cache_file() -> Path:
     return Path(os.environ.get("SPECDEC_CACHE_DIR") or Path.home() / ".cache" / "specdec") / "machine.json"
 
 
+def read_cache() -> dict:
+    try:
+        return json.loads(cache_file().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def cache_key(cpu: str, threads: int) -> str:
+    return f"{socket.gethostname()}|{cpu}|{threads}"
+
+
+def cached_limits(cpu: str, threads: int, cached: dict | None = None) -> tuple[Machine | None, bool]:
+    """(this host's cached limits for `threads`, or None; whether to probe now): a missing probe, or one taken on a
+    busy machine (or before loads were recorded) while this one is not busy."""
+    entry = (read_cache() if cached is None else cached).get(cache_key(cpu, threads))
+    try:
+        old = Machine(**entry) if entry else None
+    except TypeError:  # written by another version of this record: probe again
+        old = None
+    doubtful = old is not None and (old.load_average is None or busy(old.load_average))
+    return old, old is None or (doubtful and not busy(load_average()))
+
+
 def machine_limits(cpu: str) -> Machine:
     """This host's limits on torch's current thread count: from the cache, else probed and cached; a cached probe
     taken on a busy machine is probed again once the machine is not busy, keeping each figure's best."""
-    key = f"{socket.gethostname()}|{cpu}|{torch.get_num_threads()}"
-    path = cache_file()
-    try:
-        cached = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cached = {}
-    old = Machine(**cached[key]) if key in cached else None
-    # a probe from before loads were recorded (None) is as doubtful as a busy one
-    doubtful = old is not None and (old.load_average is None or busy(old.load_average))
-    if old is not None and not (doubtful and not busy(load_average())):
+    cached, threads = read_cache(), torch.get_num_threads()
+    old, stale = cached_limits(cpu, threads, cached)
+    if not stale:
         return old
     machine = probe(cpu) if old is None else best_of(old, probe(cpu))
-    cached[key] = asdict(machine)
+    cached[cache_key(cpu, threads)] = asdict(machine)
+    path = cache_file()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(cached, indent=1))
@@ -121,3 +140,33 @@ def roofline_ms(machine: Machine, bytes_read: float, ops: float, integer: bool) 
     peak = machine.int8_gop_s if integer and machine.int8_gop_s else machine.float32_gflop_s
     compute = 1e3 * ops / (peak * 1e9)
     return {"memory_ms": memory, "compute_ms": compute, "bound_ms": max(memory, compute)}
+
+
+def run_record(cpu: str, threads: int) -> dict | None:
+    """This host's limits as every CPU run of the workflow stores them (the run's `machine`, in extra_json): from
+    the cache, else probed in a child process (the probe reads a 1 GiB buffer, which would otherwise count in the
+    run's own peak memory) and cached. None where the probe cannot run here (no AVX-512 or no compiler for our
+    kernels) or $SPECDEC_MACHINE_PROBE=off."""
+    if os.environ.get("SPECDEC_MACHINE_PROBE", "on") == "off":
+        return None
+    old, stale = cached_limits(cpu, threads)
+    if not stale:
+        return asdict(old)
+    if kernels.panel_kernel_problem() is not None:
+        return None
+    return probe_in_child(cpu, threads)
+
+
+def probe_in_child(cpu: str, threads: int) -> dict | None:
+    """machine_limits on `threads` in a fresh process (probed there and cached, or read from the cache)."""
+    try:  # a probe that cannot run leaves the run without `machine`; it never fails the cell
+        out = subprocess.run([sys.executable, "-m", "specdec.measure.machine", cpu, str(threads)],
+                             capture_output=True, text=True, timeout=600)
+        return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return None
+
+
+if __name__ == "__main__":  # run_record's child: probe (or read the cache) on the given thread count, print JSON
+    torch.set_num_threads(int(sys.argv[2]))
+    print(json.dumps(asdict(machine_limits(sys.argv[1]))))

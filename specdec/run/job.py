@@ -33,7 +33,7 @@ from specdec.run import devices, parallel, serve
 
 from specdec.methods import drafters
 
-from specdec.measure import noise
+from specdec.measure import machine, noise
 from specdec.model.decoding import DecodeSettings
 from specdec.model.kernels import cpuinfo_field
 from specdec.measure.metrics import DegenerateRule
@@ -269,6 +269,8 @@ def run_cell(job: dict, progress=None, read_noise=None) -> dict:
             params["weights"] = weight_format(pair)
             params["llamacpp_extra_buffers"] = extra_buffers_in_use(pair)  # amx | off (probe crashed: ...) | ...
         params.update(weights_used=weight_format(pair), threads_used=threads_in_use(pair))
+        if all(d == "cpu" for d in used):  # the machine's limits, so every CPU figure can be set against them
+            run["machine"] = machine.run_record(run["cpu_name"], params["threads_used"])
         # weights as loaded, before decoding's first call repacks CPU layers into non-parameter buffers
         weights = devices.loaded_bytes([pair.target.model] + ([pair.draft.model] if pair.draft else []), used)
         warm_ids = encode_prompt(pair.target, prompts[0]["prompt"])
