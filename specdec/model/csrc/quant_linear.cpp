@@ -2,9 +2,12 @@
 // more) rows, with W in quant.py's formats and the activations quantised per row to int8 on every call.
 //
 // Why: torch's packed int4/int8 CPU kernels are built for one row, so a verify pass of k + 1 rows costs nearly
-// k + 1 steps. Here the weights stream from memory once per call for all rows (loop: a group of weight panels
-// outer, row chunks inner, so later chunks read the panels from cache), and the products are integer dot products
-// (`vpdpbusd`: 64 u8 x s8 products summed in fours into 16 int32 lanes per instruction).
+// k + 1 steps. Here the weights stream from memory once per call for all rows, and the products are integer dot
+// products (`vpdpbusd`: 64 u8 x s8 products summed in fours into 16 int32 lanes per instruction). Two loop orders:
+// for one to three rows (bound by memory) a group of weight panels is the outer loop and row chunks the inner one,
+// the float sums in registers (int8_tile, int4_tile); for more rows (verify passes, batches, prompts: bound by the
+// arithmetic) the weights of two panels over 32 inputs sit in registers and every row of a block of 32 runs over
+// them (int8_tile_rows, int4_tile_rows).
 //
 // Activations: per row, scale = max|x| / 127 and xq = round-half-even(x / scale) in [-127, 127] (a row of zeros:
 // xq = 0). The row's scale is its own, so a row's result does not depend on the other rows of the call.
@@ -297,7 +300,7 @@ void int4_tile_rows(const Rows& r, int64_t m0, int64_t M, const uint8_t* packed,
 template <int M>
 void int8_rows(const Rows& r, int64_t m0, const int8_t* packed, int64_t quads, const int32_t* col_sums,
                const float* scales, float* y, int64_t N, int64_t pa, int64_t pb) {
-    constexpr int NB = M <= 6 ? 4 : 3;
+    constexpr int NB = 4;  // M <= 3 rows (int8_worker) x 4 panels: 12 accumulators
     int64_t p = pa;
     for (; p + NB <= pb; p += NB) int8_tile<M, NB>(r, m0, packed, quads, col_sums, scales, y, N, p);
     for (; p < pb; ++p) int8_tile<M, 1>(r, m0, packed, quads, col_sums, scales, y, N, p);
@@ -314,10 +317,8 @@ void int4_rows(const Rows& r, int64_t m0, const uint8_t* packed, int64_t octets,
 
 using Int8Fn = void (*)(const Rows&, int64_t, const int8_t*, int64_t, const int32_t*, const float*,
                         float*, int64_t, int64_t, int64_t);
-constexpr int kInt8Chunk = 8;
-constexpr int kInt8ManyRows = 4;  // from this many rows, int8_tile_rows
-constexpr Int8Fn kInt8Rows[kInt8Chunk + 1] = {nullptr,     int8_rows<1>, int8_rows<2>, int8_rows<3>, int8_rows<4>,
-                                              int8_rows<5>, int8_rows<6>, int8_rows<7>, int8_rows<8>};
+constexpr int kInt8ManyRows = 4;  // from this many rows, int8_tile_rows; fewer: int8_tile in one chunk
+constexpr Int8Fn kInt8Rows[kInt8ManyRows] = {nullptr, int8_rows<1>, int8_rows<2>, int8_rows<3>};
 using Int4Fn = void (*)(const Rows&, int64_t, const uint8_t*, int64_t, int64_t, const uint16_t*,
                         float*, int64_t, int64_t, int64_t);
 constexpr int kInt4Chunk = 4;
@@ -378,10 +379,7 @@ void int8_worker(const Rows& r, int64_t M, const int8_t* wp, int64_t quads, cons
     }
     for (int64_t g = pa; g < pb; g += kPanelGroup) {
         const int64_t ge = std::min<int64_t>(g + kPanelGroup, pb);
-        for (int64_t m0 = 0; m0 < M; m0 += kInt8Chunk) {
-            const int64_t rows = std::min<int64_t>(kInt8Chunk, M - m0);
-            kInt8Rows[rows](r, m0, wp, quads, cs, sc, yp, N, g, ge);
-        }
+        kInt8Rows[M](r, 0, wp, quads, cs, sc, yp, N, g, ge);
     }
 }
 
