@@ -303,12 +303,15 @@ def test_prepared_float32_model_matches_stock(linear):
     torch.testing.assert_close(layer.weight, stock.model.layers[0].mlp.up_proj.weight)
 
 
-def test_linear_kernels_follow_the_cpu_vendor_unless_overridden(monkeypatch):
+def test_linear_kernels_are_ours_where_they_run_then_follow_the_cpu_vendor(monkeypatch):
     monkeypatch.delenv("SPECDEC_CPU_LINEAR", raising=False)
     monkeypatch.setattr(kernels, "cpu_vendor", lambda: "AuthenticAMD")
     assert kernels.linear_kernels() == ("panels" if kernels.panel_kernel_problem() is None else "onednn")
-    monkeypatch.setattr(kernels, "cpu_vendor", lambda: "GenuineIntel")
-    assert kernels.linear_kernels() == ("mkl" if torch.backends.mkl.is_available() else "onednn")
+    monkeypatch.setattr(kernels, "cpu_vendor", lambda: "GenuineIntel")  # our kernel there too where it runs
+    intel = "mkl" if torch.backends.mkl.is_available() else "onednn"
+    assert kernels.linear_kernels() == ("panels" if kernels.panel_kernel_problem() is None else intel)
+    monkeypatch.setattr(kernels, "panel_kernel_problem", lambda: "this CPU offers AVX2, not AVX512")
+    assert kernels.linear_kernels() == intel
     monkeypatch.setenv("SPECDEC_CPU_LINEAR", "onednn")
     assert kernels.linear_kernels() == "onednn"
     monkeypatch.setenv("SPECDEC_CPU_LINEAR", "fast")

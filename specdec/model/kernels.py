@@ -2,15 +2,17 @@
 
 On a CPU with float32 weights verify passes share KV heads in attention, and the linear kernels are chosen per
 CPU (`linear_kernels`):
-- on AVX-512 CPUs other than Intel's, our own kernel (`PanelLinear`, csrc/panel_linear.cpp) for the decoder and
+- on AVX-512 CPUs, Intel's included, our own kernel (`PanelLinear`, csrc/panel_linear.cpp) for the decoder and
   the output head: the weights in panels of 16 output features, streamed once per call, every row's sums in
   registers. On a 2-core AMD EPYC all of SmolLM2-135M's decoder linear layers take 11.2 instead of 18.5 ms
   (oneDNN) for one row and 15.3 instead of 24.6 ms for 16 (docs/kernels.md); a row's result does not depend on the other
   rows of the call. It is compiled on first use (torch's cpp_extension, ~35 s, cached).
 - without it, pre-packed oneDNN weights (a 1-token step 76 -> 38 ms on that EPYC, where MKL's small-matrix paths
   are slow), the head through oneDNN on its dense weight (5 rows: 14-18 ms instead of MKL's 25 ms on a Xeon);
-- on Intel, MKL itself (1-row products 1.2-1.9x faster than packed oneDNN on a Sapphire Rapids Xeon, 5-row ones
-  on par; our kernel is not measured there: $SPECDEC_CPU_LINEAR=panels tries it).
+- on Intel CPUs without it, MKL itself (1-row products 1.2-1.9x faster than packed oneDNN on a Sapphire Rapids
+  Xeon, 5-row ones on par). On that Xeon our kernel beat MKL (issue 36's measurement, 12 Spec-Bench questions,
+  96 tokens, k 8, tree budget 14: plain decoding 33.3 against 30.8 tok/s, a 15-row verify pass 1.60 instead of
+  2.06 plain steps, dynamic-tree 1.25x instead of 1.01x), so it is the default there too.
 Attention of passes of 1 to 16 rows (steps and verify passes) runs our AVX-512 kernel where it builds
 (`attention_kernel`, csrc/few_row_attention.cpp): one KV head's query rows side by side in the vector lanes, every
 row's result independent of the other rows; a 14-row verify pass's attention over 400 keys in about 2/5 of torch's
@@ -361,14 +363,15 @@ def cpu_vendor() -> str:
 def linear_kernels() -> str:
     """Which kernels run the decoder's float32 linear layers on this CPU: 'mkl' (transformers' stock nn.Linear),
     'onednn' (PackedLinear) or 'panels' (PanelLinear, our AVX-512 kernel). $SPECDEC_CPU_LINEAR=mkl|onednn|panels
-    overrides the choice; 'auto' (the default) picks MKL on Intel CPUs, else our kernel where it runs (AVX-512
-    and a C++ compiler), else pre-packed oneDNN, from measurements (module docstring, docs/kernels.md)."""
+    overrides the choice; 'auto' (the default) picks our kernel where it runs (AVX-512 and a C++ compiler), on
+    Intel and AMD alike, else MKL on Intel CPUs, else pre-packed oneDNN, from measurements (module docstring,
+    docs/kernels.md)."""
     choice = kernel_choice("SPECDEC_CPU_LINEAR", LINEAR_KERNELS, "panels", "SPECDEC_CPU_LINEAR=onednn or mkl")
     if choice != "auto":
         return choice
-    if torch.backends.mkl.is_available() and cpu_vendor() == "GenuineIntel":
-        return "mkl"
-    return "panels" if panel_kernel_problem() is None else "onednn"
+    if panel_kernel_problem() is None:
+        return "panels"
+    return "mkl" if torch.backends.mkl.is_available() and cpu_vendor() == "GenuineIntel" else "onednn"
 
 
 QUANT_KERNELS = ("auto", "vnni", "torch")
