@@ -131,11 +131,47 @@ def wide_head_target(seed: int = 0) -> LlamaForCausalLM:
 
 
 def counted(monkeypatch) -> list:
-    """Count the kernel's calls (rows per call) from both forwards."""
+    """Count the kernel's calls (rows per call) from both forwards: few_row_attention, and rope_attend (our
+    forward's fused call of it after the first layer)."""
     calls = []
-    real = kernels.few_row_attention
+    real, fused = kernels.few_row_attention, kernels.rope_attend
     monkeypatch.setattr(kernels, "few_row_attention", lambda q, *a: calls.append(q.shape[1]) or real(q, *a))
+    monkeypatch.setattr(kernels, "rope_attend", lambda qkv, *a: calls.append(qkv.shape[0]) or fused(qkv, *a))
     return calls
+
+
+def rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' apply_rotary_pos_emb on x [heads, rows, D] with cos, sin [rows, D]."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+@needs_panels
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 128), (8, 1, 64)])
+def test_rope_attend_is_rotary_the_cache_write_and_the_kernel_bit_for_bit(heads, kv_heads, dim):
+    gen = torch.Generator().manual_seed(heads + dim)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    for rows, start in ((1, 0), (1, 37), (5, 20), (16, 100)):
+        qkv = torch.randn(rows, (heads + 2 * kv_heads) * dim, generator=gen)
+        freqs = torch.arange(start, start + rows).float()[:, None] * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        arena = torch.randn(3, 2, 1, kv_heads, 128, dim, generator=gen)  # a KVArena: layer 1's slot
+        expected_arena = arena.clone()
+        split = qkv.view(rows, heads + 2 * kv_heads, dim).transpose(0, 1)
+        qk = rotated(split[:heads + kv_heads], cos, sin)
+        expected_arena[1, 0, 0, :, start:start + rows] = qk[heads:]
+        expected_arena[1, 1, 0, :, start:start + rows] = split[heads + kv_heads:]
+        mask = tree_mask(rows, start + rows, gen) if rows > 1 else None
+        mask_t = None if mask is None else transposed_mask(mask[None, None])
+        expected = kernels.few_row_attention(qk[:heads], expected_arena[1, 0, 0, :, :start + rows],
+                                             expected_arena[1, 1, 0, :, :start + rows], mask_t, dim ** -0.5)
+        out = kernels.rope_attend(qkv, cos, sin, arena[1, 0], arena[1, 1], start, heads, kv_heads, mask_t,
+                                  dim ** -0.5)
+        assert torch.equal(out, expected)
+        assert torch.equal(arena, expected_arena)  # only this pass's positions of this layer were written
+    with pytest.raises(RuntimeError, match="capacity >= start \\+ rows"):
+        kernels.rope_attend(qkv, cos, sin, arena[1, 0], arena[1, 1], 120, heads, kv_heads, None, 0.1)
 
 
 @needs_panels
@@ -156,12 +192,16 @@ def test_both_forwards_run_the_kernel_bit_for_bit_alike(monkeypatch):
         theirs = passes(model, caches[1], ids)
         layers = len(model.model.layers)
         # 3 one-row steps, the 5-row chain pass and the 5-row tree pass, in every layer; not the 10-row prefill
-        # (causal, no mask): the same calls in both forwards
+        # (causal, no mask): the same calls in both forwards (ours: few_row_attention in the first layer,
+        # rope_attend in the others)
         assert mine_calls == calls == [1] * 3 * layers + [5] * layers * 2
         calls[:] = []
         for (a_logits, a_hidden), (b_logits, b_hidden) in zip(mine, theirs):
             assert torch.equal(a_logits, b_logits)
             assert a_hidden is None or torch.equal(a_hidden, b_hidden)
+        for a, b in zip(caches[0].layers, caches[1].layers):  # rope_attend wrote the same keys and values
+            assert a.get_seq_length() == b.get_seq_length()
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
 
 
 @needs_panels

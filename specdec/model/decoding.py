@@ -205,6 +205,18 @@ def _growing_layer_class():
             self.keys, self.values = self.key_buffer[..., :end, :], self.value_buffer[..., :end, :]
             return self.keys, self.values
 
+        def extend(self, rows: int) -> int | None:
+            """Room for `rows` more positions that the caller writes into key_buffer and value_buffer itself
+            (llama_forward's fused rotary + cache write + attention): their first position, or None where the
+            layer has no buffer yet (its first write goes through update)."""
+            if self.key_buffer is None or not self.is_initialized:
+                return None
+            start, end = self.length, self.length + rows
+            self._reserve(end, self.key_buffer, self.value_buffer)
+            self.length = end
+            self.keys, self.values = self.key_buffer.narrow(-2, 0, end), self.value_buffer.narrow(-2, 0, end)
+            return start
+
         def get_seq_length(self) -> int:
             return self.length if self.is_initialized else 0
 

@@ -208,6 +208,18 @@ def few_row_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     return panel_extension().few_row_attention(query, key, value, mask_t, scale)
 
 
+def rope_attend(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_buffer: torch.Tensor,
+                value_buffer: torch.Tensor, start: int, heads: int, kv_heads: int, mask_t: torch.Tensor | None,
+                scale: float) -> torch.Tensor:
+    """A few-row pass's attention in one call of our extension, from the fused q|k|v projection's output qkv
+    [R, (H + 2 KVH) * D]: rotary embeddings on query and key heads (the bits of transformers'
+    apply_rotary_pos_emb), the keys and values written into a cache layer's buffers ([1, KVH, capacity, D]) at
+    positions [start, start + R), then `few_row_attention` over the first start + R positions -> [R, H * D].
+    llama_forward.attend's path for steps and verify passes: one call instead of ~25 tensor operations per layer."""
+    return panel_extension().rope_attend(qkv, cos, sin, key_buffer, value_buffer, start, heads, kv_heads, mask_t,
+                                         scale)
+
+
 class PanelLinear(KernelLinear):
     """A float32 nn.Linear whose weight is stored only in panels for our AVX-512 kernel (`pack_panels`; no dense
     copy kept). Each output is one in-order sum over the inputs, so a row's result does not depend on how many
@@ -438,7 +450,8 @@ def prepare_model(model, linear: str | None = None):
         use_fast_kernels(model, linear)
     # after the kernel swap and the copies: our forward calls the kernels and reads the tensors the model keeps
     few_rows = few_row_attention if getattr(model, "_specdec_few_rows", False) else None
-    model._specdec_own_forward = llama_forward.llama_weights(model, few_rows)
+    model._specdec_own_forward = llama_forward.llama_weights(model, few_rows,
+                                                             rope_attend if few_rows is not None else None)
     return model
 
 

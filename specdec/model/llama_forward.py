@@ -102,6 +102,8 @@ class LlamaWeights:
     scaling: float
     # kernels.few_row_attention where the model uses it (kernels.attention_kernel), else None (SDPA)
     few_rows: Callable | None = None
+    # kernels.rope_attend beside it: rotary, the cache write and few_rows in one call (None: three steps in torch)
+    rope_attend: Callable | None = None
 
 
 def unsupported(model) -> str | None:
@@ -140,10 +142,11 @@ def unsupported(model) -> str | None:
     return None
 
 
-def llama_weights(model, few_rows: Callable | None = None) -> LlamaWeights | None:
+def llama_weights(model, few_rows: Callable | None = None, rope_attend: Callable | None = None) -> LlamaWeights | None:
     """The tensors and kernel calls our forward reads, or None where it does not apply (`unsupported`, or a
     linear layer with no kernel call we know: `matmul`). few_rows: the attention kernel for passes of few rows
-    (kernels.few_row_attention), used for float32 models."""
+    (kernels.few_row_attention), used for float32 models on the CPU; rope_attend: the same kernel fused with rotary
+    and the cache write (kernels.rope_attend), used with it."""
     if forward_choice() != "own" or unsupported(model) is not None:
         return None
     config, inner = model.config, model.model
@@ -161,16 +164,21 @@ def llama_weights(model, few_rows: Callable | None = None) -> LlamaWeights | Non
     except TypeError:
         return None
     attn = inner.layers[0].self_attn
+    cpu_float32 = model.dtype == torch.float32 and model.device.type == "cpu"
     return LlamaWeights(embed=inner.embed_tokens, layers=layers, norm=inner.norm.weight,
                         norm_eps=inner.norm.variance_epsilon, head=head,
                         inv_freq=inner.rotary_emb.inv_freq, heads=config.num_attention_heads,
                         kv_heads=config.num_key_value_heads, head_dim=attn.head_dim,
                         intermediate=config.intermediate_size, scaling=attn.scaling,
-                        few_rows=few_rows if model.dtype == torch.float32 and model.device.type == "cpu" else None)
+                        few_rows=few_rows if cpu_float32 else None,
+                        rope_attend=rope_attend if cpu_float32 and few_rows is not None else None)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """LlamaRMSNorm: in float32, then back to the input's dtype, then the weight."""
+    """LlamaRMSNorm: in float32, then back to the input's dtype, then the weight. For float32 states and weight,
+    torch.rms_norm: one call instead of six, the same bits (tests/test_llama_forward.py)."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return torch.rms_norm(x, (x.shape[-1],), weight, eps)
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
@@ -265,6 +273,13 @@ def attend(weights: LlamaWeights, index: int, seg: Segment, qkv: torch.Tensor, c
     the cache -> [rows, heads * head_dim]."""
     n = qkv.shape[0]
     heads, kv_heads, dim, half = weights.heads, weights.kv_heads, weights.head_dim, weights.head_dim // 2
+    if index and seg.few and weights.rope_attend is not None:  # layer 0 chose our kernel: one call for the rest
+        layer = seg.cache.layers[index]
+        extend = getattr(layer, "extend", None)  # decoding.new_cache's layers (a buffer written in place)
+        start = extend(n) if extend is not None else None
+        if start is not None:
+            return weights.rope_attend(qkv, cos, sin, layer.key_buffer, layer.value_buffer, start, heads, kv_heads,
+                                       seg.mask_t, weights.scaling)
     qkv = qkv.view(n, heads + 2 * kv_heads, dim).transpose(0, 1)  # [heads, rows, dim]
     qk, v = qkv[:heads + kv_heads], qkv[heads + kv_heads:]
     qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin

@@ -179,3 +179,79 @@ at::Tensor few_row_attention(const at::Tensor& q, const at::Tensor& k, const at:
     });
     return out;
 }
+
+namespace {
+
+// One head's row rotated: out = x * cos + rotate_half(x) * sin, rotate_half(x) = (-x[D/2:], x[:D/2]), each product
+// and the sum rounded on its own (explicitly rounded instructions: the compiler cannot fuse them into a
+// multiply-add), so the bits are those of transformers' apply_rotary_pos_emb in float32. D a multiple of 32.
+inline void rotate_row(const float* x, const float* c, const float* sn, float* out, int64_t dim) {
+    constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    const int64_t half = dim / 2;
+    const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));  // xor of the sign bit: AVX-512F only
+    for (int64_t i = 0; i < half; i += 16) {
+        const __m512 lo = _mm512_loadu_ps(x + i), hi = _mm512_loadu_ps(x + half + i);
+        const __m512 neg_hi = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(hi), sign));
+        _mm512_storeu_ps(out + i, _mm512_add_round_ps(
+            _mm512_mul_round_ps(lo, _mm512_loadu_ps(c + i), kRound),
+            _mm512_mul_round_ps(neg_hi, _mm512_loadu_ps(sn + i), kRound), kRound));
+        _mm512_storeu_ps(out + half + i, _mm512_add_round_ps(
+            _mm512_mul_round_ps(hi, _mm512_loadu_ps(c + half + i), kRound),
+            _mm512_mul_round_ps(lo, _mm512_loadu_ps(sn + half + i), kRound), kRound));
+    }
+}
+
+}  // namespace
+
+// A few-row pass's attention in one call, from the fused q|k|v projection: rotary embeddings on the query and key
+// heads, the keys and values written into the cache's buffers at positions [start, start + R), and
+// few_row_attention of the rotated queries over the cache's first start + R positions. What llama_forward.attend
+// does in ~25 tensor operations per layer (rotary, the cache's update, the views), here without a tensor
+// operation per step between them.
+// qkv [R, (H + 2 KVH) * D] contiguous; cos, sin [R, D] contiguous; key_buffer, value_buffer [KVH, capacity, D]
+// or [1, KVH, capacity, D] (the cache layer's buffers, last dimension contiguous, capacity >= start + R); mask_t as
+// few_row_attention's.
+at::Tensor rope_attend(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& keys,
+                       const at::Tensor& values, int64_t start, int64_t heads, int64_t kv_heads,
+                       const c10::optional<at::Tensor>& mask_t, double scale) {
+    // a cache layer's buffers carry a batch dimension of 1: [1, KVH, capacity, D]
+    const bool batched = keys.dim() == 4 && keys.size(0) == 1 && values.dim() == 4 && values.size(0) == 1;
+    const at::Tensor key_buffer = batched ? keys.select(0, 0) : keys;
+    const at::Tensor value_buffer = batched ? values.select(0, 0) : values;
+    TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous() && qkv.scalar_type() == at::kFloat && qkv.device().is_cpu(),
+                "rope_attend: qkv must be a contiguous float32 CPU [rows, (H + 2 KVH) * D] tensor");
+    const int64_t rows = qkv.size(0), dim = key_buffer.size(-1);
+    TORCH_CHECK(heads >= 1 && kv_heads >= 1 && qkv.size(1) == (heads + 2 * kv_heads) * dim && dim % 32 == 0,
+                "rope_attend: qkv's width is not (H + 2 KVH) * D with D a multiple of 32");
+    for (const auto* t : {&cos, &sin})
+        TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 && t->size(0) == rows &&
+                        t->size(1) == dim,
+                    "rope_attend: cos and sin must be contiguous float32 [rows, D] tensors");
+    for (const auto* t : {&key_buffer, &value_buffer})
+        TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 3 && t->size(0) == kv_heads &&
+                        t->size(1) >= start + rows && t->size(2) == dim && t->stride(2) == 1 && start >= 0,
+                    "rope_attend: key and value buffers must be float32 [KVH, capacity >= start + rows, D] with a "
+                    "contiguous last dimension");
+    auto q = at::empty({heads, rows, dim}, qkv.options());
+    const float* src = qkv.data_ptr<float>();
+    const float* cp = cos.data_ptr<float>();
+    const float* sp = sin.data_ptr<float>();
+    float* qp = q.data_ptr<float>();
+    float* kp = key_buffer.data_ptr<float>();
+    float* vp = value_buffer.data_ptr<float>();
+    const int64_t width = qkv.size(1);
+    const int64_t ks0 = key_buffer.stride(0), ks1 = key_buffer.stride(1);
+    const int64_t vs0 = value_buffer.stride(0), vs1 = value_buffer.stride(1);
+    for (int64_t r = 0; r < rows; ++r) {
+        const float* row = src + r * width;
+        const float* c = cp + r * dim;
+        const float* sn = sp + r * dim;
+        for (int64_t h = 0; h < heads; ++h) rotate_row(row + h * dim, c, sn, qp + (h * rows + r) * dim, dim);
+        for (int64_t g = 0; g < kv_heads; ++g) {
+            rotate_row(row + (heads + g) * dim, c, sn, kp + g * ks0 + (start + r) * ks1, dim);
+            std::copy_n(row + (heads + kv_heads + g) * dim, dim, vp + g * vs0 + (start + r) * vs1);
+        }
+    }
+    return few_row_attention(q, key_buffer.narrow(1, 0, start + rows), value_buffer.narrow(1, 0, start + rows),
+                             mask_t, scale);
+}

@@ -89,6 +89,9 @@ torch::Tensor panel_linear(torch::Tensor x, const torch::Tensor& packed, const c
 // few_row_attention.cpp
 torch::Tensor few_row_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                 const c10::optional<torch::Tensor>& mask_t, double scale);
+torch::Tensor rope_attend(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                          const torch::Tensor& key_buffer, const torch::Tensor& value_buffer, int64_t start,
+                          int64_t heads, int64_t kv_heads, const c10::optional<torch::Tensor>& mask_t, double scale);
 
 // quant_linear.cpp
 torch::Tensor int8_linear(torch::Tensor x, const torch::Tensor& packed, const torch::Tensor& col_sums,
@@ -106,4 +109,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("probe_read", &probe_read, "streaming read of a buffer on torch's threads (a checksum)");
     m.def("probe_compute", &probe_compute, "float32 FMA or int8 VNNI loop on each of torch's threads (a checksum)");
     m.def("few_row_attention", &few_row_attention, "float32 attention of 1-16 query rows, grouped KV heads (AVX-512)");
+    m.def("rope_attend", &rope_attend, "rotary + cache write + few_row_attention of a few-row pass (AVX-512)");
 }
