@@ -117,6 +117,35 @@ def test_ragged_proposals_in_one_pass_keep_exact_caches(target):
             torch.testing.assert_close(mine.keys, ref.keys, rtol=0, atol=1e-9)
 
 
+def test_a_queue_holds_only_the_requests_in_flight(target):
+    """Given a generator, decode_slots takes a request when a slot opens and drops it when it ends: a finished
+    sequence's proposer (a dynamic tree's tables: 12 MiB per conversation) is freed before the queue is done, so
+    a queue's memory is that of its slots, not of all its prompts."""
+    import gc
+    import weakref
+
+    s = DecodeSettings(max_new_tokens=8, k=4, tree_budget=6, stop_at_eos=False)
+    memory = context_free_memory(target)
+    st = STRATEGIES["dynamic-tree"]
+    proposers, alive_at_admission = [], []
+
+    def queue():
+        for p in ragged_prompts(5, seed=3):
+            gc.collect()
+            alive_at_admission.append(sum(ref() is not None for ref in proposers))
+            proposer = make_proposer(st.proposer, s, None, None, None, memory)
+            proposers.append(weakref.ref(proposer))
+            yield Request(p, proposer, DraftLength(s, st.length, st.width, {EOS}))
+            del proposer  # this generator's own reference
+
+    traces = decode_slots(target, queue(), s, {EOS}, slots=2)
+    assert [len(t.tokens) for t in traces] == [8] * 5
+    # the first two fill the slots; every later admission finds only the other slot's proposer alive
+    assert alive_at_admission == [0, 1, 1, 1, 1]
+    gc.collect()
+    assert all(ref() is None for ref in proposers)
+
+
 def test_a_finished_sequence_gives_its_slot_to_the_next_prompt(target):
     """Sequences end at different times; the next prompt takes a freed slot in the very next pass, so no pass runs
     with an idle slot while prompts wait, and passes = tokens / slots up to the last sequence's tail."""

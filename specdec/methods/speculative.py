@@ -27,7 +27,7 @@ Draft models draft for all live sequences in one draft pass per draft position (
 
 from __future__ import annotations
 
-from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -164,35 +164,54 @@ class Generation:
         self.committed.extend(new)
 
 
-def decode_slots(target, requests: list[Request], s: DecodeSettings, eos_ids: set[int], vocab: int | None = None,
+def decode_slots(target, requests: Iterable[Request], s: DecodeSettings, eos_ids: set[int], vocab: int | None = None,
                  slots: int = 1, on_pass=None) -> list[Trace]:
     """Decode every request with `slots` sequences in flight: one target pass per step holds every live
     sequence's rows; a finished sequence's slot goes to the next request at once (no slot waits for the slowest).
     Returns one Trace per request, in order; each Trace's ttft_s and wall_s count from the request's admission.
-    on_pass(rows per sequence): called after each target pass (tests, bench)."""
+    Requests are taken from the iterable as slots free up: given a generator, a request (its proposer's tables,
+    its caches) exists only while it is in flight, so a queue's memory is that of `slots` sequences, not of the
+    whole queue (12 MiB per dynamic-tree conversation). on_pass(rows per sequence): called after each target pass
+    (tests, bench)."""
     if slots < 1:
         raise ValueError(f"slots must be >= 1, got {slots}")
     prepare_model(target)  # before inference mode: it swaps modules and copies parameters
-    traces: list[Trace | None] = [None] * len(requests)
+    traces: dict[int, Trace] = {}
     with torch.inference_mode():
         clock = Clock(target.device)
-        queue, live = deque(enumerate(requests)), []
-        while queue or live:
-            while queue and len(live) < slots:
-                index, request = queue.popleft()
-                live.append((index, Generation(target, request, s, eos_ids, clock)))
+        # not enumerate(): it keeps its last (index, request) tuple for reuse, so the last request taken would
+        # outlive its generation
+        queue, live, taken = iter(requests), [], 0
+        waiting = True
+        while waiting or live:
+            while waiting and len(live) < slots:
+                request = next(queue, None)
+                if request is None:
+                    waiting = False
+                    break
+                live.append((taken, Generation(target, request, s, eos_ids, clock)))
+                taken += 1
+                del request  # the Generation holds what it needs of it; once it ends, nothing does
+            if not live:
+                break
             passes = draft_together([g.next_pass() for _, g in live])
             t0 = clock()
             outs = forward_passes(target, passes, vocab)
             forward_s = clock() - t0
             if on_pass is not None:
                 on_pass([len(p.ids) for p in passes])
-            for (index, g), (logits, hidden) in zip(live, outs):
-                g.take(logits, hidden, forward_s)
-                if g.done:
-                    traces[index] = g.trace
-            live = [(index, g) for index, g in live if not g.done]
-    return traces
+            live = take_pass(live, outs, forward_s, traces)
+    return [traces[i] for i in range(len(traces))]
+
+
+def take_pass(live: list, outs: list, forward_s: float, traces: dict) -> list:
+    """Each live sequence reads its share of the pass; the finished ones leave their Trace in `traces` and are
+    dropped (in a function of its own, so no loop variable keeps a finished Generation alive)."""
+    for (index, g), (logits, hidden) in zip(live, outs):
+        g.take(logits, hidden, forward_s)
+        if g.done:
+            traces[index] = g.trace
+    return [(index, g) for index, g in live if not g.done]
 
 
 def draft_together(steps: list) -> list[Pass]:

@@ -276,7 +276,8 @@ def decode_batch(pair: Pair, strategy: str, prompts: list[list[int]], s: DecodeS
             return Request(ids)
         return Request(ids, *drafting(strategy, s, eos, draft, pair.drafter, pair.vocab, memory))
 
-    return decode_slots(pair.target.model, [request(ids) for ids in prompts], s, eos, pair.vocab, batch_size,
+    # a generator: each request (its proposer's tables) made when its slot opens, freed when it ends
+    return decode_slots(pair.target.model, (request(ids) for ids in prompts), s, eos, pair.vocab, batch_size,
                         on_pass)
 
 
