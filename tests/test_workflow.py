@@ -66,9 +66,12 @@ def write_config(workdir: Path, config: dict) -> Path:
 
 
 def snakemake(workdir: Path, *args, timeout=600, env=None) -> subprocess.CompletedProcess:
+    """Snakemake on 2 cores with one thread per cell, so two cells of tiny models run at once (a real matrix gives
+    each CPU cell every core: decode.smk's cell_threads); most of a tiny cell is its process starting."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "SPECDEC_GPU_LOCK_DIR": str(workdir / "locks"), **(env or {})}
     return subprocess.run([*SNAKEMAKE, "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"),
-                           "--cores", "2", *args], capture_output=True, text=True, timeout=timeout, env=env)
+                           "--cores", "2", "--set-threads", "run_cell=1", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
 
 
 def rows(db: Path, sql: str):

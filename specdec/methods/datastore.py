@@ -14,7 +14,8 @@ CONTEXT_FREE_PREFIX and that token alone — a bigram table read from the target
 They stand in for Token Recycling's matrix row of a token the target has not yet scored in the job (a quarter of
 the dynamic tree's steps had no candidate at all without them). Built in one-level tree forwards of
 CONTEXT_FREE_CHUNK tokens (each token a child of the shared prefix: 81 s for SmolLM2-135M's 49,152 tokens on 2
-CPU cores), cached as `<datastores root>/<target>-context-free-<hash>.npz`.
+CPU cores in chunks of 1024; about a fifth less in chunks of 128), cached as
+`<datastores root>/<target>-context-free-<hash>.npz`.
 """
 
 from __future__ import annotations
@@ -38,7 +39,11 @@ FORMAT = 1                  # bump when the cached corpus's meaning changes
 CONTEXT_FREE_PREFIX = "\n"  # what the context-free rows are computed after (the tokenizer's BOS first if it adds
 # one): of ten neutral prefixes tried, a newline's rows held the target's next token most often (top-1 17 %, top-8
 # 41 % of the tokens the dynamic tree found no row for, 16 suite prompts; none at all: 1 % and 15 %)
-CONTEXT_FREE_CHUNK = 1024   # tokens scored per forward
+# tokens scored per forward: the pass's attention grows with its square (every row sees the prefix and itself
+# through a tree mask over all the pass's keys), its matmuls' efficiency falls below ~128 rows; the first 8192
+# tokens of SmolLM2-135M took 18.7 s in chunks of 1024, 15.1 s in 128, 15.7-18 s in 64 (2-core AMD EPYC, the same
+# top-k rows; scores equal to float32 rounding)
+CONTEXT_FREE_CHUNK = 128
 CONTEXT_FREE_FORMAT = 1     # bump when the cached rows' meaning changes
 
 
