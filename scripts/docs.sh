@@ -15,7 +15,8 @@ fi
 export NO_MKDOCS_2_WARNING=1
 if ! .venv/bin/python -c "import mkdocs, material" 2>/dev/null; then
     echo "docs: installing the [docs] extra (mkdocs, mkdocs-material)" >&2
-    .venv/bin/python -m pip install --quiet -e ".[docs]"
+    # the editable-install notice setuptools prints for this layout is silenced as in setup.sh (which says why)
+    PYTHONWARNINGS="ignore:Editable installation" .venv/bin/python -m pip install --quiet -e ".[docs]"
 fi
 command=$1
 shift
