@@ -1,6 +1,8 @@
 """Our forward (specdec/model/llama_forward.py) against transformers' forward of the same prepared model, A/B in one
-process: per weight format, the embedded target's plain decoding of suite prompts, the two forwards interleaved
-prompt by prompt (the order alternates), medians over repeats. Prints the CPU model, ms per one-token step and per
+process: per weight format, the embedded target's plain decoding of suite prompts, the forwards interleaved prompt
+by prompt (the order rotates), medians over repeats. Where our forward fuses rotary, the cache write and attention
+into one call (kernels.rope_attend), it also runs without that call ("unfused": the same forward, those steps in
+torch), so the call's share is measured in the same run. Prints the CPU model, ms per one-token step and per
 prefill for each, the ratio, and whether the tokens were identical (they must be: the forwards compute the same
 bits; tests/test_llama_forward.py checks the logits).
 
@@ -53,32 +55,37 @@ def main() -> None:
     suite = prompts.select(prompts.load_prompts(default_prompts_file()), per_category=args.per_category)
     print(f"CPU: {cpu_name()}, {args.threads} threads, {len(suite)} prompts x {args.repeats} repeats, "
           f"{args.max_new_tokens} new tokens")
-    print(f"{'weights':10} {'step ms: ours':>14} {'transformers':>13} {'ratio':>6}   {'prefill ms: ours':>17} "
-          f"{'transformers':>13}   same tokens")
+    print(f"{'weights':10} {'step ms: ours':>14} {'unfused':>8} {'transformers':>13} {'ratio':>6}   "
+          f"{'prefill ms: ours':>17} {'transformers':>13}   same tokens")
     for fmt in args.weights.split(","):
         loaded = models.load_model(dataclasses.replace(models.resolve(args.target, registry), weights=fmt))
         model = prepare_model(loaded.model)
         own = model._specdec_own_forward
         if own is None:
             raise SystemExit(f"our forward does not apply to '{args.target}' ({fmt}): nothing to compare")
+        variants = [("ours", own), ("transformers", None)]
+        if own.rope_attend is not None:
+            variants.insert(1, ("unfused", dataclasses.replace(own, rope_attend=None)))
         encoded = [models.encode_prompt(loaded, p["prompt"]) for p in suite]
-        results = {"ours": [], "transformers": []}
+        results = {name: [] for name, _ in variants}
         for ids in encoded[:1]:  # warm-up
-            for forward in (own, None):
+            for _, forward in variants:
                 model._specdec_own_forward = forward
                 decode(model, ids, 8)
         same = True
         for repeat in range(args.repeats):
             for i, ids in enumerate(encoded):
-                order = [("ours", own), ("transformers", None)]
-                for name, forward in order[::-1] if (repeat + i) % 2 else order:
+                shift = (repeat + i) % len(variants)
+                for name, forward in variants[shift:] + variants[:shift]:
                     model._specdec_own_forward = forward
                     results[name].append(decode(model, ids, args.max_new_tokens))
-                same &= results["ours"][-1][2] == results["transformers"][-1][2]
+                same &= all(results[name][-1][2] == results["ours"][-1][2] for name in results)
         step = {n: 1000 * statistics.median(r[1] for r in rs) for n, rs in results.items()}
         prefill = {n: 1000 * statistics.median(r[0] for r in rs) for n, rs in results.items()}
-        print(f"{fmt:10} {step['ours']:14.2f} {step['transformers']:13.2f} {step['ours'] / step['transformers']:6.2f}"
-              f"   {prefill['ours']:17.1f} {prefill['transformers']:13.1f}   {'yes' if same else 'NO'}")
+        unfused = f"{step['unfused']:8.2f}" if "unfused" in step else f"{'-':>8}"
+        print(f"{fmt:10} {step['ours']:14.2f} {unfused} {step['transformers']:13.2f} "
+              f"{step['ours'] / step['transformers']:6.2f}   {prefill['ours']:17.1f} {prefill['transformers']:13.1f}   "
+              f"{'yes' if same else 'NO'}")
         model._specdec_own_forward = own
         del loaded, model
 
