@@ -197,12 +197,12 @@ def _growing_layer_class():
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
-            end = self.length + key_states.shape[-2]
-            self._reserve(end, key_states, value_states)
-            self.key_buffer[..., self.length:end, :] = key_states
-            self.value_buffer[..., self.length:end, :] = value_states
-            self.length = end
-            self.keys, self.values = self.key_buffer[..., :end, :], self.value_buffer[..., :end, :]
+            rows = key_states.shape[-2]
+            if self.key_buffer is None:  # the first write: a buffer shaped like these states
+                self._reserve(self.length + rows, key_states, value_states)
+            start = self.extend(rows)
+            self.key_buffer[..., start:start + rows, :] = key_states
+            self.value_buffer[..., start:start + rows, :] = value_states
             return self.keys, self.values
 
         def extend(self, rows: int) -> int | None:
@@ -211,7 +211,7 @@ def _growing_layer_class():
             layer has no buffer yet (its first write goes through update)."""
             if self.key_buffer is None or not self.is_initialized:
                 return None
-            start, end = self.length, self.length + rows
+            start, end = self.length, self.length + rows  # update's writes come through here too
             self._reserve(end, self.key_buffer, self.value_buffer)
             self.length = end
             self.keys, self.values = self.key_buffer.narrow(-2, 0, end), self.value_buffer.narrow(-2, 0, end)
