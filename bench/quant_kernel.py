@@ -1,6 +1,7 @@
 """Our int8/int4 kernels (csrc/quant_linear.cpp, quant.WeightOnlyLinear with kernels.quant_ops) against torch's
-packed weight-only kernels (the path before them) and our float32 panel kernel, A/B in one process. Random weights
-in SmolLM2-135M's shapes as our engine holds them (30 layers of fused q|k|v, o, fused gate|up, down), so the
+packed weight-only kernels (the path before them) and our float32 panel kernel, A/B in one process; where the CPU
+has AMX, our kernels twice: on AVX-512 VNNI alone ("ours") and with many-row passes on the AMX tiles ("amx").
+Random weights in SmolLM2-135M's shapes as our engine holds them (30 layers of fused q|k|v, o, fused gate|up, down), so the
 weights stream from memory as in decoding, and the int8 output head; the kernels interleaved per row count, medians
 over repeats. Prints the CPU model and ms per pass over all decoder layers (and the head), per row count, and each
 kernel's time relative to its own one-row pass.
@@ -20,7 +21,6 @@ from specdec.run.job import cpu_name
 
 HIDDEN, INTERMEDIATE, VOCAB, LAYERS = 576, 1536, 49152, 30
 SHAPES = [(960, HIDDEN), (HIDDEN, HIDDEN), (2 * INTERMEDIATE, HIDDEN), (HIDDEN, INTERMEDIATE)]  # (out, in)
-KERNELS = ("int4 ours", "int4 torch", "int8 ours", "int8 torch", "float32 panels")
 
 
 def layers(fmt: str, ops, head: bool = False) -> list:
@@ -48,6 +48,10 @@ def main() -> None:
                "int8 ours": layers("int8", ours), "int8 torch": layers("int8", None),
                "float32 panels": layers("float32", None)}
     head = {"ours": layers("int8", ours, head=True)[0], "torch": layers("int8", None, head=True)[0]}
+    amx = kernels.amx_problem() is None
+    if amx:  # the same layers, the tile switch on while they run
+        decoder.update({"int4 amx": decoder["int4 ours"], "int8 amx": decoder["int8 ours"]})
+        head["amx"] = head["ours"]
     row_counts = [int(r) for r in args.rows.split(",")]
     times: dict[tuple[int, str], list[float]] = {}
     for _ in range(args.repeats):
@@ -55,11 +59,14 @@ def main() -> None:
             x = {width: torch.randn(rows, width) for width in (HIDDEN, INTERMEDIATE)}
             inputs = [x[i] for _ in range(LAYERS) for _, i in SHAPES]
             for name, calls in decoder.items():
+                ours.quant_amx(name.endswith("amx"))
                 times.setdefault((rows, name), []).append(timed(lambda: [c(a) for c, a in zip(calls, inputs)]))
             for name, call in head.items():
+                ours.quant_amx(name == "amx")
                 times.setdefault((rows, f"head int8 {name}"), []).append(timed(lambda: call(x[HIDDEN])))
+    ours.quant_amx(False)
     med = {key: 1e3 * statistics.median(v) for key, v in times.items()}
-    columns = list(KERNELS) + ["head int8 ours", "head int8 torch"]
+    columns = list(decoder) + [f"head int8 {name}" for name in head]
     print(f"{cpu_name()}, {args.threads} threads, medians of {args.repeats} (ms per pass; decoder: all "
           f"{LAYERS * len(SHAPES)} fused matrices; in brackets: x its own 1-row pass)")
     print(f"{'rows':>5}  " + "  ".join(f"{c:>20}" for c in columns))

@@ -12,7 +12,7 @@ from specdec.model import kernels, quant
 from specdec.model.decoding import DecodeSettings
 from specdec.model.kernels import prepare_model
 from specdec.run.runner import decode_models
-from tiny import EOS, needs_vnni, noisy_copy, prompts, tiny_target
+from tiny import EOS, needs_amx, needs_vnni, noisy_copy, prompts, tiny_target
 
 ROWS = list(range(1, 18)) + [31, 33, 64, 67]  # 33 and 67: a block of 32 rows (int4_tile_rows) and a tail
 
@@ -38,6 +38,14 @@ def int4_reference(x, q, scales_and_zeros, group):
     low = zero - 8 * scale  # w = q * scale + low, the kernel's split: both terms' sizes bound its rounding
     exact = (xq * s[:, None]) @ ((q.double() - 8) * scale + zero).T
     return exact, (xq.abs() * s[:, None]) @ (q.double() * scale.abs()).T + (xq.abs() * s[:, None]) @ low.abs().T
+
+
+@pytest.fixture(autouse=True)
+def amx_off_after():
+    """The AMX switch is the process's: a test that turned it on (or failed with it on) leaves it off."""
+    yield
+    if kernels.quant_kernel_problem() is None:
+        kernels.panel_extension().quant_amx(False)
 
 
 def layer(fmt: str, out_features: int, in_features: int, seed: int, **kw):
@@ -144,9 +152,48 @@ def test_vnni_is_chosen_where_it_runs_and_torch_elsewhere(monkeypatch):
     with pytest.raises(ValueError, match="SPECDEC_CPU_QUANT=vnni cannot run here: this CPU lacks avx512_vnni; "
                                          "set SPECDEC_CPU_QUANT=torch"):
         kernels.quant_kernels()
-    monkeypatch.setenv("SPECDEC_CPU_QUANT", "amx")
-    with pytest.raises(ValueError, match="SPECDEC_CPU_QUANT must be one of auto, vnni, torch, got 'amx'"):
+    monkeypatch.setenv("SPECDEC_CPU_QUANT", "tiles")
+    with pytest.raises(ValueError, match="SPECDEC_CPU_QUANT must be one of auto, amx, vnni, torch, got 'tiles'"):
         kernels.quant_kernels()
+
+
+def test_amx_is_chosen_where_the_cpu_and_linux_allow_it(monkeypatch):
+    monkeypatch.delenv("SPECDEC_CPU_QUANT", raising=False)
+    monkeypatch.setattr(kernels, "panel_kernel_problem", lambda: None)
+    vnni = {"avx512f", "avx512bw", "avx512_vnni"}
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: vnni | {"amx_tile", "amx_int8"})
+    monkeypatch.setattr(kernels, "amx_granted", lambda: True)
+    assert kernels.quant_kernels() == "amx"
+    monkeypatch.setattr(kernels, "amx_granted", lambda: False)  # an old kernel: no tile state for the process
+    assert kernels.quant_kernels() == "vnni"
+    monkeypatch.setenv("SPECDEC_CPU_QUANT", "amx")
+    with pytest.raises(ValueError, match="SPECDEC_CPU_QUANT=amx cannot run here: Linux did not grant"):
+        kernels.quant_kernels()
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: vnni)  # an AMD EPYC
+    with pytest.raises(ValueError, match="SPECDEC_CPU_QUANT=amx cannot run here: this CPU lacks amx_int8 and "
+                                         "amx_tile; set SPECDEC_CPU_QUANT=vnni or torch"):
+        kernels.quant_kernels()
+    monkeypatch.setenv("SPECDEC_CPU_QUANT", "auto")
+    assert kernels.quant_kernels() == "vnni"
+
+
+@needs_amx
+@pytest.mark.parametrize("fmt,out_features,in_features", [
+    ("int8", 16, 64), ("int8", 80, 576), ("int8", 576, 1536), ("int8", 40, 70),  # K % 64 != 0: VNNI tiles instead
+    ("int4", 16, 32), ("int4", 48, 64), ("int4", 576, 576), ("int4", 1536, 576), ("int4", 64, 256)])
+def test_amx_tiles_give_the_vnni_tiles_bits(fmt, out_features, in_features):
+    """Every row count, odd panel counts (48, 80 columns: a lone last panel) and blocks of 16 and 32 rows: the AMX
+    pass is bit for bit the VNNI pass (the integer sums are exact, the float epilogue is the same), and rows stay
+    independent of their neighbours with the tiles on."""
+    module, _ = layer(fmt, out_features, in_features, seed=out_features * in_features)
+    ops = kernels.panel_extension()
+    gen = torch.Generator().manual_seed(7)
+    for rows in ROWS:
+        x = torch.randn(rows, in_features, generator=gen) * torch.rand(rows, 1, generator=gen) * 10
+        assert not ops.quant_amx(False)
+        vnni = module(x)
+        assert ops.quant_amx(True)
+        assert torch.equal(check_rows(module, x), vnni), rows
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
@@ -163,12 +210,14 @@ def test_a_cpu_without_vnni_falls_back_to_torchs_kernels(fmt, monkeypatch):
 
 @needs_vnni
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_every_method_decodes_as_plain_decoding_through_our_kernels(fmt, monkeypatch):
+@pytest.mark.parametrize("kernel", ["vnni", pytest.param("amx", marks=needs_amx)])
+def test_every_method_decodes_as_plain_decoding_through_our_kernels(fmt, kernel, monkeypatch):
     """float32 tiny model prepared as the engine runs it (our few-row attention where it builds): every layer
     gives each row its one-row bits, so greedy outputs are identical, trees and draft models included."""
-    monkeypatch.setenv("SPECDEC_CPU_QUANT", "vnni")
+    monkeypatch.setenv("SPECDEC_CPU_QUANT", kernel)
     model = prepare_model(quant.apply_weights(tiny_target(dtype=torch.float32), fmt, kernels.quant_ops(fmt)))
     assert {m.kernels for m in model.modules() if isinstance(m, quant.WeightOnlyLinear)} == {"vnni"}
+    assert kernels.panel_extension().quant_amx(kernel == "amx") == (kernel == "amx")  # what quant_ops left on
     draft = prepare_model(quant.apply_weights(noisy_copy(tiny_target(dtype=torch.float32), 0.3), fmt,
                                               kernels.quant_ops(fmt)))
     s = DecodeSettings(max_new_tokens=16, k=8, tree_budget=14)

@@ -28,6 +28,8 @@ needs_panels = pytest.mark.skipif(PANEL_PROBLEM is not None,
 QUANT_PROBLEM = kernels.quant_kernel_problem()  # our int8/int4 kernels: the same extension, and AVX-512 VNNI
 needs_vnni = pytest.mark.skipif(QUANT_PROBLEM is not None,
                                 reason=f"our int8/int4 kernels cannot run here: {QUANT_PROBLEM}")
+AMX_PROBLEM = kernels.amx_problem()  # the same kernels' AMX tiles (Intel Xeons from Sapphire Rapids)
+needs_amx = pytest.mark.skipif(AMX_PROBLEM is not None, reason=f"our AMX tiles cannot run here: {AMX_PROBLEM}")
 
 
 def tiny_config(vocab: int = VOCAB, layers: int = 2, hidden: int = 64) -> LlamaConfig:

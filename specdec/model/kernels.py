@@ -386,7 +386,7 @@ def linear_kernels() -> str:
     return "mkl" if torch.backends.mkl.is_available() and cpu_vendor() == "GenuineIntel" else "onednn"
 
 
-QUANT_KERNELS = ("auto", "vnni", "torch")
+QUANT_KERNELS = ("auto", "amx", "vnni", "torch")
 
 
 def cpu_flags() -> set[str]:
@@ -409,23 +409,60 @@ def quant_kernel_problem() -> str | None:
     return panel_kernel_problem()
 
 
+def amx_problem() -> str | None:
+    """Why our kernels cannot put many-row int8/int4 passes on AMX tiles here, None where they can (the CPU has
+    amx_tile and amx_int8 and Linux grants this process the tile state)."""
+    missing = sorted({"amx_tile", "amx_int8"} - cpu_flags())
+    if missing:
+        return f"this CPU lacks {' and '.join(missing)}"
+    problem = quant_kernel_problem()
+    if problem:
+        return problem
+    if not amx_granted():
+        return "Linux did not grant this process the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)"
+    return None
+
+
+@functools.cache
+def amx_granted() -> bool:
+    """Whether the extension can turn its AMX tiles on in this process (asked once; left off until quant_ops)."""
+    module = panel_extension()
+    on = module.quant_amx(True)
+    module.quant_amx(False)
+    return on
+
+
 def quant_kernels() -> str:
     """Which kernels multiply int8 and int4 weights (quant.WeightOnlyLinear, chosen when a model is converted):
-    'vnni' (ours, csrc/quant_linear.cpp: activations quantised per row to int8, integer dot products, the weights
-    read once per call for all rows) or 'torch' (torch's packed weight-only kernels on bfloat16 activations, built
-    for one row). 'auto' (default) picks ours where the CPU has AVX-512 VNNI and the extension builds;
-    $SPECDEC_CPU_QUANT=vnni|torch overrides it. (No AMX path: none was at hand to test one.)"""
+    'amx' or 'vnni' (ours, csrc/quant_linear.cpp: activations quantised per row to int8, integer dot products, the
+    weights read once per call for all rows; 'amx' computes passes of 3 or more rows on the AMX tiles of Intel
+    Xeons from Sapphire Rapids, to the same bits) or 'torch' (torch's packed weight-only kernels on bfloat16
+    activations, built for one row). 'auto' (default) picks 'amx' where the CPU has AMX, else 'vnni' where it has
+    AVX-512 VNNI (and the extension builds), else 'torch'; $SPECDEC_CPU_QUANT=amx|vnni|torch overrides it."""
+    choice = os.environ.get("SPECDEC_CPU_QUANT", "auto").strip().lower() or "auto"
+    if choice == "amx":
+        return kernel_choice("SPECDEC_CPU_QUANT", QUANT_KERNELS, "amx", "SPECDEC_CPU_QUANT=vnni or torch",
+                             amx_problem)
     choice = kernel_choice("SPECDEC_CPU_QUANT", QUANT_KERNELS, "vnni", "SPECDEC_CPU_QUANT=torch",
                            quant_kernel_problem)
     if choice != "auto":
         return choice
-    return "vnni" if quant_kernel_problem() is None else "torch"
+    if quant_kernel_problem() is not None:
+        return "torch"
+    return "amx" if amx_problem() is None else "vnni"
 
 
 def quant_ops(fmt: str | None):
     """The `ops` for quant.apply_weights(model, fmt, ops): our extension for int8 and int4 where `quant_kernels`
-    picks 'vnni', else None (torch's kernels)."""
-    return panel_extension() if fmt in ("int8", "int4") and quant_kernels() == "vnni" else None
+    picks 'amx' or 'vnni' (the AMX tiles turned on or off for this process accordingly), else None (torch's)."""
+    if fmt not in ("int8", "int4"):
+        return None
+    choice = quant_kernels()
+    if choice == "torch":
+        return None
+    module = panel_extension()
+    module.quant_amx(choice == "amx")
+    return module
 
 
 def prepare_model(model, linear: str | None = None):

@@ -98,6 +98,7 @@ torch::Tensor int8_linear(torch::Tensor x, const torch::Tensor& packed, const to
                           const torch::Tensor& scales, int64_t N);
 torch::Tensor int4_linear(torch::Tensor x, const torch::Tensor& packed, const torch::Tensor& scales_zeros,
                           int64_t group);
+bool quant_amx(bool want);
 // machine_probe.cpp
 int64_t probe_read(const torch::Tensor& buffer);
 double probe_compute(int64_t iterations, bool vnni);
@@ -106,6 +107,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("panel_linear", &panel_linear, "float32 linear on panel-packed weights (AVX-512)");
     m.def("int8_linear", &int8_linear, "int8 linear of 1-64+ rows, per-row int8 activations (AVX-512 VNNI)");
     m.def("int4_linear", &int4_linear, "int4 linear of 1-64+ rows, per-row int8 activations (AVX-512 VNNI)");
+    m.def("quant_amx", &quant_amx, "AMX tiles on (where the CPU and Linux allow them) or off for int8/int4 passes of "
+          "3+ rows; returns whether on");
     m.def("probe_read", &probe_read, "streaming read of a buffer on torch's threads (a checksum)");
     m.def("probe_compute", &probe_compute, "float32 FMA or int8 VNNI loop on each of torch's threads (a checksum)");
     m.def("few_row_attention", &few_row_attention, "float32 attention of 1-16 query rows, grouped KV heads (AVX-512)");

@@ -29,12 +29,16 @@
 // holds it (integer sums are exact; float operations in a fixed order), so a verify pass gives each row the bits
 // of its one-row step.
 //
-// No AMX: the AMX tile path for Intel Xeons is not written, as no AMX CPU was at hand to test it.
+// AMX (Intel Xeons from Sapphire Rapids): from 4 (int8) or 8 (int4) rows the integer sums run on the tile unit
+// (int8_amx, int4_amx), to the same bits.
 // ATen only, not torch/extension.h: the pybind11 and libtorch API headers take ~2/3 of a translation unit's
 // compile time; panel_linear.cpp (the module definition) is the one that needs them
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -296,6 +300,185 @@ void int4_tile_rows(const Rows& r, int64_t m0, int64_t M, const uint8_t* packed,
     }
 }
 
+// ---- AMX (Intel Xeons from Sapphire Rapids): the many-row passes on tile registers ----
+//
+// The integer sums of int8_tile_rows and int4_tile_rows, computed by the tile unit instead of vpdpbusd: one tile
+// instruction multiplies 16 rows by 16 columns over 32 (int4: a group) or 64 (int8) inputs. Both packed formats
+// already hold the weights in the tile unit's B layout (per row of 64 bytes: 16 columns x 4 consecutive inputs),
+// int8 as stored, int4 once its nibbles are split (the low nibbles of an octet are inputs 0-3, the high 4-7). The
+// integer sums are exact and the float epilogue is the VNNI tiles' (same operations, same order), so a row's bits
+// are those of its one-row step whichever unit ran the pass. Used from kAmxInt8Rows / kAmxInt4Rows rows, when
+// quant_amx(true) found the tile unit and Linux granted the process its state (arch_prctl ARCH_REQ_XCOMP_PERM).
+// From how many rows the tiles run (bench/quant_kernel.py, 2-core Xeon: int8 on tiles was slower at 3 rows and
+// faster from 4; int4 faster from 8, each group's sums leaving the tiles through memory for the float epilogue).
+constexpr int kAmxInt8Rows = 4, kAmxInt4Rows = 8;
+bool g_amx = false;
+
+struct alignas(64) TileConfig {  // LDTILECFG's 64-byte operand, palette 1
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+};
+
+}  // namespace
+#pragma GCC push_options
+#pragma GCC target("amx-tile,amx-int8")
+namespace {
+
+// Tiles 0-3: sums (16 rows x 16 int32; 0, 1 for rows 0-15 of panels p, p + 1; 2, 3 for rows 16-31); 4, 5:
+// activations of rows 0-15 and 16-31 (16 x a_bytes); 6, 7: weights of panels p, p + 1 (b_rows x 64 bytes).
+void configure_tiles(int a_bytes, int b_rows) {
+    TileConfig c;
+    for (int t = 0; t < 4; ++t) { c.rows[t] = 16; c.colsb[t] = 64; }
+    for (int t = 4; t < 6; ++t) { c.rows[t] = 16; c.colsb[t] = static_cast<uint16_t>(a_bytes); }
+    for (int t = 6; t < 8; ++t) { c.rows[t] = static_cast<uint8_t>(b_rows); c.colsb[t] = 64; }
+    _tile_loadconfig(&c);
+}
+
+// int8 on tiles, panels [pa, pb) in pairs, rows in blocks of 32 (two of 16); the activation buffer holds whole
+// blocks of 32 rows (zero rows past M). K in steps of 64 (quads % 16 == 0).
+void int8_amx(const Rows& r, int64_t M, const int8_t* packed, int64_t quads, const int32_t* col_sums,
+              const float* scales, float* y, int64_t N, int64_t pa, int64_t pb) {
+    configure_tiles(64, 16);
+    alignas(64) int32_t sums[4][16][16];
+    for (int64_t p = pa; p < pb; p += 2) {
+        const int NB = p + 2 <= pb ? 2 : 1;
+        const int8_t* w0 = packed + p * quads * 64;
+        const int8_t* w1 = packed + (p + NB - 1) * quads * 64;
+        for (int64_t m0 = 0; m0 < M; m0 += 32) {
+            const bool two = m0 + 16 < M;
+            const uint8_t* x = r.x + m0 * r.stride;
+            _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+            for (int64_t q = 0; q < quads; q += 16) {
+                _tile_loadd(6, w0 + q * 64, 64);
+                _tile_loadd(7, w1 + q * 64, 64);
+                _tile_loadd(4, x + q * 4, r.stride);
+                _tile_dpbusd(0, 4, 6);
+                _tile_dpbusd(1, 4, 7);
+                if (two) {
+                    _tile_loadd(5, x + 16 * r.stride + q * 4, r.stride);
+                    _tile_dpbusd(2, 5, 6);
+                    _tile_dpbusd(3, 5, 7);
+                }
+            }
+            _tile_stored(0, sums[0], 64); _tile_stored(1, sums[1], 64);
+            if (two) { _tile_stored(2, sums[2], 64); _tile_stored(3, sums[3], 64); }
+            for (int64_t m = m0; m < std::min<int64_t>(m0 + 32, M); ++m) {
+                const int half = (m - m0) / 16, row = (m - m0) % 16;
+                for (int b = 0; b < NB; ++b) {
+                    const int64_t n0 = (p + b) * 16;
+                    const __m512i sum = _mm512_load_si512(sums[2 * half + b][row]);
+                    const __m512 total = _mm512_cvtepi32_ps(_mm512_sub_epi32(sum, _mm512_loadu_si512(col_sums + n0)));
+                    const __m512 v = _mm512_mul_ps(_mm512_mul_ps(total, _mm512_set1_ps(r.scale[m])),
+                                                   _mm512_loadu_ps(scales + n0));
+                    store(y + m * N, n0, N, v);
+                }
+            }
+        }
+    }
+    _tile_release();
+}
+
+// int4 on tiles (groups of 32), in stages of kStage groups so that no step waits on the one before it (a tile load
+// of just-stored bytes, and a load of a just-stored tile, each wait for the store to complete): the stage's weights
+// of two panels are unpacked into a buffer (the low nibbles of an octet are inputs 0-3, the high 4-7: the tile
+// unit's B layout), then one tile instruction per group, panel and 16 rows leaves its integer sums in a second
+// buffer, then int4_tile's float epilogue runs over the stage's groups in group order, each row's float sum in a
+// register.
+constexpr int64_t kStage = 3;  // groups per stage (of 1, 3 and 6 measured, 3 was best by 5-10 % at 12-16 rows)
+
+void int4_amx(const Rows& r, int64_t M, const uint8_t* packed, int64_t octets, const uint16_t* scales_zeros,
+              float* y, int64_t N, int64_t pa, int64_t pb) {
+    constexpr int kOctets = 4;  // a group of 32 inputs
+    const int64_t groups = octets / kOctets;
+    configure_tiles(32, 8);
+    alignas(64) uint8_t weights[kStage][2][8][64];
+    alignas(64) int32_t sums[kStage][4][16][16];
+    alignas(64) float acc[kRowBlock][32];
+    const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
+    for (int64_t p = pa; p < pb; p += 2) {
+        const int NB = p + 2 <= pb ? 2 : 1;
+        for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
+            const int64_t rows = std::min<int64_t>(kRowBlock, M - m0);
+            const bool two = rows > 16;
+            for (int64_t m = 0; m < rows; ++m)
+                for (int b = 0; b < 2; ++b) _mm512_store_ps(acc[m] + 16 * b, _mm512_setzero_ps());
+            const int8_t* x = reinterpret_cast<const int8_t*>(r.x) + m0 * r.stride;
+            const float* group_sum = r.group_sum + m0 * r.groups;
+            for (int64_t g0 = 0; g0 < groups; g0 += kStage) {
+                const int64_t stage = std::min<int64_t>(kStage, groups - g0);
+                for (int64_t s = 0; s < stage; ++s)
+                    for (int b = 0; b < NB; ++b) {
+                        const uint8_t* panel = packed + (p + b) * octets * 64 + (g0 + s) * kOctets * 64;
+                        for (int o = 0; o < kOctets; ++o) {
+                            const __m512i v = _mm512_loadu_si512(panel + o * 64);
+                            _mm_prefetch(reinterpret_cast<const char*>(panel + o * 64 + 2048), _MM_HINT_T0);
+                            _mm512_store_si512(weights[s][b][2 * o], _mm512_and_si512(v, low_nibbles));
+                            _mm512_store_si512(weights[s][b][2 * o + 1],
+                                               _mm512_and_si512(_mm512_srli_epi16(v, 4), low_nibbles));
+                        }
+                    }
+                for (int64_t s = 0; s < stage; ++s) {
+                    const int64_t g = g0 + s;
+                    _tile_loadd(6, weights[s][0], 64);
+                    _tile_loadd(7, weights[s][1], 64);
+                    _tile_loadd(4, x + g * 32, r.stride);
+                    _tile_zero(0); _tile_zero(1);
+                    _tile_dpbsud(0, 4, 6);
+                    _tile_dpbsud(1, 4, 7);
+                    _tile_stored(0, sums[s][0], 64); _tile_stored(1, sums[s][1], 64);
+                    if (two) {
+                        _tile_loadd(5, x + 16 * r.stride + g * 32, r.stride);
+                        _tile_zero(2); _tile_zero(3);
+                        _tile_dpbsud(2, 5, 6);
+                        _tile_dpbsud(3, 5, 7);
+                        _tile_stored(2, sums[s][2], 64); _tile_stored(3, sums[s][3], 64);
+                    }
+                }
+                __m512 scale[kStage][2], low[kStage][2];
+                for (int64_t s = 0; s < stage; ++s)
+                    for (int b = 0; b < NB; ++b) {
+                        const uint16_t* sz = scales_zeros + ((p + b) * groups + g0 + s) * 32;
+                        scale[s][b] = bf16_to_f32(sz);
+                        low[s][b] = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), scale[s][b], bf16_to_f32(sz + 16));
+                    }
+                for (int64_t m = 0; m < rows; ++m) {
+                    const int half = m / 16, row = m % 16;
+                    const float* gs = group_sum + m * r.groups + g0;
+                    for (int b = 0; b < NB; ++b) {
+                        __m512 a = _mm512_load_ps(acc[m] + 16 * b);
+                        for (int64_t s = 0; s < stage; ++s) {
+                            const __m512 isum = _mm512_cvtepi32_ps(_mm512_load_si512(sums[s][2 * half + b][row]));
+                            a = _mm512_fmadd_ps(scale[s][b], isum, a);
+                            a = _mm512_fmadd_ps(low[s][b], _mm512_set1_ps(gs[s]), a);
+                        }
+                        _mm512_store_ps(acc[m] + 16 * b, a);
+                    }
+                }
+            }
+            for (int64_t m = 0; m < rows; ++m) {
+                const __m512 s = _mm512_set1_ps(r.scale[m0 + m]);
+                for (int b = 0; b < NB; ++b)
+                    _mm512_storeu_ps(y + (m0 + m) * N + (p + b) * 16,
+                                     _mm512_mul_ps(_mm512_load_ps(acc[m] + 16 * b), s));
+            }
+        }
+    }
+    _tile_release();
+}
+
+}  // namespace
+#pragma GCC pop_options
+namespace {
+
+// Whether the CPU has AMX-TILE and AMX-INT8 (CPUID leaf 7: EDX bits 24, 25) and Linux lets this process use the
+// tile state (XFEATURE_XTILEDATA = 18, requested once per process).
+bool amx_available() {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 25))) return false;
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18) == 0;
+}
+
 // Panels [pa, pb) for rows [m0, m0 + M): tiles of NB panels, NB chosen so the accumulators fit the 32 registers.
 template <int M>
 void int8_rows(const Rows& r, int64_t m0, const int8_t* packed, int64_t quads, const int32_t* col_sums,
@@ -361,6 +544,10 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int64_t stride, int off
     }
 }
 
+// The activation buffer's rows: whole blocks of 32 (the AMX tiles load 16 rows at a time; the rows past M are zero
+// and their sums unused).
+int64_t padded_rows(int64_t M) { return (M + 31) / 32 * 32; }
+
 void check_input(const at::Tensor& x, const char* name) {
     TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
                 name, ": x must be a 2-D float32 CPU tensor");
@@ -368,6 +555,10 @@ void check_input(const at::Tensor& x, const char* name) {
 
 void int8_worker(const Rows& r, int64_t M, const int8_t* wp, int64_t quads, const int32_t* cs, const float* sc,
                  float* yp, int64_t N, int64_t pa, int64_t pb) {
+    if (g_amx && M >= kAmxInt8Rows && quads % 16 == 0) {
+        int8_amx(r, M, wp, quads, cs, sc, yp, N, pa, pb);
+        return;
+    }
     if (M >= kInt8ManyRows) {
         for (int64_t p = pa; p < pb; p += 2)
             for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
@@ -385,6 +576,10 @@ void int8_worker(const Rows& r, int64_t M, const int8_t* wp, int64_t quads, cons
 
 void int4_worker(const Rows& r, int64_t M, const uint8_t* wp, int64_t octets, int64_t group, const uint16_t* sz,
                  float* yp, int64_t N, int64_t pa, int64_t pb) {
+    if (g_amx && M >= kAmxInt4Rows && group == 32) {
+        int4_amx(r, M, wp, octets, sz, yp, N, pa, pb);
+        return;
+    }
     if (M >= kInt4ManyRows && group == 32) {
         for (int64_t p = pa; p < pb; p += 2)
             for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
@@ -423,7 +618,7 @@ at::Tensor int8_linear(at::Tensor x, const at::Tensor& packed, const at::Tensor&
                 "int8_linear: col_sums (int32) and scales (float32) must hold the packed columns, N within them");
     auto y = at::empty({M, N}, x.options());
     if (M == 0) return y;
-    std::vector<uint8_t> xq(M * quads * 4);
+    std::vector<uint8_t> xq(padded_rows(M) * quads * 4);
     std::vector<float> xs(M);
     quantize_rows(x.data_ptr<float>(), M, K, quads * 4, 128, xq.data(), xs.data());
     const Rows r{xq.data(), quads * 4, xs.data(), nullptr, 0};
@@ -454,7 +649,7 @@ at::Tensor int4_linear(at::Tensor x, const at::Tensor& packed, const at::Tensor&
                 "int4_linear: scales_zeros must be a contiguous bfloat16 [N/16, K/group, 2, 16] tensor");
     auto y = at::empty({M, N}, x.options());
     if (M == 0) return y;
-    std::vector<uint8_t> xq(M * K);
+    std::vector<uint8_t> xq(padded_rows(M) * K);
     std::vector<float> xs(M), sums(M * groups);
     quantize_rows(x.data_ptr<float>(), M, K, K, 0, xq.data(), xs.data());
     for (int64_t m = 0; m < M; ++m)
@@ -471,6 +666,13 @@ at::Tensor int4_linear(at::Tensor x, const at::Tensor& packed, const at::Tensor&
         int4_worker(r, M, wp, octets, group, sz, yp, N, pa, pb);
     });
     return y;
+}
+
+// Turn the AMX tiles on (where the CPU and Linux allow them) or off for this process's many-row passes; returns
+// whether they are on. Off by default: kernels.quant_ops turns them on where kernels.quant_kernels picks 'amx'.
+bool quant_amx(bool want) {
+    g_amx = want && amx_available();
+    return g_amx;
 }
 
 #pragma GCC pop_options
