@@ -154,6 +154,8 @@ def test_crossover_is_the_concurrency_from_which_speculation_stops_paying():
 
 def test_llama_server_command_lines(monkeypatch, tmp_path):
     monkeypatch.delenv("SPECDEC_LLAMACPP_EXTRA_BUFFERS", raising=False)
+    monkeypatch.setenv("SPECDEC_LLAMACPP_PROBE_DIR", str(tmp_path))  # not this machine's cached verdict
+    monkeypatch.setattr(server.llamacpp, "has_amx", lambda: False)  # a CPU without AMX: llama.cpp's defaults
     base = server.ServerSpec(model="m.gguf", slots=4, threads=2, port=8080)
     argv = server.llama_server_argv(base, "llama-server")
     assert argv[:3] == ["llama-server", "-m", "m.gguf"] and "--metrics" in argv
@@ -173,7 +175,6 @@ def test_llama_server_command_lines(monkeypatch, tmp_path):
     monkeypatch.setenv("SPECDEC_LLAMACPP_EXTRA_BUFFERS", "auto")
     monkeypatch.setattr(server.llamacpp, "has_amx", lambda: True)
     monkeypatch.setattr(server.llamacpp, "probe", lambda path, threads: "off (probe crashed: SIGSEGV)")
-    monkeypatch.setenv("SPECDEC_LLAMACPP_PROBE_DIR", str(tmp_path))
     assert "--no-repack" in server.llama_server_argv(base, "ls")
     monkeypatch.setenv("SPECDEC_LLAMACPP_EXTRA_BUFFERS", "maybe")
     with pytest.raises(server.ServerError, match="SPECDEC_LLAMACPP_EXTRA_BUFFERS must be one of auto, on, off"):
