@@ -85,13 +85,19 @@ def strategies_markdown() -> str:
               "model-or-drafter": "a draft model or a trained drafter"}
     lines = [f"Generated from `specdec/strategies.py` ({len(registry.STRATEGIES)} strategies) when the docs are "
              "built.", "",
-             "| strategy | engine | drafts with | shape | peer | what it does |", "|---|---|---|---|---|---|"]
+             "| strategy | engine | drafts with | shape | default k / tree budget | peer | what it does |",
+             "|---|---|---|---|---|---|---|"]
     for s in registry.STRATEGIES.values():
         shape = "—" if not s.uses_k else (f"tree (≤ {s.width} children)" if s.tree else "chain")
         if s.length != "fixed":
             shape += f", {s.length} length"
+        defaults = "—" if not s.uses_k or s.engine == "server" else (f"{s.k} / {s.k}" if s.tree else f"{s.k}")
         peer = f"`{s.peer}`" if s.peer else ""
-        lines.append(f"| `{s.name}` | {s.engine} | {drafts[s.draft]} | {shape} | {peer} | {cell(s.help)} |")
+        lines.append(f"| `{s.name}` | {s.engine} | {drafts[s.draft]} | {shape} | {defaults} | {peer} | "
+                     f"{cell(s.help)} |")
+    lines += ["", "Default k and tree budget: what `specdec generate` and `specdec bench` use where `--k` or "
+              "`--tree-budget` is not given (the workflow's matrix always names its own); the default k of 8 is "
+              f"{registry.DEFAULTS_SOURCE}."]
     return "\n".join(lines) + "\n"
 
 

@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from specdec import __version__, fail
@@ -35,8 +36,10 @@ def add_decode_args(p: argparse.ArgumentParser) -> None:
                    "<target>+eagle / <target>+medusa (speculative, tree, speculative-heuristic/-confidence)")
     p.add_argument("--strategy", default="baseline",
                    help=f"one of: {describe()} (default: %(default)s)")
-    p.add_argument("--k", type=int, default=4,
-                   help="draft length: tokens proposed per verify pass; trees: the deepest position (default: 4)")
+    p.add_argument("--k", type=int, default=None,
+                   help="draft length: tokens proposed per verify pass; trees: the deepest position (default: the "
+                   "strategy's own, measured best on the suite: 8 for ngram, suffix, recycling and dynamic-tree, 4 "
+                   "for draft models)")
     p.add_argument("--tree-budget", type=int, default=None,
                    help="tree strategies: draft nodes verified per pass (default: k)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -109,9 +112,11 @@ def cmd_generate(args) -> int:
     from specdec.model.models import ModelError, encode_prompt, load_registry
     from specdec.run.runner import (SettingsError, check_settings, extra_buffers_in_use, generate, load_pair,
                                     threads_in_use, use_threads, warm_up, weight_format)
-    from specdec.strategies import STRATEGIES
+    from specdec.strategies import STRATEGIES, draft_length
 
     s = DecodeSettings.from_mapping(args)
+    if args.strategy in STRATEGIES:  # an unknown one: check_settings says so
+        s = replace(s, k=draft_length(args.strategy, args.k))
     try:
         registry = load_registry(args.models)
         check_settings(args.strategy, args.draft, s, registry, args.target, weights=args.weights)

@@ -30,6 +30,8 @@ class Strategy:
                                    # whole on rank 0 — a trained drafter would need the sharded target's features)
     peer: str | None = None        # the same method in the other engine, compared by `specdec bench`
     serve: str | None = None       # engine 'server': the speculation the server runs (engines/server.py SPEC_KINDS)
+    k: int = 4                     # default draft length (trees: the deepest position and, without a
+                                   # --tree-budget, the nodes verified per pass) where a run gives none: DEFAULTS_SOURCE
 
     @property
     def uses_k(self) -> bool:
@@ -59,7 +61,7 @@ _ALL = (
     Strategy("speculative", "a draft model (or a trained drafter) proposes k tokens, the target verifies them",
              "#e15759", draft="model-or-drafter", proposer="draft", tensor_parallel=True, peer="hf-assisted"),
     Strategy("ngram", "prompt lookup: the tokens that followed the latest match of the last n-gram", "#59a14f",
-             proposer="ngram", tensor_parallel=True, peer="hf-ngram"),
+             proposer="ngram", tensor_parallel=True, peer="hf-ngram", k=8),
     Strategy("tree", "a draft tree (best-first, 4 children per node, tree_budget nodes, depth <= k) verified in one "
              "forward with tree attention", "#b07aa1", draft="model-or-drafter", proposer="draft", width=4,
              tensor_parallel=True),
@@ -68,15 +70,16 @@ _ALL = (
     Strategy("speculative-confidence", "drafting stops after a token the draft gives probability < 0.4",
              "#ff9da7", draft="model-or-drafter", proposer="draft", length="confidence", tensor_parallel=True),
     Strategy("recycling", "Token Recycling: each token's top-k next tokens from the target's past logits grow a "
-             "static draft tree (depth <= k, tree_budget nodes)", "#9c755f", proposer="recycling", width=8),
+             "static draft tree (depth <= k, tree_budget nodes)", "#9c755f", proposer="recycling", width=8, k=8),
     Strategy("suffix", "suffix matching (SuffixDecoding/SAMD): what followed the longest context match in the prompt,"
-             " the output and other prompts' outputs, as a frequency tree", "#86bcb6", proposer="suffix", width=4),
+             " the output and other prompts' outputs, as a frequency tree", "#86bcb6", proposer="suffix", width=4,
+             k=8),
     Strategy("suffix-recycling", "suffix matching's frequency tree first, Token Recycling's template tree in the "
              "rest of the tree_budget nodes, verified as one tree", "#98df8a", proposer="suffix-recycling", width=8),
     Strategy("dynamic-tree", "suffix matches and Token Recycling's candidates (after one and after two tokens; for "
              "a token not yet scored, the target's context-free top-k, computed once and cached) in one dynamic "
              "tree: each scored by how often such candidates were accepted, the most likely paths kept "
-             "(tree_budget nodes, depth <= k)", "#ff7f0e", proposer="dynamic-tree", width=8),
+             "(tree_budget nodes, depth <= k)", "#ff7f0e", proposer="dynamic-tree", width=8, k=8),
     Strategy("rest", "REST: continuations of the longest context match retrieved from a datastore (suffix array), "
              "as a frequency tree", "#d37295", proposer="rest", width=4),
     Strategy("lookahead", "Lookahead decoding: a Jacobi window (W columns x N-1 levels) in every verify pass fills "
@@ -87,21 +90,21 @@ _ALL = (
     Strategy("hf-assisted", "transformers' assisted generation with the draft model, fixed k", "#f28e2b",
              engine="transformers", draft="model", peer="speculative"),
     Strategy("hf-ngram", "transformers' prompt lookup decoding, fixed k", "#76b7b2", engine="transformers",
-             tensor_parallel=True, peer="ngram"),
+             tensor_parallel=True, peer="ngram", k=8),
     Strategy("llamacpp-generate", "llama.cpp's plain decoding of a GGUF file (llama-cpp-python)", "#8c564b",
              engine="llamacpp", peer="baseline"),
     Strategy("llamacpp-ngram", "llama.cpp with llama-cpp-python's prompt lookup (earliest match) as draft hook",
-             "#17becf", engine="llamacpp"),
+             "#17becf", engine="llamacpp", k=8),
     Strategy("llamacpp-specdec-ngram", "llama.cpp with our prompt lookup (the ngram proposer) in its draft hook",
-             "#9edae5", engine="llamacpp", proposer="ngram", peer="ngram"),
+             "#9edae5", engine="llamacpp", proposer="ngram", peer="ngram", k=8),
     Strategy("llamacpp-speculative", "llama.cpp with a second GGUF drafting greedily through its draft hook",
              "#c49c94", engine="llamacpp", draft="model", peer="speculative"),
     # our train-free proposers in llama.cpp's hook: it verifies one sequence, so each drafts its best chain
     Strategy("llamacpp-recycling", "llama.cpp with our Token Recycling in its draft hook: the chain of rank-0 "
              "candidates (the adjacency matrix learns from the target's logits in llama.cpp's buffer)", "#bcbd22",
-             engine="llamacpp", proposer="recycling", peer="recycling"),
+             engine="llamacpp", proposer="recycling", peer="recycling", k=8),
     Strategy("llamacpp-suffix", "llama.cpp with our suffix matching in its draft hook: the most frequent "
-             "continuation as a chain", "#e377c2", engine="llamacpp", proposer="suffix", peer="suffix"),
+             "continuation as a chain", "#e377c2", engine="llamacpp", proposer="suffix", peer="suffix", k=8),
     Strategy("llamacpp-rest", "llama.cpp with our REST retrieval in its draft hook: the most frequent retrieved "
              "continuation as a chain", "#aec7e8", engine="llamacpp", proposer="rest", peer="rest"),
     # a server process per cell, driven over HTTP by concurrent clients (engines/server.py; config `server`:
@@ -119,6 +122,17 @@ _ALL = (
 )
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in _ALL}
 NAMES = tuple(STRATEGIES)
+# Where the default k of 8 above comes from (docs/strategies.md prints it under the table)
+DEFAULTS_SOURCE = ("the best of k 4, 8 and 12 with tree budget k, and of budgets 8 and 14 at k 8, on the suite's 8 "
+                   "categories (64 new tokens, float32 and int4, 2 threads) on a 2-core Intel Xeon, 2026-12-07: "
+                   "[Train-free draft trees](train-free.md#default-draft-lengths); draft models keep 4, their best "
+                   "depends on the pair")
+
+
+def draft_length(strategy: str, k: int | None) -> int:
+    """The draft length a run of `strategy` uses: the given k, else the strategy's default (a tree without a
+    --tree-budget verifies k nodes)."""
+    return STRATEGIES[strategy].k if k is None else k
 
 
 def names(**where) -> tuple[str, ...]:

@@ -158,7 +158,7 @@ def test_llamacpp_runners_in_the_bench(capsys, tmp_path, monkeypatch):
     assert set(result["engines"].values()) == {"llamacpp"} and set(result["weights"].values()) == {"gguf-Q4_1"}
     for name in ("llamacpp-specdec-ngram", "llamacpp-ngram"):
         assert result["speedup"][name] == pytest.approx(tps[name] / tps["llamacpp-generate"])
-        assert len(result["acceptance_by_position"][name]) == 4
+        assert len(result["acceptance_by_position"][name]) == result["k_per_runner"][name] == 8  # their default k
         assert result["leviathan"][name]["alpha"] is not None
     assert result["identical_to_ours"]["llamacpp-generate"] is None  # our engine did not run
     assert result["memory"] == {}  # llama.cpp allocates its own buffers: not probed
@@ -356,3 +356,24 @@ def test_growing_cache_survives_growth_and_rollbacks():
         assert cache.get_seq_length() == len(history)
     # grown out of it, each layer into a buffer of its own: the arena lets its memory go
     assert decoding.kv_arena(cache) is None and cache.layers[0].arena.tensor is None
+
+
+def test_each_runner_takes_its_strategys_k_unless_the_bench_gives_one(tiny_setup, capsys):
+    common = tiny_setup + ["--runners", "baseline,ngram,hf-ngram,dynamic-tree,speculative", "--draft", "tiny-target:1",
+                           "--max-new-tokens", "6", "--repeats", "1", "--warmup", "0", "--memory", "off",
+                           "--prompt-ids", "qa-1"]
+    code, out, err = run_bench(capsys, common)
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["k"] is None
+    assert result["k_per_runner"] == {"ngram": 8, "hf-ngram": 8, "dynamic-tree": 8, "speculative@tiny-target:1": 4}
+    assert result["tree_budget_per_runner"] == {"dynamic-tree": 8}
+    assert "k per runner (ngram 8, hf-ngram 8, dynamic-tree 8/8, speculative@tiny-target:1 4)" in out
+    # the k a runner ran with is the one its acceptance and Leviathan's prediction were computed for
+    assert result["leviathan"]["ngram"]["k"] == 8 and result["leviathan"]["speculative@tiny-target:1"]["k"] == 4
+    code, out, err = run_bench(capsys, common + ["--k", "3", "--tree-budget", "5"])
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["k"] == 3 and set(result["k_per_runner"].values()) == {3}
+    assert result["tree_budget_per_runner"] == {"dynamic-tree": 5}
+    assert "k=3," in out

@@ -137,9 +137,10 @@ def test_embedded_smollm2_end_to_end_through_the_cli():
     common = ["generate", "--target", "smollm2-135m", "--max-new-tokens", "32", "--prompt", SUMMARY_PROMPT, "--json"]
     base = run_cli(*common, "--strategy", "baseline", env=env)
     assert base.returncode == 0, base.stderr
-    ngram = run_cli(*common, "--strategy", "ngram", "--k", "4", env=env)
+    ngram = run_cli(*common, "--strategy", "ngram", env=env)  # its default k: 8 (strategies.py)
     assert ngram.returncode == 0, ngram.stderr
     b, n = json.loads(base.stdout), json.loads(ngram.stdout)
+    assert len(n["proposed_per_position"]) == 8
     for record in (b, n):
         for key in ("text", "token_ids", "new_tokens", "tokens_per_s", "acceptance_rate", "mean_accepted_tokens",
                     "target_forward_passes", "ttft_s", "tpot_s", "peak_memory_bytes", "token_hash"):

@@ -36,7 +36,7 @@ from specdec.model.models import WEIGHT_FORMATS, ModelError, encode_prompt, load
 from specdec.prompts import PromptFileError, load_prompts, select
 from specdec.run.job import cpu_name
 from specdec.run.runner import SettingsError, check_settings, extra_buffers_in_use, weight_format
-from specdec.strategies import NAMES, STRATEGIES, add_proposer_args
+from specdec.strategies import NAMES, STRATEGIES, add_proposer_args, draft_length
 
 DEFAULT_RUNNERS = ("baseline", "speculative", "ngram", "hf-generate", "hf-assisted", "hf-ngram")
 GOALS = {"speculative_over_hf_assisted": 1.25, "ngram_over_hf_ngram": 1.10, "baseline_over_hf_generate": 1.0,
@@ -65,8 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-category", type=int, default=1, help="prompts per category (default: 1)")
     p.add_argument("--prompt-ids", default=None, help="comma-separated prompt ids (instead of categories)")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--k", type=int, default=4, help="draft length; trees: the deepest position (default: 4)")
-    p.add_argument("--tree-budget", type=int, default=None, help="tree strategies: nodes per verify pass (default: k)")
+    p.add_argument("--k", type=int, default=None, help="draft length of every runner; trees: the deepest position "
+                   "(default: each runner's own, strategies.py: 8 for ngram, suffix, recycling, dynamic-tree, 4 for "
+                   "draft models)")
+    p.add_argument("--tree-budget", type=int, default=None,
+                   help="tree strategies: nodes per verify pass (default: k)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -148,13 +151,16 @@ def check_args(args, registry) -> tuple[list[Cell], object, list[dict]]:
             if llama and draft and parse_draft(draft)[1]:
                 continue  # llama.cpp drafts are whole GGUF files, not layer cuts
             for fmt in ([None] if llama else formats):  # llama.cpp: the GGUF's own quantisation
+                # the runner's k: the given one, else its strategy's default (--tree-budget is for the tree
+                # runners; the others ignore it)
+                settings = replace(s, k=draft_length(strategy, args.k),
+                                   tree_budget=args.tree_budget if st.tree else None)
                 try:
-                    # --tree-budget is for the tree runners; the others ignore it
-                    check_settings(strategy, parse_draft(draft)[0] if draft else None,
-                                   s if st.tree else replace(s, tree_budget=None), registry, args.target, weights=fmt)
+                    check_settings(strategy, parse_draft(draft)[0] if draft else None, settings, registry,
+                                   args.target, weights=fmt)
                 except SettingsError as exc:
                     raise BenchError(str(exc)) from None
-                cells.append(Cell(strategy, draft, fmt))
+                cells.append(Cell(strategy, draft, fmt, settings))
     path = Path(args.prompts) if args.prompts else default_prompts_file()
     try:
         prompts = select(load_prompts(path), ids=split_list(args.prompt_ids) or None,
@@ -343,7 +349,11 @@ def main(argv: list[str] | None = None) -> int:
     int_kernels = quant_kernels() if args.device == "cpu" else None  # int8/int4 layers (models.load_model)
     own = None if args.stock_kernels or args.device != "cpu" else forward_choice()  # where a Llama target applies
     exact = exact_rows_requested()
-    header = (f"specdec bench: target {args.target}, drafts {', '.join(args.draft or [args.target])}, k={s.k}, "
+    ks = {c.name: c.settings.k for c in cells if STRATEGIES[c.strategy].uses_k}
+    budgets = {c.name: c.settings.tree_budget or c.settings.k for c in cells if STRATEGIES[c.strategy].tree}
+    k_text = (f"k={args.k}" if args.k is not None else "k per runner (" + ", ".join(
+        f"{n} {k}" + (f"/{budgets[n]}" if n in budgets else "") for n, k in ks.items()) + ")")
+    header = (f"specdec bench: target {args.target}, drafts {', '.join(args.draft or [args.target])}, {k_text}, "
               f"temperature {s.temperature}, {len(prompts)} prompts x {args.repeats} repeats, "
               f"max {s.max_new_tokens} new tokens, {torch.get_num_threads()} threads, device {args.device}"
               + (", STOCK kernels for ours (ablation)" if args.stock_kernels
@@ -358,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     print_event_gaps(summary)
     cells_out = summary["cells"]
     result = {
-        "target": args.target, "drafts": args.draft or [args.target], "k": s.k, "temperature": s.temperature,
+        "target": args.target, "drafts": args.draft or [args.target], "k": args.k, "k_per_runner": ks,
+        "tree_budget_per_runner": budgets, "temperature": s.temperature,
         "max_new_tokens": s.max_new_tokens, "prompts": [p["id"] for p in prompts], "repeats": args.repeats,
         "device": args.device, "threads": torch.get_num_threads(), "stock_kernels": args.stock_kernels,
         "linear_kernels": kernels, "attention_kernel": attention, "quant_kernels": int_kernels, "forward": own,

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -44,11 +44,16 @@ class BenchError(ValueError):
 
 @dataclass(frozen=True)
 class Cell:
-    """One runner: a strategy, for strategies that need one a draft spec ("alias" or "alias:LAYERS"), and for the
-    torch engines a weight format (None: the alias's own)."""
+    """One runner: a strategy, for strategies that need one a draft spec ("alias" or "alias:LAYERS"), for the
+    torch engines a weight format (None: the alias's own), and its decode settings (its own k and tree budget;
+    None: the bench's)."""
     strategy: str
     draft: str | None = None
     weights: str | None = None
+    settings: DecodeSettings | None = field(default=None, compare=False)
+
+    def settings_or(self, s: DecodeSettings) -> DecodeSettings:
+        return self.settings if self.settings is not None else s
 
     @property
     def name(self) -> str:
@@ -179,7 +184,8 @@ def roofline(cells: list, loaded, summary: dict, s: DecodeSettings, context: flo
         model = pair.target.model
         read, macs = pass_cost(model)
         st = STRATEGIES[cell.strategy]
-        rows = 1 if st.proposer is None else (s.tree_budget or s.k) + 1 if st.tree else s.k + 1
+        cs = cell.settings_or(s)
+        rows = 1 if st.proposer is None else (cs.tree_budget or cs.k) + 1 if st.tree else cs.k + 1
         integer = any(getattr(m, "kernels", None) == "vnni" for m in linear_layers(model))
         bound = roofline_ms(machine, read + kv_bytes_per_token(model) * context, 2 * macs * rows, integer)
         out[cell.name] = {"pass_ms": breakdown["step_ms"], "rows": rows, "weight_bytes": read, **bound,
@@ -271,7 +277,7 @@ def load_models(target_alias: str, cells: list[Cell], registry, device: str, sto
 def run_once(loaded: Loaded, cell: Cell, prompt_ids: list[int], s):
     """One generation → (record, trace), timed by the strategy's own loop. Copy and repeat shares are taken
     against the whole encoded prompt (chat template included), as the default degenerate rule judges them."""
-    pair = loaded.pairs[cell.key]
+    pair, s = loaded.pairs[cell.key], cell.settings_or(s)
     trace = decode(pair, cell.strategy, prompt_ids, s)
     record = record_of(trace, cell.strategy, s, len(prompt_ids), None)
     record.update(metrics.degeneracy(record["token_ids"], [prompt_ids]))
@@ -296,7 +302,7 @@ def run_interleaved(loaded: Loaded, cells: list[Cell], encoded: list[list[int]],
                     log=print) -> dict:
     """Every cell on every prompt, `repeats` times; within a repeat the cells take turns on each prompt."""
     for cell in cells:
-        warm_up(loaded.pairs[cell.key], cell.strategy, encoded[0], s, warmup)
+        warm_up(loaded.pairs[cell.key], cell.strategy, encoded[0], cell.settings_or(s), warmup)
     runs = {c.name: [] for c in cells}
     for repeat in range(repeats):
         order = cells[repeat % len(cells):] + cells[:repeat % len(cells)]
@@ -450,7 +456,8 @@ def summarise(cells: list[Cell], runs: dict, s) -> dict:
         row["measured_over_predicted_with_verify_cost"] = (row["speedup"] * v / predicted
                                                            if predicted and v and row["speedup"] else None)
         if predicted is not None:
-            leviathan[cell.name] = {"alpha": row["acceptance_rate"], "c": row["cost_ratio_c"], "k": s.k,
+            leviathan[cell.name] = {"alpha": row["acceptance_rate"], "c": row["cost_ratio_c"],
+                                    "k": cell.settings_or(s).k,
                                     "predicted": predicted, "measured": row["speedup"],
                                     "measured_over_predicted": row["measured_over_predicted"],
                                     "verify_over_step": v,
@@ -517,8 +524,8 @@ def preflight(cells: list[Cell], args, s, prompt: str, log=print) -> dict[str, s
     crashed: dict[str, str] = {}
     while todo:
         done_file = Path(tempfile.mkstemp(prefix="specdec-preflight-", suffix=".txt")[1])
-        spec = {"cells": [[c.strategy, c.draft] for c in todo], "target": args.target, "models": args.models,
-                "threads": args.threads, "prompt": prompt, "settings": vars(s), "done": str(done_file)}
+        spec = {"cells": [[c.strategy, c.draft, vars(c.settings_or(s))] for c in todo], "target": args.target,
+                "models": args.models, "threads": args.threads, "prompt": prompt, "done": str(done_file)}
         try:
             returncode, crash = run_child([sys.executable, "-m", "specdec.run.bench", "--preflight",
                                            json.dumps(spec)])
@@ -539,9 +546,8 @@ def preflight_child(spec: dict) -> None:
     """Inside preflight's child: each runner in turn, its name appended to spec['done'] once it decoded."""
     enable_crash_dump()
     registry = load_registry(spec["models"])
-    s = DecodeSettings.from_mapping(spec["settings"])
-    for strategy, draft in spec["cells"]:
-        cell = Cell(strategy, draft)
+    for strategy, draft, settings in spec["cells"]:
+        cell, s = Cell(strategy, draft), DecodeSettings.from_mapping(settings)
         pair = load_models(spec["target"], [cell], registry, "cpu", False, threads=spec["threads"]).pairs[cell.key]
         warm_up(pair, strategy, encode_prompt(pair.target, spec["prompt"]), s, 1)
         with open(spec["done"], "a") as done:
@@ -676,7 +682,7 @@ def measure_memory(cells: list[Cell], args, s, prompt_ids: list[int], log=print)
         spec = {"strategy": cell.strategy, "draft": cell.draft, "weights": cell.weights, "target": args.target,
                 "models": args.models,
                 "device": args.device, "threads": args.threads, "stock_kernels": args.stock_kernels,
-                "drafters_dir": args.drafters_dir, "prompt_ids": prompt_ids, "settings": vars(s)}
+                "drafters_dir": args.drafters_dir, "prompt_ids": prompt_ids, "settings": vars(cell.settings_or(s))}
         probe = run_memory_probe(spec)
         if "error" in probe:
             log(f"[bench] memory probe for {cell.name} failed: {probe['error']}", file=sys.stderr)
