@@ -418,10 +418,10 @@ void int4_amx(const Rows& r, int64_t M, const uint8_t* packed, int64_t octets, c
                                                _mm512_and_si512(_mm512_srli_epi16(v, 4), low_nibbles));
                         }
                     }
-                for (int64_t s = 0; s < stage; ++s) {
+                for (int64_t s = 0; s < stage; ++s) {  // (a lone last panel: its twin's tile is a copy, unused)
                     const int64_t g = g0 + s;
                     _tile_loadd(6, weights[s][0], 64);
-                    _tile_loadd(7, weights[s][1], 64);
+                    _tile_loadd(7, weights[s][NB - 1], 64);
                     _tile_loadd(4, x + g * 32, r.stride);
                     _tile_zero(0); _tile_zero(1);
                     _tile_dpbsud(0, 4, 6);
