@@ -1,10 +1,10 @@
 """Our int8/int4 kernels (csrc/quant_linear.cpp, quant.WeightOnlyLinear with kernels.quant_ops) against torch's
 packed weight-only kernels (the path before them) and our float32 panel kernel, A/B in one process; where the CPU
 has AMX, our kernels twice: on AVX-512 VNNI alone ("ours") and with many-row passes on the AMX tiles ("amx").
-Random weights in SmolLM2-135M's shapes as our engine holds them (30 layers of fused q|k|v, o, fused gate|up, down), so the
-weights stream from memory as in decoding, and the int8 output head; the kernels interleaved per row count, medians
-over repeats. Prints the CPU model and ms per pass over all decoder layers (and the head), per row count, and each
-kernel's time relative to its own one-row pass.
+Random weights in SmolLM2-135M's shapes as our engine holds them (30 layers of fused q|k|v, o, fused gate|up,
+down), so the weights stream from memory as in decoding, and the int8 output head; the kernels interleaved per row
+count, medians over repeats. Prints the CPU model and ms per pass over all decoder layers (and the head), per row
+count, and each kernel's time relative to its own one-row pass.
 
     python bench/quant_kernel.py [--rows 1,2,4,8,16,32,64] [--repeats 7] [--threads 2]
 """

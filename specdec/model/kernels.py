@@ -437,8 +437,9 @@ def quant_kernels() -> str:
     'amx' or 'vnni' (ours, csrc/quant_linear.cpp: activations quantised per row to int8, integer dot products, the
     weights read once per call for all rows; 'amx' computes int8 passes of 4 or more rows and int4 passes of 8 or
     more on the AMX tiles of Intel Xeons from Sapphire Rapids, to the same bits) or 'torch' (torch's packed
-    weight-only kernels on bfloat16 activations, built for one row). 'auto' (default) picks 'amx' where the CPU has AMX, else 'vnni' where it has
-    AVX-512 VNNI (and the extension builds), else 'torch'; $SPECDEC_CPU_QUANT=amx|vnni|torch overrides it."""
+    weight-only kernels on bfloat16 activations, built for one row). 'auto' (default) picks 'amx' where the CPU has
+    AMX, else 'vnni' where it has AVX-512 VNNI (and the extension builds), else 'torch'; $SPECDEC_CPU_QUANT=
+    amx|vnni|torch overrides it."""
     choice = os.environ.get("SPECDEC_CPU_QUANT", "auto").strip().lower() or "auto"
     if choice == "amx":
         return kernel_choice("SPECDEC_CPU_QUANT", QUANT_KERNELS, "amx", "SPECDEC_CPU_QUANT=vnni or torch",

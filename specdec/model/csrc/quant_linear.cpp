@@ -87,6 +87,19 @@ inline void store(float* y, int64_t n0, int64_t N, __m512 v) {
     }
 }
 
+// The int8 output of one row and 16 columns from its exact integer sum: float(sum - 128 sum_k q) * the row's scale *
+// the columns' scales. Every int8 tile ends here, so a row's bits never depend on the tile that computed it.
+inline __m512 int8_output(__m512i sum, __m512i offset, float row_scale, __m512 scales) {
+    const __m512 total = _mm512_cvtepi32_ps(_mm512_sub_epi32(sum, offset));
+    return _mm512_mul_ps(_mm512_mul_ps(total, _mm512_set1_ps(row_scale)), scales);
+}
+
+// One group's step of an int4 row's float sum: acc + scale * sum(q xq), then + (zero - 8 scale) * sum(xq). Every
+// int4 tile takes it, group after group, so a row's bits never depend on the tile that computed it.
+inline __m512 int4_group_step(__m512 acc, __m512 scale, __m512i isum, __m512 low, float group_sum) {
+    return _mm512_fmadd_ps(low, _mm512_set1_ps(group_sum), _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(isum), acc));
+}
+
 // int8: M rows x NB panels, all of K.
 template <int M, int NB>
 void int8_tile(const Rows& r, int64_t m0, const int8_t* packed, int64_t quads, const int32_t* col_sums,
@@ -113,9 +126,7 @@ void int8_tile(const Rows& r, int64_t m0, const int8_t* packed, int64_t quads, c
         const __m512i offset = _mm512_loadu_si512(col_sums + n0);
         const __m512 s = _mm512_loadu_ps(scales + n0);
         for (int m = 0; m < M; ++m) {
-            const __m512 sum = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[m][b], offset));
-            const __m512 v = _mm512_mul_ps(_mm512_mul_ps(sum, _mm512_set1_ps(r.scale[m0 + m])), s);
-            store(y + (m0 + m) * N, n0, N, v);
+            store(y + (m0 + m) * N, n0, N, int8_output(acc[m][b], offset, r.scale[m0 + m], s));
         }
     }
 }
@@ -159,8 +170,7 @@ void int4_tile(const Rows& r, int64_t m0, const uint8_t* packed, int64_t octets,
             const __m512 scale = bf16_to_f32(sz), zero = bf16_to_f32(sz + 16);
             const __m512 low = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), scale, zero);  // zero - 8 scale, exact
             for (int m = 0; m < M; ++m) {
-                acc[m][b] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(isum[m][b]), acc[m][b]);
-                acc[m][b] = _mm512_fmadd_ps(low, _mm512_set1_ps(r.group_sum[(m0 + m) * r.groups + g]), acc[m][b]);
+                acc[m][b] = int4_group_step(acc[m][b], scale, isum[m][b], low, r.group_sum[(m0 + m) * r.groups + g]);
             }
         }
     }
@@ -217,10 +227,8 @@ void int8_tile_rows(const Rows& r, int64_t m0, int64_t M, const int8_t* packed, 
                 sum = _mm512_dpbusd_epi32(sum, _mm512_set1_epi32(four_bytes(xm + q * 4)),
                                           _mm512_loadu_si512(panel[b] + q * 64));
             const int64_t n0 = (p0 + b) * 16;
-            const __m512 total = _mm512_cvtepi32_ps(_mm512_sub_epi32(sum, _mm512_loadu_si512(col_sums + n0)));
-            const __m512 v = _mm512_mul_ps(_mm512_mul_ps(total, _mm512_set1_ps(r.scale[m0 + m])),
-                                           _mm512_loadu_ps(scales + n0));
-            store(y + (m0 + m) * N, n0, N, v);
+            store(y + (m0 + m) * N, n0, N, int8_output(sum, _mm512_loadu_si512(col_sums + n0), r.scale[m0 + m],
+                                                      _mm512_loadu_ps(scales + n0)));
         }
     }
 }
@@ -240,14 +248,11 @@ inline void rows_of_group(const __m512i (&lo)[4][NB], const __m512i (&hi)[4][NB]
                 dpbusd_bcast(isum[i][b], lo[o][b], x + i * stride + o * 8);
                 dpbusd_bcast(isum[i][b], hi[o][b], x + i * stride + o * 8 + 4);
             }
-    for (int i = 0; i < R; ++i) {
-        const __m512 gs = _mm512_set1_ps(group_sum[i * groups]);
+    for (int i = 0; i < R; ++i)
         for (int b = 0; b < NB; ++b) {
             float* a = acc + i * NB * 16 + 16 * b;
-            const __m512 v = _mm512_fmadd_ps(scale[b], _mm512_cvtepi32_ps(isum[i][b]), _mm512_load_ps(a));
-            _mm512_store_ps(a, _mm512_fmadd_ps(low[b], gs, v));
+            _mm512_store_ps(a, int4_group_step(_mm512_load_ps(a), scale[b], isum[i][b], low[b], group_sum[i * groups]));
         }
-    }
 }
 
 // int4 for 3 or more rows, groups of 32 inputs (the format's default): the NB panels' group of weights is unpacked
@@ -367,11 +372,9 @@ void int8_amx(const Rows& r, int64_t M, const int8_t* packed, int64_t quads, con
                 const int half = (m - m0) / 16, row = (m - m0) % 16;
                 for (int b = 0; b < NB; ++b) {
                     const int64_t n0 = (p + b) * 16;
-                    const __m512i sum = _mm512_load_si512(sums[2 * half + b][row]);
-                    const __m512 total = _mm512_cvtepi32_ps(_mm512_sub_epi32(sum, _mm512_loadu_si512(col_sums + n0)));
-                    const __m512 v = _mm512_mul_ps(_mm512_mul_ps(total, _mm512_set1_ps(r.scale[m])),
-                                                   _mm512_loadu_ps(scales + n0));
-                    store(y + m * N, n0, N, v);
+                    store(y + m * N, n0, N, int8_output(_mm512_load_si512(sums[2 * half + b][row]),
+                                                        _mm512_loadu_si512(col_sums + n0), r.scale[m],
+                                                        _mm512_loadu_ps(scales + n0)));
                 }
             }
         }
@@ -448,9 +451,8 @@ void int4_amx(const Rows& r, int64_t M, const uint8_t* packed, int64_t octets, c
                     for (int b = 0; b < NB; ++b) {
                         __m512 a = _mm512_load_ps(acc[m] + 16 * b);
                         for (int64_t s = 0; s < stage; ++s) {
-                            const __m512 isum = _mm512_cvtepi32_ps(_mm512_load_si512(sums[s][2 * half + b][row]));
-                            a = _mm512_fmadd_ps(scale[s][b], isum, a);
-                            a = _mm512_fmadd_ps(low[s][b], _mm512_set1_ps(gs[s]), a);
+                            a = int4_group_step(a, scale[s][b], _mm512_load_si512(sums[s][2 * half + b][row]),
+                                                low[s][b], gs[s]);
                         }
                         _mm512_store_ps(acc[m] + 16 * b, a);
                     }
