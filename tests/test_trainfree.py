@@ -15,9 +15,10 @@ from specdec.model.decoding import DecodeSettings, Trace, baseline_decode, forwa
 from specdec.methods.proposers import (DynamicTreeProposer, Proposal, RecyclingProposer, RestProposer, Shape, SuffixProposer,
                                SuffixRecyclingProposer)
 from specdec.run.runner import decode_models, next_token_logits
-from specdec.methods.trainfree import (SCORE_BINS, SCORE_PRIOR, SEPARATOR, Acceptance, ContextTable, Datastore, build_trie,
-                               concatenate, continuations, frequency_chain, frequency_tree, match_ends, new_matrix,
-                               recycled_tree, recycling_template, remember, scored_tree, update_matrix)
+from specdec.methods.trainfree import (SCORE_BINS, SCORE_PRIOR, SEPARATOR, Acceptance, ContextTable, Datastore,
+                                       RecycledRows, build_trie, concatenate, continuations, frequency_chain,
+                                       frequency_tree, match_ends, recycled_tree, recycling_template, remember,
+                                       scored_tree)
 from specdec.methods.tree import Tree, is_chain, merge
 from tiny import EOS, VOCAB, context_free_memory, paths, prompts
 
@@ -41,8 +42,8 @@ def test_template_keeps_parents_first_and_respects_budget_and_depth():
 
 
 def test_recycled_tree_follows_the_matrix_and_skips_unseen_rows():
-    matrix = new_matrix(10, 2)
-    update_matrix(np.array([1, 5, 6]), (matrix, np.array([[5, 7], [6, 8], [9, 3]])))
+    matrix = RecycledRows(10, 2)
+    matrix.update(np.array([1, 5, 6]), np.array([[5, 7], [6, 8], [9, 3]]))
     template = ((-1, 0), (0, 0), (-1, 1), (1, 0), (0, 1), (2, 0))
     tree = recycled_tree(matrix, 1, template, depth=8)
     # 1 -> 5 (rank 0) -> 6 -> 9; 1 -> 7 (rank 1, row of 7 unseen: no children); 5 -> 8 (rank 1)
@@ -81,13 +82,13 @@ def test_recycling_matrix_learns_from_prompt_and_verify_logits():
 
 
 def test_the_latest_row_of_a_token_wins_across_updates_and_generations():
-    matrix = new_matrix(10, 1)
+    matrix = RecycledRows(10, 1, scored=True)
     tokens = np.array([3, 4, 3] * 500 + [4])  # many repeats in one update: the last row of each token wins
-    scores = np.zeros((10, 1), dtype=np.float32)
-    update_matrix(tokens, (matrix, np.arange(len(tokens), dtype=np.int32)[:, None]),
-                  (scores, np.arange(len(tokens), dtype=np.float32)[:, None]))
+    matrix.update(tokens, np.arange(len(tokens), dtype=np.int32)[:, None],
+                  np.arange(len(tokens), dtype=np.float32)[:, None])
     assert matrix[3, 0] == len(tokens) - 2 and matrix[4, 0] == len(tokens) - 1
-    assert scores[3, 0] == len(tokens) - 2 and scores[4, 0] == len(tokens) - 1  # the same rows won in both
+    # the same rows won in the scores
+    assert matrix.scored_row(3)[1][0] == len(tokens) - 2 and matrix.scored_row(4)[1][0] == len(tokens) - 1
     memory: dict = {}
     for prompt, said in (([1], 5), ([2], 6)):  # two other conversations both scored token 9: the later one wins
         proposer = RecyclingProposer(DecodeSettings(recycle_topk=1), memory)
@@ -281,21 +282,69 @@ def test_acceptance_estimates_start_at_the_raw_score_and_follow_observations():
 
 
 def test_context_table_keys_rows_by_the_tokens_before():
-    table = ContextTable(vocab=50, topk=2, order=2, slots=64)
+    table = ContextTable(vocab=50, topk=2, order=2)
     before = np.array([[-1, 7], [-1, 8], [-1, -1], [3, 7]])
     table.update(before, np.array([9, 9, 9, 9]), np.array([[1, 2], [3, 4], [5, 6], [10, 11]]),
                  np.array([[.6, .4], [.7, .3], [.5, .5], [.9, .1]], dtype=np.float32))
     assert table.row((0, 7), 9)[0] == [10, 11]  # (7, 9) twice: the later row wins; the token before 7 is ignored
     assert table.row((0, 8), 9) == ([3, 4], pytest.approx([.7, .3]))
     assert table.row((0, 6), 9) == ([], []) and table.row((0, -1), 9) == ([], [])  # unseen, no context
-    triple = ContextTable(vocab=50, topk=2, order=3, slots=64)
+    triple = ContextTable(vocab=50, topk=2, order=3)
     triple.update(before, np.array([9, 9, 9, 9]), np.array([[1, 2], [3, 4], [5, 6], [10, 11]]),
                   np.zeros((4, 2), dtype=np.float32))
     assert triple.row((3, 7), 9)[0] == [10, 11] and triple.row((4, 7), 9) == ([], [])  # rows 0-2 lack a context
-    crowded = ContextTable(vocab=50, topk=2, order=2, slots=1)  # every context on one slot: the latest replaces
-    crowded.update(np.array([[-1, 1], [-1, 2]]), np.array([5, 5]), np.array([[1, 1], [2, 2]]),
-                   np.zeros((2, 2), dtype=np.float32))
-    assert crowded.row((0, 2), 5)[0] == [2, 2] and crowded.row((0, 1), 5) == ([], [])
+    full = ContextTable(vocab=50, topk=2, order=2, capacity=1, recent=0)  # room for one: the latest stays
+    full.update(np.array([[-1, 1], [-1, 2]]), np.array([5, 5]), np.array([[1, 1], [2, 2]]),
+                np.zeros((2, 2), dtype=np.float32))
+    assert full.row((0, 2), 5)[0] == [2, 2] and full.row((0, 1), 5) == ([], [])
+
+
+@pytest.mark.parametrize("recent", [0, 7, 4096])
+def test_context_table_keeps_every_context_exactly(recent):
+    """Against a dict of the latest row per context, over updates of every size (the dict of recent contexts,
+    merges into the sorted arrays, both mixed): no context is lost to another (a hashed table lost those that met
+    on a slot), a later row replaces an earlier one, and past capacity the oldest contexts go first."""
+    rng = np.random.default_rng(0)
+    vocab, topk = 1000, 3
+    table, reference = ContextTable(vocab, topk, order=2, recent=recent), {}
+    small = ContextTable(vocab, topk, order=2, capacity=50, recent=recent)
+    learned = []  # every context in learning order, for the capacity check
+    for n in [1, 3, 2000, 5, 1, 400, 9, 3000, 2]:
+        before = rng.integers(-1, 40, size=(n, 2))  # few distinct contexts: many repeats, some without context
+        tokens = rng.integers(0, 40, size=n)
+        rows = rng.integers(0, vocab, size=(n, topk))
+        probs = rng.random((n, topk)).astype(np.float32)
+        table.update(before, tokens, rows, probs)
+        small.update(before, tokens, rows, probs)
+        for b, t, r, p in zip(before.tolist(), tokens.tolist(), rows.tolist(), probs.tolist()):
+            if b[1] >= 0:
+                reference[(b[1], t)] = (r, p)
+                learned.append((b[1], t))
+    assert len(reference) > 1000
+    for (b, t), (r, p) in reference.items():
+        assert table.row((0, b), t) == (r, pytest.approx(p))
+    assert table.row((0, 41), 5) == ([], [])
+    small.merge(np.zeros(0, np.int64), np.zeros((0, topk), np.int32), np.zeros((0, topk), np.float32))
+    newest = list(dict.fromkeys(reversed(learned)))[:50]  # the 50 contexts learned last
+    assert len(small.keys) == 50
+    for b, t in newest:
+        assert small.row((0, b), t) == (reference[(b, t)][0], pytest.approx(reference[(b, t)][1]))
+    assert sum(small.row((0, b), t) != ([], []) for b, t in reference) == 50
+
+
+def test_recycled_rows_are_stored_for_the_tokens_seen_only():
+    rows = RecycledRows(vocab=49152, topk=8, scored=True)
+    assert rows[123].tolist() == [-1] * 8 and rows.scored_row(123)[1].tolist() == [0.0] * 8
+    rng = np.random.default_rng(1)
+    for _ in range(50):  # 50 passes of 16 rows over a few hundred distinct tokens
+        tokens = rng.integers(0, 300, size=16)
+        rows.update(tokens, np.repeat(tokens[:, None], 8, axis=1).astype(np.int32),
+                    np.ones((16, 8), np.float32))
+    seen = rows.seen()
+    assert 200 < seen <= 300
+    assert all(rows[t, 0] in (-1, t) for t in range(300)) and sum(rows[t, 0] == t for t in range(300)) == seen
+    held = rows.slot.nbytes + rows.rows.nbytes + rows.scores.nbytes
+    assert held < 0.1 * (49152 * 8 * 8)  # the dense matrix and scores: 3 MiB
 
 
 def scripted_dynamic_tree(memory=None) -> DynamicTreeProposer:

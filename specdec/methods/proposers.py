@@ -34,9 +34,10 @@ from specdec.model.decoding import (DecodeSettings, Pass, RowsTop, Trace, forwar
                                     logits_to_probs, new_cache, rollback, sample, top_k_rows)
 from specdec.methods.drafters import Drafter
 from specdec.model.kernels import prepare_model
-from specdec.methods.trainfree import (MEMORY_TOKENS, Acceptance, ContextTable, add_ngram, advance_window, build_trie,
-                               concatenate, continuations, frequency_chain, frequency_tree, match_ends, new_matrix,
-                               recycled_tree, recycling_template, remember, scored_tree, update_matrix, window_rows)
+from specdec.methods.trainfree import (MEMORY_TOKENS, Acceptance, ContextTable, RecycledRows, add_ngram, advance_window,
+                                       build_trie, concatenate, continuations, frequency_chain, frequency_tree,
+                                       match_ends, recycled_tree, recycling_template, remember, scored_tree,
+                                       window_rows)
 from specdec.methods.tree import ExtraRows, Tree, answer_steps, build_tree, chain, grow_tree, merge
 
 HEURISTIC_K_MAX = 16        # heuristic schedule: k never grows past max(this, the starting k)
@@ -326,7 +327,8 @@ class RecyclingProposer:
     rows, accepted or not: the candidates are "recycled"); each step grows the static template
     (trainfree.recycling_template) from the last committed token through the matrix, and the target verifies the
     tree. The matrix is rebuilt per generation from what the job's other conversations taught (trainfree's
-    memory rule; 8 + 4·topk bytes per learned row) and is 4·vocab·topk bytes (49152 × 8: 1.5 MiB)."""
+    memory rule; 8 + 4·topk bytes per learned row), stored sparse (trainfree.RecycledRows: 4·vocab bytes of index,
+    4·topk per token seen)."""
 
     needs_features = False
     reads_prompt_logits = True
@@ -345,8 +347,7 @@ class RecyclingProposer:
         others = remember(self.memory, "recycling+scored" if self.scored else "recycling", prompt_ids, self.learned)
         vocab = prompt_logits.vocab if isinstance(prompt_logits, RowsTop) else prompt_logits.shape[-1]
         self.topk = min(self.topk, vocab)
-        self.matrix = new_matrix(vocab, self.topk)
-        self.probs = np.zeros(self.matrix.shape, dtype=np.float32) if self.scored else None
+        self.matrix = RecycledRows(vocab, self.topk, scored=self.scored)
         self.contexts = [ContextTable(vocab, self.topk, order) for order in CONTEXT_ORDERS] if self.scored else []
         chunks = [chunk for learned in others for chunk in learned]
         if chunks:  # one update over all of them, in order (a later row of a token wins): a job's generations
@@ -359,10 +360,7 @@ class RecyclingProposer:
 
     def update(self, before: np.ndarray | None, tokens: np.ndarray, rows: np.ndarray, probs: np.ndarray | None
                ) -> None:
-        if not self.scored:
-            update_matrix(tokens, (self.matrix, rows))
-            return
-        update_matrix(tokens, (self.matrix, rows), (self.probs, probs))
+        self.matrix.update(tokens, rows, probs)
         for table in self.contexts:
             table.update(before, tokens, rows, probs)
 
@@ -514,9 +512,11 @@ class DynamicTreeProposer:
     by the length of the match it follows); a token several sources propose takes the highest. The tree holds the
     `budget` nodes with the highest path probability (trainfree.scored_tree): deep where the target has been
     predictable, wide where not. Memory rule as for its parts: the matrix, the context tables, the suffix memory and
-    the acceptance counts of a generation serve only the job's other conversations. Memory: the matrix and its
-    scores 8·vocab·topk bytes (3 MiB), the context-free rows as much again (fixed for the job: the target's own), the
-    context table 9 MiB, each generation's learned rows 16 + 8·topk bytes per verified row."""
+    the acceptance counts of a generation serve only the job's other conversations. Memory per conversation: the
+    matrix and its scores 4·vocab + 8·topk bytes per token seen, the context table 8·topk + 16 bytes per context
+    (both sized to what the job taught: about 1 MiB in a 16-prompt queue), the suffix memory; for the job: the
+    context-free rows (8·vocab·topk bytes, the target's own) and each generation's learned rows, 16 + 8·topk bytes
+    per verified row."""
 
     needs_features = False
     reads_prompt_logits = True
@@ -547,7 +547,7 @@ class DynamicTreeProposer:
         trie = build_trie(conts, shape.stop_tokens)
         # after the recycled sources, by the match's class (bisect 1..; 0 = no match: no trie, nothing offered)
         suffix_source = self.CONTEXT_FREE + bisect.bisect_right(self.SUFFIX_MATCH_CLASSES, match)
-        matrix, probs, contexts = self.recycling.matrix, self.recycling.probs, self.recycling.contexts
+        matrix, contexts = self.recycling.matrix, self.recycling.contexts
         context_free = self.context_free
         estimate = self.acceptance.estimator(self.others)
 
@@ -571,7 +571,7 @@ class DynamicTreeProposer:
             for source, table in enumerate(contexts, start=1):
                 for candidate, raw in zip(*table.row(before, token)):
                     offer(candidate, source, raw)
-            source, row, scores = self.RECYCLED, matrix[token], probs[token]
+            source, (row, scores) = self.RECYCLED, matrix.scored_row(token)
             if row[0] < 0 and context_free is not None:  # not scored in this job yet
                 source, row, scores = self.CONTEXT_FREE, context_free[0][token], context_free[1][token]
             for candidate, raw in zip(row.tolist(), scores.tolist()):

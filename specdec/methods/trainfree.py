@@ -78,9 +78,55 @@ def recycling_template(budget: int, depth: int, topk: int) -> tuple[tuple[int, i
     return tuple(nodes)
 
 
-def new_matrix(vocab: int, topk: int) -> np.ndarray:
-    """[vocab, topk] int32: row t = the target's top-k next tokens last seen after token t; -1 = not seen yet."""
-    return np.full((vocab, topk), -1, dtype=np.int32)
+class RecycledRows:
+    """Token Recycling's adjacency matrix, stored sparse: row t = the target's top-k next tokens the last time it
+    scored token t (and, `scored`, their scores); -1 where t was not scored yet. Only tokens seen have a row
+    (a conversation meets a few thousand of a vocabulary's 49152), so a generation's matrix costs 4·vocab bytes of
+    index plus 4·topk (8·topk scored) bytes per token seen instead of 4·vocab·topk (3 MiB scored at topk 8):
+    at batch size 16 the conversations in flight hold 16 of them. Indexed like the dense matrix it replaces:
+    `rows[t]`, `rows[t, rank]`; `scored_row(t)` gives the scores too (storage row 0 is the unseen row: -1s,
+    scores 0)."""
+
+    def __init__(self, vocab: int, topk: int, scored: bool = False):
+        self.vocab, self.topk = vocab, topk
+        self.slot = np.zeros(vocab, dtype=np.int32)  # token -> its row in the storage; 0: unseen
+        self.rows = np.full((64, topk), -1, dtype=np.int32)
+        self.scores = np.zeros((64, topk), dtype=np.float32) if scored else None
+        self.used = 1  # storage rows taken, the unseen row included
+
+    def __getitem__(self, index):
+        if isinstance(index, tuple):
+            return self.rows[(self.slot[index[0]],) + index[1:]]
+        return self.rows[self.slot[index]]
+
+    def scored_row(self, token: int) -> tuple[np.ndarray, np.ndarray]:
+        """Token t's row and its scores (scored rows only)."""
+        where = self.slot[token]
+        return self.rows[where], self.scores[where]
+
+    def seen(self) -> int:
+        """How many tokens have a row."""
+        return self.used - 1
+
+    def update(self, tokens: np.ndarray, rows: np.ndarray, scores: np.ndarray | None = None) -> None:
+        """Overwrite the rows of `tokens` (the newest row of a repeated token wins; rows and scores alike)."""
+        keep = latest(tokens)
+        tokens = tokens[keep]
+        new = tokens[self.slot[tokens] == 0]  # distinct already (latest() kept one of each)
+        if len(new):
+            need = self.used + len(new)
+            if need > len(self.rows):  # grow by doubling: a generation's updates stay amortised O(rows)
+                size = max(need, 2 * len(self.rows))
+                self.rows = np.concatenate([self.rows, np.full((size - len(self.rows), self.topk), -1, np.int32)])
+                if self.scores is not None:
+                    self.scores = np.concatenate([self.scores, np.zeros((size - len(self.scores), self.topk),
+                                                                        np.float32)])
+            self.slot[new] = np.arange(self.used, need, dtype=np.int32)
+            self.used = need
+        where = self.slot[tokens]
+        self.rows[where] = rows[keep]
+        if self.scores is not None and scores is not None:
+            self.scores[where] = scores[keep]
 
 
 def latest(keys: np.ndarray) -> np.ndarray:
@@ -88,14 +134,6 @@ def latest(keys: np.ndarray) -> np.ndarray:
     fancy assignment unspecified, so repeats are dropped before assigning)."""
     _, first_from_end = np.unique(keys[::-1], return_index=True)
     return len(keys) - 1 - first_from_end
-
-
-def update_matrix(tokens: np.ndarray, *updates: tuple[np.ndarray, np.ndarray]) -> None:
-    """For each (matrix, rows) of `updates`, overwrite the matrix's rows of `tokens` (the newest row of a repeated
-    token wins; matrices indexed alike, e.g. candidates and their scores, share one dedup)."""
-    keep = latest(tokens)
-    for matrix, rows in updates:
-        matrix[tokens[keep]] = rows[keep]
 
 
 def recycled_tree(matrix: np.ndarray, root: int, template, depth: int, stop_tokens=()) -> Tree:
@@ -121,47 +159,91 @@ def recycled_tree(matrix: np.ndarray, root: int, template, depth: int, stop_toke
     return tree
 
 
-CONTEXT_SLOTS = 1 << 17  # a context table's hashed slots: 2^17 × (8 + 8·topk) bytes = 9 MiB at topk 8
+CONTEXT_CAPACITY = 1 << 17  # a context table keeps at most this many contexts (the latest): 9 MiB at topk 8
+CONTEXT_RECENT = 4096       # contexts learned one pass at a time are kept in a dict until there are this many
 
 
 class ContextTable:
     """Token Recycling with more than one token of context: (the `order` − 1 tokens before a token, the token) ->
     the target's top-k next tokens the last time it scored that context, and their scores. Two or three tokens
     tell more than one (after "of the" vs after "the"), so where a context has been seen its row is the better
-    guess. Hashed into CONTEXT_SLOTS slots: a context that lands on a taken slot replaces what was there (only
-    the latest contexts are kept)."""
+    guess. Exact and sized to what it holds: the contexts sorted by key (a lookup is a binary search), each
+    verify pass's few new ones in a dict merged into them now and then; at most `capacity` contexts, the latest
+    (4·(2 + 2·topk) + 8 bytes each: a generation of a 16-prompt queue holds about 10 000, 0.7 MiB, where a hashed
+    table of 2^17 slots took 9 MiB per conversation whatever it held, and lost a row wherever two contexts met
+    on a slot)."""
 
-    def __init__(self, vocab: int, topk: int, order: int, slots: int = CONTEXT_SLOTS):
-        self.vocab, self.order, self.slots = vocab, order, slots
-        self.keys = np.full(slots, -1, dtype=np.int64)
-        self.tokens = np.full((slots, topk), -1, dtype=np.int32)
-        self.probs = np.zeros((slots, topk), dtype=np.float32)
+    def __init__(self, vocab: int, topk: int, order: int, capacity: int = CONTEXT_CAPACITY,
+                 recent: int = CONTEXT_RECENT):
+        self.vocab, self.topk, self.order, self.capacity, self.recent_max = vocab, topk, order, capacity, recent
+        self.keys = np.zeros(0, dtype=np.int64)  # sorted
+        self.stamps = np.zeros(0, dtype=np.int64)  # when each was learned: the oldest go first past capacity
+        self.tokens = np.zeros((0, topk), dtype=np.int32)
+        self.probs = np.zeros((0, topk), dtype=np.float32)
+        self.recent: dict[int, tuple[list[int], list[float]]] = {}  # newer than everything in the arrays
+        self.clock = 0
+
+    def key(self, before, token) -> np.ndarray:
+        keys = np.asarray(token).astype(np.int64)
+        for i in range(1, self.order):  # vocab^order < 2^63 for vocabularies up to 2^21 at order 3
+            keys = keys + np.asarray(before)[..., -i].astype(np.int64) * self.vocab ** i
+        return keys
 
     def update(self, before: np.ndarray, tokens: np.ndarray, rows: np.ndarray, probs: np.ndarray) -> None:
         """Learn each (before[i, -(order-1):], tokens[i]) -> rows[i], probs[i]; before: [n, >= order − 1] token ids,
-        -1 where there is no token (such contexts are skipped); the latest context that lands on a slot wins."""
+        -1 where there is no token (such contexts are skipped); a later row of a context replaces an earlier one."""
         before = before[:, before.shape[1] - (self.order - 1):]
         known = (before >= 0).all(axis=1)
-        keys = tokens[known].astype(np.int64)
-        for i in range(1, self.order):  # vocab^order < 2^63 for vocabularies up to 2^21 at order 3
-            keys = keys + before[known, -i].astype(np.int64) * self.vocab ** i
-        where = keys % self.slots
-        keep = latest(where)  # the latest context per slot
-        self.keys[where[keep]] = keys[keep]
-        self.tokens[where[keep]] = rows[known][keep]
-        self.probs[where[keep]] = probs[known][keep]
+        keys, rows, probs = self.key(before[known], tokens[known]), rows[known], probs[known]
+        if len(keys) + len(self.recent) <= self.recent_max:  # a verify pass's rows: a few dict writes
+            for key, row, prob in zip(keys.tolist(), rows.tolist(), probs.tolist()):
+                self.recent.pop(key, None)  # re-inserted last: the dict's order is the learning order
+                self.recent[key] = (row, prob)
+            return
+        self.merge(keys, rows, probs)
+
+    def merge(self, keys: np.ndarray, rows: np.ndarray, probs: np.ndarray) -> None:
+        """Fold the dict and then `keys` (in learning order) into the sorted arrays; the latest row of a key wins,
+        and past capacity the oldest contexts are dropped."""
+        if self.recent:
+            keys = np.concatenate([np.fromiter(self.recent, np.int64, len(self.recent)), keys])
+            rows = np.concatenate([np.array([r for r, _ in self.recent.values()], np.int32).reshape(-1, self.topk),
+                                   rows.astype(np.int32)])
+            probs = np.concatenate([np.array([p for _, p in self.recent.values()], np.float32
+                                             ).reshape(-1, self.topk), probs.astype(np.float32)])
+            self.recent = {}
+        stamps = self.clock + np.arange(len(keys), dtype=np.int64)
+        self.clock += len(keys)
+        keys, stamps = np.concatenate([self.keys, keys]), np.concatenate([self.stamps, stamps])
+        rows, probs = np.concatenate([self.tokens, rows]), np.concatenate([self.probs, probs])
+        order = np.lexsort((stamps, keys))  # by key, then by time: the last of each run of a key is its latest
+        last = np.ones(len(order), dtype=bool)
+        last[:-1] = keys[order[1:]] != keys[order[:-1]]
+        keep = order[last]
+        if len(keep) > self.capacity:
+            keep = keep[np.argsort(stamps[keep])[-self.capacity:]]
+            keep = keep[np.argsort(keys[keep])]
+        self.keys, self.stamps, self.tokens, self.probs = keys[keep], stamps[keep], rows[keep], probs[keep]
+
+    def find(self, key: int) -> int:
+        """The key's index in the sorted arrays, or -1."""
+        i = int(self.keys.searchsorted(key))
+        return i if i < len(self.keys) and self.keys[i] == key else -1
 
     def row(self, before: tuple, token: int) -> tuple[list[int], list[float]]:
-        """The context's (top-k tokens, scores), or two empty lists when it was not seen (or was replaced)."""
+        """The context's (top-k tokens, scores), or two empty lists when it was not seen (or was dropped)."""
         key = token
         for i in range(1, self.order):
             if before[-i] < 0:
                 return [], []
             key += before[-i] * self.vocab ** i
-        where = key % self.slots
-        if self.keys[where] != key:
+        found = self.recent.get(key)
+        if found is not None:
+            return found
+        i = self.find(key)
+        if i < 0:
             return [], []
-        return self.tokens[where].tolist(), self.probs[where].tolist()
+        return self.tokens[i].tolist(), self.probs[i].tolist()
 
 
 # --- suffix matching (SuffixDecoding / SAMD, REST) ------------------------------------------------------------
