@@ -55,7 +55,7 @@ def main() -> None:
     suite = prompts.select(prompts.load_prompts(default_prompts_file()), per_category=args.per_category)
     print(f"CPU: {cpu_name()}, {args.threads} threads, {len(suite)} prompts x {args.repeats} repeats, "
           f"{args.max_new_tokens} new tokens")
-    print(f"{'weights':10} {'step ms: ours':>14} {'unfused':>8} {'transformers':>13} {'ratio':>6}   "
+    print(f"{'weights':10} {'step ms: ours':>14} {'unfused':>8} {'torch norm':>11} {'transformers':>13} {'ratio':>6}   "
           f"{'prefill ms: ours':>17} {'transformers':>13}   same tokens")
     for fmt in args.weights.split(","):
         loaded = models.load_model(dataclasses.replace(models.resolve(args.target, registry), weights=fmt))
@@ -66,6 +66,8 @@ def main() -> None:
         variants = [("ours", own), ("transformers", None)]
         if own.rope_attend is not None:
             variants.insert(1, ("unfused", dataclasses.replace(own, rope_attend=None)))
+        if own.norm_kernel is not None:
+            variants.insert(1, ("torch norm", dataclasses.replace(own, norm_kernel=None)))
         encoded = [models.encode_prompt(loaded, p["prompt"]) for p in suite]
         results = {name: [] for name, _ in variants}
         for ids in encoded[:1]:  # warm-up
@@ -83,7 +85,8 @@ def main() -> None:
         step = {n: 1000 * statistics.median(r[1] for r in rs) for n, rs in results.items()}
         prefill = {n: 1000 * statistics.median(r[0] for r in rs) for n, rs in results.items()}
         unfused = f"{step['unfused']:8.2f}" if "unfused" in step else f"{'-':>8}"
-        print(f"{fmt:10} {step['ours']:14.2f} {unfused} {step['transformers']:13.2f} "
+        torch_norm = f"{step['torch norm']:11.2f}" if "torch norm" in step else f"{'-':>11}"
+        print(f"{fmt:10} {step['ours']:14.2f} {unfused} {torch_norm} {step['transformers']:13.2f} "
               f"{step['ours'] / step['transformers']:6.2f}   {prefill['ours']:17.1f} {prefill['transformers']:13.1f}   "
               f"{'yes' if same else 'NO'}")
         model._specdec_own_forward = own

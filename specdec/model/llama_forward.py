@@ -104,6 +104,8 @@ class LlamaWeights:
     few_rows: Callable | None = None
     # kernels.rope_attend beside it: rotary, the cache write and few_rows in one call (None: three steps in torch)
     rope_attend: Callable | None = None
+    # kernels.rms_norm where it gives torch.rms_norm's bits for every norm of the model (kernels.rms_norm_matches)
+    norm_kernel: Callable | None = None
 
 
 def unsupported(model) -> str | None:
@@ -142,11 +144,13 @@ def unsupported(model) -> str | None:
     return None
 
 
-def llama_weights(model, few_rows: Callable | None = None, rope_attend: Callable | None = None) -> LlamaWeights | None:
+def llama_weights(model, few_rows: Callable | None = None, rope_attend: Callable | None = None,
+                  norm_kernel: Callable | None = None) -> LlamaWeights | None:
     """The tensors and kernel calls our forward reads, or None where it does not apply (`unsupported`, or a
     linear layer with no kernel call we know: `matmul`). few_rows: the attention kernel for passes of few rows
     (kernels.few_row_attention), used for float32 models on the CPU; rope_attend: the same kernel fused with rotary
-    and the cache write (kernels.rope_attend), used with it."""
+    and the cache write (kernels.rope_attend), used with it; norm_kernel: RMSNorm in one call (kernels.rms_norm),
+    used with them where kernels.rms_norm_matches finds torch's bits at every norm's width and epsilon."""
     if forward_choice() != "own" or unsupported(model) is not None:
         return None
     config, inner = model.config, model.model
@@ -165,13 +169,22 @@ def llama_weights(model, few_rows: Callable | None = None, rope_attend: Callable
         return None
     attn = inner.layers[0].self_attn
     cpu_float32 = model.dtype == torch.float32 and model.device.type == "cpu"
+    if norm_kernel is not None:
+        from specdec.model.kernels import rms_norm_matches
+
+        norms = [(inner.norm.weight, inner.norm.variance_epsilon)] + [
+            (w.attn_norm, w.attn_eps) for w in layers] + [(w.mlp_norm, w.mlp_eps) for w in layers]
+        if not (cpu_float32 and all(w.dtype == torch.float32 and w.is_contiguous() and rms_norm_matches(len(w), e)
+                                    for w, e in norms)):
+            norm_kernel = None
     return LlamaWeights(embed=inner.embed_tokens, layers=layers, norm=inner.norm.weight,
                         norm_eps=inner.norm.variance_epsilon, head=head,
                         inv_freq=inner.rotary_emb.inv_freq, heads=config.num_attention_heads,
                         kv_heads=config.num_key_value_heads, head_dim=attn.head_dim,
                         intermediate=config.intermediate_size, scaling=attn.scaling,
                         few_rows=few_rows if cpu_float32 else None,
-                        rope_attend=rope_attend if cpu_float32 and few_rows is not None else None)
+                        rope_attend=rope_attend if cpu_float32 and few_rows is not None else None,
+                        norm_kernel=norm_kernel)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -239,19 +252,20 @@ def forward_batch(weights: LlamaWeights, passes: list[tuple]):
     x = weights.embed(torch.tensor(ids, device=device))
     cos, sin = rotary(weights, torch.cat(pos) if len(pos) > 1 else pos[0], x.dtype)
     by_rows = exact_rows_requested()
+    norm = weights.norm_kernel or rms_norm
     for index, layer in enumerate(weights.layers):
-        qkv = layer.qkv(rms_norm(x, layer.attn_norm, layer.attn_eps))
+        qkv = layer.qkv(norm(x, layer.attn_norm, layer.attn_eps))
         att = [attend(weights, index, seg, qkv[seg.start:seg.end], cos[seg.start:seg.end], sin[seg.start:seg.end],
                       by_rows and seg.mask is not None) for seg in segments]
         x = x + layer.out(att[0] if len(att) == 1 else torch.cat(att))
-        gate_up = layer.gate_up(rms_norm(x, layer.mlp_norm, layer.mlp_eps))
+        gate_up = layer.gate_up(norm(x, layer.mlp_norm, layer.mlp_eps))
         x = x + layer.down(F.silu(gate_up[:, :weights.intermediate]) * gate_up[:, weights.intermediate:])
     wanted = [(seg, rows, want_hidden) for seg, (_, _, rows, _, _, want_hidden) in zip(segments, passes)]
     if any(want_hidden for *_, want_hidden in wanted):
-        x = rms_norm(x, weights.norm, weights.norm_eps)
+        x = norm(x, weights.norm, weights.norm_eps)
         logits = weights.head(last_rows(x, wanted))
     else:
-        logits = weights.head(rms_norm(last_rows(x, wanted), weights.norm, weights.norm_eps))
+        logits = weights.head(norm(last_rows(x, wanted), weights.norm, weights.norm_eps))
     out, at = [], 0
     for seg, rows, want_hidden in wanted:
         out.append((logits[at:at + rows], x[seg.start:seg.end] if want_hidden else None))

@@ -86,6 +86,8 @@ torch::Tensor panel_linear(torch::Tensor x, const torch::Tensor& packed, const c
     return y;
 }
 
+// rms_norm.cpp
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 // few_row_attention.cpp
 torch::Tensor few_row_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                 const c10::optional<torch::Tensor>& mask_t, double scale);
@@ -112,5 +114,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("probe_read", &probe_read, "streaming read of a buffer on torch's threads (a checksum)");
     m.def("probe_compute", &probe_compute, "float32 FMA or int8 VNNI loop on each of torch's threads (a checksum)");
     m.def("few_row_attention", &few_row_attention, "float32 attention of 1-16 query rows, grouped KV heads (AVX-512)");
+    m.def("rms_norm", &rms_norm, "RMSNorm of float32 rows with torch.rms_norm's bits, one call (AVX-512)");
     m.def("rope_attend", &rope_attend, "rotary + cache write + few_row_attention of a few-row pass (AVX-512)");
 }
