@@ -168,6 +168,15 @@ def pass_cost(model) -> tuple[int, int]:
     return read, macs
 
 
+def proposal_rows(strategy: str, s: DecodeSettings) -> int:
+    """The most rows one proposal of `strategy` adds to a verify pass: the tree budget (k where unset) for trees, k
+    for chains, 0 for plain decoding."""
+    st = STRATEGIES[strategy]
+    if st.proposer is None:
+        return 0
+    return (s.tree_budget or s.k) if st.tree else s.k
+
+
 def roofline(cells: list, loaded, summary: dict, s: DecodeSettings, context: float, machine) -> dict:
     """Our runners' ms per target pass against the pass's roofline bound on `machine` (measure.machine): weights
     read + KV cache read at `context` tokens over the bandwidth, and 2 x multiply-adds x rows verified over the
@@ -183,9 +192,7 @@ def roofline(cells: list, loaded, summary: dict, s: DecodeSettings, context: flo
             continue
         model = pair.target.model
         read, macs = pass_cost(model)
-        st = STRATEGIES[cell.strategy]
-        cs = cell.settings_or(s)
-        rows = 1 if st.proposer is None else (cs.tree_budget or cs.k) + 1 if st.tree else cs.k + 1
+        rows = proposal_rows(cell.strategy, cell.settings_or(s)) + 1  # the proposal's rows and the root
         integer = any(getattr(m, "kernels", None) == "vnni" for m in linear_layers(model))
         bound = roofline_ms(machine, read + kv_bytes_per_token(model) * context, 2 * macs * rows, integer)
         out[cell.name] = {"pass_ms": breakdown["step_ms"], "rows": rows, "weight_bytes": read, **bound,
@@ -633,8 +640,7 @@ def probe_memory(spec: dict) -> dict:
         raise BenchError("cannot reset the peak RSS (/proc/self/clear_refs); run with --memory off")
     # read after the reset: the reset sets the peak to the RSS of that moment (approximately: run_growth)
     before_run = resident()
-    rows = (s.tree_budget or s.k) if STRATEGIES[cell.strategy].tree else s.k
-    rows = rows if STRATEGIES[cell.strategy].proposer is not None else 0
+    rows = proposal_rows(cell.strategy, s)
     batch = spec.get("batch_prompt_ids")
     if batch:  # batched: the queue with batch_size slots, after one untimed pass over it (its shapes' set-up)
         b = spec["batch_size"]
