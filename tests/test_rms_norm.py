@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specdec.model import kernels, llama_forward
-from specdec.model.kernels import prepare_model, rms_norm, rms_norm_matches
+from specdec.model import kernels
+from specdec.model.kernels import prepare_model, rms_norm, rms_norm_fits, rms_norm_matches
 from tiny import needs_panels, tiny_target
 
 
@@ -49,8 +49,8 @@ def test_our_forward_uses_it_only_where_it_matches_torch(monkeypatch):
     real = kernels.rms_norm
     monkeypatch.setattr(kernels, "rms_norm", lambda x, w, eps: torch.nextafter(real(x, w, eps), torch.tensor(1e9)))
     try:
-        assert not rms_norm_matches(64, 1e-6)
-        weights = llama_forward.llama_weights(model, ours.few_rows, ours.rope_attend, kernels.rms_norm)
-        assert weights.norm_kernel is None
+        assert not rms_norm_matches(64, 1e-6) and not rms_norm_fits(model)
+        model._specdec_prepared = False
+        assert prepare_model(model)._specdec_own_forward.norm_kernel is None
     finally:
         rms_norm_matches.cache_clear()

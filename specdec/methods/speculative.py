@@ -171,8 +171,8 @@ def decode_slots(target, requests: Iterable[Request], s: DecodeSettings, eos_ids
     Returns one Trace per request, in order; each Trace's ttft_s and wall_s count from the request's admission.
     Requests are taken from the iterable as slots free up: given a generator, a request (its proposer's tables,
     its caches) exists only while it is in flight, so a queue's memory is that of `slots` sequences, not of the
-    whole queue (12 MiB per dynamic-tree conversation). on_pass(rows per sequence): called after each target pass
-    (tests, bench)."""
+    whole queue (a dynamic-tree conversation's tables: about 1 MiB in a 16-prompt queue). on_pass(rows per
+    sequence): called after each target pass (tests, bench)."""
     if slots < 1:
         raise ValueError(f"slots must be >= 1, got {slots}")
     prepare_model(target)  # before inference mode: it swaps modules and copies parameters

@@ -246,6 +246,14 @@ def rms_norm_matches(width: int, eps: float) -> bool:
     return True
 
 
+def rms_norm_fits(model) -> bool:
+    """Whether our rms_norm gives torch's bits for every RMSNorm of `model` (float32 weights of a width and epsilon
+    `rms_norm_matches` accepts): llama_forward then runs it in place of torch.rms_norm."""
+    norms = [m for m in model.modules() if hasattr(m, "variance_epsilon") and hasattr(m, "weight")]
+    return bool(norms) and all(m.weight.dtype == torch.float32 and m.weight.dim() == 1 and m.weight.is_contiguous()
+                               and rms_norm_matches(len(m.weight), float(m.variance_epsilon)) for m in norms)
+
+
 class PanelLinear(KernelLinear):
     """A float32 nn.Linear whose weight is stored only in panels for our AVX-512 kernel (`pack_panels`; no dense
     copy kept). Each output is one in-order sum over the inputs, so a row's result does not depend on how many
@@ -516,7 +524,8 @@ def prepare_model(model, linear: str | None = None):
     few_rows = few_row_attention if getattr(model, "_specdec_few_rows", False) else None
     model._specdec_own_forward = llama_forward.llama_weights(model, few_rows,
                                                              rope_attend if few_rows is not None else None,
-                                                             rms_norm if few_rows is not None else None)
+                                                             rms_norm if few_rows is not None and rms_norm_fits(model)
+                                                             else None)
     return model
 
 

@@ -104,7 +104,7 @@ class LlamaWeights:
     few_rows: Callable | None = None
     # kernels.rope_attend beside it: rotary, the cache write and few_rows in one call (None: three steps in torch)
     rope_attend: Callable | None = None
-    # kernels.rms_norm where it gives torch.rms_norm's bits for every norm of the model (kernels.rms_norm_matches)
+    # kernels.rms_norm where it gives torch.rms_norm's bits for every norm of the model (kernels.rms_norm_fits)
     norm_kernel: Callable | None = None
 
 
@@ -149,8 +149,8 @@ def llama_weights(model, few_rows: Callable | None = None, rope_attend: Callable
     """The tensors and kernel calls our forward reads, or None where it does not apply (`unsupported`, or a
     linear layer with no kernel call we know: `matmul`). few_rows: the attention kernel for passes of few rows
     (kernels.few_row_attention), used for float32 models on the CPU; rope_attend: the same kernel fused with rotary
-    and the cache write (kernels.rope_attend), used with it; norm_kernel: RMSNorm in one call (kernels.rms_norm),
-    used with them where kernels.rms_norm_matches finds torch's bits at every norm's width and epsilon."""
+    and the cache write (kernels.rope_attend), used with it; norm_kernel: RMSNorm in one call (kernels.rms_norm:
+    kernels.prepare_model passes it where it gives torch's bits for every norm of the model), float32 only."""
     if forward_choice() != "own" or unsupported(model) is not None:
         return None
     config, inner = model.config, model.model
@@ -169,14 +169,6 @@ def llama_weights(model, few_rows: Callable | None = None, rope_attend: Callable
         return None
     attn = inner.layers[0].self_attn
     cpu_float32 = model.dtype == torch.float32 and model.device.type == "cpu"
-    if norm_kernel is not None:
-        from specdec.model.kernels import rms_norm_matches
-
-        norms = [(inner.norm.weight, inner.norm.variance_epsilon)] + [
-            (w.attn_norm, w.attn_eps) for w in layers] + [(w.mlp_norm, w.mlp_eps) for w in layers]
-        if not (cpu_float32 and all(w.dtype == torch.float32 and w.is_contiguous() and rms_norm_matches(len(w), e)
-                                    for w, e in norms)):
-            norm_kernel = None
     return LlamaWeights(embed=inner.embed_tokens, layers=layers, norm=inner.norm.weight,
                         norm_eps=inner.norm.variance_epsilon, head=head,
                         inv_freq=inner.rotary_emb.inv_freq, heads=config.num_attention_heads,
@@ -184,7 +176,7 @@ def llama_weights(model, few_rows: Callable | None = None, rope_attend: Callable
                         intermediate=config.intermediate_size, scaling=attn.scaling,
                         few_rows=few_rows if cpu_float32 else None,
                         rope_attend=rope_attend if cpu_float32 and few_rows is not None else None,
-                        norm_kernel=norm_kernel)
+                        norm_kernel=norm_kernel if cpu_float32 else None)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
