@@ -136,7 +136,7 @@ def latest(keys: np.ndarray) -> np.ndarray:
     return len(keys) - 1 - first_from_end
 
 
-def recycled_tree(matrix: np.ndarray, root: int, template, depth: int, stop_tokens=()) -> Tree:
+def recycled_tree(matrix: RecycledRows, root: int, template, depth: int, stop_tokens=()) -> Tree:
     """Grow the template from `root`: a node's token is its parent's matrix row at the node's rank; nodes whose
     parent is missing (unseen row, end of sequence, beyond `depth`) are left out."""
     tree = Tree()
@@ -184,6 +184,7 @@ class ContextTable:
         self.clock = 0
 
     def key(self, before, token) -> np.ndarray:
+        """The contexts' keys: token + before[-1]·vocab + before[-2]·vocab² ... (row() computes one the same way)."""
         keys = np.asarray(token).astype(np.int64)
         for i in range(1, self.order):  # vocab^order < 2^63 for vocabularies up to 2^21 at order 3
             keys = keys + np.asarray(before)[..., -i].astype(np.int64) * self.vocab ** i
