@@ -30,8 +30,8 @@ from specdec.model.kernels import (attention_kernel, exact_rows_requested, linea
                                    quant_kernels)
 from specdec.model.llama_forward import forward_choice
 from specdec.run.bench_measure import (BenchError, Cell, by_category, load_models, measure_memory, parse_draft,
-                                       preflight, preflight_child, probe_memory, profile_cell, roofline,
-                                       run_interleaved, summarise)
+                                       preflight, preflight_child, probe_memory, profile_cell, proposal_rows,
+                                       roofline, run_interleaved, summarise)
 from specdec.model.models import WEIGHT_FORMATS, ModelError, encode_prompt, load_registry, resolve
 from specdec.prompts import PromptFileError, load_prompts, select
 from specdec.run.job import cpu_name
@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     own = None if args.stock_kernels or args.device != "cpu" else forward_choice()  # where a Llama target applies
     exact = exact_rows_requested()
     ks = {c.name: c.settings.k for c in cells if STRATEGIES[c.strategy].uses_k}
-    budgets = {c.name: c.settings.tree_budget or c.settings.k for c in cells if STRATEGIES[c.strategy].tree}
+    budgets = {c.name: proposal_rows(c.strategy, c.settings) for c in cells if STRATEGIES[c.strategy].tree}
     k_text = (f"k={args.k}" if args.k is not None else "k per runner (" + ", ".join(
         f"{n} {k}" + (f"/{budgets[n]}" if n in budgets else "") for n, k in ks.items()) + ")")
     header = (f"specdec bench: target {args.target}, drafts {', '.join(args.draft or [args.target])}, {k_text}, "

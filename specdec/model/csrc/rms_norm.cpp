@@ -11,8 +11,8 @@
 // Every step is one IEEE operation: the squares are computed with explicitly rounded instructions into a buffer
 // first, as torch materialises pow(x, 2), so the compiler cannot fuse a square and its sum into a multiply-add
 // (GCC contracts plain vector multiplies and adds), and the result equals torch's bit for bit; the Python
-// side (kernels.rms_norm_ok) checks that on this machine before using it, since a later torch could change its
-// order.
+// side (kernels.rms_norm_matches, kernels.rms_norm_fits) checks that on this machine before our forward uses it,
+// since a later torch could change its order.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
