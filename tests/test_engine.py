@@ -11,6 +11,7 @@ import torch
 from scipy.stats import chisquare
 
 import specdec.model.decoding as decoding
+from specdec.model import kernels
 import specdec.methods.speculative
 import specdec.methods.verify
 from specdec.model.decoding import DecodeSettings, baseline_decode, rollback
@@ -251,10 +252,16 @@ def test_top_p_and_top_k_keep_the_right_tokens():
     assert kept.tolist() == [[True, True, False, False, False]] and probs[0] < 0.8
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "blockwise"])
 @pytest.mark.parametrize("seed", range(6))
-def test_top_k_rows_are_torch_topk(seed):
-    """The blockwise top-k has torch.topk's values in its order, at indices holding them, all distinct: with ties
-    everywhere (rounded logits), winners in the short last block and in the first, any k and vocabulary size."""
+def test_top_k_rows_are_torch_topk(seed, kernel, monkeypatch):
+    """top_k_rows (our extension's scan where it runs, else the blockwise torch form) has torch.topk's values in its
+    order, at indices holding them, all distinct: with ties everywhere (rounded logits), winners in the short last
+    block and in the first, any k and vocabulary size."""
+    if kernel and kernels.panel_kernel_problem() is not None:
+        pytest.skip(kernels.panel_kernel_problem())
+    if not kernel:
+        monkeypatch.setattr(kernels, "row_select_fits", lambda x: False)
     gen = torch.Generator().manual_seed(seed)
     for trial in range(40):
         rows, k = int(torch.randint(1, 20, (1,), generator=gen)), int(torch.randint(1, 9, (1,), generator=gen))

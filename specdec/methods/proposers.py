@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from specdec.model.decoding import (DecodeSettings, Pass, RowsTop, Trace, forward, forward_passes, hit_eos,
-                                    logits_to_probs, new_cache, rollback, sample, top_k_rows)
+from specdec.model.decoding import (DecodeSettings, Pass, RowsTop, Trace, argmax_rows, forward, forward_passes,
+                                    hit_eos, logits_to_probs, new_cache, rollback, sample, top_k_rows)
 from specdec.methods.drafters import Drafter
 from specdec.model.kernels import prepare_model
 from specdec.methods.trainfree import (MEMORY_TOKENS, Acceptance, ContextTable, RecycledRows, add_ngram, advance_window,
@@ -669,7 +669,7 @@ class LookaheadProposer:
         if proposal.extra is None:  # the loop verified without asking (no room left to draft)
             return
         # the window's predictions are argmaxes at any temperature (LADE): they only decide what is guessed
-        preds = torch.cat([logits[:1], logits[len(proposal.tree) + 1:]]).argmax(dim=-1).tolist()
+        preds = argmax_rows(torch.cat([logits[:1], logits[len(proposal.tree) + 1:]])).tolist()
         self.levels, grams = advance_window(self.root, self.levels, preds, self.n)
         for key, gram in grams:
             add_ngram(self.pool, key, gram, self.g)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from specdec.model.decoding import DecodeSettings, logits_to_probs, sample
+from specdec.model.decoding import DecodeSettings, argmax_rows, logits_to_probs, sample
 from specdec.methods.tree import Tree
 
 
@@ -29,7 +29,7 @@ def tree_rule(logits: torch.Tensor, tree: Tree, s: DecodeSettings, generator) ->
     path, row = [], 0
     while True:
         if s.greedy:
-            token = int(logits[row].argmax())
+            token = int(argmax_rows(logits[row:row + 1])[0])
         else:
             token = sample(logits_to_probs(logits[row:row + 1], s)[0], generator)
         node = children[row].get(token)
