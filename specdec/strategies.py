@@ -25,7 +25,8 @@ class Strategy:
     proposer: str | None = None    # ours: which proposer drafts (proposers.make_proposer); None = no drafting;
                                    # llama.cpp: our model-free proposer plugged into its draft hook, if any
     width: int = 1                 # children per expanded node: 1 = chains, > 1 = trees (tree_budget applies)
-    length: str = "fixed"          # draft-length policy: fixed | heuristic | confidence (proposers.DraftLength)
+    length: str = "fixed"          # draft-length policy: fixed | heuristic | confidence | cost (proposers.DraftLength;
+                                   # cost: each pass's budget from measured pass times, k the most)
     tensor_parallel: bool = False  # runs with the target sharded over GPUs (gpu_mode: tensor; a draft model,
                                    # whole on rank 0 — a trained drafter would need the sharded target's features)
     peer: str | None = None        # the same method in the other engine, compared by `specdec bench`
@@ -61,7 +62,7 @@ _ALL = (
     Strategy("speculative", "a draft model (or a trained drafter) proposes k tokens, the target verifies them",
              "#e15759", draft="model-or-drafter", proposer="draft", tensor_parallel=True, peer="hf-assisted"),
     Strategy("ngram", "prompt lookup: the tokens that followed the latest match of the last n-gram", "#59a14f",
-             proposer="ngram", tensor_parallel=True, peer="hf-ngram", k=8),
+             proposer="ngram", tensor_parallel=True, peer="hf-ngram", k=8, length="cost"),
     Strategy("tree", "a draft tree (best-first, 4 children per node, tree_budget nodes, depth <= k) verified in one "
              "forward with tree attention", "#b07aa1", draft="model-or-drafter", proposer="draft", width=4,
              tensor_parallel=True),
@@ -73,13 +74,13 @@ _ALL = (
              "static draft tree (depth <= k, tree_budget nodes)", "#9c755f", proposer="recycling", width=8, k=8),
     Strategy("suffix", "suffix matching (SuffixDecoding/SAMD): what followed the longest context match in the prompt,"
              " the output and other prompts' outputs, as a frequency tree", "#86bcb6", proposer="suffix", width=4,
-             k=8),
+             k=8, length="cost"),
     Strategy("suffix-recycling", "suffix matching's frequency tree first, Token Recycling's template tree in the "
              "rest of the tree_budget nodes, verified as one tree", "#98df8a", proposer="suffix-recycling", width=8),
     Strategy("dynamic-tree", "suffix matches and Token Recycling's candidates (after one and after two tokens; for "
              "a token not yet scored, the target's context-free top-k, computed once and cached) in one dynamic "
              "tree: each scored by how often such candidates were accepted, the most likely paths kept "
-             "(tree_budget nodes, depth <= k)", "#ff7f0e", proposer="dynamic-tree", width=8, k=8),
+             "(tree_budget nodes, depth <= k)", "#ff7f0e", proposer="dynamic-tree", width=8, k=8, length="cost"),
     Strategy("rest", "REST: continuations of the longest context match retrieved from a datastore (suffix array), "
              "as a frequency tree", "#d37295", proposer="rest", width=4),
     Strategy("lookahead", "Lookahead decoding: a Jacobi window (W columns x N-1 levels) in every verify pass fills "

@@ -125,6 +125,15 @@ def test_frequency_tree_keeps_the_most_frequent_nodes_and_their_parents():
     assert len(frequency_tree([], 5)) == 0
 
 
+def test_frequency_tree_comes_best_first_so_each_prefix_is_a_smaller_budgets_tree():
+    conts = [[1, 2, 3], [1, 2, 4], [1, 5], [6, 7], [1, 2, 3], [6, 8, 9], [1, 2, 3, 10]]
+    full = frequency_tree(conts, budget=20)
+    for budget in range(1, len(full) + 1):
+        smaller = frequency_tree(conts, budget)
+        assert smaller.tokens == full.tokens[:budget] and smaller.parents == full.parents[:budget]
+        assert all(parent < node for node, parent in enumerate(smaller.parents))
+
+
 def test_frequency_chain_follows_the_most_frequent_path():
     conts = [[1, 2, 3], [1, 2, 4], [1, 5], [6, 7], [1, 2, 3]]
     assert frequency_chain(conts, 3).tokens == [1, 2, 3] and is_chain(frequency_chain(conts, 3))

@@ -45,7 +45,8 @@ HEURISTIC_K_MAX = 16        # heuristic schedule: k never grows past max(this, t
 # it). Three as well was tried: 2.06 accepted tokens per pass against 2.11 with two alone (16 suite prompts)
 CONTEXT_ORDERS = (2,)
 CONFIDENCE_THRESHOLD = 0.4  # confidence stop: transformers' default assistant_confidence_threshold
-POLICIES = ("fixed", "heuristic", "confidence")
+POLICIES = ("fixed", "heuristic", "confidence", "cost")
+COST_EXPLORE_EVERY = 8      # cost policy: every this many passes the full budget, so larger budgets stay measured
 
 
 @dataclass
@@ -68,7 +69,16 @@ class Shape:
 class DraftLength:
     """Draft-length policy: 'fixed' (k every step); 'heuristic' (transformers' schedule: k += 2 after a block the
     target accepted whole, k −= 1 (floor 1) otherwise); 'confidence' (drafting stops after a token the draft gives
-    probability < CONFIDENCE_THRESHOLD, transformers' assistant_confidence_threshold rule)."""
+    probability < CONFIDENCE_THRESHOLD, transformers' assistant_confidence_threshold rule); 'cost' (each pass the
+    budget — a chain's depth, a tree's nodes, at most k or tree_budget — that maximises the tokens a pass is
+    expected to yield per second of its target forward, from this generation's passes so far and the target's
+    measured pass times by row count: `bind`, decoding.pass_costs).
+
+    The cost policy needs proposals that are best-first (every prefix of the proposed tree is what a smaller budget
+    would have proposed: chains, frequency and scored trees), so that one pass answers for every smaller budget:
+    the tokens it would have yielded are 1 + the accepted path's leading nodes among the first b. A budget larger
+    than the one proposed is answered too when the proposal came out smaller than allowed (the proposer ran out of
+    candidates). The first pass and every COST_EXPLORE_EVERY-th take the full budget."""
 
     def __init__(self, s: DecodeSettings, policy: str = "fixed", width: int = 1, stop_tokens=()):
         if policy not in POLICIES:
@@ -78,20 +88,69 @@ class DraftLength:
         self.budget = (s.tree_budget or s.k) if width > 1 else None
         self.min_prob = CONFIDENCE_THRESHOLD if policy == "confidence" else 0.0
         self.stop_tokens = frozenset(stop_tokens)
+        # cost policy: per budget b (index b), the passes that answer for it and the tokens they would have yielded
+        self.most = self.budget or self.k
+        self.answered, self.yielded = [0] * (self.most + 1), [0] * (self.most + 1)
+        self.costs: list[float] | None = None
+        self.passes, self.answers, self.overhead = 0, 0, 0.0  # answers: the budgets the next pass answers for
 
     @property
     def max_nodes(self) -> int:
         return max(self.k_max, self.budget or 0)
 
+    def bind(self, costs: list[float]) -> None:
+        """The target's pass seconds by row count (costs[r - 1]: r rows) for the cost policy."""
+        self.costs = costs
+
+    def chosen_budget(self) -> int:
+        """The cost policy's budget for the next pass: the full one at first and every COST_EXPLORE_EVERY-th pass,
+        else the b maximising (expected tokens with budget b) / (seconds of a pass of b + 1 rows)."""
+        if self.costs is None or self.passes % COST_EXPLORE_EVERY == 0:
+            return self.most
+        best, best_rate = self.most, 0.0
+        for b in range(1, self.most + 1):
+            if self.answered[b]:
+                rate = self.yielded[b] / self.answered[b] / (self.costs[min(b, len(self.costs) - 1)] + self.overhead)
+                if rate > best_rate:
+                    best, best_rate = b, rate
+        return best
+
     def shape(self, room: int) -> Shape:
         """This step's shape when at most `room` more tokens may be drafted (the verify pass adds one)."""
+        if self.policy == "cost":
+            allowed = self.chosen_budget()
+            if self.width > 1:
+                depth = min(self.k, room)
+                budget = allowed if depth else 0
+                # a tree cut short by the room left answers for no budget: its best-first order changes with depth
+                self.answers = budget if depth == self.k else 0
+            else:
+                depth = budget = min(allowed, room)
+                self.answers = depth
+            return Shape(depth, budget, self.width, 0.0, self.stop_tokens)
         depth = min(self.k, room)
         budget = depth if self.budget is None or not depth else self.budget
         return Shape(depth, budget, self.width, self.min_prob, self.stop_tokens)
 
-    def observe(self, accepted: int, proposed_depth: int) -> None:
+    def observe(self, accepted: int, proposed_depth: int, path: list[int] | None = None, nodes: int = 0,
+                overhead_s: float = 0.0) -> None:
+        """One verify pass: `accepted` drafts of a proposal `proposed_depth` deep; the cost policy also reads the
+        accepted node indices (`path`), how many nodes the proposal held and the seconds a pass spends outside
+        the target's forward (drafting, acceptance, bookkeeping: the generation's mean so far), which every
+        budget pays alike."""
         if self.policy == "heuristic":
             self.k = min(self.k + 2, self.k_max) if accepted == proposed_depth else max(1, self.k - 1)
+        elif self.policy == "cost" and path is not None:
+            self.passes += 1
+            self.overhead = overhead_s
+            # fewer nodes than allowed: the proposer ran out of candidates, so larger budgets give the same
+            answers = self.most if 0 < self.answers and nodes < self.answers else self.answers
+            for b in range(1, answers + 1):
+                lead = 0
+                while lead < len(path) and path[lead] < b:
+                    lead += 1
+                self.answered[b] += 1
+                self.yielded[b] += 1 + lead
 
 
 def top(logits: torch.Tensor, width: int, ids: torch.Tensor | None = None) -> list[tuple[list[int], list[float]]]:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from specdec.model.decoding import (Clock, DecodeSettings, Pass, RowsTop, Trace, forward_passes, hit_eos,
-                                    make_generator, new_cache, select_token)
+                                    make_generator, new_cache, pass_costs, select_token)
 from specdec.model.kernels import prepare_model
 from specdec.methods.proposers import DraftLength, Proposal
 from specdec.methods.tree import Tree, keep_path, tree_pass
@@ -154,7 +154,8 @@ class Generation:
         trace.count_step(proposal.tree.depth, len(path))
         self._commit([proposal.tree.tokens[i] for i in path] + [token])
         self.proposer.observe(self.committed, proposal, logits)
-        self.length.observe(len(path), proposal.tree.depth)
+        self.length.observe(len(path), proposal.tree.depth, path if proposal.extra is None else None,
+                            len(proposal.tree), (trace.draft_s + trace.accept_s + trace.rollback_s) / trace.steps)
         trace.rollback_s += self.clock() - t2  # KV compaction, proposer catch-up and bookkeeping
 
     def _commit(self, new: list[int]) -> None:
@@ -189,6 +190,10 @@ def decode_slots(target, requests: Iterable[Request], s: DecodeSettings, eos_ids
                 if request is None:
                     waiting = False
                     break
+                if slots == 1 and request.length is not None and request.length.policy == "cost":
+                    # one sequence: the pass times of its own passes, measured once per model (a batch's
+                    # passes share rows with other sequences: there the policy keeps its full budget)
+                    request.length.bind(pass_costs(target, request.length.max_nodes + 1))
                 live.append((taken, Generation(target, request, s, eos_ids, clock)))
                 taken += 1
                 del request  # the Generation holds what it needs of it; once it ends, nothing does

@@ -319,9 +319,11 @@ def build_trie(conts: list[list[int]], stop_tokens=()) -> Trie:
 def frequency_tree(conts: list[list[int]], budget: int, stop_tokens=()) -> Tree:
     """The trie of the continuations, cut to the `budget` nodes with the highest frequency (the share of
     continuations that pass through a node, SuffixDecoding's score); ties go to the earlier-seen node, so a node's
-    parent (at least as frequent, seen earlier) is always kept. Nothing is drafted past an end-of-sequence."""
+    parent (at least as frequent, seen earlier) is always kept. Nodes come best first (that order puts a parent
+    before its children), so every prefix of the tree is the tree of a smaller budget (DraftLength 'cost' reads
+    that). Nothing is drafted past an end-of-sequence."""
     trie = build_trie(conts, stop_tokens)
-    kept = sorted(sorted(range(len(trie.tokens)), key=lambda i: (-trie.count[i], i))[:budget])
+    kept = sorted(range(len(trie.tokens)), key=lambda i: (-trie.count[i], i))[:budget]
     renumber = {old: new for new, old in enumerate(kept)}
     return Tree([trie.tokens[i] for i in kept],
                 [renumber[trie.parents[i]] if trie.parents[i] >= 0 else -1 for i in kept],

@@ -458,6 +458,38 @@ def hit_eos(tokens: list[int], eos_ids: set[int]) -> int | None:
     return next((i for i, tok in enumerate(tokens) if tok in eos_ids), None)
 
 
+PASS_COST_CONTEXT = 64  # pass_costs: cached positions before the timed passes (a short prompt's worth)
+PASS_COST_REPEATS = 3
+
+
+def pass_costs(model, rows: int) -> list[float]:
+    """Seconds of one target pass of 1, 2, ..., `rows` rows over PASS_COST_CONTEXT cached positions (the median of
+    PASS_COST_REPEATS after a warm-up; a chain's causal rows): the cost curve a cost-aware draft length weighs
+    its gains against (proposers.DraftLength 'cost'). Measured once per model, row count and thread count and
+    kept on the model (~0.3 s for SmolLM2-135M in int4 up to 9 rows on 2 CPU cores), so it is taken before the
+    first timed generation, not inside every one."""
+    prepare_model(model)
+    key = (rows, torch.get_num_threads(), str(model.device))
+    known = getattr(model, "_specdec_pass_costs", {})
+    if key not in known:
+        clock, vocab = Clock(model.device), model.config.vocab_size
+        cache = new_cache(model, PASS_COST_CONTEXT + rows + 1)
+        forward(model, [i % vocab for i in range(1, PASS_COST_CONTEXT + 1)], cache)
+        costs = []
+        for n in range(1, rows + 1):
+            ids = [(7 * i) % vocab for i in range(1, n + 1)]
+            times = []
+            for _ in range(PASS_COST_REPEATS + 1):
+                start = clock()
+                forward(model, ids, cache, rows=n)
+                times.append(clock() - start)
+                rollback(cache, PASS_COST_CONTEXT)
+            costs.append(sorted(times[1:])[len(times[1:]) // 2])
+        known[key] = costs
+        model._specdec_pass_costs = known
+    return known[key]
+
+
 def baseline_decode(model, prompt_ids: list[int], s: DecodeSettings, eos_ids: set[int]) -> Trace:
     """Plain autoregressive decoding: one target forward per token (with a KV cache unless use_cache=False)."""
     prepare_model(model)

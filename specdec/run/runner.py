@@ -97,7 +97,7 @@ def check_settings(strategy: str, draft: str | None, s: DecodeSettings, registry
     if trained and not st.takes_trained_drafter:
         raise SettingsError(f"strategy '{strategy}' cannot use the trained drafter '{draft}'; use one of "
                             f"{', '.join(names(draft='model-or-drafter'))}")
-    if (trained or st.tree or st.length != "fixed") and s.draft_sampling != "greedy":
+    if (trained or st.tree or st.length not in ("fixed", "cost")) and s.draft_sampling != "greedy":
         raise SettingsError(f"'{strategy}' with draft '{draft}' proposes the draft's top tokens (exact at any "
                             "temperature): use draft_sampling greedy")
     if st.engine == llamacpp.ENGINE:

@@ -1,0 +1,128 @@
+"""The cost-aware draft length (proposers.DraftLength 'cost'): what one pass tells it about every budget, the
+budget it then chooses against the target's pass times, when it keeps the full budget, and that it stays lossless."""
+
+from __future__ import annotations
+
+import pytest
+
+from specdec.methods.proposers import COST_EXPLORE_EVERY, DraftLength
+from specdec.methods.speculative import Request, decode_slots
+from specdec.model import decoding
+from specdec.model.decoding import DecodeSettings, baseline_decode
+from specdec.run.runner import decode_models, drafting
+from tiny import EOS, prompts, tiny_target
+
+
+def policy(k: int = 8, width: int = 1, budget: int | None = None) -> DraftLength:
+    return DraftLength(DecodeSettings(k=k, tree_budget=budget), "cost", width)
+
+
+def step(length: DraftLength, path: list[int], nodes: int, room: int = 100, overhead_s: float = 0.0) -> int:
+    """One pass as the loop runs it: the shape, then what the target accepted. Returns the shape's budget."""
+    budget = length.shape(room).budget
+    length.observe(len(path), nodes, path=path, nodes=nodes, overhead_s=overhead_s)
+    return budget
+
+
+def test_one_pass_answers_for_every_smaller_budget_and_larger_ones_when_the_proposer_ran_out():
+    length = policy()
+    assert step(length, [0, 1, 2], nodes=8) == 8  # no pass times bound: the full budget
+    assert length.answered == [0] + [1] * 8
+    assert length.yielded == [0, 2, 3, 4, 4, 4, 4, 4, 4]  # 1 + the accepted drafts among the first b
+    length.bind([1.0] * 9)
+    # rows cost nothing here: the fewest drafts that yielded the most (3); the proposer found 2
+    assert step(length, [0], nodes=2) == 3
+    assert length.answered == [0] + [2] * 8 and length.yielded == [0, 4, 5, 6, 6, 6, 6, 6, 6]
+    assert step(length, [0, 1], nodes=3) == 3  # 3 of 3 allowed: it answers for budgets up to 3 only
+    assert length.answered == [0] + [3] * 3 + [2] * 5
+
+
+def test_a_pass_cut_short_by_the_room_left_answers_only_for_what_it_could_hold():
+    length = policy()
+    assert step(length, [0, 1], nodes=2, room=2) == 2
+    assert length.answered == [0, 1, 1, 0, 0, 0, 0, 0, 0]
+    assert step(length, [0], nodes=1, room=2) == 2  # ran out below the room: larger budgets alike
+    assert length.answered == [0, 2, 2, 1, 1, 1, 1, 1, 1]
+    tree = policy(k=6, width=4, budget=10)
+    assert tree.shape(room=3).depth == 3
+    tree.observe(1, 3, path=[0], nodes=4)  # a shallower tree orders its nodes otherwise: no budget answered
+    assert tree.answered == [0] * 11
+
+
+def test_trees_read_node_order_and_keep_their_depth():
+    length = policy(k=6, width=4, budget=10)
+    shape = length.shape(room=100)
+    assert (shape.depth, shape.budget) == (6, 10)
+    length.observe(2, 3, path=[1, 4], nodes=10)  # node 1, then node 4: a budget of 4 keeps only the first
+    assert length.yielded[1:] == [1, 2, 2, 2, 3, 3, 3, 3, 3, 3]
+
+
+def test_the_budget_weighs_expected_tokens_against_pass_times():
+    length = policy()
+    for _ in range(6):  # the first draft accepted half the time, deeper ones never
+        step(length, [0], nodes=8)
+        step(length, [], nodes=8)
+    length.bind([1.0] * 9)
+    length.passes = 1
+    assert length.shape(room=100).depth == 1  # deeper drafts were never accepted: one yields as much, first
+    length.bind([1.0 + r for r in range(9)])
+    assert length.shape(room=100).depth == 1
+    length = policy()
+    for _ in range(6):
+        step(length, list(range(8)), nodes=8)  # everything accepted
+    length.bind([1.0] * 9)
+    length.passes = 1
+    assert length.shape(room=100).depth == 8
+    length.bind([1.0 + 100 * r for r in range(9)])  # every row costs 100 plain steps: the fewest rows
+    assert length.shape(room=100).depth == 1
+    length.passes = COST_EXPLORE_EVERY  # every few passes the full budget, so its estimate stays current
+    assert length.shape(room=100).depth == 8
+
+
+def test_overhead_every_budget_pays_favours_larger_budgets():
+    length = policy(k=2)
+    for _ in range(4):
+        step(length, [0], nodes=2)
+        step(length, [0, 1], nodes=2)
+    length.bind([1.0, 1.0, 1.6])  # 2 and 2.5 tokens per pass for budgets 1 and 2
+    length.passes = 1
+    assert length.shape(room=100).depth == 1  # 2 / 1.0 > 2.5 / 1.6
+    length.observe(2, 2, path=[0, 1], nodes=2, overhead_s=2.0)
+    length.passes = 1
+    assert length.shape(room=100).depth == 2  # 2 / 3.0 < 2.5 / 3.6: with 2 s a pass, rows weigh less
+
+
+def test_pass_costs_are_measured_once_per_model_and_row_count(monkeypatch):
+    target = tiny_target()
+    costs = decoding.pass_costs(target, 5)
+    assert len(costs) == 5 and all(c > 0 for c in costs)
+    monkeypatch.setattr(decoding, "forward", lambda *a, **kw: pytest.fail("measured twice"))
+    assert decoding.pass_costs(target, 5) is costs
+
+
+@pytest.mark.parametrize("strategy", ["ngram", "suffix", "dynamic-tree"])
+def test_cost_policy_methods_stay_lossless_and_bind_pass_times_alone_only(strategy):
+    target = tiny_target()
+    s = DecodeSettings(max_new_tokens=24, k=6)
+    ps = prompts(3, seed=4)
+    for p in ps:
+        assert decode_models(strategy, target, p, s, {EOS}).tokens == baseline_decode(target, p, s, {EOS}).tokens
+    bound = []
+    real_bind = DraftLength.bind
+
+    def spy(self, costs):
+        bound.append(len(costs))
+        real_bind(self, costs)
+
+    try:
+        DraftLength.bind = spy
+        requests = [Request(p, *drafting(strategy, s, {EOS})) for p in ps]
+        assert all(r.length.policy == "cost" for r in requests)
+        batched = decode_slots(target, requests, s, {EOS}, slots=2)
+        assert bound == []  # a batch's passes share rows: full budgets, no pass times
+        alone = decode_slots(target, [Request(ps[0], *drafting(strategy, s, {EOS}))], s, {EOS}, slots=1)
+        assert bound == [7]  # k 6 (or its budget) + the root
+    finally:
+        DraftLength.bind = real_bind
+    assert [t.tokens for t in batched] == [baseline_decode(target, p, s, {EOS}).tokens for p in ps]
+    assert alone[0].tokens == batched[0].tokens
