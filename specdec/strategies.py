@@ -127,7 +127,9 @@ NAMES = tuple(STRATEGIES)
 DEFAULTS_SOURCE = ("the best of k 4, 8 and 12 with tree budget k, and of budgets 8 and 14 at k 8, on the suite's 8 "
                    "categories (64 new tokens, float32 and int4, 2 threads) on a 2-core Intel Xeon, 2026-12-07: "
                    "[Train-free draft trees](train-free.md#default-draft-lengths); draft models keep 4, their best "
-                   "depends on the pair")
+                   "depends on the pair. Strategies with the cost length (ngram, suffix, dynamic-tree) take it as the "
+                   "most they draft and choose each pass's budget below it from the target's measured pass times: "
+                   "[Cost-aware draft length](train-free.md#cost-aware-draft-length)")
 
 
 def draft_length(strategy: str, k: int | None) -> int:
