@@ -70,6 +70,8 @@ def test_the_budget_weighs_expected_tokens_against_pass_times():
     length.passes = 1
     assert length.shape(room=100).depth == 8
     length.bind([1.0 + 100 * r for r in range(9)])  # every row costs 100 plain steps: the fewest rows
+    assert length.shape(room=100).depth == 8  # ... except right after a pass that accepted everything
+    length.streak = False
     assert length.shape(room=100).depth == 1
     length.passes = COST_EXPLORE_EVERY  # every few passes the full budget, so its estimate stays current
     assert length.shape(room=100).depth == 8
@@ -81,7 +83,7 @@ def test_overhead_every_budget_pays_favours_larger_budgets():
         step(length, [0], nodes=2)
         step(length, [0, 1], nodes=2)
     length.bind([1.0, 1.0, 1.6])  # 2 and 2.5 tokens per pass for budgets 1 and 2
-    length.passes = 1
+    length.passes, length.streak = 1, False
     assert length.shape(room=100).depth == 1  # 2 / 1.0 > 2.5 / 1.6
     length.observe(2, 2, path=[0, 1], nodes=2, overhead_s=2.0)
     length.passes = 1
@@ -122,3 +124,15 @@ def test_cost_policy_methods_stay_lossless_and_bind_pass_times_alone_only(strate
         DraftLength.bind = real_bind
     assert [t.tokens for t in batched] == [baseline_decode(target, p, s, {EOS}).tokens for p in ps]
     assert alone[0].tokens == batched[0].tokens
+
+
+def test_a_pass_that_accepted_every_draft_is_followed_by_the_full_budget():
+    length = policy()
+    for _ in range(4):
+        step(length, [], nodes=8)  # nothing accepted: one draft is as good as eight
+    length.bind([1.0 + r for r in range(9)])
+    length.passes = 1
+    assert step(length, [0], nodes=1) == 1  # its only draft accepted: copying has begun
+    assert length.shape(room=100).budget == 8
+    length.observe(2, 8, path=[0, 1], nodes=8)  # the copy broke off after two
+    assert length.shape(room=100).budget == 1
