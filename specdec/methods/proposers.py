@@ -110,8 +110,9 @@ class DraftLength:
         self.costs = costs
 
     def chosen_budget(self) -> int:
-        """The cost policy's budget for the next pass: the full one at first and every COST_EXPLORE_EVERY-th pass,
-        else the b maximising (expected tokens with budget b) / (seconds of a pass of b + 1 rows)."""
+        """The cost policy's budget for the next pass: the full one at first, after a pass that accepted every draft
+        and every COST_EXPLORE_EVERY-th pass, else the b maximising (expected tokens with budget b) / (seconds of a
+        pass of b + 1 rows + the time a pass spends outside the forward)."""
         if self.costs is None or self.passes == 0 or self.streak:
             return self.most
         best, best_rate = self.most, 0.0
