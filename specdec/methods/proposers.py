@@ -113,7 +113,7 @@ class DraftLength:
         """The cost policy's budget for the next pass: the full one at first, after a pass that accepted every draft
         and every COST_EXPLORE_EVERY-th pass, else the b maximising (expected tokens with budget b) / (seconds of a
         pass of b + 1 rows + the time a pass spends outside the forward)."""
-        if self.costs is None or self.passes == 0 or self.streak:
+        if self.costs is None or self.streak or self.passes % COST_EXPLORE_EVERY == 0:  # the first pass too
             return self.most
         best, best_rate = self.most, 0.0
         for b in range(1, self.most + 1):
@@ -121,7 +121,7 @@ class DraftLength:
                 rate = self.yielded[b] / self.answered[b] / (self.costs[min(b, len(self.costs) - 1)] + self.overhead)
                 if rate > best_rate:
                     best, best_rate = b, rate
-        return self.most if self.passes % COST_EXPLORE_EVERY == 0 else best
+        return best
 
     def shape(self, room: int) -> Shape:
         """This step's shape when at most `room` more tokens may be drafted (the verify pass adds one)."""

@@ -13,6 +13,7 @@ Flat functions in the spirit of gpt-fast's generate.py. Conventions shared by ev
 from __future__ import annotations
 
 import functools
+import statistics
 import time
 from dataclasses import dataclass, field, fields, replace
 from typing import NamedTuple
@@ -484,7 +485,7 @@ def pass_costs(model, rows: int) -> list[float]:
                 forward(model, ids, cache, rows=n)
                 times.append(clock() - start)
                 rollback(cache, PASS_COST_CONTEXT)
-            costs.append(sorted(times[1:])[len(times[1:]) // 2])
+            costs.append(statistics.median(times[1:]))
         known[key] = costs
         model._specdec_pass_costs = known
     return known[key]
