@@ -1,12 +1,16 @@
 """The cost-aware draft length (proposers.DraftLength 'cost'): what one pass tells it about smaller budgets, the
-budget it then chooses against the target's pass times, when it keeps the full budget, and that it stays lossless."""
+budget it then chooses against the target's pass times (budget 0, with drafts scored in the shadow, among them),
+when it keeps the full budget, and that it stays lossless; prompt lookup's n-gram index against a scan."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
-from specdec.methods.proposers import COST_EXPLORE_EVERY, DraftLength
+from specdec.methods.proposers import COST_EXPLORE_EVERY, DraftLength, NgramProposer
 from specdec.methods.speculative import Request, decode_slots
+from specdec.methods.tree import Tree, chain, follow
 from specdec.model import decoding
 from specdec.model.decoding import DecodeSettings, baseline_decode
 from specdec.run.runner import decode_models, drafting
@@ -105,25 +109,31 @@ def test_cost_policy_methods_stay_lossless_and_bind_pass_times_alone_only(strate
     ps = prompts(3, seed=4)
     for p in ps:
         assert decode_models(strategy, target, p, s, {EOS}).tokens == baseline_decode(target, p, s, {EOS}).tokens
-    bound = []
-    real_bind = DraftLength.bind
+    bound, shadows = [], []
+    real_bind, real_watch = DraftLength.bind, DraftLength.watch
 
-    def spy(self, costs):
-        bound.append(len(costs))
-        real_bind(self, costs)
+    def spy(self, costs, plain_steps=False):
+        bound.append((len(costs), plain_steps))
+        real_bind(self, costs, plain_steps)
+
+    def watch(self, tree, start):
+        shadows.append(len(tree))
+        real_watch(self, tree, start)
 
     try:
-        DraftLength.bind = spy
+        DraftLength.bind, DraftLength.watch = spy, watch
         requests = [Request(p, *drafting(strategy, s, {EOS})) for p in ps]
         assert all(r.length.policy == "cost" for r in requests)
         batched = decode_slots(target, requests, s, {EOS}, slots=2)
-        assert bound == []  # a batch's passes share rows: full budgets, no pass times
-        alone = decode_slots(target, [Request(ps[0], *drafting(strategy, s, {EOS}))], s, {EOS}, slots=1)
-        assert bound == [7]  # k 6 (or its budget) + the root
+        assert bound == [] and shadows == []  # a batch's passes share rows: full budgets, no pass times
+        alone = [decode_slots(target, [Request(p, *drafting(strategy, s, {EOS}))], s, {EOS}, slots=1)[0]
+                 for p in ps]
+        assert bound == [(7, True)] * 3  # k 6 (or its budget) + the root; budget 0 allowed (model-free drafts)
     finally:
-        DraftLength.bind = real_bind
+        DraftLength.bind, DraftLength.watch = real_bind, real_watch
+    assert shadows  # the random target accepts little: some passes took budget 0 and drafted in the shadow
     assert [t.tokens for t in batched] == [baseline_decode(target, p, s, {EOS}).tokens for p in ps]
-    assert alone[0].tokens == batched[0].tokens
+    assert [t.tokens for t in alone] == [t.tokens for t in batched]
 
 
 def test_a_pass_that_accepted_every_draft_is_followed_by_the_full_budget():
@@ -136,3 +146,68 @@ def test_a_pass_that_accepted_every_draft_is_followed_by_the_full_budget():
     assert length.shape(room=100).budget == 8
     length.observe(2, 8, path=[0, 1], nodes=8)  # the copy broke off after two
     assert length.shape(room=100).budget == 1
+
+
+def test_no_draft_is_a_choice_where_drafts_do_not_pay_and_shadow_drafts_keep_the_estimates_learning():
+    length = policy(k=4)
+    for _ in range(4):
+        step(length, [], nodes=4)  # nothing accepted
+    length.bind([1.0, 1.5, 2.0, 2.5, 3.0])
+    length.passes = 1
+    assert length.shape(room=100).depth == 1  # without budget 0 the fewest drafts
+    length.bind([1.0, 1.5, 2.0, 2.5, 3.0], plain_steps=True)
+    shape = length.shape(room=100)
+    assert shape.depth == 0 and length.shadow.depth == 4  # the last token alone, drafting 4 in the shadow
+    length.watch(chain([7, 8, 9, 10]), start=20)
+    length.observe(0, 0, path=[], nodes=0)
+    assert length.answered == [0, 4, 4, 4, 4]  # the unverified pass answered for nothing itself
+    committed = [0] * 20 + [7, 8]
+    length.settle(committed)
+    assert length.pending  # 7, 8 followed so far: the third draft's fate is still open
+    length.settle(committed + [9, 3])
+    assert not length.pending
+    assert length.answered == [0, 5, 5, 5, 5] and length.yielded == [0, 6, 7, 8, 8]  # as verifying it would have
+    length.watch(chain([1, 2, 3, 4]), start=100)
+    length.settle([0] * 100 + [1, 2, 3, 4])  # accepted whole: copying has begun, the next pass drafts in full
+    assert length.shape(room=100).depth == 4 and length.shadow is None
+    length.observe(4, 4, path=[0, 1, 2, 3], nodes=4)
+    for start in range(4):  # the text turns predictable: shadow drafts accepted whole
+        length.watch(chain([1, 2, 3, 4]), start=100 * start)
+        length.settle([0] * 100 * start + [1, 2, 3, 4])
+    length.passes, length.streak = 1, False
+    assert length.shape(room=100).depth == 3 and length.shadow is None  # 2.8 tokens / 2.5 s: the best rate now
+
+
+def test_follow_walks_the_tree_along_the_tokens_and_says_when_the_path_is_decided():
+    tree = Tree([5, 6, 7, 8, 6], [-1, 0, 0, 1, -1], [1, 2, 2, 3, 1])  # 5 -> (6 -> 8, 7); 6
+    assert follow(tree, [5, 6, 8]) == ([0, 1, 3], True)  # a leaf
+    assert follow(tree, [5, 7, 1]) == ([0, 2], True)
+    assert follow(tree, [5, 9]) == ([0], True)  # no child holds 9
+    assert follow(tree, [5, 6]) == ([0, 1], False)  # 8 may come next
+    assert follow(tree, [6]) == ([4], True)
+    assert follow(tree, []) == ([], False)
+    assert follow(Tree(), [1]) == ([], True) and follow(Tree(), []) == ([], True)
+
+
+def scan_ngram(seq: list[int], k: int, n_max: int, n_min: int, stop_tokens=()) -> list[int]:
+    """Prompt lookup by scanning: the k tokens after the latest earlier occurrence of the last n tokens."""
+    for n in range(min(n_max, len(seq) - 1), n_min - 1, -1):
+        starts = [i for i in range(len(seq) - n) if seq[i:i + n] == seq[len(seq) - n:]]
+        if starts:
+            drafts = seq[starts[-1] + n:starts[-1] + n + k]
+            stop = next((i for i, t in enumerate(drafts) if t in stop_tokens), None)
+            return drafts if stop is None else drafts[:stop + 1]
+    return []
+
+
+@pytest.mark.parametrize("n_min,n_max", [(1, 3), (2, 4), (1, 1)])
+def test_ngram_index_finds_what_a_scan_of_the_context_finds(n_min, n_max):
+    rng = random.Random(n_min * 10 + n_max)
+    for trial in range(20):
+        proposer = NgramProposer(DecodeSettings(ngram_min=n_min, ngram_max=n_max))
+        committed = [rng.randrange(4) for _ in range(rng.randrange(1, 12))]
+        proposer.start(committed)
+        while len(committed) < 80:  # grown a few tokens at a time, as verify passes commit them
+            k, stops = rng.randrange(1, 9), {3} if trial % 2 else set()
+            assert proposer.lookup(committed, k, stops) == scan_ngram(committed, k, n_max, n_min, stops)
+            committed = committed + [rng.randrange(4) for _ in range(rng.randrange(1, 4))]

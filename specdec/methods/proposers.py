@@ -15,11 +15,14 @@ A proposer is any object with
                             `logits` are the verify pass's rows ([root] + tree nodes + the proposal's extra rows);
                             drop what was drafted past the accepted prefix, update any state
   max_extra_rows: int     — optional: the most extra rows a proposal of this proposer holds (sizes the KV cache)
+  drafts_in_shadow: bool  — optional: propose only reads tables (no draft model, no state that observe must see
+                            verified), so the cost policy may draft without verifying: on a pass it spends on the
+                            last token alone, the proposal is scored against the tokens that follow instead
 Proposals are token trees (a chain is a tree of width 1) with, for sampled draft chains only, the draft
 distributions q (verify.accept then uses the chain rule; everything else is checked with the tree rule), and
 optionally extra rows (tree.ExtraRows) the verify pass computes but does not verify: Lookahead's Jacobi window.
 
-`DraftLength` is the draft-length policy (fixed, heuristic, confidence); it composes with any proposer.
+`DraftLength` is the draft-length policy (fixed, heuristic, confidence, cost); it composes with any proposer.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from specdec.methods.trainfree import (MEMORY_TOKENS, Acceptance, ContextTable, 
                                        build_trie, concatenate, continuations, frequency_chain, frequency_tree,
                                        match_ends, recycled_tree, recycling_template, remember, scored_tree,
                                        window_rows)
-from specdec.methods.tree import ExtraRows, Tree, answer_steps, build_tree, chain, grow_tree, merge
+from specdec.methods.tree import ExtraRows, Tree, answer_steps, build_tree, chain, follow, grow_tree, merge
 
 HEURISTIC_K_MAX = 16        # heuristic schedule: k never grows past max(this, the starting k)
 # scored recycling (the dynamic tree's): context tables keyed by this many tokens (the token and the ones before
@@ -78,7 +81,14 @@ class DraftLength:
     would have proposed: chains, frequency and scored trees), so that one pass answers for every smaller budget:
     the tokens it would have yielded are 1 + the accepted path's leading nodes among the first b. The first pass
     and every COST_EXPLORE_EVERY-th take the full budget, so every budget's estimate rests on passes picked by
-    their place in the generation, not by their content. So does the pass after one whose every draft was
+    their place in the generation, not by their content. Where the proposer drafts in the shadow
+    (drafts_in_shadow: model-free proposers), budget 0 is a choice too: a pass of the last token alone, one token
+    for a one-row pass, taken where no draft is expected to pay for its rows (translation, short answers: ngram ran
+    0.84-0.94x there, drafts nearly never accepted). Such a pass still drafts the full budget and does not verify
+    it: `watch` keeps the proposal and `settle` scores it against the tokens the generation goes on to commit (for
+    greedy decoding exactly what verifying it would have accepted), so the estimates keep learning while no draft
+    is verified; without that, one early miss held a generation at budget 0 until the next exploration pass
+    (multi-turn's ngram 2.31x -> 2.03x). So does the pass after one whose every draft was
     accepted: the text is then being copied (a quote, a loop, a list), and the next pass likely goes on copying,
     which averages over the generation miss (the default matrix's ngram: 1.25x with them alone against ~1.5x
     fixed at k 8, the difference all in outputs that loop). (Counting a proposal that came out smaller than allowed
@@ -100,14 +110,18 @@ class DraftLength:
         self.costs: list[float] | None = None
         self.passes, self.answers, self.overhead = 0, 0, 0.0  # answers: the budgets the next pass answers for
         self.streak = False  # the last pass accepted every draft it verified
+        self.plain_steps = False  # budget 0 may be chosen (bind)
+        self.shadow: Shape | None = None  # the shape to draft in the shadow on this budget-0 pass
+        self.pending: list[tuple[Tree, int, int]] = []  # shadow proposals: (tree, its first token's index, answers)
 
     @property
     def max_nodes(self) -> int:
         return max(self.k_max, self.budget or 0)
 
-    def bind(self, costs: list[float]) -> None:
-        """The target's pass seconds by row count (costs[r - 1]: r rows) for the cost policy."""
-        self.costs = costs
+    def bind(self, costs: list[float], plain_steps: bool = False) -> None:
+        """The target's pass seconds by row count (costs[r - 1]: r rows) for the cost policy; plain_steps: budget 0
+        may be chosen (the proposer drafts in the shadow)."""
+        self.costs, self.plain_steps = costs, plain_steps
 
     def chosen_budget(self) -> int:
         """The cost policy's budget for the next pass: the full one at first, after a pass that accepted every draft
@@ -116,6 +130,8 @@ class DraftLength:
         if self.costs is None or self.streak or self.passes % COST_EXPLORE_EVERY == 0:  # the first pass too
             return self.most
         best, best_rate = self.most, 0.0
+        if self.plain_steps:  # budget 0: the last token alone, one token a pass
+            best, best_rate = 0, 1.0 / (self.costs[0] + self.overhead)
         for b in range(1, self.most + 1):
             if self.answered[b]:
                 rate = self.yielded[b] / self.answered[b] / (self.costs[min(b, len(self.costs) - 1)] + self.overhead)
@@ -129,13 +145,17 @@ class DraftLength:
             allowed = self.chosen_budget()
             if self.width > 1:
                 depth = min(self.k, room)
-                budget = allowed if depth else 0
+                budget = (allowed or self.most) if depth else 0
                 # a tree cut short by the room left answers for no budget: its best-first order changes with depth
                 self.answers = budget if depth == self.k else 0
             else:
-                depth = budget = min(allowed, room)
+                depth = budget = min(allowed or self.most, room)
                 self.answers = depth
-            return Shape(depth, budget, self.width, 0.0, self.stop_tokens)
+            shape = Shape(depth, budget, self.width, 0.0, self.stop_tokens)
+            self.shadow = shape if allowed == 0 and depth else None
+            if self.shadow is not None:
+                return Shape(0, 0, self.width, 0.0, self.stop_tokens)
+            return shape
         depth = min(self.k, room)
         budget = depth if self.budget is None or not depth else self.budget
         return Shape(depth, budget, self.width, self.min_prob, self.stop_tokens)
@@ -152,12 +172,34 @@ class DraftLength:
             self.passes += 1
             self.streak = 0 < accepted == proposed_depth
             self.overhead = overhead_s
-            for b in range(1, self.answers + 1):
-                lead = 0
-                while lead < len(path) and path[lead] < b:
-                    lead += 1
-                self.answered[b] += 1
-                self.yielded[b] += 1 + lead
+            self.count(path, 0 if self.shadow is not None else self.answers)
+
+    def count(self, path: list[int], answers: int) -> None:
+        """A proposal whose accepted path was `path` (node indices) answers for every budget up to `answers`: with
+        budget b it would have yielded 1 + the path's leading nodes among the first b."""
+        for b in range(1, answers + 1):
+            lead = 0
+            while lead < len(path) and path[lead] < b:
+                lead += 1
+            self.answered[b] += 1
+            self.yielded[b] += 1 + lead
+
+    def watch(self, tree: Tree, start: int) -> None:
+        """A proposal drafted in the shadow of this budget-0 pass, its first token at committed[start]."""
+        self.pending.append((tree, start, self.answers))
+
+    def settle(self, committed: list[int]) -> None:
+        """Score the shadow proposals whose fate the committed tokens now decide: the path greedy acceptance
+        would have taken (follow)."""
+        waiting = []
+        for tree, start, answers in self.pending:
+            path, decided = follow(tree, committed[start:])
+            if decided:
+                self.count(path, answers)
+                self.streak |= 0 < len(path) == tree.depth  # accepted whole: copying began, as after a pass
+            else:
+                waiting.append((tree, start, answers))
+        self.pending = waiting
 
 
 def top(logits: torch.Tensor, width: int, ids: torch.Tensor | None = None) -> list[tuple[list[int], list[float]]]:
@@ -269,44 +311,46 @@ def draft_alone(drafting) -> Proposal:
 
 class NgramProposer:
     """Prompt lookup (PLD): find the latest earlier occurrence of the sequence's last n tokens (n = ngram_max down
-    to ngram_min) and propose the tokens that followed it, as a chain."""
+    to ngram_min) and propose the tokens that followed it, as a chain. The occurrences are indexed as tokens are
+    committed (per n, each n-gram's latest end), so a lookup costs a few dict reads whatever the context's length:
+    a numpy scan of the whole context per n (sliding windows) took ~0.17 ms a pass at 300 tokens, 3 % of an int4
+    step, spent again on every pass without a match."""
 
+    drafts_in_shadow = True  # propose only reads its tables (DraftLength's budget 0)
     needs_features = reads_prompt_logits = False
 
     def __init__(self, s: DecodeSettings, memory: dict | None = None):
-        self.n_max, self.n_min, self.capacity = s.ngram_max, s.ngram_min, s.max_new_tokens + s.k + 1
+        self.n_max, self.n_min = s.ngram_max, s.ngram_min
 
     def start(self, prompt_ids: list[int], generator=None, prompt_logits=None) -> None:
-        self.history = np.zeros(len(prompt_ids) + self.capacity, dtype=np.int64)
-        self.filled = 0
+        self.history: list[int] = []
+        # latest[n]: n-gram -> the index just past its latest occurrence that ends before the last token
+        self.latest: dict[int, dict[tuple, int]] = {n: {} for n in range(self.n_min, self.n_max + 1)}
 
     def propose(self, committed, feats, shape: Shape, trace: Trace) -> Proposal:
-        length = len(committed)
-        self.history[self.filled:length] = committed[self.filled:]
-        self.filled = length
         trace.draft_units += shape.depth
-        return Proposal(chain(lookup_ngram(self.history[:length], shape.depth, self.n_max, self.n_min,
-                                           shape.stop_tokens)))
+        return Proposal(chain(self.lookup(committed, shape.depth, shape.stop_tokens)))
+
+    def lookup(self, committed, k: int, stop_tokens=()) -> list[int]:
+        """The k tokens after the latest earlier occurrence of the context's last n tokens, longest n first; cut
+        after a stop token."""
+        history, indexed = self.history, len(self.history)
+        history.extend(committed[indexed:])
+        length = len(history)
+        for end in range(max(indexed, 1), length):  # the n-grams ending before the last token, oldest first
+            for n, latest in self.latest.items():
+                if end >= n:
+                    latest[tuple(history[end - n:end])] = end
+        for n in range(min(self.n_max, length - 1), self.n_min - 1, -1):
+            start = self.latest[n].get(tuple(history[length - n:]))
+            if start is not None:
+                drafts = history[start:start + k]
+                stop_at = hit_eos(drafts, stop_tokens)
+                return drafts[:stop_at + 1] if stop_at is not None else drafts
+        return []
 
     def observe(self, committed, proposal=None, logits=None) -> None:
         pass
-
-
-def lookup_ngram(seq: np.ndarray, k: int, n_max: int, n_min: int = 1, stop_tokens=()) -> list[int]:
-    """The k tokens after the latest earlier occurrence of seq's last n tokens, longest n first; cut after a stop
-    token."""
-    length = len(seq)
-    for n in range(min(n_max, length - 1), n_min - 1, -1):
-        suffix = seq[length - n:]
-        # windows[i] = seq[i:i+n] for every start i whose window ends before the suffix itself
-        windows = np.lib.stride_tricks.sliding_window_view(seq[:length - 1], n)
-        hits = np.flatnonzero((windows == suffix).all(axis=1))
-        if hits.size:
-            start = int(hits[-1]) + n
-            drafts = seq[start:start + k].tolist()
-            stop_at = hit_eos(drafts, stop_tokens)
-            return drafts[:stop_at + 1] if stop_at is not None else drafts
-    return []
 
 
 class EagleProposer:
@@ -396,6 +440,7 @@ class RecyclingProposer:
     memory rule; 8 + 4·topk bytes per learned row), stored sparse (trainfree.RecycledRows: 4·vocab bytes of index,
     4·topk per token seen)."""
 
+    drafts_in_shadow = True  # propose only reads its tables (DraftLength's budget 0)
     needs_features = False
     reads_prompt_logits = True
 
@@ -490,6 +535,7 @@ class SuffixProposer:
     rule; at most MEMORY_TOKENS tokens kept), and the trie of what followed its occurrences, cut to the
     `budget` most frequent nodes; the draft reaches SUFFIX_DEPTH_PER_MATCH × the match length deep (up to k)."""
 
+    drafts_in_shadow = True  # propose only reads its tables (DraftLength's budget 0)
     needs_features = reads_prompt_logits = False
 
     def __init__(self, s: DecodeSettings, memory: dict | None = None):
@@ -545,6 +591,7 @@ class SuffixRecyclingProposer:
     the answer repeats its context (summarisation, RAG), Token Recycling where it does not (docs/train-free.md's
     per-category table); this proposes both in one verify pass. Each part keeps its own memory rule."""
 
+    drafts_in_shadow = True  # propose only reads its tables (DraftLength's budget 0)
     needs_features = False
     reads_prompt_logits = True
 
@@ -584,6 +631,7 @@ class DynamicTreeProposer:
     context-free rows (8·vocab·topk bytes, the target's own) and each generation's learned rows, 16 + 8·topk bytes
     per verified row."""
 
+    drafts_in_shadow = True  # propose only reads its tables (DraftLength's budget 0)
     needs_features = False
     reads_prompt_logits = True
     # Acceptance sources: candidates recycled after one token (0), after each of CONTEXT_ORDERS (1..), context-free
@@ -681,6 +729,7 @@ class RestProposer:
     REST_MAX_MATCH tokens) found in the corpus form a trie, of which the `budget` most frequent nodes are verified
     as a tree. The corpus is fixed for the job, so a repeat drafts exactly as the first run did."""
 
+    drafts_in_shadow = True  # propose only reads its tables (DraftLength's budget 0)
     needs_features = reads_prompt_logits = False
 
     def __init__(self, s: DecodeSettings, memory: dict | None = None):

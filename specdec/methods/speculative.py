@@ -98,6 +98,9 @@ class Generation:
         t0 = self.clock()
         if shape.depth == 0:
             self.proposal = Proposal(Tree())
+            if self.length.shadow is not None:  # the cost policy's budget 0: draft, but verify the last token alone
+                self.length.watch(self.proposer.propose(self.committed, self.feats, self.length.shadow,
+                                                        self.trace).tree, len(self.committed))
         elif hasattr(self.proposer, "drafting"):
             self.proposal = yield from self.proposer.drafting(self.committed, self.feats, shape, self.trace)
         else:
@@ -156,6 +159,8 @@ class Generation:
         self.proposer.observe(self.committed, proposal, logits)
         self.length.observe(len(path), proposal.tree.depth, path if proposal.extra is None else None,
                             len(proposal.tree), (trace.draft_s + trace.accept_s + trace.rollback_s) / trace.steps)
+        if self.length.pending:
+            self.length.settle(self.committed)
         trace.rollback_s += self.clock() - t2  # KV compaction, proposer catch-up and bookkeeping
 
     def _commit(self, new: list[int]) -> None:
@@ -193,7 +198,8 @@ def decode_slots(target, requests: Iterable[Request], s: DecodeSettings, eos_ids
                 if slots == 1 and request.length is not None and request.length.policy == "cost":
                     # one sequence: the pass times of its own passes, measured once per model (a batch's
                     # passes share rows with other sequences: there the policy keeps its full budget)
-                    request.length.bind(pass_costs(target, request.length.max_nodes + 1))
+                    request.length.bind(pass_costs(target, request.length.max_nodes + 1),
+                                        plain_steps=getattr(request.proposer, "drafts_in_shadow", False))
                 live.append((taken, Generation(target, request, s, eos_ids, clock)))
                 taken += 1
                 del request  # the Generation holds what it needs of it; once it ends, nothing does

@@ -43,6 +43,21 @@ def is_chain(tree: Tree) -> bool:
     return tree.parents == list(range(-1, len(tree) - 1))
 
 
+def follow(tree: Tree, tokens: list[int]) -> tuple[list[int], bool]:
+    """The nodes a tree holds along `tokens` (the tokens after its root), root first: the path greedy acceptance
+    takes when the target's tokens are `tokens`; and whether that path is decided (a token no child holds, or a
+    leaf reached) rather than waiting on tokens not yet known."""
+    path, node = [], -1
+    for token in tokens:
+        child = next((i for i in range(node + 1, len(tree)) if tree.parents[i] == node and tree.tokens[i] == token),
+                     None)
+        if child is None:
+            return path, True
+        path.append(child)
+        node = child
+    return path, all(parent != node for parent in tree.parents[node + 1:])
+
+
 def ancestor_mask(parents: list[int]) -> torch.Tensor:
     """[n + 1, n + 1] bool: row r (0 = root, i + 1 = node i) may attend to column c (itself and its ancestors)."""
     n = len(parents)
