@@ -4,9 +4,11 @@ has AMX, our kernels twice: on AVX-512 VNNI alone ("ours") and with many-row pas
 Random weights in SmolLM2-135M's shapes as our engine holds them (30 layers of fused q|k|v, o, fused gate|up,
 down), so the weights stream from memory as in decoding, and the int8 output head; the kernels interleaved per row
 count, medians over repeats. Prints the CPU model and ms per pass over all decoder layers (and the head), per row
-count, and each kernel's time relative to its own one-row pass.
+count, and each kernel's time relative to its own one-row pass. `--weights cached`: one layer's four matrices
+called 30 times over instead (about 1 MB per core in int4: they stay in the cores' caches), so the same calls
+without the memory traffic: what each row costs in arithmetic alone.
 
-    python bench/quant_kernel.py [--rows 1,2,4,8,16,32,64] [--repeats 7] [--threads 2]
+    python bench/quant_kernel.py [--rows 1,2,4,8,16,32,64] [--repeats 7] [--threads 2] [--weights streaming|cached]
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ HIDDEN, INTERMEDIATE, VOCAB, LAYERS = 576, 1536, 49152, 30
 SHAPES = [(960, HIDDEN), (HIDDEN, HIDDEN), (2 * INTERMEDIATE, HIDDEN), (HIDDEN, INTERMEDIATE)]  # (out, in)
 
 
-def layers(fmt: str, ops, head: bool = False) -> list:
-    """The kernel calls of every decoder matrix (or of the head) in `fmt`, on random weights."""
+def layers(fmt: str, ops, head: bool = False, cached: bool = False) -> list:
+    """The kernel calls of every decoder matrix (or of the head) in `fmt`, on random weights; cached: one layer's
+    matrices, called once per layer."""
     gen = torch.Generator().manual_seed(0)
     calls = []
-    for out, inp in [(VOCAB, HIDDEN)] if head else [s for _ in range(LAYERS) for s in SHAPES]:
+    for out, inp in [(VOCAB, HIDDEN)] if head else [s for _ in range(1 if cached else LAYERS) for s in SHAPES]:
         linear = torch.nn.Linear(inp, out, bias=False)
         with torch.no_grad():
             linear.weight.copy_(torch.randn(out, inp, generator=gen))
@@ -35,18 +38,21 @@ def layers(fmt: str, ops, head: bool = False) -> list:
             calls.append(kernels.PanelLinear(linear).kernel())
         else:
             calls.append(quant.WeightOnlyLinear(linear, fmt, ops=ops).kernel())
-    return calls
+    return calls * LAYERS if cached and not head else calls
 
 
 def main() -> None:
-    args = kernel_args(__doc__, "1,2,4,8,16,32,64")
+    args = kernel_args(__doc__, "1,2,4,8,16,32,64", weights="streaming")
+    if args.weights not in ("streaming", "cached"):
+        raise SystemExit(f"--weights {args.weights}: choose streaming or cached")
+    cached = args.weights == "cached"
     problem = kernels.quant_kernel_problem()
     if problem:
         raise SystemExit(f"our int8/int4 kernels cannot run here: {problem}")
     ours = kernels.panel_extension()
-    decoder = {"int4 ours": layers("int4", ours), "int4 torch": layers("int4", None),
-               "int8 ours": layers("int8", ours), "int8 torch": layers("int8", None),
-               "float32 panels": layers("float32", None)}
+    decoder = {"int4 ours": layers("int4", ours, cached=cached), "int4 torch": layers("int4", None, cached=cached),
+               "int8 ours": layers("int8", ours, cached=cached), "int8 torch": layers("int8", None, cached=cached),
+               "float32 panels": layers("float32", None, cached=cached)}
     head = {"ours": layers("int8", ours, head=True)[0], "torch": layers("int8", None, head=True)[0]}
     amx = kernels.amx_problem() is None
     if amx:  # the same layers, the tile switch on while they run
@@ -68,7 +74,7 @@ def main() -> None:
     med = {key: 1e3 * statistics.median(v) for key, v in times.items()}
     columns = list(decoder) + [f"head int8 {name}" for name in head]
     print(f"{cpu_name()}, {args.threads} threads, medians of {args.repeats} (ms per pass; decoder: all "
-          f"{LAYERS * len(SHAPES)} fused matrices; in brackets: x its own 1-row pass)")
+          f"{LAYERS * len(SHAPES)} fused matrices, weights {args.weights}; in brackets: x its own 1-row pass)")
     print(f"{'rows':>5}  " + "  ".join(f"{c:>20}" for c in columns))
     first = row_counts[0]
     for rows in row_counts:
