@@ -10,7 +10,7 @@ import pytest
 
 from specdec.methods.proposers import COST_EXPLORE_EVERY, DraftLength, NgramProposer
 from specdec.methods.speculative import Request, decode_slots
-from specdec.methods.tree import Tree, chain, follow
+from specdec.methods.tree import Tree, chain, first_nodes, follow
 from specdec.model import decoding
 from specdec.model.decoding import DecodeSettings, baseline_decode
 from specdec.run.runner import decode_models, drafting
@@ -109,15 +109,15 @@ def test_cost_policy_methods_stay_lossless_and_bind_pass_times_alone_only(strate
     ps = prompts(3, seed=4)
     for p in ps:
         assert decode_models(strategy, target, p, s, {EOS}).tokens == baseline_decode(target, p, s, {EOS}).tokens
-    bound, shadows = [], []
+    bound, verified = [], []
     real_bind, real_watch = DraftLength.bind, DraftLength.watch
 
-    def spy(self, costs, plain_steps=False):
-        bound.append((len(costs), plain_steps))
-        real_bind(self, costs, plain_steps)
+    def spy(self, costs, shadows=False):
+        bound.append((len(costs), shadows))
+        real_bind(self, costs, shadows)
 
     def watch(self, tree, start):
-        shadows.append(len(tree))
+        verified.append(self.verify)  # how many of the watched proposal this pass verifies
         real_watch(self, tree, start)
 
     try:
@@ -125,13 +125,13 @@ def test_cost_policy_methods_stay_lossless_and_bind_pass_times_alone_only(strate
         requests = [Request(p, *drafting(strategy, s, {EOS})) for p in ps]
         assert all(r.length.policy == "cost" for r in requests)
         batched = decode_slots(target, requests, s, {EOS}, slots=2)
-        assert bound == [] and shadows == []  # a batch's passes share rows: full budgets, no pass times
+        assert bound == [] and verified == []  # a batch's passes share rows: full budgets, no pass times
         alone = [decode_slots(target, [Request(p, *drafting(strategy, s, {EOS}))], s, {EOS}, slots=1)[0]
                  for p in ps]
-        assert bound == [(7, True)] * 3  # k 6 (or its budget) + the root; budget 0 allowed (model-free drafts)
+        assert bound == [(7, True)] * 3  # k 6 (or its budget) + the root; model-free drafts: shadows
     finally:
         DraftLength.bind, DraftLength.watch = real_bind, real_watch
-    assert shadows  # the random target accepts little: some passes took budget 0 and drafted in the shadow
+    assert 0 in verified  # the random target accepts little: some passes verified no draft
     assert [t.tokens for t in batched] == [baseline_decode(target, p, s, {EOS}).tokens for p in ps]
     assert [t.tokens for t in alone] == [t.tokens for t in batched]
 
@@ -148,19 +148,19 @@ def test_a_pass_that_accepted_every_draft_is_followed_by_the_full_budget():
     assert length.shape(room=100).budget == 1
 
 
-def test_no_draft_is_a_choice_where_drafts_do_not_pay_and_shadow_drafts_keep_the_estimates_learning():
+def test_with_shadows_every_pass_drafts_in_full_verifies_the_chosen_prefix_and_answers_for_every_budget():
     length = policy(k=4)
     for _ in range(4):
         step(length, [], nodes=4)  # nothing accepted
     length.bind([1.0, 1.5, 2.0, 2.5, 3.0])
     length.passes = 1
-    assert length.shape(room=100).depth == 1  # without budget 0 the fewest drafts
-    length.bind([1.0, 1.5, 2.0, 2.5, 3.0], plain_steps=True)
+    assert length.shape(room=100).depth == 1 and length.verify is None  # without shadows: the fewest drafts
+    length.bind([1.0, 1.5, 2.0, 2.5, 3.0], shadows=True)
     shape = length.shape(room=100)
-    assert shape.depth == 0 and length.shadow.depth == 4  # the last token alone, drafting 4 in the shadow
+    assert shape.depth == 4 and length.verify == 0  # drafts 4, verifies none: the last token alone
     length.watch(chain([7, 8, 9, 10]), start=20)
     length.observe(0, 0, path=[], nodes=0)
-    assert length.answered == [0, 4, 4, 4, 4]  # the unverified pass answered for nothing itself
+    assert length.answered == [0, 4, 4, 4, 4]  # the verified part answers for nothing itself
     committed = [0] * 20 + [7, 8]
     length.settle(committed)
     assert length.pending  # 7, 8 followed so far: the third draft's fate is still open
@@ -168,14 +168,27 @@ def test_no_draft_is_a_choice_where_drafts_do_not_pay_and_shadow_drafts_keep_the
     assert not length.pending
     assert length.answered == [0, 5, 5, 5, 5] and length.yielded == [0, 6, 7, 8, 8]  # as verifying it would have
     length.watch(chain([1, 2, 3, 4]), start=100)
-    length.settle([0] * 100 + [1, 2, 3, 4])  # accepted whole: copying has begun, the next pass drafts in full
-    assert length.shape(room=100).depth == 4 and length.shadow is None
+    length.settle([0] * 100 + [1, 2, 3, 4])  # accepted whole: copying has begun, the next pass verifies in full
+    assert length.shape(room=100).depth == 4 and length.verify == 4
     length.observe(4, 4, path=[0, 1, 2, 3], nodes=4)
-    for start in range(4):  # the text turns predictable: shadow drafts accepted whole
+    assert length.answered == [0, 6, 6, 6, 6]  # verified passes, too, answer only through settle
+    for start in range(4):  # the text turns predictable: drafts accepted whole
         length.watch(chain([1, 2, 3, 4]), start=100 * start)
         length.settle([0] * 100 * start + [1, 2, 3, 4])
-    length.passes, length.streak = 1, False
-    assert length.shape(room=100).depth == 3 and length.shadow is None  # 2.8 tokens / 2.5 s: the best rate now
+    length.passes, length.streak = COST_EXPLORE_EVERY, False
+    assert length.shape(room=100).depth == 4 and length.verify == 3  # no exploration pass: 2.8 tokens / 2.5 s
+    tree = policy(k=3, width=4, budget=6)
+    tree.bind([1.0] * 7, shadows=True)
+    assert (tree.shape(room=100).budget, tree.verify) == (6, 6)  # the first pass: all of it
+    assert tree.shape(room=2).depth == 2 and tree.answers == 0  # cut short by the room: watched for nothing
+    tree.watch(Tree([1, 2], [-1, 0], [1, 2]), start=0)
+    assert not tree.pending
+
+
+def test_first_nodes_of_a_best_first_tree_are_a_tree():
+    tree = Tree([5, 6, 7, 8], [-1, -1, 0, 2], [1, 1, 2, 3])
+    assert first_nodes(tree, 3) == Tree([5, 6, 7], [-1, -1, 0], [1, 1, 2])
+    assert first_nodes(tree, 0) == Tree() and first_nodes(tree, 9) is tree
 
 
 def test_follow_walks_the_tree_along_the_tokens_and_says_when_the_path_is_decided():

@@ -16,8 +16,8 @@ A proposer is any object with
                             drop what was drafted past the accepted prefix, update any state
   max_extra_rows: int     — optional: the most extra rows a proposal of this proposer holds (sizes the KV cache)
   drafts_in_shadow: bool  — optional: propose only reads tables (no draft model, no state that observe must see
-                            verified), so the cost policy may draft without verifying: on a pass it spends on the
-                            last token alone, the proposal is scored against the tokens that follow instead
+                            verified), so the cost policy may verify only a prefix of a proposal (none of it
+                            included) and score the rest against the tokens that follow
 Proposals are token trees (a chain is a tree of width 1) with, for sampled draft chains only, the draft
 distributions q (verify.accept then uses the chain rule; everything else is checked with the tree rule), and
 optionally extra rows (tree.ExtraRows) the verify pass computes but does not verify: Lookahead's Jacobi window.
@@ -81,15 +81,18 @@ class DraftLength:
     would have proposed: chains, frequency and scored trees), so that one pass answers for every smaller budget:
     the tokens it would have yielded are 1 + the accepted path's leading nodes among the first b. The first pass
     and every COST_EXPLORE_EVERY-th take the full budget, so every budget's estimate rests on passes picked by
-    their place in the generation, not by their content. Where the proposer drafts in the shadow
-    (drafts_in_shadow: model-free proposers), budget 0 is a choice too: a pass of the last token alone, one token
-    for a one-row pass, taken where no draft is expected to pay for its rows (translation, short answers: ngram ran
-    0.84-0.94x there, drafts nearly never accepted). Such a pass still drafts the full budget and does not verify
-    it: `watch` keeps the proposal and `settle` scores it against the tokens the generation goes on to commit (for
-    greedy decoding exactly what verifying it would have accepted), so the estimates keep learning while no draft
-    is verified; without that, one early miss held a generation at budget 0 until the next exploration pass
-    (multi-turn's ngram 2.31x -> 2.03x). So does the pass after one whose every draft was
-    accepted: the text is then being copied (a quote, a loop, a list), and the next pass likely goes on copying,
+    their place in the generation, not by their content.
+
+    Where the proposer drafts in the shadow (drafts_in_shadow: model-free proposers, whose drafting costs
+    little), every pass drafts the full budget and verifies only its first b nodes (`verify`; a best-first prefix
+    is what budget b would have proposed), b = 0 included: a pass of the last token alone, one token for a
+    one-row pass, where no draft is expected to pay for its rows. `watch` keeps the whole proposal and `settle`
+    scores it against the tokens the generation goes on to commit (tree.follow: the path the tree rule would have
+    taken, exactly for greedy decoding), so every pass answers for every budget and none is spent exploring.
+    (Budget 0 with exploration passes alone held a generation at 0 after one early miss until the next of them:
+    multi-turn's ngram 2.31x -> 2.03x.)
+
+    The pass after one whose every draft was accepted takes the full budget, too: the text is then being copied (a quote, a loop, a list), and the next pass likely goes on copying,
     which averages over the generation miss (the default matrix's ngram: 1.25x with them alone against ~1.5x
     fixed at k 8, the difference all in outputs that loop). (Counting a proposal that came out smaller than allowed
     as the answer for every larger budget, as it is, biased those budgets low: the short proposals are the ones
@@ -110,27 +113,29 @@ class DraftLength:
         self.costs: list[float] | None = None
         self.passes, self.answers, self.overhead = 0, 0, 0.0  # answers: the budgets the next pass answers for
         self.streak = False  # the last pass accepted every draft it verified
-        self.plain_steps = False  # budget 0 may be chosen (bind)
-        self.shadow: Shape | None = None  # the shape to draft in the shadow on this budget-0 pass
-        self.pending: list[tuple[Tree, int, int]] = []  # shadow proposals: (tree, its first token's index, answers)
+        self.shadows = False  # the proposer drafts in the shadow (bind)
+        self.verify: int | None = None  # with shadows: how many of this pass's proposal's nodes it verifies
+        self.pending: list[tuple[Tree, int, int]] = []  # whole proposals: (tree, its first token's index, answers)
 
     @property
     def max_nodes(self) -> int:
         return max(self.k_max, self.budget or 0)
 
-    def bind(self, costs: list[float], plain_steps: bool = False) -> None:
-        """The target's pass seconds by row count (costs[r - 1]: r rows) for the cost policy; plain_steps: budget 0
-        may be chosen (the proposer drafts in the shadow)."""
-        self.costs, self.plain_steps = costs, plain_steps
+    def bind(self, costs: list[float], shadows: bool = False) -> None:
+        """The target's pass seconds by row count (costs[r - 1]: r rows) for the cost policy; shadows: the proposer
+        drafts in the shadow (every pass drafts the full budget and verifies the chosen prefix, budget 0 included)."""
+        self.costs, self.shadows = costs, shadows
 
     def chosen_budget(self) -> int:
         """The cost policy's budget for the next pass: the full one at first, after a pass that accepted every draft
         and every COST_EXPLORE_EVERY-th pass, else the b maximising (expected tokens with budget b) / (seconds of a
-        pass of b + 1 rows + the time a pass spends outside the forward)."""
-        if self.costs is None or self.streak or self.passes % COST_EXPLORE_EVERY == 0:  # the first pass too
+        pass of b + 1 rows + the time a pass spends outside the forward); with shadows, b = 0 among them and no
+        exploration passes (every pass answers for every budget)."""
+        explore = self.passes == 0 or (not self.shadows and self.passes % COST_EXPLORE_EVERY == 0)
+        if self.costs is None or self.streak or explore:
             return self.most
         best, best_rate = self.most, 0.0
-        if self.plain_steps:  # budget 0: the last token alone, one token a pass
+        if self.shadows:  # budget 0: the last token alone, one token a pass
             best, best_rate = 0, 1.0 / (self.costs[0] + self.overhead)
         for b in range(1, self.most + 1):
             if self.answered[b]:
@@ -143,19 +148,17 @@ class DraftLength:
         """This step's shape when at most `room` more tokens may be drafted (the verify pass adds one)."""
         if self.policy == "cost":
             allowed = self.chosen_budget()
+            drafted = self.most if self.shadows else allowed
             if self.width > 1:
                 depth = min(self.k, room)
-                budget = (allowed or self.most) if depth else 0
+                budget = drafted if depth else 0
                 # a tree cut short by the room left answers for no budget: its best-first order changes with depth
                 self.answers = budget if depth == self.k else 0
             else:
-                depth = budget = min(allowed or self.most, room)
+                depth = budget = min(drafted, room)
                 self.answers = depth
-            shape = Shape(depth, budget, self.width, 0.0, self.stop_tokens)
-            self.shadow = shape if allowed == 0 and depth else None
-            if self.shadow is not None:
-                return Shape(0, 0, self.width, 0.0, self.stop_tokens)
-            return shape
+            self.verify = min(allowed, budget) if self.shadows else None
+            return Shape(depth, budget, self.width, 0.0, self.stop_tokens)
         depth = min(self.k, room)
         budget = depth if self.budget is None or not depth else self.budget
         return Shape(depth, budget, self.width, self.min_prob, self.stop_tokens)
@@ -172,7 +175,8 @@ class DraftLength:
             self.passes += 1
             self.streak = 0 < accepted == proposed_depth
             self.overhead = overhead_s
-            self.count(path, 0 if self.shadow is not None else self.answers)
+            if self.verify is None:  # (with shadows the whole proposal answers, in settle)
+                self.count(path, self.answers)
 
     def count(self, path: list[int], answers: int) -> None:
         """A proposal whose accepted path was `path` (node indices) answers for every budget up to `answers`: with
@@ -185,12 +189,14 @@ class DraftLength:
             self.yielded[b] += 1 + lead
 
     def watch(self, tree: Tree, start: int) -> None:
-        """A proposal drafted in the shadow of this budget-0 pass, its first token at committed[start]."""
-        self.pending.append((tree, start, self.answers))
+        """This pass's whole proposal (of which it verifies the first `verify` nodes), its first token at
+        committed[start]."""
+        if self.answers:
+            self.pending.append((tree, start, self.answers))
 
     def settle(self, committed: list[int]) -> None:
-        """Score the shadow proposals whose fate the committed tokens now decide: the path greedy acceptance
-        would have taken (follow)."""
+        """Score the watched proposals whose fate the committed tokens now decide: the path the tree rule would
+        have taken through the whole proposal (tree.follow)."""
         waiting = []
         for tree, start, answers in self.pending:
             path, decided = follow(tree, committed[start:])
@@ -316,7 +322,7 @@ class NgramProposer:
     a numpy scan of the whole context per n (sliding windows) took ~0.17 ms a pass at 300 tokens, 3 % of an int4
     step, spent again on every pass without a match."""
 
-    drafts_in_shadow = True  # propose only reads its tables (DraftLength's budget 0)
+    drafts_in_shadow = True  # propose only reads its tables (DraftLength may verify a prefix)
     needs_features = reads_prompt_logits = False
 
     def __init__(self, s: DecodeSettings, memory: dict | None = None):
@@ -440,7 +446,7 @@ class RecyclingProposer:
     memory rule; 8 + 4·topk bytes per learned row), stored sparse (trainfree.RecycledRows: 4·vocab bytes of index,
     4·topk per token seen)."""
 
-    drafts_in_shadow = True  # propose only reads its tables (DraftLength's budget 0)
+    drafts_in_shadow = True  # propose only reads its tables (DraftLength may verify a prefix)
     needs_features = False
     reads_prompt_logits = True
 
@@ -535,7 +541,7 @@ class SuffixProposer:
     rule; at most MEMORY_TOKENS tokens kept), and the trie of what followed its occurrences, cut to the
     `budget` most frequent nodes; the draft reaches SUFFIX_DEPTH_PER_MATCH × the match length deep (up to k)."""
 
-    drafts_in_shadow = True  # propose only reads its tables (DraftLength's budget 0)
+    drafts_in_shadow = True  # propose only reads its tables (DraftLength may verify a prefix)
     needs_features = reads_prompt_logits = False
 
     def __init__(self, s: DecodeSettings, memory: dict | None = None):
@@ -591,7 +597,7 @@ class SuffixRecyclingProposer:
     the answer repeats its context (summarisation, RAG), Token Recycling where it does not (docs/train-free.md's
     per-category table); this proposes both in one verify pass. Each part keeps its own memory rule."""
 
-    drafts_in_shadow = True  # propose only reads its tables (DraftLength's budget 0)
+    drafts_in_shadow = True  # propose only reads its tables (DraftLength may verify a prefix)
     needs_features = False
     reads_prompt_logits = True
 
@@ -631,7 +637,7 @@ class DynamicTreeProposer:
     context-free rows (8·vocab·topk bytes, the target's own) and each generation's learned rows, 16 + 8·topk bytes
     per verified row."""
 
-    drafts_in_shadow = True  # propose only reads its tables (DraftLength's budget 0)
+    drafts_in_shadow = True  # propose only reads its tables (DraftLength may verify a prefix)
     needs_features = False
     reads_prompt_logits = True
     # Acceptance sources: candidates recycled after one token (0), after each of CONTEXT_ORDERS (1..), context-free
@@ -703,8 +709,8 @@ class DynamicTreeProposer:
 
     def observe(self, committed, proposal, logits) -> None:
         self.recycling.observe(committed, proposal, logits)  # learns every row of the tree
-        tree = proposal.tree
-        if len(self.infos) == len(tree):
+        tree = proposal.tree  # the verified nodes: the proposal, or its first nodes (DraftLength.verify)
+        if len(self.infos) >= len(tree):
             # count the nodes whose parent the target accepted (given by greedy acceptance along the tree): the
             # estimate is the chance of acceptance once the parent is
             # the target's token after the root and each node: column 0 of the top-k rows just learned
@@ -729,7 +735,7 @@ class RestProposer:
     REST_MAX_MATCH tokens) found in the corpus form a trie, of which the `budget` most frequent nodes are verified
     as a tree. The corpus is fixed for the job, so a repeat drafts exactly as the first run did."""
 
-    drafts_in_shadow = True  # propose only reads its tables (DraftLength's budget 0)
+    drafts_in_shadow = True  # propose only reads its tables (DraftLength may verify a prefix)
     needs_features = reads_prompt_logits = False
 
     def __init__(self, s: DecodeSettings, memory: dict | None = None):

@@ -36,7 +36,7 @@ from specdec.model.decoding import (Clock, DecodeSettings, Pass, RowsTop, Trace,
                                     make_generator, new_cache, pass_costs, select_token)
 from specdec.model.kernels import prepare_model
 from specdec.methods.proposers import DraftLength, Proposal
-from specdec.methods.tree import Tree, keep_path, tree_pass
+from specdec.methods.tree import Tree, first_nodes, keep_path, tree_pass
 from specdec.methods.verify import accept
 
 
@@ -98,13 +98,13 @@ class Generation:
         t0 = self.clock()
         if shape.depth == 0:
             self.proposal = Proposal(Tree())
-            if self.length.shadow is not None:  # the cost policy's budget 0: draft, but verify the last token alone
-                self.length.watch(self.proposer.propose(self.committed, self.feats, self.length.shadow,
-                                                        self.trace).tree, len(self.committed))
         elif hasattr(self.proposer, "drafting"):
             self.proposal = yield from self.proposer.drafting(self.committed, self.feats, shape, self.trace)
         else:
             self.proposal = self.proposer.propose(self.committed, self.feats, shape, self.trace)
+        if self.length.verify is not None:  # the cost policy with shadows: verify a prefix, score the whole later
+            self.length.watch(self.proposal.tree, len(self.committed))
+            self.proposal = Proposal(first_nodes(self.proposal.tree, self.length.verify))
         self.t_draft = self.clock() - t0  # batched drafting: the wall time of the shared draft passes
         self.before = len(self.committed) - 1  # the root's slot in the target's cache
         return tree_pass(self.committed[-1], self.proposal.tree, self.cache, self.features, self.proposal.extra)
@@ -199,7 +199,7 @@ def decode_slots(target, requests: Iterable[Request], s: DecodeSettings, eos_ids
                     # one sequence: the pass times of its own passes, measured once per model (a batch's
                     # passes share rows with other sequences: there the policy keeps its full budget)
                     request.length.bind(pass_costs(target, request.length.max_nodes + 1),
-                                        plain_steps=getattr(request.proposer, "drafts_in_shadow", False))
+                                        shadows=getattr(request.proposer, "drafts_in_shadow", False))
                 live.append((taken, Generation(target, request, s, eos_ids, clock)))
                 taken += 1
                 del request  # the Generation holds what it needs of it; once it ends, nothing does

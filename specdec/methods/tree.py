@@ -43,6 +43,12 @@ def is_chain(tree: Tree) -> bool:
     return tree.parents == list(range(-1, len(tree) - 1))
 
 
+def first_nodes(tree: Tree, n: int) -> Tree:
+    """The tree's first n nodes (a tree: parents come before their children); of a best-first tree, the tree a
+    budget of n would have proposed."""
+    return tree if n >= len(tree) else Tree(tree.tokens[:n], tree.parents[:n], tree.depths[:n])
+
+
 def follow(tree: Tree, tokens: list[int]) -> tuple[list[int], bool]:
     """The nodes a tree holds along `tokens` (the tokens after its root), root first: the path greedy acceptance
     takes when the target's tokens are `tokens`; and whether that path is decided (a token no child holds, or a
