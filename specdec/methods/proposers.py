@@ -92,9 +92,10 @@ class DraftLength:
     (Budget 0 with exploration passes alone held a generation at 0 after one early miss until the next of them:
     multi-turn's ngram 2.31x -> 2.03x.)
 
-    The pass after one whose every draft was accepted takes the full budget, too: the text is then being copied (a quote, a loop, a list), and the next pass likely goes on copying,
-    which averages over the generation miss (the default matrix's ngram: 1.25x with them alone against ~1.5x
-    fixed at k 8, the difference all in outputs that loop). (Counting a proposal that came out smaller than allowed
+    The pass after one whose every draft was accepted takes the full budget, too: the text is then being copied
+    (a quote, a loop, a list), and the next pass likely goes on copying, which averages over the generation miss
+    (the default matrix's ngram: 1.25x with them alone against ~1.5x fixed at k 8, the difference all in outputs
+    that loop). (Counting a proposal that came out smaller than allowed
     as the answer for every larger budget, as it is, biased those budgets low: the short proposals are the ones
     without a good match. Measured, ngram in int4 on the suite: 1.32-1.40 tokens per pass and 1.12-1.17x with it,
     1.44 and 1.17-1.18x without.)"""
