@@ -192,22 +192,21 @@ class DraftLength:
     def watch(self, tree: Tree, start: int) -> None:
         """This pass's whole proposal (of which it verifies the first `verify` nodes), its first token at
         committed[start]."""
-        self.pending.append((tree, start, self.answers))
+        if self.answers:
+            self.pending.append((tree, start, self.answers))
 
-    def settle(self, committed: list[int]) -> list[tuple[int, int]]:
+    def settle(self, committed: list[int]) -> None:
         """Score the watched proposals whose fate the committed tokens now decide: the path the tree rule would
-        have taken through the whole proposal (tree.follow). Returns each one's (depth, accepted depth)."""
-        waiting, scored = [], []
+        have taken through the whole proposal (tree.follow)."""
+        waiting = []
         for tree, start, answers in self.pending:
             path, decided = follow(tree, committed[start:])
             if decided:
                 self.count(path, answers)
                 self.streak |= 0 < len(path) == tree.depth  # accepted whole: copying began, as after a pass
-                scored.append((tree.depth, len(path)))
             else:
                 waiting.append((tree, start, answers))
         self.pending = waiting
-        return scored
 
 
 def top(logits: torch.Tensor, width: int, ids: torch.Tensor | None = None) -> list[tuple[list[int], list[float]]]:

@@ -154,16 +154,13 @@ class Generation:
         trace.draft_s += self.t_draft
         trace.verify_s += forward_s + (t2 - t_forward)
         trace.accept_s += t2 - t_forward
-        # with shadows, per-position counts come from each whole proposal once scored (settle), whatever part of
-        # it this pass verified
-        trace.count_step(proposal.tree.depth, len(path), positions=self.length.verify is None)
+        trace.count_step(proposal.tree.depth, len(path))
         self._commit([proposal.tree.tokens[i] for i in path] + [token])
         self.proposer.observe(self.committed, proposal, logits)
         self.length.observe(len(path), proposal.tree.depth, path if proposal.extra is None else None,
                             len(proposal.tree), (trace.draft_s + trace.accept_s + trace.rollback_s) / trace.steps)
         if self.length.pending:
-            for depth, accepted in self.length.settle(self.committed):
-                trace.count_positions(depth, accepted)
+            self.length.settle(self.committed)
         trace.rollback_s += self.clock() - t2  # KV compaction, proposer catch-up and bookkeeping
 
     def _commit(self, new: list[int]) -> None:

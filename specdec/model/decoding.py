@@ -83,16 +83,10 @@ class Trace:
     rollback_s: float = 0.0         # cache cropping and bookkeeping after each verify pass
     event_s: float | None = None    # CUDA: the same span as wall_s timed by CUDA events (Clock.event_s); else None
 
-    def count_step(self, depth: int, accepted: int, positions: bool = True) -> None:
-        """One verify pass: the proposal reached `depth` draft positions and the target accepted `accepted`
-        (positions=False: the pass alone; its proposal's positions are counted when scored, count_positions)."""
+    def count_step(self, depth: int, accepted: int) -> None:
+        """One verify pass: the proposal reached `depth` draft positions and the target accepted `accepted`."""
         self.target_passes += 1
         self.steps += 1
-        if positions:
-            self.count_positions(depth, accepted)
-
-    def count_positions(self, depth: int, accepted: int) -> None:
-        """A proposal `depth` positions deep of which the target accepts (or would accept) the first `accepted`."""
         for d in range(depth):
             self.proposed_per_position[d] += 1
         for d in range(accepted):
