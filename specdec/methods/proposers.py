@@ -95,9 +95,10 @@ class DraftLength:
     The pass after one whose every draft was accepted takes the full budget, too: the text is then being copied
     (a quote, a loop, a list), and the next pass likely goes on copying, which averages over the generation miss
     (the default matrix's ngram: 1.25x with them alone against ~1.5x fixed at k 8, the difference all in outputs
-    that loop). (Counting a proposal that came out smaller than allowed as the answer for every larger budget, as
-    it is, biased those budgets low: the short proposals are the ones without a good match. Measured, ngram in
-    int4 on the suite: 1.32-1.40 tokens per pass and 1.12-1.17x with it, 1.44 and 1.17-1.18x without.)"""
+    that loop). (Counting a proposal that came out smaller than allowed
+    as the answer for every larger budget, as it is, biased those budgets low: the short proposals are the ones
+    without a good match. Measured, ngram in int4 on the suite: 1.32-1.40 tokens per pass and 1.12-1.17x with it,
+    1.44 and 1.17-1.18x without.)"""
 
     def __init__(self, s: DecodeSettings, policy: str = "fixed", width: int = 1, stop_tokens=()):
         if policy not in POLICIES:
@@ -163,11 +164,12 @@ class DraftLength:
         budget = depth if self.budget is None or not depth else self.budget
         return Shape(depth, budget, self.width, self.min_prob, self.stop_tokens)
 
-    def observe(self, accepted: int, proposed_depth: int, path: list[int] | None = None,
+    def observe(self, accepted: int, proposed_depth: int, path: list[int] | None = None, nodes: int = 0,
                 overhead_s: float = 0.0) -> None:
         """One verify pass: `accepted` drafts of a proposal `proposed_depth` deep; the cost policy also reads the
-        accepted node indices (`path`) and the seconds a pass spends outside the target's forward (drafting,
-        acceptance, bookkeeping: the generation's mean so far), which every budget pays alike."""
+        accepted node indices (`path`), how many nodes the proposal held and the seconds a pass spends outside
+        the target's forward (drafting, acceptance, bookkeeping: the generation's mean so far), which every
+        budget pays alike."""
         if self.policy == "heuristic":
             self.k = min(self.k + 2, self.k_max) if accepted == proposed_depth else max(1, self.k - 1)
         elif self.policy == "cost" and path is not None:

@@ -190,13 +190,14 @@ def _growing_layer_class():
             self.length = 0
             self.key_buffer = self.value_buffer = None
             self.in_arena = False
+            self.view_length = -1
 
         def _reserve(self, needed: int, key_states, value_states) -> None:
             if self.key_buffer is not None and needed <= self.key_buffer.shape[-2]:
                 return
             slot = self.arena.slot(self.index, needed, key_states) \
                 if self.arena is not None and self.key_buffer is None else None
-            self.view_length = -1  # new buffers (made only here): views of the old ones are stale
+            self.view_length = -1  # new buffers: views of the old ones are stale
             if slot is not None:
                 self.key_buffer, self.value_buffer = slot[0], slot[1]
                 self.in_arena = True
@@ -249,6 +250,7 @@ def _growing_layer_class():
             self.length = 0
             self.key_buffer = self.value_buffer = None
             self.in_arena = False
+            self.view_length = -1
             if self.arena is not None:
                 self.arena.tensor = None  # the next write allocates it again
             super().reset()
