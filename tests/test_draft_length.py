@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from specdec.methods.proposers import COST_EXPLORE_EVERY, DraftLength, NgramProposer
+from specdec.methods.proposers import COST_EXPLORE_EVERY, COST_PRIOR_PASSES, DraftLength, NgramProposer
 from specdec.methods.speculative import Request, decode_slots
 from specdec.methods.tree import Tree, chain, first_nodes, follow
 from specdec.model import decoding
@@ -33,8 +33,8 @@ def test_one_pass_answers_for_every_smaller_budget():
     assert step(length, [0, 1, 2], nodes=8) == 8  # no pass times bound: the full budget
     assert length.answered == [0] + [1] * 8
     assert length.yielded == [0, 2, 3, 4, 4, 4, 4, 4, 4]  # 1 + the accepted drafts among the first b
-    length.bind([1.0] * 9)
-    assert step(length, [0], nodes=2) == 3  # rows cost nothing here: the fewest drafts that yielded the most
+    length.bind([1.0 + 0.1 * r for r in range(9)])
+    assert step(length, [0], nodes=2) == 3  # rows cost a tenth of a pass each: the fewest drafts that yielded most
     # a proposal smaller than allowed answers for no larger budget: short proposals are the unpromising ones
     assert length.answered == [0] + [2] * 3 + [1] * 5 and length.yielded[:5] == [0, 4, 5, 6, 4]
 
@@ -62,9 +62,11 @@ def test_the_budget_weighs_expected_tokens_against_pass_times():
     for _ in range(6):  # the first draft accepted half the time, deeper ones never
         step(length, [0], nodes=8)
         step(length, [], nodes=8)
-    length.bind([1.0] * 9)
+    length.bind([1.0 + 0.1 * r for r in range(9)])
     length.passes = 1
-    assert length.shape(room=100).depth == 1  # deeper drafts were never accepted: one yields as much, first
+    assert length.shape(room=100).depth == 1  # deeper drafts were never accepted: one yields as much, cheaper
+    length.bind([1.0] * 9)
+    assert length.shape(room=100).depth == 8  # rows cost nothing: the prior's hope in deeper drafts is free
     length.bind([1.0 + r for r in range(9)])
     assert length.shape(room=100).depth == 1
     length = policy()
@@ -92,6 +94,36 @@ def test_overhead_every_budget_pays_favours_larger_budgets():
     length.observe(2, 2, path=[0, 1], nodes=2, overhead_s=2.0)
     length.passes = 1
     assert length.shape(room=100).depth == 2  # 2 / 3.0 < 2.5 / 3.6: with 2 s a pass, rows weigh less
+
+
+def test_one_early_miss_does_not_settle_the_budget_the_prior_fades_as_passes_answer():
+    length = policy()
+    length.bind([1.0 + 0.02 * r for r in range(9)], shadows=True)  # float32-like: a row costs 2 % of a pass
+    verified = []
+    for start in range(40):  # passes whose whole proposal misses at its first draft
+        length.shape(room=100)
+        verified.append(length.verify)
+        length.watch(chain(list(range(1, 9))), start=start)
+        length.observe(0, length.verify, path=[], nodes=length.verify)
+        length.settle([0] * (start + 1))
+    assert length.answered == [0] + [40] * 8 and length.yielded == [0] + [40] * 8
+    misses = verified.index(0)
+    assert verified[:misses] == [8] * misses and set(verified[misses:]) == {0}
+    assert misses > 1  # one miss does not settle it: deeper drafts are still worth a try
+    # until budget 8's 1 + 8 * prior / (misses + prior) tokens a pass no longer pay for its 16 % dearer pass
+    prior = COST_PRIOR_PASSES
+    assert 8 * prior / (misses + prior) <= 0.16 < 8 * prior / (misses - 1 + prior)
+
+
+def test_pass_costs_never_fall_with_more_rows():
+    assert decoding.monotone_costs([3.0, 1.0, 2.0, 5.0, 4.0]) == [2.0, 2.0, 2.0, 4.5, 4.5]  # violators pooled
+    assert decoding.monotone_costs([1.0, 1.5, 1.5, 2.0]) == [1.0, 1.5, 1.5, 2.0]
+    rng = random.Random(0)
+    for _ in range(50):
+        noisy = [1.0 + 0.05 * r + rng.uniform(-0.2, 0.2) for r in range(9)]
+        fitted = decoding.monotone_costs(noisy)
+        assert all(a <= b for a, b in zip(fitted, fitted[1:]))
+        assert sum(fitted) == pytest.approx(sum(noisy))  # least squares keeps each pooled run's mean
 
 
 def test_pass_costs_are_measured_once_per_model_and_row_count(monkeypatch):

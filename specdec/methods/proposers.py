@@ -50,6 +50,7 @@ CONTEXT_ORDERS = (2,)
 CONFIDENCE_THRESHOLD = 0.4  # confidence stop: transformers' default assistant_confidence_threshold
 POLICIES = ("fixed", "heuristic", "confidence", "cost")
 COST_EXPLORE_EVERY = 8      # cost policy: every this many passes the full budget, so larger budgets stay measured
+COST_PRIOR_PASSES = 0.25    # cost policy: each budget's expected tokens start as this much of a pass accepting all
 
 
 @dataclass
@@ -92,13 +93,20 @@ class DraftLength:
     (Budget 0 with exploration passes alone held a generation at 0 after one early miss until the next of them:
     multi-turn's ngram 2.31x -> 2.03x.)
 
+    Each budget's expected tokens start from a prior: COST_PRIOR_PASSES of a pass that accepted every draft, which
+    the answering passes outweigh within a few. Without it one early miss settled a short generation: where rows
+    cost little (float32: a 9-row pass ~1.15 plain ones), the first pass's miss put every budget at 1 token a
+    pass, budget 0 won by the pass times' noise, and the default matrix's ngram cell came out 1.04x or 1.56x
+    from run to run (its 13-token list prompt: 2 or 9 drafts accepted). Where rows are dear the prior fades
+    after ~4 misses (int4 here: a 9-row pass ~1.5 plain ones), with little cost (A/B on the suite, int4: within
+    noise).
+
     The pass after one whose every draft was accepted takes the full budget, too: the text is then being copied
     (a quote, a loop, a list), and the next pass likely goes on copying, which averages over the generation miss
     (the default matrix's ngram: 1.25x with them alone against ~1.5x fixed at k 8, the difference all in outputs
-    that loop). (Counting a proposal that came out smaller than allowed
-    as the answer for every larger budget, as it is, biased those budgets low: the short proposals are the ones
-    without a good match. Measured, ngram in int4 on the suite: 1.32-1.40 tokens per pass and 1.12-1.17x with it,
-    1.44 and 1.17-1.18x without.)"""
+    that loop). (Counting a proposal that came out smaller than allowed as the answer for every larger budget, as
+    it is, biased those budgets low: the short proposals are the ones without a good match. Measured, ngram in
+    int4 on the suite: 1.32-1.40 tokens per pass and 1.12-1.17x with it, 1.44 and 1.17-1.18x without.)"""
 
     def __init__(self, s: DecodeSettings, policy: str = "fixed", width: int = 1, stop_tokens=()):
         if policy not in POLICIES:
@@ -129,9 +137,9 @@ class DraftLength:
 
     def chosen_budget(self) -> int:
         """The cost policy's budget for the next pass: the full one at first, after a pass that accepted every draft
-        and every COST_EXPLORE_EVERY-th pass, else the b maximising (expected tokens with budget b) / (seconds of a
-        pass of b + 1 rows + the time a pass spends outside the forward); with shadows, b = 0 among them and no
-        exploration passes (every pass answers for every budget)."""
+        and every COST_EXPLORE_EVERY-th pass, else the b maximising (expected tokens with budget b: the prior and
+        the passes that answered for b) / (seconds of a pass of b + 1 rows + the time a pass spends outside the
+        forward); with shadows, b = 0 among them and no exploration passes (every pass answers for every budget)."""
         explore = self.passes == 0 or (not self.shadows and self.passes % COST_EXPLORE_EVERY == 0)
         if self.costs is None or self.streak or explore:
             return self.most
@@ -139,10 +147,10 @@ class DraftLength:
         if self.shadows:  # budget 0: the last token alone, one token a pass
             best, best_rate = 0, 1.0 / (self.costs[0] + self.overhead)
         for b in range(1, self.most + 1):
-            if self.answered[b]:
-                rate = self.yielded[b] / self.answered[b] / (self.costs[min(b, len(self.costs) - 1)] + self.overhead)
-                if rate > best_rate:
-                    best, best_rate = b, rate
+            tokens = (self.yielded[b] + COST_PRIOR_PASSES * (1 + b)) / (self.answered[b] + COST_PRIOR_PASSES)
+            rate = tokens / (self.costs[min(b, len(self.costs) - 1)] + self.overhead)
+            if rate > best_rate:
+                best, best_rate = b, rate
         return best
 
     def shape(self, room: int) -> Shape:
