@@ -24,7 +24,7 @@ def policy(k: int = 8, width: int = 1, budget: int | None = None) -> DraftLength
 def step(length: DraftLength, path: list[int], nodes: int, room: int = 100, overhead_s: float = 0.0) -> int:
     """One pass as the loop runs it: the shape, then what the target accepted. Returns the shape's budget."""
     budget = length.shape(room).budget
-    length.observe(len(path), nodes, path=path, nodes=nodes, overhead_s=overhead_s)
+    length.observe(len(path), nodes, path=path, overhead_s=overhead_s)
     return budget
 
 
@@ -45,7 +45,7 @@ def test_a_pass_cut_short_by_the_room_left_answers_only_for_what_it_could_hold()
     assert length.answered == [0, 1, 1, 0, 0, 0, 0, 0, 0]
     tree = policy(k=6, width=4, budget=10)
     assert tree.shape(room=3).depth == 3
-    tree.observe(1, 3, path=[0], nodes=4)  # a shallower tree orders its nodes otherwise: no budget answered
+    tree.observe(1, 3, path=[0])  # a shallower tree orders its nodes otherwise: no budget answered
     assert tree.answered == [0] * 11
 
 
@@ -53,7 +53,7 @@ def test_trees_read_node_order_and_keep_their_depth():
     length = policy(k=6, width=4, budget=10)
     shape = length.shape(room=100)
     assert (shape.depth, shape.budget) == (6, 10)
-    length.observe(2, 3, path=[1, 4], nodes=10)  # node 1, then node 4: a budget of 4 keeps only the first
+    length.observe(2, 3, path=[1, 4])  # node 1, then node 4: a budget of 4 keeps only the first
     assert length.yielded[1:] == [1, 2, 2, 2, 3, 3, 3, 3, 3, 3]
 
 
@@ -91,7 +91,7 @@ def test_overhead_every_budget_pays_favours_larger_budgets():
     length.bind([1.0, 1.0, 1.6])  # 2 and 2.5 tokens per pass for budgets 1 and 2
     length.passes, length.streak = 1, False
     assert length.shape(room=100).depth == 1  # 2 / 1.0 > 2.5 / 1.6
-    length.observe(2, 2, path=[0, 1], nodes=2, overhead_s=2.0)
+    length.observe(2, 2, path=[0, 1], overhead_s=2.0)
     length.passes = 1
     assert length.shape(room=100).depth == 2  # 2 / 3.0 < 2.5 / 3.6: with 2 s a pass, rows weigh less
 
@@ -104,7 +104,7 @@ def test_one_early_miss_does_not_settle_the_budget_the_prior_fades_as_passes_ans
         length.shape(room=100)
         verified.append(length.verify)
         length.watch(chain(list(range(1, 9))), start=start)
-        length.observe(0, length.verify, path=[], nodes=length.verify)
+        length.observe(0, length.verify, path=[])
         length.settle([0] * (start + 1))
     assert length.answered == [0] + [40] * 8 and length.yielded == [0] + [40] * 8
     misses = verified.index(0)
@@ -176,7 +176,7 @@ def test_a_pass_that_accepted_every_draft_is_followed_by_the_full_budget():
     length.passes = 1
     assert step(length, [0], nodes=1) == 1  # its only draft accepted: copying has begun
     assert length.shape(room=100).budget == 8
-    length.observe(2, 8, path=[0, 1], nodes=8)  # the copy broke off after two
+    length.observe(2, 8, path=[0, 1])  # the copy broke off after two
     assert length.shape(room=100).budget == 1
 
 
@@ -191,7 +191,7 @@ def test_with_shadows_every_pass_drafts_in_full_verifies_the_chosen_prefix_and_a
     shape = length.shape(room=100)
     assert shape.depth == 4 and length.verify == 0  # drafts 4, verifies none: the last token alone
     length.watch(chain([7, 8, 9, 10]), start=20)
-    length.observe(0, 0, path=[], nodes=0)
+    length.observe(0, 0, path=[])
     assert length.answered == [0, 4, 4, 4, 4]  # the verified part answers for nothing itself
     committed = [0] * 20 + [7, 8]
     length.settle(committed)
@@ -202,7 +202,7 @@ def test_with_shadows_every_pass_drafts_in_full_verifies_the_chosen_prefix_and_a
     length.watch(chain([1, 2, 3, 4]), start=100)
     length.settle([0] * 100 + [1, 2, 3, 4])  # accepted whole: copying has begun, the next pass verifies in full
     assert length.shape(room=100).depth == 4 and length.verify == 4
-    length.observe(4, 4, path=[0, 1, 2, 3], nodes=4)
+    length.observe(4, 4, path=[0, 1, 2, 3])
     assert length.answered == [0, 6, 6, 6, 6]  # verified passes, too, answer only through settle
     for start in range(4):  # the text turns predictable: drafts accepted whole
         length.watch(chain([1, 2, 3, 4]), start=100 * start)

@@ -172,12 +172,11 @@ class DraftLength:
         budget = depth if self.budget is None or not depth else self.budget
         return Shape(depth, budget, self.width, self.min_prob, self.stop_tokens)
 
-    def observe(self, accepted: int, proposed_depth: int, path: list[int] | None = None, nodes: int = 0,
+    def observe(self, accepted: int, proposed_depth: int, path: list[int] | None = None,
                 overhead_s: float = 0.0) -> None:
         """One verify pass: `accepted` drafts of a proposal `proposed_depth` deep; the cost policy also reads the
-        accepted node indices (`path`), how many nodes the proposal held and the seconds a pass spends outside
-        the target's forward (drafting, acceptance, bookkeeping: the generation's mean so far), which every
-        budget pays alike."""
+        accepted node indices (`path`) and the seconds a pass spends outside the target's forward (drafting,
+        acceptance, bookkeeping: the generation's mean so far), which every budget pays alike."""
         if self.policy == "heuristic":
             self.k = min(self.k + 2, self.k_max) if accepted == proposed_depth else max(1, self.k - 1)
         elif self.policy == "cost" and path is not None:

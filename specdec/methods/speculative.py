@@ -158,7 +158,7 @@ class Generation:
         self._commit([proposal.tree.tokens[i] for i in path] + [token])
         self.proposer.observe(self.committed, proposal, logits)
         self.length.observe(len(path), proposal.tree.depth, path if proposal.extra is None else None,
-                            len(proposal.tree), (trace.draft_s + trace.accept_s + trace.rollback_s) / trace.steps)
+                            (trace.draft_s + trace.accept_s + trace.rollback_s) / trace.steps)
         if self.length.pending:
             self.length.settle(self.committed)
         trace.rollback_s += self.clock() - t2  # KV compaction, proposer catch-up and bookkeeping
