@@ -49,19 +49,27 @@ def first_nodes(tree: Tree, n: int) -> Tree:
     return tree if n >= len(tree) else Tree(tree.tokens[:n], tree.parents[:n], tree.depths[:n])
 
 
+def children(tree: Tree) -> list[dict[int, int]]:
+    """Per row of a verify pass (0: the root, i + 1: node i): its children's node index by token (the first such
+    child where two hold the same token)."""
+    kids: list[dict[int, int]] = [{} for _ in range(len(tree) + 1)]
+    for i, (token, parent) in enumerate(zip(tree.tokens, tree.parents)):
+        kids[parent + 1].setdefault(token, i)
+    return kids
+
+
 def follow(tree: Tree, tokens: list[int]) -> tuple[list[int], bool]:
     """The nodes a tree holds along `tokens` (the tokens after its root), root first: the path greedy acceptance
     takes when the target's tokens are `tokens`; and whether that path is decided (a token no child holds, or a
     leaf reached) rather than waiting on tokens not yet known."""
-    path, node = [], -1
+    kids, path, row = children(tree), [], 0
     for token in tokens:
-        child = next((i for i in range(node + 1, len(tree)) if tree.parents[i] == node and tree.tokens[i] == token),
-                     None)
-        if child is None:
+        node = kids[row].get(token)
+        if node is None:
             return path, True
-        path.append(child)
-        node = child
-    return path, all(parent != node for parent in tree.parents[node + 1:])
+        path.append(node)
+        row = node + 1
+    return path, not kids[row]
 
 
 def ancestor_mask(parents: list[int]) -> torch.Tensor:

@@ -18,21 +18,18 @@ from __future__ import annotations
 import torch
 
 from specdec.model.decoding import DecodeSettings, argmax_rows, logits_to_probs, sample
-from specdec.methods.tree import Tree
+from specdec.methods.tree import Tree, children
 
 
 def tree_rule(logits: torch.Tensor, tree: Tree, s: DecodeSettings, generator) -> tuple[list[int], int]:
     """logits: [len(tree) + 1, V], row 0 = root. Returns (accepted node indices from depth 1 down, next token)."""
-    children: list[dict[int, int]] = [{} for _ in range(len(tree) + 1)]
-    for i, (token, parent) in enumerate(zip(tree.tokens, tree.parents)):
-        children[parent + 1].setdefault(token, i)
-    path, row = [], 0
+    kids, path, row = children(tree), [], 0
     while True:
         if s.greedy:
             token = int(argmax_rows(logits[row:row + 1])[0])
         else:
             token = sample(logits_to_probs(logits[row:row + 1], s)[0], generator)
-        node = children[row].get(token)
+        node = kids[row].get(token)
         if node is None:
             return path, token
         path.append(node)
