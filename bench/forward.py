@@ -2,7 +2,8 @@
 process: per weight format, the embedded target's plain decoding of suite prompts, the forwards interleaved prompt
 by prompt (the order rotates), medians over repeats. Where our forward fuses rotary, the cache write and attention
 into one call (kernels.rope_attend), it also runs without that call ("unfused": the same forward, those steps in
-torch), so the call's share is measured in the same run. Prints the CPU model, ms per one-token step and per
+torch), and likewise without its one-call RMSNorm ("torch norm") and SiLU-and-multiply ("torch silu"), so each
+call's share is measured in the same run. Prints the CPU model, ms per one-token step and per
 prefill for each, the ratio, and whether the tokens were identical (they must be: the forwards compute the same
 bits; tests/test_llama_forward.py checks the logits).
 
@@ -25,6 +26,10 @@ from specdec.model import decoding, models
 from specdec.run.bench import default_prompts_file
 from specdec.run.job import cpu_name
 from specdec.model.kernels import prepare_model
+
+
+# our forward without one of its fused calls (LlamaWeights' field set to None): the name printed, the field
+ABLATIONS = (("unfused", "rope_attend"), ("torch norm", "norm_kernel"), ("torch silu", "swiglu"))
 
 
 def decode(model, ids: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
@@ -55,19 +60,17 @@ def main() -> None:
     suite = prompts.select(prompts.load_prompts(default_prompts_file()), per_category=args.per_category)
     print(f"CPU: {cpu_name()}, {args.threads} threads, {len(suite)} prompts x {args.repeats} repeats, "
           f"{args.max_new_tokens} new tokens")
-    print(f"{'weights':10} {'step ms: ours':>14} {'unfused':>8} {'torch norm':>11} {'transformers':>13} {'ratio':>6}   "
-          f"{'prefill ms: ours':>17} {'transformers':>13}   same tokens")
+    print(f"{'weights':10} {'step ms: ours':>14} " + " ".join(f"{name:>11}" for name, _ in ABLATIONS) +
+          f" {'transformers':>13} {'ratio':>6}   {'prefill ms: ours':>17} {'transformers':>13}   same tokens")
     for fmt in args.weights.split(","):
         loaded = models.load_model(dataclasses.replace(models.resolve(args.target, registry), weights=fmt))
         model = prepare_model(loaded.model)
         own = model._specdec_own_forward
         if own is None:
             raise SystemExit(f"our forward does not apply to '{args.target}' ({fmt}): nothing to compare")
-        variants = [("ours", own), ("transformers", None)]
-        if own.rope_attend is not None:
-            variants.insert(1, ("unfused", dataclasses.replace(own, rope_attend=None)))
-        if own.norm_kernel is not None:
-            variants.insert(1, ("torch norm", dataclasses.replace(own, norm_kernel=None)))
+        variants = [("ours", own)] + [(name, dataclasses.replace(own, **{field: None}))
+                                      for name, field in ABLATIONS if getattr(own, field) is not None]
+        variants.append(("transformers", None))
         encoded = [models.encode_prompt(loaded, p["prompt"]) for p in suite]
         results = {name: [] for name, _ in variants}
         for ids in encoded[:1]:  # warm-up
@@ -84,9 +87,8 @@ def main() -> None:
                 same &= all(results[name][-1][2] == results["ours"][-1][2] for name in results)
         step = {n: 1000 * statistics.median(r[1] for r in rs) for n, rs in results.items()}
         prefill = {n: 1000 * statistics.median(r[0] for r in rs) for n, rs in results.items()}
-        unfused = f"{step['unfused']:8.2f}" if "unfused" in step else f"{'-':>8}"
-        torch_norm = f"{step['torch norm']:11.2f}" if "torch norm" in step else f"{'-':>11}"
-        print(f"{fmt:10} {step['ours']:14.2f} {unfused} {torch_norm} {step['transformers']:13.2f} "
+        ablated = " ".join(f"{step[name]:11.2f}" if name in step else f"{'-':>11}" for name, _ in ABLATIONS)
+        print(f"{fmt:10} {step['ours']:14.2f} {ablated} {step['transformers']:13.2f} "
               f"{step['ours'] / step['transformers']:6.2f}   {prefill['ours']:17.1f} {prefill['transformers']:13.1f}   "
               f"{'yes' if same else 'NO'}")
         model._specdec_own_forward = own

@@ -106,6 +106,8 @@ class LlamaWeights:
     rope_attend: Callable | None = None
     # kernels.rms_norm where it gives torch.rms_norm's bits for every norm of the model (kernels.rms_norm_fits)
     norm_kernel: Callable | None = None
+    # kernels.swiglu where it gives F.silu(gate) * up's bits at the model's width (kernels.swiglu_matches), float32 only
+    swiglu: Callable | None = None
 
 
 def unsupported(model) -> str | None:
@@ -145,12 +147,13 @@ def unsupported(model) -> str | None:
 
 
 def llama_weights(model, few_rows: Callable | None = None, rope_attend: Callable | None = None,
-                  norm_kernel: Callable | None = None) -> LlamaWeights | None:
+                  norm_kernel: Callable | None = None, swiglu: Callable | None = None) -> LlamaWeights | None:
     """The tensors and kernel calls our forward reads, or None where it does not apply (`unsupported`, or a
     linear layer with no kernel call we know: `matmul`). few_rows: the attention kernel for passes of few rows
     (kernels.few_row_attention), used for float32 models on the CPU; rope_attend: the same kernel fused with rotary
     and the cache write (kernels.rope_attend), used with it; norm_kernel: RMSNorm in one call (kernels.rms_norm:
-    kernels.prepare_model passes it where it gives torch's bits for every norm of the model), float32 only."""
+    kernels.prepare_model passes it where it gives torch's bits for every norm of the model), float32 only; swiglu:
+    silu(gate) * up in one call (kernels.swiglu, passed where it gives torch's bits), float32 only."""
     if forward_choice() != "own" or unsupported(model) is not None:
         return None
     config, inner = model.config, model.model
@@ -176,7 +179,7 @@ def llama_weights(model, few_rows: Callable | None = None, rope_attend: Callable
                         intermediate=config.intermediate_size, scaling=attn.scaling,
                         few_rows=few_rows if cpu_float32 else None,
                         rope_attend=rope_attend if cpu_float32 and few_rows is not None else None,
-                        norm_kernel=norm_kernel if cpu_float32 else None)
+                        norm_kernel=norm_kernel if cpu_float32 else None, swiglu=swiglu if cpu_float32 else None)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -251,7 +254,8 @@ def forward_batch(weights: LlamaWeights, passes: list[tuple]):
                       by_rows and seg.mask is not None) for seg in segments]
         x = x + layer.out(att[0] if len(att) == 1 else torch.cat(att))
         gate_up = layer.gate_up(norm(x, layer.mlp_norm, layer.mlp_eps))
-        x = x + layer.down(F.silu(gate_up[:, :weights.intermediate]) * gate_up[:, weights.intermediate:])
+        x = x + layer.down(weights.swiglu(gate_up, weights.intermediate) if weights.swiglu is not None
+                           else F.silu(gate_up[:, :weights.intermediate]) * gate_up[:, weights.intermediate:])
     wanted = [(seg, rows, want_hidden) for seg, (_, _, rows, _, _, want_hidden) in zip(segments, passes)]
     if any(want_hidden for *_, want_hidden in wanted):
         x = norm(x, weights.norm, weights.norm_eps)

@@ -88,6 +88,8 @@ torch::Tensor panel_linear(torch::Tensor x, const torch::Tensor& packed, const c
 
 // rms_norm.cpp
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+// swiglu.cpp
+at::Tensor swiglu(const at::Tensor& gate_up, int64_t intermediate);
 // row_select.cpp
 at::Tensor argmax_rows(at::Tensor x);
 std::tuple<at::Tensor, at::Tensor> top_k_rows(at::Tensor x, int64_t k);
@@ -118,6 +120,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("probe_compute", &probe_compute, "float32 FMA or int8 VNNI loop on each of torch's threads (a checksum)");
     m.def("few_row_attention", &few_row_attention, "float32 attention of 1-16 query rows, grouped KV heads (AVX-512)");
     m.def("rms_norm", &rms_norm, "RMSNorm of float32 rows with torch.rms_norm's bits, one call (AVX-512)");
+    m.def("swiglu", &swiglu, "silu(gate) * up of float32 rows with torch's bits, one call (AVX-512)");
     m.def("argmax_rows", &argmax_rows, "torch.argmax of each float32 row, one call (AVX-512)");
     m.def("top_k_rows", &top_k_rows, "each float32 row's k largest, best first, one call (AVX-512)");
     m.def("rope_attend", &rope_attend, "rotary + cache write + few_row_attention of a few-row pass (AVX-512)");
