@@ -514,7 +514,7 @@ def amx_granted() -> bool:
 def quant_kernels() -> str:
     """Which kernels multiply int8 and int4 weights (quant.WeightOnlyLinear, chosen when a model is converted):
     'amx' or 'vnni' (ours, csrc/quant_linear.cpp: activations quantised per row to int8, integer dot products, the
-    weights read once per call for all rows; 'amx' computes int8 passes of 4 or more rows and int4 passes of 9 or
+    weights read once per call for all rows; 'amx' computes int8 passes of 4 or more rows and int4 passes of 13 or
     more on the AMX tiles of Intel Xeons from Sapphire Rapids, to the same bits) or 'torch' (torch's packed
     weight-only kernels on bfloat16 activations, built for one row). 'auto' (default) picks 'amx' where the CPU has
     AMX, else 'vnni' where it has AVX-512 VNNI (and the extension builds), else 'torch'; $SPECDEC_CPU_QUANT=

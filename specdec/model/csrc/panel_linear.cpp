@@ -115,7 +115,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("int8_linear", &int8_linear, "int8 linear of 1-64+ rows, per-row int8 activations (AVX-512 VNNI)");
     m.def("int4_linear", &int4_linear, "int4 linear of 1-64+ rows, per-row int8 activations (AVX-512 VNNI)");
     m.def("quant_amx", &quant_amx, "AMX tiles on (where the CPU and Linux allow them) or off for int8 passes of 4+ "
-          "rows and int4 passes of 9+; returns whether on");
+          "rows and int4 passes of 13+; returns whether on");
     m.def("probe_read", &probe_read, "streaming read of a buffer on torch's threads (a checksum)");
     m.def("probe_compute", &probe_compute, "float32 FMA or int8 VNNI loop on each of torch's threads (a checksum)");
     m.def("few_row_attention", &few_row_attention, "float32 attention of 1-16 query rows, grouped KV heads (AVX-512)");

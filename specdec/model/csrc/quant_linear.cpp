@@ -4,7 +4,7 @@
 // Why: torch's packed int4/int8 CPU kernels are built for one row, so a verify pass of k + 1 rows costs nearly
 // k + 1 steps. Here the weights stream from memory once per call for all rows, and the products are integer dot
 // products (`vpdpbusd`: 64 u8 x s8 products summed in fours into 16 int32 lanes per instruction). Two loop orders:
-// for few rows (int8 1-3; int4 1-2, 1-8 on Xeons with AMX: int4_many_rows) a group of weight panels is the outer loop
+// for few rows (int8 1-3; int4 1-2, 1-12 on Xeons with AMX: int4_many_rows) a group of weight panels is the outer loop
 // and row chunks the inner one, the float sums in registers (int8_tile, int4_tile); for more rows (verify passes, batches, prompts: bound by the
 // arithmetic) the weights of two panels over 32 inputs sit in registers and every row of a block of 32 runs over
 // them (int8_tile_rows, int4_tile_rows).
@@ -29,7 +29,7 @@
 // holds it (integer sums are exact; float operations in a fixed order), so a verify pass gives each row the bits
 // of its one-row step.
 //
-// AMX (Intel Xeons from Sapphire Rapids): from 4 (int8) or 9 (int4) rows the integer sums run on the tile unit
+// AMX (Intel Xeons from Sapphire Rapids): from 4 (int8) or 13 (int4) rows the integer sums run on the tile unit
 // (int8_amx, int4_amx), to the same bits.
 // ATen only, not torch/extension.h: the pybind11 and libtorch API headers take ~2/3 of a translation unit's
 // compile time; panel_linear.cpp (the module definition) is the one that needs them
@@ -315,10 +315,10 @@ void int4_tile_rows(const Rows& r, int64_t m0, int64_t M, const uint8_t* packed,
 // are those of its one-row step whichever unit ran the pass. Used from kAmxInt8Rows / kAmxInt4Rows rows, when
 // quant_amx(true) found the tile unit and Linux granted the process its state (arch_prctl ARCH_REQ_XCOMP_PERM).
 // From how many rows the tiles run (bench/quant_kernel.py, 2-core Xeon: int8 on tiles was slower at 3 rows and
-// faster from 4; int4 from 9, where the register tiles of up to 8 rows stop: each group's sums leave the tiles
-// through memory for the float epilogue, so at 8 rows the tiles were 15 % slower than the register tiles, and
-// from 9 to 12 rows 1-5 % faster than int4_tile_rows in whole passes, 2026-12-07).
-constexpr int kAmxInt8Rows = 4, kAmxInt4Rows = 9;
+// faster from 4; int4 from 13, where the register tiles of up to 12 rows stop: each group's sums leave the tiles
+// through memory for the float epilogue, so at 8 rows the tiles were 15 % slower than the register tiles and whole
+// passes of 9-11 rows 3-8 % slower, at 12 rows within 2 %, 2026-12-07).
+constexpr int kAmxInt8Rows = 4, kAmxInt4Rows = 13;
 bool g_amx = false;
 
 struct alignas(64) TileConfig {  // LDTILECFG's 64-byte operand, palette 1
@@ -499,7 +499,7 @@ void int8_rows(const Rows& r, int64_t m0, const int8_t* packed, int64_t quads, c
 template <int M>
 void int4_rows(const Rows& r, int64_t m0, const uint8_t* packed, int64_t octets, int64_t group,
                const uint16_t* scales_zeros, float* y, int64_t N, int64_t pa, int64_t pb) {
-    constexpr int NB = M <= 2 ? 4 : 1;  // 3-8 rows: one panel (2M + 5 registers; two panels measured slower)
+    constexpr int NB = M <= 2 ? 4 : 1;  // 3-12 rows: one panel (2M + 5 registers; two panels measured slower)
     int64_t p = pa;
     for (; p + NB <= pb; p += NB) int4_tile<M, NB>(r, m0, packed, octets, group, scales_zeros, y, N, p);
     for (; p < pb; ++p) int4_tile<M, 1>(r, m0, packed, octets, group, scales_zeros, y, N, p);
@@ -511,16 +511,18 @@ constexpr int kInt8ManyRows = 4;  // from this many rows, int8_tile_rows; fewer:
 constexpr Int8Fn kInt8Rows[kInt8ManyRows] = {nullptr, int8_rows<1>, int8_rows<2>, int8_rows<3>};
 using Int4Fn = void (*)(const Rows&, int64_t, const uint8_t*, int64_t, int64_t, const uint16_t*,
                         float*, int64_t, int64_t, int64_t);
-constexpr int kInt4Chunk = 8;
+constexpr int kInt4Chunk = 12;  // 2 x 12 + 5 = 29 of the 32 registers
 constexpr Int4Fn kInt4Rows[kInt4Chunk + 1] = {nullptr, int4_rows<1>, int4_rows<2>, int4_rows<3>, int4_rows<4>,
-                                              int4_rows<5>, int4_rows<6>, int4_rows<7>, int4_rows<8>};
+                                              int4_rows<5>, int4_rows<6>, int4_rows<7>, int4_rows<8>,
+                                              int4_rows<9>, int4_rows<10>, int4_rows<11>, int4_rows<12>};
 // From how many rows (and groups of 32) int4_tile_rows takes over from the register tiles, per CPU kind, as measured
 // (bench/quant_kernel.py, SmolLM2-135M's 120 decoder matrices streaming, 2 threads): on a 2-core AMD EPYC (no AMX)
-// from 3 rows, against chunks of 4 rows x 2 panels; on a 2-core Intel Xeon with AMX from 9: there the register
-// tiles of one panel and up to 8 rows were 7-15 % faster at 3-8 rows (3 rows 2.85-3.01 against 3.28-3.36 ms, 5 rows
-// 3.58-3.72 against 3.92-4.04, 7 rows 4.39-4.64 against 4.76-4.94; 2026-12-07). Whatever runs, the bits are the same.
+// from 3 rows, against chunks of 4 rows x 2 panels; on a 2-core Intel Xeon with AMX from 13: there the register
+// tiles of one panel and up to 12 rows were 7-15 % faster at 3-8 rows (3 rows 2.85-3.01 against 3.28-3.36 ms, 5 rows
+// 3.58-3.72 against 3.92-4.04, 7 rows 4.39-4.64 against 4.76-4.94), and whole passes of 9-11 rows 3-8 % faster than
+// on the AMX tiles (2026-12-07). Whatever runs, the bits are the same.
 int int4_many_rows() {
-    static const int rows = cpu_has_amx() ? 9 : 3;
+    static const int rows = cpu_has_amx() ? 13 : 3;
     return rows;
 }
 
