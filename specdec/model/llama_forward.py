@@ -248,11 +248,16 @@ def forward_batch(weights: LlamaWeights, passes: list[tuple]):
     cos, sin = rotary(weights, torch.cat(pos) if len(pos) > 1 else pos[0], x.dtype)
     by_rows = exact_rows_requested()
     norm = weights.norm_kernel or rms_norm
+    # each sequence's rotary rows, sliced once per pass rather than once per layer (a slice is ~1 us of dispatch)
+    rope = [(cos, sin)] if len(segments) == 1 else [(cos[s.start:s.end], sin[s.start:s.end]) for s in segments]
     for index, layer in enumerate(weights.layers):
         qkv = layer.qkv(norm(x, layer.attn_norm, layer.attn_eps))
-        att = [attend(weights, index, seg, qkv[seg.start:seg.end], cos[seg.start:seg.end], sin[seg.start:seg.end],
-                      by_rows and seg.mask is not None) for seg in segments]
-        x = x + layer.out(att[0] if len(att) == 1 else torch.cat(att))
+        if len(segments) == 1:
+            att = attend(weights, index, segments[0], qkv, cos, sin, by_rows and segments[0].mask is not None)
+        else:
+            att = torch.cat([attend(weights, index, seg, qkv[seg.start:seg.end], seg_cos, seg_sin,
+                                   by_rows and seg.mask is not None) for seg, (seg_cos, seg_sin) in zip(segments, rope)])
+        x = x + layer.out(att)
         gate_up = layer.gate_up(norm(x, layer.mlp_norm, layer.mlp_eps))
         x = x + layer.down(weights.swiglu(gate_up, weights.intermediate) if weights.swiglu is not None
                            else F.silu(gate_up[:, :weights.intermediate]) * gate_up[:, weights.intermediate:])
