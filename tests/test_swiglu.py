@@ -64,3 +64,18 @@ def test_our_forward_uses_it_only_where_it_matches_torch(monkeypatch):
         assert prepare_model(model)._specdec_own_forward.swiglu is None
     finally:
         swiglu_matches.cache_clear()
+
+
+@needs_panels
+def test_a_torch_without_sleefs_exp_keeps_torchs_operators(monkeypatch):
+    def unavailable(gate_up, width):  # what the extension raises where dlsym finds no Sleef_expf16_u10
+        raise RuntimeError("swiglu: this torch does not export Sleef_expf16_u10")
+    swiglu_matches.cache_clear()
+    monkeypatch.setattr(kernels, "swiglu", unavailable)
+    monkeypatch.setenv("SPECDEC_CPU_LINEAR", "panels")
+    try:
+        assert not swiglu_matches(64)
+        model = prepare_model(tiny_target(dtype=torch.float32))
+        assert model._specdec_own_forward is not None and model._specdec_own_forward.swiglu is None
+    finally:
+        swiglu_matches.cache_clear()

@@ -270,6 +270,10 @@ def swiglu_matches(intermediate: int) -> bool:
     silu is computed otherwise costs speed, not bits."""
     if panel_kernel_problem() is not None:
         return False
+    try:
+        swiglu(torch.zeros(1, 2 * intermediate), intermediate)
+    except RuntimeError:  # a torch without Sleef's expf to call: torch's operators stay
+        return False
     generator = torch.Generator().manual_seed(intermediate)
     special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-40, -1e-40, -88.5, 88.5, -104.0])
     for rows, scale in ((1, 1.0), (3, 1e-3), (17, 40.0), (2, 1e3)):

@@ -8,19 +8,37 @@
 // scalar std::exp over the rest of the row (ATen's vectorized_loop: 2 x 16 floats a step, the scalar op after), then
 // y = s * up. None of these is a multiply followed by an add, so the compiler has nothing to fuse; the Python side
 // (kernels.swiglu_matches) compares the bits with torch's on this machine before our forward uses it.
+//
+// Sleef's expf is looked up in the libtorch this extension links (dlsym) rather than declared from sleef.h: a torch
+// that ships neither the header nor the symbol then loses this one call (swiglu_matches is False), not every kernel
+// of the extension.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <dlfcn.h>
 #include <immintrin.h>
-#include <sleef.h>
 
 #include <algorithm>
 #include <cmath>
+
+namespace {
+
+using Exp16 = __m512 (*)(__m512);
+
+Exp16 sleef_expf16() {  // RTLD_DEFAULT from here searches this library's scope: libtorch_cpu, which defines it
+    static const Exp16 exp16 = reinterpret_cast<Exp16>(dlsym(RTLD_DEFAULT, "Sleef_expf16_u10"));
+    return exp16;
+}
+
+}  // namespace
 
 // gate_up [rows, 2 I] float32 with contiguous rows (gate | up, the fused projection's output) -> [rows, I]
 at::Tensor swiglu(const at::Tensor& gate_up, int64_t intermediate) {
     TORCH_CHECK(gate_up.dim() == 2 && gate_up.scalar_type() == at::kFloat && gate_up.device().is_cpu() &&
                     gate_up.stride(1) == 1 && intermediate >= 1 && gate_up.size(1) == 2 * intermediate,
                 "swiglu: gate_up must be a float32 CPU [rows, 2 * intermediate] tensor with contiguous rows");
+    const Exp16 exp16 = sleef_expf16();
+    TORCH_CHECK(exp16 != nullptr, "swiglu: this torch does not export Sleef_expf16_u10 (torch.nn.functional.silu runs "
+                "instead)");
     const int64_t rows = gate_up.size(0), width = intermediate, stride = gate_up.stride(0);
     at::Tensor out = at::empty({rows, width}, gate_up.options());
     const float* src = gate_up.data_ptr<float>();
@@ -38,7 +56,7 @@ at::Tensor swiglu(const at::Tensor& gate_up, int64_t intermediate) {
             for (; i < pairs_end; i += 16) {
                 const __m512 x = _mm512_loadu_ps(gate + i);
                 const __m512 minus_x = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x), sign));
-                const __m512 s = _mm512_div_ps(x, _mm512_add_ps(one, Sleef_expf16_u10(minus_x)));
+                const __m512 s = _mm512_div_ps(x, _mm512_add_ps(one, exp16(minus_x)));
                 _mm512_storeu_ps(y + i, _mm512_mul_ps(s, _mm512_loadu_ps(up + i)));
             }
             for (; i < width; ++i) {
