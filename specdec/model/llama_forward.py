@@ -248,8 +248,8 @@ def forward_batch(weights: LlamaWeights, passes: list[tuple]):
     cos, sin = rotary(weights, torch.cat(pos) if len(pos) > 1 else pos[0], x.dtype)
     by_rows = exact_rows_requested()
     norm = weights.norm_kernel or rms_norm
-    # each sequence's rotary rows, sliced once per pass rather than once per layer (a slice is ~1 us of dispatch)
-    rope = [(cos, sin)] if len(segments) == 1 else [(cos[s.start:s.end], sin[s.start:s.end]) for s in segments]
+    # several sequences' rotary rows, sliced once per pass rather than once per layer (a slice is ~1 us of dispatch)
+    rope = [] if len(segments) == 1 else [(cos[s.start:s.end], sin[s.start:s.end]) for s in segments]
     for index, layer in enumerate(weights.layers):
         qkv = layer.qkv(norm(x, layer.attn_norm, layer.attn_eps))
         if len(segments) == 1:
