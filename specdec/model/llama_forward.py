@@ -256,7 +256,8 @@ def forward_batch(weights: LlamaWeights, passes: list[tuple]):
             att = attend(weights, index, segments[0], qkv, cos, sin, by_rows and segments[0].mask is not None)
         else:
             att = torch.cat([attend(weights, index, seg, qkv[seg.start:seg.end], seg_cos, seg_sin,
-                                   by_rows and seg.mask is not None) for seg, (seg_cos, seg_sin) in zip(segments, rope)])
+                                   by_rows and seg.mask is not None)
+                             for seg, (seg_cos, seg_sin) in zip(segments, rope)])
         x = x + layer.out(att)
         gate_up = layer.gate_up(norm(x, layer.mlp_norm, layer.mlp_eps))
         x = x + layer.down(weights.swiglu(gate_up, weights.intermediate) if weights.swiglu is not None

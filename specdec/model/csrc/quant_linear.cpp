@@ -4,10 +4,10 @@
 // Why: torch's packed int4/int8 CPU kernels are built for one row, so a verify pass of k + 1 rows costs nearly
 // k + 1 steps. Here the weights stream from memory once per call for all rows, and the products are integer dot
 // products (`vpdpbusd`: 64 u8 x s8 products summed in fours into 16 int32 lanes per instruction). Two loop orders:
-// for few rows (int8 1-3; int4 1-2, 1-12 on Xeons with AMX: int4_many_rows) a group of weight panels is the outer loop
-// and row chunks the inner one, the float sums in registers (int8_tile, int4_tile); for more rows (verify passes, batches, prompts: bound by the
-// arithmetic) the weights of two panels over 32 inputs sit in registers and every row of a block of 32 runs over
-// them (int8_tile_rows, int4_tile_rows).
+// for few rows (int8 1-3; int4 1-2, 1-12 on Xeons with AMX: int4_many_rows) a group of weight panels is the outer
+// loop and row chunks the inner one, the float sums in registers (int8_tile, int4_tile); for more rows (verify
+// passes, batches, prompts: bound by the arithmetic) the weights of two panels over 32 inputs sit in registers and
+// every row of a block of 32 runs over them (int8_tile_rows, int4_tile_rows).
 //
 // Activations: per row, scale = max|x| / 127 and xq = round-half-even(x / scale) in [-127, 127] (a row of zeros:
 // xq = 0). The row's scale is its own, so a row's result does not depend on the other rows of the call.
@@ -517,7 +517,8 @@ constexpr Int4Fn kInt4Rows[kInt4Chunk + 1] = {nullptr, int4_rows<1>, int4_rows<2
                                               int4_rows<9>, int4_rows<10>, int4_rows<11>, int4_rows<12>};
 // From how many rows (and groups of 32) int4_tile_rows takes over from the register tiles, per CPU kind, as measured
 // (bench/quant_kernel.py, SmolLM2-135M's 120 decoder matrices streaming, 2 threads): on a 2-core AMD EPYC (no AMX)
-// from 3 rows, against chunks of 4 rows x 2 panels; on a 2-core Intel Xeon with AMX from 13: there the register
+// from 3 rows, against chunks of 4 rows x 2 panels; on a 2-core Intel Xeon with AMX from 13 (where the tiles are
+// off: with them on, int4_amx takes 13 rows and more, kAmxInt4Rows): there the register
 // tiles of one panel and up to 12 rows were 7-15 % faster at 3-8 rows (3 rows 2.85-3.01 against 3.28-3.36 ms, 5 rows
 // 3.58-3.72 against 3.92-4.04, 7 rows 4.39-4.64 against 4.76-4.94), and whole passes of 9-11 rows 3-8 % faster than
 // on the AMX tiles (2026-12-07). Whatever runs, the bits are the same.
