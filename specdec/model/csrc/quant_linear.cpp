@@ -517,13 +517,13 @@ constexpr Int4Fn kInt4Rows[kInt4Chunk + 1] = {nullptr, int4_rows<1>, int4_rows<2
                                               int4_rows<9>, int4_rows<10>, int4_rows<11>, int4_rows<12>};
 // From how many rows (and groups of 32) int4_tile_rows takes over from the register tiles, per CPU kind, as measured
 // (bench/quant_kernel.py, SmolLM2-135M's 120 decoder matrices streaming, 2 threads): on a 2-core AMD EPYC (no AMX)
-// from 3 rows, against chunks of 4 rows x 2 panels; on a 2-core Intel Xeon with AMX from 13 (where the tiles are
-// off: with them on, int4_amx takes 13 rows and more, kAmxInt4Rows): there the register
+// from 3 rows, against chunks of 4 rows x 2 panels; on a 2-core Intel Xeon with AMX past the register tiles' 12
+// rows (where the tiles are off: with them on, int4_amx takes 13 rows and more, kAmxInt4Rows): there the register
 // tiles of one panel and up to 12 rows were 7-15 % faster at 3-8 rows (3 rows 2.85-3.01 against 3.28-3.36 ms, 5 rows
 // 3.58-3.72 against 3.92-4.04, 7 rows 4.39-4.64 against 4.76-4.94), and whole passes of 9-11 rows 3-8 % faster than
 // on the AMX tiles (2026-12-07). Whatever runs, the bits are the same.
 int int4_many_rows() {
-    static const int rows = cpu_has_amx() ? 13 : 3;
+    static const int rows = cpu_has_amx() ? kInt4Chunk + 1 : 3;
     return rows;
 }
 

@@ -45,13 +45,13 @@ at::Tensor swiglu(const at::Tensor& gate_up, int64_t intermediate) {
     float* dst = out.data_ptr<float>();
     const __m512 one = _mm512_set1_ps(1.0f);
     const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));  // -x: xor of the sign bit (AVX-512F)
+    const int64_t pairs_end = width - width % 32;  // whole pairs of vectors, as ATen steps
     // rows are independent; a pass of a few rows stays on this thread (a fork costs more than its work)
     at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / width), [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
             const float* gate = src + r * stride;
             const float* up = gate + width;
             float* y = dst + r * width;
-            const int64_t pairs_end = width - width % 32;  // whole pairs of vectors, as ATen steps
             int64_t i = 0;
             for (; i < pairs_end; i += 16) {
                 const __m512 x = _mm512_loadu_ps(gate + i);
