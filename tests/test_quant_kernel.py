@@ -123,6 +123,39 @@ def test_activations_are_quantised_and_a_row_of_zeros_gives_zeros(fmt):
     assert (y.double() - exact).abs().max() < 1e-5 * weight_only.abs().max()
 
 
+def kernel_quantized_rows(x: torch.Tensor) -> torch.Tensor:
+    """The kernel's xq of the rows of x, read back exactly through int8_linear with an identity weight: y[m, n] =
+    xq[m, n] * 127 * scale_m * s[n] (the weight's q is 127 on the diagonal, s[n] its scale)."""
+    width = x.shape[1]
+    linear = torch.nn.Linear(width, width, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.eye(width))
+    module = quant.WeightOnlyLinear(linear, "int8", ops=kernels.panel_extension())
+    y = module(x).double()
+    scale = x.abs().amax(dim=1, keepdim=True) / 127
+    return (y / (scale.double() * 127 * module.scales[:width].double())).round()
+
+
+@needs_vnni
+@pytest.mark.parametrize("amax", [1.0, 3.7, 1e-3, 123.456, 2.0 ** -100, 1e-37, 1e30])
+def test_activation_quantisation_is_the_true_divisions_at_every_half_integer(amax):
+    """The kernel multiplies by the scale's reciprocal where that cannot change the rounding and divides where it
+    could: on quotients at and within 3 ulps of every half-integer k + 0.5 (the cases a multiply rounds the other way
+    now and then), xq equals torch's round-half-even of the true division, clamped (and a scale whose reciprocal
+    overflows, 1e-37 / 127, divides everywhere)."""
+    scale = torch.tensor(amax, dtype=torch.float32) / 127
+    halves = (torch.arange(-127, 127).float() + 0.5) * scale
+    rows, up, down = [halves], halves.clone(), halves.clone()
+    for _ in range(3):
+        up, down = torch.nextafter(up, up + abs(amax)), torch.nextafter(down, down - abs(amax))
+        rows += [up.clone(), down.clone()]
+    rows.append(torch.randn(254, generator=torch.Generator().manual_seed(5)) * amax / 4)
+    # each row's max|x| is amax itself (the last column), so its scale is `scale`
+    x = torch.stack([torch.cat([r.clamp(-amax, amax), torch.tensor([-amax / 2, amax])]) for r in rows])
+    expected = (x / scale).round().clamp(-127, 127)
+    assert torch.equal(kernel_quantized_rows(x), expected.double())
+
+
 @needs_vnni
 def test_int_kernels_reject_what_they_cannot_multiply():
     module, _ = layer("int8", 32, 8, seed=5)

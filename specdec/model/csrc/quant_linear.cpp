@@ -527,9 +527,26 @@ int int4_many_rows() {
     return rows;
 }
 
+// round-half-even(x / s), x / s the correctly rounded quotient, without a division where it cannot matter: t = x *
+// (1 / s) is within 2 ulps of it (two roundings of at most half an ulp each, and the quotient's own), so where t lies
+// farther than that from every half-integer, t and the quotient round to the same integer. |x / s| <= 127.0001 (s =
+// max|x| / 127) bounds the ulp by 2^-16; the margin is 2^-12. Vectors with a lane nearer a half-integer (one lane in
+// ~2000 of random inputs) take the true division there: the bits are always the division's, mostly at a multiply's
+// cost (a division of 16 lanes takes ~16 cycles).
+inline __m512 nearest_quotient(__m512 x, __m512 s, __m512 inv) {
+    constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    const __m512 t = _mm512_mul_ps(x, inv);
+    const __m512 half_away = _mm512_sub_ps(_mm512_sub_ps(t, _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF |
+                                                                                   _MM_FROUND_NO_EXC)),
+                                           _mm512_set1_ps(0.5f));
+    const __mmask16 near = _mm512_cmp_ps_mask(_mm512_abs_ps(half_away), _mm512_set1_ps(1.0f / 4096), _CMP_LT_OQ);
+    if (near == 0) return _mm512_roundscale_ps(t, kNearest);
+    return _mm512_roundscale_ps(_mm512_mask_div_ps(t, near, x, s), kNearest);
+}
+
 // Per-row activation quantisation into `out` ([M, stride] bytes, xq + offset, zero padding to `stride`), 16 lanes at a
-// time (it runs on every call for every row: scalar, it was a third of a 16-row int4 pass). The same IEEE operations
-// as the scalar form: a true division by the scale, round half to even, clamp to [-127, 127].
+// time (it runs on every call for every row: scalar, it was a third of a 16-row int4 pass). The bits of the scalar
+// form: a true division by the scale (nearest_quotient), round half to even, clamp to [-127, 127].
 void quantize_rows(const float* x, int64_t M, int64_t K, int64_t stride, int offset, uint8_t* out, float* scale) {
     const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
     const __m512i shift = _mm512_set1_epi32(offset);
@@ -544,10 +561,14 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int64_t stride, int off
         scale[m] = s;
         uint8_t* o = out + m * stride;
         if (s > 0.0f) {
-            const __m512 vs = _mm512_set1_ps(s);
+            // (a scale so small that its reciprocal overflows, max|x| < ~1e-36: the division everywhere)
+            const bool multiply = std::isfinite(1.0f / s);
+            const __m512 vs = _mm512_set1_ps(s), inv = _mm512_set1_ps(1.0f / s);
             for (k = 0; k + 16 <= K; k += 16) {
-                __m512 q = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(row + k), vs),
-                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                const __m512 xk = _mm512_loadu_ps(row + k);
+                __m512 q = multiply ? nearest_quotient(xk, vs, inv)
+                                    : _mm512_roundscale_ps(_mm512_div_ps(xk, vs), _MM_FROUND_TO_NEAREST_INT |
+                                                                                  _MM_FROUND_NO_EXC);
                 q = _mm512_min_ps(hi, _mm512_max_ps(lo, q));
                 const __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(q), shift);
                 _mm_storeu_si128(reinterpret_cast<__m128i*>(o + k), _mm512_cvtepi32_epi8(v));
@@ -560,6 +581,42 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int64_t stride, int off
             std::memset(o, offset, K);
         }
         for (k = K; k < stride; ++k) o[k] = static_cast<uint8_t>(offset);
+    }
+}
+
+// The int4 kernel's sum of a quantised row's xq over each group of `group` inputs (exact integers, as floats).
+void group_sums(const int8_t* q, int64_t K, int64_t group, float* out) {
+    for (int64_t g = 0; g < K / group; ++g) {
+        const int8_t* p = q + g * group;
+        __m512i acc = _mm512_setzero_si512();
+        int64_t k = 0;
+        for (; k + 16 <= group; k += 16)
+            acc = _mm512_add_epi32(acc, _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + k))));
+        int32_t sum = _mm512_reduce_add_epi32(acc);
+        for (; k < group; ++k) sum += p[k];
+        out[g] = static_cast<float>(sum);
+    }
+}
+
+// From how many rows a call quantises its rows on all threads rather than one (2 threads, SmolLM2's widths 576 and
+// 1536, 2026-12-07: at 2-4 rows the threads' start cost ~1 us more than they saved, from 6 rows they saved 5-10 %
+// of the call, at 16 rows ~3 us of ~25-45).
+constexpr int64_t kParallelQuantizeRows = 6;
+
+// quantize_rows, and for the int4 kernel (sums != nullptr) each row's group sums, over the rows on all threads where
+// there are enough of them: every row is quantised on its own, so the thread that does it cannot change its bits.
+void prepare_rows(const float* x, int64_t M, int64_t K, int64_t stride, int offset, uint8_t* out, float* scale,
+                  int64_t group, float* sums) {
+    const auto rows = [&](int64_t a, int64_t b) {
+        quantize_rows(x + a * K, b - a, K, stride, offset, out + a * stride, scale + a);
+        if (sums != nullptr)
+            for (int64_t m = a; m < b; ++m)
+                group_sums(reinterpret_cast<const int8_t*>(out + m * stride), K, group, sums + m * (K / group));
+    };
+    if (M >= kParallelQuantizeRows) {
+        at::parallel_for(0, M, 1, rows);
+    } else {
+        rows(0, M);
     }
 }
 
@@ -639,7 +696,7 @@ at::Tensor int8_linear(at::Tensor x, const at::Tensor& packed, const at::Tensor&
     if (M == 0) return y;
     std::vector<uint8_t> xq(padded_rows(M) * quads * 4);
     std::vector<float> xs(M);
-    quantize_rows(x.data_ptr<float>(), M, K, quads * 4, 128, xq.data(), xs.data());
+    prepare_rows(x.data_ptr<float>(), M, K, quads * 4, 128, xq.data(), xs.data(), 0, nullptr);
     const Rows r{xq.data(), quads * 4, xs.data(), nullptr, 0};
     const int8_t* wp = packed.data_ptr<int8_t>();
     const int32_t* cs = col_sums.data_ptr<int32_t>();
@@ -670,13 +727,7 @@ at::Tensor int4_linear(at::Tensor x, const at::Tensor& packed, const at::Tensor&
     if (M == 0) return y;
     std::vector<uint8_t> xq(padded_rows(M) * K);
     std::vector<float> xs(M), sums(M * groups);
-    quantize_rows(x.data_ptr<float>(), M, K, K, 0, xq.data(), xs.data());
-    for (int64_t m = 0; m < M; ++m)
-        for (int64_t g = 0; g < groups; ++g) {
-            int32_t s = 0;
-            for (int64_t k = g * group; k < (g + 1) * group; ++k) s += static_cast<int8_t>(xq[m * K + k]);
-            sums[m * groups + g] = static_cast<float>(s);
-        }
+    prepare_rows(x.data_ptr<float>(), M, K, K, 0, xq.data(), xs.data(), group, sums.data());
     const Rows r{xq.data(), K, xs.data(), sums.data(), groups};
     const uint8_t* wp = packed.data_ptr<uint8_t>();
     const uint16_t* sz = reinterpret_cast<const uint16_t*>(scales_zeros.data_ptr<at::BFloat16>());
