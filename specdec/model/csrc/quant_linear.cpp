@@ -562,8 +562,9 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int64_t stride, int off
         uint8_t* o = out + m * stride;
         if (s > 0.0f) {
             // (a scale so small that its reciprocal overflows, max|x| < ~1e-36: the division everywhere)
-            const bool multiply = std::isfinite(1.0f / s);
-            const __m512 vs = _mm512_set1_ps(s), inv = _mm512_set1_ps(1.0f / s);
+            const float reciprocal = 1.0f / s;
+            const bool multiply = std::isfinite(reciprocal);
+            const __m512 vs = _mm512_set1_ps(s), inv = _mm512_set1_ps(reciprocal);
             for (k = 0; k + 16 <= K; k += 16) {
                 const __m512 xk = _mm512_loadu_ps(row + k);
                 __m512 q = multiply ? nearest_quotient(xk, vs, inv)
