@@ -1,6 +1,8 @@
 """Our forward (specdec/model/llama_forward.py) against transformers' forward of the same prepared model, A/B in one
 process: per weight format, the embedded target's plain decoding of suite prompts, the forwards interleaved prompt
-by prompt (the order rotates), medians over repeats. Where our forward fuses rotary, the cache write and attention
+by prompt (the order rotates), medians over repeats. Where our forward runs a step's layers in one call of our
+extension (kernels.decoder_layers), it also runs them looped in Python ("python loop": the same kernels from
+Python, as $SPECDEC_FORWARD=own-python does). Where our forward fuses rotary, the cache write and attention
 into one call (kernels.rope_attend), it also runs without that call ("unfused": the same forward, those steps in
 torch), and likewise without its one-call RMSNorm ("torch norm") and SiLU-and-multiply ("torch silu"), so each
 call's share is measured in the same run. Prints the CPU model, ms per one-token step and per
@@ -29,7 +31,8 @@ from specdec.model.kernels import prepare_model
 
 
 # our forward without one of its fused calls (LlamaWeights' field set to None): the name printed, the field
-ABLATIONS = (("unfused", "rope_attend"), ("torch norm", "norm_kernel"), ("torch silu", "swiglu"))
+ABLATIONS = (("python loop", "native"), ("unfused", "rope_attend"), ("torch norm", "norm_kernel"),
+             ("torch silu", "swiglu"))
 
 
 def decode(model, ids: list[int], new_tokens: int) -> tuple[float, float, list[int]]:

@@ -131,12 +131,16 @@ def wide_head_target(seed: int = 0) -> LlamaForCausalLM:
 
 
 def counted(monkeypatch) -> list:
-    """Count the kernel's calls (rows per call) from both forwards: few_row_attention, and rope_attend (our
-    forward's fused call of it after the first layer)."""
+    """Count the kernel's calls (rows per call, one per layer) from both forwards: few_row_attention, rope_attend
+    (our forward's fused call of it after the first layer) and decoder_layers (our forward's one call of every
+    layer's rope_attend and the rest, from C++: counted once per layer it runs)."""
     calls = []
-    real, fused = kernels.few_row_attention, kernels.rope_attend
+    real, fused, layers = kernels.few_row_attention, kernels.rope_attend, kernels.decoder_layers
     monkeypatch.setattr(kernels, "few_row_attention", lambda q, *a: calls.append(q.shape[1]) or real(q, *a))
     monkeypatch.setattr(kernels, "rope_attend", lambda qkv, *a: calls.append(qkv.shape[0]) or fused(qkv, *a))
+    monkeypatch.setattr(kernels, "decoder_layers",  # each layer's rope_attend of each sequence
+                        lambda x, cos, sin, rows, keys, *a: calls.extend(rows * (len(keys) // len(rows))) or
+                        layers(x, cos, sin, rows, keys, *a))
     return calls
 
 
@@ -192,8 +196,8 @@ def test_both_forwards_run_the_kernel_bit_for_bit_alike(monkeypatch):
         theirs = passes(model, caches[1], ids)
         layers = len(model.model.layers)
         # 3 one-row steps, the 5-row chain pass and the 5-row tree pass, in every layer; not the 10-row prefill
-        # (causal, no mask): the same calls in both forwards (ours: few_row_attention in the first layer,
-        # rope_attend in the others)
+        # (causal, no mask): the same calls in both forwards (ours: rope_attend in every layer, through
+        # decoder_layers)
         assert mine_calls == calls == [1] * 3 * layers + [5] * layers * 2
         calls[:] = []
         for (a_logits, a_hidden), (b_logits, b_hidden) in zip(mine, theirs):

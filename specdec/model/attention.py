@@ -80,7 +80,12 @@ def few_rows_fit(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | No
     SDPA)."""
     _, heads, rows, dim = query.shape
     return (query.shape[0] == 1 and key.shape[0] == 1 and query.dtype == torch.float32
-            and query.device.type == "cpu" and rows <= FEW_ROWS and dim in (64, 128)
-            and heads % key.shape[1] == 0
+            and query.device.type == "cpu" and few_rows_shape_fit(rows, key.shape[2], heads, key.shape[1], dim, mask))
+
+
+def few_rows_shape_fit(rows: int, keys: int, heads: int, kv_heads: int, dim: int, mask: torch.Tensor | None) -> bool:
+    """few_rows_fit's conditions on the shapes, known before a pass's queries and keys are: 1..FEW_ROWS rows over
+    `keys` positions, head dimension 64 or 128, whole groups of query heads, a mask for a multi-row pass."""
+    return (rows <= FEW_ROWS and dim in (64, 128) and heads % kv_heads == 0
             and (rows == 1 if mask is None
-                 else mask.dim() == 4 and mask.shape[:3] == (1, 1, rows) and mask.shape[3] == key.shape[2]))
+                 else mask.dim() == 4 and mask.shape[:3] == (1, 1, rows) and mask.shape[3] == keys))

@@ -78,6 +78,7 @@ NORM_SOURCE = Path(__file__).parent / "csrc" / "rms_norm.cpp"  # llama_forward.r
 SWIGLU_SOURCE = Path(__file__).parent / "csrc" / "swiglu.cpp"  # llama_forward's silu(gate) * up: torch's bits
 SELECT_SOURCE = Path(__file__).parent / "csrc" / "row_select.cpp"  # decoding's argmax and top-k of logit rows
 PROBE_SOURCE = Path(__file__).parent / "csrc" / "machine_probe.cpp"  # measure.machine: bandwidth and peak rates
+DECODER_SOURCE = Path(__file__).parent / "csrc" / "decoder_layers.cpp"  # llama_forward's layer loop in one call
 
 
 class PanelKernelError(RuntimeError):
@@ -106,7 +107,7 @@ def panel_extension():
     try:
         build.mkdir(parents=True, exist_ok=True)
         sources = [PANEL_SOURCE, ATTENTION_SOURCE, QUANT_SOURCE, NORM_SOURCE, SWIGLU_SOURCE, SELECT_SOURCE,
-                   PROBE_SOURCE]
+                   PROBE_SOURCE, DECODER_SOURCE]
         module = cpp_extension.load(name=KERNEL_NAME, sources=[str(s) for s in sources],
                                     extra_cflags=list(KERNEL_CFLAGS), build_directory=str(build), verbose=False)
     except Exception as e:  # no compiler, no ninja, no Python headers, no writable cache: say which, in one line
@@ -225,6 +226,20 @@ def rope_attend(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_buf
                                          scale)
 
 
+def decoder_layers(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segment_rows: list[int],
+                   keys: list[torch.Tensor], values: list[torch.Tensor], starts: list[int],
+                   masks: list[torch.Tensor], tensors: list[torch.Tensor], ints: list[int], eps: list[float],
+                   heads: int, kv_heads: int, intermediate: int, scale: float) -> torch.Tensor:
+    """A few-row pass's decoder layers in one call of our extension (csrc/decoder_layers.cpp): per layer rms_norm,
+    the projections (our panel, int8 or int4 kernels, as llama_forward.native_layers lays them out), rope_attend of
+    each sequence (segment_rows[s] rows of x, one after another) into its cache buffers keys/values at starts (one
+    per sequence and layer, sequence-major) with its mask (masks[s]: rope_attend's mask_t, or an empty tensor),
+    swiglu and the residual adds, in llama_forward's order with its bits -> the last layer's output [rows, hidden]
+    (x itself is not modified)."""
+    return panel_extension().decoder_layers(x, cos, sin, segment_rows, keys, values, starts, masks, tensors, ints,
+                                            eps, heads, kv_heads, intermediate, scale)
+
+
 RMS_NORM_WIDEST = 32767  # torch splits one wider row's sum across threads (its grain size, 32768): another order
 
 
@@ -326,6 +341,11 @@ class PanelLinear(KernelLinear):
     def kernel(self):
         """The bare kernel call on 2-D inputs (llama_forward calls it without the module)."""
         return functools.partial(panel_linear, packed=self.packed, bias=self.bias)
+
+    def native_call(self) -> tuple[str, int, tuple[torch.Tensor, ...]] | None:
+        """(kernel, parameter, tensors) for csrc/decoder_layers.cpp's own call of it (llama_forward.native_part);
+        None with a bias, which that call does not add."""
+        return None if self.bias is not None else ("panels", 0, (self.packed,))
 
 
 class PanelEmbedding(torch.nn.Module):
@@ -575,7 +595,8 @@ def prepare_model(model, linear: str | None = None):
     model._specdec_own_forward = llama_forward.llama_weights(
         model, few_rows, rope_attend if few_rows is not None else None,
         rms_norm if few_rows is not None and rms_norm_fits(model) else None,
-        swiglu if few_rows is not None and isinstance(intermediate, int) and swiglu_matches(intermediate) else None)
+        swiglu if few_rows is not None and isinstance(intermediate, int) and swiglu_matches(intermediate) else None,
+        decoder_layers)
     return model
 
 

@@ -31,18 +31,20 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from specdec.model.attention import (attend_rows, exact_rows_requested, few_rows_fit, fold_mask, grouped_rows,
-                               sdpa_one_row, transposed_mask)
+from specdec.model.attention import (attend_rows, exact_rows_requested, few_rows_fit, few_rows_shape_fit, fold_mask,
+                                     grouped_rows, sdpa_one_row, transposed_mask)
 from specdec.model.quant import FusedWeightOnly, ProjectionSlice
 
-FORWARDS = ("own", "transformers")
+# own: our forward, a few-row pass's layers in one call of our extension where every kernel is ours (decoder_layers);
+# own-python: our forward with the layers looped in Python (an ablation: the same bits); transformers: theirs
+FORWARDS = ("own", "own-python", "transformers")
 ROPE_TYPES = ("default", "linear", "llama3")  # inv_freq fixed at load time (dynamic/yarn/longrope change or scale it)
 
 Matmul = Callable[[torch.Tensor], torch.Tensor]  # [rows, in] -> [rows, out], in the model's dtype
 
 
 def forward_choice() -> str:
-    """'own' (default) or 'transformers', from $SPECDEC_FORWARD."""
+    """'own' (default), 'own-python' or 'transformers', from $SPECDEC_FORWARD."""
     choice = os.environ.get("SPECDEC_FORWARD", "own").strip().lower() or "own"
     if choice not in FORWARDS:
         raise ValueError(f"SPECDEC_FORWARD must be one of {', '.join(FORWARDS)}, got '{choice}'")
@@ -73,6 +75,59 @@ def projections(modules: list) -> Matmul:
 
 def concatenated(x: torch.Tensor, calls: tuple[Matmul, ...]) -> torch.Tensor:
     return torch.cat([call(x) for call in calls], dim=-1)
+
+
+NATIVE_KINDS = {"panels": 0, "int8": 1, "int4": 2}  # csrc/decoder_layers.cpp's projection kinds
+
+
+def native_part(module) -> tuple[int, int, list[torch.Tensor]] | None:
+    """How csrc/decoder_layers.cpp calls a linear layer's kernel itself: (kind, parameter, 3 tensors) from the
+    layer's `native_call()` (kernels.PanelLinear, quant.WeightOnlyLinear on our kernels), or None where the layer
+    runs another kernel."""
+    call = module.native_call() if hasattr(module, "native_call") else None
+    if call is None:
+        return None
+    kernel, parameter, tensors = call
+    return NATIVE_KINDS[kernel], parameter, list(tensors) + [NO_MASK] * (3 - len(tensors))
+
+
+def native_projection(modules: list) -> list[tuple[int, int, list[torch.Tensor]]] | None:
+    """`projections` as decoder_layers' parts: the fused weight-only layer, else one part per module."""
+    if all(isinstance(m, ProjectionSlice) for m in modules):
+        fused = modules[0].fused[0]
+        if (isinstance(fused, FusedWeightOnly) and all(m.fused[0] is fused for m in modules)
+                and [m.index for m in modules] == list(range(len(fused.sizes)))):
+            modules = [fused.linear]
+    parts = [native_part(m) for m in modules]
+    return None if any(p is None for p in parts) else parts
+
+
+@dataclass
+class NativeLayers:
+    """A model's decoder layers flattened for csrc/decoder_layers.cpp (its header says the layout)."""
+    tensors: list[torch.Tensor]
+    ints: list[int]
+    eps: list[float]
+
+
+def native_layers(layers, model_layers) -> NativeLayers | None:
+    """NativeLayers for `model_layers` (transformers' decoder layers) with `layers` their LayerWeights, or None
+    where a projection is not one of our kernels."""
+    tensors, ints, eps = [], [], []
+    for weights, layer in zip(layers, model_layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        tensors += [weights.attn_norm, weights.mlp_norm]
+        eps += [float(weights.attn_eps), float(weights.mlp_eps)]
+        for modules in ([attn.q_proj, attn.k_proj, attn.v_proj], [attn.o_proj], [mlp.gate_proj, mlp.up_proj],
+                        [mlp.down_proj]):
+            parts = native_projection(modules)
+            if parts is None:
+                return None
+            ints.append(len(parts))
+            for kind, parameter, part_tensors in parts:
+                ints += [kind, parameter]
+                tensors += part_tensors
+    return NativeLayers(tensors, ints, eps)
 
 
 @dataclass
@@ -108,6 +163,9 @@ class LlamaWeights:
     norm_kernel: Callable | None = None
     # kernels.swiglu where it gives F.silu(gate) * up's bits at the model's width (kernels.swiglu_matches), float32 only
     swiglu: Callable | None = None
+    # kernels.decoder_layers and the layers it runs, where all of the above and every projection are our kernels
+    decoder_layers: Callable | None = None
+    native: NativeLayers | None = None
 
 
 def unsupported(model) -> str | None:
@@ -147,14 +205,18 @@ def unsupported(model) -> str | None:
 
 
 def llama_weights(model, few_rows: Callable | None = None, rope_attend: Callable | None = None,
-                  norm_kernel: Callable | None = None, swiglu: Callable | None = None) -> LlamaWeights | None:
+                  norm_kernel: Callable | None = None, swiglu: Callable | None = None,
+                  decoder_layers: Callable | None = None) -> LlamaWeights | None:
     """The tensors and kernel calls our forward reads, or None where it does not apply (`unsupported`, or a
     linear layer with no kernel call we know: `matmul`). few_rows: the attention kernel for passes of few rows
     (kernels.few_row_attention), used for float32 models on the CPU; rope_attend: the same kernel fused with rotary
     and the cache write (kernels.rope_attend), used with it; norm_kernel: RMSNorm in one call (kernels.rms_norm:
     kernels.prepare_model passes it where it gives torch's bits for every norm of the model), float32 only; swiglu:
-    silu(gate) * up in one call (kernels.swiglu, passed where it gives torch's bits), float32 only."""
-    if forward_choice() != "own" or unsupported(model) is not None:
+    silu(gate) * up in one call (kernels.swiglu, passed where it gives torch's bits), float32 only; decoder_layers:
+    a few-row pass's layers in one call of those kernels (kernels.decoder_layers), used where all four are given
+    and every projection runs our panel or VNNI kernels, unless $SPECDEC_FORWARD is own-python."""
+    choice = forward_choice()
+    if choice == "transformers" or unsupported(model) is not None:
         return None
     config, inner = model.config, model.model
     layers = []
@@ -172,6 +234,10 @@ def llama_weights(model, few_rows: Callable | None = None, rope_attend: Callable
         return None
     attn = inner.layers[0].self_attn
     cpu_float32 = model.dtype == torch.float32 and model.device.type == "cpu"
+    native = None
+    if (choice == "own" and cpu_float32 and decoder_layers is not None and few_rows is not None
+            and rope_attend is not None and norm_kernel is not None and swiglu is not None):
+        native = native_layers(layers, inner.layers)
     return LlamaWeights(embed=inner.embed_tokens, layers=layers, norm=inner.norm.weight,
                         norm_eps=inner.norm.variance_epsilon, head=head,
                         inv_freq=inner.rotary_emb.inv_freq, heads=config.num_attention_heads,
@@ -179,7 +245,8 @@ def llama_weights(model, few_rows: Callable | None = None, rope_attend: Callable
                         intermediate=config.intermediate_size, scaling=attn.scaling,
                         few_rows=few_rows if cpu_float32 else None,
                         rope_attend=rope_attend if cpu_float32 and few_rows is not None else None,
-                        norm_kernel=norm_kernel if cpu_float32 else None, swiglu=swiglu if cpu_float32 else None)
+                        norm_kernel=norm_kernel if cpu_float32 else None, swiglu=swiglu if cpu_float32 else None,
+                        decoder_layers=decoder_layers if native is not None else None, native=native)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -250,7 +317,8 @@ def forward_batch(weights: LlamaWeights, passes: list[tuple]):
     norm = weights.norm_kernel or rms_norm
     # several sequences' rotary rows, sliced once per pass rather than once per layer (a slice is ~1 us of dispatch)
     rope = [] if len(segments) == 1 else [(cos[s.start:s.end], sin[s.start:s.end]) for s in segments]
-    for index, layer in enumerate(weights.layers):
+    native = native_pass(weights, segments, x, cos, sin, by_rows)  # the layers in one call, or None: in Python
+    for index, layer in enumerate(weights.layers if native is None else ()):
         qkv = layer.qkv(norm(x, layer.attn_norm, layer.attn_eps))
         if len(segments) == 1:
             att = attend(weights, index, segments[0], qkv, cos, sin, by_rows and segments[0].mask is not None)
@@ -262,6 +330,8 @@ def forward_batch(weights: LlamaWeights, passes: list[tuple]):
         gate_up = layer.gate_up(norm(x, layer.mlp_norm, layer.mlp_eps))
         x = x + layer.down(weights.swiglu(gate_up, weights.intermediate) if weights.swiglu is not None
                            else F.silu(gate_up[:, :weights.intermediate]) * gate_up[:, weights.intermediate:])
+    if native is not None:
+        x = native
     wanted = [(seg, rows, want_hidden) for seg, (_, _, rows, _, _, want_hidden) in zip(segments, passes)]
     if any(want_hidden for *_, want_hidden in wanted):
         x = norm(x, weights.norm, weights.norm_eps)
@@ -273,6 +343,51 @@ def forward_batch(weights: LlamaWeights, passes: list[tuple]):
         out.append((logits[at:at + rows], x[seg.start:seg.end] if want_hidden else None))
         at += rows
     return out
+
+
+def native_pass(weights: LlamaWeights, segments: list[Segment], x: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor, by_rows: bool) -> torch.Tensor | None:
+    """The decoder layers' output for x in one call of csrc/decoder_layers.cpp, or None where
+    that loop does not apply and forward_batch's Python loop runs: it does for a pass whose every sequence our
+    few-row attention takes (steps and verify passes, not prompts), in caches whose every layer has its buffer."""
+    if (weights.native is None or weights.rope_attend is None or weights.norm_kernel is None
+            or weights.swiglu is None or by_rows):  # (an ablation may unset one of the calls)
+        return None
+    for seg in segments:
+        rows = seg.end - seg.start
+        if not (few_rows_shape_fit(rows, seg.cache.get_seq_length() + rows, weights.heads, weights.kv_heads,
+                                   weights.head_dim, seg.mask) and extendable(seg.cache)):
+            return None
+    keys, values, starts, masks = [], [], [], []
+    for seg in segments:  # every sequence fits: only now extend their caches
+        seg.few = True
+        seg.mask_t = transposed_mask(seg.mask) if seg.mask is not None else None
+        seg_keys, seg_values, seg_starts = extend_layers(seg.cache, seg.end - seg.start)
+        keys += seg_keys
+        values += seg_values
+        starts += seg_starts
+        masks.append(seg.mask_t if seg.mask_t is not None else NO_MASK)
+    native = weights.native
+    return weights.decoder_layers(x, cos, sin, [seg.end - seg.start for seg in segments], keys, values, starts,
+                                  masks, native.tensors, native.ints, native.eps, weights.heads, weights.kv_heads,
+                                  weights.intermediate, weights.scaling)
+
+
+NO_MASK = torch.empty(0)  # decoder_layers' "none" for a mask or an unused tensor (its lists hold tensors only)
+
+
+def extendable(cache) -> bool:
+    """Whether every layer of the cache can take rows written in place (extend_layers): decoding's GrowingLayer
+    with its buffer (a fresh cache's first write goes through its update)."""
+    return all(getattr(layer, "key_buffer", None) is not None and layer.is_initialized for layer in cache.layers)
+
+
+def extend_layers(cache, rows: int) -> tuple[list, list, list]:
+    """Room for `rows` more positions in every layer of an `extendable` cache, written in place by the caller
+    (GrowingLayer.extend): (key buffers, value buffers, first positions)."""
+    layers = cache.layers
+    starts = [layer.extend(rows) for layer in layers]
+    return [layer.key_buffer for layer in layers], [layer.value_buffer for layer in layers], starts
 
 
 def last_rows(x: torch.Tensor, wanted: list) -> torch.Tensor:

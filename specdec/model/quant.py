@@ -212,6 +212,15 @@ class WeightOnlyLinear(nn.Module):
             return functools.partial(int8_matmul, weight=self.weight, scales=self.scales, bias=self.bias)
         return functools.partial(bfloat16_matmul, weight=self.weight, bias=self.bias)
 
+    def native_call(self) -> tuple[str, int, tuple[torch.Tensor, ...]] | None:
+        """(kernel, parameter, tensors) for csrc/decoder_layers.cpp's own call of our int8/int4 kernel
+        (llama_forward.native_part); None on torch's kernels or with a bias, which that call does not add."""
+        if self.kernels != "vnni" or self.bias is not None:
+            return None
+        if self.fmt == "int4":
+            return "int4", self.group, (self.weight, self.scales)
+        return "int8", self.out_features, (self.weight, self.col_sums, self.scales)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"
                 + (f", kernels={self.kernels}" if self.fmt in ("int8", "int4") else ""))

@@ -106,6 +106,13 @@ torch::Tensor int8_linear(torch::Tensor x, const torch::Tensor& packed, const to
 torch::Tensor int4_linear(torch::Tensor x, const torch::Tensor& packed, const torch::Tensor& scales_zeros,
                           int64_t group);
 bool quant_amx(bool want);
+// decoder_layers.cpp
+at::Tensor decoder_layers(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin,
+                          const std::vector<int64_t>& segment_rows, const std::vector<at::Tensor>& keys,
+                          const std::vector<at::Tensor>& values, const std::vector<int64_t>& starts,
+                          const std::vector<at::Tensor>& masks, const std::vector<at::Tensor>& tensors,
+                          const std::vector<int64_t>& ints, const std::vector<double>& eps, int64_t heads,
+                          int64_t kv_heads, int64_t intermediate, double scale);
 // machine_probe.cpp
 int64_t probe_read(const torch::Tensor& buffer);
 double probe_compute(int64_t iterations, bool vnni);
@@ -123,5 +130,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("swiglu", &swiglu, "silu(gate) * up of float32 rows with torch's bits, one call (AVX-512)");
     m.def("argmax_rows", &argmax_rows, "torch.argmax of each float32 row, one call (AVX-512)");
     m.def("top_k_rows", &top_k_rows, "each float32 row's k largest, best first, one call (AVX-512)");
+    m.def("decoder_layers", &decoder_layers, "a few-row pass's decoder layers in one call (llama_forward's loop, same "
+          "kernels and bits)");
     m.def("rope_attend", &rope_attend, "rotary + cache write + few_row_attention of a few-row pass (AVX-512)");
 }
