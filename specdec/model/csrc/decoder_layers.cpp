@@ -31,6 +31,11 @@ at::Tensor swiglu(const at::Tensor& gate_up, int64_t intermediate);
 at::Tensor rope_attend(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& keys,
                        const at::Tensor& values, int64_t start, int64_t heads, int64_t kv_heads,
                        const c10::optional<at::Tensor>& mask_t, double scale);
+at::Tensor rope_attend_batch(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                             const std::vector<int64_t>& first_row, const std::vector<at::Tensor>& keys,
+                             const std::vector<at::Tensor>& values, const std::vector<int64_t>& starts,
+                             const std::vector<c10::optional<at::Tensor>>& masks, int64_t heads, int64_t kv_heads,
+                             double scale);
 
 namespace {
 
@@ -97,13 +102,10 @@ at::Tensor decoder_layers(at::Tensor x, const at::Tensor& cos, const at::Tensor&
     std::vector<c10::optional<at::Tensor>> mask_t(segments);
     for (size_t s = 0; s < segments; ++s)
         if (masks[s].numel() > 0) mask_t[s] = masks[s];
-    std::vector<at::Tensor> cos_rows(segments), sin_rows(segments);  // each sequence's rows, sliced once
-    for (size_t s = 0; s < segments && segments > 1; ++s) {
-        cos_rows[s] = cos.narrow(0, first_row[s], segment_rows[s]);
-        sin_rows[s] = sin.narrow(0, first_row[s], segment_rows[s]);
-    }
+    // this layer's buffers and starts of every sequence (rope_attend_batch's arguments), refilled per layer
+    std::vector<at::Tensor> layer_keys(segments), layer_values(segments);
+    std::vector<int64_t> layer_starts(segments);
     Cursor c{tensors, ints};
-    std::vector<at::Tensor> parts(segments);
     for (size_t l = 0; l < layers; ++l) {
         const at::Tensor& attn_norm = c.tensor();
         const at::Tensor& mlp_norm = c.tensor();
@@ -111,13 +113,14 @@ at::Tensor decoder_layers(at::Tensor x, const at::Tensor& cos, const at::Tensor&
         at::Tensor att;
         if (segments == 1) {
             att = rope_attend(qkv, cos, sin, keys[l], values[l], starts[l], heads, kv_heads, mask_t[0], scale);
-        } else {  // attention per sequence over its own cache (llama_forward.forward_batch)
+        } else {  // attention per sequence over its own cache, all sequences in one parallel region
             for (size_t s = 0; s < segments; ++s) {
-                const size_t i = s * layers + l;
-                parts[s] = rope_attend(qkv.narrow(0, first_row[s], segment_rows[s]), cos_rows[s], sin_rows[s],
-                                       keys[i], values[i], starts[i], heads, kv_heads, mask_t[s], scale);
+                layer_keys[s] = keys[s * layers + l];
+                layer_values[s] = values[s * layers + l];
+                layer_starts[s] = starts[s * layers + l];
             }
-            att = at::cat(parts, 0);
+            att = rope_attend_batch(qkv, cos, sin, first_row, layer_keys, layer_values, layer_starts, mask_t, heads,
+                                    kv_heads, scale);
         }
         // the first add makes x our own tensor (the caller's may be an embedding's view); then in place
         x = l == 0 ? x.add(projection(att, c)) : x.add_(projection(att, c));

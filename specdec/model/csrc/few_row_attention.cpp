@@ -16,7 +16,9 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -139,10 +141,43 @@ void attend_group(const float* q, const float* k, const float* v, const float* m
 
 }  // namespace
 
-// q [H, R, D], k and v [KVH, T, D] (last dimension contiguous; cache views welcome), mask_t: None or the additive
-// mask transposed, [T, R] contiguous. Returns [R, H * D], the layout the output projection reads.
-at::Tensor few_row_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                const c10::optional<at::Tensor>& mask_t, double scale) {
+namespace {
+
+// One sequence's attention: its shape, its q [H, R, D], k and v [KVH, T, D], its mask_t [T, R] or null, and where
+// its rows of the output start ([R, H * D], rows H * D floats apart).
+struct Sequence {
+    Shape s;
+    const float *q, *k, *v, *mask;
+    float* out;
+};
+
+// Every (sequence, KV head, group of 16 lanes) item on torch's threads, in one parallel region: a batch of
+// sequences costs one fork and join per layer, not one per sequence. Each item computes what it computes alone,
+// so a sequence's bits do not depend on the others.
+void attend_sequences(const std::vector<Sequence>& sequences) {
+    std::vector<std::pair<int64_t, int64_t>> items;  // (sequence, item of that sequence)
+    for (size_t i = 0; i < sequences.size(); ++i) {
+        const Shape& s = sequences[i].s;
+        const int64_t per_head = (s.heads / s.kv_heads * s.rows + 15) / 16;
+        for (int64_t item = 0; item < s.kv_heads * per_head; ++item) items.emplace_back(i, item);
+    }
+    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t a, int64_t b) {
+        std::vector<float> work;
+        for (int64_t n = a; n < b; ++n) {
+            const Sequence& q = sequences[static_cast<size_t>(items[n].first)];
+            const int64_t per_head = (q.s.heads / q.s.kv_heads * q.s.rows + 15) / 16, item = items[n].second;
+            const int64_t g = item / per_head, first = (item % per_head) * 16;
+            if (q.s.dim == 64)
+                attend_group<4>(q.q, q.k, q.v, q.mask, q.out, q.s, g, first, work);
+            else
+                attend_group<8>(q.q, q.k, q.v, q.mask, q.out, q.s, g, first, work);
+        }
+    });
+}
+
+// The checks of few_row_attention's arguments, and the Sequence they describe (its output not yet allocated).
+Sequence describe(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const c10::optional<at::Tensor>& mask_t, double scale) {
     TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "few_row_attention: q, k, v must be 3-D");
     for (const auto* t : {&q, &k, &v})
         TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu() && t->stride(2) == 1,
@@ -161,22 +196,19 @@ at::Tensor few_row_attention(const at::Tensor& q, const at::Tensor& k, const at:
                     "few_row_attention: mask_t must be a contiguous float32 [T, R] tensor");
         mask = mask_t->data_ptr<float>();
     }
-    auto out = at::empty({s.rows, s.heads * s.dim}, q.options());
-    const int64_t lanes_total = s.heads / s.kv_heads * s.rows, per_head = (lanes_total + 15) / 16;
-    const float* qp = q.data_ptr<float>();
-    const float* kp = k.data_ptr<float>();
-    const float* vp = v.data_ptr<float>();
-    float* op = out.data_ptr<float>();
-    at::parallel_for(0, s.kv_heads * per_head, 1, [&](int64_t a, int64_t b) {
-        std::vector<float> work;
-        for (int64_t item = a; item < b; ++item) {
-            const int64_t g = item / per_head, first = (item % per_head) * 16;
-            if (s.dim == 64)
-                attend_group<4>(qp, kp, vp, mask, op, s, g, first, work);
-            else
-                attend_group<8>(qp, kp, vp, mask, op, s, g, first, work);
-        }
-    });
+    return Sequence{s, q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), mask, nullptr};
+}
+
+}  // namespace
+
+// q [H, R, D], k and v [KVH, T, D] (last dimension contiguous; cache views welcome), mask_t: None or the additive
+// mask transposed, [T, R] contiguous. Returns [R, H * D], the layout the output projection reads.
+at::Tensor few_row_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const c10::optional<at::Tensor>& mask_t, double scale) {
+    Sequence sequence = describe(q, k, v, mask_t, scale);
+    auto out = at::empty({sequence.s.rows, sequence.s.heads * sequence.s.dim}, q.options());
+    sequence.out = out.data_ptr<float>();
+    attend_sequences({sequence});
     return out;
 }
 
@@ -203,21 +235,13 @@ inline void rotate_row(const float* x, const float* c, const float* sn, float* o
 
 }  // namespace
 
-// A few-row pass's attention in one call, from the fused q|k|v projection: rotary embeddings on the query and key
-// heads, the keys and values written into the cache's buffers at positions [start, start + R), and
-// few_row_attention of the rotated queries over the cache's first start + R positions. What llama_forward.attend
-// does in ~25 tensor operations per layer (rotary, the cache's update, the views), here without a tensor
-// operation per step between them.
-// qkv [R, (H + 2 KVH) * D] contiguous; cos, sin [R, D] contiguous; key_buffer, value_buffer [KVH, capacity, D]
-// or [1, KVH, capacity, D] (the cache layer's buffers, last dimension contiguous, capacity >= start + R); mask_t as
-// few_row_attention's.
-at::Tensor rope_attend(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& keys,
-                       const at::Tensor& values, int64_t start, int64_t heads, int64_t kv_heads,
-                       const c10::optional<at::Tensor>& mask_t, double scale) {
-    // a cache layer's buffers carry a batch dimension of 1: [1, KVH, capacity, D]
-    const bool batched = keys.dim() == 4 && keys.size(0) == 1 && values.dim() == 4 && values.size(0) == 1;
-    const at::Tensor key_buffer = batched ? keys.select(0, 0) : keys;
-    const at::Tensor value_buffer = batched ? values.select(0, 0) : values;
+namespace {
+
+// rope_attend's checks of one sequence's arguments and its rotary + cache write: q [H, rows, D] rotated from qkv's
+// query heads; keys rotated and values copied into the buffers at [start, start + rows). Returns q.
+at::Tensor rotate_and_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                            const at::Tensor& key_buffer, const at::Tensor& value_buffer, int64_t start, int64_t heads,
+                            int64_t kv_heads) {
     TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous() && qkv.scalar_type() == at::kFloat && qkv.device().is_cpu(),
                 "rope_attend: qkv must be a contiguous float32 CPU [rows, (H + 2 KVH) * D] tensor");
     const int64_t rows = qkv.size(0), dim = key_buffer.size(-1);
@@ -252,6 +276,61 @@ at::Tensor rope_attend(const at::Tensor& qkv, const at::Tensor& cos, const at::T
             std::copy_n(row + (heads + kv_heads + g) * dim, dim, vp + g * vs0 + (start + r) * vs1);
         }
     }
+    return q;
+}
+
+// a cache layer's buffers carry a batch dimension of 1: [1, KVH, capacity, D]
+at::Tensor unbatched(const at::Tensor& buffer) {
+    return buffer.dim() == 4 && buffer.size(0) == 1 ? buffer.select(0, 0) : buffer;
+}
+
+}  // namespace
+
+// A few-row pass's attention in one call, from the fused q|k|v projection: rotary embeddings on the query and key
+// heads, the keys and values written into the cache's buffers at positions [start, start + R), and
+// few_row_attention of the rotated queries over the cache's first start + R positions. What llama_forward.attend
+// does in ~25 tensor operations per layer (rotary, the cache's update, the views), here without a tensor
+// operation per step between them.
+// qkv [R, (H + 2 KVH) * D] contiguous; cos, sin [R, D] contiguous; key_buffer, value_buffer [KVH, capacity, D]
+// or [1, KVH, capacity, D] (the cache layer's buffers, last dimension contiguous, capacity >= start + R); mask_t as
+// few_row_attention's.
+at::Tensor rope_attend(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& keys,
+                       const at::Tensor& values, int64_t start, int64_t heads, int64_t kv_heads,
+                       const c10::optional<at::Tensor>& mask_t, double scale) {
+    const at::Tensor key_buffer = unbatched(keys), value_buffer = unbatched(values);
+    const at::Tensor q = rotate_and_store(qkv, cos, sin, key_buffer, value_buffer, start, heads, kv_heads);
+    const int64_t rows = qkv.size(0);
     return few_row_attention(q, key_buffer.narrow(1, 0, start + rows), value_buffer.narrow(1, 0, start + rows),
                              mask_t, scale);
+}
+
+// rope_attend of several sequences in one call (a batched pass: sequence s holds rows [first_row[s],
+// first_row[s + 1]) of qkv, cos and sin, its own cache buffers, start and mask_t), their attention in one parallel
+// region -> [R, H * D]. Each sequence's rows get the bits rope_attend gives them alone.
+at::Tensor rope_attend_batch(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                             const std::vector<int64_t>& first_row, const std::vector<at::Tensor>& keys,
+                             const std::vector<at::Tensor>& values, const std::vector<int64_t>& starts,
+                             const std::vector<c10::optional<at::Tensor>>& masks, int64_t heads, int64_t kv_heads,
+                             double scale) {
+    const size_t count = keys.size();
+    TORCH_CHECK(count >= 1 && first_row.size() == count + 1 && values.size() == count && starts.size() == count &&
+                    masks.size() == count && first_row[count] == qkv.size(0),
+                "rope_attend_batch: one buffer pair, start and mask per sequence, rows adding up to qkv's");
+    auto out = at::empty({qkv.size(0), heads * unbatched(keys[0]).size(-1)}, qkv.options());
+    std::vector<at::Tensor> held;  // the queries and cache views the sequences' pointers read
+    std::vector<Sequence> sequences;
+    for (size_t i = 0; i < count; ++i) {
+        const int64_t r0 = first_row[i], rows = first_row[i + 1] - r0;
+        const at::Tensor key_buffer = unbatched(keys[i]), value_buffer = unbatched(values[i]);
+        const at::Tensor q = rotate_and_store(qkv.narrow(0, r0, rows), cos.narrow(0, r0, rows),
+                                              sin.narrow(0, r0, rows), key_buffer, value_buffer, starts[i], heads,
+                                              kv_heads);
+        const at::Tensor k = key_buffer.narrow(1, 0, starts[i] + rows), v = value_buffer.narrow(1, 0, starts[i] + rows);
+        Sequence sequence = describe(q, k, v, masks[i], scale);
+        sequence.out = out.data_ptr<float>() + r0 * out.size(1);
+        sequences.push_back(sequence);
+        held.insert(held.end(), {q, k, v});
+    }
+    attend_sequences(sequences);
+    return out;
 }
