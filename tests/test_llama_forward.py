@@ -304,7 +304,7 @@ def test_decoder_layers_refuses_a_malformed_layout():
     keys, values, starts = llama_forward.extend_layers(cache, 1)
     x = torch.randn(1, model.config.hidden_size)
     cos, sin = llama_forward.rotary(ours, torch.tensor([starts[0]]), torch.float32)
-    native, none = ours.native, [llama_forward.NO_MASK]
+    native, none = ours.native, [llama_forward.NO_TENSOR]
     args = (ours.heads, ours.kv_heads, ours.intermediate, ours.scaling)
     before = x.clone()
     out = kernels.decoder_layers(x, cos, sin, [1], keys, values, starts, none, native.tensors, native.ints,

@@ -62,14 +62,22 @@ def matmul(module) -> Matmul:
     raise TypeError(f"no kernel call for {type(module).__name__}")
 
 
-def projections(modules: list) -> Matmul:
-    """One call computing the concatenated outputs of projections of the same input: the fused weight-only layer
-    they are slices of, else each layer's kernel and a concatenation."""
+def fused_layer(modules: list):
+    """The fused weight-only layer whose slices `modules` are, all of it in order, or None."""
     if all(isinstance(m, ProjectionSlice) for m in modules):
         fused = modules[0].fused[0]
         if (isinstance(fused, FusedWeightOnly) and all(m.fused[0] is fused for m in modules)
                 and [m.index for m in modules] == list(range(len(fused.sizes)))):
-            return matmul(fused.linear)
+            return fused.linear
+    return None
+
+
+def projections(modules: list) -> Matmul:
+    """One call computing the concatenated outputs of projections of the same input: the fused weight-only layer
+    they are slices of, else each layer's kernel and a concatenation."""
+    fused = fused_layer(modules)
+    if fused is not None:
+        return matmul(fused)
     return functools.partial(concatenated, calls=tuple(matmul(m) for m in modules))
 
 
@@ -78,6 +86,7 @@ def concatenated(x: torch.Tensor, calls: tuple[Matmul, ...]) -> torch.Tensor:
 
 
 NATIVE_KINDS = {"panels": 0, "int8": 1, "int4": 2}  # csrc/decoder_layers.cpp's projection kinds
+NO_TENSOR = torch.empty(0)  # decoder_layers' "none" for a mask or an unused tensor (its lists hold tensors only)
 
 
 def native_part(module) -> tuple[int, int, list[torch.Tensor]] | None:
@@ -88,17 +97,13 @@ def native_part(module) -> tuple[int, int, list[torch.Tensor]] | None:
     if call is None:
         return None
     kernel, parameter, tensors = call
-    return NATIVE_KINDS[kernel], parameter, list(tensors) + [NO_MASK] * (3 - len(tensors))
+    return NATIVE_KINDS[kernel], parameter, list(tensors) + [NO_TENSOR] * (3 - len(tensors))
 
 
 def native_projection(modules: list) -> list[tuple[int, int, list[torch.Tensor]]] | None:
     """`projections` as decoder_layers' parts: the fused weight-only layer, else one part per module."""
-    if all(isinstance(m, ProjectionSlice) for m in modules):
-        fused = modules[0].fused[0]
-        if (isinstance(fused, FusedWeightOnly) and all(m.fused[0] is fused for m in modules)
-                and [m.index for m in modules] == list(range(len(fused.sizes)))):
-            modules = [fused.linear]
-    parts = [native_part(m) for m in modules]
+    fused = fused_layer(modules)
+    parts = [native_part(m) for m in ([fused] if fused is not None else modules)]
     return None if any(p is None for p in parts) else parts
 
 
@@ -366,14 +371,11 @@ def native_pass(weights: LlamaWeights, segments: list[Segment], x: torch.Tensor,
         keys += seg_keys
         values += seg_values
         starts += seg_starts
-        masks.append(seg.mask_t if seg.mask_t is not None else NO_MASK)
+        masks.append(seg.mask_t if seg.mask_t is not None else NO_TENSOR)
     native = weights.native
     return weights.decoder_layers(x, cos, sin, [seg.end - seg.start for seg in segments], keys, values, starts,
                                   masks, native.tensors, native.ints, native.eps, weights.heads, weights.kv_heads,
                                   weights.intermediate, weights.scaling)
-
-
-NO_MASK = torch.empty(0)  # decoder_layers' "none" for a mask or an unused tensor (its lists hold tensors only)
 
 
 def extendable(cache) -> bool:
