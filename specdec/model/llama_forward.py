@@ -85,6 +85,12 @@ def concatenated(x: torch.Tensor, calls: tuple[Matmul, ...]) -> torch.Tensor:
     return torch.cat([call(x) for call in calls], dim=-1)
 
 
+def layer_projections(layer) -> tuple[list, list, list, list]:
+    """A transformers decoder layer's linear modules, per projection our forward calls: q|k|v, out, gate|up, down."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return [attn.q_proj, attn.k_proj, attn.v_proj], [attn.o_proj], [mlp.gate_proj, mlp.up_proj], [mlp.down_proj]
+
+
 NATIVE_KINDS = {"panels": 0, "int8": 1, "int4": 2}  # csrc/decoder_layers.cpp's projection kinds
 NO_TENSOR = torch.empty(0)  # decoder_layers' "none" for a mask or an unused tensor (its lists hold tensors only)
 
@@ -120,11 +126,9 @@ def native_layers(layers, model_layers) -> NativeLayers | None:
     where a projection is not one of our kernels."""
     tensors, ints, eps = [], [], []
     for weights, layer in zip(layers, model_layers):
-        attn, mlp = layer.self_attn, layer.mlp
         tensors += [weights.attn_norm, weights.mlp_norm]
         eps += [float(weights.attn_eps), float(weights.mlp_eps)]
-        for modules in ([attn.q_proj, attn.k_proj, attn.v_proj], [attn.o_proj], [mlp.gate_proj, mlp.up_proj],
-                        [mlp.down_proj]):
+        for modules in layer_projections(layer):
             parts = native_projection(modules)
             if parts is None:
                 return None
@@ -227,13 +231,13 @@ def llama_weights(model, few_rows: Callable | None = None, rope_attend: Callable
     layers = []
     try:
         for layer in inner.layers:
-            attn, mlp = layer.self_attn, layer.mlp
+            qkv, (out,), gate_up, (down,) = layer_projections(layer)
             layers.append(LayerWeights(
                 attn_norm=layer.input_layernorm.weight, attn_eps=layer.input_layernorm.variance_epsilon,
-                qkv=projections([attn.q_proj, attn.k_proj, attn.v_proj]), out=matmul(attn.o_proj),
+                qkv=projections(qkv), out=matmul(out),
                 mlp_norm=layer.post_attention_layernorm.weight,
                 mlp_eps=layer.post_attention_layernorm.variance_epsilon,
-                gate_up=projections([mlp.gate_proj, mlp.up_proj]), down=matmul(mlp.down_proj)))
+                gate_up=projections(gate_up), down=matmul(down)))
         head = matmul(model.lm_head)
     except TypeError:
         return None
@@ -320,9 +324,10 @@ def forward_batch(weights: LlamaWeights, passes: list[tuple]):
     cos, sin = rotary(weights, torch.cat(pos) if len(pos) > 1 else pos[0], x.dtype)
     by_rows = exact_rows_requested()
     norm = weights.norm_kernel or rms_norm
-    # several sequences' rotary rows, sliced once per pass rather than once per layer (a slice is ~1 us of dispatch)
-    rope = [] if len(segments) == 1 else [(cos[s.start:s.end], sin[s.start:s.end]) for s in segments]
     native = native_pass(weights, segments, x, cos, sin, by_rows)  # the layers in one call, or None: in Python
+    # several sequences' rotary rows, sliced once per pass rather than once per layer (a slice is ~1 us of dispatch)
+    rope = [] if len(segments) == 1 or native is not None else [(cos[s.start:s.end], sin[s.start:s.end])
+                                                                for s in segments]
     for index, layer in enumerate(weights.layers if native is None else ()):
         qkv = layer.qkv(norm(x, layer.attn_norm, layer.attn_eps))
         if len(segments) == 1:
@@ -365,13 +370,11 @@ def native_pass(weights: LlamaWeights, segments: list[Segment], x: torch.Tensor,
             return None
     keys, values, starts, masks = [], [], [], []
     for seg in segments:  # every sequence fits: only now extend their caches
-        seg.few = True
-        seg.mask_t = transposed_mask(seg.mask) if seg.mask is not None else None
         seg_keys, seg_values, seg_starts = extend_layers(seg.cache, seg.end - seg.start)
         keys += seg_keys
         values += seg_values
         starts += seg_starts
-        masks.append(seg.mask_t if seg.mask_t is not None else NO_TENSOR)
+        masks.append(transposed_mask(seg.mask) if seg.mask is not None else NO_TENSOR)
     native = weights.native
     return weights.decoder_layers(x, cos, sin, [seg.end - seg.start for seg in segments], keys, values, starts,
                                   masks, native.tensors, native.ints, native.eps, weights.heads, weights.kv_heads,

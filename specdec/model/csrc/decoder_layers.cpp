@@ -28,9 +28,6 @@ at::Tensor int8_linear(at::Tensor x, const at::Tensor& packed, const at::Tensor&
 at::Tensor int4_linear(at::Tensor x, const at::Tensor& packed, const at::Tensor& scales_zeros, int64_t group);
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 at::Tensor swiglu(const at::Tensor& gate_up, int64_t intermediate);
-at::Tensor rope_attend(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& keys,
-                       const at::Tensor& values, int64_t start, int64_t heads, int64_t kv_heads,
-                       const c10::optional<at::Tensor>& mask_t, double scale);
 at::Tensor rope_attend_batch(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
                              const std::vector<int64_t>& first_row, const std::vector<at::Tensor>& keys,
                              const std::vector<at::Tensor>& values, const std::vector<int64_t>& starts,
@@ -102,7 +99,6 @@ at::Tensor decoder_layers(at::Tensor x, const at::Tensor& cos, const at::Tensor&
     std::vector<c10::optional<at::Tensor>> mask_t(segments);
     for (size_t s = 0; s < segments; ++s)
         if (masks[s].numel() > 0) mask_t[s] = masks[s];
-    // this layer's buffers and starts of every sequence (rope_attend_batch's arguments), refilled per layer
     std::vector<at::Tensor> layer_keys(segments), layer_values(segments);
     std::vector<int64_t> layer_starts(segments);
     Cursor c{tensors, ints};
@@ -110,18 +106,14 @@ at::Tensor decoder_layers(at::Tensor x, const at::Tensor& cos, const at::Tensor&
         const at::Tensor& attn_norm = c.tensor();
         const at::Tensor& mlp_norm = c.tensor();
         const at::Tensor qkv = projection(rms_norm(x, attn_norm, eps[2 * l]), c);
-        at::Tensor att;
-        if (segments == 1) {
-            att = rope_attend(qkv, cos, sin, keys[l], values[l], starts[l], heads, kv_heads, mask_t[0], scale);
-        } else {  // attention per sequence over its own cache, all sequences in one parallel region
-            for (size_t s = 0; s < segments; ++s) {
-                layer_keys[s] = keys[s * layers + l];
-                layer_values[s] = values[s * layers + l];
-                layer_starts[s] = starts[s * layers + l];
-            }
-            att = rope_attend_batch(qkv, cos, sin, first_row, layer_keys, layer_values, layer_starts, mask_t, heads,
-                                    kv_heads, scale);
+        for (size_t s = 0; s < segments; ++s) {  // this layer's buffers and starts of every sequence
+            layer_keys[s] = keys[s * layers + l];
+            layer_values[s] = values[s * layers + l];
+            layer_starts[s] = starts[s * layers + l];
         }
+        // attention per sequence over its own cache, all sequences in one parallel region
+        const at::Tensor att = rope_attend_batch(qkv, cos, sin, first_row, layer_keys, layer_values, layer_starts,
+                                                 mask_t, heads, kv_heads, scale);
         // the first add makes x our own tensor (the caller's may be an embedding's view); then in place
         x = l == 0 ? x.add(projection(att, c)) : x.add_(projection(att, c));
         const at::Tensor gate_up = projection(rms_norm(x, mlp_norm, eps[2 * l + 1]), c);
